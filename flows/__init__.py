@@ -1,0 +1,1 @@
+"""Prefect flows: read each top to bottom like its DAG."""

@@ -1,0 +1,223 @@
+"""One YAML recipe per run, validated at load, with dotted `key=value` overrides.
+
+Hyperparameters under `train:` keep the names of FastChat's / Hugging Face's command line
+(`--num_train_epochs`, `--per_device_train_batch_size`, ...), so an old `torchrun ... train.py`
+command translates key by key. Parallelism lives apart, under `parallel:`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from labtune.errors import LabtuneError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class RecipeError(LabtuneError, ValueError):
+    """A recipe that cannot be used; the message is one line naming the file and key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSource(_Strict):
+    """Where the base model (or a delta) comes from.
+
+    `source` is a local HF directory, an `s3://bucket/prefix` holding one, a `.gguf` file
+    (`gguf_file` names the file inside a directory, or `source` is the file itself), a
+    `pypi://PACKAGE/FILE.gguf` file shipped inside an installed Python package, or
+    `tiny://llama` for a small random LLaMA generated on the fly (see `tiny`).
+    """
+
+    source: str
+    gguf_file: str | None = None
+    tiny: dict[str, int] = Field(default_factory=dict)
+    dtype: Literal["float32", "bfloat16", "float16"] | None = None
+
+
+class DataSource(_Strict):
+    """One input data set. `weight` scales how many of its records go into the mix: 1.0 takes
+    every record once, 0.5 a seeded half, 2.0 every record twice."""
+
+    type: Literal["lab_notes", "sharegpt", "alpaca"]
+    path: str
+    weight: float = Field(default=1.0, ge=0.0)
+    eval_fraction: float | None = Field(default=None, ge=0.0, lt=1.0)
+
+
+class DataConfig(_Strict):
+    sources: list[DataSource] = Field(min_length=1)
+    eval_fraction: float = Field(default=0.05, ge=0.0, lt=1.0)
+    qa_pairs: bool = True
+    seed: int = 42
+
+
+class TrainConfig(_Strict):
+    """Names as in FastChat's train.py / transformers.TrainingArguments."""
+
+    num_train_epochs: float = Field(default=3.0, gt=0)
+    per_device_train_batch_size: int = Field(default=2, ge=1)
+    gradient_accumulation_steps: int = Field(default=1, ge=1)
+    learning_rate: float = Field(default=2e-5, gt=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    warmup_ratio: float = Field(default=0.03, ge=0, le=1)
+    lr_scheduler_type: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "cosine"
+    model_max_length: int = Field(default=2048, ge=8)
+    bf16: bool = False
+    tf32: bool = False
+    gradient_checkpointing: bool = False
+    save_steps: int = Field(default=1200, ge=1)
+    save_total_limit: int | None = Field(default=None, ge=1)
+    logging_steps: int = Field(default=1, ge=1)
+    fsdp: str = "full_shard auto_wrap"
+    fsdp_transformer_layer_cls_to_wrap: str | None = None
+    max_grad_norm: float = Field(default=1.0, ge=0)
+    seed: int = 42
+
+    @field_validator("fsdp")
+    @classmethod
+    def _known_fsdp(cls, value: str) -> str:
+        allowed = {"full_shard", "auto_wrap", "offload", "shard_grad_op", "no_shard", "hybrid_shard"}
+        unknown = [word for word in value.split() if word not in allowed]
+        if unknown:
+            raise ValueError(f"unknown fsdp option(s) {unknown}; allowed: {sorted(allowed)}")
+        if "offload" in value.split():
+            raise ValueError("fsdp 'offload' is not supported yet")
+        return value
+
+
+class ParallelConfig(_Strict):
+    nproc_per_node: int = Field(default=1, ge=1)
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+
+
+class Question(_Strict):
+    question: str = Field(min_length=1)
+    expected: str | None = None
+
+
+class EvalConfig(_Strict):
+    questions: list[Question] = Field(default_factory=list)
+    max_new_tokens: int = Field(default=48, ge=1)
+    batch_size: int = Field(default=8, ge=1)
+
+
+class StoreConfig(_Strict):
+    """`uri` is a local directory or `s3://bucket/prefix`. Credentials never go here: boto3
+    reads them from the environment, a profile or an instance role."""
+
+    uri: str = "~/.labtune/store"
+    endpoint_url: str | None = None
+    region: str | None = None
+
+
+class Recipe(_Strict):
+    name: str = "labtune"
+    base_model: ModelSource
+    delta: ModelSource | None = None
+    data: DataConfig
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    parallel: ParallelConfig = Field(default_factory=ParallelConfig)
+    evaluation: EvalConfig = Field(default_factory=EvalConfig)
+    store: StoreConfig = Field(default_factory=StoreConfig)
+    recipe_dir: str = Field(default=".", exclude=True)
+
+    @model_validator(mode="after")
+    def _resolve_paths(self) -> "Recipe":
+        base = Path(self.recipe_dir)
+        for source in self.data.sources:
+            source.path = _resolve(base, source.path)
+        for model in (self.base_model, self.delta):
+            if model is not None and "://" not in model.source:
+                model.source = _resolve(base, model.source)
+        if "://" not in self.store.uri:
+            self.store.uri = str(Path(os.path.expanduser(self.store.uri)).resolve())
+        return self
+
+
+def _resolve(base: Path, path: str) -> str:
+    if "://" in path:
+        return path
+    expanded = Path(os.path.expanduser(path))
+    return str(expanded if expanded.is_absolute() else (base / expanded).resolve())
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`train.num_train_epochs=5` -> (["train", "num_train_epochs"], 5); the value is YAML."""
+    if "=" not in text:
+        raise RecipeError(f"override {text!r}: expected dotted key=value, e.g. train.num_train_epochs=5")
+    key, raw = text.split("=", 1)
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        raise RecipeError(f"override {text!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"override {text!r}: value is not valid YAML ({exc.problem})") from None
+    return parts, value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for text in overrides:
+        parts, value = parse_override(text)
+        node: Any = raw
+        for i, part in enumerate(parts[:-1]):
+            if isinstance(node, list):
+                node = _list_item(node, part, text)
+                continue
+            if node.get(part) is None:
+                node[part] = {}
+            node = node[part]
+            if not isinstance(node, (dict, list)):
+                raise RecipeError(f"override {text!r}: {'.'.join(parts[: i + 1])} is not a mapping")
+        if isinstance(node, list):
+            index = int(parts[-1]) if parts[-1].isdigit() else None
+            if index is None or index >= len(node):
+                raise RecipeError(f"override {text!r}: no list item {parts[-1]}")
+            node[index] = value
+        else:
+            node[parts[-1]] = value
+    return raw
+
+
+def _list_item(node: list, part: str, text: str) -> Any:
+    if not part.isdigit() or int(part) >= len(node):
+        raise RecipeError(f"override {text!r}: no list item {part}")
+    return node[int(part)]
+
+
+def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> Recipe:
+    """Read, override and validate a recipe; any problem raises a one-line RecipeError."""
+    recipe_path = Path(path)
+    if not recipe_path.is_file():
+        raise RecipeError(f"{recipe_path}: recipe file not found")
+    try:
+        raw = yaml.safe_load(recipe_path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"{recipe_path}: not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{recipe_path}: the top level must be a mapping")
+    raw = apply_overrides(raw, overrides or [])
+    raw["recipe_dir"] = str(recipe_path.resolve().parent)
+    return recipe_from_dict(raw, str(recipe_path))
+
+
+def recipe_from_dict(raw: dict[str, Any], origin: str = "recipe") -> Recipe:
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        key = ".".join(str(p) for p in first["loc"]) or "(top level)"
+        if first["type"] == "extra_forbidden":
+            message = "unknown key"
+        elif first["type"] == "missing":
+            message = "required key is missing"
+        else:
+            message = f"{first['msg']} (got {first.get('input')!r})"
+        more = f" (+{len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
+        raise RecipeError(f"{origin}: {key}: {message}{more}") from None

@@ -1,0 +1,186 @@
+"""The stage contract: content-addressed outputs with a manifest written last.
+
+A stage's output lives under `<stage>/<key>` in the store, where key hashes the stage's code,
+its inputs' identities and its parameters. `manifest.json` (files, sizes, sha256, inputs,
+parameters, timings) is written after every file: an output without one is incomplete and
+never used, and an output with one makes the stage a cache hit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from labtune import __version__
+from labtune.errors import LabtuneError
+from labtune.store import Store, StoreError, labtune_home, sha256_file
+
+MANIFEST = "manifest.json"
+Log = Callable[[str], None]
+_logger = logging.getLogger("labtune")
+
+
+def default_log(message: str) -> None:
+    _logger.info(message)
+
+
+class ManifestError(LabtuneError):
+    """An output is missing, incomplete or corrupt; the message names its URI."""
+
+
+@dataclass
+class StageResult:
+    stage: str
+    uri: str
+    cached: bool
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def code_version(*files: str | Path) -> str:
+    """Hash of the source files that produce a stage's output: a code change is a new output."""
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(Path(path).read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def stage_key(stage: str, code: str, inputs: dict[str, Any], parameters: dict[str, Any]) -> str:
+    blob = json.dumps({"stage": stage, "code": code, "inputs": inputs, "parameters": parameters}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def read_manifest(store: Store, prefix: str) -> dict[str, Any] | None:
+    key = f"{prefix}/{MANIFEST}"
+    if not store.exists(key):
+        return None
+    try:
+        return json.loads(store.read_bytes(key))
+    except json.JSONDecodeError:
+        raise ManifestError(f"{store.uri_for(key)}: manifest is not valid JSON") from None
+
+
+def commit(
+    store: Store,
+    prefix: str,
+    local_dir: Path,
+    *,
+    stage: str,
+    inputs: dict[str, Any],
+    parameters: dict[str, Any],
+    started: float,
+    extra: dict[str, Any] | None = None,
+    log: Log = default_log,
+) -> dict[str, Any]:
+    """Upload every file of local_dir under prefix, then the manifest, last."""
+    files = []
+    local_files = sorted(p for p in Path(local_dir).rglob("*") if p.is_file())
+    if not local_files:
+        raise ManifestError(f"{store.uri_for(prefix)}: stage {stage} produced no files")
+    for path in local_files:
+        rel = path.relative_to(local_dir).as_posix()
+        if rel == MANIFEST:
+            raise ManifestError(f"{store.uri_for(prefix)}: a stage may not write its own {MANIFEST}")
+        digest = sha256_file(path)
+        size = path.stat().st_size
+        if size > 32 * 1024 * 1024:
+            log(f"uploading {rel} ({size / 1e6:.0f} MB) to {store.uri_for(prefix)}")
+        store.upload(path, f"{prefix}/{rel}")
+        files.append({"path": rel, "size": size, "sha256": digest})
+    finished = time.time()
+    manifest = {
+        "stage": stage,
+        "uri": store.uri_for(prefix),
+        "labtune_version": __version__,
+        "files": files,
+        "inputs": inputs,
+        "parameters": parameters,
+        "timings": {"started": started, "finished": finished, "seconds": round(finished - started, 3)},
+        **(extra or {}),
+    }
+    store.write_bytes(f"{prefix}/{MANIFEST}", json.dumps(manifest, indent=2, sort_keys=True).encode())
+    return manifest
+
+
+def fetch(store: Store, uri: str, log: Log = default_log) -> Path:
+    """A local directory holding a complete stage output, every file's sha256 verified.
+
+    Local stores are read in place; S3 outputs are downloaded once into the labtune cache
+    (keyed by the manifest's own hash, so a re-written output is fetched again).
+    """
+    prefix = store.key_for(uri)
+    raw_manifest = _manifest_bytes(store, prefix, uri)
+    manifest = json.loads(raw_manifest)
+    local = store.local_path(prefix)
+    if local is not None:
+        for entry in manifest["files"]:
+            _verify(local / entry["path"], entry, uri)
+        return local
+    cache = labtune_home() / "cache" / hashlib.sha256(raw_manifest).hexdigest()[:24]
+    if (cache / MANIFEST).is_file():
+        return cache
+    staging = cache.with_name(cache.name + ".part")
+    shutil.rmtree(staging, ignore_errors=True)
+    total = sum(entry["size"] for entry in manifest["files"])
+    log(f"downloading {uri} ({len(manifest['files'])} files, {total / 1e6:.1f} MB)")
+    for entry in manifest["files"]:
+        target = staging / entry["path"]
+        store.download(f"{prefix}/{entry['path']}", target)
+        _verify(target, entry, uri)
+    (staging / MANIFEST).write_bytes(raw_manifest)
+    shutil.rmtree(cache, ignore_errors=True)
+    staging.rename(cache)
+    return cache
+
+
+def _manifest_bytes(store: Store, prefix: str, uri: str) -> bytes:
+    try:
+        return store.read_bytes(f"{prefix}/{MANIFEST}")
+    except StoreError:
+        raise ManifestError(f"{uri}: no complete output here (manifest.json missing)") from None
+
+
+def _verify(path: Path, entry: dict[str, Any], uri: str) -> None:
+    if not path.is_file():
+        raise ManifestError(f"{uri}/{entry['path']}: file listed in the manifest is missing")
+    if path.stat().st_size != entry["size"] or sha256_file(path) != entry["sha256"]:
+        raise ManifestError(f"{uri}/{entry['path']}: sha256 does not match the manifest")
+
+
+def run_stage(
+    store: Store,
+    stage: str,
+    key: str,
+    build: Callable[[Path], dict[str, Any] | None],
+    *,
+    inputs: dict[str, Any],
+    parameters: dict[str, Any],
+    log: Log = default_log,
+) -> StageResult:
+    """Skip the stage when its manifest exists; otherwise build into a scratch dir and commit."""
+    prefix = f"{stage}/{key}"
+    started = time.time()
+    if read_manifest(store, prefix) is not None:
+        log(f"{stage}: cached at {store.uri_for(prefix)}")
+        return StageResult(stage, store.uri_for(prefix), True, round(time.time() - started, 3))
+    work = labtune_home() / "work" / f"{stage}-{key}"
+    shutil.rmtree(work, ignore_errors=True)
+    out = work / "out"
+    out.mkdir(parents=True)
+    try:
+        extra = build(out) or {}
+        commit(store, prefix, out, stage=stage, inputs=inputs, parameters=parameters,
+               started=started, extra=extra, log=log)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    seconds = round(time.time() - started, 3)
+    log(f"{stage}: done in {seconds:.1f}s -> {store.uri_for(prefix)}")
+    return StageResult(stage, store.uri_for(prefix), False, seconds)

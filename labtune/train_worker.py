@@ -1,0 +1,237 @@
+"""Supervised fine-tuning on PyTorch FSDP2, one process per device. Imports no Prefect.
+
+    torchrun --nproc_per_node=2 -m labtune.train_worker --config train_config.json
+
+The config (written by the train stage) names the model directory, the ShareGPT training
+file, the output directory and the hyperparameters (FastChat's names). Each decoder layer is
+one `fully_shard` unit, then the root; gloo on CPU, NCCL on GPU. Loss falls on assistant turns
+only. The final model is gathered to rank 0 with CPU offload and saved as safetensors. Rank 0
+alone prints and writes; other ranks speak only when they fail.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+def log(message: str) -> None:
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(message, flush=True)
+
+
+def encode_dataset(tokenizer: Any, conversations: list[dict[str, Any]], max_length: int) -> list[dict[str, list[int]]]:
+    from labtune.chat import IGNORE_INDEX, encode_conversation
+
+    examples = []
+    for record in conversations:
+        encoded = encode_conversation(tokenizer, record["conversations"], max_length)
+        if any(label != IGNORE_INDEX for label in encoded["labels"]):
+            examples.append(encoded)
+    return examples
+
+
+def collate(batch: list[dict[str, list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest example of the batch (not to model_max_length)."""
+    from labtune.chat import IGNORE_INDEX
+
+    width = max(len(example["input_ids"]) for example in batch)
+    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for row, example in enumerate(batch):
+        n = len(example["input_ids"])
+        input_ids[row, :n] = torch.tensor(example["input_ids"])
+        labels[row, :n] = torch.tensor(example["labels"])
+        attention_mask[row, :n] = 1
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+
+
+def rank_batches(n_examples: int, epoch: int, seed: int, rank: int, world: int, batch_size: int) -> list[list[int]]:
+    """This rank's micro-batches for one epoch. Every rank gets the same number of batches
+    (the shuffled order wraps around), so collectives never desynchronise, whatever the data size."""
+    order = list(range(n_examples))
+    random.Random(seed + epoch).shuffle(order)
+    per_step = world * batch_size
+    steps = math.ceil(n_examples / per_step)
+    order = (order * math.ceil(steps * per_step / n_examples))[: steps * per_step]
+    mine = order[rank::world]
+    return [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]
+
+
+def layer_classes(model: torch.nn.Module, names: str | None) -> tuple[type, ...]:
+    wanted = {n.strip() for n in (names or "").split(",") if n.strip()} or set(getattr(model, "_no_split_modules", None) or [])
+    classes = {type(m) for m in model.modules() if type(m).__name__ in wanted}
+    if not classes:
+        raise SystemExit(f"fsdp_transformer_layer_cls_to_wrap: no module of class {sorted(wanted)} in {type(model).__name__}")
+    return tuple(classes)
+
+
+def shard_model(model: torch.nn.Module, mesh: Any, cfg: dict[str, Any]) -> None:
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if cfg["bf16"] else MixedPrecisionPolicy()
+    reshard = "shard_grad_op" not in cfg["fsdp"].split()
+    classes = layer_classes(model, cfg.get("fsdp_transformer_layer_cls_to_wrap"))
+    for module in model.modules():
+        if isinstance(module, classes):
+            fully_shard(module, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard)
+    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard)
+
+
+def sharding_report(model: torch.nn.Module, world: int) -> dict[str, Any]:
+    local = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in model.parameters())
+    full = sum(p.numel() for p in model.parameters())
+    gathered: list[Any] = [None] * world
+    dist.all_gather_object(gathered, local)
+    return {"world_size": world, "full_numel": full, "local_numel_per_rank": gathered,
+            "dtensor_params": all(hasattr(p, "to_local") for p in model.parameters())}
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def train(cfg: dict[str, Any]) -> None:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.device_mesh import init_device_mesh
+    from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    use_cuda = torch.cuda.is_available() and cfg.get("backend") != "gloo"
+    backend = "nccl" if use_cuda else "gloo"
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+        if cfg["tf32"]:
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+    dist.init_process_group(backend=backend)
+    mesh = init_device_mesh(device.type, (world,))
+    torch.manual_seed(cfg["seed"])
+
+    model_dir, out_dir = Path(cfg["model_dir"]), Path(cfg["output_dir"])
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    conversations = json.loads(Path(cfg["train_file"]).read_text())
+    examples = encode_dataset(tokenizer, conversations, cfg["model_max_length"])
+    if not examples:
+        raise SystemExit(f"{cfg['train_file']}: no training example has an assistant token within model_max_length")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    log(f"world_size={world} backend={backend} device={device.type} examples={len(examples)} "
+        f"template={'chat_template' if tokenizer.chat_template else 'vicuna_v1.1'}")
+    if cfg.get("save_steps_requested"):
+        log("note: save_steps/save_total_limit are accepted but intermediate checkpoints are not written yet; "
+            "only the final model is saved")
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
+    save_dtype = model.config.dtype if isinstance(model.config.dtype, torch.dtype) else torch.float32
+    model.config.use_cache = False
+    if cfg["gradient_checkpointing"]:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.to(device)
+    shard_model(model, mesh, cfg)
+    sharding = sharding_report(model, world)
+    log(f"fsdp2: {sharding['full_numel']:,} parameters, local shard per rank {sharding['local_numel_per_rank']}")
+
+    bs, gas = cfg["per_device_train_batch_size"], cfg["gradient_accumulation_steps"]
+    micro_per_epoch = math.ceil(len(examples) / (world * bs))
+    updates_per_epoch = math.ceil(micro_per_epoch / gas)
+    total_updates = max(1, math.ceil(cfg["num_train_epochs"] * updates_per_epoch))
+    optimizer = torch.optim.AdamW(param_groups(model, cfg["weight_decay"]), lr=cfg["learning_rate"], betas=(0.9, 0.999), eps=1e-8)
+    scheduler = get_scheduler(cfg["lr_scheduler_type"], optimizer,
+                              num_warmup_steps=math.ceil(cfg["warmup_ratio"] * total_updates),
+                              num_training_steps=total_updates)
+    log(f"training: {total_updates} optimizer steps ({updates_per_epoch} per epoch), "
+        f"micro-batch {bs} x accumulation {gas} x world {world}")
+
+    model.train()
+    history: list[dict[str, Any]] = []
+    step, epoch, started = 0, 0, time.time()
+    window_tokens = window_padded = 0
+    window_start = time.time()
+    while step < total_updates:
+        batches = rank_batches(len(examples), epoch, cfg["seed"], rank, world, bs)
+        for start in range(0, len(batches), gas):
+            if step >= total_updates:
+                break
+            window = batches[start : start + gas]
+            loss_sum = torch.zeros((), device=device)
+            for micro in window:
+                batch = {k: v.to(device) for k, v in collate([examples[i] for i in micro], pad_id).items()}
+                loss = model(**batch).loss / len(window)
+                loss.backward()
+                loss_sum += loss.detach()
+                window_tokens += int(batch["attention_mask"].sum())
+                window_padded += batch["attention_mask"].numel()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["max_grad_norm"] or float("inf"))
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            if step % cfg["logging_steps"] == 0 or step == total_updates:
+                _avg(loss_sum, world)
+                elapsed = time.time() - window_start
+                counts = torch.tensor([window_tokens, window_padded], dtype=torch.float64, device=device)
+                dist.all_reduce(counts)
+                norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+                record = {
+                    "step": step, "total_steps": total_updates, "epoch": round(epoch + (start + len(window)) / len(batches), 3),
+                    "loss": round(float(loss_sum), 5), "learning_rate": scheduler.get_last_lr()[0],
+                    "grad_norm": round(float(norm), 4), "tokens_per_s": round(float(counts[0]) / max(elapsed, 1e-9), 1),
+                    "padding_fraction": round(1 - float(counts[0]) / max(float(counts[1]), 1), 3),
+                }
+                history.append(record)
+                log("progress " + json.dumps(record))
+                window_tokens = window_padded = 0
+                window_start = time.time()
+        epoch += 1
+
+    train_seconds = time.time() - started
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        final = AutoModelForCausalLM.from_config(model.config, dtype=save_dtype)
+        missing, unexpected = final.load_state_dict({k: v.to(save_dtype) for k, v in state.items()}, strict=False)
+        if unexpected or [k for k in missing if not k.endswith("lm_head.weight")]:
+            raise SystemExit(f"final state dict does not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        final.config.use_cache = True
+        final.save_pretrained(out_dir, max_shard_size="2GB")
+        tokenizer.save_pretrained(out_dir)
+        metrics = {"history": history, "sharding": sharding, "optimizer_steps": step, "epochs_run": epoch,
+                   "examples": len(examples), "train_seconds": round(train_seconds, 2), "world_size": world}
+        (out_dir / "train_metrics.json").write_text(json.dumps(metrics, indent=2))
+        log(f"saved final model to {out_dir} after {step} steps in {train_seconds:.1f}s")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _avg(tensor: torch.Tensor, world: int) -> None:
+    # gloo has no ReduceOp.AVG, so sum and divide on every backend
+    dist.all_reduce(tensor)
+    tensor /= world
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="train_config.json written by the train stage")
+    args = parser.parse_args()
+    train(json.loads(Path(args.config).read_text()))
+
+
+if __name__ == "__main__":
+    main()

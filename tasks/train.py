@@ -1,0 +1,137 @@
+"""Stage 4, train: torchrun + FSDP2 fine-tuning, every rank's output streamed line by line.
+
+The stage writes the worker's config, launches `torchrun --nproc_per_node=N -m
+labtune.train_worker`, passes each output line to the log (the Prefect task log when run as a
+task), and fails with the worker's last lines if torchrun fails. The trained model (safetensors,
+config, tokenizer, train_metrics.json) is then committed to the store.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+from prefect import get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
+from prefect.cache_policies import NO_CACHE
+
+import labtune
+from labtune.errors import LabtuneError, retry_transient
+from labtune.recipe import Recipe
+from labtune.stage import Log, StageResult, code_version, default_log, fetch, run_stage, stage_key
+from labtune.store import Store, open_recipe_store
+
+
+class TrainError(LabtuneError):
+    """torchrun failed; the message carries the worker's last error lines."""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def worker_config(recipe: Recipe, model_dir: Path, train_file: Path, output_dir: Path) -> dict[str, Any]:
+    train = recipe.train.model_dump(mode="json")
+    return {
+        **train,
+        "model_dir": str(model_dir),
+        "train_file": str(train_file),
+        "output_dir": str(output_dir),
+        "backend": recipe.parallel.backend,
+        "save_steps_requested": "save_steps" in recipe.train.model_fields_set or "save_total_limit" in recipe.train.model_fields_set,
+    }
+
+
+def torchrun_command(nproc: int, config_path: Path, port: int) -> list[str]:
+    return [
+        sys.executable, "-m", "torch.distributed.run",
+        f"--nproc_per_node={nproc}", "--nnodes=1", "--master_addr=127.0.0.1", f"--master_port={port}",
+        "-m", "labtune.train_worker", "--config", str(config_path),
+    ]
+
+
+def run_torchrun(command: list[str], env: dict[str, str], log: Log, on_progress: Callable[[dict], None] | None = None) -> None:
+    """Run torchrun, one log record per output line, live; raise TrainError with the tail on failure."""
+    tail: collections.deque[str] = collections.deque(maxlen=25)
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, env=env)
+    assert proc.stdout is not None
+    try:
+        for line in proc.stdout:
+            line = line.rstrip()
+            if not line:
+                continue
+            tail.append(line)
+            log(line)
+            if on_progress and line.startswith("progress "):
+                try:
+                    on_progress(json.loads(line[len("progress "):]))
+                except (ValueError, KeyError):
+                    pass
+        code = proc.wait()
+    except BaseException:
+        proc.terminate()
+        proc.wait(timeout=30)
+        raise
+    if code != 0:
+        errors = [l for l in tail if "Error" in l or "error" in l or "SystemExit" in l] or list(tail)[-3:]
+        raise TrainError(f"torchrun exited with code {code}: {errors[-1].strip() if errors else 'no output'}")
+
+
+def train_env(nproc: int) -> dict[str, str]:
+    env = dict(os.environ)
+    threads = max(1, (os.cpu_count() or 1) // nproc)
+    env.setdefault("OMP_NUM_THREADS", str(threads))
+    env["PYTHONUNBUFFERED"] = "1"
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH")]))
+    return env
+
+
+def build_train(recipe: Recipe, store: Store, model_uri: str, data_uri: str, log: Log = default_log,
+                on_progress: Callable[[dict], None] | None = None) -> StageResult:
+    parameters = {"train": recipe.train.model_dump(mode="json"), "parallel": recipe.parallel.model_dump(mode="json")}
+    package = Path(labtune.__file__).parent
+    code = code_version(__file__, package / "train_worker.py", package / "chat.py")
+    key = stage_key("train", code, {"model": model_uri, "data": data_uri}, parameters)
+
+    def build(out: Path) -> dict[str, Any]:
+        model_dir = fetch(store, model_uri, log)
+        data_dir = fetch(store, data_uri, log)
+        config_path = out.parent / "train_config.json"
+        config_path.write_text(json.dumps(worker_config(recipe, model_dir, data_dir / "train.json", out), indent=2))
+        nproc = recipe.parallel.nproc_per_node
+        command = torchrun_command(nproc, config_path, free_port())
+        log("launching: " + " ".join(command[1:]))
+        run_torchrun(command, train_env(nproc), log, on_progress)
+        metrics = json.loads((out / "train_metrics.json").read_text())
+        return {"metrics": {k: metrics[k] for k in ("optimizer_steps", "examples", "train_seconds", "world_size")},
+                "final_loss": metrics["history"][-1]["loss"] if metrics["history"] else None}
+
+    return run_stage(store, "train", key, build, inputs={"model": model_uri, "data": data_uri},
+                     parameters=parameters, log=log)
+
+
+@task(name="train", retries=1, retry_delay_seconds=30, retry_condition_fn=retry_transient, cache_policy=NO_CACHE)
+def train_task(recipe: Recipe, model_uri: str, data_uri: str) -> StageResult:
+    logger = get_run_logger()
+    progress_id = create_progress_artifact(progress=0.0, key="train-progress", description="Training: optimizer steps done")
+
+    def on_progress(record: dict) -> None:
+        update_progress_artifact(progress_id, progress=100.0 * record["step"] / record["total_steps"])
+
+    result = build_train(recipe, open_recipe_store(recipe), model_uri, data_uri, log=logger.info, on_progress=on_progress)
+    update_progress_artifact(progress_id, progress=100.0)
+    create_markdown_artifact(
+        key="trained-model",
+        markdown=f"# Fine-tuned model\n\n`{result.uri}`\n\n{'(cached: trained earlier with the same inputs)' if result.cached else ''}",
+        description="Where the fine-tuned model lies in the store",
+    )
+    return result
