@@ -9,8 +9,10 @@ import sys
 
 from prefect import flow, get_run_logger
 
-from labtune.recipe import load_recipe
+from labtune.recipe import Recipe, load_recipe
 from labtune.store import open_recipe_store
+from tasks import data as data_stage
+from tasks import weights as weights_stage
 from tasks.data import data_task
 from tasks.delta import delta_task
 from tasks.evaluate import evaluate_task
@@ -18,12 +20,24 @@ from tasks.train import train_task
 from tasks.weights import weights_task
 
 
+def preflight(recipe: Recipe) -> None:
+    """Fail in seconds, with one line naming the thing, before any stage starts: the store is
+    reachable, the base model and delta sources exist, every data source exists."""
+    open_recipe_store(recipe).check()
+    s3 = weights_stage.s3_options(recipe)
+    for model in filter(None, (recipe.base_model, recipe.delta)):
+        if not model.source.startswith("tiny://"):
+            weights_stage.source_identity(model, s3)
+    for source in recipe.data.sources:
+        data_stage.source_identity(source, s3)
+
+
 @flow(name="finetune", log_prints=True)
 def finetune(recipe_path: str, overrides: list[str] | None = None) -> dict[str, dict]:
     """Fine-tune the recipe's base model on its data and evaluate it; returns each stage's
     {uri, cached, seconds}."""
     recipe = load_recipe(recipe_path, overrides or [])
-    open_recipe_store(recipe).check()
+    preflight(recipe)
     get_run_logger().info(f"recipe {recipe.name}: store {recipe.store.uri}")
 
     weights = weights_task(recipe)

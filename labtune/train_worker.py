@@ -56,16 +56,26 @@ def collate(batch: list[dict[str, list[int]]], pad_id: int) -> dict[str, torch.T
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
 
 
-def rank_batches(n_examples: int, epoch: int, seed: int, rank: int, world: int, batch_size: int) -> list[list[int]]:
+def rank_batches(lengths: list[int], epoch: int, seed: int, rank: int, world: int, batch_size: int,
+                 group_size: int = 16) -> list[list[int]]:
     """This rank's micro-batches for one epoch. Every rank gets the same number of batches
-    (the shuffled order wraps around), so collectives never desynchronise, whatever the data size."""
+    (the shuffled order wraps around), so collectives never desynchronise, whatever the data size.
+    Within each window of group_size steps, examples are sorted by length so that a batch holds
+    examples of similar length and little compute goes to padding."""
+    n_examples = len(lengths)
+    rng = random.Random(seed + epoch)
     order = list(range(n_examples))
-    random.Random(seed + epoch).shuffle(order)
+    rng.shuffle(order)
     per_step = world * batch_size
     steps = math.ceil(n_examples / per_step)
     order = (order * math.ceil(steps * per_step / n_examples))[: steps * per_step]
-    mine = order[rank::world]
-    return [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]
+    window = per_step * group_size
+    grouped = []
+    for start in range(0, len(order), window):
+        grouped += sorted(order[start : start + window], key=lambda i: lengths[i])
+    steps_order = [grouped[i : i + per_step] for i in range(0, len(grouped), per_step)]
+    rng.shuffle(steps_order)
+    return [step[rank::world] for step in steps_order]
 
 
 def layer_classes(model: torch.nn.Module, names: str | None) -> tuple[type, ...]:
@@ -131,9 +141,13 @@ def train(cfg: dict[str, Any]) -> None:
     examples = encode_dataset(tokenizer, conversations, cfg["model_max_length"])
     if not examples:
         raise SystemExit(f"{cfg['train_file']}: no training example has an assistant token within model_max_length")
+    lengths = [len(example["input_ids"]) for example in examples]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     log(f"world_size={world} backend={backend} device={device.type} examples={len(examples)} "
         f"template={'chat_template' if tokenizer.chat_template else 'vicuna_v1.1'}")
+    if cfg["bf16"] and device.type == "cpu" and torch.backends.cpu.get_cpu_capability() not in ("AVX512", "AVX512_BF16", "AMX"):
+        log(f"warning: bf16 on a CPU without native bf16 ({torch.backends.cpu.get_cpu_capability()}) is far slower "
+            "than fp32; set train.bf16=false on this machine")
     if cfg.get("save_steps_requested"):
         log("note: save_steps/save_total_limit are accepted but intermediate checkpoints are not written yet; "
             "only the final model is saved")
@@ -165,7 +179,7 @@ def train(cfg: dict[str, Any]) -> None:
     window_tokens = window_padded = 0
     window_start = time.time()
     while step < total_updates:
-        batches = rank_batches(len(examples), epoch, cfg["seed"], rank, world, bs)
+        batches = rank_batches(lengths, epoch, cfg["seed"], rank, world, bs)
         for start in range(0, len(batches), gas):
             if step >= total_updates:
                 break

@@ -9,13 +9,14 @@ config, tokenizer, train_metrics.json) is then committed to the store.
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import os
 import socket
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
@@ -119,15 +120,38 @@ def build_train(recipe: Recipe, store: Store, model_uri: str, data_uri: str, log
                      parameters=parameters, log=log)
 
 
+@contextlib.contextmanager
+def tqdm_progress() -> Iterator[Callable[[dict], None]]:
+    """A tqdm bar of optimizer steps on stderr (shown only on a terminal)."""
+    from tqdm import tqdm
+
+    bar = None
+
+    def update(record: dict) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=record["total_steps"], desc="train", unit="step", disable=not sys.stderr.isatty())
+        bar.n = record["step"]
+        bar.set_postfix(loss=record["loss"])
+
+    try:
+        yield update
+    finally:
+        if bar is not None:
+            bar.close()
+
+
 @task(name="train", retries=1, retry_delay_seconds=30, retry_condition_fn=retry_transient, cache_policy=NO_CACHE)
 def train_task(recipe: Recipe, model_uri: str, data_uri: str) -> StageResult:
     logger = get_run_logger()
     progress_id = create_progress_artifact(progress=0.0, key="train-progress", description="Training: optimizer steps done")
 
-    def on_progress(record: dict) -> None:
-        update_progress_artifact(progress_id, progress=100.0 * record["step"] / record["total_steps"])
+    with tqdm_progress() as bar:
+        def on_progress(record: dict) -> None:
+            bar(record)
+            update_progress_artifact(progress_id, progress=100.0 * record["step"] / record["total_steps"])
 
-    result = build_train(recipe, open_recipe_store(recipe), model_uri, data_uri, log=logger.info, on_progress=on_progress)
+        result = build_train(recipe, open_recipe_store(recipe), model_uri, data_uri, log=logger.info, on_progress=on_progress)
     update_progress_artifact(progress_id, progress=100.0)
     create_markdown_artifact(
         key="trained-model",

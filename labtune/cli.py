@@ -1,0 +1,179 @@
+"""labtune's command line.
+
+    labtune run RECIPE [key=value ...] [--json]     the whole finetune flow, tracked by Prefect
+    labtune weights|delta|data|train|evaluate RECIPE [key=value ...]   one stage, no Prefect needed
+    labtune server start|stop|status                the local Prefect server
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Any, Callable
+
+from labtune.errors import LabtuneError
+
+
+def _err(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _table(rows: list[list[str]], headers: list[str]) -> str:
+    widths = [max(len(str(x)) for x in column) for column in zip(headers, *rows)]
+    line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
+    return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
+def _short(text: str | None, width: int = 44) -> str:
+    text = (text or "").replace("\n", " ")
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from labtune.recipe import load_recipe
+    from labtune.server import ensure_api
+
+    started = time.time()
+    recipe = load_recipe(args.recipe, args.overrides)
+    url = ensure_api(args.port, say=_err)
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.finetune import finetune, preflight
+    from labtune.store import open_recipe_store
+    from tasks.evaluate import read_evaluation
+
+    preflight(recipe)
+    with temporary_settings(updates={PREFECT_API_URL: url}):
+        state = finetune(str(args.recipe), args.overrides, return_state=True)
+        stages = state.result()
+    flow_run = {"id": str(state.state_details.flow_run_id),
+                "url": f"{url.removesuffix('/api')}/runs/flow-run/{state.state_details.flow_run_id}"}
+    summary, rows = read_evaluation(open_recipe_store(recipe), stages["evaluate"]["uri"])
+    evaluation = {k: summary[k] for k in ("base_correct", "tuned_correct", "total")}
+    if args.json:
+        print(json.dumps({"stages": stages, "evaluation": evaluation, "flow_run": flow_run,
+                          "seconds": round(time.time() - started, 2)}))
+        return 0
+    print()
+    print(_table([[name, s["uri"], "yes" if s["cached"] else "no", f"{s['seconds']:.1f}"] for name, s in stages.items()],
+                 ["stage", "uri", "cached", "seconds"]))
+    print()
+    print(_table([[_short(r["question"]), _short(r["expected"], 20), _short(r["base_answer"]), _short(r["tuned_answer"]),
+                   {True: "yes", False: "no", None: "-"}[r["tuned_correct"]]] for r in rows],
+                 ["question", "expected", "base answer", "fine-tuned answer", "correct"]))
+    print(f"\nbase model: {evaluation['base_correct']}/{evaluation['total']} correct; "
+          f"fine-tuned: {evaluation['tuned_correct']}/{evaluation['total']} correct "
+          f"({time.time() - started:.0f}s)")
+    print(f"See the run in the Prefect UI: {flow_run['url']}")
+    return 0
+
+
+def _stage_runner(args: argparse.Namespace) -> tuple[Any, Any, Callable[[str], None]]:
+    from labtune.recipe import load_recipe
+    from labtune.store import open_recipe_store
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    store = open_recipe_store(recipe)
+    store.check()
+    return recipe, store, _err
+
+
+def cmd_stage(args: argparse.Namespace) -> int:
+    """Run one stage as a plain function; upstream URIs not given are computed (usually cached)."""
+    from tasks.data import build_data
+    from tasks.delta import build_delta
+    from tasks.evaluate import build_evaluate
+    from tasks.train import build_train, tqdm_progress
+    from tasks.weights import build_weights
+
+    recipe, store, log = _stage_runner(args)
+
+    def target_uri() -> str:
+        return getattr(args, "model", None) or build_delta(recipe, store, build_weights(recipe, store, log).uri, log).uri
+
+    if args.command == "weights":
+        result = build_weights(recipe, store, log)
+    elif args.command == "delta":
+        result = build_delta(recipe, store, args.base or build_weights(recipe, store, log).uri, log)
+    elif args.command == "data":
+        result = build_data(recipe, store, log)
+    elif args.command == "train":
+        model_uri = target_uri()
+        data_uri = args.data or build_data(recipe, store, log).uri
+        with tqdm_progress() as on_progress:
+            result = build_train(recipe, store, model_uri, data_uri, log, on_progress=on_progress)
+    else:
+        base_uri = args.base or build_delta(recipe, store, build_weights(recipe, store, log).uri, log).uri
+        model_uri = args.model or build_train(recipe, store, base_uri, build_data(recipe, store, log).uri, log).uri
+        result = build_evaluate(recipe, store, base_uri, model_uri, log)
+    print(json.dumps(result.to_dict()) if args.json else f"{result.stage}: {result.uri}{' (cached)' if result.cached else ''}")
+    return 0
+
+
+def cmd_server(args: argparse.Namespace) -> int:
+    from labtune import server
+
+    if args.action == "start":
+        url, started = server.start(args.port)
+        print(f"Prefect server {'started' if started else 'already running'}: UI {url.removesuffix('/api')}, "
+              f"API {url}; stop it with: labtune server stop")
+    elif args.action == "stop":
+        print("Prefect server stopped" if server.stop() else "no Prefect server started by labtune is running")
+    else:
+        print(json.dumps(server.status(args.port), indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="labtune", description="Fine-tune LLaMA-family chat models on a lab's notes.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run the whole finetune flow (starts a local Prefect server if needed)")
+    run.add_argument("recipe")
+    run.add_argument("overrides", nargs="*", help="dotted key=value, e.g. train.num_train_epochs=5")
+    run.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+    run.add_argument("--port", type=int, default=int(os.environ.get("LABTUNE_PREFECT_PORT", "4200")))
+    run.set_defaults(func=cmd_run)
+
+    for name, help_text in (("weights", "bring the base model into the store"),
+                            ("delta", "apply the recipe's delta weights"),
+                            ("data", "build the training conversations"),
+                            ("train", "fine-tune with torchrun + FSDP2"),
+                            ("evaluate", "ask the recipe's questions to base and fine-tuned model")):
+        stage = sub.add_parser(name, help=help_text)
+        stage.add_argument("recipe")
+        stage.add_argument("overrides", nargs="*")
+        stage.add_argument("--json", action="store_true")
+        if name in ("delta", "evaluate"):
+            stage.add_argument("--base", help="URI of the base (target) model in the store")
+        if name in ("train", "evaluate"):
+            stage.add_argument("--model", help="URI of the model to train (train) or the fine-tuned model (evaluate)")
+        if name == "train":
+            stage.add_argument("--data", help="URI of the data stage's output")
+        stage.set_defaults(func=cmd_stage)
+
+    srv = sub.add_parser("server", help="the local Prefect server")
+    srv.add_argument("action", choices=["start", "stop", "status"])
+    srv.add_argument("--port", type=int, default=int(os.environ.get("LABTUNE_PREFECT_PORT", "4200")))
+    srv.set_defaults(func=cmd_server)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        code = args.func(args)
+    except LabtuneError as exc:
+        _err(f"labtune: error: {exc}")
+        code = 2
+    except KeyboardInterrupt:
+        _err("labtune: interrupted")
+        code = 130
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,110 @@
+"""The whole finetune flow through `labtune run`, against a real Prefect server, with a local
+store and with S3 on a moto server; and bad input failing in one line with no manifest."""
+
+import asyncio
+import json
+from pathlib import Path
+
+import boto3
+import pytest
+
+from conftest import TINY_RECIPE, run_cli
+from labtune.store import sha256_file
+
+STAGES = ["weights", "delta", "data", "train", "evaluate"]
+
+
+def _run(*overrides: str) -> dict:
+    proc = run_cli("run", str(TINY_RECIPE), *overrides, "--json")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout)
+
+
+async def _task_runs_and_artifacts(flow_run_id: str):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter, FlowRunFilterId
+
+    async with get_client() as client:
+        tasks = await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+        artifacts = await client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+        return tasks, artifacts
+
+
+def test_local_store_run_then_cached_then_only_train_and_evaluate_rerun(prefect_api, tmp_path):
+    store = tmp_path / "store"
+    first = _run(f"store.uri={store}")
+    assert list(first["stages"]) == STAGES
+    assert not any(first["stages"][s]["cached"] for s in ("weights", "data", "train", "evaluate"))
+    assert first["evaluation"]["total"] == 2
+    for name in ("weights", "data", "train", "evaluate"):
+        manifest = json.loads((Path(first["stages"][name]["uri"]) / "manifest.json").read_text())
+        for entry in manifest["files"]:
+            assert sha256_file(Path(first["stages"][name]["uri"]) / entry["path"]) == entry["sha256"]
+
+    tasks, artifacts = asyncio.run(_task_runs_and_artifacts(first["flow_run"]["id"]))
+    assert sorted(t.name.rsplit("-", 1)[0] for t in tasks) == sorted(STAGES)
+    assert all(t.state.is_completed() for t in tasks)
+    assert {"data-report", "train-progress", "trained-model", "evaluation"} <= {a.key for a in artifacts}
+
+    again = _run(f"store.uri={store}")
+    assert all(again["stages"][s]["cached"] for s in STAGES)
+    assert {s: again["stages"][s]["uri"] for s in STAGES} == {s: first["stages"][s]["uri"] for s in STAGES}
+
+    changed = _run(f"store.uri={store}", "train.learning_rate=5.0e-4")
+    assert [s for s in STAGES if not changed["stages"][s]["cached"]] == ["train", "evaluate"]
+
+
+def test_s3_store_holds_every_manifest_and_file(prefect_api, s3_endpoint, bucket):
+    result = _run(f"store.uri=s3://{bucket}/labtune", f"store.endpoint_url={s3_endpoint}")
+    client = boto3.client("s3", endpoint_url=s3_endpoint)
+    keys = {o["Key"] for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket) for o in page.get("Contents", [])}
+    for name in ("weights", "data", "train", "evaluate"):
+        uri = result["stages"][name]["uri"]
+        assert uri.startswith(f"s3://{bucket}/labtune/{name}/")
+        prefix = uri[len(f"s3://{bucket}/"):]
+        manifest = json.loads(client.get_object(Bucket=bucket, Key=f"{prefix}/manifest.json")["Body"].read())
+        for entry in manifest["files"]:
+            assert f"{prefix}/{entry['path']}" in keys
+            body = client.get_object(Bucket=bucket, Key=f"{prefix}/{entry['path']}")["Body"].read()
+            import hashlib
+            assert hashlib.sha256(body).hexdigest() == entry["sha256"]
+    again = _run(f"store.uri=s3://{bucket}/labtune", f"store.endpoint_url={s3_endpoint}")
+    assert all(again["stages"][s]["cached"] for s in STAGES)
+
+
+def _assert_one_line_failure(proc, *needles):
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("labtune: error: "), proc.stderr[-2000:]
+    for needle in needles:
+        assert needle in last
+    assert "Traceback" not in proc.stderr
+
+
+def test_unknown_recipe_key_fails_in_one_line(prefect_api, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(TINY_RECIPE.read_text().replace("  logging_steps: 1", "  logging_step: 1"))
+    proc = run_cli("run", str(bad), f"store.uri={tmp_path / 'store'}")
+    _assert_one_line_failure(proc, str(bad), "train.logging_step", "unknown key")
+    assert not list(tmp_path.rglob("manifest.json"))
+
+
+def test_missing_notes_folder_fails_in_one_line(prefect_api, tmp_path):
+    proc = run_cli("run", str(TINY_RECIPE), f"store.uri={tmp_path / 'store'}", f"data.sources.0.path={tmp_path / 'gone'}")
+    _assert_one_line_failure(proc, str(tmp_path / "gone"), "lab-notes folder not found")
+    assert not list(tmp_path.rglob("manifest.json"))
+
+
+def test_unreachable_s3_endpoint_fails_in_one_line(prefect_api, tmp_path):
+    proc = run_cli("run", str(TINY_RECIPE), "store.uri=s3://labtune/runs", "store.endpoint_url=http://127.0.0.1:9")
+    _assert_one_line_failure(proc, "s3://labtune/runs", "cannot reach S3 endpoint http://127.0.0.1:9")
+
+
+@pytest.mark.parametrize("stage", ["weights", "data"])
+def test_single_stage_commands_need_no_prefect_server(tmp_path, stage):
+    env = {"PREFECT_API_URL": "http://127.0.0.1:9/api"}  # nothing listens there: a stage must not need it
+    proc = run_cli(stage, str(TINY_RECIPE), f"store.uri={tmp_path / 'store'}", "--json", env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout)
+    assert result["stage"] == stage and (Path(result["uri"]) / "manifest.json").is_file()
