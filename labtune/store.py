@@ -14,10 +14,9 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
-MiB = 1024 * 1024
-
-
 from labtune.errors import LabtuneError
+
+MiB = 1024 * 1024
 
 
 class StoreError(LabtuneError):

@@ -16,12 +16,16 @@ import json
 import math
 import os
 import random
+import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from labtune.train_worker_protocol import WORKER_ERROR
 
 
 def log(message: str) -> None:
@@ -244,7 +248,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="train_config.json written by the train stage")
     args = parser.parse_args()
-    train(json.loads(Path(args.config).read_text()))
+    rank = os.environ.get("RANK", "0")
+    try:
+        train(json.loads(Path(args.config).read_text()))
+    except SystemExit as exc:
+        if isinstance(exc.code, str):
+            print(f"{WORKER_ERROR} (rank {rank}): {exc.code}", flush=True)
+            sys.exit(1)
+        raise
+    except Exception as exc:
+        traceback.print_exc()
+        first_line = (str(exc).splitlines() or [""])[0]
+        print(f"{WORKER_ERROR} (rank {rank}): {type(exc).__name__}: {first_line}", flush=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ from labtune.store import S3Store, Store, download_tree, open_recipe_store, scra
 NOTE_SUFFIXES = (".md", ".markdown", ".org", ".txt")
 MONTHS = ["january", "february", "march", "april", "may", "june", "july", "august",
           "september", "october", "november", "december"]
-_MONTH_RE = "|".join(m[:3] + f"(?:{m[3:]})?" for m in MONTHS)
+_MONTH_RE = "(?:" + "|".join(m[:3] for m in MONTHS) + ")[a-z]*"
 DATE_PATTERNS = [
     re.compile(r"<?(?P<y>\d{4})-(?P<m>\d{1,2})-(?P<d>\d{1,2})(?:\s+\w{2,3})?>?"),
     re.compile(r"\b(?P<m>\d{1,2})/(?P<d>\d{1,2})/(?P<y>\d{4})\b"),

@@ -18,7 +18,7 @@ from prefect.cache_policies import NO_CACHE
 import labtune
 from labtune.errors import retry_transient
 from labtune.recipe import Recipe
-from labtune.stage import Log, StageResult, code_version, default_log, fetch, read_manifest, run_stage, stage_key
+from labtune.stage import Log, StageResult, code_version, default_log, fetch, run_stage, stage_key
 from labtune.store import Store, open_recipe_store
 
 

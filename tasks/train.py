@@ -25,6 +25,7 @@ from prefect.cache_policies import NO_CACHE
 import labtune
 from labtune.errors import LabtuneError, retry_transient
 from labtune.recipe import Recipe
+from labtune.train_worker_protocol import WORKER_ERROR
 from labtune.stage import Log, StageResult, code_version, default_log, fetch, run_stage, stage_key
 from labtune.store import Store, open_recipe_store
 
@@ -62,6 +63,7 @@ def torchrun_command(nproc: int, config_path: Path, port: int) -> list[str]:
 def run_torchrun(command: list[str], env: dict[str, str], log: Log, on_progress: Callable[[dict], None] | None = None) -> None:
     """Run torchrun, one log record per output line, live; raise TrainError with the tail on failure."""
     tail: collections.deque[str] = collections.deque(maxlen=25)
+    worker_errors: list[str] = []
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, env=env)
     assert proc.stdout is not None
     try:
@@ -70,6 +72,8 @@ def run_torchrun(command: list[str], env: dict[str, str], log: Log, on_progress:
             if not line:
                 continue
             tail.append(line)
+            if line.startswith(WORKER_ERROR):
+                worker_errors.append(line)
             log(line)
             if on_progress and line.startswith("progress "):
                 try:
@@ -82,8 +86,8 @@ def run_torchrun(command: list[str], env: dict[str, str], log: Log, on_progress:
         proc.wait(timeout=30)
         raise
     if code != 0:
-        errors = [l for l in tail if "Error" in l or "error" in l or "SystemExit" in l] or list(tail)[-3:]
-        raise TrainError(f"torchrun exited with code {code}: {errors[-1].strip() if errors else 'no output'}")
+        reason = worker_errors[0] if worker_errors else (list(tail)[-1] if tail else "no output")
+        raise TrainError(f"torchrun exited with code {code}: {reason.strip()}")
 
 
 def train_env(nproc: int) -> dict[str, str]:

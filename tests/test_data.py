@@ -115,7 +115,7 @@ CONVERSATION = [
 
 
 def _labelled_text(tokenizer, encoded):
-    return tokenizer.decode([t for t, l in zip(encoded["input_ids"], encoded["labels"]) if l != IGNORE_INDEX])
+    return tokenizer.decode([t for t, label in zip(encoded["input_ids"], encoded["labels"]) if label != IGNORE_INDEX])
 
 
 def test_loss_mask_vicuna_template_covers_only_assistant_turns(tiny_model):
