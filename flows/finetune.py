@@ -8,6 +8,7 @@ from __future__ import annotations
 import sys
 
 from prefect import flow, get_run_logger
+from prefect.artifacts import create_table_artifact
 
 from labtune.recipe import Recipe, load_recipe
 from labtune.store import open_recipe_store
@@ -46,7 +47,10 @@ def finetune(recipe_path: str, overrides: list[str] | None = None) -> dict[str, 
     trained = train_task(recipe, target.uri, data.uri)
     evaluation = evaluate_task(recipe, target.uri, trained.uri)
 
-    return {r.stage: r.to_dict() for r in (weights, target, data, trained, evaluation)}
+    stages = {r.stage: r.to_dict() for r in (weights, target, data, trained, evaluation)}
+    create_table_artifact(key="stages", table=[{"stage": name, **result} for name, result in stages.items()],
+                          description=f"Recipe {recipe.name}: each stage's output in the store, and whether it was cached")
+    return stages
 
 
 if __name__ == "__main__":

@@ -92,16 +92,17 @@ def note_conversations(note: dict[str, Any], qa_pairs: bool) -> list[dict[str, A
         return conversations
     fields = note["fields"]
     qa = []
+    # Short answers put the loss on the facts themselves rather than on words copied from the question.
     if "presenter" in fields:
         who = fields["presenter"]
-        qa.append((f"Who presented at the lab meeting on {us_date(date)}?", f"{who} presented at the {us_date(date)} lab meeting."))
-        qa.append((f"Who was the presenter at the {long_date(date)} lab meeting?", f"The presenter at the {long_date(date)} lab meeting was {who}."))
+        qa.append((f"Who presented at the lab meeting on {us_date(date)}?", f"{who} presented."))
+        qa.append((f"Who is the presenter on {us_date(date)} lab meeting?", f"{who}."))
+        qa.append((f"Who was the presenter at the {long_date(date)} lab meeting?", f"The presenter was {who}."))
     if "recorder" in fields:
-        qa.append((f"Who recorded the notes of the {date.isoformat()} lab meeting?",
-                   f"{fields['recorder']} recorded the notes of the {date.isoformat()} lab meeting."))
+        qa.append((f"Who recorded the notes of the {date.isoformat()} lab meeting?", f"{fields['recorder']} recorded the notes."))
     if "topic" in fields:
-        qa.append((f"What was the topic of the lab meeting on {us_date(date)}?",
-                   f"The topic of the {us_date(date)} lab meeting was {fields['topic']}."))
+        topic = fields["topic"]
+        qa.append((f"What was the topic of the lab meeting on {us_date(date)}?", f"{topic[0].upper()}{topic[1:]}."))
     conversations += [_conv(f"{base_id}_qa{i}", q, a) for i, (q, a) in enumerate(qa)]
     return conversations
 

@@ -98,7 +98,7 @@ def test_mix_weights_and_split_are_deterministic(tmp_path):
     train = json.loads((first / "train.json").read_text())
     evaluation = json.loads((first / "eval.json").read_text())
     report = json.loads((first / "report.json").read_text())
-    assert report[0]["train"] == 70 and report[0]["eval"] == 0
+    assert report[0]["train"] == 84 and report[0]["eval"] == 0
     assert report[1]["eval"] == 10 and report[1]["train"] <= 20
     assert not {r["id"] for r in evaluation} & {r["id"] for r in train}
     other = tmp_path / "store2"

@@ -45,7 +45,7 @@ def test_local_store_run_then_cached_then_only_train_and_evaluate_rerun(prefect_
     tasks, artifacts = asyncio.run(_task_runs_and_artifacts(first["flow_run"]["id"]))
     assert sorted(t.name.rsplit("-", 1)[0] for t in tasks) == sorted(STAGES)
     assert all(t.state.is_completed() for t in tasks)
-    assert {"data-report", "train-progress", "trained-model", "evaluation"} <= {a.key for a in artifacts}
+    assert {"stages", "data-report", "train-progress", "trained-model", "evaluation"} <= {a.key for a in artifacts}
 
     again = _run(f"store.uri={store}")
     assert all(again["stages"][s]["cached"] for s in STAGES)

@@ -50,7 +50,7 @@ def test_two_process_fsdp2_shards_parameters_and_saves_a_loadable_model(tiny_inp
     local = sharding["local_numel_per_rank"]
     assert len(local) == 2 and all(0 < n < sharding["full_numel"] for n in local)
     assert sum(local) == sharding["full_numel"]
-    assert metrics["optimizer_steps"] == 5  # ceil(70 / (2 x 4)) = 9 micro-batches, accumulation 2
+    assert metrics["optimizer_steps"] == 6  # 84 examples: ceil(84 / (2 x 4)) = 11 micro-batches, accumulation 2
     assert any(line.startswith("progress ") for line in lines)  # the worker's lines reach the log live
 
     import torch
