@@ -20,15 +20,18 @@ def _run(*overrides: str) -> dict:
     return json.loads(proc.stdout)
 
 
-async def _task_runs_and_artifacts(flow_run_id: str):
+async def _task_runs_and_artifacts(api_url: str, flow_run_id: str):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter, FlowRunFilterId
+    from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    async with get_client() as client:
-        tasks = await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
-        artifacts = await client.read_artifacts(
-            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
-        return tasks, artifacts
+    # prefect was imported before the fixture set PREFECT_API_URL, so name the server explicitly
+    with temporary_settings(updates={PREFECT_API_URL: api_url}):
+        async with get_client() as client:
+            tasks = await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+            artifacts = await client.read_artifacts(
+                artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+    return tasks, artifacts
 
 
 def test_local_store_run_then_cached_then_only_train_and_evaluate_rerun(prefect_api, tmp_path):
@@ -42,7 +45,7 @@ def test_local_store_run_then_cached_then_only_train_and_evaluate_rerun(prefect_
         for entry in manifest["files"]:
             assert sha256_file(Path(first["stages"][name]["uri"]) / entry["path"]) == entry["sha256"]
 
-    tasks, artifacts = asyncio.run(_task_runs_and_artifacts(first["flow_run"]["id"]))
+    tasks, artifacts = asyncio.run(_task_runs_and_artifacts(prefect_api, first["flow_run"]["id"]))
     assert sorted(t.name.rsplit("-", 1)[0] for t in tasks) == sorted(STAGES)
     assert all(t.state.is_completed() for t in tasks)
     assert {"stages", "data-report", "train-progress", "trained-model", "evaluation"} <= {a.key for a in artifacts}
