@@ -53,8 +53,15 @@ class DataSource(_Strict):
 class DataConfig(_Strict):
     sources: list[DataSource] = Field(min_length=1)
     eval_fraction: float = Field(default=0.05, ge=0.0, lt=1.0)
+    note_conversations: bool = True
     qa_pairs: bool = True
     seed: int = 42
+
+    @model_validator(mode="after")
+    def _something_from_notes(self) -> "DataConfig":
+        if not self.note_conversations and not self.qa_pairs:
+            raise ValueError("note_conversations and qa_pairs are both false: lab notes would give no conversations")
+        return self
 
 
 class TrainConfig(_Strict):

@@ -84,10 +84,10 @@ def parse_note(path: Path) -> dict[str, Any]:
     return {"file": path.name, "date": date, "fields": fields, "text": text}
 
 
-def note_conversations(note: dict[str, Any], qa_pairs: bool) -> list[dict[str, Any]]:
+def note_conversations(note: dict[str, Any], qa_pairs: bool, whole_note: bool = True) -> list[dict[str, Any]]:
     date: dt.date = note["date"]
     base_id = f"labnote_{date.isoformat()}"
-    conversations = [_conv(base_id, f"Lab meeting on {us_date(date)}", note["text"])]
+    conversations = [_conv(base_id, f"Lab meeting on {us_date(date)}", note["text"])] if whole_note else []
     if not qa_pairs:
         return conversations
     fields = note["fields"]
@@ -111,7 +111,7 @@ def _conv(conv_id: str, question: str, answer: str) -> dict[str, Any]:
     return {"id": conv_id, "conversations": [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]}
 
 
-def load_lab_notes(folder: Path, qa_pairs: bool) -> list[dict[str, Any]]:
+def load_lab_notes(folder: Path, qa_pairs: bool, whole_note: bool = True) -> list[dict[str, Any]]:
     if not folder.is_dir():
         raise DataError(f"{folder}: lab-notes folder not found")
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in NOTE_SUFFIXES)
@@ -119,7 +119,7 @@ def load_lab_notes(folder: Path, qa_pairs: bool) -> list[dict[str, Any]]:
         raise DataError(f"{folder}: no lab notes (.md, .org, .txt) in this folder")
     records = []
     for path in files:
-        records += note_conversations(parse_note(path), qa_pairs)
+        records += note_conversations(parse_note(path), qa_pairs, whole_note)
     return records
 
 
@@ -237,7 +237,7 @@ def build_data(recipe: Recipe, store: Store, log: Log = default_log) -> StageRes
             for source in recipe.data.sources:
                 path = _local_source(source, s3, scratch)
                 if source.type == "lab_notes":
-                    per_source.append(load_lab_notes(path, recipe.data.qa_pairs))
+                    per_source.append(load_lab_notes(path, recipe.data.qa_pairs, recipe.data.note_conversations))
                 else:
                     per_source.append(LOADERS[source.type](path))
                 log(f"data: {source.type} {source.path}: {len(per_source[-1])} conversations")

@@ -143,3 +143,16 @@ def test_loss_mask_with_a_chatml_template(tiny_model):
     assert "Who presented" not in labelled and "user" not in labelled
     assert encoded["input_ids"][: len(prompt_ids(tokenizer, CONVERSATION[0]["value"]))] == \
         prompt_ids(tokenizer, CONVERSATION[0]["value"])
+
+
+def test_note_conversations_can_be_left_out_for_qa_only_training():
+    records = load_lab_notes(NOTES, qa_pairs=True, whole_note=False)
+    assert records and all("_qa" in r["id"] for r in records)
+    assert len(records) == 5 * len(list(NOTES.iterdir()))  # every sample note has presenter, recorder and topic
+
+
+def test_notes_must_give_some_conversation():
+    from labtune.recipe import RecipeError
+
+    with pytest.raises(RecipeError, match="data: Value error, note_conversations and qa_pairs are both false"):
+        load_recipe(TINY_RECIPE, ["data.note_conversations=false", "data.qa_pairs=false"])
