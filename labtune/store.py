@@ -7,6 +7,7 @@ Credentials are boto3's business (environment, profile, role) and never appear i
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import shutil
@@ -246,7 +247,9 @@ class S3Store:
 Store = LocalStore | S3Store
 
 
+@functools.lru_cache(maxsize=16)
 def open_store(uri: str, endpoint_url: str | None = None, region: str | None = None) -> Store:
+    """The store at uri; one per configuration in a process, since each boto3 client costs ~0.3 s."""
     if uri.startswith("s3://"):
         return S3Store(uri, endpoint_url=endpoint_url, region=region)
     if "://" in uri and not uri.startswith("file://"):
