@@ -77,9 +77,10 @@ def run_torchrun(command: list[str], env: dict[str, str], log: Log, on_progress:
             log(line)
             if on_progress and line.startswith("progress "):
                 try:
-                    on_progress(json.loads(line[len("progress "):]))
-                except (ValueError, KeyError):
-                    pass
+                    record = json.loads(line[len("progress "):])
+                except ValueError:
+                    continue  # a malformed progress line is still in the log; only the bar skips it
+                on_progress(record)
         code = proc.wait()
     except BaseException:
         proc.terminate()
