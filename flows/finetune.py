@@ -11,7 +11,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 
 from labtune.recipe import Recipe, load_recipe
-from labtune.store import open_recipe_store
+from labtune.store import open_recipe_store, s3_options
 from tasks import data as data_stage
 from tasks import weights as weights_stage
 from tasks.data import data_task
@@ -25,7 +25,7 @@ def preflight(recipe: Recipe) -> None:
     """Fail in seconds, with one line naming the thing, before any stage starts: the store is
     reachable, the base model and delta sources exist, every data source exists."""
     open_recipe_store(recipe).check()
-    s3 = weights_stage.s3_options(recipe)
+    s3 = s3_options(recipe)
     for model in filter(None, (recipe.base_model, recipe.delta)):
         if not model.source.startswith("tiny://"):
             weights_stage.source_identity(model, s3)

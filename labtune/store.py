@@ -199,31 +199,25 @@ class S3Store:
     def local_path(self, key: str) -> None:
         return None
 
-    def _iter_keys(self, prefix: str) -> Iterator[str]:
+    def _iter_objects(self, prefix: str) -> Iterator[tuple[str, int, str]]:
+        """(key relative to the store, size, ETag) of every object under prefix."""
         paginator = self.client.get_paginator("list_objects_v2")
         full = self._key(prefix).rstrip("/") + "/" if prefix else (self.prefix + "/" if self.prefix else "")
         strip = len(self.prefix) + 1 if self.prefix else 0
         for page in paginator.paginate(Bucket=self.bucket, Prefix=full):
             for item in page.get("Contents", []):
-                yield item["Key"][strip:]
+                yield item["Key"][strip:], item["Size"], item["ETag"].strip('"')
 
     def list(self, prefix: str) -> list[str]:
         try:
-            return sorted(self._iter_keys(prefix))
+            return sorted(key for key, _, _ in self._iter_objects(prefix))
         except Exception as exc:
             raise self._fail(exc, prefix) from None
 
     def list_with_etags(self, prefix: str) -> list[tuple[str, int, str]]:
         """(key, size, ETag) of every object under prefix: a cheap identity for a source."""
-        paginator = self.client.get_paginator("list_objects_v2")
-        full = self._key(prefix).rstrip("/") + "/" if prefix else (self.prefix + "/" if self.prefix else "")
-        strip = len(self.prefix) + 1 if self.prefix else 0
         try:
-            return sorted(
-                (item["Key"][strip:], item["Size"], item["ETag"].strip('"'))
-                for page in paginator.paginate(Bucket=self.bucket, Prefix=full)
-                for item in page.get("Contents", [])
-            )
+            return sorted(self._iter_objects(prefix))
         except Exception as exc:
             raise self._fail(exc, prefix) from None
 
@@ -272,6 +266,11 @@ def scratch_dir(prefix: str) -> Path:
     root = labtune_home() / "tmp"
     root.mkdir(parents=True, exist_ok=True)
     return Path(tempfile.mkdtemp(prefix=prefix, dir=root))
+
+
+def s3_options(recipe) -> dict[str, str | None]:
+    """The recipe's S3 settings, for reading sources (models, data) that live on S3 too."""
+    return {"endpoint_url": recipe.store.endpoint_url, "region": recipe.store.region}
 
 
 def open_recipe_store(recipe) -> Store:

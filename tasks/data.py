@@ -25,7 +25,7 @@ from prefect.cache_policies import NO_CACHE
 from labtune.errors import LabtuneError, retry_transient
 from labtune.recipe import DataSource, Recipe
 from labtune.stage import Log, StageResult, code_version, default_log, read_manifest, run_stage, stage_key
-from labtune.store import S3Store, Store, download_tree, open_recipe_store, scratch_dir, sha256_file
+from labtune.store import S3Store, Store, download_tree, open_recipe_store, s3_options, scratch_dir, sha256_file
 
 NOTE_SUFFIXES = (".md", ".markdown", ".org", ".txt")
 MONTHS = ["january", "february", "march", "april", "may", "june", "july", "august",
@@ -225,7 +225,7 @@ def mix_and_split(recipe: Recipe, per_source: list[list[dict[str, Any]]]) -> tup
 
 
 def build_data(recipe: Recipe, store: Store, log: Log = default_log) -> StageResult:
-    s3 = {"endpoint_url": recipe.store.endpoint_url, "region": recipe.store.region}
+    s3 = s3_options(recipe)
     identities = [source_identity(source, s3) for source in recipe.data.sources]
     parameters = recipe.data.model_dump(mode="json")
     key = stage_key("data", code_version(__file__), {"sources": identities}, parameters)

@@ -18,8 +18,8 @@ from prefect.cache_policies import NO_CACHE
 from labtune.errors import LabtuneError, retry_transient
 from labtune.recipe import Recipe
 from labtune.stage import Log, StageResult, code_version, default_log, fetch, run_stage, stage_key
-from labtune.store import Store, open_recipe_store
-from tasks.weights import HF_FILES, s3_options, source_identity, materialize
+from labtune.store import Store, open_recipe_store, s3_options
+from tasks.weights import HF_FILES, materialize, source_identity
 
 
 class DeltaError(LabtuneError):

@@ -19,7 +19,7 @@ from prefect.cache_policies import NO_CACHE
 from labtune.errors import LabtuneError, retry_transient
 from labtune.recipe import ModelSource, Recipe
 from labtune.stage import Log, StageResult, code_version, default_log, run_stage, stage_key
-from labtune.store import S3Store, Store, open_recipe_store, StoreError, download_tree, scratch_dir, sha256_file
+from labtune.store import S3Store, Store, StoreError, download_tree, open_recipe_store, s3_options, scratch_dir, sha256_file
 
 HF_FILES = (
     "config.json", "generation_config.json", "tokenizer.json", "tokenizer.model", "tokenizer_config.json",
@@ -125,10 +125,6 @@ def materialize(source: ModelSource, out: Path, s3: dict[str, Any], log: Log) ->
     finally:
         if source.source.startswith("s3://"):
             shutil.rmtree(directory, ignore_errors=True)
-
-
-def s3_options(recipe: Recipe) -> dict[str, Any]:
-    return {"endpoint_url": recipe.store.endpoint_url, "region": recipe.store.region}
 
 
 def build_weights(recipe: Recipe, store: Store, log: Log = default_log) -> StageResult:
