@@ -2,6 +2,10 @@
 
     labtune run RECIPE [key=value ...] [--json]     the whole finetune flow, tracked by Prefect
     labtune weights|delta|data|train|evaluate RECIPE [key=value ...]   one stage, no Prefect needed
+    labtune weights SOURCE OUT                      any model source -> HF safetensors in OUT (dir or s3://)
+    labtune merge-delta --base B --delta D --out O  Vicuna-style delta weights: O = B + D
+    labtune make-delta --base B --target T --out O  the inverse: O = T - B (round trip exact)
+    labtune merge-lora --base B --adapter A --out O fold a PEFT LoRA adapter into B
     labtune server start|stop|status                the local Prefect server
 """
 
@@ -113,6 +117,85 @@ def cmd_stage(args: argparse.Namespace) -> int:
     return 0
 
 
+def _is_recipe(path: str) -> bool:
+    return path.endswith((".yaml", ".yml")) and os.path.isfile(path)
+
+
+def _s3(args: argparse.Namespace) -> dict[str, str | None]:
+    return {"endpoint_url": args.endpoint_url, "region": None}
+
+
+def _finish(args: argparse.Namespace, uri: str, existed: bool, started: float, extra: str = "") -> int:
+    seconds = round(time.time() - started, 2)
+    if args.json:
+        print(json.dumps({"uri": uri, "cached": existed, "seconds": seconds}))
+    else:
+        print(f"{uri}{' (already there)' if existed else ''}{extra} in {seconds:.1f}s")
+    return 0
+
+
+def cmd_weights(args: argparse.Namespace) -> int:
+    """`weights RECIPE [k=v]` runs the stage; `weights SOURCE OUT` converts one source into OUT."""
+    if _is_recipe(args.recipe):
+        return cmd_stage(args)
+    if len(args.overrides) != 1:
+        raise LabtuneError("weights: expected RECIPE.yaml [key=value ...] or SOURCE OUT")
+    from labtune.recipe import ModelSource
+    from labtune.stage import publish
+    from tasks.weights import WeightsError, materialize, source_identity
+
+    started = time.time()
+    try:
+        source = ModelSource(source=args.recipe, dtype=args.dtype, gguf_file=args.gguf_file)
+    except ValueError as exc:
+        raise WeightsError(f"{args.recipe}: {str(exc).splitlines()[-1].strip()}") from None
+    identity = source_identity(source, _s3(args))
+    uri, existed = publish(args.overrides[0], lambda out: materialize(source, out, _s3(args), _err),
+                           stage="weights", inputs={"source": args.recipe, "identity": identity},
+                           parameters={"dtype": args.dtype}, s3=_s3(args), log=_err)
+    return _finish(args, uri, existed, started)
+
+
+def _merge_command(args: argparse.Namespace, kind: str) -> int:
+    from labtune import merge
+    from labtune.recipe import ModelSource
+    from labtune.stage import publish
+    from labtune.tensorfiles import CheckpointError, parse_size
+    from tasks.weights import local_source, source_identity
+
+    started = time.time()
+    second = {"merge-delta": "delta", "make-delta": "target", "merge-lora": "adapter"}[kind]
+    sources = {"base": args.base, second: getattr(args, second)}
+    identities = {name: source_identity(ModelSource(source=uri), _s3(args)) for name, uri in sources.items()}
+    try:
+        shard_bytes = parse_size(args.max_shard_size)
+    except ValueError as exc:
+        raise LabtuneError(f"--max-shard-size: {exc}") from None
+    result: dict[str, Any] = {}
+
+    def build(out):
+        with local_source(args.base, _s3(args), _err) as base, local_source(sources[second], _s3(args), _err) as other:
+            try:
+                if kind == "merge-delta":
+                    merge.apply_delta(base, other, out, shard_bytes)
+                elif kind == "make-delta":
+                    result["widened"] = merge.make_delta(base, other, out, shard_bytes)
+                else:
+                    result.update(merge.merge_lora(base, other, out, shard_bytes))
+            except CheckpointError as exc:
+                raise merge.DeltaError(str(exc)) from None
+        return {"merge": {"kind": kind, **result}}
+
+    uri, existed = publish(args.out, build, stage=kind, inputs={**sources, "identity": identities},
+                           parameters={"max_shard_size": args.max_shard_size}, s3=_s3(args), log=_err)
+    extra = ""
+    if result.get("widened"):
+        extra = f" ({len(result['widened'])} tensor(s) stored in a wider dtype so the round trip is exact)"
+    if "merged" in result:
+        extra = f" ({result['merged']} LoRA pair(s) merged, {result['replaced']} tensor(s) replaced)"
+    return _finish(args, uri, existed, started, extra)
+
+
 def cmd_server(args: argparse.Namespace) -> int:
     from labtune import server
 
@@ -154,6 +237,26 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "train":
             stage.add_argument("--data", help="URI of the data stage's output")
         stage.set_defaults(func=cmd_stage)
+        if name == "weights":
+            stage.usage = "labtune weights RECIPE.yaml [key=value ...] | labtune weights SOURCE OUT [--dtype D]"
+            stage.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="SOURCE OUT: cast to dtype")
+            stage.add_argument("--gguf-file", help="SOURCE OUT: the .gguf file inside SOURCE")
+            stage.add_argument("--endpoint-url", default=os.environ.get("AWS_ENDPOINT_URL"),
+                               help="S3 endpoint for s3:// SOURCE or OUT (MinIO, moto); default AWS")
+            stage.set_defaults(func=cmd_weights)
+
+    for kind, second, help_text in (("merge-delta", "delta", "write BASE + DELTA (Vicuna-style delta weights)"),
+                                    ("make-delta", "target", "write TARGET - BASE, a delta others can merge"),
+                                    ("merge-lora", "adapter", "fold a PEFT LoRA adapter into BASE")):
+        tool = sub.add_parser(kind, help=help_text)
+        tool.add_argument("--base", required=True, help="base model: directory, s3:// or hf://")
+        tool.add_argument(f"--{second}", required=True, help=f"{second}: directory, s3:// or hf://")
+        tool.add_argument("--out", required=True, help="output directory or s3:// prefix (must be new or empty)")
+        tool.add_argument("--max-shard-size", default="2GB", help="largest output shard (default 2GB)")
+        tool.add_argument("--endpoint-url", default=os.environ.get("AWS_ENDPOINT_URL"),
+                          help="S3 endpoint for s3:// paths (MinIO, moto); default AWS")
+        tool.add_argument("--json", action="store_true")
+        tool.set_defaults(func=lambda args, kind=kind: _merge_command(args, kind))
 
     srv = sub.add_parser("server", help="the local Prefect server")
     srv.add_argument("action", choices=["start", "stop", "status"])

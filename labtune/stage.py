@@ -58,8 +58,12 @@ def stage_key(stage: str, code: str, inputs: dict[str, Any], parameters: dict[st
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}/{name}" if prefix else name
+
+
 def read_manifest(store: Store, prefix: str) -> dict[str, Any] | None:
-    key = f"{prefix}/{MANIFEST}"
+    key = _join(prefix, MANIFEST)
     if not store.exists(key):
         return None
     try:
@@ -93,7 +97,7 @@ def commit(
         size = path.stat().st_size
         if size > 32 * 1024 * 1024:
             log(f"uploading {rel} ({size / 1e6:.0f} MB) to {store.uri_for(prefix)}")
-        store.upload(path, f"{prefix}/{rel}")
+        store.upload(path, _join(prefix, rel))
         files.append({"path": rel, "size": size, "sha256": digest})
     finished = time.time()
     manifest = {
@@ -106,7 +110,7 @@ def commit(
         "timings": {"started": started, "finished": finished, "seconds": round(finished - started, 3)},
         **(extra or {}),
     }
-    store.write_bytes(f"{prefix}/{MANIFEST}", json.dumps(manifest, indent=2, sort_keys=True).encode())
+    store.write_bytes(_join(prefix, MANIFEST), json.dumps(manifest, indent=2, sort_keys=True).encode())
     return manifest
 
 
@@ -133,7 +137,7 @@ def fetch(store: Store, uri: str, log: Log = default_log) -> Path:
     log(f"downloading {uri} ({len(manifest['files'])} files, {total / 1e6:.1f} MB)")
     for entry in manifest["files"]:
         target = staging / entry["path"]
-        store.download(f"{prefix}/{entry['path']}", target)
+        store.download(_join(prefix, entry["path"]), target)
         _verify(target, entry, uri)
     (staging / MANIFEST).write_bytes(raw_manifest)
     shutil.rmtree(cache, ignore_errors=True)
@@ -143,7 +147,7 @@ def fetch(store: Store, uri: str, log: Log = default_log) -> Path:
 
 def _manifest_bytes(store: Store, prefix: str, uri: str) -> bytes:
     try:
-        return store.read_bytes(f"{prefix}/{MANIFEST}")
+        return store.read_bytes(_join(prefix, MANIFEST))
     except StoreError:
         raise ManifestError(f"{uri}: no complete output here (manifest.json missing)") from None
 
@@ -184,3 +188,62 @@ def run_stage(
     seconds = round(time.time() - started, 3)
     log(f"{stage}: done in {seconds:.1f}s -> {store.uri_for(prefix)}")
     return StageResult(stage, store.uri_for(prefix), False, seconds)
+
+
+def publish(
+    out: str,
+    build: Callable[[Path], dict[str, Any] | None],
+    *,
+    stage: str,
+    inputs: dict[str, Any],
+    parameters: dict[str, Any],
+    s3: dict[str, Any] | None = None,
+    log: Log = default_log,
+) -> tuple[str, bool]:
+    """Build into a plain directory or s3:// prefix named by the user (not content-addressed),
+    with the same contract: manifest.json last. Returns (uri, already_there): an OUT whose
+    manifest records the same inputs and parameters is left as it is."""
+    from labtune.store import LocalStore, S3Store, scratch_dir
+
+    started = time.time()
+    store: Store = S3Store(out, **(s3 or {})) if out.startswith("s3://") else LocalStore(out)
+    existing = read_manifest(store, "")
+    if existing is not None:
+        if existing.get("inputs") == inputs and existing.get("parameters") == parameters:
+            log(f"{store.uri} already holds this output (manifest.json matches); nothing to do")
+            return store.uri, True
+        raise ManifestError(f"{store.uri}: already holds another output (see its {MANIFEST}); "
+                            "choose another OUT or delete it")
+    if isinstance(store, LocalStore):
+        work = store.root
+        if work.exists() and any(work.iterdir()):
+            raise ManifestError(f"{work}: directory is not empty; choose another OUT")
+        created = not work.exists()
+        work.mkdir(parents=True, exist_ok=True)
+    else:
+        if store.list(""):
+            raise ManifestError(f"{store.uri}: prefix is not empty; choose another OUT")
+        work = scratch_dir(f"{stage}-")
+    try:
+        extra = build(work) or {}
+        commit(store, "", work, stage=stage, inputs=inputs, parameters=parameters, started=started,
+               extra=extra, log=log)
+    except BaseException:
+        if isinstance(store, LocalStore):
+            _clear(work, remove=created)  # a half-written OUT never lingers
+        raise
+    finally:
+        if not isinstance(store, LocalStore):
+            shutil.rmtree(work, ignore_errors=True)
+    return store.uri, False
+
+
+def _clear(directory: Path, remove: bool) -> None:
+    if remove:
+        shutil.rmtree(directory, ignore_errors=True)
+        return
+    for path in directory.iterdir():
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)

@@ -69,6 +69,8 @@ class LocalStore:
 
     def upload(self, local: str | os.PathLike, key: str) -> None:
         target = self.root / key
+        if target.exists() and os.path.samefile(local, target):
+            return  # built in place
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(target.name + ".part")
         shutil.copyfile(local, tmp)
