@@ -150,8 +150,12 @@ def cmd_weights(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise WeightsError(f"{args.recipe}: {str(exc).splitlines()[-1].strip()}") from None
     identity = source_identity(source, _s3(args))
-    uri, existed = publish(args.overrides[0], lambda out: materialize(source, out, _s3(args), _err),
-                           stage="weights", inputs={"source": args.recipe, "identity": identity},
+    def build(out) -> dict[str, str]:
+        materialize(source, out, _s3(args), _err)
+        return {"source": args.recipe}
+
+    # the identity alone decides whether OUT already holds this model (hf://x and hf://x@main agree)
+    uri, existed = publish(args.overrides[0], build, stage="weights", inputs={"identity": identity},
                            parameters={"dtype": args.dtype}, s3=_s3(args), log=_err)
     return _finish(args, uri, existed, started)
 

@@ -220,3 +220,49 @@ def test_dora_adapters_are_refused_with_a_reason(tmp_path, tiny_model):
     peft_model.save_pretrained(tmp_path / "adapter")
     with pytest.raises(DeltaError, match="use_dora: DoRA adapters cannot be merged"):
         merge_lora(tiny_model, tmp_path / "adapter", tmp_path / "out")
+
+
+def _stage_recipe(tmp_path, *overrides):
+    from conftest import TINY_RECIPE
+    from labtune.recipe import load_recipe
+
+    return load_recipe(TINY_RECIPE, [f"store.uri={tmp_path / 'store'}", *overrides])
+
+
+def test_delta_stage_merges_a_lora_adapter_and_caches_it(tmp_path, tiny_model):
+    from labtune.stage import fetch, read_manifest
+    from labtune.store import LocalStore
+    from tasks.delta import build_delta
+    from tasks.weights import build_weights
+
+    peft_model = _peft_model(tiny_model, r=4, lora_alpha=8, target_modules=["q_proj", "o_proj"])
+    peft_model.save_pretrained(tmp_path / "adapter")
+    recipe = _stage_recipe(tmp_path, f"base_model.source={tiny_model}", f"delta.source={tmp_path / 'adapter'}")
+    store = LocalStore(tmp_path / "store")
+    base = build_weights(recipe, store)
+    result = build_delta(recipe, store, base.uri)
+    manifest = read_manifest(store, store.key_for(result.uri))
+    assert manifest["delta_kind"] == "lora" and manifest["merged"] == 4
+    merged = _all(fetch(store, result.uri))
+    expected = peft_model.merge_and_unload().state_dict()
+    assert all(torch.equal(merged[n], t) for n, t in expected.items())
+    assert build_delta(recipe, store, base.uri).cached
+
+
+def test_delta_stage_on_a_corrupted_base_output_fails_and_writes_no_manifest(tmp_path, tiny_model):
+    from labtune.stage import ManifestError
+    from labtune.store import LocalStore
+    from tasks.delta import build_delta
+    from tasks.weights import build_weights
+
+    delta = _model_dir(tmp_path / "delta", {n: torch.zeros_like(t) for n, t in load_file(tiny_model / "model.safetensors").items()}, 2)
+    recipe = _stage_recipe(tmp_path, f"base_model.source={tiny_model}", f"delta.source={delta}")
+    store = LocalStore(tmp_path / "store")
+    base = build_weights(recipe, store)
+    shard = Path(base.uri) / "model.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0x01
+    shard.write_bytes(bytes(data))
+    with pytest.raises(ManifestError, match="model.safetensors: sha256 does not match the manifest"):
+        build_delta(recipe, store, base.uri)
+    assert not list((tmp_path / "store" / "delta").rglob("manifest.json"))
