@@ -16,7 +16,8 @@ import json
 import os
 import sys
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from labtune.errors import LabtuneError
 
@@ -27,7 +28,7 @@ def _err(message: str) -> None:
 
 def _table(rows: list[list[str]], headers: list[str]) -> str:
     widths = [max(len(str(x)) for x in column) for column in zip(headers, *rows)]
-    line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
+    line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()
     return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(r) for r in rows])
 
 
@@ -142,7 +143,7 @@ def cmd_weights(args: argparse.Namespace) -> int:
         raise LabtuneError("weights: expected RECIPE.yaml [key=value ...] or SOURCE OUT")
     from labtune.recipe import ModelSource
     from labtune.stage import publish
-    from tasks.weights import WeightsError, materialize, source_identity
+    from labtune.sources import WeightsError, materialize, source_identity
 
     started = time.time()
     try:
@@ -165,7 +166,7 @@ def _merge_command(args: argparse.Namespace, kind: str) -> int:
     from labtune.recipe import ModelSource
     from labtune.stage import publish
     from labtune.tensorfiles import CheckpointError, parse_size
-    from tasks.weights import local_source, source_identity
+    from labtune.sources import local_source, source_identity
 
     started = time.time()
     second = {"merge-delta": "delta", "make-delta": "target", "merge-lora": "adapter"}[kind]

@@ -23,7 +23,13 @@ from pathlib import Path
 
 from labtune.errors import LabtuneError
 from labtune.tensorfiles import (
-    Checkpoint, CheckpointError, ShardedWriter, TensorInfo, row_blocks, torch_dtype, weight_files,
+    Checkpoint,
+    CheckpointError,
+    ShardedWriter,
+    TensorInfo,
+    row_blocks,
+    torch_dtype,
+    weight_files,
 )
 
 DEFAULT_SHARD_BYTES = 2 * 10**9
@@ -82,20 +88,22 @@ def _compute_dtype(dtype: str):
 
 
 def _apply_block(base_rows, delta_rows, target_dtype):
-    """FastChat's sum for one block: rows the base lacks come from the delta alone."""
-    total = delta_rows.to(_compute_dtype(str(delta_rows.dtype).removeprefix("torch."))).clone()
+    """FastChat's sum for one block: rows the base lacks come from the delta alone. Inputs may
+    already be in the compute dtype (read that way); they are then summed in place."""
+    compute = _compute_dtype(str(delta_rows.dtype).removeprefix("torch."))
+    total = delta_rows if delta_rows.dtype == compute else delta_rows.to(compute)
     if base_rows is not None and base_rows.shape[0]:
-        total[: base_rows.shape[0]] += base_rows.to(total.dtype)
+        total[: base_rows.shape[0]] += base_rows.to(compute)
     return total.to(target_dtype)
 
 
-def _read_base_rows(base: Checkpoint, name: str, start: int, stop: int):
+def _read_base_rows(base: Checkpoint, name: str, start: int, stop: int, dtype=None):
     info = base.tensors[name]
     if not info.shape:
-        return base.read(name)
+        return base.read(name, dtype=dtype)
     if start >= info.shape[0]:
         return None
-    return base.read(name, start, min(stop, info.shape[0]))
+    return base.read(name, start, min(stop, info.shape[0]), dtype)
 
 
 def _copy_model_files(out: Path, preferred: Path, fallback: Path) -> None:
@@ -129,9 +137,10 @@ def apply_delta(base_dir: str | Path, delta_dir: str | Path, out: str | Path,
         out.mkdir(parents=True, exist_ok=True)
         writer = ShardedWriter(out, plan, max_shard_bytes)
         for info in plan:
+            compute = _compute_dtype(delta.tensors[info.name].dtype)
             for start, stop in row_blocks(info):
-                rows = delta.read(info.name, start, stop) if info.shape else delta.read(info.name)
-                writer.write(info.name, _apply_block(_read_base_rows(base, info.name, start, stop), rows,
+                rows = delta.read(info.name, start, stop, compute) if info.shape else delta.read(info.name, dtype=compute)
+                writer.write(info.name, _apply_block(_read_base_rows(base, info.name, start, stop, compute), rows,
                                                      torch_dtype(info.dtype)))
         shards = writer.close()
     _copy_model_files(out, delta_dir, base_dir)
@@ -152,7 +161,7 @@ def _delta_block(base_rows, target_rows, delta_dtype):
     if base_rows is not None and base_rows.shape[0]:
         total[: base_rows.shape[0]] -= base_rows.to(total.dtype)
     delta = total.to(delta_dtype)
-    exact = torch.equal(_bits(_apply_block(base_rows, delta, target_rows.dtype)), _bits(target_rows))
+    exact = torch.equal(_bits(_apply_block(base_rows, delta.clone(), target_rows.dtype)), _bits(target_rows))
     return delta, exact
 
 

@@ -13,13 +13,14 @@ import json
 import logging
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from labtune import __version__
 from labtune.errors import LabtuneError
-from labtune.store import Store, StoreError, labtune_home, sha256_file
+from labtune.store import Store, StoreError, labtune_home, output_sha256, sha256_file
 
 MANIFEST = "manifest.json"
 Log = Callable[[str], None]
@@ -93,7 +94,7 @@ def commit(
         rel = path.relative_to(local_dir).as_posix()
         if rel == MANIFEST:
             raise ManifestError(f"{store.uri_for(prefix)}: a stage may not write its own {MANIFEST}")
-        digest = sha256_file(path)
+        digest = output_sha256(path)
         size = path.stat().st_size
         if size > 32 * 1024 * 1024:
             log(f"uploading {rel} ({size / 1e6:.0f} MB) to {store.uri_for(prefix)}")

@@ -224,6 +224,7 @@ def test_dora_adapters_are_refused_with_a_reason(tmp_path, tiny_model):
 
 def _stage_recipe(tmp_path, *overrides):
     from conftest import TINY_RECIPE
+
     from labtune.recipe import load_recipe
 
     return load_recipe(TINY_RECIPE, [f"store.uri={tmp_path / 'store'}", *overrides])

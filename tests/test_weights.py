@@ -5,9 +5,9 @@ import json
 
 import boto3
 import pytest
-
 from conftest import TINY_RECIPE, run_cli
 from model_formats import populate_hub_cache, save_meta_checkpoint
+
 from labtune.recipe import load_recipe
 from labtune.stage import fetch, read_manifest
 from labtune.store import LocalStore, sha256_file
