@@ -181,12 +181,13 @@ def _merge_command(args: argparse.Namespace, kind: str) -> int:
     def build(out):
         with local_source(args.base, _s3(args), _err) as base, local_source(sources[second], _s3(args), _err) as other:
             try:
+                progress = merge.TqdmProgress(kind)
                 if kind == "merge-delta":
-                    merge.apply_delta(base, other, out, shard_bytes)
+                    merge.apply_delta(base, other, out, shard_bytes, progress)
                 elif kind == "make-delta":
-                    result["widened"] = merge.make_delta(base, other, out, shard_bytes)
+                    result["widened"] = merge.make_delta(base, other, out, shard_bytes, progress)
                 else:
-                    result.update(merge.merge_lora(base, other, out, shard_bytes))
+                    result.update(merge.merge_lora(base, other, out, shard_bytes, progress))
             except CheckpointError as exc:
                 raise merge.DeltaError(str(exc)) from None
         return {"merge": {"kind": kind, **result}}

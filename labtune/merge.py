@@ -20,6 +20,7 @@ import math
 import re
 import shutil
 from pathlib import Path
+from typing import Protocol
 
 from labtune.errors import LabtuneError
 from labtune.tensorfiles import (
@@ -40,6 +41,20 @@ MODEL_FILES = (
     "special_tokens_map.json", "chat_template.jinja", "added_tokens.json", "vocab.json", "merges.txt",
 )
 TOKENIZER_FILES = tuple(f for f in MODEL_FILES if f not in ("config.json", "generation_config.json"))
+
+
+class Progress(Protocol):
+    """Told the output's total bytes once, then the bytes of each block as it is written."""
+
+    def start(self, total: int) -> None: ...
+    def advance(self, done: int) -> None: ...
+
+
+def _start(progress: Progress | None, plan: list[TensorInfo]):
+    if progress is None:
+        return None
+    progress.start(sum(info.nbytes for info in plan))
+    return progress.advance
 
 
 class DeltaError(LabtuneError):
@@ -127,7 +142,7 @@ def _set_config(out: Path, plan: list[TensorInfo]) -> None:
 
 
 def apply_delta(base_dir: str | Path, delta_dir: str | Path, out: str | Path,
-                max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> list[str]:
+                max_shard_bytes: int = DEFAULT_SHARD_BYTES, progress: Progress | None = None) -> list[str]:
     """Write base + delta into out (created if needed); returns the shard names written."""
     base_dir, delta_dir, out = Path(base_dir), Path(delta_dir), Path(out)
     with _weights(base_dir) as base, _weights(delta_dir) as delta:
@@ -135,7 +150,7 @@ def apply_delta(base_dir: str | Path, delta_dir: str | Path, out: str | Path,
         wide = json.loads(delta.metadata.get(TARGET_DTYPES, "{}"))
         plan = [TensorInfo(n, wide.get(n, delta.tensors[n].dtype), delta.tensors[n].shape) for n in names]
         out.mkdir(parents=True, exist_ok=True)
-        writer = ShardedWriter(out, plan, max_shard_bytes)
+        writer = ShardedWriter(out, plan, max_shard_bytes, progress=_start(progress, plan))
         for info in plan:
             compute = _compute_dtype(delta.tensors[info.name].dtype)
             for start, stop in row_blocks(info):
@@ -166,7 +181,7 @@ def _delta_block(base_rows, target_rows, delta_dtype):
 
 
 def make_delta(base_dir: str | Path, target_dir: str | Path, out: str | Path,
-               max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> dict[str, str]:
+               max_shard_bytes: int = DEFAULT_SHARD_BYTES, progress: Progress | None = None) -> dict[str, str]:
     """Write target - base into out, so that apply_delta(base, out) == target bit for bit.
 
     Returns {tensor: dtype} for the tensors that had to be stored wider than their target."""
@@ -192,7 +207,7 @@ def make_delta(base_dir: str | Path, target_dir: str | Path, out: str | Path,
         plan = [TensorInfo(n, widened.get(n, target.tensors[n].dtype), target.tensors[n].shape) for n in names]
         metadata = {TARGET_DTYPES: json.dumps({n: target.tensors[n].dtype for n in widened})} if widened else {}
         out.mkdir(parents=True, exist_ok=True)
-        writer = ShardedWriter(out, plan, max_shard_bytes, metadata=metadata)
+        writer = ShardedWriter(out, plan, max_shard_bytes, metadata=metadata, progress=_start(progress, plan))
         for info in plan:
             for start, stop in row_blocks(info):
                 rows = target.read(info.name, start, stop) if info.shape else target.read(info.name)
@@ -242,7 +257,7 @@ _LORA_KEY = re.compile(r"(?P<module>.+)\.(?P<kind>lora_A|lora_B|lora_embedding_A
 
 
 def merge_lora(base_dir: str | Path, adapter_dir: str | Path, out: str | Path,
-               max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> dict[str, int]:
+               max_shard_bytes: int = DEFAULT_SHARD_BYTES, progress: Progress | None = None) -> dict[str, int]:
     """Fold a PEFT LoRA adapter into the base; returns counts of merged and replaced tensors."""
     import torch
 
@@ -294,7 +309,7 @@ def merge_lora(base_dir: str | Path, adapter_dir: str | Path, out: str | Path,
             shape = tuple(replaced[name].shape) if name in replaced else info.shape
             plan.append(TensorInfo(name, info.dtype, shape))
         out.mkdir(parents=True, exist_ok=True)
-        writer = ShardedWriter(out, plan, max_shard_bytes)
+        writer = ShardedWriter(out, plan, max_shard_bytes, progress=_start(progress, plan))
         for info in plan:
             for start, stop in row_blocks(info):
                 if info.name in replaced:
@@ -314,3 +329,37 @@ def merge_lora(base_dir: str | Path, adapter_dir: str | Path, out: str | Path,
     _copy_model_files(out, adapter_dir, base_dir)
     _set_config(out, plan)
     return {"merged": len(updates), "replaced": len(replaced)}
+
+
+class TqdmProgress:
+    """A byte progress bar on stderr, for the command line."""
+
+    def __init__(self, label: str):
+        self.label, self.bar = label, None
+
+    def start(self, total: int) -> None:
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, unit="B", unit_scale=True, desc=self.label, leave=False)
+
+    def advance(self, done: int) -> None:
+        self.bar.update(done)
+        if self.bar.n >= self.bar.total:
+            self.bar.close()
+
+
+class LogProgress:
+    """One log line per quarter of the output written, for task logs."""
+
+    def __init__(self, log, label: str):
+        self.log, self.label, self.total, self.done, self.next = log, label, 0, 0, 0.25
+
+    def start(self, total: int) -> None:
+        self.total = max(total, 1)
+        self.log(f"{self.label}: writing {total / 1e9:.2f} GB")
+
+    def advance(self, done: int) -> None:
+        self.done += done
+        while self.done / self.total >= self.next:
+            self.log(f"{self.label}: {self.next:.0%} written")
+            self.next += 0.25

@@ -96,7 +96,8 @@ def commit(
             raise ManifestError(f"{store.uri_for(prefix)}: a stage may not write its own {MANIFEST}")
         digest = output_sha256(path)
         size = path.stat().st_size
-        if size > 32 * 1024 * 1024:
+        in_place = store.local_path(_join(prefix, rel)) == path.resolve()
+        if size > 32 * 1024 * 1024 and not in_place:
             log(f"uploading {rel} ({size / 1e6:.0f} MB) to {store.uri_for(prefix)}")
         store.upload(path, _join(prefix, rel))
         files.append({"path": rel, "size": size, "sha256": digest})

@@ -271,7 +271,7 @@ class ShardedWriter:
     """
 
     def __init__(self, out_dir: str | os.PathLike, plan: list[TensorInfo], max_shard_bytes: int = 2 * 10**9,
-                 metadata: dict[str, str] | None = None, prefix: str = "model"):
+                 metadata: dict[str, str] | None = None, prefix: str = "model", progress=None):
         self.out = Path(out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         self.plan = plan
@@ -295,6 +295,8 @@ class ShardedWriter:
         # one I/O thread writes and hashes block N while the caller computes block N+1
         self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer")
         self._pending: Future | None = None
+        self.total_bytes = sum(info.nbytes for info in plan)
+        self._progress = progress  # called with the bytes of each block written
         self._queue = [(i, info) for i, shard in enumerate(shards) for info in shard]
         self._pos = 0  # index into _queue of the tensor being written
         self._written = 0  # bytes of that tensor written so far
@@ -328,6 +330,8 @@ class ShardedWriter:
         data = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
         self._submit(lambda: self._append(data))
         self._written += data.nbytes
+        if self._progress is not None:
+            self._progress(data.nbytes)
         if self._written > info.nbytes:
             raise CheckpointError(f"{self.out}: tensor {name} got more bytes than its shape holds")
         if self._written == info.nbytes:

@@ -16,7 +16,7 @@ from prefect.cache_policies import NO_CACHE
 
 from labtune import merge, tensorfiles
 from labtune.errors import retry_transient
-from labtune.merge import DeltaError, apply_delta, is_lora_adapter, merge_lora
+from labtune.merge import DeltaError, LogProgress, apply_delta, is_lora_adapter, merge_lora
 from labtune.recipe import Recipe
 from labtune.stage import Log, StageResult, code_version, default_log, fetch, run_stage, stage_key
 from labtune.store import Store, StoreError, open_recipe_store, s3_options
@@ -47,10 +47,10 @@ def build_delta(recipe: Recipe, store: Store, base_uri: str, log: Log = default_
             try:
                 if is_lora_adapter(delta_dir):
                     log(f"merging LoRA adapter {recipe.delta.source} into {base_uri}")
-                    counts = merge_lora(base_dir, delta_dir, out)
+                    counts = merge_lora(base_dir, delta_dir, out, progress=LogProgress(log, "delta"))
                     return {"delta_kind": "lora", **counts}
                 log(f"applying delta {recipe.delta.source} to {base_uri}")
-                apply_delta(base_dir, delta_dir, out)
+                apply_delta(base_dir, delta_dir, out, progress=LogProgress(log, "delta"))
                 return {"delta_kind": "delta"}
             except CheckpointError as exc:
                 raise DeltaError(str(exc)) from None
