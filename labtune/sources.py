@@ -101,8 +101,8 @@ def hf_commit(uri: str) -> str:
             return HfApi().model_info(repo, revision=revision).sha
         except (GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError) as exc:
             raise _hub_error(uri, exc) from None
-        except Exception:
-            pass  # the hub is unreachable: a cached snapshot still identifies the revision
+        except Exception:  # the hub is unreachable: a cached snapshot still identifies the revision
+            return hf_snapshot(uri, local_only=True).name
     return hf_snapshot(uri, local_only=True).name
 
 

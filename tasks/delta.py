@@ -14,14 +14,14 @@ from pathlib import Path
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from labtune import merge, tensorfiles
+from labtune import merge, sources, tensorfiles
 from labtune.errors import retry_transient
 from labtune.merge import DeltaError, LogProgress, apply_delta, is_lora_adapter, merge_lora
 from labtune.recipe import Recipe
 from labtune.stage import Log, StageResult, code_version, default_log, fetch, run_stage, stage_key
 from labtune.store import Store, StoreError, open_recipe_store, s3_options
 from labtune.tensorfiles import CheckpointError
-from tasks.weights import local_source, resolve_gguf, source_identity
+from labtune.sources import local_source, resolve_gguf, source_identity
 
 __all__ = ["DeltaError", "build_delta", "delta_task"]
 
@@ -38,7 +38,7 @@ def build_delta(recipe: Recipe, store: Store, base_uri: str, log: Log = default_
         identity = source_identity(recipe.delta, s3_options(recipe))
     except StoreError as exc:
         raise DeltaError(f"delta.source: {exc}") from None
-    key = stage_key("delta", code_version(__file__, merge.__file__, tensorfiles.__file__),
+    key = stage_key("delta", code_version(__file__, merge.__file__, sources.__file__, tensorfiles.__file__),
                     {"base": base_uri, "delta": identity}, {})
 
     def build(out: Path) -> dict:
