@@ -1,4 +1,4 @@
-"""The finetune flow: weights -> delta -> data -> train -> evaluate, passing only store URIs.
+"""The finetune flow: weights -> delta -> data -> tokenize -> train -> evaluate, passing only store URIs.
 
     python flows/finetune.py examples/tiny.yaml train.num_train_epochs=2
 """
@@ -17,6 +17,7 @@ from tasks import weights as weights_stage
 from tasks.data import data_task
 from tasks.delta import delta_task
 from tasks.evaluate import evaluate_task
+from tasks.tokenize import tokenize_task
 from tasks.train import train_task
 from tasks.weights import weights_task
 
@@ -44,10 +45,11 @@ def finetune(recipe_path: str, overrides: list[str] | None = None) -> dict[str, 
     weights = weights_task(recipe)
     target = delta_task(recipe, weights.uri)
     data = data_task(recipe)
-    trained = train_task(recipe, target.uri, data.uri)
+    tokens = tokenize_task(recipe, target.uri, data.uri)
+    trained = train_task(recipe, target.uri, tokens.uri)
     evaluation = evaluate_task(recipe, target.uri, trained.uri)
 
-    stages = {r.stage: r.to_dict() for r in (weights, target, data, trained, evaluation)}
+    stages = {r.stage: r.to_dict() for r in (weights, target, data, tokens, trained, evaluation)}
     create_table_artifact(key="stages", table=[{"stage": name, **result} for name, result in stages.items()],
                           description=f"Recipe {recipe.name}: each stage's output in the store, and whether it was cached")
     return stages

@@ -1,9 +1,15 @@
-"""Chat formatting and loss masks, shared by training and evaluation.
+"""Chat formatting and loss masks, shared by tokenization and evaluation.
 
-A model's own chat template is used when its tokenizer has one (SmolLM2: ChatML); otherwise
-FastChat's vicuna_v1.1 template. Labels are -100 everywhere except the assistant turns and
-their end-of-turn token. Training and generation build prompts with the same functions, so the
-model is asked questions exactly the way it was taught.
+A conversation is rendered to one string, with the character spans of the assistant's answers,
+and tokenized once with offsets; a token is a label when it overlaps an answer span, everything
+else is -100. Templates:
+- `vicuna_v1.1`, FastChat's: `SYSTEM USER: q ASSISTANT: a</s>USER: q2 ASSISTANT: a2</s>`,
+  tokenized with BOS. The answer span starts at the space after `ASSISTANT:`, which makes the
+  masks equal FastChat's `preprocess` (checked on FastChat's own dummy conversations).
+- `tokenizer`: the model's own chat template (SmolLM2: ChatML). Each answer span is found as the
+  difference between two rendered prefixes, and includes the end-of-turn token.
+`auto` takes the tokenizer's template when it has one, else vicuna_v1.1. Prompts for evaluation
+are built by the same functions, so the model is asked questions exactly the way it was taught.
 """
 
 from __future__ import annotations
@@ -11,11 +17,16 @@ from __future__ import annotations
 from typing import Any
 
 IGNORE_INDEX = -100
+TEMPLATES = ("auto", "vicuna_v1.1", "tokenizer")
 VICUNA_SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. "
     "The assistant gives helpful, detailed, and polite answers to the user's questions."
 )
 ROLE_OF = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
+class TemplateError(ValueError):
+    """The tokenizer cannot render or mask conversations as asked."""
 
 
 def to_messages(conversation: list[dict[str, str]]) -> list[dict[str, str]]:
@@ -29,85 +40,108 @@ def to_messages(conversation: list[dict[str, str]]) -> list[dict[str, str]]:
     return messages
 
 
-def template_name(tokenizer: Any) -> str:
-    return "chat_template" if getattr(tokenizer, "chat_template", None) else "vicuna_v1.1"
+def resolve_template(tokenizer: Any, template: str = "auto") -> str:
+    if template not in TEMPLATES:
+        raise TemplateError(f"chat template {template!r}: expected one of {TEMPLATES}")
+    if template == "auto":
+        return "tokenizer" if getattr(tokenizer, "chat_template", None) else "vicuna_v1.1"
+    if template == "tokenizer" and not getattr(tokenizer, "chat_template", None):
+        raise TemplateError("chat template 'tokenizer': this tokenizer has no chat template")
+    return template
 
 
-def _ids(tokenizer: Any, text: str) -> list[int]:
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+def template_name(tokenizer: Any, template: str = "auto") -> str:
+    """Kept for the logs: 'chat_template' or 'vicuna_v1.1'."""
+    return "chat_template" if resolve_template(tokenizer, template) == "tokenizer" else "vicuna_v1.1"
 
 
-def _vicuna_segments(messages: list[dict[str, str]], add_generation_prompt: bool) -> list[tuple[list[int] | str, bool]]:
-    """(text or ids, is_assistant) pieces of FastChat's vicuna_v1.1 rendering:
-    `SYSTEM USER: q ASSISTANT: a</s>USER: q2 ASSISTANT:`."""
-    system = VICUNA_SYSTEM
-    if messages and messages[0]["role"] == "system":
-        system, messages = messages[0]["content"], messages[1:]
-    segments: list[tuple[list[int] | str, bool]] = []
-    prompt = system + " "
-    for message in messages:
-        if message["role"] == "user":
-            prompt += f"USER: {message['content']} ASSISTANT:"
-        else:
-            segments.append((prompt, False))
-            segments.append((" " + message["content"], True))
-            segments.append(("</s>", True))
-            prompt = ""
-    if add_generation_prompt and prompt:
-        segments.append((prompt, False))
-    return segments
+def _eos_text(tokenizer: Any) -> str:
+    return tokenizer.eos_token or "</s>"
 
 
-def encode_conversation(tokenizer: Any, conversation: list[dict[str, str]], max_length: int) -> dict[str, list[int]]:
-    """input_ids and labels for one conversation; labels mask everything but assistant turns."""
-    messages = to_messages(conversation)
-    if template_name(tokenizer) == "chat_template":
-        input_ids, labels = _encode_with_template(tokenizer, messages)
-    else:
-        input_ids, labels = _encode_vicuna(tokenizer, messages)
-    return {"input_ids": input_ids[:max_length], "labels": labels[:max_length]}
-
-
-def _encode_vicuna(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[list[int], list[int]]:
-    input_ids: list[int] = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    labels: list[int] = [IGNORE_INDEX] * len(input_ids)
-    for text, is_assistant in _vicuna_segments(messages, add_generation_prompt=False):
-        ids = [tokenizer.eos_token_id] if text == "</s>" else _ids(tokenizer, text)
-        input_ids += ids
-        labels += ids if is_assistant else [IGNORE_INDEX] * len(ids)
-    return input_ids, labels
-
-
-def _template_ids(tokenizer: Any, messages: list[dict[str, str]], add_generation_prompt: bool) -> list[int]:
-    out = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True)
-    if isinstance(out, dict) or hasattr(out, "keys"):
-        out = out["input_ids"]
-    return list(out)
-
-
-def _encode_with_template(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[list[int], list[int]]:
-    # Templates without {% generation %} markers (SmolLM2's ChatML) give no assistant mask, so
-    # each assistant span is found as the difference between two rendered prefixes.
-    full = _template_ids(tokenizer, messages, add_generation_prompt=False)
-    labels = [IGNORE_INDEX] * len(full)
+def render(tokenizer: Any, messages: list[dict[str, str]], template: str,
+           add_generation_prompt: bool = False) -> tuple[str, list[tuple[int, int]]]:
+    """(text, assistant character spans) of a conversation in the resolved template."""
+    if template == "vicuna_v1.1":
+        system = VICUNA_SYSTEM
+        if messages and messages[0]["role"] == "system":
+            system, messages = messages[0]["content"], messages[1:]
+        text, spans = system + " ", []
+        for message in messages:
+            if message["role"] == "user":
+                text += f"USER: {message['content']} "
+            else:
+                text += "ASSISTANT:"
+                start = len(text)
+                text += f" {message['content']}{_eos_text(tokenizer)}"
+                spans.append((start, len(text)))
+        if add_generation_prompt:
+            text += "ASSISTANT:"
+        return text, spans
+    full = _apply_template(tokenizer, messages, add_generation_prompt)
+    spans = []
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        start = len(_template_ids(tokenizer, messages[:i], add_generation_prompt=True))
-        end = len(_template_ids(tokenizer, messages[: i + 1], add_generation_prompt=False))
-        labels[start:end] = full[start:end]
-    return full, labels
+        before = _apply_template(tokenizer, messages[:i], True) if i else _apply_template(tokenizer, [], True)
+        through = _apply_template(tokenizer, messages[: i + 1], False)
+        if not full.startswith(through) or not through.startswith(before):
+            raise TemplateError("the tokenizer's chat template does not render conversations prefix by prefix; "
+                                "use data.chat_template: vicuna_v1.1")
+        spans.append((len(before), len(through)))
+    return full, spans
 
 
-def prompt_ids(tokenizer: Any, question: str) -> list[int]:
+def _apply_template(tokenizer: Any, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
+
+
+def adds_special_tokens(template: str) -> bool:
+    """vicuna_v1.1 text gets the tokenizer's BOS; a chat template writes its own special tokens."""
+    return template == "vicuna_v1.1"
+
+
+def labels_from_offsets(input_ids: list[int], offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[int]:
+    """A token is a label when its (non-empty) character range overlaps an answer span."""
+    import numpy as np
+
+    if not input_ids:
+        return []
+    ids = np.asarray(input_ids)
+    ranges = np.asarray(offsets).reshape(-1, 2)
+    begin, end = ranges[:, 0], ranges[:, 1]
+    inside = np.zeros(len(ids), dtype=bool)
+    for start, stop in spans:
+        inside |= (end > start) & (begin < stop)
+    inside &= end > begin
+    return np.where(inside, ids, IGNORE_INDEX).tolist()
+
+
+def encode_texts(tokenizer: Any, texts: list[str], spans: list[list[tuple[int, int]]], template: str) -> list[dict[str, list[int]]]:
+    """One batched tokenizer call for many rendered conversations; input_ids and labels each."""
+    if not getattr(tokenizer, "is_fast", False):
+        raise TemplateError("a fast tokenizer (tokenizer.json) is needed for loss masks from offsets")
+    encoded = tokenizer(texts, add_special_tokens=adds_special_tokens(template), return_offsets_mapping=True)
+    return [{"input_ids": ids, "labels": labels_from_offsets(ids, offs, sp)}
+            for ids, offs, sp in zip(encoded["input_ids"], encoded["offset_mapping"], spans)]
+
+
+def encode_conversation(tokenizer: Any, conversation: list[dict[str, str]], max_length: int | None = None,
+                        template: str = "auto") -> dict[str, list[int]]:
+    """input_ids and labels for one conversation (cut at max_length when given)."""
+    resolved = resolve_template(tokenizer, template)
+    text, spans = render(tokenizer, to_messages(conversation), resolved)
+    encoded = encode_texts(tokenizer, [text], [spans], resolved)[0]
+    if max_length is not None:
+        encoded = {k: v[:max_length] for k, v in encoded.items()}
+    return encoded
+
+
+def prompt_ids(tokenizer: Any, question: str, template: str = "auto") -> list[int]:
     """Token ids of a one-question prompt, ending where the assistant's answer begins."""
-    messages = [{"role": "user", "content": question}]
-    if template_name(tokenizer) == "chat_template":
-        return _template_ids(tokenizer, messages, add_generation_prompt=True)
-    ids = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    for text, _ in _vicuna_segments(messages, add_generation_prompt=True):
-        ids += _ids(tokenizer, text)
-    return ids
+    resolved = resolve_template(tokenizer, template)
+    text, _ = render(tokenizer, [{"role": "user", "content": question}], resolved, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=adds_special_tokens(resolved))["input_ids"]
 
 
 def stop_token_ids(tokenizer: Any) -> list[int]:

@@ -1,7 +1,9 @@
 """labtune's command line.
 
     labtune run RECIPE [key=value ...] [--json]     the whole finetune flow, tracked by Prefect
-    labtune weights|delta|data|train|evaluate RECIPE [key=value ...]   one stage, no Prefect needed
+    labtune weights|delta|data|tokenize|train|evaluate RECIPE [key=value ...]   one stage, no Prefect needed
+    labtune convert [--notes DIR] [--sharegpt F] [--alpaca F] [--messages P] --out O   data -> ShareGPT JSON
+    labtune tokenize --data D --model M --out O     ShareGPT JSON -> masked, tokenized datasets
     labtune weights SOURCE OUT                      any model source -> HF safetensors in OUT (dir or s3://)
     labtune merge-delta --base B --delta D --out O  Vicuna-style delta weights: O = B + D
     labtune make-delta --base B --target T --out O  the inverse: O = T - B (round trip exact)
@@ -15,8 +17,10 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from labtune.errors import LabtuneError
@@ -91,13 +95,17 @@ def cmd_stage(args: argparse.Namespace) -> int:
     from tasks.data import build_data
     from tasks.delta import build_delta
     from tasks.evaluate import build_evaluate
+    from tasks.tokenize import build_tokenize
     from tasks.train import build_train, tqdm_progress
     from tasks.weights import build_weights
 
     recipe, store, log = _stage_runner(args)
 
     def target_uri() -> str:
-        return getattr(args, "model", None) or build_delta(recipe, store, build_weights(recipe, store, log).uri, log).uri
+        return build_delta(recipe, store, build_weights(recipe, store, log).uri, log).uri
+
+    def tokens_uri(model_uri: str) -> str:
+        return build_tokenize(recipe, store, model_uri, build_data(recipe, store, log).uri, log).uri
 
     if args.command == "weights":
         result = build_weights(recipe, store, log)
@@ -105,14 +113,17 @@ def cmd_stage(args: argparse.Namespace) -> int:
         result = build_delta(recipe, store, args.base or build_weights(recipe, store, log).uri, log)
     elif args.command == "data":
         result = build_data(recipe, store, log)
+    elif args.command == "tokenize":
+        model_uri = args.model or target_uri()
+        result = build_tokenize(recipe, store, model_uri, args.data or build_data(recipe, store, log).uri, log)
     elif args.command == "train":
-        model_uri = target_uri()
-        data_uri = args.data or build_data(recipe, store, log).uri
+        model_uri = args.model or target_uri()
+        tokens = args.tokens or tokens_uri(model_uri)
         with tqdm_progress() as on_progress:
-            result = build_train(recipe, store, model_uri, data_uri, log, on_progress=on_progress)
+            result = build_train(recipe, store, model_uri, tokens, log, on_progress=on_progress)
     else:
-        base_uri = args.base or build_delta(recipe, store, build_weights(recipe, store, log).uri, log).uri
-        model_uri = args.model or build_train(recipe, store, base_uri, build_data(recipe, store, log).uri, log).uri
+        base_uri = args.base or target_uri()
+        model_uri = args.model or build_train(recipe, store, base_uri, tokens_uri(base_uri), log).uri
         result = build_evaluate(recipe, store, base_uri, model_uri, log)
     print(json.dumps(result.to_dict()) if args.json else f"{result.stage}: {result.uri}{' (cached)' if result.cached else ''}")
     return 0
@@ -202,6 +213,77 @@ def _merge_command(args: argparse.Namespace, kind: str) -> int:
     return _finish(args, uri, existed, started, extra)
 
 
+def cmd_convert(args: argparse.Namespace) -> int:
+    """Any mix of data sources -> cleaned ShareGPT JSON (train.json, eval.json) and report.json."""
+    from labtune.conversations import convert
+    from labtune.recipe import DataConfig
+    from labtune.stage import publish
+    from tasks.data import report_markdown
+
+    started = time.time()
+    sources = [{"type": kind, "path": str(Path(p).resolve())} for kind, paths in
+               (("lab_notes", args.notes), ("sharegpt", args.sharegpt), ("alpaca", args.alpaca),
+                ("messages", args.messages)) for p in paths]
+    if not sources:
+        raise LabtuneError("convert: name at least one source (--notes, --sharegpt, --alpaca or --messages)")
+    try:
+        config = DataConfig(sources=sources, eval_fraction=args.eval_fraction, qa_pairs=not args.no_qa,
+                            note_conversations=not args.no_note_conversations, undated_notes=args.undated_notes,
+                            invalid_conversations=args.invalid_conversations, seed=args.seed)
+    except ValueError as exc:
+        raise LabtuneError(f"convert: {str(exc).splitlines()[-1].strip()}") from None
+    summary: dict[str, Any] = {}
+
+    def build(out: Path) -> dict[str, Any]:
+        train, evaluation, reports = convert(config, [Path(s["path"]) for s in sources], _err)
+        report = [r.as_dict() for r in reports]
+        (out / "train.json").write_text(json.dumps(train, indent=1, ensure_ascii=False))
+        (out / "eval.json").write_text(json.dumps(evaluation, indent=1, ensure_ascii=False))
+        (out / "report.json").write_text(json.dumps(report, indent=2))
+        (out / "report.md").write_text(report_markdown(report, str(out)))
+        summary.update(train=len(train), eval=len(evaluation))
+        return {"report": report}
+
+    from labtune.store import sha256_files
+
+    identities = {s["path"]: (sha256_files(sorted(p for p in Path(s["path"]).rglob("*") if p.is_file()), cached=False)
+                              if Path(s["path"]).is_dir() else sha256_files([Path(s["path"])], cached=False))
+                  for s in sources if Path(s["path"]).exists()}
+    uri, existed = publish(args.out, build, stage="convert", inputs={"sources": identities},
+                           parameters=config.model_dump(mode="json", exclude={"sources"}), log=_err)
+    extra = f": {summary['train']} train and {summary['eval']} eval conversations" if summary else ""
+    return _finish(args, uri, existed, started, extra)
+
+
+def cmd_tokenize(args: argparse.Namespace) -> int:
+    """`tokenize RECIPE [k=v]` runs the stage; `tokenize --data D --model M --out O` is the tool."""
+    if args.recipe and _is_recipe(args.recipe):
+        return cmd_stage(args)
+    if args.recipe or not (args.data and args.model and args.out):
+        raise LabtuneError("tokenize: expected RECIPE.yaml [key=value ...], or --data DIR_OR_JSON --model DIR --out OUT")
+    from labtune.stage import publish
+    from labtune.store import sha256_files
+    from tasks.tokenize import tokenize_files
+
+    started = time.time()
+    data, model = Path(args.data), Path(args.model)
+    if data.is_file():  # one ShareGPT file: everything is training data
+        staged = Path(tempfile.mkdtemp(prefix="labtune-tokenize-"))
+        (staged / "train.json").symlink_to(data.resolve())
+        data = staged
+    if not (data / "train.json").is_file():
+        raise LabtuneError(f"{args.data}: expected a ShareGPT JSON file or a folder with train.json (labtune convert's output)")
+    tokenizer_files = sorted(p for p in model.iterdir() if p.name.startswith(("tokenizer", "special_tokens", "chat_template",
+                                                                              "added_tokens", "vocab", "merges")))
+    inputs = {"data": sha256_files([p for p in (data / "train.json", data / "eval.json") if p.exists()], cached=False),
+              "tokenizer": sha256_files(tokenizer_files, cached=False)}
+    parameters = {"model_max_length": args.max_length, "chat_template": args.chat_template}
+    uri, existed = publish(args.out, lambda out: {"report": tokenize_files(data, model, out, args.chat_template,
+                                                                             args.max_length, args.num_proc, _err)},
+                           stage="tokenize", inputs=inputs, parameters=parameters, log=_err)
+    return _finish(args, uri, existed, started)
+
+
 def cmd_server(args: argparse.Namespace) -> int:
     from labtune import server
 
@@ -230,19 +312,27 @@ def build_parser() -> argparse.ArgumentParser:
     for name, help_text in (("weights", "bring the base model into the store"),
                             ("delta", "apply the recipe's delta weights"),
                             ("data", "build the training conversations"),
+                            ("tokenize", "tokenize and mask the conversations for the target model"),
                             ("train", "fine-tune with torchrun + FSDP2"),
                             ("evaluate", "ask the recipe's questions to base and fine-tuned model")):
         stage = sub.add_parser(name, help=help_text)
-        stage.add_argument("recipe")
+        stage.add_argument("recipe", nargs="?" if name == "tokenize" else None)
         stage.add_argument("overrides", nargs="*")
         stage.add_argument("--json", action="store_true")
         if name in ("delta", "evaluate"):
             stage.add_argument("--base", help="URI of the base (target) model in the store")
-        if name in ("train", "evaluate"):
-            stage.add_argument("--model", help="URI of the model to train (train) or the fine-tuned model (evaluate)")
+        if name in ("tokenize", "train", "evaluate"):
+            stage.add_argument("--model", help="URI (or, for the tokenize tool, folder) of the model to tokenize for or "
+                                               "train (train), or of the fine-tuned model (evaluate)")
+        if name == "tokenize":
+            stage.add_argument("--data", help="URI of the data stage's output; for the tool, a ShareGPT file or folder")
+            stage.add_argument("--out", help="tool: output folder or s3:// prefix")
+            stage.add_argument("--max-length", type=int, default=2048, help="tool: model_max_length (default 2048)")
+            stage.add_argument("--chat-template", default="auto", choices=["auto", "vicuna_v1.1", "tokenizer"])
+            stage.add_argument("--num-proc", type=int, help="tool: tokenizer processes (default: by data size)")
         if name == "train":
-            stage.add_argument("--data", help="URI of the data stage's output")
-        stage.set_defaults(func=cmd_stage)
+            stage.add_argument("--tokens", help="URI of the tokenize stage's output")
+        stage.set_defaults(func=cmd_tokenize if name == "tokenize" else cmd_stage)
         if name == "weights":
             stage.usage = "labtune weights RECIPE.yaml [key=value ...] | labtune weights SOURCE OUT [--dtype D]"
             stage.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="SOURCE OUT: cast to dtype")
@@ -250,6 +340,22 @@ def build_parser() -> argparse.ArgumentParser:
             stage.add_argument("--endpoint-url", default=os.environ.get("AWS_ENDPOINT_URL"),
                                help="S3 endpoint for s3:// SOURCE or OUT (MinIO, moto); default AWS")
             stage.set_defaults(func=cmd_weights)
+
+    conv = sub.add_parser("convert", help="lab notes, ShareGPT, Alpaca, messages data -> cleaned ShareGPT JSON")
+    conv.add_argument("--notes", action="append", default=[], metavar="DIR", help="a folder of lab notes")
+    conv.add_argument("--sharegpt", action="append", default=[], metavar="FILE")
+    conv.add_argument("--alpaca", action="append", default=[], metavar="FILE", help="Alpaca .json or .jsonl")
+    conv.add_argument("--messages", action="append", default=[], metavar="PATH",
+                      help="OpenAI-style messages: a datasets folder, .parquet or .jsonl")
+    conv.add_argument("--out", required=True, help="output folder (train.json, eval.json, report.json, report.md)")
+    conv.add_argument("--eval-fraction", type=float, default=0.0)
+    conv.add_argument("--no-qa", action="store_true", help="no question-answer pairs from note fields")
+    conv.add_argument("--no-note-conversations", action="store_true", help="no whole-note conversations")
+    conv.add_argument("--undated-notes", choices=["skip", "fail"], default="skip")
+    conv.add_argument("--invalid-conversations", choices=["drop", "fail"], default="drop")
+    conv.add_argument("--seed", type=int, default=42)
+    conv.add_argument("--json", action="store_true")
+    conv.set_defaults(func=cmd_convert)
 
     for kind, second, help_text in (("merge-delta", "delta", "write BASE + DELTA (Vicuna-style delta weights)"),
                                     ("make-delta", "target", "write TARGET - BASE, a delta others can merge"),

@@ -44,17 +44,25 @@ class DataSource(_Strict):
     """One input data set. `weight` scales how many of its records go into the mix: 1.0 takes
     every record once, 0.5 a seeded half, 2.0 every record twice."""
 
-    type: Literal["lab_notes", "sharegpt", "alpaca"]
+    type: Literal["lab_notes", "sharegpt", "alpaca", "messages"]
     path: str
     weight: float = Field(default=1.0, ge=0.0)
     eval_fraction: float | None = Field(default=None, ge=0.0, lt=1.0)
 
 
 class DataConfig(_Strict):
+    """Conversion (sources, notes, cleaning, mix and split) and tokenization settings."""
+
     sources: list[DataSource] = Field(min_length=1)
     eval_fraction: float = Field(default=0.05, ge=0.0, lt=1.0)
     note_conversations: bool = True
     qa_pairs: bool = True
+    qa_fields: list[Literal["presenter", "recorder", "topic", "attendees", "action_items"]] = Field(
+        default_factory=lambda: ["presenter", "recorder", "topic", "attendees", "action_items"])
+    undated_notes: Literal["skip", "fail"] = "skip"
+    invalid_conversations: Literal["drop", "fail"] = "drop"
+    chat_template: Literal["auto", "vicuna_v1.1", "tokenizer"] = "auto"
+    num_proc: int | None = Field(default=None, ge=1)
     seed: int = 42
 
     @model_validator(mode="after")
@@ -85,6 +93,7 @@ class TrainConfig(_Strict):
     fsdp_transformer_layer_cls_to_wrap: str | None = None
     max_grad_norm: float = Field(default=1.0, ge=0)
     seed: int = 42
+    allow_lower_accumulation: bool = False
 
     @field_validator("fsdp")
     @classmethod

@@ -33,15 +33,12 @@ def log(message: str) -> None:
         print(message, flush=True)
 
 
-def encode_dataset(tokenizer: Any, conversations: list[dict[str, Any]], max_length: int) -> list[dict[str, list[int]]]:
-    from labtune.chat import IGNORE_INDEX, encode_conversation
+def load_examples(train_dir: str) -> tuple[Any, list[int]]:
+    """The tokenize stage's examples (input_ids, labels, length), memory-mapped Arrow."""
+    from datasets import load_from_disk
 
-    examples = []
-    for record in conversations:
-        encoded = encode_conversation(tokenizer, record["conversations"], max_length)
-        if any(label != IGNORE_INDEX for label in encoded["labels"]):
-            examples.append(encoded)
-    return examples
+    dataset = load_from_disk(train_dir).with_format(None)
+    return dataset, list(dataset["length"])
 
 
 def collate(batch: list[dict[str, list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
@@ -141,14 +138,11 @@ def train(cfg: dict[str, Any]) -> None:
 
     model_dir, out_dir = Path(cfg["model_dir"]), Path(cfg["output_dir"])
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    conversations = json.loads(Path(cfg["train_file"]).read_text())
-    examples = encode_dataset(tokenizer, conversations, cfg["model_max_length"])
-    if not examples:
-        raise SystemExit(f"{cfg['train_file']}: no training example has an assistant token within model_max_length")
-    lengths = [len(example["input_ids"]) for example in examples]
+    examples, lengths = load_examples(cfg["train_dir"])
+    if not lengths:
+        raise SystemExit(f"{cfg['train_dir']}: no training examples")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    log(f"world_size={world} backend={backend} device={device.type} examples={len(examples)} "
-        f"template={'chat_template' if tokenizer.chat_template else 'vicuna_v1.1'}")
+    log(f"world_size={world} backend={backend} device={device.type} examples={len(lengths)}")
     if cfg["bf16"] and device.type == "cpu" and torch.backends.cpu.get_cpu_capability() not in ("AVX512", "AVX512_BF16", "AMX"):
         log(f"warning: bf16 on a CPU without native bf16 ({torch.backends.cpu.get_cpu_capability()}) is far slower "
             "than fp32; set train.bf16=false on this machine")

@@ -28,7 +28,8 @@ def is_correct(answer: str, expected: str | None) -> bool | None:
     return expected.strip().lower() in answer.lower()
 
 
-def generate_answers(model_dir: Path, questions: list[str], max_new_tokens: int, batch_size: int) -> list[str]:
+def generate_answers(model_dir: Path, questions: list[str], max_new_tokens: int, batch_size: int,
+                     template: str = "auto") -> list[str]:
     """Greedy answers, batch_size questions at a time, left-padded."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -44,7 +45,7 @@ def generate_answers(model_dir: Path, questions: list[str], max_new_tokens: int,
     stops = stop_token_ids(tokenizer)
     answers: list[str] = []
     for start in range(0, len(questions), batch_size):
-        prompts = [prompt_ids(tokenizer, q) for q in questions[start : start + batch_size]]
+        prompts = [prompt_ids(tokenizer, q, template) for q in questions[start : start + batch_size]]
         width = max(len(p) for p in prompts)
         input_ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts])
         attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
@@ -57,7 +58,7 @@ def generate_answers(model_dir: Path, questions: list[str], max_new_tokens: int,
 
 
 def build_evaluate(recipe: Recipe, store: Store, base_uri: str, model_uri: str, log: Log = default_log) -> StageResult:
-    parameters = recipe.evaluation.model_dump(mode="json")
+    parameters = {**recipe.evaluation.model_dump(mode="json"), "chat_template": recipe.data.chat_template}
     code = code_version(__file__, Path(labtune.__file__).parent / "chat.py")
     key = stage_key("evaluate", code, {"base": base_uri, "model": model_uri}, parameters)
     questions = [q.question for q in recipe.evaluation.questions]
@@ -67,7 +68,8 @@ def build_evaluate(recipe: Recipe, store: Store, base_uri: str, model_uri: str, 
         answers = {}
         for name, uri in (("base", base_uri), ("tuned", model_uri)):
             log(f"evaluate: asking {len(questions)} questions to the {name} model {uri}")
-            answers[name] = generate_answers(fetch(store, uri, log), questions, cfg.max_new_tokens, cfg.batch_size) if questions else []
+            answers[name] = generate_answers(fetch(store, uri, log), questions, cfg.max_new_tokens, cfg.batch_size,
+                                             recipe.data.chat_template) if questions else []
         rows = []
         for i, q in enumerate(recipe.evaluation.questions):
             rows.append({"question": q.question, "expected": q.expected,

@@ -40,12 +40,15 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def worker_config(recipe: Recipe, model_dir: Path, train_file: Path, output_dir: Path) -> dict[str, Any]:
+def worker_config(recipe: Recipe, model_dir: Path, train_dir: Path, output_dir: Path,
+                  gradient_accumulation_steps: int | None = None) -> dict[str, Any]:
     train = recipe.train.model_dump(mode="json")
+    if gradient_accumulation_steps is not None:
+        train["gradient_accumulation_steps"] = gradient_accumulation_steps
     return {
         **train,
         "model_dir": str(model_dir),
-        "train_file": str(train_file),
+        "train_dir": str(train_dir),
         "output_dir": str(output_dir),
         "backend": recipe.parallel.backend,
         "save_steps_requested": "save_steps" in recipe.train.model_fields_set or "save_total_limit" in recipe.train.model_fields_set,
@@ -101,18 +104,41 @@ def train_env(nproc: int) -> dict[str, str]:
     return env
 
 
-def build_train(recipe: Recipe, store: Store, model_uri: str, data_uri: str, log: Log = default_log,
+def fitting_accumulation(recipe: Recipe, examples: int, log: Log) -> int:
+    """gradient_accumulation_steps for this data: the recipe's, when one optimizer step's worth of
+    examples exists (the seed's "size of tensor a must match" failure came from an epoch shorter
+    than one accumulation window), else lowered when the recipe allows it, else an error."""
+    world, batch = recipe.parallel.nproc_per_node, recipe.train.per_device_train_batch_size
+    steps = recipe.train.gradient_accumulation_steps
+    need = world * batch * steps
+    if examples >= need:
+        return steps
+    numbers = (f"{examples} training examples are fewer than one optimizer step takes: parallel.nproc_per_node {world} "
+               f"x train.per_device_train_batch_size {batch} x train.gradient_accumulation_steps {steps} = {need}")
+    fitting = examples // (world * batch)
+    if not recipe.train.allow_lower_accumulation or fitting < 1:
+        hint = "lower per_device_train_batch_size or nproc_per_node" if fitting < 1 else \
+            "set train.allow_lower_accumulation: true, or lower those numbers"
+        raise TrainError(f"{numbers}; add data or {hint}")
+    log(f"train: {numbers}; gradient_accumulation_steps lowered to {fitting} (train.allow_lower_accumulation)")
+    return fitting
+
+
+def build_train(recipe: Recipe, store: Store, model_uri: str, tokens_uri: str, log: Log = default_log,
                 on_progress: Callable[[dict], None] | None = None) -> StageResult:
+    """Fine-tune the model at model_uri on the tokenize stage's output at tokens_uri."""
     parameters = {"train": recipe.train.model_dump(mode="json"), "parallel": recipe.parallel.model_dump(mode="json")}
     package = Path(labtune.__file__).parent
-    code = code_version(__file__, package / "train_worker.py", package / "chat.py")
-    key = stage_key("train", code, {"model": model_uri, "data": data_uri}, parameters)
+    code = code_version(__file__, package / "train_worker.py")
+    key = stage_key("train", code, {"model": model_uri, "tokens": tokens_uri}, parameters)
 
     def build(out: Path) -> dict[str, Any]:
+        tokens_dir = fetch(store, tokens_uri, log)
+        examples = json.loads((tokens_dir / "report.json").read_text())["train"]["examples"]
+        accumulation = fitting_accumulation(recipe, examples, log)
         model_dir = fetch(store, model_uri, log)
-        data_dir = fetch(store, data_uri, log)
         config_path = out.parent / "train_config.json"
-        config_path.write_text(json.dumps(worker_config(recipe, model_dir, data_dir / "train.json", out), indent=2))
+        config_path.write_text(json.dumps(worker_config(recipe, model_dir, tokens_dir / "train", out, accumulation), indent=2))
         nproc = recipe.parallel.nproc_per_node
         command = torchrun_command(nproc, config_path, free_port())
         log("launching: " + " ".join(command[1:]))
@@ -121,7 +147,7 @@ def build_train(recipe: Recipe, store: Store, model_uri: str, data_uri: str, log
         return {"metrics": {k: metrics[k] for k in ("optimizer_steps", "examples", "train_seconds", "world_size")},
                 "final_loss": metrics["history"][-1]["loss"] if metrics["history"] else None}
 
-    return run_stage(store, "train", key, build, inputs={"model": model_uri, "data": data_uri},
+    return run_stage(store, "train", key, build, inputs={"model": model_uri, "tokens": tokens_uri},
                      parameters=parameters, log=log)
 
 
@@ -147,7 +173,7 @@ def tqdm_progress() -> Iterator[Callable[[dict], None]]:
 
 
 @task(name="train", retries=1, retry_delay_seconds=30, retry_condition_fn=retry_transient, cache_policy=NO_CACHE)
-def train_task(recipe: Recipe, model_uri: str, data_uri: str) -> StageResult:
+def train_task(recipe: Recipe, model_uri: str, tokens_uri: str) -> StageResult:
     logger = get_run_logger()
     progress_id = create_progress_artifact(progress=0.0, key="train-progress", description="Training: optimizer steps done")
 
@@ -156,7 +182,7 @@ def train_task(recipe: Recipe, model_uri: str, data_uri: str) -> StageResult:
             bar(record)
             update_progress_artifact(progress_id, progress=100.0 * record["step"] / record["total_steps"])
 
-        result = build_train(recipe, open_recipe_store(recipe), model_uri, data_uri, log=logger.info, on_progress=on_progress)
+        result = build_train(recipe, open_recipe_store(recipe), model_uri, tokens_uri, log=logger.info, on_progress=on_progress)
     update_progress_artifact(progress_id, progress=100.0)
     create_markdown_artifact(
         key="trained-model",

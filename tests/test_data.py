@@ -10,7 +10,15 @@ from labtune.chat import IGNORE_INDEX, encode_conversation, prompt_ids
 from labtune.recipe import load_recipe
 from labtune.stage import fetch
 from labtune.store import LocalStore
-from tasks.data import DataError, build_data, load_alpaca, load_lab_notes, load_sharegpt, parse_date, parse_note
+from labtune.conversations import DataError, SourceReport, load_alpaca, load_sharegpt
+from labtune.conversations import load_lab_notes as _load_lab_notes
+from labtune.notes import QA_FIELDS, parse_date, qa_pairs, read_note
+from tasks.data import build_data
+
+
+def load_lab_notes(folder, qa_pairs=True, whole_note=True, undated="skip"):
+    return _load_lab_notes(folder, SourceReport(str(folder), "lab_notes"), qa=qa_pairs, whole_note=whole_note,
+                           undated=undated)
 
 NOTES = REPO / "examples" / "labnotes"
 
@@ -30,12 +38,14 @@ def test_dates_in_every_supported_form(text, expected):
 def test_sample_notes_cover_three_formats_and_parse_fields():
     files = sorted(NOTES.iterdir())
     assert len(files) >= 12 and {p.suffix for p in files} == {".md", ".org", ".txt"}
-    notes = {n["date"]: n for n in map(parse_note, files)}
+    notes = {n.date: n for n in map(read_note, files)}
     april = notes[dt.date(2023, 4, 14)]
-    assert april["fields"]["presenter"] == "Lena Fischer"
-    assert april["fields"]["recorder"] == "Daniel Brooks"
-    assert notes[dt.date(2023, 3, 10)]["fields"]["presenter"] == "Daniel Brooks"  # Org property drawer
-    assert notes[dt.date(2023, 2, 24)]["fields"]["topic"] == "grant renewal aims"  # **bold** Markdown field
+    assert april.fields["presenter"] == "Lena Fischer"
+    assert april.fields["recorder"] == "Daniel Brooks"
+    assert notes[dt.date(2023, 3, 10)].fields["presenter"] == "Daniel Brooks"  # Org property drawer
+    assert notes[dt.date(2023, 2, 24)].fields["topic"] == "grant renewal aims"  # **bold** Markdown field
+    assert april.fields["action_items"].startswith("Lena: segment vessels")  # "## Action items" heading + list
+    assert notes[dt.date(2023, 1, 27)].fields["action_items"].startswith("Lena: write the pipeline README")  # Org
 
 
 def test_note_conversation_follows_fastchat_example_and_adds_qa():
@@ -49,10 +59,15 @@ def test_note_conversation_follows_fastchat_example_and_adds_qa():
     assert len(load_lab_notes(NOTES, qa_pairs=False)) == len(list(NOTES.iterdir()))
 
 
-def test_note_without_date_is_named(tmp_path):
+def test_note_without_date_is_skipped_and_listed_or_fails_by_recipe(tmp_path):
     (tmp_path / "meeting.md").write_text("# Weekly sync\nPresenter: X\n")
+    (tmp_path / "2023-05-12.md").write_text("# Lab meeting\nPresenter: Y\n")
+    report = SourceReport(str(tmp_path), "lab_notes")
+    records = _load_lab_notes(tmp_path, report)
+    assert {r["id"] for r in records} >= {"labnote_2023-05-12"} and report.files == 1
+    assert report.skipped_files == ["meeting.md: no meeting date in the first heading or the file name"]
     with pytest.raises(DataError, match="meeting.md: no meeting date"):
-        load_lab_notes(tmp_path, qa_pairs=True)
+        load_lab_notes(tmp_path, qa_pairs=True, undated="fail")
 
 
 def test_missing_notes_folder_is_named(tmp_path):
@@ -82,8 +97,8 @@ def test_alpaca_converts_like_fastchat():
 
 def test_bad_sharegpt_record_is_named(tmp_path):
     path = tmp_path / "bad.json"
-    path.write_text(json.dumps([{"id": "ok", "conversations": []}, {"id": "x1", "conversations": [{"from": "bot", "value": "hi"}]}]))
-    with pytest.raises(DataError, match=r"bad.json: record 1 \(id 'x1'\): turn 0 needs 'from'"):
+    path.write_text(json.dumps([{"id": "ok", "conversations": []}, {"id": "x1", "conversations": [{"from": "human"}]}]))
+    with pytest.raises(DataError, match=r"bad.json: record 1 \(id 'x1'\): turn 0: missing field 'value'"):
         load_sharegpt(path)
 
 
@@ -98,7 +113,7 @@ def test_mix_weights_and_split_are_deterministic(tmp_path):
     train = json.loads((first / "train.json").read_text())
     evaluation = json.loads((first / "eval.json").read_text())
     report = json.loads((first / "report.json").read_text())
-    assert report[0]["train"] == 84 and report[0]["eval"] == 0
+    assert report[0]["train"] == len(load_lab_notes(NOTES)) and report[0]["eval"] == 0
     assert report[1]["eval"] == 10 and report[1]["train"] <= 20
     assert not {r["id"] for r in evaluation} & {r["id"] for r in train}
     other = tmp_path / "store2"
@@ -148,7 +163,8 @@ def test_loss_mask_with_a_chatml_template(tiny_model):
 def test_note_conversations_can_be_left_out_for_qa_only_training():
     records = load_lab_notes(NOTES, qa_pairs=True, whole_note=False)
     assert records and all("_qa" in r["id"] for r in records)
-    assert len(records) == 5 * len(list(NOTES.iterdir()))  # every sample note has presenter, recorder and topic
+    assert len(records) == sum(len(qa_pairs(read_note(p), QA_FIELDS)) for p in NOTES.iterdir())
+    assert len(records) >= 8 * len(list(NOTES.iterdir()))  # every sample note has presenter, recorder and topic
 
 
 def test_notes_must_give_some_conversation():

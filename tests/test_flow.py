@@ -11,7 +11,7 @@ import pytest
 from conftest import TINY_RECIPE, run_cli
 from labtune.store import sha256_file
 
-STAGES = ["weights", "delta", "data", "train", "evaluate"]
+STAGES = ["weights", "delta", "data", "tokenize", "train", "evaluate"]
 
 
 def _run(*overrides: str) -> dict:
@@ -38,9 +38,9 @@ def test_local_store_run_then_cached_then_only_train_and_evaluate_rerun(prefect_
     store = tmp_path / "store"
     first = _run(f"store.uri={store}")
     assert list(first["stages"]) == STAGES
-    assert not any(first["stages"][s]["cached"] for s in ("weights", "data", "train", "evaluate"))
+    assert not any(first["stages"][s]["cached"] for s in ("weights", "data", "tokenize", "train", "evaluate"))
     assert first["evaluation"]["total"] == 2
-    for name in ("weights", "data", "train", "evaluate"):
+    for name in ("weights", "data", "tokenize", "train", "evaluate"):
         manifest = json.loads((Path(first["stages"][name]["uri"]) / "manifest.json").read_text())
         for entry in manifest["files"]:
             assert sha256_file(Path(first["stages"][name]["uri"]) / entry["path"]) == entry["sha256"]
@@ -48,7 +48,7 @@ def test_local_store_run_then_cached_then_only_train_and_evaluate_rerun(prefect_
     tasks, artifacts = asyncio.run(_task_runs_and_artifacts(prefect_api, first["flow_run"]["id"]))
     assert sorted(t.name.rsplit("-", 1)[0] for t in tasks) == sorted(STAGES)
     assert all(t.state.is_completed() for t in tasks)
-    assert {"stages", "data-report", "train-progress", "trained-model", "evaluation"} <= {a.key for a in artifacts}
+    assert {"stages", "data-report", "token-report", "train-progress", "trained-model", "evaluation"} <= {a.key for a in artifacts}
 
     again = _run(f"store.uri={store}")
     assert all(again["stages"][s]["cached"] for s in STAGES)
@@ -62,7 +62,7 @@ def test_s3_store_holds_every_manifest_and_file(prefect_api, s3_endpoint, bucket
     result = _run(f"store.uri=s3://{bucket}/labtune", f"store.endpoint_url={s3_endpoint}")
     client = boto3.client("s3", endpoint_url=s3_endpoint)
     keys = {o["Key"] for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket) for o in page.get("Contents", [])}
-    for name in ("weights", "data", "train", "evaluate"):
+    for name in ("weights", "data", "tokenize", "train", "evaluate"):
         uri = result["stages"][name]["uri"]
         assert uri.startswith(f"s3://{bucket}/labtune/{name}/")
         prefix = uri[len(f"s3://{bucket}/"):]

@@ -1,6 +1,7 @@
 """Model: torchrun + FSDP2 training on CPU, the saved model, and worker failures."""
 
 import json
+import math
 
 import pytest
 
@@ -10,7 +11,8 @@ from labtune.stage import fetch
 from labtune.store import LocalStore
 from labtune.train_worker import rank_batches
 from tasks.data import build_data
-from tasks.train import TrainError, build_train
+from tasks.tokenize import build_tokenize
+from tasks.train import TrainError, build_train, fitting_accumulation
 from tasks.weights import build_weights
 
 
@@ -36,7 +38,8 @@ def tiny_inputs(tmp_path_factory):
     root = tmp_path_factory.mktemp("train")
     recipe = load_recipe(TINY_RECIPE, [f"store.uri={root / 'store'}"])
     store = LocalStore(root / "store")
-    return recipe, store, build_weights(recipe, store).uri, build_data(recipe, store).uri
+    model_uri = build_weights(recipe, store).uri
+    return recipe, store, model_uri, build_tokenize(recipe, store, model_uri, build_data(recipe, store).uri).uri
 
 
 def test_two_process_fsdp2_shards_parameters_and_saves_a_loadable_model(tiny_inputs):
@@ -50,7 +53,10 @@ def test_two_process_fsdp2_shards_parameters_and_saves_a_loadable_model(tiny_inp
     local = sharding["local_numel_per_rank"]
     assert len(local) == 2 and all(0 < n < sharding["full_numel"] for n in local)
     assert sum(local) == sharding["full_numel"]
-    assert metrics["optimizer_steps"] == 6  # 84 examples: ceil(84 / (2 x 4)) = 11 micro-batches, accumulation 2
+    examples = json.loads((fetch(store, data_uri) / "report.json").read_text())["train"]["examples"]
+    assert metrics["examples"] == examples
+    # micro-batches of 2 ranks x 4 examples, 2 per optimizer step
+    assert metrics["optimizer_steps"] == math.ceil(math.ceil(examples / 8) / 2)
     assert any(line.startswith("progress ") for line in lines)  # the worker's lines reach the log live
 
     import torch
@@ -74,3 +80,23 @@ def test_worker_failure_raises_with_its_last_error_line(tiny_inputs):
         build_train(bad, store, model_uri, data_uri, log=lambda line: None)
     assert not list((store.root / "train").glob("*/manifest.json")) or all(
         "NoSuchDecoderLayer" not in p.read_text() for p in (store.root / "train").glob("*/manifest.json"))
+
+
+def test_too_few_examples_for_one_optimizer_step_fail_with_the_numbers_before_torchrun(tiny_inputs):
+    recipe, _, _, _ = tiny_inputs
+    with pytest.raises(TrainError, match=r"12 training examples are fewer than one optimizer step takes: "
+                                         r"parallel.nproc_per_node 2 x train.per_device_train_batch_size 4 x "
+                                         r"train.gradient_accumulation_steps 2 = 16"):
+        fitting_accumulation(recipe, 12, print)
+    assert fitting_accumulation(recipe, 16, print) == 2
+
+
+def test_accumulation_is_lowered_and_logged_when_the_recipe_allows_it(tiny_inputs):
+    recipe, _, _, _ = tiny_inputs
+    allowed = recipe.model_copy(deep=True)
+    allowed.train.allow_lower_accumulation = True
+    lines = []
+    assert fitting_accumulation(allowed, 12, lines.append) == 1
+    assert "gradient_accumulation_steps lowered to 1" in lines[0]
+    with pytest.raises(TrainError, match="lower per_device_train_batch_size or nproc_per_node"):
+        fitting_accumulation(allowed, 7, lines.append)
