@@ -50,11 +50,6 @@ def resolve_template(tokenizer: Any, template: str = "auto") -> str:
     return template
 
 
-def template_name(tokenizer: Any, template: str = "auto") -> str:
-    """Kept for the logs: 'chat_template' or 'vicuna_v1.1'."""
-    return "chat_template" if resolve_template(tokenizer, template) == "tokenizer" else "vicuna_v1.1"
-
-
 def _eos_text(tokenizer: Any) -> str:
     return tokenizer.eos_token or "</s>"
 

@@ -2,10 +2,10 @@
 
     torchrun --nproc_per_node=2 -m labtune.train_worker --config train_config.json
 
-The config (written by the train stage) names the model directory, the ShareGPT training
-file, the output directory and the hyperparameters (FastChat's names). Each decoder layer is
-one `fully_shard` unit, then the root; gloo on CPU, NCCL on GPU. Loss falls on assistant turns
-only. The final model is gathered to rank 0 with CPU offload and saved as safetensors. Rank 0
+The config (written by the train stage) names the model directory, the tokenize stage's
+training examples (a `datasets` folder of input_ids, labels and length), the output directory and
+the hyperparameters (FastChat's names). Each decoder layer is one `fully_shard` unit, then the
+root; gloo on CPU, NCCL on GPU. The labels mask everything but the assistant turns. The final model is gathered to rank 0 with CPU offload and saved as safetensors. Rank 0
 alone prints and writes; other ranks speak only when they fail.
 """
 
