@@ -11,6 +11,8 @@ histogram.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -96,14 +98,22 @@ def tokenize_split(records: list[dict[str, Any]], tokenizer: Any, template: str,
     disable_progress_bars()
     template = resolve_template(tokenizer, template)
     procs = num_proc or default_num_proc(len(records))
+    # datasets would fingerprint every step by pickling its arguments with dill (slow with a big
+    # tokenizer, and broken for some pyarrow/dill/Python combinations); nothing here is cached by
+    # datasets, so each step gets a fingerprint of its own, derived from the input.
+    fingerprint = hashlib.sha256(json.dumps([template, max_length, records], sort_keys=True).encode()).hexdigest()[:16]
     if not records:
-        empty = Dataset.from_dict({"id": [], "input_ids": [], "labels": [], "length": []},
-                                  features=_features())
+        empty = Dataset(_features().arrow_schema.empty_table(), fingerprint=fingerprint)
         empty.save_to_disk(str(out))
         return {"conversations": 0, "examples": 0, "split_conversations": 0, "dropped_too_long": 0, "dropped_pairs": 0,
                 "dropped_unlabelled": 0, "tokens": 0, "max_length": 0, "histogram": histogram([], max_length),
                 "template": template, "num_proc": 0}
-    dataset = Dataset.from_list([{"id": r["id"], "conversations": r["conversations"]} for r in records])
+    import pyarrow as pa
+
+    table = pa.table({"id": [r["id"] for r in records],
+                      "conversations": [[{"from": t["from"], "value": t["value"]} for t in r["conversations"]]
+                                        for r in records]})
+    dataset = Dataset(table, fingerprint=f"{fingerprint}-in")
     if procs > 1:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # parallel across processes instead
     from datasets import Features, Value
@@ -113,11 +123,12 @@ def tokenize_split(records: list[dict[str, Any]], tokenizer: Any, template: str,
                          remove_columns=dataset.column_names,
                          features=Features({**_features(), "parts": Value("int32"), "dropped_pairs": Value("int32"),
                                             "status": Value("int8")}),
-                         fn_kwargs={"tokenizer": tokenizer, "template": template, "max_length": max_length})
+                         fn_kwargs={"tokenizer": tokenizer, "template": template, "max_length": max_length},
+                         new_fingerprint=f"{fingerprint}-map")
     status = mapped["status"][:]
     kept = mapped.filter(lambda batch: [s == KEPT for s in batch], input_columns=["status"], batched=True,
-                         batch_size=10_000)
-    kept = kept.remove_columns(["parts", "dropped_pairs", "status"])
+                         batch_size=10_000, new_fingerprint=f"{fingerprint}-kept")
+    kept = kept.remove_columns(["parts", "dropped_pairs", "status"], new_fingerprint=f"{fingerprint}-out")
     kept.save_to_disk(str(out))
     lengths = kept["length"][:]
     return {

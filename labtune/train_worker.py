@@ -37,7 +37,7 @@ def load_examples(train_dir: str) -> tuple[Any, list[int]]:
     """The tokenize stage's examples (input_ids, labels, length), memory-mapped Arrow."""
     from datasets import load_from_disk
 
-    dataset = load_from_disk(train_dir).with_format(None)
+    dataset = load_from_disk(train_dir)
     return dataset, list(dataset["length"])
 
 

@@ -1,0 +1,97 @@
+"""GPU training throughput of labtune's FSDP2 worker: tokens/s and MFU on a ~1B random LLaMA.
+
+    python bench/train_mfu.py [--layers 22] [--seq 2048] [--batch 8] [--steps 30] [--nproc 1]
+
+Builds a random LLaMA of TinyLlama-1.1B's shape (hidden 2048, 22 layers, 32 heads, 4 KV heads,
+vocab 32000) and a synthetic tokenized data set of full-length sequences, then runs
+`torchrun -m labtune.train_worker` with bf16 mixed precision, FSDP2 and activation checkpointing.
+Reports the median tokens/s over the steps after warm-up and MFU = 6 x params x tokens/s /
+(989e12 x GPUs), 989 TFLOP/s being an H100/H200's dense bf16 peak. Needs CUDA.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # runs from a bare checkout too
+PEAK_BF16 = 989e12
+
+
+def build(work: Path, layers: int, seq: int, examples: int) -> int:
+    """The model and data; returns the parameter count."""
+    import torch
+    from datasets import Dataset
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from labtune.tiny import make_tiny_llama
+
+    make_tiny_llama(work / "model")  # the tokenizer files; the weights are replaced below
+    config = LlamaConfig(hidden_size=2048, intermediate_size=5632, num_hidden_layers=layers, num_attention_heads=32,
+                         num_key_value_heads=4, vocab_size=32000, max_position_embeddings=seq, tie_word_embeddings=False,
+                         bos_token_id=1, eos_token_id=2)
+    with torch.device("meta"):
+        params = sum(p.numel() for p in LlamaForCausalLM(config).parameters())
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(work / "model")
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 32000, (examples, seq), generator=generator).tolist()
+    import pyarrow as pa
+
+    table = pa.table({"id": [str(i) for i in range(examples)], "input_ids": pa.array(ids, pa.list_(pa.int32())),
+                      "labels": pa.array(ids, pa.list_(pa.int32())), "length": pa.array([seq] * examples, pa.int32())})
+    Dataset(table, fingerprint="bench-train-mfu").save_to_disk(str(work / "tokens"))  # no dill hashing
+    return params
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, default=22)
+    parser.add_argument("--seq", type=int, default=2048)
+    parser.add_argument("--batch", type=int, default=8, help="per-device micro-batch")
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--nproc", type=int, default=1)
+    parser.add_argument("--no-checkpointing", action="store_true")
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="labtune-bench-mfu-"))
+    params = build(work, args.layers, args.seq, args.steps * args.batch * args.nproc)
+    config = {
+        "num_train_epochs": 1, "per_device_train_batch_size": args.batch, "gradient_accumulation_steps": 1,
+        "learning_rate": 1e-4, "weight_decay": 0.0, "warmup_ratio": 0.0, "lr_scheduler_type": "constant",
+        "model_max_length": args.seq, "bf16": True, "tf32": True, "gradient_checkpointing": not args.no_checkpointing,
+        "save_steps": 10**9, "save_total_limit": None, "logging_steps": 1, "fsdp": "full_shard auto_wrap",
+        "fsdp_transformer_layer_cls_to_wrap": None, "max_grad_norm": 1.0, "seed": 0, "backend": "auto",
+        "model_dir": str(work / "model"), "train_dir": str(work / "tokens"), "output_dir": str(work / "out"),
+        "save_steps_requested": False,
+    }
+    (work / "config.json").write_text(json.dumps(config))
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.nproc}", "--master_port=29533",
+               "-m", "labtune.train_worker", "--config", str(work / "config.json")]
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    records = []
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) as proc:
+        for line in proc.stdout:
+            print(line.rstrip(), flush=True)
+            if line.startswith("progress "):
+                records.append(json.loads(line[len("progress "):]))
+    if proc.returncode != 0 or len(records) < 6:
+        sys.exit(f"worker failed (exit {proc.returncode}, {len(records)} steps logged)")
+    steady = [r["tokens_per_s"] for r in records[5:]]
+    tokens_per_s = statistics.median(steady)
+    mfu = 6 * params * tokens_per_s / (PEAK_BF16 * args.nproc)
+    print(f"model: {params / 1e9:.2f}B parameters, sequence {args.seq}, micro-batch {args.batch} x {args.nproc} GPU(s), "
+          f"bf16, FSDP2, activation checkpointing {'off' if args.no_checkpointing else 'on'}")
+    print(f"tokens/s (median of steps 6-{len(records)}): {tokens_per_s:,.0f}; MFU {mfu:.1%} (target >= 40%)")
+    print(json.dumps({"params": params, "tokens_per_s": tokens_per_s, "mfu": round(mfu, 4), "steps": len(records),
+                      "checkpointing": not args.no_checkpointing, "batch": args.batch, "seq": args.seq}))
+
+
+if __name__ == "__main__":
+    main()
