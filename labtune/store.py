@@ -62,12 +62,9 @@ def source_sha256(path: str | os.PathLike) -> str:
     real = os.path.realpath(path)
     record = labtune_home() / "cache" / "sha256" / (hashlib.sha256(real.encode()).hexdigest()[:32] + ".json")
     stamp = {"path": real, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "inode": st.st_ino}
-    try:
-        saved = json.loads(record.read_text())
-        if {k: saved.get(k) for k in stamp} == stamp:
-            return saved["sha256"]
-    except (OSError, ValueError, KeyError):
-        pass
+    saved = _remembered(record)
+    if saved is not None and {k: saved.get(k) for k in stamp} == stamp and "sha256" in saved:
+        return saved["sha256"]
     digest = sha256_file(path)
     if st.st_size >= 16 * MiB:  # small files are cheaper to hash than to look up
         record.parent.mkdir(parents=True, exist_ok=True)
@@ -75,6 +72,15 @@ def source_sha256(path: str | os.PathLike) -> str:
         tmp.write_text(json.dumps({**stamp, "sha256": digest}))
         os.replace(tmp, record)
     return digest
+
+
+def _remembered(record: Path) -> dict | None:
+    """A digest record, or None when there is none (or it is unreadable: then it is rewritten)."""
+    try:
+        saved = json.loads(record.read_text())
+    except (OSError, ValueError):
+        return None
+    return saved if isinstance(saved, dict) else None
 
 
 def sha256_files(paths: list[Path], cached: bool = True) -> dict[str, str]:
