@@ -261,16 +261,23 @@ def cmd_tokenize(args: argparse.Namespace) -> int:
         return cmd_stage(args)
     if args.recipe or not (args.data and args.model and args.out):
         raise LabtuneError("tokenize: expected RECIPE.yaml [key=value ...], or --data DIR_OR_JSON --model DIR --out OUT")
+    data = Path(args.data)
+    if not data.is_file():
+        return _tokenize_tool(args, data)
+    with tempfile.TemporaryDirectory(prefix="labtune-tokenize-") as staged:  # one ShareGPT file: all of it trains
+        (Path(staged) / "train.json").symlink_to(data.resolve())
+        return _tokenize_tool(args, Path(staged))
+
+
+def _tokenize_tool(args: argparse.Namespace, data: Path) -> int:
     from labtune.stage import publish
     from labtune.store import sha256_files
     from tasks.tokenize import tokenize_files
 
     started = time.time()
-    data, model = Path(args.data), Path(args.model)
-    if data.is_file():  # one ShareGPT file: everything is training data
-        staged = Path(tempfile.mkdtemp(prefix="labtune-tokenize-"))
-        (staged / "train.json").symlink_to(data.resolve())
-        data = staged
+    model = Path(args.model)
+    if not model.is_dir():
+        raise LabtuneError(f"{args.model}: model folder not found (the tokenizer is read from it)")
     if not (data / "train.json").is_file():
         raise LabtuneError(f"{args.data}: expected a ShareGPT JSON file or a folder with train.json (labtune convert's output)")
     tokenizer_files = sorted(p for p in model.iterdir() if p.name.startswith(("tokenizer", "special_tokens", "chat_template",
