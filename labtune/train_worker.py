@@ -25,6 +25,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from labtune.chat import IGNORE_INDEX
 from labtune.train_worker_protocol import WORKER_ERROR
 
 
@@ -43,8 +44,6 @@ def load_examples(train_dir: str) -> tuple[Any, list[int]]:
 
 def collate(batch: list[dict[str, list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad to the longest example of the batch (not to model_max_length)."""
-    from labtune.chat import IGNORE_INDEX
-
     width = max(len(example["input_ids"]) for example in batch)
     input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
@@ -181,22 +180,29 @@ def train(cfg: dict[str, Any]) -> None:
         for start in range(0, len(batches), gas):
             if step >= total_updates:
                 break
-            window = batches[start : start + gas]
+            window = [collate([examples[i] for i in micro], pad_id) for micro in batches[start : start + gas]]
+            # The step's loss is the mean over every label token of every rank and micro-batch, as one
+            # process with the whole batch would compute it: each micro-batch sums its token losses
+            # and divides by the step's global label count. FSDP averages gradients over ranks, hence
+            # the factor world. (A mean of per-micro-batch means would weigh short answers more.)
+            label_tokens = torch.tensor(float(sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in window)),
+                                        device=device)
+            dist.all_reduce(label_tokens)
             loss_sum = torch.zeros((), device=device)
-            for micro in window:
-                batch = {k: v.to(device) for k, v in collate([examples[i] for i in micro], pad_id).items()}
-                loss = model(**batch).loss / len(window)
-                loss.backward()
+            for cpu_batch in window:
+                batch = {k: v.to(device) for k, v in cpu_batch.items()}
+                loss = model(**batch, num_items_in_batch=label_tokens.clamp(min=1)).loss
+                (loss * world).backward()
                 loss_sum += loss.detach()
-                window_tokens += int(batch["attention_mask"].sum())
-                window_padded += batch["attention_mask"].numel()
+                window_tokens += int(cpu_batch["attention_mask"].sum())
+                window_padded += cpu_batch["attention_mask"].numel()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["max_grad_norm"] or float("inf"))
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
             if step % cfg["logging_steps"] == 0 or step == total_updates:
-                _avg(loss_sum, world)
+                dist.all_reduce(loss_sum)  # the ranks' shares add up to the step's mean loss
                 elapsed = time.time() - window_start
                 counts = torch.tensor([window_tokens, window_padded], dtype=torch.float64, device=device)
                 dist.all_reduce(counts)
@@ -230,12 +236,6 @@ def train(cfg: dict[str, Any]) -> None:
         log(f"saved final model to {out_dir} after {step} steps in {train_seconds:.1f}s")
     dist.barrier()
     dist.destroy_process_group()
-
-
-def _avg(tensor: torch.Tensor, world: int) -> None:
-    # gloo has no ReduceOp.AVG, so sum and divide on every backend
-    dist.all_reduce(tensor)
-    tensor /= world
 
 
 def main() -> None:

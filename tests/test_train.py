@@ -100,3 +100,18 @@ def test_accumulation_is_lowered_and_logged_when_the_recipe_allows_it(tiny_input
     assert "gradient_accumulation_steps lowered to 1" in lines[0]
     with pytest.raises(TrainError, match="lower per_device_train_batch_size or nproc_per_node"):
         fitting_accumulation(allowed, 7, lines.append)
+
+
+def test_two_ranks_give_the_losses_of_one_process_with_the_whole_batch(tiny_inputs):
+    """Each step's loss is the mean over all label tokens of the global batch, so splitting a batch
+    of 8 over 2 ranks x 4 gives the same losses (and updates) as 1 process x 8."""
+    recipe, store, model_uri, tokens_uri = tiny_inputs
+    histories = {}
+    for nproc, batch in ((2, 4), (1, 8)):
+        variant = recipe.model_copy(deep=True)
+        variant.parallel.nproc_per_node, variant.train.per_device_train_batch_size = nproc, batch
+        out = fetch(store, build_train(variant, store, model_uri, tokens_uri, log=lambda line: None).uri)
+        histories[nproc] = [r["loss"] for r in json.loads((out / "train_metrics.json").read_text())["history"]]
+    assert len(histories[1]) == len(histories[2]) >= 5
+    assert histories[1] == pytest.approx(histories[2], rel=1e-3)
+    assert histories[1][0] == pytest.approx(histories[2][0], rel=1e-5)
