@@ -270,6 +270,7 @@ def cmd_tokenize(args: argparse.Namespace) -> int:
 
 
 def _tokenize_tool(args: argparse.Namespace, data: Path) -> int:
+    from labtune.merge import TOKENIZER_FILES
     from labtune.stage import publish
     from labtune.store import sha256_files
     from tasks.tokenize import tokenize_files
@@ -280,8 +281,7 @@ def _tokenize_tool(args: argparse.Namespace, data: Path) -> int:
         raise LabtuneError(f"{args.model}: model folder not found (the tokenizer is read from it)")
     if not (data / "train.json").is_file():
         raise LabtuneError(f"{args.data}: expected a ShareGPT JSON file or a folder with train.json (labtune convert's output)")
-    tokenizer_files = sorted(p for p in model.iterdir() if p.name.startswith(("tokenizer", "special_tokens", "chat_template",
-                                                                              "added_tokens", "vocab", "merges")))
+    tokenizer_files = [model / name for name in TOKENIZER_FILES if (model / name).is_file()]
     inputs = {"data": sha256_files([p for p in (data / "train.json", data / "eval.json") if p.exists()], cached=False),
               "tokenizer": sha256_files(tokenizer_files, cached=False)}
     parameters = {"model_max_length": args.max_length, "chat_template": args.chat_template}
