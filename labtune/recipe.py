@@ -86,6 +86,7 @@ class TrainConfig(_Strict):
     bf16: bool = False
     tf32: bool = False
     gradient_checkpointing: bool = False
+    save_strategy: Literal["steps", "no"] = "steps"
     save_steps: int = Field(default=1200, ge=1)
     save_total_limit: int | None = Field(default=None, ge=1)
     logging_steps: int = Field(default=1, ge=1)

@@ -149,6 +149,9 @@ class LocalStore:
             return []
         return sorted(p.relative_to(self.root).as_posix() for p in base.rglob("*") if p.is_file())
 
+    def delete(self, key: str) -> None:
+        (self.root / key).unlink(missing_ok=True)
+
     def delete_prefix(self, prefix: str) -> None:
         shutil.rmtree(self.root / prefix, ignore_errors=True)
 
@@ -278,6 +281,12 @@ class S3Store:
             return sorted(self._iter_objects(prefix))
         except Exception as exc:
             raise self._fail(exc, prefix) from None
+
+    def delete(self, key: str) -> None:
+        try:
+            self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
+        except Exception as exc:
+            raise self._fail(exc, key) from None
 
     def delete_prefix(self, prefix: str) -> None:
         keys = [self._key(k) for k in self.list(prefix)]

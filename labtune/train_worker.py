@@ -16,6 +16,7 @@ import json
 import math
 import os
 import random
+import shutil
 import sys
 import time
 import traceback
@@ -113,6 +114,105 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+class CheckpointRunner:
+    """Sharded checkpoints with torch.distributed.checkpoint: written to this node's disk at every
+    save_steps, uploaded to the store by a background thread while training continues, and
+    resumed from at start (the newest complete one of this run)."""
+
+    def __init__(self, cfg: dict[str, Any], rank: int, world: int, local_rank: int):
+        self.cfg, self.rank, self.world, self.local_rank = cfg, rank, world, local_rank
+        self.enabled = cfg.get("save_strategy", "steps") == "steps" and bool(cfg.get("checkpoint_prefix"))
+        self.local_root = Path(cfg.get("checkpoint_dir") or Path(cfg["output_dir"]).parent / "checkpoints")
+        self.uploader = None
+        if self.enabled:
+            from labtune.checkpoints import BackgroundUploader
+
+            self.uploader = BackgroundUploader(cfg["store"], cfg["checkpoint_prefix"], rank, world,
+                                               cfg.get("save_total_limit"), log)
+
+    def _store(self):
+        from labtune.store import open_store
+
+        store = self.cfg["store"]
+        return open_store(store["uri"], endpoint_url=store.get("endpoint_url"), region=store.get("region"))
+
+    def due(self, step: int, total: int) -> bool:
+        return self.enabled and step < total and step % self.cfg["save_steps"] == 0
+
+    def save(self, step: int, epoch: int, model: torch.nn.Module, optimizer: Any, scheduler: Any,
+             history: list[dict[str, Any]]) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        assert self.uploader is not None
+        self.uploader.wait()  # one checkpoint in flight at a time bounds the disk it takes
+        started = time.time()
+        local = self.local_root / f"step-{step:07d}"
+        local.mkdir(parents=True, exist_ok=True)
+        model_state, optim_state = get_state_dict(model, optimizer)
+        dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(local))
+        rng = {"python": random.getstate(), "torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state()
+        torch.save(rng, local / f"rng-rank{self.rank}.pt")
+        files = sorted(local.glob(f"__{self.rank}_*.distcp")) + [local / f"rng-rank{self.rank}.pt"]
+        if self.rank == 0:
+            state = {"step": step, "epoch": epoch, "world_size": self.world, "scheduler": scheduler.state_dict(),
+                     "history": history}
+            (local / "trainer_state.json").write_text(json.dumps(state))
+            files += [local / ".metadata", local / "trainer_state.json"]
+        log(f"checkpoint step {step}: written locally in {time.time() - started:.1f}s, uploading in the background")
+        self.uploader.start(step, local, files, {"epoch": epoch})
+
+    def resume(self, model: torch.nn.Module, optimizer: Any, scheduler: Any) -> dict[str, Any] | None:
+        """Load the newest complete checkpoint of this run, if any; returns its trainer state."""
+        if not self.enabled or not self.cfg.get("resume", True):
+            return None
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        from labtune import checkpoints
+
+        found: list[Any] = [None]
+        if self.rank == 0:  # one decision, broadcast, so every node resumes from the same step
+            found[0] = checkpoints.latest_step(self._store(), self.cfg["checkpoint_prefix"])
+        dist.broadcast_object_list(found, src=0)
+        step = found[0]
+        if step is None:
+            return None
+        local = self.local_root / f"resume-{step:07d}"
+        if self.local_rank == 0:
+            shutil.rmtree(local, ignore_errors=True)
+            checkpoints.download(self._store(), self.cfg["checkpoint_prefix"], step, local)
+        dist.barrier()
+        model_state, optim_state = get_state_dict(model, optimizer)
+        state = {"model": model_state, "optim": optim_state}
+        dcp.load(state, checkpoint_id=str(local))
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        trainer_state = json.loads((local / "trainer_state.json").read_text())
+        scheduler.load_state_dict(trainer_state["scheduler"])
+        rng_file = local / f"rng-rank{self.rank}.pt"
+        if rng_file.is_file():
+            rng = torch.load(rng_file, weights_only=True)
+            random.setstate(rng["python"])
+            torch.set_rng_state(rng["torch"])
+            if "cuda" in rng and torch.cuda.is_available():
+                torch.cuda.set_rng_state(rng["cuda"])
+        dist.barrier()
+        if self.local_rank == 0:
+            shutil.rmtree(local, ignore_errors=True)
+        uri = f"{self.cfg['store']['uri'].rstrip('/')}/{self.cfg['checkpoint_prefix']}/step-{step:07d}"
+        log(f"resumed from checkpoint step {step} ({uri})")
+        return trainer_state
+
+    def finish(self) -> None:
+        if self.uploader is not None:
+            self.uploader.wait()
+
+    def committed(self) -> list[str]:
+        return list(self.uploader.committed) if self.uploader is not None else []
+
+
 def train(cfg: dict[str, Any]) -> None:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     from torch.distributed.device_mesh import init_device_mesh
@@ -145,10 +245,6 @@ def train(cfg: dict[str, Any]) -> None:
     if cfg["bf16"] and device.type == "cpu" and torch.backends.cpu.get_cpu_capability() not in ("AVX512", "AVX512_BF16", "AMX"):
         log(f"warning: bf16 on a CPU without native bf16 ({torch.backends.cpu.get_cpu_capability()}) is far slower "
             "than fp32; set train.bf16=false on this machine")
-    if cfg.get("save_steps_requested"):
-        log("note: save_steps/save_total_limit are accepted but intermediate checkpoints are not written yet; "
-            "only the final model is saved")
-
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
     save_dtype = model.config.dtype if isinstance(model.config.dtype, torch.dtype) else torch.float32
     model.config.use_cache = False
@@ -170,14 +266,25 @@ def train(cfg: dict[str, Any]) -> None:
     log(f"training: {total_updates} optimizer steps ({updates_per_epoch} per epoch), "
         f"micro-batch {bs} x accumulation {gas} x world {world}")
 
-    model.train()
+    checkpointing = CheckpointRunner(cfg, rank, world, local_rank)
     history: list[dict[str, Any]] = []
-    step, epoch, started = 0, 0, time.time()
+    step = 0
+    resumed = checkpointing.resume(model, optimizer, scheduler)
+    if resumed is not None:
+        step, history = resumed["step"], resumed["history"]
+        if resumed["world_size"] != world:
+            log(f"note: the checkpoint was written by {resumed['world_size']} ranks, this run has {world}: "
+                "the weights and optimizer are resharded; the data order from here differs from the original run's")
+
+    model.train()
+    started = time.time()
     window_tokens = window_padded = 0
     window_start = time.time()
+    epoch = step // updates_per_epoch
+    skip = step % updates_per_epoch  # optimizer steps of this epoch already done before the checkpoint
     while step < total_updates:
         batches = rank_batches(lengths, epoch, cfg["seed"], rank, world, bs)
-        for start in range(0, len(batches), gas):
+        for start in range(skip * gas, len(batches), gas):
             if step >= total_updates:
                 break
             window = [collate([examples[i] for i in micro], pad_id) for micro in batches[start : start + gas]]
@@ -217,7 +324,11 @@ def train(cfg: dict[str, Any]) -> None:
                 log("progress " + json.dumps(record))
                 window_tokens = window_padded = 0
                 window_start = time.time()
+            if checkpointing.due(step, total_updates):
+                checkpointing.save(step, epoch, model, optimizer, scheduler, history)
         epoch += 1
+        skip = 0
+    checkpointing.finish()
 
     train_seconds = time.time() - started
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -231,7 +342,9 @@ def train(cfg: dict[str, Any]) -> None:
         final.save_pretrained(out_dir, max_shard_size="2GB")
         tokenizer.save_pretrained(out_dir)
         metrics = {"history": history, "sharding": sharding, "optimizer_steps": step, "epochs_run": epoch,
-                   "examples": len(examples), "train_seconds": round(train_seconds, 2), "world_size": world}
+                   "examples": len(examples), "train_seconds": round(train_seconds, 2), "world_size": world,
+                   "resumed_from_step": resumed["step"] if resumed else None,
+                   "checkpoints": checkpointing.committed()}
         (out_dir / "train_metrics.json").write_text(json.dumps(metrics, indent=2))
         log(f"saved final model to {out_dir} after {step} steps in {train_seconds:.1f}s")
     dist.barrier()

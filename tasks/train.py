@@ -41,7 +41,7 @@ def free_port() -> int:
 
 
 def worker_config(recipe: Recipe, model_dir: Path, train_dir: Path, output_dir: Path,
-                  gradient_accumulation_steps: int | None = None) -> dict[str, Any]:
+                  gradient_accumulation_steps: int | None = None, checkpoint_prefix: str | None = None) -> dict[str, Any]:
     train = recipe.train.model_dump(mode="json")
     if gradient_accumulation_steps is not None:
         train["gradient_accumulation_steps"] = gradient_accumulation_steps
@@ -51,7 +51,9 @@ def worker_config(recipe: Recipe, model_dir: Path, train_dir: Path, output_dir: 
         "train_dir": str(train_dir),
         "output_dir": str(output_dir),
         "backend": recipe.parallel.backend,
-        "save_steps_requested": "save_steps" in recipe.train.model_fields_set or "save_total_limit" in recipe.train.model_fields_set,
+        "store": {"uri": recipe.store.uri, "endpoint_url": recipe.store.endpoint_url, "region": recipe.store.region},
+        "checkpoint_prefix": checkpoint_prefix,
+        "checkpoint_dir": str(output_dir.parent / "checkpoints"),
     }
 
 
@@ -138,13 +140,16 @@ def build_train(recipe: Recipe, store: Store, model_uri: str, tokens_uri: str, l
         accumulation = fitting_accumulation(recipe, examples, log)
         model_dir = fetch(store, model_uri, log)
         config_path = out.parent / "train_config.json"
-        config_path.write_text(json.dumps(worker_config(recipe, model_dir, tokens_dir / "train", out, accumulation), indent=2))
+        config = worker_config(recipe, model_dir, tokens_dir / "train", out, accumulation, f"checkpoints/{key}")
+        config["store"]["uri"] = store.uri  # the store this stage writes to (a test may pass its own)
+        config_path.write_text(json.dumps(config, indent=2))
         nproc = recipe.parallel.nproc_per_node
         command = torchrun_command(nproc, config_path, free_port())
         log("launching: " + " ".join(command[1:]))
         run_torchrun(command, train_env(nproc), log, on_progress)
         metrics = json.loads((out / "train_metrics.json").read_text())
-        return {"metrics": {k: metrics[k] for k in ("optimizer_steps", "examples", "train_seconds", "world_size")},
+        return {"metrics": {k: metrics[k] for k in ("optimizer_steps", "examples", "train_seconds", "world_size",
+                                                    "resumed_from_step", "checkpoints")},
                 "final_loss": metrics["history"][-1]["loss"] if metrics["history"] else None}
 
     return run_stage(store, "train", key, build, inputs={"model": model_uri, "tokens": tokens_uri},

@@ -115,3 +115,80 @@ def test_two_ranks_give_the_losses_of_one_process_with_the_whole_batch(tiny_inpu
     assert len(histories[1]) == len(histories[2]) >= 5
     assert histories[1] == pytest.approx(histories[2], rel=1e-3)
     assert histories[1][0] == pytest.approx(histories[2][0], rel=1e-5)
+
+
+def _worker_processes() -> list:
+    import psutil
+
+    found = []
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            cmdline = " ".join(proc.cmdline())
+        except psutil.Error:
+            continue
+        if "labtune.train_worker" in cmdline and "torch.distributed.run" not in cmdline:
+            found.append(proc)
+    return found
+
+
+def test_a_killed_run_resumes_from_its_last_checkpoint_and_ends_with_the_uninterrupted_weights(tiny_inputs, tmp_path):
+    import shutil
+    import signal
+    import threading
+    import time
+
+    import torch
+    from safetensors.torch import load_file
+
+    recipe, store, model_uri, tokens_uri = tiny_inputs
+    variant = recipe.model_copy(deep=True)
+    variant.train.num_train_epochs, variant.train.save_steps, variant.train.save_total_limit = 4, 4, 2
+
+    # The uninterrupted run, in a copy of the store so that it has checkpoints of its own.
+    clean = LocalStore(tmp_path / "clean")
+    for stage in ("weights", "tokenize"):
+        shutil.copytree(store.root / stage, clean.root / stage)
+    in_clean = lambda uri: clean.uri_for(store.key_for(uri))  # noqa: E731
+    reference = fetch(clean, build_train(variant, clean, in_clean(model_uri), in_clean(tokens_uri), log=lambda line: None).uri)
+    total_steps = json.loads((reference / "train_metrics.json").read_text())["optimizer_steps"]
+
+    failure: list[BaseException] = []
+
+    def first_attempt() -> None:
+        try:
+            build_train(variant, store, model_uri, tokens_uri, log=lambda line: None)
+        except BaseException as exc:  # noqa: BLE001 - the test inspects it
+            failure.append(exc)
+
+    attempt = threading.Thread(target=first_attempt)
+    attempt.start()
+    deadline = time.time() + 300
+    while not list((store.root / "checkpoints").glob("*/step-*/manifest.json")):
+        assert time.time() < deadline and attempt.is_alive(), "no checkpoint was committed"
+        time.sleep(0.02)
+    workers = _worker_processes()
+    launcher = {p.parent() for p in workers} - {None}  # torchrun's agent
+    assert len(workers) == 2
+    for proc in workers + list(launcher):  # a crashed machine: workers and torchrun die at once
+        proc.send_signal(signal.SIGKILL)
+    attempt.join(timeout=120)
+    assert failure and isinstance(failure[0], TrainError), failure
+    assert not list((store.root / "train").glob("*/manifest.json")) or all(
+        json.loads(p.read_text())["parameters"]["train"]["save_steps"] != 4 for p in (store.root / "train").glob("*/manifest.json"))
+
+    lines: list[str] = []
+    out = fetch(store, build_train(variant, store, model_uri, tokens_uri, log=lines.append).uri)
+    resumed = [line for line in lines if line.startswith("resumed from checkpoint step ")]
+    assert resumed, "the second attempt did not resume"
+    resumed_step = int(resumed[0].split()[4])
+    assert 4 <= resumed_step < total_steps and resumed_step % 4 == 0
+    metrics = json.loads((out / "train_metrics.json").read_text())
+    assert metrics["resumed_from_step"] == resumed_step
+    assert metrics["optimizer_steps"] == total_steps
+    assert [r["step"] for r in metrics["history"]] == list(range(1, total_steps + 1))
+    expected, actual = load_file(reference / "model.safetensors"), load_file(out / "model.safetensors")
+    assert expected.keys() == actual.keys()
+    different = [name for name in expected if not torch.equal(expected[name], actual[name])]
+    assert not different, f"weights differ from the uninterrupted run: {different[:5]}"
+    # save_total_limit: at most 2 complete checkpoints remain in the store
+    assert len(list((store.root / "checkpoints").glob("*/step-*/manifest.json"))) <= 2
