@@ -10,7 +10,9 @@ import sys
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 
+from flows.train import train as train_flow
 from labtune.recipe import Recipe, load_recipe
+from labtune.stage import StageResult
 from labtune.store import open_recipe_store, s3_options
 from tasks import data as data_stage
 from tasks import weights as weights_stage
@@ -18,7 +20,6 @@ from tasks.data import data_task
 from tasks.delta import delta_task
 from tasks.evaluate import evaluate_task
 from tasks.tokenize import tokenize_task
-from tasks.train import train_task
 from tasks.weights import weights_task
 
 
@@ -46,7 +47,8 @@ def finetune(recipe_path: str, overrides: list[str] | None = None) -> dict[str, 
     target = delta_task(recipe, weights.uri)
     data = data_task(recipe)
     tokens = tokenize_task(recipe, target.uri, data.uri)
-    trained = train_task(recipe, target.uri, tokens.uri)
+    # a flow of its own, so that a deployment can run it on the GPU work pool
+    trained = StageResult(**train_flow(recipe_path, target.uri, tokens.uri, overrides or []))
     evaluation = evaluate_task(recipe, target.uri, trained.uri)
 
     stages = {r.stage: r.to_dict() for r in (weights, target, data, tokens, trained, evaluation)}

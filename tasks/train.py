@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from prefect import get_run_logger, task
-from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
+from prefect.artifacts import (create_link_artifact, create_markdown_artifact, create_progress_artifact, create_table_artifact,
+                              update_progress_artifact)
 from prefect.cache_policies import NO_CACHE
 
 import labtune
@@ -31,7 +32,12 @@ from labtune.store import Store, open_recipe_store
 
 
 class TrainError(LabtuneError):
-    """torchrun failed; the message carries the worker's last error lines."""
+    """The worker stopped with an error (bad setting, data, model); retrying will not help."""
+
+
+class TrainCrashed(RuntimeError):
+    """A worker or torchrun died without an error of its own (killed, out of memory, a lost node):
+    a retry resumes from the last checkpoint, so the Prefect task retries it."""
 
 
 def free_port() -> int:
@@ -65,8 +71,10 @@ def torchrun_command(nproc: int, config_path: Path, port: int) -> list[str]:
     ]
 
 
-def run_torchrun(command: list[str], env: dict[str, str], log: Log, on_progress: Callable[[dict], None] | None = None) -> None:
-    """Run torchrun, one log record per output line, live; raise TrainError with the tail on failure."""
+def run_torchrun(command: list[str], env: dict[str, str], log: Log, on_progress: Callable[[dict], None] | None = None,
+                 on_checkpoint: Callable[[dict], None] | None = None) -> None:
+    """Run torchrun, one log record per output line, live. Raise TrainError with the worker's error
+    line when it reported one, TrainCrashed with the tail when it died without one."""
     tail: collections.deque[str] = collections.deque(maxlen=25)
     worker_errors: list[str] = []
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, env=env)
@@ -80,20 +88,23 @@ def run_torchrun(command: list[str], env: dict[str, str], log: Log, on_progress:
             if line.startswith(WORKER_ERROR):
                 worker_errors.append(line)
             log(line)
-            if on_progress and line.startswith("progress "):
-                try:
-                    record = json.loads(line[len("progress "):])
-                except ValueError:
-                    continue  # a malformed progress line is still in the log; only the bar skips it
-                on_progress(record)
+            for prefix, callback in (("progress ", on_progress), ("checkpoint {", on_checkpoint)):
+                if callback and line.startswith(prefix):
+                    try:
+                        record = json.loads(line[len(prefix) - (prefix.endswith("{")):])
+                    except ValueError:
+                        continue  # a malformed line is still in the log; only the callback skips it
+                    callback(record)
         code = proc.wait()
     except BaseException:
         proc.terminate()
         proc.wait(timeout=30)
         raise
     if code != 0:
-        reason = worker_errors[0] if worker_errors else (list(tail)[-1] if tail else "no output")
-        raise TrainError(f"torchrun exited with code {code}: {reason.strip()}")
+        if worker_errors:
+            raise TrainError(f"torchrun exited with code {code}: {worker_errors[0].strip()}")
+        reason = list(tail)[-1].strip() if tail else "no output"
+        raise TrainCrashed(f"torchrun exited with code {code} (a worker died; a re-run resumes from the last checkpoint): {reason}")
 
 
 def train_env(nproc: int) -> dict[str, str]:
@@ -127,7 +138,8 @@ def fitting_accumulation(recipe: Recipe, examples: int, log: Log) -> int:
 
 
 def build_train(recipe: Recipe, store: Store, model_uri: str, tokens_uri: str, log: Log = default_log,
-                on_progress: Callable[[dict], None] | None = None) -> StageResult:
+                on_progress: Callable[[dict], None] | None = None,
+                on_checkpoint: Callable[[dict], None] | None = None) -> StageResult:
     """Fine-tune the model at model_uri on the tokenize stage's output at tokens_uri."""
     parameters = {"train": recipe.train.model_dump(mode="json"), "parallel": recipe.parallel.model_dump(mode="json")}
     package = Path(labtune.__file__).parent
@@ -146,14 +158,37 @@ def build_train(recipe: Recipe, store: Store, model_uri: str, tokens_uri: str, l
         nproc = recipe.parallel.nproc_per_node
         command = torchrun_command(nproc, config_path, free_port())
         log("launching: " + " ".join(command[1:]))
-        run_torchrun(command, train_env(nproc), log, on_progress)
+        run_torchrun(command, train_env(nproc), log, on_progress, on_checkpoint)
         metrics = json.loads((out / "train_metrics.json").read_text())
+        plot_loss(metrics["history"], out / "loss.png", title=f"{recipe.name}: training loss")
         return {"metrics": {k: metrics[k] for k in ("optimizer_steps", "examples", "train_seconds", "world_size",
                                                     "resumed_from_step", "checkpoints")},
                 "final_loss": metrics["history"][-1]["loss"] if metrics["history"] else None}
 
     return run_stage(store, "train", key, build, inputs={"model": model_uri, "tokens": tokens_uri},
                      parameters=parameters, log=log)
+
+
+def plot_loss(history: list[dict[str, Any]], path: Path, title: str) -> None:
+    """The loss curve as a PNG beside the model (and the learning rate on a second axis)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in history]
+    fig, ax = plt.subplots(figsize=(7, 3.5), dpi=100)
+    ax.plot(steps, [r["loss"] for r in history], color="tab:blue", marker="." if len(steps) < 60 else None, label="loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training loss", color="tab:blue")
+    lr_axis = ax.twinx()
+    lr_axis.plot(steps, [r["learning_rate"] for r in history], color="tab:gray", linewidth=1, linestyle="--")
+    lr_axis.set_ylabel("learning rate", color="tab:gray")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
 
 
 @contextlib.contextmanager
@@ -177,21 +212,52 @@ def tqdm_progress() -> Iterator[Callable[[dict], None]]:
             bar.close()
 
 
-@task(name="train", retries=1, retry_delay_seconds=30, retry_condition_fn=retry_transient, cache_policy=NO_CACHE)
+def artifact_link(uri: str) -> str:
+    """A link a browser can follow for local stores (file://); s3:// URIs stay as they are."""
+    return uri if "://" in uri else Path(uri).as_uri()
+
+
+@task(name="train", retries=2, retry_delay_seconds=10, retry_condition_fn=retry_transient, cache_policy=NO_CACHE)
 def train_task(recipe: Recipe, model_uri: str, tokens_uri: str) -> StageResult:
+    """The train stage with its UI: a progress bar of optimizer steps, a link per committed
+    checkpoint, the loss table and plot, and a link to the model. A crash is retried, and the
+    retry resumes from the last checkpoint in the store."""
     logger = get_run_logger()
     progress_id = create_progress_artifact(progress=0.0, key="train-progress", description="Training: optimizer steps done")
+
+    def on_checkpoint(record: dict) -> None:
+        create_link_artifact(key="train-checkpoint", link=artifact_link(record["uri"]), link_text=f"checkpoint at step {record['step']}",
+                             description=f"Checkpoint at optimizer step {record['step']} (resumable)")
 
     with tqdm_progress() as bar:
         def on_progress(record: dict) -> None:
             bar(record)
             update_progress_artifact(progress_id, progress=100.0 * record["step"] / record["total_steps"])
 
-        result = build_train(recipe, open_recipe_store(recipe), model_uri, tokens_uri, log=logger.info, on_progress=on_progress)
+        store = open_recipe_store(recipe)
+        result = build_train(recipe, store, model_uri, tokens_uri, log=logger.info, on_progress=on_progress,
+                             on_checkpoint=on_checkpoint)
     update_progress_artifact(progress_id, progress=100.0)
+    model_dir = fetch(store, result.uri, logger.info)
+    metrics = json.loads((model_dir / "train_metrics.json").read_text())
+    history = metrics["history"]
+    create_table_artifact(key="train-loss", table=[{k: r[k] for k in ("step", "epoch", "loss", "learning_rate", "grad_norm",
+                                                                       "tokens_per_s", "padding_fraction")} for r in history],
+                          description="Training loss per optimizer step")
+    plot_uri = f"{result.uri.rstrip('/')}/loss.png"
+    resumed = metrics.get("resumed_from_step")
     create_markdown_artifact(
-        key="trained-model",
-        markdown=f"# Fine-tuned model\n\n`{result.uri}`\n\n{'(cached: trained earlier with the same inputs)' if result.cached else ''}",
-        description="Where the fine-tuned model lies in the store",
+        key="train-summary",
+        markdown="\n".join([
+            f"# Training: {recipe.name}", "",
+            f"- model: [{result.uri}]({artifact_link(result.uri)}){' (cached: trained earlier with the same inputs)' if result.cached else ''}",
+            f"- loss plot: [loss.png]({artifact_link(plot_uri)})",
+            f"- optimizer steps: {metrics['optimizer_steps']}, world size {metrics['world_size']}, "
+            f"{metrics['train_seconds']:.0f} s{f', resumed from step {resumed}' if resumed else ''}",
+            f"- loss: {history[0]['loss']} at step 1 -> {history[-1]['loss']} at step {history[-1]['step']}" if history else "",
+        ]),
+        description="The fine-tuned model, its loss curve and how the run went",
     )
+    create_link_artifact(key="trained-model", link=artifact_link(result.uri), link_text=result.uri,
+                         description="The fine-tuned model in the store")
     return result

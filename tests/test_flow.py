@@ -21,17 +21,21 @@ def _run(*overrides: str) -> dict:
 
 
 async def _task_runs_and_artifacts(api_url: str, flow_run_id: str):
+    """The flow run's task runs, its subflow runs, and the artifacts of all of them."""
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter, FlowRunFilterId
+    from prefect.client.schemas.filters import (ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter, FlowRunFilterId,
+                                                FlowRunFilterParentFlowRunId)
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     # prefect was imported before the fixture set PREFECT_API_URL, so name the server explicitly
     with temporary_settings(updates={PREFECT_API_URL: api_url}):
         async with get_client() as client:
             tasks = await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
-            artifacts = await client.read_artifacts(
-                artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
-    return tasks, artifacts
+            subflows = await client.read_flow_runs(
+                flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[flow_run_id])))
+            artifacts = await client.read_artifacts(artifact_filter=ArtifactFilter(
+                flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id] + [run.id for run in subflows])))
+    return tasks, subflows, artifacts
 
 
 def test_local_store_run_then_cached_then_only_train_and_evaluate_rerun(prefect_api, tmp_path):
@@ -45,10 +49,21 @@ def test_local_store_run_then_cached_then_only_train_and_evaluate_rerun(prefect_
         for entry in manifest["files"]:
             assert sha256_file(Path(first["stages"][name]["uri"]) / entry["path"]) == entry["sha256"]
 
-    tasks, artifacts = asyncio.run(_task_runs_and_artifacts(prefect_api, first["flow_run"]["id"]))
-    assert sorted(t.name.rsplit("-", 1)[0] for t in tasks) == sorted(STAGES)
+    tasks, subflows, artifacts = asyncio.run(_task_runs_and_artifacts(prefect_api, first["flow_run"]["id"]))
+    assert sorted(t.name.rsplit("-", 1)[0] for t in tasks) == sorted(STAGES)  # train: the subflow's run in the parent
     assert all(t.state.is_completed() for t in tasks)
-    assert {"stages", "data-report", "token-report", "train-progress", "trained-model", "evaluation"} <= {a.key for a in artifacts}
+    assert [run.state.is_completed() for run in subflows] == [True]  # the train flow, a deployment of its own
+    by_key = {}
+    for artifact in artifacts:
+        by_key.setdefault(artifact.key, []).append(artifact)
+    assert {"stages", "data-report", "token-report", "train-progress", "train-loss", "train-summary", "trained-model",
+            "train-checkpoint", "evaluation"} <= set(by_key)
+    assert f"]({Path(first['stages']['train']['uri']).as_uri()})" in by_key["trained-model"][0].data  # a link artifact
+    assert "/checkpoints/" in by_key["train-checkpoint"][0].data and "step-0000004" in by_key["train-checkpoint"][0].data
+    loss_table = json.loads(by_key["train-loss"][0].data)
+    assert [row["step"] for row in loss_table] == list(range(1, len(loss_table) + 1)) and all(r["loss"] > 0 for r in loss_table)
+    assert "loss.png" in by_key["train-summary"][0].data
+    assert (Path(first["stages"]["train"]["uri"]) / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     again = _run(f"store.uri={store}")
     assert all(again["stages"][s]["cached"] for s in STAGES)
