@@ -109,8 +109,31 @@ class TrainConfig(_Strict):
 
 
 class ParallelConfig(_Strict):
+    """torchrun's settings, under their torchrun names. Several nodes: run the same recipe on each
+    with its own node_rank; they meet at rdzv_endpoint (host:port of one of them)."""
+
     nproc_per_node: int = Field(default=1, ge=1)
     backend: Literal["auto", "gloo", "nccl"] = "auto"
+    nnodes: int = Field(default=1, ge=1)
+    node_rank: int = Field(default=0, ge=0)
+    rdzv_endpoint: str | None = None
+    rdzv_backend: Literal["c10d", "static"] = "c10d"
+    rdzv_timeout: int = Field(default=900, ge=1)
+
+    @model_validator(mode="after")
+    def _nodes(self) -> "ParallelConfig":
+        if self.node_rank >= self.nnodes:
+            raise ValueError(f"node_rank {self.node_rank} is not below nnodes {self.nnodes}")
+        if self.nnodes > 1:
+            host, _, port = (self.rdzv_endpoint or "").rpartition(":")
+            if not host or not port.isdigit():
+                raise ValueError(f"rdzv_endpoint {self.rdzv_endpoint!r}: nnodes {self.nnodes} needs host:port of the "
+                                 "node that hosts the rendezvous")
+        return self
+
+    @property
+    def world_size(self) -> int:
+        return self.nproc_per_node * self.nnodes
 
 
 class Question(_Strict):

@@ -31,6 +31,11 @@ def default_log(message: str) -> None:
     _logger.info(message)
 
 
+class CommittedElsewhere(Exception):
+    """Raised by a build whose output another process (another node) commits: run_stage waits for
+    that manifest instead of writing one."""
+
+
 class ManifestError(LabtuneError):
     """An output is missing, incomplete or corrupt; the message names its URI."""
 
@@ -170,6 +175,8 @@ def run_stage(
     inputs: dict[str, Any],
     parameters: dict[str, Any],
     log: Log = default_log,
+    work_name: str | None = None,
+    wait_seconds: float = 3600.0,
 ) -> StageResult:
     """Skip the stage when its manifest exists; otherwise build into a scratch dir and commit."""
     prefix = f"{stage}/{key}"
@@ -177,12 +184,23 @@ def run_stage(
     if read_manifest(store, prefix) is not None:
         log(f"{stage}: cached at {store.uri_for(prefix)}")
         return StageResult(stage, store.uri_for(prefix), True, round(time.time() - started, 3))
-    work = labtune_home() / "work" / f"{stage}-{key}"
+    work = labtune_home() / "work" / (work_name or f"{stage}-{key}")
     shutil.rmtree(work, ignore_errors=True)
     out = work / "out"
     out.mkdir(parents=True)
     try:
-        extra = build(out) or {}
+        try:
+            extra = build(out) or {}
+        except CommittedElsewhere as reason:
+            log(f"{stage}: {reason}; waiting for {store.uri_for(prefix)}/{MANIFEST}")
+            deadline = time.time() + wait_seconds
+            while read_manifest(store, prefix) is None:
+                if time.time() > deadline:
+                    raise ManifestError(f"{store.uri_for(prefix)}: no manifest after {wait_seconds:.0f}s; "
+                                        "the node that held rank 0 did not commit") from None
+                time.sleep(1.0)
+            seconds = round(time.time() - started, 3)
+            return StageResult(stage, store.uri_for(prefix), False, seconds)
         commit(store, prefix, out, stage=stage, inputs=inputs, parameters=parameters,
                started=started, extra=extra, log=log)
     finally:

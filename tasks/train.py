@@ -25,9 +25,9 @@ from prefect.cache_policies import NO_CACHE
 
 import labtune
 from labtune.errors import LabtuneError, retry_transient
-from labtune.recipe import Recipe
+from labtune.recipe import ParallelConfig, Recipe
 from labtune.train_worker_protocol import WORKER_ERROR
-from labtune.stage import Log, StageResult, code_version, default_log, fetch, run_stage, stage_key
+from labtune.stage import CommittedElsewhere, Log, StageResult, code_version, default_log, fetch, run_stage, stage_key
 from labtune.store import Store, open_recipe_store
 
 
@@ -63,12 +63,22 @@ def worker_config(recipe: Recipe, model_dir: Path, train_dir: Path, output_dir: 
     }
 
 
-def torchrun_command(nproc: int, config_path: Path, port: int) -> list[str]:
-    return [
-        sys.executable, "-m", "torch.distributed.run",
-        f"--nproc_per_node={nproc}", "--nnodes=1", "--master_addr=127.0.0.1", f"--master_port={port}",
-        "-m", "labtune.train_worker", "--config", str(config_path),
-    ]
+def torchrun_command(parallel: ParallelConfig, config_path: Path, run_id: str) -> list[str]:
+    """torchrun's command line. One node: a private rendezvous on a free local port. Several: the
+    recipe's rendezvous; with c10d, torchrun hands out ranks in order of arrival, so any node may
+    hold rank 0 (the stage copes, see build_train); `static` makes node_rank 0 hold it."""
+    launch = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={parallel.nproc_per_node}"]
+    if parallel.nnodes == 1:
+        launch += ["--nnodes=1", "--master_addr=127.0.0.1", f"--master_port={free_port()}"]
+    elif parallel.rdzv_backend == "static":
+        host, _, port = str(parallel.rdzv_endpoint).rpartition(":")
+        launch += [f"--nnodes={parallel.nnodes}", f"--node_rank={parallel.node_rank}", f"--master_addr={host}",
+                   f"--master_port={port}"]
+    else:
+        launch += [f"--nnodes={parallel.nnodes}", f"--node_rank={parallel.node_rank}", "--rdzv_backend=c10d",
+                   f"--rdzv_endpoint={parallel.rdzv_endpoint}", f"--rdzv_id=labtune-{run_id}",
+                   f"--rdzv_conf=join_timeout={parallel.rdzv_timeout}"]
+    return launch + ["-m", "labtune.train_worker", "--config", str(config_path)]
 
 
 def run_torchrun(command: list[str], env: dict[str, str], log: Log, on_progress: Callable[[dict], None] | None = None,
@@ -121,12 +131,14 @@ def fitting_accumulation(recipe: Recipe, examples: int, log: Log) -> int:
     """gradient_accumulation_steps for this data: the recipe's, when one optimizer step's worth of
     examples exists (the seed's "size of tensor a must match" failure came from an epoch shorter
     than one accumulation window), else lowered when the recipe allows it, else an error."""
-    world, batch = recipe.parallel.nproc_per_node, recipe.train.per_device_train_batch_size
+    world, batch = recipe.parallel.world_size, recipe.train.per_device_train_batch_size
     steps = recipe.train.gradient_accumulation_steps
     need = world * batch * steps
     if examples >= need:
         return steps
-    numbers = (f"{examples} training examples are fewer than one optimizer step takes: parallel.nproc_per_node {world} "
+    ranks = f"parallel.nproc_per_node {world}" if recipe.parallel.nnodes == 1 else \
+        f"parallel.nnodes {recipe.parallel.nnodes} x parallel.nproc_per_node {recipe.parallel.nproc_per_node}"
+    numbers = (f"{examples} training examples are fewer than one optimizer step takes: {ranks} "
                f"x train.per_device_train_batch_size {batch} x train.gradient_accumulation_steps {steps} = {need}")
     fitting = examples // (world * batch)
     if not recipe.train.allow_lower_accumulation or fitting < 1:
@@ -141,7 +153,12 @@ def build_train(recipe: Recipe, store: Store, model_uri: str, tokens_uri: str, l
                 on_progress: Callable[[dict], None] | None = None,
                 on_checkpoint: Callable[[dict], None] | None = None) -> StageResult:
     """Fine-tune the model at model_uri on the tokenize stage's output at tokens_uri."""
-    parameters = {"train": recipe.train.model_dump(mode="json"), "parallel": recipe.parallel.model_dump(mode="json")}
+    # Where this node sits and how it finds the others is not part of the run's identity: every
+    # node must compute the same key (its rendezvous id, its checkpoints) and a re-run with another
+    # endpoint still resumes.
+    placement = {"node_rank", "rdzv_endpoint", "rdzv_timeout"}
+    parameters = {"train": recipe.train.model_dump(mode="json"),
+                  "parallel": recipe.parallel.model_dump(mode="json", exclude=placement)}
     package = Path(labtune.__file__).parent
     code = code_version(__file__, package / "train_worker.py")
     key = stage_key("train", code, {"model": model_uri, "tokens": tokens_uri}, parameters)
@@ -156,17 +173,21 @@ def build_train(recipe: Recipe, store: Store, model_uri: str, tokens_uri: str, l
         config["store"]["uri"] = store.uri  # the store this stage writes to (a test may pass its own)
         config_path.write_text(json.dumps(config, indent=2))
         nproc = recipe.parallel.nproc_per_node
-        command = torchrun_command(nproc, config_path, free_port())
+        command = torchrun_command(recipe.parallel, config_path, key)
         log("launching: " + " ".join(command[1:]))
         run_torchrun(command, train_env(nproc), log, on_progress, on_checkpoint)
+        if not (out / "train_metrics.json").is_file() and recipe.parallel.nnodes > 1:
+            raise CommittedElsewhere("rank 0 ran on another node; that node's stage commits the model")
         metrics = json.loads((out / "train_metrics.json").read_text())
         plot_loss(metrics["history"], out / "loss.png", title=f"{recipe.name}: training loss")
         return {"metrics": {k: metrics[k] for k in ("optimizer_steps", "examples", "train_seconds", "world_size",
                                                     "resumed_from_step", "checkpoints")},
                 "final_loss": metrics["history"][-1]["loss"] if metrics["history"] else None}
 
+    nodes = recipe.parallel.nnodes
     return run_stage(store, "train", key, build, inputs={"model": model_uri, "tokens": tokens_uri},
-                     parameters=parameters, log=log)
+                     parameters=parameters, log=log,
+                     work_name=f"train-{key}-node{recipe.parallel.node_rank}" if nodes > 1 else None)
 
 
 def plot_loss(history: list[dict[str, Any]], path: Path, title: str) -> None:

@@ -6,7 +6,7 @@ import math
 import pytest
 
 from conftest import TINY_RECIPE
-from labtune.recipe import load_recipe
+from labtune.recipe import ParallelConfig, load_recipe
 from labtune.stage import fetch
 from labtune.store import LocalStore
 from labtune.train_worker import rank_batches
@@ -192,3 +192,41 @@ def test_a_killed_run_resumes_from_its_last_checkpoint_and_ends_with_the_uninter
     assert not different, f"weights differ from the uninterrupted run: {different[:5]}"
     # save_total_limit: at most 2 complete checkpoints remain in the store
     assert len(list((store.root / "checkpoints").glob("*/step-*/manifest.json"))) <= 2
+
+
+def test_two_nodes_with_one_process_each_train_together_through_a_c10d_rendezvous(tiny_inputs, monkeypatch):
+    """Two torchrun launchers on this machine play two nodes (1 process each) meeting at a c10d
+    rendezvous on 127.0.0.1; either may get rank 0, its stage commits and the other waits for it."""
+    import threading
+
+    from conftest import free_port
+
+    recipe, store, model_uri, tokens_uri = tiny_inputs
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    endpoint = f"127.0.0.1:{free_port()}"
+    results, errors, logs = {}, [], {0: [], 1: []}
+
+    def node(rank: int) -> None:
+        try:
+            variant = recipe.model_copy(deep=True)
+            variant.parallel = ParallelConfig(nproc_per_node=1, nnodes=2, node_rank=rank, rdzv_endpoint=endpoint)
+            results[rank] = build_train(variant, store, model_uri, tokens_uri, log=logs[rank].append)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append((rank, exc, logs[rank][-5:]))
+
+    threads = [threading.Thread(target=node, args=(rank,)) for rank in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=600)
+    assert not errors, errors
+    assert results[0].uri == results[1].uri
+    assert any("--rdzv_backend=c10d" in line and f"--rdzv_endpoint={endpoint}" in line for line in logs[0])
+    metrics = json.loads((fetch(store, results[0].uri) / "train_metrics.json").read_text())
+    assert metrics["world_size"] == 2
+    assert len(metrics["sharding"]["local_numel_per_rank"]) == 2
+    # the same global batches as one node with 2 processes: the same losses
+    single = recipe.model_copy(deep=True)
+    reference = json.loads((fetch(store, build_train(single, store, model_uri, tokens_uri, log=lambda line: None).uri)
+                            / "train_metrics.json").read_text())
+    assert [r["loss"] for r in metrics["history"]] == pytest.approx([r["loss"] for r in reference["history"]], rel=1e-4)
