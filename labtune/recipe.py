@@ -95,6 +95,13 @@ class TrainConfig(_Strict):
     max_grad_norm: float = Field(default=1.0, ge=0)
     seed: int = 42
     allow_lower_accumulation: bool = False
+    # LoRA (peft), FastChat's train_lora.py names; the adapter is merged into a full model at export
+    lora: bool = False
+    lora_r: int = Field(default=8, ge=1)
+    lora_alpha: float = Field(default=16, gt=0)
+    lora_dropout: float = Field(default=0.05, ge=0, lt=1)
+    lora_target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"], min_length=1)
+    torch_compile: bool = False
 
     @field_validator("fsdp")
     @classmethod

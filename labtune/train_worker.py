@@ -136,6 +136,14 @@ class CheckpointRunner:
         store = self.cfg["store"]
         return open_store(store["uri"], endpoint_url=store.get("endpoint_url"), region=store.get("region"))
 
+    def options(self) -> Any:
+        """A LoRA run's checkpoints hold the adapter and its optimizer state, not the frozen base
+        (which the run loads from the model stage anyway)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+        lora = bool(self.cfg.get("lora"))
+        return StateDictOptions(ignore_frozen_params=lora, strict=not lora)
+
     def due(self, step: int, total: int) -> bool:
         return self.enabled and step < total and step % self.cfg["save_steps"] == 0
 
@@ -149,7 +157,7 @@ class CheckpointRunner:
         started = time.time()
         local = self.local_root / f"step-{step:07d}"
         local.mkdir(parents=True, exist_ok=True)
-        model_state, optim_state = get_state_dict(model, optimizer)
+        model_state, optim_state = get_state_dict(model, optimizer, options=self.options())
         dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(local))
         rng = {"python": random.getstate(), "torch": torch.get_rng_state()}
         if torch.cuda.is_available():
@@ -185,10 +193,11 @@ class CheckpointRunner:
             shutil.rmtree(local, ignore_errors=True)
             checkpoints.download(self._store(), self.cfg["checkpoint_prefix"], step, local)
         dist.barrier()
-        model_state, optim_state = get_state_dict(model, optimizer)
+        model_state, optim_state = get_state_dict(model, optimizer, options=self.options())
         state = {"model": model_state, "optim": optim_state}
         dcp.load(state, checkpoint_id=str(local))
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                       options=self.options())
         trainer_state = json.loads((local / "trainer_state.json").read_text())
         scheduler.load_state_dict(trainer_state["scheduler"])
         rng_file = local / f"rng-rank{self.rank}.pt"
@@ -211,6 +220,49 @@ class CheckpointRunner:
 
     def committed(self) -> list[str]:
         return list(self.uploader.committed) if self.uploader is not None else []
+
+
+def apply_lora(model: torch.nn.Module, cfg: dict[str, Any]) -> Any:
+    """peft's LoraConfig from the recipe; every target module name must exist in the model."""
+    from peft import LoraConfig
+
+    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    missing = sorted(set(cfg["lora_target_modules"]) - names)
+    if missing:
+        raise SystemExit(f"lora_target_modules: no module named {missing} in {type(model).__name__}")
+    return LoraConfig(r=cfg["lora_r"], lora_alpha=cfg["lora_alpha"], lora_dropout=cfg["lora_dropout"],
+                      target_modules=list(cfg["lora_target_modules"]), bias="none", task_type="CAUSAL_LM")
+
+
+def compile_layers(model: torch.nn.Module, cfg: dict[str, Any]) -> None:
+    """torch.compile each decoder layer (as torchtune does): the layers share one compiled graph and
+    FSDP2's collectives stay between them, outside the graphs."""
+    for module in model.modules():
+        if isinstance(module, layer_classes(model, cfg.get("fsdp_transformer_layer_cls_to_wrap"))):
+            module.compile()
+
+
+def export_model(state: dict[str, torch.Tensor], base_config: Any, save_dtype: torch.dtype, lora_config: Any,
+                 out_dir: Path) -> None:
+    """Rank 0: the gathered full state dict saved as a plain transformers model (sharded
+    safetensors + config). A LoRA run's adapter is saved under adapter/ and merged into the
+    base weights in float32 before the cast, so the output loads without peft."""
+    from transformers import AutoModelForCausalLM
+
+    final = AutoModelForCausalLM.from_config(base_config, dtype=torch.float32)
+    if lora_config is not None:
+        from peft import get_peft_model
+
+        final = get_peft_model(final, lora_config)
+    missing, unexpected = final.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
+    if unexpected or [k for k in missing if not k.endswith("lm_head.weight")]:
+        raise SystemExit(f"final state dict does not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    if lora_config is not None:
+        final.save_pretrained(out_dir / "adapter")
+        final = final.merge_and_unload()
+    final.to(save_dtype)
+    final.config.use_cache = True
+    final.save_pretrained(out_dir, max_shard_size="2GB")
 
 
 def train(cfg: dict[str, Any]) -> None:
@@ -248,9 +300,20 @@ def train(cfg: dict[str, Any]) -> None:
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
     save_dtype = model.config.dtype if isinstance(model.config.dtype, torch.dtype) else torch.float32
     model.config.use_cache = False
+    base_config = model.config
+    lora_config = apply_lora(model, cfg) if cfg.get("lora") else None
+    if lora_config is not None:
+        from peft import get_peft_model
+
+        model = get_peft_model(model, lora_config)
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        log(f"lora: r={lora_config.r} alpha={lora_config.lora_alpha} on {sorted(lora_config.target_modules)}: "
+            f"{trainable:,} trainable parameters of {sum(p.numel() for p in model.parameters()):,}")
     if cfg["gradient_checkpointing"]:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.to(device)
+    if cfg.get("torch_compile"):
+        compile_layers(model, cfg)
     shard_model(model, mesh, cfg)
     sharding = sharding_report(model, world)
     log(f"fsdp2: {sharding['full_numel']:,} parameters, local shard per rank {sharding['local_numel_per_rank']}")
@@ -334,12 +397,7 @@ def train(cfg: dict[str, Any]) -> None:
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
-        final = AutoModelForCausalLM.from_config(model.config, dtype=save_dtype)
-        missing, unexpected = final.load_state_dict({k: v.to(save_dtype) for k, v in state.items()}, strict=False)
-        if unexpected or [k for k in missing if not k.endswith("lm_head.weight")]:
-            raise SystemExit(f"final state dict does not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
-        final.config.use_cache = True
-        final.save_pretrained(out_dir, max_shard_size="2GB")
+        export_model(state, base_config, save_dtype, lora_config, out_dir)
         tokenizer.save_pretrained(out_dir)
         metrics = {"history": history, "sharding": sharding, "optimizer_steps": step, "epochs_run": epoch,
                    "examples": len(examples), "train_seconds": round(train_seconds, 2), "world_size": world,

@@ -230,3 +230,38 @@ def test_two_nodes_with_one_process_each_train_together_through_a_c10d_rendezvou
     reference = json.loads((fetch(store, build_train(single, store, model_uri, tokens_uri, log=lambda line: None).uri)
                             / "train_metrics.json").read_text())
     assert [r["loss"] for r in metrics["history"]] == pytest.approx([r["loss"] for r in reference["history"]], rel=1e-4)
+
+
+def test_lora_run_resumes_and_exports_a_merged_model_that_plain_transformers_loads(tiny_inputs):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    recipe, store, model_uri, tokens_uri = tiny_inputs
+    variant = recipe.model_copy(deep=True)
+    variant.train.lora, variant.train.lora_r, variant.train.lora_alpha = True, 4, 8
+    variant.train.lora_target_modules = ["q_proj", "v_proj", "down_proj"]
+    variant.train.num_train_epochs, variant.train.save_steps = 2, 4
+    lines: list[str] = []
+    result = build_train(variant, store, model_uri, tokens_uri, log=lines.append)
+    out = fetch(store, result.uri)
+    assert any(line.startswith("lora: r=4 alpha=8") for line in lines)
+    first_run = (out / "model.safetensors").read_bytes()
+    # the model is lost but the checkpoints are in the store: a re-run resumes and gives the same model
+    store.delete_prefix(store.key_for(result.uri))
+    lines.clear()
+    assert build_train(variant, store, model_uri, tokens_uri, log=lines.append).uri == result.uri
+    assert any(line.startswith("resumed from checkpoint step 12 ") for line in lines)  # of 16; 4 and 8 pruned
+    assert (out / "model.safetensors").read_bytes() == first_run
+    checkpoint = next((store.root / "checkpoints").glob("*/step-*/manifest.json"))
+    base_dir = fetch(store, model_uri)
+    # checkpoints keep the adapter and its optimizer state only: far smaller than the base weights
+    assert sum(f["size"] for f in json.loads(checkpoint.read_text())["files"]) < (base_dir / "model.safetensors").stat().st_size
+
+    merged = AutoModelForCausalLM.from_pretrained(out)  # no peft involved
+    base = AutoModelForCausalLM.from_pretrained(base_dir)
+    changed = {n for n, p in merged.state_dict().items() if not torch.equal(p, base.state_dict()[n])}
+    assert changed and all(n.endswith(("q_proj.weight", "v_proj.weight", "down_proj.weight")) for n in changed)
+    expected = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), out / "adapter").merge_and_unload()
+    for name, tensor in expected.state_dict().items():
+        torch.testing.assert_close(merged.state_dict()[name], tensor, rtol=1e-5, atol=1e-6)
