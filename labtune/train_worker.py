@@ -340,6 +340,7 @@ def train(cfg: dict[str, Any]) -> None:
                 "the weights and optimizer are resharded; the data order from here differs from the original run's")
 
     model.train()
+    run_tokens = [0, 0]  # this run's non-pad tokens and tokens computed (with padding)
     started = time.time()
     window_tokens = window_padded = 0
     window_start = time.time()
@@ -366,6 +367,8 @@ def train(cfg: dict[str, Any]) -> None:
                 loss_sum += loss.detach()
                 window_tokens += int(cpu_batch["attention_mask"].sum())
                 window_padded += cpu_batch["attention_mask"].numel()
+                run_tokens[0] += int(cpu_batch["attention_mask"].sum())
+                run_tokens[1] += cpu_batch["attention_mask"].numel()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["max_grad_norm"] or float("inf"))
             optimizer.step()
             scheduler.step()
@@ -394,6 +397,8 @@ def train(cfg: dict[str, Any]) -> None:
     checkpointing.finish()
 
     train_seconds = time.time() - started
+    totals = torch.tensor(run_tokens, dtype=torch.float64, device=device)
+    dist.all_reduce(totals)
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -402,6 +407,8 @@ def train(cfg: dict[str, Any]) -> None:
         metrics = {"history": history, "sharding": sharding, "optimizer_steps": step, "epochs_run": epoch,
                    "examples": len(examples), "train_seconds": round(train_seconds, 2), "world_size": world,
                    "resumed_from_step": resumed["step"] if resumed else None,
+                   "useful_tokens": int(totals[0]), "computed_tokens": int(totals[1]),
+                   "useful_tokens_per_s": round(float(totals[0]) / max(train_seconds, 1e-9), 1),
                    "checkpoints": checkpointing.committed()}
         (out_dir / "train_metrics.json").write_text(json.dumps(metrics, indent=2))
         log(f"saved final model to {out_dir} after {step} steps in {train_seconds:.1f}s")

@@ -265,3 +265,18 @@ def test_lora_run_resumes_and_exports_a_merged_model_that_plain_transformers_loa
     expected = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), out / "adapter").merge_and_unload()
     for name, tensor in expected.state_dict().items():
         torch.testing.assert_close(merged.state_dict()[name], tensor, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_torch_compile_gives_the_losses_of_eager_mode(tiny_inputs):
+    """train.torch_compile compiles each decoder layer (inductor; on CPU it builds C++ with the
+    system compiler): same losses as eager mode."""
+    recipe, store, model_uri, tokens_uri = tiny_inputs
+    histories = {}
+    for compiled in (False, True):
+        variant = recipe.model_copy(deep=True)
+        variant.parallel.nproc_per_node, variant.train.per_device_train_batch_size = 1, 8
+        variant.train.torch_compile = compiled
+        out = fetch(store, build_train(variant, store, model_uri, tokens_uri, log=lambda line: None).uri)
+        histories[compiled] = [r["loss"] for r in json.loads((out / "train_metrics.json").read_text())["history"]]
+    assert histories[True] == pytest.approx(histories[False], rel=1e-4)
