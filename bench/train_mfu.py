@@ -59,6 +59,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--nproc", type=int, default=1)
     parser.add_argument("--no-checkpointing", action="store_true")
+    parser.add_argument("--compile", action="store_true", help="train.torch_compile: compile each decoder layer")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="labtune-bench-mfu-"))
     params = build(work, args.layers, args.seq, args.steps * args.batch * args.nproc)
@@ -69,7 +70,7 @@ def main() -> None:
         "save_steps": 10**9, "save_total_limit": None, "logging_steps": 1, "fsdp": "full_shard auto_wrap",
         "fsdp_transformer_layer_cls_to_wrap": None, "max_grad_norm": 1.0, "seed": 0, "backend": "auto",
         "model_dir": str(work / "model"), "train_dir": str(work / "tokens"), "output_dir": str(work / "out"),
-        "save_steps_requested": False,
+        "save_strategy": "no", "torch_compile": args.compile,
     }
     (work / "config.json").write_text(json.dumps(config))
     command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.nproc}", "--master_port=29533",
@@ -87,10 +88,11 @@ def main() -> None:
     tokens_per_s = statistics.median(steady)
     mfu = 6 * params * tokens_per_s / (PEAK_BF16 * args.nproc)
     print(f"model: {params / 1e9:.2f}B parameters, sequence {args.seq}, micro-batch {args.batch} x {args.nproc} GPU(s), "
-          f"bf16, FSDP2, activation checkpointing {'off' if args.no_checkpointing else 'on'}")
+          f"bf16, FSDP2, activation checkpointing {'off' if args.no_checkpointing else 'on'}, "
+          f"torch.compile {'on' if args.compile else 'off'}")
     print(f"tokens/s (median of steps 6-{len(records)}): {tokens_per_s:,.0f}; MFU {mfu:.1%} (target >= 40%)")
     print(json.dumps({"params": params, "tokens_per_s": tokens_per_s, "mfu": round(mfu, 4), "steps": len(records),
-                      "checkpointing": not args.no_checkpointing, "batch": args.batch, "seq": args.seq}))
+                      "checkpointing": not args.no_checkpointing, "compile": args.compile, "batch": args.batch, "seq": args.seq}))
 
 
 if __name__ == "__main__":
