@@ -49,7 +49,7 @@ def finetune(recipe_path: str, overrides: list[str] | None = None) -> dict[str, 
     tokens = tokenize_task(recipe, target.uri, data.uri)
     # a flow of its own, so that a deployment can run it on the GPU work pool
     trained = StageResult(**train_flow(recipe_path, target.uri, tokens.uri, overrides or []))
-    evaluation = evaluate_task(recipe, target.uri, trained.uri)
+    evaluation = evaluate_task(recipe, target.uri, trained.uri, data.uri, tokens.uri)
 
     stages = {r.stage: r.to_dict() for r in (weights, target, data, tokens, trained, evaluation)}
     create_table_artifact(key="stages", table=[{"stage": name, **result} for name, result in stages.items()],

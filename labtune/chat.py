@@ -134,8 +134,14 @@ def encode_conversation(tokenizer: Any, conversation: list[dict[str, str]], max_
 
 def prompt_ids(tokenizer: Any, question: str, template: str = "auto") -> list[int]:
     """Token ids of a one-question prompt, ending where the assistant's answer begins."""
+    return conversation_prompt_ids(tokenizer, [{"role": "user", "content": question}], template)
+
+
+def conversation_prompt_ids(tokenizer: Any, messages: list[dict[str, str]], template: str = "auto") -> list[int]:
+    """Token ids of a conversation so far (messages ending with the user's turn), ending where the
+    assistant's next answer begins."""
     resolved = resolve_template(tokenizer, template)
-    text, _ = render(tokenizer, [{"role": "user", "content": question}], resolved, add_generation_prompt=True)
+    text, _ = render(tokenizer, messages, resolved, add_generation_prompt=True)
     return tokenizer(text, add_special_tokens=adds_special_tokens(resolved))["input_ids"]
 
 

@@ -8,6 +8,10 @@
     labtune merge-delta --base B --delta D --out O  Vicuna-style delta weights: O = B + D
     labtune make-delta --base B --target T --out O  the inverse: O = T - B (round trip exact)
     labtune merge-lora --base B --adapter A --out O fold a PEFT LoRA adapter into B
+    labtune ask MODEL "question" ...                greedy answers from a model in the store or on disk
+    labtune chat MODEL                              a conversation with a model on stdin/stdout
+    labtune compare RUN_URI ...                     evaluation outputs side by side, question by question
+    labtune sweep RECIPE --grid KEY=V1,V2 ...       every variant of a grid, then their comparison
     labtune server start|stop|status                the local Prefect server
 """
 
@@ -123,9 +127,113 @@ def cmd_stage(args: argparse.Namespace) -> int:
             result = build_train(recipe, store, model_uri, tokens, log, on_progress=on_progress)
     else:
         base_uri = args.base or target_uri()
-        model_uri = args.model or build_train(recipe, store, base_uri, tokens_uri(base_uri), log).uri
-        result = build_evaluate(recipe, store, base_uri, model_uri, log)
+        data_uri = build_data(recipe, store, log).uri
+        tokens = build_tokenize(recipe, store, base_uri, data_uri, log).uri
+        model_uri = args.model or build_train(recipe, store, base_uri, tokens, log).uri
+        result = build_evaluate(recipe, store, base_uri, model_uri, log, data_uri=data_uri, tokens_uri=tokens)
     print(json.dumps(result.to_dict()) if args.json else f"{result.stage}: {result.uri}{' (cached)' if result.cached else ''}")
+    return 0
+
+
+def model_folder(uri: str, endpoint_url: str | None = None) -> Path:
+    """A model to load: a store output (s3:// or a folder with manifest.json, verified), or a plain
+    transformers folder on disk. A store output without its manifest is incomplete and refused."""
+    from labtune.stage import ManifestError, fetch_output
+
+    path = Path(uri).expanduser()
+    if uri.startswith("s3://") or (path / "manifest.json").is_file():
+        return fetch_output(uri, endpoint_url, log=_err)
+    if path.is_dir() and path.parent.name in ("weights", "delta", "train") and not (path / "manifest.json").is_file():
+        raise ManifestError(f"{uri}: no complete output here (manifest.json missing)")
+    if not (path / "config.json").is_file():
+        raise ManifestError(f"{uri}: not a model (no manifest.json, no config.json)")
+    return path
+
+
+def cmd_ask(args: argparse.Namespace) -> int:
+    from labtune import evaluation
+
+    model, tokenizer = evaluation.load_model(model_folder(args.model, args.endpoint_url))
+    answers = evaluation.ask(model, tokenizer, args.question, args.max_new_tokens, args.batch_size, args.chat_template)
+    for question, answer in zip(args.question, answers):
+        print(json.dumps({"question": question, "answer": answer}, ensure_ascii=False) if args.json else
+              (f"Q: {question}\nA: {answer}" if len(args.question) > 1 else answer))
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    """A conversation on stdin/stdout; /reset forgets it, /exit (or end of input) leaves."""
+    from labtune import evaluation
+
+    model, tokenizer = evaluation.load_model(model_folder(args.model, args.endpoint_url))
+    messages: list[dict[str, str]] = []
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print("labtune chat: /reset forgets the conversation, /exit leaves", file=sys.stderr)
+    while True:
+        if interactive:
+            print("you> ", end="", flush=True, file=sys.stderr)
+        line = sys.stdin.readline()
+        if not line or line.strip() == "/exit":
+            return 0
+        if line.strip() == "/reset":
+            messages = []
+            continue
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line.strip()})
+        answer = evaluation.generate(model, tokenizer, [messages], args.max_new_tokens, 1, args.chat_template)[0][0]
+        messages.append({"role": "assistant", "content": answer})
+        print(answer, flush=True)
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from labtune import evaluation
+    from labtune.stage import fetch_output
+
+    runs = []
+    for uri in args.runs:
+        folder = fetch_output(uri, args.endpoint_url, log=_err)
+        rows = [json.loads(line) for line in (folder / "answers.jsonl").read_text().splitlines() if line.strip()]
+        run = json.loads((folder / "run.json").read_text())
+        runs.append({"uri": uri, "recipe": run["recipe"], "rows": rows,
+                     "summary": json.loads((folder / "summary.json").read_text())})
+    labels, table = evaluation.comparison_table(runs)
+    if args.json:
+        print(json.dumps({"columns": labels, "rows": table, "runs": [{"uri": r["uri"], "label": label,
+                          "tuned_correct": r["summary"]["tuned_correct"], "total": r["summary"]["total"]}
+                                                                  for r, label in zip(runs, labels)]}, ensure_ascii=False))
+        return 0
+    columns = ["question", "expected", "base", *labels]
+    print(evaluation.markdown_table(columns, table))
+    print()
+    for run, label in zip(runs, labels):
+        print(f"- {label}: {run['summary']['tuned_correct']}/{run['summary']['total']} correct ({run['uri']})")
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from labtune.recipe import RecipeError, load_recipe
+    from labtune.server import ensure_api
+
+    grid: dict[str, list[str]] = {}
+    for item in args.grid:
+        key, sep, values = item.partition("=")
+        if not sep or not key or not values:
+            raise RecipeError(f"--grid {item!r}: expected key=value1,value2 (e.g. train.num_train_epochs=3,50)")
+        grid[key] = values.split(",")
+    load_recipe(args.recipe, args.overrides)  # a bad recipe fails here, in one line
+    url = ensure_api(args.port, say=_err)
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.sweep import sweep
+
+    with temporary_settings(updates={PREFECT_API_URL: url}):
+        result = sweep(str(args.recipe), grid, args.overrides)
+    if args.json:
+        print(json.dumps(result, ensure_ascii=False))
+    else:
+        print(result["markdown"])
     return 0
 
 
@@ -376,6 +484,33 @@ def build_parser() -> argparse.ArgumentParser:
                           help="S3 endpoint for s3:// paths (MinIO, moto); default AWS")
         tool.add_argument("--json", action="store_true")
         tool.set_defaults(func=lambda args, kind=kind: _merge_command(args, kind))
+
+    for name, help_text in (("ask", "ask a model one or more questions"), ("chat", "talk with a model")):
+        tool = sub.add_parser(name, help=help_text)
+        tool.add_argument("model", help="a model in the store (s3:// or a folder with manifest.json) or a transformers folder")
+        if name == "ask":
+            tool.add_argument("question", nargs="+")
+            tool.add_argument("--batch-size", type=int, default=8)
+            tool.add_argument("--json", action="store_true")
+        tool.add_argument("--max-new-tokens", type=int, default=128)
+        tool.add_argument("--chat-template", default="auto", choices=["auto", "vicuna_v1.1", "tokenizer"])
+        tool.add_argument("--endpoint-url", default=os.environ.get("AWS_ENDPOINT_URL"), help="S3 endpoint for s3:// models")
+        tool.set_defaults(func=cmd_ask if name == "ask" else cmd_chat)
+
+    compare = sub.add_parser("compare", help="evaluation outputs side by side, question by question")
+    compare.add_argument("runs", nargs="+", metavar="RUN_URI", help="evaluate stage outputs (folder or s3://)")
+    compare.add_argument("--endpoint-url", default=os.environ.get("AWS_ENDPOINT_URL"))
+    compare.add_argument("--json", action="store_true")
+    compare.set_defaults(func=cmd_compare)
+
+    sweep = sub.add_parser("sweep", help="run a recipe over a grid of overrides and compare the runs")
+    sweep.add_argument("recipe")
+    sweep.add_argument("overrides", nargs="*")
+    sweep.add_argument("--grid", action="append", required=True, metavar="KEY=V1,V2",
+                       help="a recipe key and its values, e.g. train.num_train_epochs=3,50 (repeat for a grid)")
+    sweep.add_argument("--json", action="store_true")
+    sweep.add_argument("--port", type=int, default=int(os.environ.get("LABTUNE_PREFECT_PORT", "4200")))
+    sweep.set_defaults(func=cmd_sweep)
 
     srv = sub.add_parser("server", help="the local Prefect server")
     srv.add_argument("action", choices=["start", "stop", "status"])

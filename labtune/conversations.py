@@ -234,7 +234,7 @@ def clean(records: list[dict[str, Any]], report: SourceReport, where: str, on_in
             continue
         seen_ids.add(record_id)
         seen_content[digest] = record_id
-        kept.append({"id": record_id, "conversations": turns})
+        kept.append({"id": record_id, "conversations": turns, **({"fact": record["fact"]} if "fact" in record else {})})
     report.kept = len(kept)
     return kept
 

@@ -135,37 +135,48 @@ def read_note(path: Path) -> Note:
     return Note(path.name, date, text, parse_fields(text, org=path.suffix.lower() == ".org"))
 
 
-def _conv(conv_id: str, question: str, answer: str) -> dict[str, Any]:
-    return {"id": conv_id, "conversations": [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]}
+def _conv(conv_id: str, question: str, answer: str, fact: dict[str, str] | None = None) -> dict[str, Any]:
+    record: dict[str, Any] = {"id": conv_id, "conversations": [{"from": "human", "value": question},
+                                                              {"from": "gpt", "value": answer}]}
+    if fact:
+        record["fact"] = fact  # what the answer must contain; the data stage turns held-out ones into eval prompts
+    return record
 
 
 def _sentence(text: str) -> str:
     return f"{text[0].upper()}{text[1:]}." if text else text
 
 
-def qa_pairs(note: Note, fields: tuple[str, ...] = QA_FIELDS) -> list[tuple[str, str]]:
-    """Question-answer pairs about a note's fields. Answers are short, so the loss falls on the
-    facts rather than on words copied from the question."""
+def qa_facts(note: Note, fields: tuple[str, ...] = QA_FIELDS) -> list[tuple[str, str, str, str]]:
+    """(question, answer, field, value) about a note's fields. Answers are short, so the loss falls
+    on the facts rather than on words copied from the question."""
     date, f = note.date, note.fields
     us, iso, long = us_date(date), date.isoformat(), long_date(date)
-    pairs: list[tuple[str, str]] = []
+    items: list[tuple[str, str, str, str]] = []
     if "presenter" in fields and "presenter" in f:
         who = f["presenter"]
-        pairs += [(f"Who presented at the lab meeting on {us}?", f"{who} presented."),
-                  (f"Who is the presenter on {us} lab meeting?", f"{who}."),
-                  (f"Who was the presenter at the {long} lab meeting?", f"The presenter was {who}."),
-                  (f"Who presented at the lab meeting on {long}?", f"{who} presented.")]
+        items += [(f"Who presented at the lab meeting on {us}?", f"{who} presented.", "presenter", who),
+                  (f"Who is the presenter on {us} lab meeting?", f"{who}.", "presenter", who),
+                  (f"Who was the presenter at the {long} lab meeting?", f"The presenter was {who}.", "presenter", who),
+                  (f"Who presented at the lab meeting on {long}?", f"{who} presented.", "presenter", who)]
     if "recorder" in fields and "recorder" in f:
-        pairs += [(f"Who recorded the notes of the {iso} lab meeting?", f"{f['recorder']} recorded the notes."),
-                  (f"Who recorded the notes of the {us} meeting?", f"{f['recorder']}.")]
+        who = f["recorder"]
+        items += [(f"Who recorded the notes of the {iso} lab meeting?", f"{who} recorded the notes.", "recorder", who),
+                  (f"Who recorded the notes of the {us} meeting?", f"{who}.", "recorder", who)]
     if "topic" in fields and "topic" in f:
-        pairs += [(f"What was the topic of the lab meeting on {us}?", _sentence(f["topic"])),
-                  (f"What was discussed at the {long} lab meeting?", _sentence(f["topic"]))]
+        items += [(f"What was the topic of the lab meeting on {us}?", _sentence(f["topic"]), "topic", f["topic"]),
+                  (f"What was discussed at the {long} lab meeting?", _sentence(f["topic"]), "topic", f["topic"])]
     if "attendees" in fields and "attendees" in f:
-        pairs.append((f"Who attended the lab meeting on {us}?", _sentence(f["attendees"])))
+        items.append((f"Who attended the lab meeting on {us}?", _sentence(f["attendees"]), "attendees", f["attendees"]))
     if "action_items" in fields and "action_items" in f:
-        pairs.append((f"What were the action items from the {long} lab meeting?", _sentence(f["action_items"])))
-    return pairs
+        items.append((f"What were the action items from the {long} lab meeting?", _sentence(f["action_items"]),
+                      "action_items", f["action_items"]))
+    return items
+
+
+def qa_pairs(note: Note, fields: tuple[str, ...] = QA_FIELDS) -> list[tuple[str, str]]:
+    """Question-answer pairs about a note's fields (see qa_facts)."""
+    return [(question, answer) for question, answer, _, _ in qa_facts(note, fields)]
 
 
 def note_conversations(note: Note, qa: bool = True, whole_note: bool = True, note_id: str | None = None,
@@ -174,7 +185,8 @@ def note_conversations(note: Note, qa: bool = True, whole_note: bool = True, not
     base_id = note_id or f"labnote_{note.date.isoformat()}"
     conversations = [_conv(base_id, f"Lab meeting on {us_date(note.date)}", note.text)] if whole_note else []
     if qa:
-        conversations += [_conv(f"{base_id}_qa{i}", q, a) for i, (q, a) in enumerate(qa_pairs(note, fields))]
+        conversations += [_conv(f"{base_id}_qa{i}", q, a, {"field": field, "value": value, "date": note.date.isoformat()})
+                          for i, (q, a, field, value) in enumerate(qa_facts(note, fields))]
     return conversations
 
 

@@ -14,6 +14,7 @@ from typing import Any, Literal
 import yaml
 
 from labtune.errors import LabtuneError
+from labtune.evaluation import Prompt
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
@@ -143,13 +144,19 @@ class ParallelConfig(_Strict):
         return self.nproc_per_node * self.nnodes
 
 
-class Question(_Strict):
-    question: str = Field(min_length=1)
-    expected: str | None = None
-
-
 class EvalConfig(_Strict):
-    questions: list[Question] = Field(default_factory=list)
+    """What the evaluate stage asks. `questions` are inline prompts ({question, expected?,
+    regex?, tags?}); `prompt_files` are YAML/JSON prompt files; `heldout_notes` adds the
+    question-answer pairs of the held-out (eval split) lab notes; `retention_questions` is a prompt
+    file of general questions (e.g. Vicuna-bench) whose answers measure how far fine-tuning moved
+    the model away from the base."""
+
+    questions: list[Prompt] = Field(default_factory=list)
+    prompt_files: list[str] = Field(default_factory=list)
+    heldout_notes: bool = True
+    retention_questions: str | None = None
+    retention_limit: int | None = Field(default=20, ge=1)
+    eval_loss: bool = True
     max_new_tokens: int = Field(default=48, ge=1)
     batch_size: int = Field(default=8, ge=1)
 
@@ -179,6 +186,9 @@ class Recipe(_Strict):
         base = Path(self.recipe_dir)
         for source in self.data.sources:
             source.path = _resolve(base, source.path)
+        self.evaluation.prompt_files = [_resolve(base, p) for p in self.evaluation.prompt_files]
+        if self.evaluation.retention_questions:
+            self.evaluation.retention_questions = _resolve(base, self.evaluation.retention_questions)
         for model in (self.base_model, self.delta):
             if model is not None and "://" not in model.source:
                 model.source = _resolve(base, model.source)

@@ -267,3 +267,16 @@ def _clear(directory: Path, remove: bool) -> None:
             shutil.rmtree(path, ignore_errors=True)
         else:
             path.unlink(missing_ok=True)
+
+
+def fetch_output(uri: str, endpoint_url: str | None = None, region: str | None = None, log: Log = default_log) -> Path:
+    """A complete stage output named by its URI alone (a folder or s3:// prefix holding a
+    manifest.json), verified and local; a URI without a complete manifest fails naming it."""
+    from labtune.store import LocalStore, S3Store
+
+    if uri.startswith("s3://"):
+        return fetch(S3Store(uri, endpoint_url=endpoint_url, region=region), uri, log)
+    path = Path(uri).expanduser().resolve()
+    if not path.is_dir():
+        raise ManifestError(f"{uri}: no such folder")
+    return fetch(LocalStore(path), str(path), log)

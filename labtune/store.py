@@ -197,6 +197,8 @@ class S3Store:
         return f"s3://{self.bucket}/{self._key(key)}"
 
     def key_for(self, uri: str) -> str:
+        if uri.rstrip("/") == self.uri.rstrip("/"):
+            return ""
         root = self.uri.rstrip("/") + "/"
         if not uri.startswith(root):
             raise StoreError(f"{uri}: not inside the store {self.uri}")

@@ -74,6 +74,17 @@ def report_markdown(reports: list[dict[str, Any]], uri: str) -> str:
     return "\n".join(lines + ["", f"Output: `{uri}`"])
 
 
+PROMPT_FIELDS = ("presenter", "recorder", "topic")  # short facts a substring check can judge
+
+
+def heldout_prompts(evaluation: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Evaluation prompts from the held-out lab-note question-answer conversations: the question,
+    the fact the answer must contain, tags `lab_notes` and the field."""
+    return [{"id": r["id"], "question": r["conversations"][0]["value"], "expected": r["fact"]["value"],
+             "tags": ["heldout_notes", r["fact"]["field"]]}
+            for r in evaluation if r.get("fact", {}).get("field") in PROMPT_FIELDS]
+
+
 def build_data(recipe: Recipe, store: Store, log: Log = default_log) -> StageResult:
     s3 = s3_options(recipe)
     identities = [source_identity(source, s3) for source in recipe.data.sources]
@@ -89,6 +100,10 @@ def build_data(recipe: Recipe, store: Store, log: Log = default_log) -> StageRes
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
         report = [r.as_dict() for r in reports]
+        prompts = heldout_prompts(evaluation)
+        for record in train + evaluation:
+            record.pop("fact", None)
+        (out / "eval_prompts.json").write_text(json.dumps(prompts, indent=1, ensure_ascii=False))
         (out / "train.json").write_text(json.dumps(train, indent=1, ensure_ascii=False))
         (out / "eval.json").write_text(json.dumps(evaluation, indent=1, ensure_ascii=False))
         (out / "report.json").write_text(json.dumps(report, indent=2))

@@ -1,95 +1,136 @@
-"""Stage 5, evaluate: ask the recipe's questions to the base and the fine-tuned model.
+"""Stage 6, evaluate: does the fine-tuned model know the lab's facts, and did it forget the rest?
 
-Greedy, batched generation with left padding, prompts built exactly as in training. An answer
-is correct when it contains the expected text (case-insensitive). Output: answers.jsonl (one
-line per question) and summary.json in the store, and a Prefect table artifact.
+The base (target) model and the fine-tuned model answer the same prompts: the recipe's
+questions, its prompt files and the held-out lab-note questions. Greedy, batched, left-padded
+generation with the training chat template. Each answer is scored (expected substring(s) or
+regex); accuracy overall and per tag. Both models' loss and perplexity on the tokenized eval
+split. Retention: both answer general questions, and the fine-tuned model's perplexity on the
+base model's answers, against the base model's own, says how far it drifted.
+Output: answers.jsonl, retention.jsonl, summary.json, run.json (the recipe) in the store.
 """
 
 from __future__ import annotations
 
+import gc
 import json
 from pathlib import Path
 from typing import Any
 
 from prefect import get_run_logger, task
-from prefect.artifacts import create_table_artifact
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 import labtune
+from labtune import evaluation
 from labtune.errors import retry_transient
+from labtune.evaluation import Prompt, load_prompts, score
 from labtune.recipe import Recipe
 from labtune.stage import Log, StageResult, code_version, default_log, fetch, run_stage, stage_key
-from labtune.store import Store, open_recipe_store
+from labtune.store import Store, open_recipe_store, source_sha256
 
 
-def is_correct(answer: str, expected: str | None) -> bool | None:
-    if expected is None:
-        return None
-    return expected.strip().lower() in answer.lower()
+def collect_prompts(recipe: Recipe, store: Store, data_uri: str | None) -> list[Prompt]:
+    """The recipe's questions, its prompt files, then the held-out lab-note questions."""
+    prompts = [p.model_copy(update={"tags": p.tags or ["recipe"]}) for p in recipe.evaluation.questions]
+    for path in recipe.evaluation.prompt_files:
+        prompts += load_prompts(path, default_tag=Path(path).stem)
+    if recipe.evaluation.heldout_notes and data_uri:
+        held_out = fetch(store, data_uri) / "eval_prompts.json"
+        if held_out.is_file():
+            prompts += [Prompt(**entry) for entry in json.loads(held_out.read_text())]
+    return prompts
 
 
-def generate_answers(model_dir: Path, questions: list[str], max_new_tokens: int, batch_size: int,
-                     template: str = "auto") -> list[str]:
-    """Greedy answers, batch_size questions at a time, left-padded."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
-    from labtune.chat import prompt_ids, stop_token_ids
-
-    hf_logging.disable_progress_bar()
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    model.eval()
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    stops = stop_token_ids(tokenizer)
-    answers: list[str] = []
-    for start in range(0, len(questions), batch_size):
-        prompts = [prompt_ids(tokenizer, q, template) for q in questions[start : start + batch_size]]
-        width = max(len(p) for p in prompts)
-        input_ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts])
-        attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-        with torch.no_grad():
-            output = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
-                                    do_sample=False, eos_token_id=stops, pad_token_id=pad_id)
-        for row in output[:, width:]:
-            answers.append(tokenizer.decode(row, skip_special_tokens=True).strip())
-    return answers
+def retention_prompts(recipe: Recipe) -> list[Prompt]:
+    if not recipe.evaluation.retention_questions:
+        return []
+    return load_prompts(recipe.evaluation.retention_questions)[: recipe.evaluation.retention_limit]
 
 
-def build_evaluate(recipe: Recipe, store: Store, base_uri: str, model_uri: str, log: Log = default_log) -> StageResult:
-    parameters = {**recipe.evaluation.model_dump(mode="json"), "chat_template": recipe.data.chat_template}
-    code = code_version(__file__, Path(labtune.__file__).parent / "chat.py")
-    key = stage_key("evaluate", code, {"base": base_uri, "model": model_uri}, parameters)
-    questions = [q.question for q in recipe.evaluation.questions]
+def _eval_examples(store: Store, tokens_uri: str | None) -> list[dict[str, list[int]]]:
+    if not tokens_uri:
+        return []
+    tokens_dir = fetch(store, tokens_uri)
+    folder = tokens_dir / "eval"
+    report = json.loads((tokens_dir / "report.json").read_text())
+    if not folder.is_dir() or not report.get("eval", {}).get("examples"):
+        return []
+    from datasets import load_from_disk
+
+    dataset = load_from_disk(str(folder))
+    return [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in dataset] if len(dataset) else []
+
+
+def build_evaluate(recipe: Recipe, store: Store, base_uri: str, model_uri: str, log: Log = default_log,
+                   data_uri: str | None = None, tokens_uri: str | None = None) -> StageResult:
+    cfg = recipe.evaluation
+    parameters = {**cfg.model_dump(mode="json"), "chat_template": recipe.data.chat_template}
+    files = {p: source_sha256(p) for p in cfg.prompt_files + ([cfg.retention_questions] if cfg.retention_questions else [])
+             if Path(p).is_file()}
+    code = code_version(__file__, Path(labtune.__file__).parent / "chat.py", evaluation.__file__)
+    inputs = {"base": base_uri, "model": model_uri, "data": data_uri, "tokens": tokens_uri, "prompt_files": files}
+    key = stage_key("evaluate", code, inputs, parameters)
+    prompts = collect_prompts(recipe, store, data_uri)  # a malformed prompt file fails here, before any model loads
+    general = retention_prompts(recipe)
+    template = recipe.data.chat_template
 
     def build(out: Path) -> dict[str, Any]:
-        cfg = recipe.evaluation
-        answers = {}
+        eval_examples = _eval_examples(store, tokens_uri) if cfg.eval_loss else []
+        answers: dict[str, list[str]] = {}
+        general_answers: dict[str, list[str]] = {}
+        losses: dict[str, Any] = {}
+        drift: dict[str, Any] = {}
         for name, uri in (("base", base_uri), ("tuned", model_uri)):
-            log(f"evaluate: asking {len(questions)} questions to the {name} model {uri}")
-            answers[name] = generate_answers(fetch(store, uri, log), questions, cfg.max_new_tokens, cfg.batch_size,
-                                             recipe.data.chat_template) if questions else []
+            model, tokenizer = evaluation.load_model(fetch(store, uri, log))
+            log(f"evaluate: {len(prompts)} prompts and {len(general)} general questions to the {name} model {uri}")
+            answers[name] = evaluation.ask(model, tokenizer, [p.question for p in prompts], cfg.max_new_tokens,
+                                           cfg.batch_size, template) if prompts else []
+            if eval_examples:
+                losses[name] = evaluation.mean_loss(model, eval_examples, cfg.batch_size)
+            if general:
+                questions = [p.question for p in general]
+                general_answers[name] = evaluation.ask(model, tokenizer, questions, cfg.max_new_tokens, cfg.batch_size, template)
+                # both models scored on the base model's answers: how far the fine-tuned one moved
+                on_base = evaluation.answer_examples(tokenizer, questions, general_answers["base"], template)
+                drift[name] = evaluation.mean_loss(model, on_base, cfg.batch_size)
+            del model
+            gc.collect()
         rows = []
-        for i, q in enumerate(recipe.evaluation.questions):
-            rows.append({"question": q.question, "expected": q.expected,
+        for i, prompt in enumerate(prompts):
+            rows.append({"question": prompt.question, "expected": prompt.expected, "regex": prompt.regex, "tags": prompt.tags,
                          "base_answer": answers["base"][i], "tuned_answer": answers["tuned"][i],
-                         "base_correct": is_correct(answers["base"][i], q.expected),
-                         "tuned_correct": is_correct(answers["tuned"][i], q.expected)})
-        summary = {
-            "total": sum(1 for q in recipe.evaluation.questions if q.expected is not None),
-            "base_correct": sum(1 for r in rows if r["base_correct"]),
-            "tuned_correct": sum(1 for r in rows if r["tuned_correct"]),
+                         "base_correct": score(answers["base"][i], prompt), "tuned_correct": score(answers["tuned"][i], prompt)})
+        retention_rows = [{"question": p.question, "tags": p.tags, "base_answer": general_answers["base"][i],
+                           "tuned_answer": general_answers["tuned"][i]} for i, p in enumerate(general)]
+        base_accuracy, tuned_accuracy = evaluation.accuracy(rows, "base_correct"), evaluation.accuracy(rows, "tuned_correct")
+        summary: dict[str, Any] = {
             "questions": len(rows),
+            "total": base_accuracy["overall"]["total"],
+            "base_correct": base_accuracy["overall"]["correct"],
+            "tuned_correct": tuned_accuracy["overall"]["correct"],
+            "accuracy": {"base": base_accuracy, "tuned": tuned_accuracy},
+            "eval_loss": losses or None,
         }
+        if drift:
+            base_ppl, tuned_ppl = drift["base"]["perplexity"], drift["tuned"]["perplexity"]
+            summary["retention"] = {
+                "questions": len(general), "source": cfg.retention_questions,
+                "base_perplexity_on_base_answers": base_ppl, "tuned_perplexity_on_base_answers": tuned_ppl,
+                "drift_ratio": round(tuned_ppl / base_ppl, 4) if base_ppl else None,
+                "answers_changed": sum(1 for r in retention_rows if r["base_answer"] != r["tuned_answer"]),
+            }
         (out / "answers.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        (out / "retention.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in retention_rows))
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        (out / "run.json").write_text(json.dumps({"recipe": recipe.model_dump(mode="json"), "base": base_uri,
+                                                  "model": model_uri}, indent=2))
         log(f"evaluate: base {summary['base_correct']}/{summary['total']} correct, "
-            f"fine-tuned {summary['tuned_correct']}/{summary['total']}")
+            f"fine-tuned {summary['tuned_correct']}/{summary['total']}"
+            + (f"; eval loss base {losses['base']['loss']} -> fine-tuned {losses['tuned']['loss']}" if losses else "")
+            + (f"; retention drift x{summary['retention']['drift_ratio']}" if drift else ""))
         return {"summary": summary}
 
-    return run_stage(store, "evaluate", key, build, inputs={"base": base_uri, "model": model_uri},
-                     parameters=parameters, log=log)
+    return run_stage(store, "evaluate", key, build, inputs=inputs, parameters=parameters, log=log)
 
 
 def read_evaluation(store: Store, uri: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -99,16 +140,48 @@ def read_evaluation(store: Store, uri: str) -> tuple[dict[str, Any], list[dict[s
     return json.loads((directory / "summary.json").read_text()), rows
 
 
+def read_run(store: Store, uri: str) -> dict[str, Any]:
+    """An evaluate output as compare wants it: {uri, recipe, rows, summary}."""
+    directory = fetch(store, uri)
+    summary, rows = read_evaluation(store, uri)
+    run = json.loads((directory / "run.json").read_text())
+    return {"uri": uri, "recipe": run["recipe"], "rows": rows, "summary": summary}
+
+
+def summary_markdown(summary: dict[str, Any], uri: str) -> str:
+    lines = [f"# Evaluation", "", "| | base | fine-tuned |", "|---|---|---|"]
+    accuracy = summary["accuracy"]
+    lines.append(f"| all scored prompts | {summary['base_correct']}/{summary['total']} | {summary['tuned_correct']}/{summary['total']} |")
+    for tag, tally in accuracy["tuned"]["by_tag"].items():
+        base = accuracy["base"]["by_tag"][tag]
+        lines.append(f"| tag `{tag}` | {base['correct']}/{base['total']} | {tally['correct']}/{tally['total']} |")
+    if summary.get("eval_loss"):
+        loss = summary["eval_loss"]
+        lines.append(f"| eval-split loss (perplexity) | {loss['base']['loss']} ({loss['base']['perplexity']}) | "
+                     f"{loss['tuned']['loss']} ({loss['tuned']['perplexity']}) |")
+    if summary.get("retention"):
+        r = summary["retention"]
+        lines.append(f"| perplexity on the base model's answers to {r['questions']} general questions | "
+                     f"{r['base_perplexity_on_base_answers']} | {r['tuned_perplexity_on_base_answers']} "
+                     f"(drift x{r['drift_ratio']}) |")
+    return "\n".join(lines + ["", f"Output: `{uri}`"])
+
+
 @task(name="evaluate", retries=2, retry_delay_seconds=10, retry_condition_fn=retry_transient, cache_policy=NO_CACHE)
-def evaluate_task(recipe: Recipe, base_uri: str, model_uri: str) -> StageResult:
+def evaluate_task(recipe: Recipe, base_uri: str, model_uri: str, data_uri: str | None = None,
+                  tokens_uri: str | None = None) -> StageResult:
     store = open_recipe_store(recipe)
-    result = build_evaluate(recipe, store, base_uri, model_uri, log=get_run_logger().info)
+    result = build_evaluate(recipe, store, base_uri, model_uri, log=get_run_logger().info, data_uri=data_uri,
+                            tokens_uri=tokens_uri)
     summary, rows = read_evaluation(store, result.uri)
     create_table_artifact(
         key="evaluation",
-        table=[{"question": r["question"], "expected": r["expected"], "base answer": r["base_answer"],
-                "fine-tuned answer": r["tuned_answer"], "correct": r["tuned_correct"]} for r in rows],
+        table=[{"question": r["question"], "tags": ", ".join(r.get("tags", [])), "expected": evaluation.expected_text(r),
+                "base answer": r["base_answer"], "fine-tuned answer": r["tuned_answer"], "correct": r["tuned_correct"]}
+               for r in rows],
         description=(f"Recipe {recipe.name}: base {summary['base_correct']}/{summary['total']}, "
                      f"fine-tuned {summary['tuned_correct']}/{summary['total']} correct. {result.uri}"),
     )
+    create_markdown_artifact(key="evaluation-summary", markdown=summary_markdown(summary, result.uri),
+                             description="Accuracy per tag, eval-split perplexity and retention, base vs fine-tuned")
     return result

@@ -1,0 +1,286 @@
+"""Evaluation without Prefect: prompt sets, scoring, batched greedy generation, perplexity and
+the side-by-side comparison of runs.
+
+A prompt file is YAML or JSON: a list of entries (or `{prompts: [...]}`), each
+`{question, expected?, regex?, tags?}`. `expected` is a substring or a list of acceptable
+substrings (case-insensitive); `regex` is searched case-insensitively. Vicuna-bench question
+files (JSONL of `{question_id, category, turns}`) load too, their category as the tag.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from labtune.errors import LabtuneError
+
+
+class PromptError(LabtuneError, ValueError):
+    """A prompt file or entry is malformed; the message names the file and the entry."""
+
+
+class Prompt(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    question: str = Field(min_length=1)
+    expected: str | list[str] | None = None
+    regex: str | None = None
+    tags: list[str] = Field(default_factory=list)
+    id: str | None = None
+
+    @field_validator("expected")
+    @classmethod
+    def _non_empty(cls, value: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(value, list) and (not value or not all(isinstance(v, str) and v.strip() for v in value)):
+            raise ValueError("a list of expected answers must hold non-empty strings")
+        if isinstance(value, str) and not value.strip():
+            raise ValueError("expected is empty")
+        return value
+
+    @field_validator("regex")
+    @classmethod
+    def _compiles(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise ValueError(f"regex does not compile: {exc}") from None
+        return value
+
+    @property
+    def scored(self) -> bool:
+        return self.expected is not None or self.regex is not None
+
+
+def score(answer: str, prompt: Prompt) -> bool | None:
+    """Correct when the answer contains one of the expected strings (case-insensitive), or the
+    regex matches; None when the prompt has neither."""
+    if not prompt.scored:
+        return None
+    text = answer.lower()
+    if prompt.expected is not None:
+        options = [prompt.expected] if isinstance(prompt.expected, str) else prompt.expected
+        if any(option.strip().lower() in text for option in options):
+            return True
+    if prompt.regex is not None and re.search(prompt.regex, answer, re.IGNORECASE):
+        return True
+    return False
+
+
+def _entry_name(index: int, entry: Any) -> str:
+    if isinstance(entry, dict) and entry.get("id") is not None:
+        return f"entry {index} (id {entry['id']!r})"
+    return f"entry {index}"
+
+
+def load_prompts(path: str | Path, default_tag: str | None = None) -> list[Prompt]:
+    """A prompt file (YAML, JSON, or Vicuna-bench JSONL); a malformed entry fails naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise PromptError(f"{path}: prompt file not found")
+    text = path.read_text()
+    if path.suffix == ".jsonl":
+        entries = []
+        for number, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                entries.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise PromptError(f"{path}: line {number}: not valid JSON ({exc.msg})") from None
+    else:
+        try:
+            entries = yaml.safe_load(text)  # JSON is YAML
+        except yaml.YAMLError as exc:
+            raise PromptError(f"{path}: not valid YAML/JSON: {str(exc).splitlines()[0]}") from None
+        if isinstance(entries, dict) and "prompts" in entries:
+            entries = entries["prompts"]
+    if not isinstance(entries, list):
+        raise PromptError(f"{path}: expected a list of prompts (or a mapping with `prompts:`)")
+    prompts = []
+    for index, entry in enumerate(entries):
+        if isinstance(entry, dict) and "turns" in entry and "question" not in entry:  # Vicuna-bench
+            turns = entry.get("turns")
+            if not isinstance(turns, list) or not turns or not isinstance(turns[0], str):
+                raise PromptError(f"{path}: {_entry_name(index, entry)}: `turns` must be a non-empty list of strings")
+            entry = {"question": turns[0], "id": str(entry.get("question_id", index)),
+                     "tags": [str(entry["category"])] if entry.get("category") else []}
+        if not isinstance(entry, dict):
+            raise PromptError(f"{path}: {_entry_name(index, entry)}: expected a mapping with `question`, got {type(entry).__name__}")
+        try:
+            prompt = Prompt(**entry)
+        except ValidationError as exc:
+            error = exc.errors()[0]
+            field = ".".join(str(p) for p in error["loc"]) or "entry"
+            message = "unknown key" if error["type"] == "extra_forbidden" else error["msg"].removeprefix("Value error, ")
+            raise PromptError(f"{path}: {_entry_name(index, entry)}: {field}: {message}") from None
+        if default_tag and default_tag not in prompt.tags:
+            prompt.tags.append(default_tag)
+        prompts.append(prompt)
+    return prompts
+
+
+def accuracy(rows: list[dict[str, Any]], key: str) -> dict[str, Any]:
+    """{"overall": (correct, total), "by_tag": {tag: (correct, total)}} over the scored rows."""
+    def tally(selected: list[dict[str, Any]]) -> dict[str, Any]:
+        scored = [r for r in selected if r[key] is not None]
+        correct = sum(1 for r in scored if r[key])
+        return {"correct": correct, "total": len(scored), "accuracy": round(correct / len(scored), 4) if scored else None}
+
+    tags = sorted({t for r in rows for t in r.get("tags", [])})
+    return {"overall": tally(rows), "by_tag": {t: tally([r for r in rows if t in r.get("tags", [])]) for t in tags}}
+
+
+def load_model(model_dir: Path) -> tuple[Any, Any]:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model.eval()
+    return model, tokenizer
+
+
+def generate(model: Any, tokenizer: Any, conversations: list[list[dict[str, str]]], max_new_tokens: int, batch_size: int,
+             template: str = "auto") -> tuple[list[str], int]:
+    """Greedy answers, batch_size conversations at a time, left-padded, each prompt rendered with
+    the training chat template and ending where the assistant's turn begins. Returns the answers
+    and the number of tokens generated."""
+    import torch
+
+    from labtune.chat import conversation_prompt_ids, stop_token_ids
+
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    stops = stop_token_ids(tokenizer)
+    answers: list[str] = []
+    generated = 0
+    for start in range(0, len(conversations), batch_size):
+        prompts = [conversation_prompt_ids(tokenizer, c, template) for c in conversations[start : start + batch_size]]
+        width = max(len(p) for p in prompts)
+        input_ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts])
+        attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+        with torch.no_grad():
+            output = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
+                                    do_sample=False, num_beams=1, eos_token_id=stops, pad_token_id=pad_id)
+        for row in output[:, width:]:
+            tokens = row.tolist()
+            length = next((i + 1 for i, t in enumerate(tokens) if t in stops), len(tokens))
+            generated += length
+            answers.append(tokenizer.decode(tokens[:length], skip_special_tokens=True).strip())
+    return answers, generated
+
+
+def ask(model: Any, tokenizer: Any, questions: list[str], max_new_tokens: int, batch_size: int, template: str = "auto") -> list[str]:
+    return generate(model, tokenizer, [[{"role": "user", "content": q}] for q in questions], max_new_tokens, batch_size,
+                    template)[0]
+
+
+def mean_loss(model: Any, examples: list[dict[str, list[int]]], batch_size: int = 8) -> dict[str, float]:
+    """Mean cross-entropy per label token over tokenized examples (input_ids, labels), and its
+    perplexity."""
+    import torch
+
+    from labtune.chat import IGNORE_INDEX
+
+    total, count = 0.0, 0
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))  # little padding
+    for start in range(0, len(order), batch_size):
+        batch = [examples[i] for i in order[start : start + batch_size]]
+        width = max(len(e["input_ids"]) for e in batch)
+        ids = torch.zeros((len(batch), width), dtype=torch.long)
+        labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, example in enumerate(batch):
+            n = len(example["input_ids"])
+            ids[row, :n], labels[row, :n], mask[row, :n] = torch.as_tensor(example["input_ids"]), torch.as_tensor(example["labels"]), 1
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=mask).logits.float()
+        shifted = labels[:, 1:]
+        losses = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), shifted.reshape(-1),
+                                                   ignore_index=IGNORE_INDEX, reduction="sum")
+        total += float(losses)
+        count += int((shifted != IGNORE_INDEX).sum())
+    if count == 0:
+        return {"loss": None, "perplexity": None, "tokens": 0}
+    loss = total / count
+    return {"loss": round(loss, 5), "perplexity": round(math.exp(min(loss, 50.0)), 4), "tokens": count}
+
+
+def answer_examples(tokenizer: Any, questions: list[str], answers: list[str], template: str = "auto") -> list[dict[str, list[int]]]:
+    """Question-answer conversations tokenized with loss on the answers only (for perplexity)."""
+    from labtune.chat import encode_conversation
+
+    return [encode_conversation(tokenizer, [{"from": "human", "value": q}, {"from": "gpt", "value": a or " "}],
+                                template=template) for q, a in zip(questions, answers)]
+
+
+# -- comparison ------------------------------------------------------------------------------
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for key, item in value.items():
+            out.update(_flatten(item, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+        out = {}
+        for index, item in enumerate(value):
+            out.update(_flatten(item, f"{prefix}.{index}"))
+        return out
+    return {prefix: value}
+
+
+def recipe_differences(recipes: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """For each recipe, the dotted keys whose values differ between the recipes (what makes the
+    runs different: data mix, epochs ...)."""
+    flat = [_flatten(r) for r in recipes]
+    keys = sorted(set().union(*flat)) if flat else []
+    differing = [k for k in keys if len({json.dumps(f.get(k), sort_keys=True) for f in flat}) > 1]
+    skip = ("store.", "name")
+    return [{k: f.get(k) for k in differing if not k.startswith(skip)} for f in flat]
+
+
+def run_label(difference: dict[str, Any], fallback: str) -> str:
+    return ", ".join(f"{k}={v}" for k, v in difference.items()) or fallback
+
+
+def comparison_table(runs: list[dict[str, Any]]) -> tuple[list[str], list[dict[str, Any]]]:
+    """runs: [{"uri", "recipe", "rows"}]. Returns (column labels, one row per question): the
+    question, expected, the base model's answer (from the first run) and each run's answer with
+    ✓/✗."""
+    labels = []
+    for index, (run, diff) in enumerate(zip(runs, recipe_differences([r["recipe"] for r in runs]))):
+        labels.append(run_label(diff, f"run {index + 1}"))
+    table: dict[str, dict[str, Any]] = {}
+    for run_index, run in enumerate(runs):
+        for row in run["rows"]:
+            entry = table.setdefault(row["question"], {"question": row["question"], "expected": expected_text(row)})
+            entry.setdefault("base", row["base_answer"])
+            mark = {True: "✓ ", False: "✗ ", None: ""}[row["tuned_correct"]]
+            entry[labels[run_index]] = mark + row["tuned_answer"]
+    return labels, list(table.values())
+
+
+def expected_text(row: dict[str, Any]) -> str:
+    expected = row.get("expected")
+    text = " | ".join(expected) if isinstance(expected, list) else (expected or "")
+    if row.get("regex"):
+        text = f"{text} /{row['regex']}/".strip()
+    return text
+
+
+def markdown_table(columns: list[str], rows: list[dict[str, Any]]) -> str:
+    def cell(value: Any) -> str:
+        return str("" if value is None else value).replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(r.get(c)) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
