@@ -101,6 +101,7 @@ def notes_copy(tmp_path: Path) -> Path:
     return target
 
 
-def run_cli(*args: str, env: dict[str, str] | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "labtune.cli", *args], capture_output=True, text=True,
+def run_cli(*args: str, env: dict[str, str] | None = None, timeout: int = 600,
+            stdin: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "labtune.cli", *args], capture_output=True, text=True, input=stdin,
                           env={**os.environ, **(env or {})}, timeout=timeout, cwd=REPO)

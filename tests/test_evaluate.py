@@ -1,0 +1,211 @@
+"""Evaluation: scoring rules, prompt files and bad entries, batched vs one-by-one generation,
+perplexity on a model whose answer is known, held-out note prompts, ask/chat, compare and sweep."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from conftest import SHARED_DATA, TINY_RECIPE, run_cli
+from labtune.evaluation import Prompt, PromptError, accuracy, load_prompts, mean_loss, recipe_differences, score
+
+
+@pytest.mark.parametrize("prompt, answer, expected", [
+    (Prompt(question="q", expected="Lena Fischer"), "It was lena fischer.", True),
+    (Prompt(question="q", expected="Lena Fischer"), "Sofia Rossi.", False),
+    (Prompt(question="q", expected=["Lena", "L. Fischer"]), "Dr. L. Fischer presented", True),
+    (Prompt(question="q", expected=["Lena", "L. Fischer"]), "Maya", False),
+    (Prompt(question="q", regex=r"\b(4|four) (people|attendees)\b"), "Four people came.", True),
+    (Prompt(question="q", regex=r"^\d+$"), "12 people", False),
+    (Prompt(question="q", expected="Maya", regex=r"Okafor"), "Okafor", True),  # either rule
+    (Prompt(question="q"), "anything", None),  # unscored
+])
+def test_scoring_rules(prompt, answer, expected):
+    assert score(answer, prompt) is expected
+
+
+def test_accuracy_overall_and_per_tag():
+    rows = [{"tags": ["presenter"], "c": True}, {"tags": ["presenter"], "c": False}, {"tags": ["topic"], "c": True},
+            {"tags": ["topic"], "c": None}]
+    result = accuracy(rows, "c")
+    assert result["overall"] == {"correct": 2, "total": 3, "accuracy": round(2 / 3, 4)}
+    assert result["by_tag"]["presenter"]["accuracy"] == 0.5 and result["by_tag"]["topic"]["total"] == 1
+
+
+def test_prompt_file_yaml_json_and_vicuna_bench(tmp_path):
+    yaml_file = tmp_path / "prompts.yaml"
+    yaml_file.write_text("prompts:\n  - {question: 'Who presented on 4/14/2023?', expected: [Lena, Fischer], tags: [presenter]}\n"
+                         "  - question: How many came?\n    regex: '\\d+'\n")
+    prompts = load_prompts(yaml_file, default_tag="lab")
+    assert [p.expected for p in prompts] == [["Lena", "Fischer"], None]
+    assert prompts[0].tags == ["presenter", "lab"] and prompts[1].regex == r"\d+"
+    json_file = tmp_path / "prompts.json"
+    json_file.write_text(json.dumps([{"question": "Q?", "expected": "A"}]))
+    assert load_prompts(json_file)[0].expected == "A"
+    bench = SHARED_DATA / "fastchat_vicuna_bench_question.jsonl"
+    if bench.is_file():
+        vicuna = load_prompts(bench)
+        assert len(vicuna) == 80 and vicuna[0].tags and not vicuna[0].scored
+
+
+@pytest.mark.parametrize("entry, message", [
+    ("{expected: Lena}", r"entry 1: question: Field required"),
+    ("{question: Q, expected: []}", r"entry 1: expected: a list of expected answers must hold non-empty strings"),
+    ("{question: Q, regex: '(unclosed'}", r"entry 1: regex: regex does not compile"),
+    ("{question: Q, answer: A}", r"entry 1: answer: unknown key"),
+    ("just a string", r"entry 1: expected a mapping with `question`, got str"),
+])
+def test_a_malformed_prompt_entry_fails_naming_the_file_and_entry(tmp_path, entry, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(f"- {{question: fine, expected: ok}}\n- {entry}\n")
+    with pytest.raises(PromptError, match=f"^{path}: {message}"):
+        load_prompts(path)
+
+
+def test_recipe_differences_name_what_changed():
+    a = {"name": "x", "train": {"num_train_epochs": 3, "lr": 1}, "data": {"sources": [{"weight": 1.0}, {"weight": 1.0}]}}
+    b = {"name": "y", "train": {"num_train_epochs": 50, "lr": 1}, "data": {"sources": [{"weight": 1.0}, {"weight": 0.0}]}}
+    assert recipe_differences([a, b]) == [{"data.sources.1.weight": 1.0, "train.num_train_epochs": 3},
+                                          {"data.sources.1.weight": 0.0, "train.num_train_epochs": 50}]
+
+
+def test_perplexity_of_a_model_with_uniform_predictions_is_the_vocabulary_size(tiny_model):
+    import torch
+
+    from labtune.evaluation import load_model
+
+    model, _ = load_model(tiny_model)
+    with torch.no_grad():
+        model.get_output_embeddings().weight.zero_()  # every logit 0: uniform over the vocabulary
+    vocab = model.config.vocab_size
+    examples = [{"input_ids": [1, 5, 9, 13, 2], "labels": [-100, -100, 9, 13, 2]},
+                {"input_ids": [1, 7, 8], "labels": [-100, 7, 8]}]
+    result = mean_loss(model, examples, batch_size=2)
+    assert result["tokens"] == 5
+    assert result["loss"] == pytest.approx(math.log(vocab), rel=1e-4)
+    assert result["perplexity"] == pytest.approx(vocab, rel=1e-3)
+
+
+def test_batched_and_one_by_one_generation_give_the_same_answers(tiny_model):
+    from labtune.evaluation import ask, load_model
+
+    model, tokenizer = load_model(tiny_model)
+    questions = ["Who presented at the lab meeting on 4/14/2023?", "Topic?",
+                 "What were the action items from the May 12, 2023 lab meeting about the protein assay?",
+                 "Who recorded the notes?", "Who attended the lab meeting on 1/13/2023 and what was discussed there?"]
+    batched = ask(model, tokenizer, questions, max_new_tokens=12, batch_size=5)
+    single = ask(model, tokenizer, questions, max_new_tokens=12, batch_size=1)
+    assert batched == single
+    assert any(answer for answer in batched)
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory):
+    """The tiny pipeline with a held-out split, a prompt file and retention questions."""
+    from labtune.recipe import load_recipe
+    from labtune.store import LocalStore
+    from tasks.data import build_data
+    from tasks.evaluate import build_evaluate
+    from tasks.tokenize import build_tokenize
+    from tasks.train import build_train
+    from tasks.weights import build_weights
+
+    root = tmp_path_factory.mktemp("evaluate")
+    prompts = root / "lab.yaml"
+    prompts.write_text("- {question: 'Who presented at the lab meeting on 4/14/2023?', expected: [Lena Fischer, Lena], tags: [presenter]}\n")
+    retention = root / "general.jsonl"
+    retention.write_text("".join(json.dumps({"question_id": i, "category": "generic", "turns": [q]}) + "\n"
+                                 for i, q in enumerate(["What is a cell?", "Name a planet.", "Write a haiku."])))
+    recipe = load_recipe(TINY_RECIPE, [f"store.uri={root / 'store'}", "data.sources.0.eval_fraction=0.25",
+                                       f"evaluation.prompt_files=[{prompts}]", f"evaluation.retention_questions={retention}"])
+    store = LocalStore(root / "store")
+    base = build_weights(recipe, store).uri
+    data = build_data(recipe, store).uri
+    tokens = build_tokenize(recipe, store, base, data).uri
+    model = build_train(recipe, store, base, tokens, log=lambda line: None).uri
+    result = build_evaluate(recipe, store, base, model, data_uri=data, tokens_uri=tokens)
+    return recipe, store, {"base": base, "data": data, "tokens": tokens, "model": model, "evaluate": result.uri}
+
+
+def test_held_out_note_questions_become_prompts_and_never_train(evaluated):
+    _, _, uris = evaluated
+    data = Path(uris["data"])
+    prompts = json.loads((data / "eval_prompts.json").read_text())
+    train_questions = {r["conversations"][0]["value"] for r in json.loads((data / "train.json").read_text())}
+    eval_questions = {r["conversations"][0]["value"] for r in json.loads((data / "eval.json").read_text())}
+    assert prompts and all(p["question"] in eval_questions and p["question"] not in train_questions for p in prompts)
+    assert all(p["tags"][0] == "heldout_notes" and p["tags"][1] in ("presenter", "recorder", "topic") for p in prompts)
+    assert "fact" not in (data / "train.json").read_text()  # bookkeeping never reaches the tokenizer
+
+
+def test_evaluate_scores_tags_loss_and_retention(evaluated):
+    _, _, uris = evaluated
+    out = Path(uris["evaluate"])
+    summary = json.loads((out / "summary.json").read_text())
+    rows = [json.loads(line) for line in (out / "answers.jsonl").read_text().splitlines()]
+    assert {"recipe", "lab", "heldout_notes", "presenter"} <= set(summary["accuracy"]["tuned"]["by_tag"])
+    assert summary["total"] == len(rows) == summary["questions"]
+    assert all(r["base_correct"] in (True, False) for r in rows)
+    loss = summary["eval_loss"]
+    assert loss["base"]["tokens"] == loss["tuned"]["tokens"] > 0
+    assert loss["tuned"]["loss"] < loss["base"]["loss"]  # it trained on the notes of this lab
+    assert loss["base"]["perplexity"] == pytest.approx(math.exp(loss["base"]["loss"]), rel=1e-3)
+    retention = summary["retention"]
+    assert retention["questions"] == 3
+    assert retention["drift_ratio"] == pytest.approx(retention["tuned_perplexity_on_base_answers"]
+                                                     / retention["base_perplexity_on_base_answers"], rel=1e-3)
+    assert len((out / "retention.jsonl").read_text().splitlines()) == 3
+
+
+def test_ask_and_chat_on_a_model_in_the_store_and_refuse_an_incomplete_one(evaluated, tmp_path):
+    _, _, uris = evaluated
+    proc = run_cli("ask", uris["model"], "Who presented at the lab meeting on 4/14/2023?", "Topic?", "--json",
+                   "--max-new-tokens", "6")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    answers = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [a["question"] for a in answers] == ["Who presented at the lab meeting on 4/14/2023?", "Topic?"]
+    chat = run_cli("chat", uris["model"], "--max-new-tokens", "6", stdin="Hello\nWho presented?\n/exit\n")
+    assert chat.returncode == 0, chat.stderr[-2000:]
+    assert len(chat.stdout.splitlines()) == 2  # one answer per turn
+
+    import shutil
+
+    broken = tmp_path / "store" / "train" / "abc"
+    shutil.copytree(uris["model"], broken)
+    (broken / "manifest.json").unlink()
+    proc = run_cli("ask", str(broken), "Hello?")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == f"labtune: error: {broken}: no complete output here (manifest.json missing)"
+
+
+def test_a_recipe_with_a_malformed_prompt_file_fails_before_any_model_loads(evaluated, tmp_path):
+    recipe, store, uris = evaluated
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- {question: ok}\n- {expected: no question}\n")
+    broken = recipe.model_copy(deep=True)
+    broken.evaluation.prompt_files = [str(bad)]
+    from tasks.evaluate import build_evaluate
+
+    with pytest.raises(PromptError, match=f"{bad}: entry 1: question: Field required"):
+        build_evaluate(broken, store, uris["base"], uris["model"], data_uri=uris["data"], tokens_uri=uris["tokens"])
+
+
+@pytest.mark.slow
+def test_sweep_runs_every_variant_and_compare_puts_them_side_by_side(prefect_api, tmp_path):
+    store = tmp_path / "store"
+    proc = run_cli("sweep", str(TINY_RECIPE), f"store.uri={store}", "--grid", "train.num_train_epochs=1,2", "--json")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout)
+    assert result["columns"] == ["train.num_train_epochs=1.0", "train.num_train_epochs=2.0"]
+    assert [r["variant"] for r in result["runs"]] == [{"train.num_train_epochs": "1"}, {"train.num_train_epochs": "2"}]
+    assert len(list((store / "weights").glob("*/manifest.json"))) == 1  # shared stages ran once
+    assert len(list((store / "train").glob("*/manifest.json"))) == 2
+    rows = result["rows"]
+    assert rows and all({"question", "expected", "base", *result["columns"]} <= set(r) for r in rows)
+
+    compare = run_cli("compare", *[r["uri"] for r in result["runs"]])
+    assert compare.returncode == 0, compare.stderr[-2000:]
+    header = compare.stdout.splitlines()[0]
+    assert header == "| question | expected | base | train.num_train_epochs=1.0 | train.num_train_epochs=2.0 |"
+    assert rows[0]["question"] in compare.stdout
