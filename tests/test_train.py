@@ -12,7 +12,7 @@ from labtune.store import LocalStore
 from labtune.train_worker import rank_batches
 from tasks.data import build_data
 from tasks.tokenize import build_tokenize
-from tasks.train import TrainCrashed, TrainError, build_train, fitting_accumulation
+from tasks.train import TrainCrashed, TrainError, build_train, fitting_accumulation, train_key
 from tasks.weights import build_weights
 
 
@@ -255,7 +255,8 @@ def test_lora_run_resumes_and_exports_a_merged_model_that_plain_transformers_loa
     assert build_train(variant, store, model_uri, tokens_uri, log=lines.append).uri == result.uri
     assert any(line.startswith("resumed from checkpoint step 12 ") for line in lines)  # of 16; 4 and 8 pruned
     assert (out / "model.safetensors").read_bytes() == first_run
-    checkpoint = next((store.root / "checkpoints").glob("*/step-*/manifest.json"))
+    key, _ = train_key(variant, model_uri, tokens_uri)
+    checkpoint = next((store.root / "checkpoints" / key).glob("step-*/manifest.json"))  # this run's
     base_dir = fetch(store, model_uri)
     # checkpoints keep the adapter and its optimizer state only: far smaller than the base weights
     assert sum(f["size"] for f in json.loads(checkpoint.read_text())["files"]) < (base_dir / "model.safetensors").stat().st_size
