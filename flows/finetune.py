@@ -7,18 +7,24 @@ from __future__ import annotations
 
 import sys
 
+import time
+from typing import Any
+
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_table_artifact
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.deployments import run_deployment
 
 from flows.train import train as train_flow
 from labtune.recipe import Recipe, load_recipe
-from labtune.stage import StageResult
+from flows.watch import changes_markdown
+from labtune.stage import StageResult, read_manifest
 from labtune.store import open_recipe_store, s3_options
 from tasks import data as data_stage
 from tasks import weights as weights_stage
 from tasks.data import data_task
 from tasks.delta import delta_task
-from tasks.evaluate import evaluate_task
+from tasks.evaluate import evaluate_key, evaluate_task
+from tasks.train import train_key
 from tasks.tokenize import tokenize_task
 from tasks.weights import weights_task
 
@@ -35,21 +41,52 @@ def preflight(recipe: Recipe) -> None:
         data_stage.source_identity(source, s3)
 
 
+def remote_stage(deployment: str, stage: str, parameters: dict[str, Any], uri: str, store) -> StageResult:
+    """Run a stage's flow through its deployment (another work pool) and wait; the output is known
+    by its content-addressed URI, which must hold a manifest afterwards."""
+    started = time.time()
+    run = run_deployment(deployment, parameters=parameters, timeout=None)
+    if not run.state or not run.state.is_completed():
+        raise RuntimeError(f"{stage}: deployment {deployment} run {run.name} ended {run.state.name if run.state else 'without a state'}")
+    if read_manifest(store, store.key_for(uri)) is None:
+        raise RuntimeError(f"{stage}: deployment {deployment} run {run.name} completed but {uri} has no manifest")
+    return StageResult(stage, uri, False, round(time.time() - started, 3))
+
+
 @flow(name="finetune", log_prints=True)
-def finetune(recipe_path: str, overrides: list[str] | None = None) -> dict[str, dict]:
+def finetune(recipe_path: str, overrides: list[str] | None = None, notes_fingerprint: str | None = None,
+             notes_changes: dict[str, Any] | None = None) -> dict[str, dict]:
     """Fine-tune the recipe's base model on its data and evaluate it; returns each stage's
-    {uri, cached, seconds}."""
+    {uri, cached, seconds}. notes_fingerprint and notes_changes come from the watch-lab-notes
+    event that triggered the run, when one did."""
     recipe = load_recipe(recipe_path, overrides or [])
     preflight(recipe)
-    get_run_logger().info(f"recipe {recipe.name}: store {recipe.store.uri}")
+    logger = get_run_logger()
+    logger.info(f"recipe {recipe.name}: store {recipe.store.uri}")
+    if notes_fingerprint:
+        logger.info(f"triggered by lab notes fingerprint {notes_fingerprint}")
+        create_markdown_artifact(key="lab-notes-changes", markdown=changes_markdown(
+            {"fingerprint": notes_fingerprint, **(notes_changes or {})}), description="The lab-notes change this run trains on")
+    store = open_recipe_store(recipe)
 
     weights = weights_task(recipe)
     target = delta_task(recipe, weights.uri)
     data = data_task(recipe)
     tokens = tokenize_task(recipe, target.uri, data.uri)
-    # a flow of its own, so that a deployment can run it on the GPU work pool
-    trained = StageResult(**train_flow(recipe_path, target.uri, tokens.uri, overrides or []))
-    evaluation = evaluate_task(recipe, target.uri, trained.uri, data.uri, tokens.uri)
+    # train and evaluate are flows of their own, so that deployments can run them on the GPU work pool
+    if recipe.deployments.train:
+        key, _ = train_key(recipe, target.uri, tokens.uri)
+        trained = remote_stage(recipe.deployments.train, "train", {"recipe_path": recipe_path, "model_uri": target.uri,
+                               "tokens_uri": tokens.uri, "overrides": overrides or []}, store.uri_for(f"train/{key}"), store)
+    else:
+        trained = StageResult(**train_flow(recipe_path, target.uri, tokens.uri, overrides or []))
+    if recipe.deployments.evaluate:
+        key, _, _ = evaluate_key(recipe, target.uri, trained.uri, data.uri, tokens.uri)
+        evaluation = remote_stage(recipe.deployments.evaluate, "evaluate", {
+            "recipe_path": recipe_path, "base_uri": target.uri, "model_uri": trained.uri, "data_uri": data.uri,
+            "tokens_uri": tokens.uri, "overrides": overrides or []}, store.uri_for(f"evaluate/{key}"), store)
+    else:
+        evaluation = evaluate_task(recipe, target.uri, trained.uri, data.uri, tokens.uri)
 
     stages = {r.stage: r.to_dict() for r in (weights, target, data, tokens, trained, evaluation)}
     create_table_artifact(key="stages", table=[{"stage": name, **result} for name, result in stages.items()],

@@ -12,6 +12,8 @@
     labtune chat MODEL                              a conversation with a model on stdin/stdout
     labtune compare RUN_URI ...                     evaluation outputs side by side, question by question
     labtune sweep RECIPE --grid KEY=V1,V2 ...       every variant of a grid, then their comparison
+    labtune stack up|down|status [--recipe R]       server, S3 endpoint, pools, workers, deployments
+    labtune deploy RECIPE                           work pools + deployments/prefect.yaml for a recipe
     labtune server start|stop|status                the local Prefect server
 """
 
@@ -234,6 +236,29 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         print(json.dumps(result, ensure_ascii=False))
     else:
         print(result["markdown"])
+    return 0
+
+
+def cmd_stack(args: argparse.Namespace) -> int:
+    from labtune import stack
+
+    if args.action == "up":
+        stack.up(args.recipe, port=args.port, s3_port=None if args.no_s3 else args.s3_port, say=print)
+    elif args.action == "down":
+        if not stack.down(say=print):
+            print("nothing from the labtune stack was running")
+    else:
+        print(json.dumps(stack.status(args.port), indent=2))
+    return 0
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    from labtune import stack
+    from labtune.server import ensure_api
+
+    url = ensure_api(args.port, say=_err)
+    stack.create_pools(url)
+    print(stack.deploy(args.recipe, url).strip())
     return 0
 
 
@@ -511,6 +536,19 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--json", action="store_true")
     sweep.add_argument("--port", type=int, default=int(os.environ.get("LABTUNE_PREFECT_PORT", "4200")))
     sweep.set_defaults(func=cmd_sweep)
+
+    stack_cmd = sub.add_parser("stack", help="the local stack: Prefect server, S3 endpoint, work pools, workers, deployments")
+    stack_cmd.add_argument("action", choices=["up", "down", "status"])
+    stack_cmd.add_argument("--recipe", help="up: deploy the flows with this recipe as their default")
+    stack_cmd.add_argument("--port", type=int, default=int(os.environ.get("LABTUNE_PREFECT_PORT", "4200")))
+    stack_cmd.add_argument("--s3-port", type=int, default=9000, help="up: port of the local S3 endpoint (moto)")
+    stack_cmd.add_argument("--no-s3", action="store_true", help="up: no local S3 endpoint (MinIO or AWS instead)")
+    stack_cmd.set_defaults(func=cmd_stack)
+
+    deploy_cmd = sub.add_parser("deploy", help="create the work pools and register the deployments for a recipe")
+    deploy_cmd.add_argument("recipe")
+    deploy_cmd.add_argument("--port", type=int, default=int(os.environ.get("LABTUNE_PREFECT_PORT", "4200")))
+    deploy_cmd.set_defaults(func=cmd_deploy)
 
     srv = sub.add_parser("server", help="the local Prefect server")
     srv.add_argument("action", choices=["start", "stop", "status"])

@@ -120,7 +120,7 @@ class ParallelConfig(_Strict):
     """torchrun's settings, under their torchrun names. Several nodes: run the same recipe on each
     with its own node_rank; they meet at rdzv_endpoint (host:port of one of them)."""
 
-    nproc_per_node: int = Field(default=1, ge=1)
+    nproc_per_node: int | Literal["auto"] = 1
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     nnodes: int = Field(default=1, ge=1)
     node_rank: int = Field(default=0, ge=0)
@@ -139,9 +139,26 @@ class ParallelConfig(_Strict):
                                  "node that hosts the rendezvous")
         return self
 
+    @field_validator("nproc_per_node")
+    @classmethod
+    def _positive(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and value < 1:
+            raise ValueError("must be at least 1 (or auto: one per visible GPU)")
+        return value
+
+    @property
+    def processes(self) -> int:
+        """Processes on this node: the recipe's number, or for `auto` one per GPU this machine
+        shows (CUDA_VISIBLE_DEVICES counts), 1 without a GPU."""
+        if self.nproc_per_node != "auto":
+            return int(self.nproc_per_node)
+        import torch
+
+        return max(1, torch.cuda.device_count())
+
     @property
     def world_size(self) -> int:
-        return self.nproc_per_node * self.nnodes
+        return self.processes * self.nnodes
 
 
 class EvalConfig(_Strict):
@@ -159,6 +176,22 @@ class EvalConfig(_Strict):
     eval_loss: bool = True
     max_new_tokens: int = Field(default=48, ge=1)
     batch_size: int = Field(default=8, ge=1)
+
+
+class DeploymentsConfig(_Strict):
+    """Where finetune sends its GPU stages. Unset (the default): they run in-process. Set to a
+    deployment name (`FLOW/DEPLOYMENT`, e.g. `train/labtune-train`): finetune starts it with
+    run_deployment on that deployment's work pool and waits; the stages pass only store URIs."""
+
+    train: str | None = None
+    evaluate: str | None = None
+
+
+class WatchConfig(_Strict):
+    """The watch-lab-notes deployment's schedule."""
+
+    cron: str = "*/15 * * * *"
+    timezone: str = "UTC"
 
 
 class StoreConfig(_Strict):
@@ -179,6 +212,8 @@ class Recipe(_Strict):
     parallel: ParallelConfig = Field(default_factory=ParallelConfig)
     evaluation: EvalConfig = Field(default_factory=EvalConfig)
     store: StoreConfig = Field(default_factory=StoreConfig)
+    deployments: DeploymentsConfig = Field(default_factory=DeploymentsConfig)
+    watch: WatchConfig = Field(default_factory=WatchConfig)
     recipe_dir: str = Field(default=".", exclude=True)
 
     @model_validator(mode="after")

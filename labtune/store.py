@@ -92,13 +92,23 @@ def sha256_files(paths: list[Path], cached: bool = True) -> dict[str, str]:
         return dict(zip([p.name for p in paths], pool.map(digest, paths)))
 
 
+def checked_key(key: str, where: str) -> str:
+    """A store key that stays under its store's folder or prefix: no absolute paths, no `..`."""
+    if key.startswith(("/", "\\")) or ".." in key.replace("\\", "/").split("/"):
+        raise StoreError(f"{where}: key {key!r} escapes the store (absolute path or '..')")
+    return key
+
+
 class LocalStore:
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root).expanduser().resolve()
         self.uri = str(self.root)
 
+    def _path(self, key: str) -> Path:
+        return self.root / checked_key(key, self.uri)
+
     def uri_for(self, key: str) -> str:
-        return str(self.root / key)
+        return str(self._path(key))
 
     def key_for(self, uri: str) -> str:
         path = Path(uri).expanduser().resolve()
@@ -108,23 +118,23 @@ class LocalStore:
             raise StoreError(f"{uri}: not inside the store {self.uri}") from None
 
     def exists(self, key: str) -> bool:
-        return (self.root / key).is_file()
+        return (self._path(key)).is_file()
 
     def read_bytes(self, key: str) -> bytes:
         try:
-            return (self.root / key).read_bytes()
+            return (self._path(key)).read_bytes()
         except FileNotFoundError:
             raise StoreError(f"{self.uri_for(key)}: no such object") from None
 
     def write_bytes(self, key: str, data: bytes) -> None:
-        target = self.root / key
+        target = self._path(key)
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(target.name + ".part")
         tmp.write_bytes(data)
         os.replace(tmp, target)
 
     def upload(self, local: str | os.PathLike, key: str) -> None:
-        target = self.root / key
+        target = self._path(key)
         if target.exists() and os.path.samefile(local, target):
             return  # built in place
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -133,7 +143,7 @@ class LocalStore:
         os.replace(tmp, target)
 
     def download(self, key: str, local: str | os.PathLike) -> None:
-        source = self.root / key
+        source = self._path(key)
         if not source.is_file():
             raise StoreError(f"{self.uri_for(key)}: no such object")
         Path(local).parent.mkdir(parents=True, exist_ok=True)
@@ -141,19 +151,19 @@ class LocalStore:
 
     def local_path(self, key: str) -> Path:
         """Where an object already lies on this machine (local stores only)."""
-        return self.root / key
+        return self._path(key)
 
     def list(self, prefix: str) -> list[str]:
-        base = self.root / prefix
+        base = self._path(prefix)
         if not base.is_dir():
             return []
         return sorted(p.relative_to(self.root).as_posix() for p in base.rglob("*") if p.is_file())
 
     def delete(self, key: str) -> None:
-        (self.root / key).unlink(missing_ok=True)
+        (self._path(key)).unlink(missing_ok=True)
 
     def delete_prefix(self, prefix: str) -> None:
-        shutil.rmtree(self.root / prefix, ignore_errors=True)
+        shutil.rmtree(self._path(prefix), ignore_errors=True)
 
     def check(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -191,6 +201,7 @@ class S3Store:
         )
 
     def _key(self, key: str) -> str:
+        key = checked_key(key, self.uri)
         return f"{self.prefix}/{key}" if self.prefix else key
 
     def uri_for(self, key: str) -> str:

@@ -61,15 +61,22 @@ def _eval_examples(store: Store, tokens_uri: str | None) -> list[dict[str, list[
     return [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in dataset] if len(dataset) else []
 
 
-def build_evaluate(recipe: Recipe, store: Store, base_uri: str, model_uri: str, log: Log = default_log,
-                   data_uri: str | None = None, tokens_uri: str | None = None) -> StageResult:
+def evaluate_key(recipe: Recipe, base_uri: str, model_uri: str, data_uri: str | None,
+                 tokens_uri: str | None) -> tuple[str, dict[str, Any], dict[str, Any]]:
+    """The evaluate stage's key, inputs and parameters (prompt files by their sha256)."""
     cfg = recipe.evaluation
     parameters = {**cfg.model_dump(mode="json"), "chat_template": recipe.data.chat_template}
     files = {p: source_sha256(p) for p in cfg.prompt_files + ([cfg.retention_questions] if cfg.retention_questions else [])
              if Path(p).is_file()}
     code = code_version(__file__, Path(labtune.__file__).parent / "chat.py", evaluation.__file__)
     inputs = {"base": base_uri, "model": model_uri, "data": data_uri, "tokens": tokens_uri, "prompt_files": files}
-    key = stage_key("evaluate", code, inputs, parameters)
+    return stage_key("evaluate", code, inputs, parameters), inputs, parameters
+
+
+def build_evaluate(recipe: Recipe, store: Store, base_uri: str, model_uri: str, log: Log = default_log,
+                   data_uri: str | None = None, tokens_uri: str | None = None) -> StageResult:
+    cfg = recipe.evaluation
+    key, inputs, parameters = evaluate_key(recipe, base_uri, model_uri, data_uri, tokens_uri)
     prompts = collect_prompts(recipe, store, data_uri)  # a malformed prompt file fails here, before any model loads
     general = retention_prompts(recipe)
     template = recipe.data.chat_template

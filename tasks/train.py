@@ -67,7 +67,7 @@ def torchrun_command(parallel: ParallelConfig, config_path: Path, run_id: str) -
     """torchrun's command line. One node: a private rendezvous on a free local port. Several: the
     recipe's rendezvous; with c10d, torchrun hands out ranks in order of arrival, so any node may
     hold rank 0 (the stage copes, see build_train); `static` makes node_rank 0 hold it."""
-    launch = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={parallel.nproc_per_node}"]
+    launch = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={parallel.processes}"]
     if parallel.nnodes == 1:
         launch += ["--nnodes=1", "--master_addr=127.0.0.1", f"--master_port={free_port()}"]
     elif parallel.rdzv_backend == "static":
@@ -137,7 +137,7 @@ def fitting_accumulation(recipe: Recipe, examples: int, log: Log) -> int:
     if examples >= need:
         return steps
     ranks = f"parallel.nproc_per_node {world}" if recipe.parallel.nnodes == 1 else \
-        f"parallel.nnodes {recipe.parallel.nnodes} x parallel.nproc_per_node {recipe.parallel.nproc_per_node}"
+        f"parallel.nnodes {recipe.parallel.nnodes} x parallel.nproc_per_node {recipe.parallel.processes}"
     numbers = (f"{examples} training examples are fewer than one optimizer step takes: {ranks} "
                f"x train.per_device_train_batch_size {batch} x train.gradient_accumulation_steps {steps} = {need}")
     fitting = examples // (world * batch)
@@ -149,10 +149,9 @@ def fitting_accumulation(recipe: Recipe, examples: int, log: Log) -> int:
     return fitting
 
 
-def build_train(recipe: Recipe, store: Store, model_uri: str, tokens_uri: str, log: Log = default_log,
-                on_progress: Callable[[dict], None] | None = None,
-                on_checkpoint: Callable[[dict], None] | None = None) -> StageResult:
-    """Fine-tune the model at model_uri on the tokenize stage's output at tokens_uri."""
+def train_key(recipe: Recipe, model_uri: str, tokens_uri: str) -> tuple[str, dict[str, Any]]:
+    """The train stage's key (its output is `train/<key>`, its checkpoints `checkpoints/<key>`)
+    and the parameters it hashes."""
     # Where this node sits and how it finds the others is not part of the run's identity: every
     # node must compute the same key (its rendezvous id, its checkpoints) and a re-run with another
     # endpoint still resumes.
@@ -161,7 +160,14 @@ def build_train(recipe: Recipe, store: Store, model_uri: str, tokens_uri: str, l
                   "parallel": recipe.parallel.model_dump(mode="json", exclude=placement)}
     package = Path(labtune.__file__).parent
     code = code_version(__file__, package / "train_worker.py")
-    key = stage_key("train", code, {"model": model_uri, "tokens": tokens_uri}, parameters)
+    return stage_key("train", code, {"model": model_uri, "tokens": tokens_uri}, parameters), parameters
+
+
+def build_train(recipe: Recipe, store: Store, model_uri: str, tokens_uri: str, log: Log = default_log,
+                on_progress: Callable[[dict], None] | None = None,
+                on_checkpoint: Callable[[dict], None] | None = None) -> StageResult:
+    """Fine-tune the model at model_uri on the tokenize stage's output at tokens_uri."""
+    key, parameters = train_key(recipe, model_uri, tokens_uri)
 
     def build(out: Path) -> dict[str, Any]:
         tokens_dir = fetch(store, tokens_uri, log)
@@ -172,7 +178,7 @@ def build_train(recipe: Recipe, store: Store, model_uri: str, tokens_uri: str, l
         config = worker_config(recipe, model_dir, tokens_dir / "train", out, accumulation, f"checkpoints/{key}")
         config["store"]["uri"] = store.uri  # the store this stage writes to (a test may pass its own)
         config_path.write_text(json.dumps(config, indent=2))
-        nproc = recipe.parallel.nproc_per_node
+        nproc = recipe.parallel.processes
         command = torchrun_command(recipe.parallel, config_path, key)
         log("launching: " + " ".join(command[1:]))
         run_torchrun(command, train_env(nproc), log, on_progress, on_checkpoint)

@@ -1,0 +1,187 @@
+"""The local stack: a Prefect server, an S3 endpoint, the two work pools, one process worker per
+pool and the deployments, one command away (`labtune stack up|down|status`, `labtune deploy`).
+
+Every process it starts is recorded in $LABTUNE_HOME/stack/stack.json, and `down` stops exactly
+those (workers first: a worker whose server is gone ignores SIGTERM for a while).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any, Callable
+
+from labtune import server
+from labtune.errors import LabtuneError
+from labtune.store import labtune_home
+
+REPO = Path(__file__).resolve().parents[1]
+POOLS = {"labtune-cpu": REPO / "infra" / "process-cpu.json", "labtune-gpu": REPO / "infra" / "process-gpu.json"}
+GPU_POOL_CONCURRENCY = 1  # one training at a time on this host's GPUs
+FAST_POLLING = {"PREFECT_WORKER_QUERY_SECONDS": "1", "PREFECT_WORKER_PREFETCH_SECONDS": "5"}
+
+
+def stack_dir() -> Path:
+    return labtune_home() / "stack"
+
+
+def _state() -> dict[str, Any]:
+    path = stack_dir() / "stack.json"
+    return json.loads(path.read_text()) if path.is_file() else {"processes": {}}
+
+
+def _save(state: dict[str, Any]) -> None:
+    stack_dir().mkdir(parents=True, exist_ok=True)
+    (stack_dir() / "stack.json").write_text(json.dumps(state, indent=2))
+
+
+def _alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        return False
+    return True
+
+
+def _prefect(args: list[str], api_url: str, cwd: Path = REPO, env: dict[str, str] | None = None,
+             check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "prefect", *args], capture_output=True, text=True, cwd=cwd,
+                          env={**os.environ, "PREFECT_API_URL": api_url, **(env or {})})
+    if check and proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        raise LabtuneError(f"prefect {' '.join(args[:3])} failed: {' / '.join(tail)}")
+    return proc
+
+
+def create_pools(api_url: str) -> list[str]:
+    """The CPU and GPU process pools from infra/*.json (created or updated), and the GPU pool's
+    concurrency limit."""
+    for name, template in POOLS.items():
+        _prefect(["work-pool", "create", name, "--type", "process", "--base-job-template", str(template), "--overwrite"],
+                 api_url)
+    _prefect(["work-pool", "set-concurrency-limit", "labtune-gpu", str(GPU_POOL_CONCURRENCY)], api_url)
+    return list(POOLS)
+
+
+def start_worker(pool: str, api_url: str) -> int:
+    """A process worker for pool, polling every second; returns its PID (recorded)."""
+    stack_dir().mkdir(parents=True, exist_ok=True)
+    log_path = stack_dir() / f"worker-{pool}.log"
+    env = {**os.environ, "PREFECT_API_URL": api_url, **FAST_POLLING, "LABTUNE_REPO": str(REPO),
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "prefect", "worker", "start", "--pool", pool, "--type", "process",
+                                 "--name", f"{pool}-{os.uname().nodename}"],
+                                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, cwd=REPO,
+                                start_new_session=True)
+    state = _state()
+    state["processes"][f"worker-{pool}"] = {"pid": proc.pid, "log": str(log_path)}
+    _save(state)
+    return proc.pid
+
+
+def start_s3(port: int) -> str:
+    """A moto S3 server on 127.0.0.1:port (for trying labtune out; MinIO or AWS for real use)."""
+    url = f"http://127.0.0.1:{port}"
+    if _http_ok(url):
+        return url
+    binary = Path(sys.executable).with_name("moto_server")
+    if not binary.is_file():
+        raise LabtuneError("moto_server is not installed (pip install 'moto[server]'); or point store.endpoint_url at MinIO/AWS")
+    log_path = stack_dir() / "s3.log"
+    stack_dir().mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen([str(binary), "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+    state = _state()
+    state["processes"]["s3"] = {"pid": proc.pid, "log": str(log_path), "url": url}
+    _save(state)
+    deadline = time.time() + 30
+    while not _http_ok(url):
+        if time.time() > deadline or proc.poll() is not None:
+            raise LabtuneError(f"S3 endpoint did not start on {url}; see {log_path}")
+        time.sleep(0.2)
+    return url
+
+
+def _http_ok(url: str) -> bool:
+    try:
+        urllib.request.urlopen(url + "/", timeout=1)
+        return True
+    except OSError:
+        return False
+
+
+def deploy(recipe_path: str, api_url: str) -> str:
+    """Register the deployments of deployments/prefect.yaml for this recipe (its path is the
+    runs' default parameter, its watch.cron the watcher's schedule)."""
+    from labtune.recipe import load_recipe
+
+    recipe = load_recipe(recipe_path)
+    env = {"LABTUNE_REPO": str(REPO), "LABTUNE_RECIPE": str(Path(recipe_path).resolve()),
+           "LABTUNE_WATCH_CRON": recipe.watch.cron, "LABTUNE_WATCH_TIMEZONE": recipe.watch.timezone}
+    proc = _prefect(["--no-prompt", "deploy", "--prefect-file", str(REPO / "deployments" / "prefect.yaml"), "--all"],
+                    api_url, env=env)
+    return proc.stdout
+
+
+def up(recipe_path: str | None = None, port: int = server.DEFAULT_PORT, s3_port: int | None = 9000,
+       say: Callable[[str], None] = print) -> dict[str, Any]:
+    """Start what is not running yet, wait for health checks, and say what runs where."""
+    started = time.time()
+    url, new = server.start(port)
+    say(f"Prefect server: {url.removesuffix('/api')} ({'started' if new else 'already running'}, "
+        f"database {server.prefect_home() / 'prefect.db'})")
+    if s3_port:
+        say(f"S3 endpoint: {start_s3(s3_port)} (moto; set store.endpoint_url to it)")
+    create_pools(url)
+    say(f"work pools: {', '.join(POOLS)} (process; labtune-gpu concurrency limit {GPU_POOL_CONCURRENCY})")
+    state = _state()
+    for pool in POOLS:
+        entry = state["processes"].get(f"worker-{pool}", {})
+        pid = entry["pid"] if _alive(entry.get("pid")) else start_worker(pool, url)
+        say(f"worker for {pool}: pid {pid}, log {stack_dir() / f'worker-{pool}.log'}")
+    if recipe_path:
+        deploy(recipe_path, url)
+        say(f"deployments: finetune/labtune-finetune, train/labtune-train, evaluate/labtune-evaluate, "
+            f"watch-lab-notes/labtune-watch-lab-notes (recipe {recipe_path})")
+    say(f"stack up in {time.time() - started:.1f}s; stop it with: labtune stack down")
+    return status(port)
+
+
+def down(say: Callable[[str], None] = print, timeout: float = 30.0, keep_server: bool = False) -> list[str]:
+    """Stop the workers, the S3 endpoint, then the server: exactly the recorded processes."""
+    state = _state()
+    stopped = []
+    names = sorted(state["processes"], key=lambda n: (not n.startswith("worker-"), n))
+    for name in names:
+        pid = state["processes"][name]["pid"]
+        if _alive(pid):
+            os.killpg(pid, signal.SIGTERM)
+            deadline = time.time() + timeout
+            while _alive(pid) and time.time() < deadline:
+                time.sleep(0.2)
+            if _alive(pid):
+                os.killpg(pid, signal.SIGKILL)
+            stopped.append(name)
+            say(f"stopped {name} (pid {pid})")
+        del state["processes"][name]
+    _save(state)
+    if not keep_server and server.stop():
+        stopped.append("server")
+        say("stopped the Prefect server")
+    return stopped
+
+
+def status(port: int = server.DEFAULT_PORT) -> dict[str, Any]:
+    state = _state()
+    processes = {name: {**entry, "running": _alive(entry.get("pid"))} for name, entry in state["processes"].items()}
+    return {"server": server.status(port), "processes": processes}
