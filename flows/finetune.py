@@ -53,6 +53,28 @@ def remote_stage(deployment: str, stage: str, parameters: dict[str, Any], uri: s
     return StageResult(stage, uri, False, round(time.time() - started, 3))
 
 
+def run_for_same_notes(recipe_path: str, overrides: list[str], fingerprint: str) -> str | None:
+    """The name of another finetune run, running or completed, for the same recipe, overrides and
+    notes fingerprint: at most one training per fingerprint and recipe."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import (FlowFilter, FlowFilterName, FlowRunFilter, FlowRunFilterState,
+                                                FlowRunFilterStateType)
+    from prefect.client.schemas.objects import StateType
+    from prefect.runtime import flow_run
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(
+            flow_filter=FlowFilter(name=FlowFilterName(any_=["finetune"])),
+            flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(
+                any_=[StateType.RUNNING, StateType.COMPLETED]))), limit=200)
+    for run in runs:
+        same = (run.parameters.get("notes_fingerprint") == fingerprint and run.parameters.get("recipe_path") == recipe_path
+                and list(run.parameters.get("overrides") or []) == list(overrides))
+        if same and str(run.id) != str(flow_run.id):
+            return run.name
+    return None
+
+
 @flow(name="finetune", log_prints=True)
 def finetune(recipe_path: str, overrides: list[str] | None = None, notes_fingerprint: str | None = None,
              notes_changes: dict[str, Any] | None = None) -> dict[str, dict]:
@@ -64,6 +86,11 @@ def finetune(recipe_path: str, overrides: list[str] | None = None, notes_fingerp
     logger = get_run_logger()
     logger.info(f"recipe {recipe.name}: store {recipe.store.uri}")
     if notes_fingerprint:
+        twin = run_for_same_notes(recipe_path, overrides or [], notes_fingerprint)
+        if twin is not None:
+            logger.info(f"lab notes fingerprint {notes_fingerprint} with this recipe is already being (or was) trained by "
+                        f"flow run {twin}; nothing to do")
+            return {}
         logger.info(f"triggered by lab notes fingerprint {notes_fingerprint}")
         create_markdown_artifact(key="lab-notes-changes", markdown=changes_markdown(
             {"fingerprint": notes_fingerprint, **(notes_changes or {})}), description="The lab-notes change this run trains on")

@@ -88,6 +88,27 @@ def start_worker(pool: str, api_url: str) -> int:
     return proc.pid
 
 
+def wait_for_workers(api_url: str, pools: list[str], timeout: float = 90.0) -> dict[str, str]:
+    """Wait until every pool has an online worker (its first heartbeat); {pool: worker name}."""
+    from prefect import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    online: dict[str, str] = {}
+    deadline = time.time() + timeout
+    with temporary_settings(updates={PREFECT_API_URL: api_url}), get_client(sync_client=True) as client:
+        while len(online) < len(pools):
+            for pool in pools:
+                workers = [w for w in client.read_workers_for_work_pool(pool) if str(w.status).upper().endswith("ONLINE")]
+                if workers:
+                    online[pool] = workers[0].name
+            if len(online) < len(pools):
+                if time.time() > deadline:
+                    missing = sorted(set(pools) - set(online))
+                    raise LabtuneError(f"no worker came online for {missing} within {timeout:.0f}s; see {stack_dir()}/worker-*.log")
+                time.sleep(0.5)
+    return online
+
+
 def start_s3(port: int) -> str:
     """A moto S3 server on 127.0.0.1:port (for trying labtune out; MinIO or AWS for real use)."""
     url = f"http://127.0.0.1:{port}"
@@ -149,6 +170,8 @@ def up(recipe_path: str | None = None, port: int = server.DEFAULT_PORT, s3_port:
         entry = state["processes"].get(f"worker-{pool}", {})
         pid = entry["pid"] if _alive(entry.get("pid")) else start_worker(pool, url)
         say(f"worker for {pool}: pid {pid}, log {stack_dir() / f'worker-{pool}.log'}")
+    wait_for_workers(url, list(POOLS))
+    say("workers: online")
     if recipe_path:
         deploy(recipe_path, url)
         say(f"deployments: finetune/labtune-finetune, train/labtune-train, evaluate/labtune-evaluate, "

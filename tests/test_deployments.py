@@ -81,19 +81,30 @@ async def _logs_and_artifacts(api: str, flow_run_id):
     return logs, artifacts
 
 
+def _s3_keys(endpoint: str, bucket: str) -> set[str]:
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=endpoint)
+    return {o["Key"] for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket) for o in page.get("Contents", [])}
+
+
 @pytest.fixture(scope="module")
-def deployed(prefect_api, tmp_path_factory):
+def deployed(prefect_api, s3_endpoint, tmp_path_factory):
     """Pools, one fast-polling process worker per pool, and the deployments for a tiny recipe
-    whose train and evaluate stages go to the GPU pool."""
+    whose store is S3 (moto) and whose train and evaluate stages go to the GPU pool."""
     import shutil
+
+    import boto3
 
     from labtune import stack
 
     root = tmp_path_factory.mktemp("deployed")
     notes = root / "labnotes"
     shutil.copytree(REPO / "examples" / "labnotes", notes)
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket="labtune-deployed")
     recipe = root / "recipe.yaml"
-    text = TINY_RECIPE.read_text().replace("path: labnotes", f"path: {notes}").replace("uri: ~/.labtune/store", f"uri: {root / 'store'}")
+    text = TINY_RECIPE.read_text().replace("path: labnotes", f"path: {notes}").replace(
+        "uri: ~/.labtune/store", f"uri: s3://labtune-deployed/runs\n  endpoint_url: {s3_endpoint}")
     recipe.write_text(text + "deployments:\n  train: train/labtune-train\n  evaluate: evaluate/labtune-evaluate\n")
     started = time.time()
     stack.create_pools(prefect_api)
@@ -101,7 +112,7 @@ def deployed(prefect_api, tmp_path_factory):
         stack.start_worker(pool, prefect_api)
     stack.deploy(str(recipe), prefect_api)
     print(f"pools, workers and deployments ready in {time.time() - started:.1f}s")
-    yield prefect_api, recipe, notes, root / "store"
+    yield prefect_api, recipe, notes, (s3_endpoint, "labtune-deployed")
     stack.down(say=print, keep_server=True)
 
 
@@ -125,7 +136,10 @@ def test_finetune_deployment_runs_train_and_evaluate_on_the_gpu_pool_worker(depl
     assert {"train-progress", "train-loss", "trained-model"} <= {a.key for a in artifacts}
     evaluations = [r for r in asyncio.run(_flow_runs(api, "evaluate")) if r.deployment_id is not None]
     assert evaluations and evaluations[0].work_pool_name == "labtune-gpu"
-    assert list(store.glob("train/*/manifest.json")) and list(store.glob("evaluate/*/manifest.json"))
+    keys = _s3_keys(*store)
+    assert any(k.startswith("runs/train/") and k.endswith("/manifest.json") for k in keys)
+    assert any(k.startswith("runs/evaluate/") and k.endswith("/manifest.json") for k in keys)
+    assert any(k.startswith("runs/checkpoints/") and k.endswith("/manifest.json") for k in keys)  # from the GPU worker
 
 
 @pytest.mark.slow
@@ -149,19 +163,38 @@ def test_changed_notes_emit_an_event_that_starts_a_retraining_run_once(deployed)
     first = triggered_runs()
     assert asyncio.run(_wait_for_run(api, first[0].id)).state.is_completed()
 
+    # the same fingerprint once more (a second trigger): recognised, and nothing is trained
+    from prefect.events import emit_event
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: api}):
+        emit_event(event="labtune.labnotes.updated", resource={"prefect.resource.id": "labtune.labnotes.test"},
+                   payload={**{k: first[0].parameters[k] for k in ("recipe_path", "overrides")},
+                            "fingerprint": first[0].parameters["notes_fingerprint"], **first[0].parameters["notes_changes"]})
+    deadline = time.time() + 60
+    while len(triggered_runs()) < 2:
+        assert time.time() < deadline, "the repeated event started no run"
+        time.sleep(0.5)
+    twin = [r for r in triggered_runs() if r.id != first[0].id][0]
+    assert asyncio.run(_wait_for_run(api, twin.id)).state.is_completed()
+    logs, _ = asyncio.run(_logs_and_artifacts(api, twin.id))
+    assert any("is already being (or was) trained by flow run" in log.message for log in logs)
+    assert not any(log.message.startswith("launching:") for log in logs)
+    first = [first[0], twin]
+
     watch_once()  # the same notes: no event, no run
     time.sleep(5)
-    assert len(triggered_runs()) == 1
+    assert len(triggered_runs()) == 2
 
     note = sorted(notes.glob("*.md"))[0]
     note.write_text(note.read_text() + "\nAction items: replace the centrifuge rotor\n")
     emitted = time.time()
     watch_once()
-    while len(triggered_runs()) < 2:
+    while len(triggered_runs()) < 3:
         assert time.time() < emitted + 60, "the changed notes started no run"
         time.sleep(0.5)
     print(f"event to run: {time.time() - emitted:.1f}s after the watcher started")
-    second = [r for r in triggered_runs() if r.id != first[0].id][0]
+    second = [r for r in triggered_runs() if r.id not in {run.id for run in first}][0]
     assert second.parameters["notes_changes"]["changed"] == [f"{notes}/{note.name}"]
     assert second.parameters["notes_fingerprint"] != first[0].parameters["notes_fingerprint"]
     done = asyncio.run(_wait_for_run(api, second.id))
@@ -169,3 +202,63 @@ def test_changed_notes_emit_an_event_that_starts_a_retraining_run_once(deployed)
     _, artifacts = asyncio.run(_logs_and_artifacts(api, second.id))
     changes_artifact = [a for a in artifacts if a.key == "lab-notes-changes"]
     assert changes_artifact and note.name in changes_artifact[0].data
+
+
+@pytest.mark.slow
+def test_no_log_artifact_or_parameter_holds_the_s3_secret_key(deployed):
+    """Run after the deployment tests: every log line, artifact and flow-run parameter on the
+    server is searched for the secret key the workers and flows used."""
+    import os
+
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    api = deployed[0]
+    secret = os.environ["AWS_SECRET_ACCESS_KEY"]
+
+    async def everything():
+        with temporary_settings(updates={PREFECT_API_URL: api}):
+            async with get_client() as client:
+                logs, offset = [], 0
+                while True:
+                    page = await client.read_logs(limit=200, offset=offset)
+                    logs += page
+                    offset += len(page)
+                    if len(page) < 200:
+                        break
+                artifacts = await client.read_artifacts()
+                runs = await client.read_flow_runs()
+        return logs, artifacts, runs
+
+    logs, artifacts, runs = asyncio.run(everything())
+    assert len(logs) > 100 and artifacts and runs
+    assert not [log.message for log in logs if secret in log.message]
+    assert not [a.key for a in artifacts if secret in json.dumps(a.data, default=str)]
+    assert not [r.name for r in runs if secret in json.dumps(r.parameters, default=str)]
+
+
+def test_stack_up_status_down_starts_and_stops_exactly_its_processes(tmp_path):
+    """`labtune stack` with its own home and ports: server, S3 endpoint, pools, workers."""
+    import os
+
+    from conftest import free_port, run_cli
+
+    env = {"LABTUNE_HOME": str(tmp_path / "home"), "PREFECT_API_URL": ""}
+    port, s3_port = free_port(), free_port()
+    up = run_cli("stack", "up", "--port", str(port), "--s3-port", str(s3_port), env=env)
+    try:
+        assert up.returncode == 0, up.stderr[-2000:]
+        print(up.stdout)
+        assert f"Prefect server: http://127.0.0.1:{port}" in up.stdout and f"S3 endpoint: http://127.0.0.1:{s3_port}" in up.stdout
+        status = json.loads(run_cli("stack", "status", "--port", str(port), env=env).stdout)
+        assert status["server"]["healthy"]
+        processes = status["processes"]
+        assert set(processes) == {"s3", "worker-labtune-cpu", "worker-labtune-gpu"} and all(p["running"] for p in processes.values())
+        pids = [p["pid"] for p in processes.values()] + [status["server"]["pid"]]
+    finally:
+        down = run_cli("stack", "down", env=env)
+    assert down.returncode == 0, down.stderr[-2000:]
+    time.sleep(1)
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
