@@ -192,14 +192,9 @@ def cmd_chat(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     from labtune import evaluation
     from labtune.stage import fetch_output
+    from tasks.evaluate import run_from_folder
 
-    runs = []
-    for uri in args.runs:
-        folder = fetch_output(uri, args.endpoint_url, log=_err)
-        rows = [json.loads(line) for line in (folder / "answers.jsonl").read_text().splitlines() if line.strip()]
-        run = json.loads((folder / "run.json").read_text())
-        runs.append({"uri": uri, "recipe": run["recipe"], "rows": rows,
-                     "summary": json.loads((folder / "summary.json").read_text())})
+    runs = [run_from_folder(fetch_output(uri, args.endpoint_url, log=_err), uri) for uri in args.runs]
     labels, table = evaluation.comparison_table(runs)
     if args.json:
         print(json.dumps({"columns": labels, "rows": table, "runs": [{"uri": r["uri"], "label": label,

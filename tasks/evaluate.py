@@ -142,17 +142,20 @@ def build_evaluate(recipe: Recipe, store: Store, base_uri: str, model_uri: str, 
 
 def read_evaluation(store: Store, uri: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """(summary, rows) of an evaluate output."""
-    directory = fetch(store, uri)
-    rows = [json.loads(line) for line in (directory / "answers.jsonl").read_text().splitlines() if line.strip()]
-    return json.loads((directory / "summary.json").read_text()), rows
+    run = run_from_folder(fetch(store, uri), uri)
+    return run["summary"], run["rows"]
 
 
 def read_run(store: Store, uri: str) -> dict[str, Any]:
     """An evaluate output as compare wants it: {uri, recipe, rows, summary}."""
-    directory = fetch(store, uri)
-    summary, rows = read_evaluation(store, uri)
-    run = json.loads((directory / "run.json").read_text())
-    return {"uri": uri, "recipe": run["recipe"], "rows": rows, "summary": summary}
+    return run_from_folder(fetch(store, uri), uri)
+
+
+def run_from_folder(directory: Path, uri: str) -> dict[str, Any]:
+    """{uri, recipe, rows, summary} of a fetched (verified, local) evaluate output."""
+    rows = [json.loads(line) for line in (directory / "answers.jsonl").read_text().splitlines() if line.strip()]
+    return {"uri": uri, "recipe": json.loads((directory / "run.json").read_text())["recipe"], "rows": rows,
+            "summary": json.loads((directory / "summary.json").read_text())}
 
 
 def summary_markdown(summary: dict[str, Any], uri: str) -> str:
