@@ -70,6 +70,9 @@ def commit(store: Store, prefix: str, step: int, world: int, meta: dict[str, Any
                     raise StoreError(f"{store.uri_for(base)}: rank {rank} did not upload its checkpoint files "
                                      f"within {timeout:.0f}s; the checkpoint stays incomplete") from None
                 time.sleep(0.2)
+    from labtune.stage import verify_uploaded
+
+    verify_uploaded(store, base, files)
     manifest = {"stage": "checkpoint", "step": step, "world_size": world, "files": sorted(files, key=lambda f: f["path"]),
                 "uri": store.uri_for(base), "committed": time.time(), **meta}
     store.write_bytes(f"{base}/{MANIFEST}", json.dumps(manifest, indent=2).encode())
@@ -118,7 +121,7 @@ class BackgroundUploader:
 
     def _store(self) -> Store:
         return open_store(self.store_config["uri"], endpoint_url=self.store_config.get("endpoint_url"),
-                          region=self.store_config.get("region"))
+                          region=self.store_config.get("region"), retry_seconds=self.store_config.get("retry_seconds"))
 
     def start(self, step: int, local_dir: Path, files: list[Path], meta: dict[str, Any]) -> None:
         self.wait()

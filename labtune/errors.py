@@ -7,10 +7,12 @@ class LabtuneError(RuntimeError):
 
 def retry_transient(task, task_run, state) -> bool:
     """Prefect retry_condition_fn: retry crashes and network faults, never bad input."""
-    from labtune.store import StoreError
+    from labtune.store import StoreError, StoreUnavailable
 
     try:
         state.result()
+    except StoreUnavailable:  # the store already waited out store.retry_seconds
+        return False
     except StoreError:
         return True
     except LabtuneError:

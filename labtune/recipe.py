@@ -201,6 +201,8 @@ class StoreConfig(_Strict):
     uri: str = "~/.labtune/store"
     endpoint_url: str | None = None
     region: str | None = None
+    # how long an S3 outage the run rides out, per operation, before it fails
+    retry_seconds: float = Field(default=300.0, ge=0)
 
 
 class Recipe(_Strict):

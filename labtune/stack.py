@@ -110,26 +110,18 @@ def wait_for_workers(api_url: str, pools: list[str], timeout: float = 90.0) -> d
 
 
 def start_s3(port: int) -> str:
-    """A moto S3 server on 127.0.0.1:port (for trying labtune out; MinIO or AWS for real use)."""
+    """A moto S3 server on 127.0.0.1:port whose objects survive a restart (kept under
+    $LABTUNE_HOME/stack/s3/); for trying labtune out: MinIO or AWS for real use."""
+    from labtune import local_s3
+
     url = f"http://127.0.0.1:{port}"
     if _http_ok(url):
         return url
-    binary = Path(sys.executable).with_name("moto_server")
-    if not binary.is_file():
-        raise LabtuneError("moto_server is not installed (pip install 'moto[server]'); or point store.endpoint_url at MinIO/AWS")
-    log_path = stack_dir() / "s3.log"
     stack_dir().mkdir(parents=True, exist_ok=True)
-    with open(log_path, "ab") as log:
-        proc = subprocess.Popen([str(binary), "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
+    proc = local_s3.start(port, stack_dir() / "s3", log_path=stack_dir() / "s3.log")
     state = _state()
-    state["processes"]["s3"] = {"pid": proc.pid, "log": str(log_path), "url": url}
+    state["processes"]["s3"] = {"pid": proc.pid, "log": str(stack_dir() / "s3.log"), "url": url}
     _save(state)
-    deadline = time.time() + 30
-    while not _http_ok(url):
-        if time.time() > deadline or proc.poll() is not None:
-            raise LabtuneError(f"S3 endpoint did not start on {url}; see {log_path}")
-        time.sleep(0.2)
     return url
 
 

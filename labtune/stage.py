@@ -106,6 +106,7 @@ def commit(
             log(f"uploading {rel} ({size / 1e6:.0f} MB) to {store.uri_for(prefix)}")
         store.upload(path, _join(prefix, rel))
         files.append({"path": rel, "size": size, "sha256": digest})
+    verify_uploaded(store, prefix, files)
     finished = time.time()
     manifest = {
         "stage": stage,
@@ -119,6 +120,18 @@ def commit(
     }
     store.write_bytes(_join(prefix, MANIFEST), json.dumps(manifest, indent=2, sort_keys=True).encode())
     return manifest
+
+
+def verify_uploaded(store: Store, prefix: str, files: list[dict[str, Any]]) -> None:
+    """Every file a manifest is about to list is in the store at its full size (one listing), so
+    no manifest ever points at a missing or partial object."""
+    present = store.sizes(prefix)
+    for entry in files:
+        size = present.get(_join(prefix, entry["path"]))
+        if size != entry["size"]:
+            found = "missing" if size is None else f"{size} of {entry['size']} bytes"
+            raise ManifestError(f"{store.uri_for(_join(prefix, entry['path']))}: upload incomplete ({found}); "
+                                f"no manifest written")
 
 
 def fetch(store: Store, uri: str, log: Log = default_log) -> Path:

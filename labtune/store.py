@@ -10,19 +10,75 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import logging
 import os
+import random
 import shutil
+import sys
 import tempfile
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any, TypeVar
 
 from labtune.errors import LabtuneError
 
 MiB = 1024 * 1024
+T = TypeVar("T")
 
 
 class StoreError(LabtuneError):
     """A store operation failed; the message is one line naming the URI."""
+
+
+class StoreUnavailable(StoreError):
+    """The S3 endpoint stayed unreachable for the whole retry budget (`store.retry_seconds`)."""
+
+
+DEFAULT_RETRY_SECONDS = 300.0
+_logger = logging.getLogger("labtune.store")
+
+
+def _warn(message: str) -> None:
+    """A warning in the Prefect run's log when inside one, else on the standard logger. Prefect is
+    never imported here: the torchrun worker must not load it."""
+    prefect_logging = sys.modules.get("prefect.logging")
+    if prefect_logging is not None:
+        try:
+            prefect_logging.get_run_logger().warning(message)
+            return
+        except Exception:  # outside a flow or task run
+            pass
+    _logger.warning(message)
+
+
+_TRANSIENT_CODES = {"500", "502", "503", "504", "InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout",
+                    "Throttling", "ThrottlingException", "RequestLimitExceeded"}
+
+
+def _root_cause(exc: BaseException) -> BaseException:
+    """The botocore error behind boto3's transfer wrappers."""
+    from boto3.exceptions import S3UploadFailedError
+
+    if getattr(exc, "last_exception", None) is not None:
+        return exc.last_exception
+    if isinstance(exc, S3UploadFailedError) and exc.__context__ is not None:
+        return exc.__context__
+    return exc
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether an S3 failure may go away by itself: a dropped or refused connection, a timeout,
+    a 5xx or throttling. Missing objects, denied access and bad requests are not."""
+    from botocore.exceptions import (ClientError, ConnectionError as BotoConnectionError, HTTPClientError,
+                                     IncompleteReadError, ResponseStreamingError)
+
+    if isinstance(exc, ClientError):
+        error = exc.response.get("Error", {})
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+        return error.get("Code") in _TRANSIENT_CODES or status >= 500
+    return isinstance(exc, (BotoConnectionError, HTTPClientError, IncompleteReadError, ResponseStreamingError,
+                            ConnectionError, TimeoutError))
 
 
 def labtune_home() -> Path:
@@ -159,6 +215,10 @@ class LocalStore:
             return []
         return sorted(p.relative_to(self.root).as_posix() for p in base.rglob("*") if p.is_file())
 
+    def sizes(self, prefix: str) -> dict[str, int]:
+        """{key: size} of every object under prefix."""
+        return {key: (self.root / key).stat().st_size for key in self.list(prefix)}
+
     def delete(self, key: str) -> None:
         (self._path(key)).unlink(missing_ok=True)
 
@@ -170,7 +230,13 @@ class LocalStore:
 
 
 class S3Store:
-    def __init__(self, uri: str, endpoint_url: str | None = None, region: str | None = None):
+    """Every operation rides out an endpoint outage: transient failures are retried with
+    exponential backoff (1 s doubling to 30 s, jittered) for up to retry_seconds, each retry a
+    warning in the log, then StoreUnavailable. Uploads are whole objects (a multipart upload
+    appears only when completed), so a retried upload never leaves a partial object behind."""
+
+    def __init__(self, uri: str, endpoint_url: str | None = None, region: str | None = None,
+                 retry_seconds: float | None = None):
         if not uri.startswith("s3://"):
             raise StoreError(f"{uri}: not an s3:// URI")
         bucket, _, prefix = uri[len("s3://"):].partition("/")
@@ -180,6 +246,7 @@ class S3Store:
         self.prefix = prefix.strip("/")
         self.uri = f"s3://{bucket}" + (f"/{self.prefix}" if self.prefix else "")
         self.endpoint_url = endpoint_url
+        self.retry_seconds = DEFAULT_RETRY_SECONDS if retry_seconds is None else float(retry_seconds)
         import boto3
         from boto3.s3.transfer import TransferConfig
         from botocore.config import Config
@@ -232,43 +299,61 @@ class S3Store:
             return StoreError(f"{where}: S3 error {code}")
         return StoreError(f"{where}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
 
+    def _retrying(self, operation: Callable[[], T], key: str | None, what: str) -> T:
+        """operation(), retried while its failure is transient and the budget lasts."""
+        started = time.monotonic()
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                return operation()
+            except Exception as exc:
+                cause = _root_cause(exc)
+                if not is_transient(cause):
+                    raise self._fail(cause, key) from None
+                where = self.uri_for(key) if key is not None else self.uri
+                waited = time.monotonic() - started
+                left = self.retry_seconds - waited
+                if left <= 0:
+                    raise StoreUnavailable(
+                        f"{where}: cannot reach S3 endpoint {self.endpoint_url or 'AWS'} to {what} "
+                        f"({type(cause).__name__}); gave up after {attempt} attempts over {waited:.0f} s "
+                        f"(store.retry_seconds={self.retry_seconds:g})") from None
+                delay = min(30.0, 2.0 ** (attempt - 1), left) * random.uniform(0.75, 1.0)
+                _warn(f"{where}: S3 endpoint {self.endpoint_url or 'AWS'} failed to {what} ({type(cause).__name__}); "
+                      f"retry {attempt} in {delay:.1f} s, giving up after {self.retry_seconds:g} s")
+                time.sleep(delay)
+
     def exists(self, key: str) -> bool:
         from botocore.exceptions import ClientError
 
-        try:
-            self.client.head_object(Bucket=self.bucket, Key=self._key(key))
-            return True
-        except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
-                return False
-            raise self._fail(exc, key) from None
-        except Exception as exc:
-            raise self._fail(exc, key) from None
+        def head() -> bool:
+            try:
+                self.client.head_object(Bucket=self.bucket, Key=self._key(key))
+                return True
+            except ClientError as exc:
+                if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                    return False
+                raise
+
+        return self._retrying(head, key, "look up an object")
 
     def read_bytes(self, key: str) -> bytes:
-        try:
-            return self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read()
-        except Exception as exc:
-            raise self._fail(exc, key) from None
+        return self._retrying(lambda: self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read(),
+                              key, "read")
 
     def write_bytes(self, key: str, data: bytes) -> None:
-        try:
-            self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data)
-        except Exception as exc:
-            raise self._fail(exc, key) from None
+        self._retrying(lambda: self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data), key, "write")
 
     def upload(self, local: str | os.PathLike, key: str) -> None:
-        try:
-            self.client.upload_file(str(local), self.bucket, self._key(key), Config=self.transfer)
-        except Exception as exc:
-            raise self._fail(getattr(exc, "last_exception", None) or exc, key) from None
+        self._retrying(lambda: self.client.upload_file(str(local), self.bucket, self._key(key), Config=self.transfer),
+                       key, "upload")
 
     def download(self, key: str, local: str | os.PathLike) -> None:
         Path(local).parent.mkdir(parents=True, exist_ok=True)
-        try:
-            self.client.download_file(self.bucket, self._key(key), str(local), Config=self.transfer)
-        except Exception as exc:
-            raise self._fail(exc, key) from None
+        # s3transfer writes to a temporary name and renames when complete
+        self._retrying(lambda: self.client.download_file(self.bucket, self._key(key), str(local), Config=self.transfer),
+                       key, "download")
 
     def local_path(self, key: str) -> None:
         return None
@@ -283,31 +368,28 @@ class S3Store:
                 yield item["Key"][strip:], item["Size"], item["ETag"].strip('"')
 
     def list(self, prefix: str) -> list[str]:
-        try:
-            return sorted(key for key, _, _ in self._iter_objects(prefix))
-        except Exception as exc:
-            raise self._fail(exc, prefix) from None
+        return sorted(key for key, _, _ in self.list_with_etags(prefix))
 
     def list_with_etags(self, prefix: str) -> list[tuple[str, int, str]]:
         """(key, size, ETag) of every object under prefix: a cheap identity for a source."""
-        try:
-            return sorted(self._iter_objects(prefix))
-        except Exception as exc:
-            raise self._fail(exc, prefix) from None
+        return self._retrying(lambda: sorted(self._iter_objects(prefix)), prefix, "list objects")
+
+    def sizes(self, prefix: str) -> dict[str, int]:
+        """{key: size} of every object under prefix (one listing, to check an upload before its manifest)."""
+        return {key: size for key, size, _ in self.list_with_etags(prefix)}
 
     def delete(self, key: str) -> None:
-        try:
-            self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
-        except Exception as exc:
-            raise self._fail(exc, key) from None
+        self._retrying(lambda: self.client.delete_object(Bucket=self.bucket, Key=self._key(key)), key, "delete")
 
     def delete_prefix(self, prefix: str) -> None:
         keys = [self._key(k) for k in self.list(prefix)]
         for start in range(0, len(keys), 1000):
             batch = [{"Key": k} for k in keys[start:start + 1000]]
-            self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch})
+            self._retrying(lambda: self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch}),
+                           prefix, "delete objects")
 
     def check(self) -> None:
+        """Pre-flight: fails at once (after boto's own three attempts), before any work is done."""
         try:
             self.client.head_bucket(Bucket=self.bucket)
         except Exception as exc:
@@ -322,10 +404,11 @@ Store = LocalStore | S3Store
 
 
 @functools.lru_cache(maxsize=16)
-def open_store(uri: str, endpoint_url: str | None = None, region: str | None = None) -> Store:
+def open_store(uri: str, endpoint_url: str | None = None, region: str | None = None,
+               retry_seconds: float | None = None) -> Store:
     """The store at uri; one per configuration in a process, since each boto3 client costs ~0.3 s."""
     if uri.startswith("s3://"):
-        return S3Store(uri, endpoint_url=endpoint_url, region=region)
+        return S3Store(uri, endpoint_url=endpoint_url, region=region, retry_seconds=retry_seconds)
     if "://" in uri and not uri.startswith("file://"):
         raise StoreError(f"{uri}: unsupported store scheme (use a local path or s3://bucket/prefix)")
     return LocalStore(uri.removeprefix("file://"))
@@ -348,11 +431,12 @@ def scratch_dir(prefix: str) -> Path:
     return Path(tempfile.mkdtemp(prefix=prefix, dir=root))
 
 
-def s3_options(recipe) -> dict[str, str | None]:
+def s3_options(recipe) -> dict[str, Any]:
     """The recipe's S3 settings, for reading sources (models, data) that live on S3 too."""
-    return {"endpoint_url": recipe.store.endpoint_url, "region": recipe.store.region}
+    return {"endpoint_url": recipe.store.endpoint_url, "region": recipe.store.region,
+            "retry_seconds": recipe.store.retry_seconds}
 
 
 def open_recipe_store(recipe) -> Store:
-    """The store a recipe names (`store.uri`, `store.endpoint_url`, `store.region`)."""
-    return open_store(recipe.store.uri, endpoint_url=recipe.store.endpoint_url, region=recipe.store.region)
+    """The store a recipe names (`store.uri`, `store.endpoint_url`, `store.region`, `store.retry_seconds`)."""
+    return open_store(recipe.store.uri, **s3_options(recipe))

@@ -136,7 +136,8 @@ class CheckpointRunner:
         from labtune.store import open_store
 
         store = self.cfg["store"]
-        return open_store(store["uri"], endpoint_url=store.get("endpoint_url"), region=store.get("region"))
+        return open_store(store["uri"], endpoint_url=store.get("endpoint_url"), region=store.get("region"),
+                          retry_seconds=store.get("retry_seconds"))
 
     def options(self) -> Any:
         """A LoRA run's checkpoints hold the adapter and its optimizer state, not the frozen base

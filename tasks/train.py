@@ -57,7 +57,8 @@ def worker_config(recipe: Recipe, model_dir: Path, train_dir: Path, output_dir: 
         "train_dir": str(train_dir),
         "output_dir": str(output_dir),
         "backend": recipe.parallel.backend,
-        "store": {"uri": recipe.store.uri, "endpoint_url": recipe.store.endpoint_url, "region": recipe.store.region},
+        "store": {"uri": recipe.store.uri, "endpoint_url": recipe.store.endpoint_url, "region": recipe.store.region,
+                  "retry_seconds": recipe.store.retry_seconds},
         "checkpoint_prefix": checkpoint_prefix,
         "checkpoint_dir": str(output_dir.parent / "checkpoints"),
     }

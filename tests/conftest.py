@@ -70,6 +70,36 @@ def bucket(s3_endpoint: str, request: pytest.FixtureRequest) -> str:
     return name
 
 
+class RestartableS3:
+    """A moto S3 endpoint a test can kill (SIGKILL, mid-request) and bring back with its objects."""
+
+    def __init__(self, state_dir: Path):
+        self.state_dir, self.port = state_dir, free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = None
+
+    def start(self) -> None:
+        from labtune import local_s3
+
+        self.proc = local_s3.start(self.port, self.state_dir)
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait(timeout=10)
+
+
+@pytest.fixture
+def restartable_s3(tmp_path: Path):
+    import boto3
+
+    endpoint = RestartableS3(tmp_path / "s3-state")
+    endpoint.start()
+    boto3.client("s3", endpoint_url=endpoint.url).create_bucket(Bucket="labtune")
+    yield endpoint
+    if endpoint.proc.poll() is None:
+        endpoint.kill()
+
+
 @pytest.fixture(scope="session")
 def prefect_api(session_home: Path):
     """A real Prefect server (labtune's own launcher) for the whole session."""

@@ -1,14 +1,20 @@
 """The whole finetune flow through `labtune run`, against a real Prefect server, with a local
-store and with S3 on a moto server; and bad input failing in one line with no manifest."""
+store and with S3 on a moto server that is killed and restarted mid-run; and bad input failing in
+one line with no manifest."""
 
 import asyncio
+import hashlib
 import json
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import boto3
 import pytest
 
-from conftest import TINY_RECIPE, run_cli
+from conftest import REPO, TINY_RECIPE, run_cli
 from labtune.store import sha256_file
 
 STAGES = ["weights", "delta", "data", "tokenize", "train", "evaluate"]
@@ -73,24 +79,6 @@ def test_local_store_run_then_cached_then_only_train_and_evaluate_rerun(prefect_
     assert [s for s in STAGES if not changed["stages"][s]["cached"]] == ["train", "evaluate"]
 
 
-def test_s3_store_holds_every_manifest_and_file(prefect_api, s3_endpoint, bucket):
-    result = _run(f"store.uri=s3://{bucket}/labtune", f"store.endpoint_url={s3_endpoint}")
-    client = boto3.client("s3", endpoint_url=s3_endpoint)
-    keys = {o["Key"] for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket) for o in page.get("Contents", [])}
-    for name in ("weights", "data", "tokenize", "train", "evaluate"):
-        uri = result["stages"][name]["uri"]
-        assert uri.startswith(f"s3://{bucket}/labtune/{name}/")
-        prefix = uri[len(f"s3://{bucket}/"):]
-        manifest = json.loads(client.get_object(Bucket=bucket, Key=f"{prefix}/manifest.json")["Body"].read())
-        for entry in manifest["files"]:
-            assert f"{prefix}/{entry['path']}" in keys
-            body = client.get_object(Bucket=bucket, Key=f"{prefix}/{entry['path']}")["Body"].read()
-            import hashlib
-            assert hashlib.sha256(body).hexdigest() == entry["sha256"]
-    again = _run(f"store.uri=s3://{bucket}/labtune", f"store.endpoint_url={s3_endpoint}")
-    assert all(again["stages"][s]["cached"] for s in STAGES)
-
-
 def _assert_one_line_failure(proc, *needles):
     assert proc.returncode != 0
     last = proc.stderr.strip().splitlines()[-1]
@@ -126,3 +114,54 @@ def test_single_stage_commands_need_no_prefect_server(tmp_path, stage):
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(proc.stdout)
     assert result["stage"] == stage and (Path(result["uri"]) / "manifest.json").is_file()
+
+
+def _wait_for(condition, what: str, timeout: float):
+    deadline = time.time() + timeout
+    while not condition():
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+def test_s3_run_rides_out_the_endpoint_going_away_and_a_rerun_is_all_cached(prefect_api, restartable_s3, tmp_path):
+    client = boto3.client("s3", endpoint_url=restartable_s3.url)
+    log_path = tmp_path / "run.log"
+    with open(log_path, "w") as log:
+        run = subprocess.Popen(
+            [sys.executable, "-m", "labtune.cli", "run", str(TINY_RECIPE), "store.uri=s3://labtune/outage",
+             f"store.endpoint_url={restartable_s3.url}", "store.retry_seconds=300", "--json"],
+            stdout=subprocess.PIPE, stderr=log, text=True, cwd=REPO, env=dict(os.environ))
+    try:
+        # the endpoint goes away (SIGKILL) once training has started uploading its first checkpoint
+        _wait_for(lambda: client.list_objects_v2(Bucket="labtune", Prefix="outage/checkpoints/").get("KeyCount", 0) > 0,
+                  "the first checkpoint upload", 300)
+        restartable_s3.kill()
+        killed = time.time()
+        # and stays away until the run has met it, then comes back with its objects
+        _wait_for(lambda: "S3 endpoint" in log_path.read_text() and "retry" in log_path.read_text(),
+                  "a store retry in the run's log", 120)
+        time.sleep(3)
+        restartable_s3.start()
+        print(f"S3 endpoint down for {time.time() - killed:.1f} s")
+        out, _ = run.communicate(timeout=900)
+    finally:
+        if run.poll() is None:
+            run.kill()
+    text = log_path.read_text()
+    assert run.returncode == 0, text[-3000:]
+    assert f"S3 endpoint {restartable_s3.url} failed to" in text
+    result = json.loads(out)
+    for name in ("weights", "data", "tokenize", "train", "evaluate"):
+        assert result["stages"][name]["uri"].startswith(f"s3://labtune/outage/{name}/")
+    # every manifest in the bucket, stages' and checkpoints', lists only whole objects with their sha256
+    keys = [o["Key"] for page in client.get_paginator("list_objects_v2").paginate(Bucket="labtune", Prefix="outage/")
+            for o in page.get("Contents", [])]
+    manifests = [k for k in keys if k.endswith("/manifest.json")]
+    assert {k.split("/")[1] for k in manifests} == {"weights", "data", "tokenize", "train", "evaluate", "checkpoints"}
+    for key in manifests:
+        prefix = key.removesuffix("manifest.json")
+        for entry in json.loads(client.get_object(Bucket="labtune", Key=key)["Body"].read())["files"]:
+            body = client.get_object(Bucket="labtune", Key=prefix + entry["path"])["Body"].read()
+            assert (len(body), hashlib.sha256(body).hexdigest()) == (entry["size"], entry["sha256"]), prefix + entry["path"]
+    again = _run("store.uri=s3://labtune/outage", f"store.endpoint_url={restartable_s3.url}")
+    assert all(again["stages"][s]["cached"] for s in STAGES)

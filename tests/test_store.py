@@ -1,13 +1,16 @@
 """Code: the store backends and the stage contract (manifest last, sha256 verified)."""
 
 import json
+import logging
+import re
+import threading
 from pathlib import Path
 
 import boto3
 import pytest
 
-from labtune.stage import ManifestError, commit, fetch, read_manifest, run_stage
-from labtune.store import LocalStore, S3Store, StoreError, open_store, sha256_file
+from labtune.stage import ManifestError, commit, fetch, read_manifest, run_stage, verify_uploaded
+from labtune.store import LocalStore, S3Store, StoreError, StoreUnavailable, open_store, sha256_file
 
 
 def _stores(tmp_path, endpoint, bucket):
@@ -98,3 +101,94 @@ def test_secrets_never_appear_in_errors(s3_endpoint, monkeypatch):
     with pytest.raises(StoreError) as err:
         S3Store("s3://no-such-bucket/x", endpoint_url=s3_endpoint).read_bytes("k")
     assert "SUPERSECRETVALUE123" not in str(err.value)
+
+
+def _output(tmp_path: Path, files: int = 6) -> Path:
+    out = tmp_path / "out"
+    out.mkdir()
+    for i in range(files):
+        (out / f"part-{i}.bin").write_bytes(bytes([i]) * (200_000 + i))
+    return out
+
+
+def test_local_s3_endpoint_keeps_its_objects_across_a_kill_and_restart(tmp_path, restartable_s3):
+    client = boto3.client("s3", endpoint_url=restartable_s3.url)
+    store = S3Store("s3://labtune/keep", endpoint_url=restartable_s3.url)
+    store.transfer.multipart_threshold = store.transfer.multipart_chunksize = 5 * 1024 * 1024
+    big = tmp_path / "big.bin"
+    big.write_bytes(bytes(range(256)) * (48 * 1024 + 5))  # 12 MB: a three-part upload
+    store.upload(big, "big.bin")
+    store.write_bytes("small", b"first")
+    store.write_bytes("small", b"second")
+    store.write_bytes("gone", b"x")
+    store.delete("gone")
+    store.write_bytes("dir/gone-too", b"x")
+    store.delete_prefix("dir")
+    restartable_s3.kill()
+    restartable_s3.start()
+    assert store.list("") == ["big.bin", "small"]
+    assert store.read_bytes("small") == b"second"
+    store.download("big.bin", tmp_path / "back.bin")
+    assert sha256_file(tmp_path / "back.bin") == sha256_file(big)
+    assert client.head_object(Bucket="labtune", Key="keep/big.bin")["ETag"].strip('"').endswith("-3")
+
+
+def test_store_rides_out_an_endpoint_outage_and_commits_when_it_returns(tmp_path, restartable_s3, caplog):
+    store = S3Store("s3://labtune/runs", endpoint_url=restartable_s3.url, retry_seconds=120)
+    store.write_bytes("before", b"kept")
+    out = _output(tmp_path)
+    restartable_s3.kill()
+    comeback = threading.Timer(4.0, restartable_s3.start)
+    comeback.start()
+    with caplog.at_level(logging.WARNING, logger="labtune.store"):
+        manifest = commit(store, "data/k", out, stage="data", inputs={}, parameters={}, started=0.0)
+    comeback.join()
+    retries = [r.getMessage() for r in caplog.records if "retry" in r.getMessage()]
+    assert retries and f"S3 endpoint {restartable_s3.url} failed to upload" in retries[0]
+    assert len(manifest["files"]) == 6
+    local = fetch(store, store.uri_for("data/k"))  # every file there, every sha256 right
+    assert sorted(p.name for p in local.iterdir() if p.name != "manifest.json") == sorted(p.name for p in out.iterdir())
+    assert store.read_bytes("before") == b"kept"
+
+
+def test_store_gives_up_after_retry_seconds_in_one_line_and_writes_no_manifest(tmp_path, restartable_s3):
+    store = S3Store("s3://labtune/runs", endpoint_url=restartable_s3.url, retry_seconds=3)
+    out = _output(tmp_path)
+    restartable_s3.kill()
+
+    def build(target: Path):
+        for path in out.iterdir():
+            (target / path.name).write_bytes(path.read_bytes())
+
+    with pytest.raises(StoreUnavailable) as err:
+        run_stage(store, "data", "k", build, inputs={}, parameters={})
+    message = str(err.value)
+    assert "\n" not in message and message.startswith("s3://labtune/runs/data/k/")
+    assert f"cannot reach S3 endpoint {restartable_s3.url}" in message and "gave up after" in message
+    assert "store.retry_seconds=3" in message
+    assert int(re.search(r"gave up after (\d+) attempts", message).group(1)) > 1
+    restartable_s3.start()
+    assert read_manifest(store, "data/k") is None
+
+
+def test_no_manifest_is_written_over_a_missing_or_partial_object(tmp_path, s3_endpoint, bucket):
+    store = S3Store(f"s3://{bucket}/v", endpoint_url=s3_endpoint)
+    store.write_bytes("out/whole.bin", b"x" * 100)
+    store.write_bytes("out/cut.bin", b"x" * 40)
+    files = [{"path": "whole.bin", "size": 100}, {"path": "cut.bin", "size": 100}]
+    with pytest.raises(ManifestError, match=r"cut.bin: upload incomplete \(40 of 100 bytes\); no manifest written"):
+        verify_uploaded(store, "out", files)
+    with pytest.raises(ManifestError, match=r"lost.bin: upload incomplete \(missing\)"):
+        verify_uploaded(store, "out", [{"path": "lost.bin", "size": 1}])
+    verify_uploaded(store, "out", files[:1])
+
+
+def test_missing_objects_and_missing_buckets_are_not_retried(s3_endpoint, bucket, caplog):
+    store = S3Store(f"s3://{bucket}/x", endpoint_url=s3_endpoint, retry_seconds=60)
+    with caplog.at_level(logging.WARNING, logger="labtune.store"):
+        with pytest.raises(StoreError, match="no such object") as missing:
+            store.read_bytes("absent")
+        with pytest.raises(StoreError, match="does not exist") as no_bucket:
+            S3Store("s3://no-such-bucket-here/x", endpoint_url=s3_endpoint, retry_seconds=60).write_bytes("k", b"x")
+    assert not isinstance(missing.value, StoreUnavailable) and not isinstance(no_bucket.value, StoreUnavailable)
+    assert not [r for r in caplog.records if "retry" in r.getMessage()]
