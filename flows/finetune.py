@@ -47,7 +47,10 @@ def remote_stage(deployment: str, stage: str, parameters: dict[str, Any], uri: s
     started = time.time()
     run = run_deployment(deployment, parameters=parameters, timeout=None)
     if not run.state or not run.state.is_completed():
-        raise RuntimeError(f"{stage}: deployment {deployment} run {run.name} ended {run.state.name if run.state else 'without a state'}")
+        ended = f"{run.state.name}: {(run.state.message or '').strip()}" if run.state else "without a state"
+        raise RuntimeError(f"{stage}: deployment {deployment} run {run.name} ended {ended.rstrip(': ')}; a re-run "
+                           f"skips the finished stages" + (" and resumes training from its last checkpoint"
+                                                           if stage == "train" else ""))
     if read_manifest(store, store.key_for(uri)) is None:
         raise RuntimeError(f"{stage}: deployment {deployment} run {run.name} completed but {uri} has no manifest")
     return StageResult(stage, uri, False, round(time.time() - started, 3))

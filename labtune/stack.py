@@ -25,6 +25,10 @@ REPO = Path(__file__).resolve().parents[1]
 POOLS = {"labtune-cpu": REPO / "infra" / "process-cpu.json", "labtune-gpu": REPO / "infra" / "process-gpu.json"}
 GPU_POOL_CONCURRENCY = 1  # one training at a time on this host's GPUs
 FAST_POLLING = {"PREFECT_WORKER_QUERY_SECONDS": "1", "PREFECT_WORKER_PREFETCH_SECONDS": "5"}
+UNRESPONSIVE_AUTOMATION = "labtune: crash unresponsive flow runs"
+# flow runs send a heartbeat every 30 s (the pools' PREFECT_FLOWS_HEARTBEAT_FREQUENCY): three missed
+# ones mean the machine or its worker died
+DEFAULT_UNRESPONSIVE_SECONDS = 90
 
 
 def stack_dir() -> Path:
@@ -68,7 +72,52 @@ def create_pools(api_url: str) -> list[str]:
         _prefect(["work-pool", "create", name, "--type", "process", "--base-job-template", str(template), "--overwrite"],
                  api_url)
     _prefect(["work-pool", "set-concurrency-limit", "labtune-gpu", str(GPU_POOL_CONCURRENCY)], api_url)
+    ensure_unresponsive_run_automation(api_url)
     return list(POOLS)
+
+
+def ensure_unresponsive_run_automation(api_url: str, seconds: float | None = None) -> str:
+    """Prefect's zombie-run automation for a self-hosted server: a run of a labtune deployment
+    whose heartbeats stop (its worker or machine died) is marked Crashed after `seconds`, which
+    frees the GPU pool's slot and lets a re-run resume from the last checkpoint. Replaced when it
+    exists; returns its id."""
+    from datetime import timedelta
+
+    from prefect.automations import Automation
+    from prefect.client.schemas.objects import StateType
+    from prefect.events.actions import ChangeFlowRunState
+    from prefect.events.schemas.automations import EventTrigger, Posture
+    from prefect.events.schemas.events import ResourceSpecification
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    seconds = float(seconds or os.environ.get("LABTUNE_UNRESPONSIVE_SECONDS") or DEFAULT_UNRESPONSIVE_SECONDS)
+    with temporary_settings(updates={PREFECT_API_URL: api_url}):
+        try:
+            Automation.read(name=UNRESPONSIVE_AUTOMATION).delete()
+        except ValueError:
+            pass
+        automation = Automation(
+            name=UNRESPONSIVE_AUTOMATION,
+            description=f"Marks a flow run Crashed when it sends no heartbeat for {seconds:g} s (its worker or machine died).",
+            trigger=EventTrigger(
+                after={"prefect.flow-run.heartbeat"},
+                expect={"prefect.flow-run.heartbeat", "prefect.flow-run.Completed", "prefect.flow-run.Failed",
+                        "prefect.flow-run.Cancelled", "prefect.flow-run.Crashed"},
+                match=ResourceSpecification({"prefect.resource.id": ["prefect.flow-run.*"]}),
+                # only runs of labtune's deployments: their pools send a heartbeat every 30 s, where
+                # Prefect's default is 180 s
+                match_related=ResourceSpecification({"prefect.resource.role": "tag",
+                                                     "prefect.resource.id": "prefect.tag.labtune"}),
+                for_each={"prefect.resource.id"},
+                posture=Posture.Proactive,
+                threshold=1,
+                within=timedelta(seconds=seconds),
+            ),
+            actions=[ChangeFlowRunState(state=StateType.CRASHED,
+                                        message=f"no heartbeat for {seconds:g} s: its worker or machine died; "
+                                                "re-run the deployment to resume from the last checkpoint")],
+        ).create()
+    return str(automation.id)
 
 
 def start_worker(pool: str, api_url: str) -> int:

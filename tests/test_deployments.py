@@ -108,6 +108,8 @@ def deployed(prefect_api, s3_endpoint, tmp_path_factory):
     recipe.write_text(text + "deployments:\n  train: train/labtune-train\n  evaluate: evaluate/labtune-evaluate\n")
     started = time.time()
     stack.create_pools(prefect_api)
+    # runs send a heartbeat every 30 s; a dead worker's run is marked Crashed after 60 s (90 s by default)
+    stack.ensure_unresponsive_run_automation(prefect_api, 60)
     for pool in stack.POOLS:
         stack.start_worker(pool, prefect_api)
     stack.deploy(str(recipe), prefect_api)
@@ -207,6 +209,81 @@ def test_changed_notes_emit_an_event_that_starts_a_retraining_run_once(deployed)
     _, artifacts = asyncio.run(_logs_and_artifacts(api, second.id))
     changes_artifact = [a for a in artifacts if a.key == "lab-notes-changes"]
     assert changes_artifact and note.name in changes_artifact[0].data
+
+
+def _process_tree(root: int) -> list[int]:
+    """root and every descendant (from /proc), children first."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    tree, stack_ = [], [root]
+    while stack_:
+        pid = stack_.pop()
+        tree.append(pid)
+        stack_ += children.get(pid, [])
+    return tree[::-1]
+
+
+def _run_deployment(api: str, name: str, parameters: dict) -> str:
+    proc = _prefect("deployment", "run", name, "--params", json.dumps(parameters), api=api)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return next(line.split()[-1] for line in proc.stdout.splitlines() if "UUID" in line)
+
+
+@pytest.mark.slow
+def test_a_worker_that_dies_mid_training_is_crashed_and_a_rerun_resumes_from_its_checkpoint(deployed):
+    """SIGKILL the GPU pool's worker, its flow-run process, torchrun and the ranks once the first
+    checkpoint is in the store; Prefect's unresponsive-run automation marks the train run Crashed,
+    finetune fails saying so, and running the deployment again resumes training."""
+    import os
+    import signal
+
+    from labtune import stack
+
+    api, _, _, store = deployed
+    parameters = {"overrides": ["train.num_train_epochs=4", "train.seed=11"]}  # a training no other test ran
+    before = {k for k in _s3_keys(*store) if k.startswith("runs/checkpoints/")}
+    first_id = _run_deployment(api, "finetune/labtune-finetune", parameters)
+    deadline = time.time() + 300
+    while not [k for k in _s3_keys(*store) - before if k.startswith("runs/checkpoints/") and k.endswith("/manifest.json")]:
+        assert time.time() < deadline, "no checkpoint was committed"
+        time.sleep(0.3)
+    worker = stack._state()["processes"]["worker-labtune-gpu"]["pid"]
+    tree = _process_tree(worker)
+    assert len(tree) > 3, tree  # worker, flow run, torchrun, ranks
+    for pid in tree:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    killed = time.time()
+    first = asyncio.run(_wait_for_run(api, first_id, timeout=300))
+    print(f"worker killed; finetune ended {first.state.name} {time.time() - killed:.1f}s later")
+    assert first.state.is_failed(), first.state
+    trains = [r for r in asyncio.run(_flow_runs(api, "train")) if r.parameters.get("overrides") == parameters["overrides"]]
+    assert len(trains) == 1 and trains[0].state.is_crashed(), [(r.name, r.state.name) for r in trains]
+    assert "no heartbeat" in trains[0].state.message
+
+    stack.start_worker("labtune-gpu", api)
+    second_id = _run_deployment(api, "finetune/labtune-finetune", parameters)
+    second = asyncio.run(_wait_for_run(api, second_id, timeout=600))
+    assert second.state.is_completed(), second.state.message
+    retrain = [r for r in asyncio.run(_flow_runs(api, "train"))
+               if r.parameters.get("overrides") == parameters["overrides"] and r.id != trains[0].id]
+    assert len(retrain) == 1 and retrain[0].state.is_completed()
+    deadline = time.time() + 30
+    while True:  # a run's last log lines reach the API shortly after its final state
+        logs, _ = asyncio.run(_logs_and_artifacts(api, retrain[0].id))
+        resumed = [log.message for log in logs if "resumed from checkpoint step" in log.message]
+        if resumed or time.time() > deadline:
+            break
+        time.sleep(1)
+    assert resumed, [log.message for log in logs][-30:]
+    print(resumed[0])
 
 
 @pytest.mark.slow
