@@ -203,9 +203,12 @@ def up(recipe_path: str | None = None, port: int = server.DEFAULT_PORT, s3_port:
     say(f"Prefect server: {url.removesuffix('/api')} ({'started' if new else 'already running'}, "
         f"database {server.prefect_home() / 'prefect.db'})")
     if s3_port:
-        say(f"S3 endpoint: {start_s3(s3_port)} (moto; set store.endpoint_url to it)")
+        say(f"S3 endpoint: {start_s3(s3_port)} (moto, objects kept in {stack_dir() / 's3'}; "
+            f"set store.endpoint_url to it)")
     create_pools(url)
     say(f"work pools: {', '.join(POOLS)} (process; labtune-gpu concurrency limit {GPU_POOL_CONCURRENCY})")
+    say(f"automation: '{UNRESPONSIVE_AUTOMATION}' (a labtune run without a heartbeat for "
+        f"{float(os.environ.get('LABTUNE_UNRESPONSIVE_SECONDS') or DEFAULT_UNRESPONSIVE_SECONDS):g} s is marked Crashed)")
     state = _state()
     for pool in POOLS:
         entry = state["processes"].get(f"worker-{pool}", {})

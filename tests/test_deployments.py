@@ -320,18 +320,39 @@ def test_no_log_artifact_or_parameter_holds_the_s3_secret_key(deployed):
 
 
 def test_stack_up_status_down_starts_and_stops_exactly_its_processes(tmp_path):
-    """`labtune stack` with its own home and ports: server, S3 endpoint, pools, workers."""
+    """`labtune stack` with its own home and ports: server, S3 endpoint, pools, workers; the
+    server protected by PREFECT_SERVER_API_AUTH_STRING, which labtune's calls and workers use."""
+    import base64
     import os
+    import urllib.error
+    import urllib.request
 
     from conftest import free_port, run_cli
 
-    env = {"LABTUNE_HOME": str(tmp_path / "home"), "PREFECT_API_URL": ""}
+    auth = "labtune:auth-string-for-this-test"
+    env = {"LABTUNE_HOME": str(tmp_path / "home"), "PREFECT_API_URL": "",
+           "PREFECT_SERVER_API_AUTH_STRING": auth, "PREFECT_API_AUTH_STRING": auth}
     port, s3_port = free_port(), free_port()
     up = run_cli("stack", "up", "--port", str(port), "--s3-port", str(s3_port), env=env)
     try:
         assert up.returncode == 0, up.stderr[-2000:]
         print(up.stdout)
         assert f"Prefect server: http://127.0.0.1:{port}" in up.stdout and f"S3 endpoint: http://127.0.0.1:{s3_port}" in up.stdout
+        assert "auth-string-for-this-test" not in up.stdout + up.stderr
+
+        def work_pools(credentials: str | None) -> int:
+            request = urllib.request.Request(f"http://127.0.0.1:{port}/api/work_pools/filter", data=b"{}", method="POST",
+                                             headers={"Content-Type": "application/json"})
+            if credentials:
+                request.add_header("Authorization", "Basic " + base64.b64encode(credentials.encode()).decode())
+            try:
+                with urllib.request.urlopen(request, timeout=10) as response:
+                    return len(json.loads(response.read()))
+            except urllib.error.HTTPError as err:
+                return -err.code
+
+        assert work_pools(None) == -401 and work_pools("labtune:wrong") == -401
+        assert work_pools(auth) == 2  # created by `stack up` through the auth string
         status = json.loads(run_cli("stack", "status", "--port", str(port), env=env).stdout)
         assert status["server"]["healthy"]
         processes = status["processes"]
