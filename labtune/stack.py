@@ -13,7 +13,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any, Callable
 
@@ -48,6 +47,11 @@ def _save(state: dict[str, Any]) -> None:
 def _alive(pid: int | None) -> bool:
     if not pid:
         return False
+    try:  # a process this one started and that has exited is a zombie until reaped
+        if os.waitpid(pid, os.WNOHANG)[0] == pid:
+            return False
+    except ChildProcessError:
+        pass
     try:
         os.kill(pid, 0)
     except OSError:
@@ -164,7 +168,7 @@ def start_s3(port: int) -> str:
     from labtune import local_s3
 
     url = f"http://127.0.0.1:{port}"
-    if _http_ok(url):
+    if local_s3.is_up(url):
         return url
     stack_dir().mkdir(parents=True, exist_ok=True)
     proc = local_s3.start(port, stack_dir() / "s3", log_path=stack_dir() / "s3.log")
@@ -172,14 +176,6 @@ def start_s3(port: int) -> str:
     state["processes"]["s3"] = {"pid": proc.pid, "log": str(stack_dir() / "s3.log"), "url": url}
     _save(state)
     return url
-
-
-def _http_ok(url: str) -> bool:
-    try:
-        urllib.request.urlopen(url + "/", timeout=1)
-        return True
-    except OSError:
-        return False
 
 
 def deploy(recipe_path: str, api_url: str) -> str:

@@ -70,8 +70,8 @@ def _root_cause(exc: BaseException) -> BaseException:
 def is_transient(exc: BaseException) -> bool:
     """Whether an S3 failure may go away by itself: a dropped or refused connection, a timeout,
     a 5xx or throttling. Missing objects, denied access and bad requests are not."""
-    from botocore.exceptions import (ClientError, ConnectionError as BotoConnectionError, HTTPClientError,
-                                     IncompleteReadError, ResponseStreamingError)
+    from botocore.exceptions import ClientError, HTTPClientError, IncompleteReadError, ResponseStreamingError
+    from botocore.exceptions import ConnectionError as BotoConnectionError
 
     if isinstance(exc, ClientError):
         error = exc.response.get("Error", {})
@@ -385,7 +385,7 @@ class S3Store:
         keys = [self._key(k) for k in self.list(prefix)]
         for start in range(0, len(keys), 1000):
             batch = [{"Key": k} for k in keys[start:start + 1000]]
-            self._retrying(lambda: self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch}),
+            self._retrying(lambda batch=batch: self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch}),
                            prefix, "delete objects")
 
     def check(self) -> None:

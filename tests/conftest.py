@@ -106,7 +106,9 @@ def prefect_api(session_home: Path):
     from labtune import server
 
     port = free_port()
+    started = time.time()
     url, _ = server.start(port=port, timeout=120)
+    print(f"\nPrefect server healthy {time.time() - started:.1f}s after start")
     previous = os.environ.get("PREFECT_API_URL")
     os.environ["PREFECT_API_URL"] = url
     yield url
