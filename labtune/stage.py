@@ -288,7 +288,9 @@ def fetch_output(uri: str, endpoint_url: str | None = None, region: str | None =
     from labtune.store import LocalStore, S3Store
 
     if uri.startswith("s3://"):
-        return fetch(S3Store(uri, endpoint_url=endpoint_url, region=region), uri, log)
+        store = S3Store(uri, endpoint_url=endpoint_url, region=region)
+        store.check()  # a wrong endpoint fails now, not after the outage budget
+        return fetch(store, uri, log)
     path = Path(uri).expanduser().resolve()
     if not path.is_dir():
         raise ManifestError(f"{uri}: no such folder")
