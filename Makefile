@@ -23,7 +23,7 @@ demo: $(STAMP)
 
 # The whole test suite (starts its own Prefect server and moto S3 server on 127.0.0.1).
 test: $(STAMP)
-	$(PY) -m pytest
+	$(PY) -m pytest --durations=20
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -m "not slow"
