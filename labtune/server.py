@@ -79,6 +79,23 @@ def start(port: int = DEFAULT_PORT, host: str = "127.0.0.1", timeout: float = 12
     raise LabtuneError(f"Prefect server did not become healthy on {url} within {timeout:.0f}s; see {log_path}")
 
 
+def process_alive(pid: int | None) -> bool:
+    """Whether pid runs; one that this process started and that has exited (a zombie until
+    reaped) counts as gone, and is reaped."""
+    if not pid:
+        return False
+    try:
+        if os.waitpid(pid, os.WNOHANG)[0] == pid:
+            return False
+    except ChildProcessError:
+        pass
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        return False
+    return True
+
+
 def stop(timeout: float = 30.0) -> bool:
     """Stop the server this labtune home started; False when none was running."""
     pid = _read_pid()
@@ -87,13 +104,9 @@ def stop(timeout: float = 30.0) -> bool:
         return False
     os.killpg(pid, signal.SIGTERM)
     deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            os.kill(pid, 0)
-        except OSError:
-            break
+    while process_alive(pid) and time.time() < deadline:
         time.sleep(0.2)
-    else:
+    if process_alive(pid):
         os.killpg(pid, signal.SIGKILL)
     pid_file().unlink(missing_ok=True)
     return True

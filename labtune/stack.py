@@ -44,21 +44,6 @@ def _save(state: dict[str, Any]) -> None:
     (stack_dir() / "stack.json").write_text(json.dumps(state, indent=2))
 
 
-def _alive(pid: int | None) -> bool:
-    if not pid:
-        return False
-    try:  # a process this one started and that has exited is a zombie until reaped
-        if os.waitpid(pid, os.WNOHANG)[0] == pid:
-            return False
-    except ChildProcessError:
-        pass
-    try:
-        os.kill(pid, 0)
-    except OSError:
-        return False
-    return True
-
-
 def _prefect(args: list[str], api_url: str, cwd: Path = REPO, env: dict[str, str] | None = None,
              check: bool = True) -> subprocess.CompletedProcess:
     proc = subprocess.run([sys.executable, "-m", "prefect", *args], capture_output=True, text=True, cwd=cwd,
@@ -208,7 +193,7 @@ def up(recipe_path: str | None = None, port: int = server.DEFAULT_PORT, s3_port:
     state = _state()
     for pool in POOLS:
         entry = state["processes"].get(f"worker-{pool}", {})
-        pid = entry["pid"] if _alive(entry.get("pid")) else start_worker(pool, url)
+        pid = entry["pid"] if server.process_alive(entry.get("pid")) else start_worker(pool, url)
         say(f"worker for {pool}: pid {pid}, log {stack_dir() / f'worker-{pool}.log'}")
     wait_for_workers(url, list(POOLS))
     say("workers: online")
@@ -227,12 +212,12 @@ def down(say: Callable[[str], None] = print, timeout: float = 30.0, keep_server:
     names = sorted(state["processes"], key=lambda n: (not n.startswith("worker-"), n))
     for name in names:
         pid = state["processes"][name]["pid"]
-        if _alive(pid):
+        if server.process_alive(pid):
             os.killpg(pid, signal.SIGTERM)
             deadline = time.time() + timeout
-            while _alive(pid) and time.time() < deadline:
+            while server.process_alive(pid) and time.time() < deadline:
                 time.sleep(0.2)
-            if _alive(pid):
+            if server.process_alive(pid):
                 os.killpg(pid, signal.SIGKILL)
             stopped.append(name)
             say(f"stopped {name} (pid {pid})")
@@ -246,5 +231,5 @@ def down(say: Callable[[str], None] = print, timeout: float = 30.0, keep_server:
 
 def status(port: int = server.DEFAULT_PORT) -> dict[str, Any]:
     state = _state()
-    processes = {name: {**entry, "running": _alive(entry.get("pid"))} for name, entry in state["processes"].items()}
+    processes = {name: {**entry, "running": server.process_alive(entry.get("pid"))} for name, entry in state["processes"].items()}
     return {"server": server.status(port), "processes": processes}
