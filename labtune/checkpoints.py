@@ -19,6 +19,7 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable
 
+from labtune.stage import verify_uploaded
 from labtune.store import Store, StoreError, open_store, sha256_file
 
 MANIFEST = "manifest.json"
@@ -70,8 +71,6 @@ def commit(store: Store, prefix: str, step: int, world: int, meta: dict[str, Any
                     raise StoreError(f"{store.uri_for(base)}: rank {rank} did not upload its checkpoint files "
                                      f"within {timeout:.0f}s; the checkpoint stays incomplete") from None
                 time.sleep(0.2)
-    from labtune.stage import verify_uploaded
-
     verify_uploaded(store, base, files)
     manifest = {"stage": "checkpoint", "step": step, "world_size": world, "files": sorted(files, key=lambda f: f["path"]),
                 "uri": store.uri_for(base), "committed": time.time(), **meta}
