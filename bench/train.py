@@ -56,10 +56,10 @@ def make_model(work: Path) -> tuple[Path, str]:
 def prepare(work: Path, args: argparse.Namespace):
     """labtune's data and tokenize stages on the lab notes + dummy conversations."""
     from labtune.recipe import recipe_from_dict
-    from labtune.store import LocalStore
-    from tasks.data import build_data
-    from tasks.tokenize import build_tokenize
-    from tasks.weights import build_weights
+    from labtune.store import open_store
+    from labtune.stages.data import build_data
+    from labtune.stages.tokenize import build_tokenize
+    from labtune.stages.weights import build_weights
 
     model_dir, tokenizer_name = make_model(work)
     recipe = recipe_from_dict({
@@ -75,7 +75,7 @@ def prepare(work: Path, args: argparse.Namespace):
         "parallel": {"nproc_per_node": 1},
         "store": {"uri": str(work / "store")},
     }, "bench/train.py")
-    store = LocalStore(work / "store")
+    store = open_store(recipe.store.settings())
     model_uri = build_weights(recipe, store).uri
     tokens_uri = build_tokenize(recipe, store, model_uri, build_data(recipe, store).uri).uri
     return recipe, store, model_uri, tokens_uri, tokenizer_name
@@ -102,7 +102,7 @@ def subset(store, tokens_uri: str, count: int) -> str:
 
 def run_labtune(recipe, store, model_uri: str, tokens_uri: str) -> dict:
     from labtune.stage import fetch
-    from tasks.train import build_train
+    from labtune.stages.train import build_train
 
     result = build_train(recipe, store, model_uri, tokens_uri, log=lambda line: None)
     return json.loads((fetch(store, result.uri) / "train_metrics.json").read_text())
@@ -118,7 +118,7 @@ def run_baseline(recipe, model_dir: Path, subset_dir: Path, work: Path) -> dict:
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    width = recipe.train.model_max_length
+    width = recipe.data.model_max_length
     examples = load_from_disk(str(subset_dir / "train"))
 
     class Padded(torch.utils.data.Dataset):

@@ -63,16 +63,17 @@ def main() -> None:
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="labtune-bench-mfu-"))
     params = build(work, args.layers, args.seq, args.steps * args.batch * args.nproc)
-    config = {
-        "num_train_epochs": 1, "per_device_train_batch_size": args.batch, "gradient_accumulation_steps": 1,
-        "learning_rate": 1e-4, "weight_decay": 0.0, "warmup_ratio": 0.0, "lr_scheduler_type": "constant",
-        "model_max_length": args.seq, "bf16": True, "tf32": True, "gradient_checkpointing": not args.no_checkpointing,
-        "save_steps": 10**9, "save_total_limit": None, "logging_steps": 1, "fsdp": "full_shard auto_wrap",
-        "fsdp_transformer_layer_cls_to_wrap": None, "max_grad_norm": 1.0, "seed": 0, "backend": "auto",
-        "model_dir": str(work / "model"), "train_dir": str(work / "tokens"), "output_dir": str(work / "out"),
-        "save_strategy": "no", "torch_compile": args.compile,
-    }
-    (work / "config.json").write_text(json.dumps(config))
+    from labtune.recipe import TrainConfig
+    from labtune.store import StoreSettings
+    from labtune.worker_config import WorkerConfig
+
+    train = TrainConfig(num_train_epochs=1, per_device_train_batch_size=args.batch, learning_rate=1e-4, warmup_ratio=0.0,
+                        lr_scheduler_type="constant", bf16=True, tf32=True,
+                        gradient_checkpointing=not args.no_checkpointing, save_strategy="no", seed=0,
+                        torch_compile=args.compile)
+    WorkerConfig(model_dir=str(work / "model"), train_dir=str(work / "tokens"), output_dir=str(work / "out"),
+                 checkpoint_dir=str(work / "checkpoints"), store=StoreSettings(str(work / "store")),
+                 train=train).write(work / "config.json")
     command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.nproc}", "--master_port=29533",
                "-m", "labtune.train_worker", "--config", str(work / "config.json")]
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}

@@ -15,30 +15,19 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.deployments import run_deployment
 
 from flows.train import train as train_flow
-from labtune.recipe import Recipe, load_recipe
 from flows.watch import changes_markdown
-from labtune.stage import StageResult, read_manifest
-from labtune.store import open_recipe_store, s3_options
-from tasks import data as data_stage
-from tasks import weights as weights_stage
+from labtune.errors import RunFailure
+from labtune.recipe import load_recipe
+from labtune.stage import StageResult, output_prefix, read_manifest
+from labtune.stages.evaluate import evaluate_key
+from labtune.stages.preflight import preflight
+from labtune.stages.train import train_key
+from labtune.store import open_store
 from tasks.data import data_task
 from tasks.delta import delta_task
-from tasks.evaluate import evaluate_key, evaluate_task
-from tasks.train import train_key
+from tasks.evaluate import evaluate_task
 from tasks.tokenize import tokenize_task
 from tasks.weights import weights_task
-
-
-def preflight(recipe: Recipe) -> None:
-    """Fail in seconds, with one line naming the thing, before any stage starts: the store is
-    reachable, the base model and delta sources exist, every data source exists."""
-    open_recipe_store(recipe).check()
-    s3 = s3_options(recipe)
-    for model in filter(None, (recipe.base_model, recipe.delta)):
-        if not model.source.startswith("tiny://"):
-            weights_stage.source_identity(model, s3)
-    for source in recipe.data.sources:
-        data_stage.source_identity(source, s3)
 
 
 def remote_stage(deployment: str, stage: str, parameters: dict[str, Any], uri: str, store) -> StageResult:
@@ -48,11 +37,11 @@ def remote_stage(deployment: str, stage: str, parameters: dict[str, Any], uri: s
     run = run_deployment(deployment, parameters=parameters, timeout=None)
     if not run.state or not run.state.is_completed():
         ended = f"{run.state.name}: {(run.state.message or '').strip()}" if run.state else "without a state"
-        raise RuntimeError(f"{stage}: deployment {deployment} run {run.name} ended {ended.rstrip(': ')}; a re-run "
+        raise RunFailure(f"{stage}: deployment {deployment} run {run.name} ended {ended.rstrip(': ')}; a re-run "
                            f"skips the finished stages" + (" and resumes training from its last checkpoint"
                                                            if stage == "train" else ""))
     if read_manifest(store, store.key_for(uri)) is None:
-        raise RuntimeError(f"{stage}: deployment {deployment} run {run.name} completed but {uri} has no manifest")
+        raise RunFailure(f"{stage}: deployment {deployment} run {run.name} completed but {uri} has no manifest")
     return StageResult(stage, uri, False, round(time.time() - started, 3))
 
 
@@ -97,7 +86,7 @@ def finetune(recipe_path: str, overrides: list[str] | None = None, notes_fingerp
         logger.info(f"triggered by lab notes fingerprint {notes_fingerprint}")
         create_markdown_artifact(key="lab-notes-changes", markdown=changes_markdown(
             {"fingerprint": notes_fingerprint, **(notes_changes or {})}), description="The lab-notes change this run trains on")
-    store = open_recipe_store(recipe)
+    store = open_store(recipe.store.settings())
 
     weights = weights_task(recipe)
     target = delta_task(recipe, weights.uri)
@@ -107,14 +96,14 @@ def finetune(recipe_path: str, overrides: list[str] | None = None, notes_fingerp
     if recipe.deployments.train:
         key, _ = train_key(recipe, target.uri, tokens.uri)
         trained = remote_stage(recipe.deployments.train, "train", {"recipe_path": recipe_path, "model_uri": target.uri,
-                               "tokens_uri": tokens.uri, "overrides": overrides or []}, store.uri_for(f"train/{key}"), store)
+                               "tokens_uri": tokens.uri, "overrides": overrides or []}, store.uri_for(output_prefix("train", key)), store)
     else:
         trained = StageResult(**train_flow(recipe_path, target.uri, tokens.uri, overrides or []))
     if recipe.deployments.evaluate:
         key, _, _ = evaluate_key(recipe, target.uri, trained.uri, data.uri, tokens.uri)
         evaluation = remote_stage(recipe.deployments.evaluate, "evaluate", {
             "recipe_path": recipe_path, "base_uri": target.uri, "model_uri": trained.uri, "data_uri": data.uri,
-            "tokens_uri": tokens.uri, "overrides": overrides or []}, store.uri_for(f"evaluate/{key}"), store)
+            "tokens_uri": tokens.uri, "overrides": overrides or []}, store.uri_for(output_prefix("evaluate", key)), store)
     else:
         evaluation = evaluate_task(recipe, target.uri, trained.uri, data.uri, tokens.uri)
 

@@ -6,7 +6,6 @@ they share are cached, so they run once), then one comparison table, question by
 
 from __future__ import annotations
 
-import itertools
 import json
 import sys
 from typing import Any
@@ -16,15 +15,9 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from flows.finetune import finetune
 from labtune import evaluation
-from labtune.recipe import load_recipe
-from labtune.store import open_recipe_store
-from tasks.evaluate import read_run
-
-
-def variants(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
-    """Every combination of the grid's values, in the grid's order."""
-    keys = list(grid)
-    return [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]
+from labtune.recipe import grid_variants, load_recipe
+from labtune.stages.evaluate import read_run
+from labtune.store import open_store
 
 
 @flow(name="sweep", log_prints=True)
@@ -33,12 +26,12 @@ def sweep(recipe_path: str, grid: dict[str, list[Any]], overrides: list[str] | N
     "train.num_train_epochs": [3, 50]}) and compare their evaluations."""
     logger = get_run_logger()
     runs = []
-    for variant in variants(grid):
+    for variant in grid_variants(grid):
         variant_overrides = list(overrides or []) + [f"{key}={value}" for key, value in variant.items()]
         logger.info(f"sweep: variant {variant}")
         recipe = load_recipe(recipe_path, variant_overrides)
         stages = finetune(recipe_path, variant_overrides)
-        run = read_run(open_recipe_store(recipe), stages["evaluate"]["uri"])
+        run = read_run(open_store(recipe.store.settings()), stages["evaluate"]["uri"])
         runs.append({**run, "variant": variant})
     labels, table = evaluation.comparison_table(runs)
     columns = ["question", "expected", "base", *labels]

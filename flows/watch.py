@@ -18,7 +18,7 @@ from prefect.events import emit_event
 from labtune import watch
 from labtune.errors import LabtuneError
 from labtune.recipe import load_recipe
-from labtune.store import open_recipe_store
+from labtune.store import open_store
 
 EVENT = "labtune.labnotes.updated"
 
@@ -28,7 +28,7 @@ def notes_state(recipe) -> dict[str, Any]:
     sources = [s.path for s in recipe.data.sources if s.type == "lab_notes"]
     if not sources:
         raise LabtuneError(f"recipe {recipe.name}: no lab_notes source to watch")
-    listings = {source: watch.note_listing(source, recipe.store.endpoint_url, recipe.store.region) for source in sources}
+    listings = {source: watch.note_listing(source, recipe.store.settings()) for source in sources}
     combined = [{**item, "name": f"{index}/{item['name']}"} for index, source in enumerate(sources)
                 for item in listings[source]]
     return {"sources": sources, "listings": listings, "fingerprint": watch.fingerprint(combined)}
@@ -39,7 +39,7 @@ def watch_lab_notes(recipe_path: str, overrides: list[str] | None = None) -> dic
     """Emit `labtune.labnotes.updated` when the lab notes differ from the last fingerprint seen."""
     logger = get_run_logger()
     recipe = load_recipe(recipe_path, overrides or [])
-    store = open_recipe_store(recipe)
+    store = open_store(recipe.store.settings())
     state = notes_state(recipe)
     resource = "labtune.labnotes." + watch.source_id("|".join(state["sources"]))
     previous = watch.load_state(store, resource) or {"fingerprint": None, "listings": {}}

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from labtune.stage import verify_uploaded
-from labtune.store import Store, StoreError, open_store, sha256_file
+from labtune.store import Store, StoreError, StoreSettings, open_store, sha256_file
 
 MANIFEST = "manifest.json"
 _STEP = re.compile(r"(?:^|/)step-(\d+)/manifest\.json$")
@@ -111,16 +111,15 @@ class BackgroundUploader:
     the manifest and prunes. An upload that fails is reported and leaves the step incomplete;
     training continues (the next checkpoint may succeed)."""
 
-    def __init__(self, store_config: dict[str, Any], prefix: str, rank: int, world: int, keep: int | None,
+    def __init__(self, store: StoreSettings, prefix: str, rank: int, world: int, keep: int | None,
                  log: Callable[[str], None]):
-        self.store_config, self.prefix, self.rank, self.world, self.keep = store_config, prefix, rank, world, keep
+        self.settings, self.prefix, self.rank, self.world, self.keep = store, prefix, rank, world, keep
         self.log = log
         self.thread: threading.Thread | None = None
         self.committed: list[str] = []
 
     def _store(self) -> Store:
-        return open_store(self.store_config["uri"], endpoint_url=self.store_config.get("endpoint_url"),
-                          region=self.store_config.get("region"), retry_seconds=self.store_config.get("retry_seconds"))
+        return open_store(self.settings)
 
     def start(self, step: int, local_dir: Path, files: list[Path], meta: dict[str, Any]) -> None:
         self.wait()

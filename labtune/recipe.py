@@ -13,8 +13,9 @@ from typing import Any, Literal
 
 import yaml
 
-from labtune.errors import LabtuneError
+from labtune.errors import LabtuneError, yaml_error
 from labtune.evaluation import Prompt
+from labtune.store import StoreSettings
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
@@ -63,6 +64,8 @@ class DataConfig(_Strict):
     undated_notes: Literal["skip", "fail"] = "skip"
     invalid_conversations: Literal["drop", "fail"] = "drop"
     chat_template: Literal["auto", "vicuna_v1.1", "tokenizer"] = "auto"
+    # the tokenize stage's limit (FastChat's --model_max_length; `train.model_max_length` is read too)
+    model_max_length: int = Field(default=2048, ge=8)
     num_proc: int | None = Field(default=None, ge=1)
     seed: int = 42
 
@@ -83,7 +86,6 @@ class TrainConfig(_Strict):
     weight_decay: float = Field(default=0.0, ge=0)
     warmup_ratio: float = Field(default=0.03, ge=0, le=1)
     lr_scheduler_type: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "cosine"
-    model_max_length: int = Field(default=2048, ge=8)
     bf16: bool = False
     tf32: bool = False
     gradient_checkpointing: bool = False
@@ -204,6 +206,9 @@ class StoreConfig(_Strict):
     # how long an S3 outage the run rides out, per operation, before it fails
     retry_seconds: float = Field(default=300.0, ge=0)
 
+    def settings(self) -> StoreSettings:
+        return StoreSettings(self.uri, self.endpoint_url, self.region, self.retry_seconds)
+
 
 class Recipe(_Strict):
     name: str = "labtune"
@@ -217,6 +222,21 @@ class Recipe(_Strict):
     deployments: DeploymentsConfig = Field(default_factory=DeploymentsConfig)
     watch: WatchConfig = Field(default_factory=WatchConfig)
     recipe_dir: str = Field(default=".", exclude=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _model_max_length_is_tokenization(cls, raw: Any) -> Any:
+        """FastChat passes --model_max_length with the training flags; here only tokenize uses it,
+        so `train.model_max_length` is read as `data.model_max_length` (and stays out of the train
+        stage's key: changing it re-tokenizes, and that alone changes what training sees)."""
+        train, data = (raw.get("train"), raw.get("data")) if isinstance(raw, dict) else (None, None)
+        if isinstance(train, dict) and "model_max_length" in train and isinstance(data, dict):
+            value = train.pop("model_max_length")
+            if data.setdefault("model_max_length", value) != value:
+                raise ValueError(f"train.model_max_length {value} and data.model_max_length {data['model_max_length']} "
+                                 "differ; set one")
+            raw = {**raw, "train": train, "data": data}
+        return raw
 
     @model_validator(mode="after")
     def _resolve_paths(self) -> "Recipe":
@@ -293,7 +313,7 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> 
     try:
         raw = yaml.safe_load(recipe_path.read_text()) or {}
     except yaml.YAMLError as exc:
-        raise RecipeError(f"{recipe_path}: not valid YAML: {str(exc).splitlines()[0]}") from None
+        raise RecipeError(yaml_error(recipe_path, exc)) from None
     if not isinstance(raw, dict):
         raise RecipeError(f"{recipe_path}: the top level must be a mapping")
     raw = apply_overrides(raw, overrides or [])
@@ -315,3 +335,11 @@ def recipe_from_dict(raw: dict[str, Any], origin: str = "recipe") -> Recipe:
             message = f"{first['msg']} (got {first.get('input')!r})"
         more = f" (+{len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
         raise RecipeError(f"{origin}: {key}: {message}{more}") from None
+
+
+def grid_variants(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
+    """Every combination of a sweep grid's values ({key: [values]}), in the grid's order."""
+    import itertools
+
+    keys = list(grid)
+    return [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]

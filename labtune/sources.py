@@ -23,7 +23,7 @@ from labtune.merge import MODEL_FILES
 from labtune.meta_llama import convert_meta_llama, is_meta_checkpoint, meta_files
 from labtune.recipe import ModelSource
 from labtune.stage import MANIFEST
-from labtune.store import S3Store, download_tree, scratch_dir, sha256_file, sha256_files
+from labtune.store import StoreSettings, download_tree, open_store, scratch_dir, sha256_file, sha256_files
 from labtune.tensorfiles import CheckpointError, convert_checkpoint, weight_files
 
 Log = Callable[[str], None]
@@ -142,7 +142,7 @@ def directory_identity(directory: Path, what: str) -> dict[str, Any]:
     return {"dir": what, "files": files}
 
 
-def source_identity(source: ModelSource, s3: dict[str, Any]) -> dict[str, Any]:
+def source_identity(source: ModelSource, settings: StoreSettings) -> dict[str, Any]:
     """What the source is, cheaply and exactly: unchanged identity means no new download."""
     if source.source.startswith("tiny://"):
         return {"tiny": source.source, "spec": source.tiny}
@@ -152,7 +152,7 @@ def source_identity(source: ModelSource, s3: dict[str, Any]) -> dict[str, Any]:
     if source.source.startswith("hf://"):
         return {"hf": parse_hf(source.source)[0], "commit": hf_commit(source.source)}
     if source.source.startswith("s3://"):
-        listing = S3Store(source.source, **s3).list_with_etags("")
+        listing = open_store(settings.at(source.source)).list_with_etags("")
         if not listing:
             raise WeightsError(f"{source.source}: no objects under this prefix")
         return {"s3": source.source, "etags": [list(item) for item in listing]}
@@ -164,7 +164,7 @@ def source_identity(source: ModelSource, s3: dict[str, Any]) -> dict[str, Any]:
 # --- materializing ----------------------------------------------------------------------------
 
 @contextlib.contextmanager
-def local_source(uri: str, s3: dict[str, Any], log: Log) -> Iterator[Path]:
+def local_source(uri: str, settings: StoreSettings, log: Log) -> Iterator[Path]:
     """A local directory holding the source's files, for as long as the block runs."""
     if uri.startswith("hf://"):
         log(f"fetching {uri} through the Hugging Face cache")
@@ -175,7 +175,7 @@ def local_source(uri: str, s3: dict[str, Any], log: Log) -> Iterator[Path]:
         directory = scratch_dir("source-s3-")
         try:
             log(f"downloading {uri}")
-            download_tree(S3Store(uri, **s3), "", directory)
+            download_tree(open_store(settings.at(uri)), "", directory)
             yield directory
         finally:
             shutil.rmtree(directory, ignore_errors=True)
@@ -219,7 +219,7 @@ def write_hf_model(directory: Path, out: Path, dtype: str | None, log: Log) -> N
         (out / "config.json").write_text(json.dumps(config, indent=2))
 
 
-def materialize(source: ModelSource, out: Path, s3: dict[str, Any], log: Log) -> None:
+def materialize(source: ModelSource, out: Path, settings: StoreSettings, log: Log) -> None:
     """Write the model named by source into out as an HF directory."""
     if source.source.startswith("tiny://"):
         from labtune.tiny import make_tiny_llama
@@ -242,5 +242,5 @@ def materialize(source: ModelSource, out: Path, s3: dict[str, Any], log: Log) ->
         model.save_pretrained(out, max_shard_size="2GB")
         tokenizer.save_pretrained(out)
         return
-    with local_source(source.source, s3, log) as directory:
+    with local_source(source.source, settings, log) as directory:
         write_hf_model(directory, out, source.dtype, log)

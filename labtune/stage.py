@@ -20,7 +20,8 @@ from typing import Any
 
 from labtune import __version__
 from labtune.errors import LabtuneError
-from labtune.store import Store, StoreError, labtune_home, output_sha256, sha256_file
+from labtune.store import (LocalStore, Store, StoreError, StoreSettings, labtune_home, open_store, output_sha256,
+                           scratch_dir, sha256_file)
 
 MANIFEST = "manifest.json"
 Log = Callable[[str], None]
@@ -62,6 +63,16 @@ def code_version(*files: str | Path) -> str:
 def stage_key(stage: str, code: str, inputs: dict[str, Any], parameters: dict[str, Any]) -> str:
     blob = json.dumps({"stage": stage, "code": code, "inputs": inputs, "parameters": parameters}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def output_prefix(stage: str, key: str) -> str:
+    """Where a stage's output lives in the store: the one place that layout is spelled out."""
+    return f"{stage}/{key}"
+
+
+def checkpoint_prefix(train_key: str) -> str:
+    """Where a training run's checkpoints live (beside, not inside, its output)."""
+    return f"checkpoints/{train_key}"
 
 
 def _join(prefix: str, name: str) -> str:
@@ -192,7 +203,7 @@ def run_stage(
     wait_seconds: float = 3600.0,
 ) -> StageResult:
     """Skip the stage when its manifest exists; otherwise build into a scratch dir and commit."""
-    prefix = f"{stage}/{key}"
+    prefix = output_prefix(stage, key)
     started = time.time()
     if read_manifest(store, prefix) is not None:
         log(f"{stage}: cached at {store.uri_for(prefix)}")
@@ -230,16 +241,14 @@ def publish(
     stage: str,
     inputs: dict[str, Any],
     parameters: dict[str, Any],
-    s3: dict[str, Any] | None = None,
+    settings: StoreSettings | None = None,
     log: Log = default_log,
 ) -> tuple[str, bool]:
     """Build into a plain directory or s3:// prefix named by the user (not content-addressed),
     with the same contract: manifest.json last. Returns (uri, already_there): an OUT whose
     manifest records the same inputs and parameters is left as it is."""
-    from labtune.store import LocalStore, S3Store, scratch_dir
-
     started = time.time()
-    store: Store = S3Store(out, **(s3 or {})) if out.startswith("s3://") else LocalStore(out)
+    store = open_store(settings.at(out) if settings else StoreSettings(out))
     existing = read_manifest(store, "")
     if existing is not None:
         if existing.get("inputs") == inputs and existing.get("parameters") == parameters:
@@ -282,16 +291,14 @@ def _clear(directory: Path, remove: bool) -> None:
             path.unlink(missing_ok=True)
 
 
-def fetch_output(uri: str, endpoint_url: str | None = None, region: str | None = None, log: Log = default_log) -> Path:
+def fetch_output(uri: str, settings: StoreSettings | None = None, log: Log = default_log) -> Path:
     """A complete stage output named by its URI alone (a folder or s3:// prefix holding a
     manifest.json), verified and local; a URI without a complete manifest fails naming it."""
-    from labtune.store import LocalStore, S3Store
-
     if uri.startswith("s3://"):
-        store = S3Store(uri, endpoint_url=endpoint_url, region=region)
+        store = open_store(settings.at(uri) if settings else StoreSettings(uri))
         store.check()  # a wrong endpoint fails now, not after the outage budget
         return fetch(store, uri, log)
     path = Path(uri).expanduser().resolve()
     if not path.is_dir():
         raise ManifestError(f"{uri}: no such folder")
-    return fetch(LocalStore(path), str(path), log)
+    return fetch(open_store(str(path)), str(path), log)

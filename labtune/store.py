@@ -14,25 +14,30 @@ import logging
 import os
 import random
 import shutil
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
-from labtune.errors import LabtuneError
+from labtune.errors import RunFailure
 
 MiB = 1024 * 1024
 T = TypeVar("T")
 
 
-class StoreError(LabtuneError):
-    """A store operation failed; the message is one line naming the URI."""
+class StoreError(RunFailure):
+    """A store operation failed; the message is one line naming the URI. The Prefect layer
+    retries it once more, unless it is StoreUnavailable (which already waited)."""
+
+    transient = True
 
 
 class StoreUnavailable(StoreError):
     """The S3 endpoint stayed unreachable for the whole retry budget (`store.retry_seconds`)."""
+
+    transient = False
 
 
 DEFAULT_RETRY_SECONDS = 300.0
@@ -40,15 +45,8 @@ _logger = logging.getLogger("labtune.store")
 
 
 def _warn(message: str) -> None:
-    """A warning in the Prefect run's log when inside one, else on the standard logger. Prefect is
-    never imported here: the torchrun worker must not load it."""
-    prefect_logging = sys.modules.get("prefect.logging")
-    if prefect_logging is not None:
-        try:
-            prefect_logging.get_run_logger().warning(message)
-            return
-        except Exception:  # outside a flow or task run
-            pass
+    """A warning on the `labtune.store` logger; inside a Prefect run the task layer forwards it to
+    the run's log (see tasks/__init__.py), so this module never needs to know about Prefect."""
     _logger.warning(message)
 
 
@@ -403,12 +401,36 @@ class S3Store:
 Store = LocalStore | S3Store
 
 
+@dataclass(frozen=True)
+class StoreSettings:
+    """Where a store is and how to reach it: the one shape the store's settings travel in (the
+    recipe's `store:` section, the worker's config, a CLI's `--endpoint-url`). Sources on S3
+    (models, data) are reached with the same endpoint and retry budget: `settings.at(uri)`."""
+
+    uri: str
+    endpoint_url: str | None = None
+    region: str | None = None
+    retry_seconds: float = DEFAULT_RETRY_SECONDS
+
+    def at(self, uri: str) -> "StoreSettings":
+        return replace(self, uri=uri)
+
+
+def open_store(where: StoreSettings | str, **settings: Any) -> Store:
+    """The store at a StoreSettings (or a URI plus StoreSettings' other fields): the only way to a
+    store, so every caller honours endpoint_url, region and retry_seconds."""
+    if isinstance(where, str):
+        where = StoreSettings(where, **{k: v for k, v in settings.items() if v is not None})
+    return _open(where)
+
+
 @functools.lru_cache(maxsize=16)
-def open_store(uri: str, endpoint_url: str | None = None, region: str | None = None,
-               retry_seconds: float | None = None) -> Store:
-    """The store at uri; one per configuration in a process, since each boto3 client costs ~0.3 s."""
+def _open(settings: StoreSettings) -> Store:
+    # one per configuration in a process: each boto3 client costs ~0.3 s
+    uri = settings.uri
     if uri.startswith("s3://"):
-        return S3Store(uri, endpoint_url=endpoint_url, region=region, retry_seconds=retry_seconds)
+        return S3Store(uri, endpoint_url=settings.endpoint_url, region=settings.region,
+                       retry_seconds=settings.retry_seconds)
     if "://" in uri and not uri.startswith("file://"):
         raise StoreError(f"{uri}: unsupported store scheme (use a local path or s3://bucket/prefix)")
     return LocalStore(uri.removeprefix("file://"))
@@ -419,7 +441,7 @@ def download_tree(store: Store, prefix: str, dest: Path) -> list[Path]:
     paths = []
     for key in store.list(prefix):
         rel = key[len(prefix):].lstrip("/") if prefix else key
-        target = dest / rel
+        target = dest / checked_key(rel, store.uri_for(key))  # a key with '..' never writes outside dest
         store.download(key, target)
         paths.append(target)
     return paths
@@ -429,14 +451,3 @@ def scratch_dir(prefix: str) -> Path:
     root = labtune_home() / "tmp"
     root.mkdir(parents=True, exist_ok=True)
     return Path(tempfile.mkdtemp(prefix=prefix, dir=root))
-
-
-def s3_options(recipe) -> dict[str, Any]:
-    """The recipe's S3 settings, for reading sources (models, data) that live on S3 too."""
-    return {"endpoint_url": recipe.store.endpoint_url, "region": recipe.store.region,
-            "retry_seconds": recipe.store.retry_seconds}
-
-
-def open_recipe_store(recipe) -> Store:
-    """The store a recipe names (`store.uri`, `store.endpoint_url`, `store.region`, `store.retry_seconds`)."""
-    return open_store(recipe.store.uri, **s3_options(recipe))

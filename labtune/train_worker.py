@@ -2,11 +2,16 @@
 
     torchrun --nproc_per_node=2 -m labtune.train_worker --config train_config.json
 
-The config (written by the train stage) names the model directory, the tokenize stage's
-training examples (a `datasets` folder of input_ids, labels and length), the output directory and
-the hyperparameters (FastChat's names). Each decoder layer is one `fully_shard` unit, then the
-root; gloo on CPU, NCCL on GPU. The labels mask everything but the assistant turns. The final model is gathered to rank 0 with CPU offload and saved as safetensors. Rank 0
-alone prints and writes; other ranks speak only when they fail.
+The config (a WorkerConfig, written by the train stage) names the model directory, the tokenize
+stage's training examples (a `datasets` folder of input_ids, labels and length), the output
+directory and the hyperparameters (FastChat's names). Each decoder layer is one `fully_shard`
+unit, then the root; gloo on CPU, NCCL on GPU. The labels mask everything but the assistant turns.
+The final model is gathered to rank 0 with CPU offload and saved as safetensors. Rank 0 alone
+prints and writes; other ranks speak only when they fail.
+
+In the order torchtune's recipes read: `setup` (process group, model, sharding, optimizer),
+`CheckpointRunner.resume`, `train_step` (one optimizer step over the accumulation window),
+`log_step`, `CheckpointRunner.save`, `export`.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import shutil
 import sys
 import time
 import traceback
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +33,8 @@ import torch
 import torch.distributed as dist
 
 from labtune.chat import IGNORE_INDEX
-from labtune.train_worker_protocol import WORKER_ERROR
+from labtune.recipe import TrainConfig
+from labtune.worker_config import WORKER_ERROR, WorkerConfig
 
 
 def log(message: str) -> None:
@@ -89,12 +96,12 @@ def layer_classes(model: torch.nn.Module, names: str | None) -> tuple[type, ...]
     return tuple(classes)
 
 
-def shard_model(model: torch.nn.Module, mesh: Any, cfg: dict[str, Any]) -> None:
+def shard_model(model: torch.nn.Module, mesh: Any, train: TrainConfig) -> None:
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if cfg["bf16"] else MixedPrecisionPolicy()
-    reshard = "shard_grad_op" not in cfg["fsdp"].split()
-    classes = layer_classes(model, cfg.get("fsdp_transformer_layer_cls_to_wrap"))
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if train.bf16 else MixedPrecisionPolicy()
+    reshard = "shard_grad_op" not in train.fsdp.split()
+    classes = layer_classes(model, train.fsdp_transformer_layer_cls_to_wrap)
     for module in model.modules():
         if isinstance(module, classes):
             fully_shard(module, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard)
@@ -121,34 +128,32 @@ class CheckpointRunner:
     save_steps, uploaded to the store by a background thread while training continues, and
     resumed from at start (the newest complete one of this run)."""
 
-    def __init__(self, cfg: dict[str, Any], rank: int, world: int, local_rank: int):
+    def __init__(self, cfg: WorkerConfig, rank: int, world: int, local_rank: int):
         self.cfg, self.rank, self.world, self.local_rank = cfg, rank, world, local_rank
-        self.enabled = cfg.get("save_strategy", "steps") == "steps" and bool(cfg.get("checkpoint_prefix"))
-        self.local_root = Path(cfg.get("checkpoint_dir") or Path(cfg["output_dir"]).parent / "checkpoints")
+        self.enabled = cfg.checkpoints_enabled
+        self.prefix = cfg.checkpoint_prefix or ""
+        self.local_root = Path(cfg.checkpoint_dir)
         self.uploader = None
         if self.enabled:
             from labtune.checkpoints import BackgroundUploader
 
-            self.uploader = BackgroundUploader(cfg["store"], cfg["checkpoint_prefix"], rank, world,
-                                               cfg.get("save_total_limit"), log)
+            self.uploader = BackgroundUploader(cfg.store, self.prefix, rank, world, cfg.train.save_total_limit, log)
 
     def _store(self):
         from labtune.store import open_store
 
-        store = self.cfg["store"]
-        return open_store(store["uri"], endpoint_url=store.get("endpoint_url"), region=store.get("region"),
-                          retry_seconds=store.get("retry_seconds"))
+        return open_store(self.cfg.store)
 
     def options(self) -> Any:
         """A LoRA run's checkpoints hold the adapter and its optimizer state, not the frozen base
         (which the run loads from the model stage anyway)."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions
 
-        lora = bool(self.cfg.get("lora"))
+        lora = self.cfg.train.lora
         return StateDictOptions(ignore_frozen_params=lora, strict=not lora)
 
     def due(self, step: int, total: int) -> bool:
-        return self.enabled and step < total and step % self.cfg["save_steps"] == 0
+        return self.enabled and step < total and step % self.cfg.train.save_steps == 0
 
     def save(self, step: int, epoch: int, model: torch.nn.Module, optimizer: Any, scheduler: Any,
              history: list[dict[str, Any]]) -> None:
@@ -177,7 +182,7 @@ class CheckpointRunner:
 
     def resume(self, model: torch.nn.Module, optimizer: Any, scheduler: Any) -> dict[str, Any] | None:
         """Load the newest complete checkpoint of this run, if any; returns its trainer state."""
-        if not self.enabled or not self.cfg.get("resume", True):
+        if not self.enabled:
             return None
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
@@ -186,7 +191,7 @@ class CheckpointRunner:
 
         found: list[Any] = [None]
         if self.rank == 0:  # one decision, broadcast, so every node resumes from the same step
-            found[0] = checkpoints.latest_step(self._store(), self.cfg["checkpoint_prefix"])
+            found[0] = checkpoints.latest_step(self._store(), self.prefix)
         dist.broadcast_object_list(found, src=0)
         step = found[0]
         if step is None:
@@ -194,7 +199,7 @@ class CheckpointRunner:
         local = self.local_root / f"resume-{step:07d}"
         if self.local_rank == 0:
             shutil.rmtree(local, ignore_errors=True)
-            checkpoints.download(self._store(), self.cfg["checkpoint_prefix"], step, local)
+            checkpoints.download(self._store(), self.prefix, step, local)
         dist.barrier()
         model_state, optim_state = get_state_dict(model, optimizer, options=self.options())
         state = {"model": model_state, "optim": optim_state}
@@ -213,7 +218,7 @@ class CheckpointRunner:
         dist.barrier()
         if self.local_rank == 0:
             shutil.rmtree(local, ignore_errors=True)
-        uri = f"{self.cfg['store']['uri'].rstrip('/')}/{self.cfg['checkpoint_prefix']}/step-{step:07d}"
+        uri = f"{self.cfg.store.uri.rstrip('/')}/{self.prefix}/step-{step:07d}"
         log(f"resumed from checkpoint step {step} ({uri})")
         return trainer_state
 
@@ -225,23 +230,24 @@ class CheckpointRunner:
         return list(self.uploader.committed) if self.uploader is not None else []
 
 
-def apply_lora(model: torch.nn.Module, cfg: dict[str, Any]) -> Any:
+def apply_lora(model: torch.nn.Module, train: TrainConfig) -> Any:
     """peft's LoraConfig from the recipe; every target module name must exist in the model."""
     from peft import LoraConfig
 
     names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-    missing = sorted(set(cfg["lora_target_modules"]) - names)
+    missing = sorted(set(train.lora_target_modules) - names)
     if missing:
         raise SystemExit(f"lora_target_modules: no module named {missing} in {type(model).__name__}")
-    return LoraConfig(r=cfg["lora_r"], lora_alpha=cfg["lora_alpha"], lora_dropout=cfg["lora_dropout"],
-                      target_modules=list(cfg["lora_target_modules"]), bias="none", task_type="CAUSAL_LM")
+    return LoraConfig(r=train.lora_r, lora_alpha=train.lora_alpha, lora_dropout=train.lora_dropout,
+                      target_modules=list(train.lora_target_modules), bias="none", task_type="CAUSAL_LM")
 
 
-def compile_layers(model: torch.nn.Module, cfg: dict[str, Any]) -> None:
+def compile_layers(model: torch.nn.Module, train: TrainConfig) -> None:
     """torch.compile each decoder layer (as torchtune does): the layers share one compiled graph and
     FSDP2's collectives stay between them, outside the graphs."""
+    classes = layer_classes(model, train.fsdp_transformer_layer_cls_to_wrap)
     for module in model.modules():
-        if isinstance(module, layer_classes(model, cfg.get("fsdp_transformer_layer_cls_to_wrap"))):
+        if isinstance(module, classes):
             module.compile()
 
 
@@ -268,43 +274,73 @@ def export_model(state: dict[str, torch.Tensor], base_config: Any, save_dtype: t
     final.save_pretrained(out_dir, max_shard_size="2GB")
 
 
-def train(cfg: dict[str, Any]) -> None:
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+@dataclass
+class Run:
+    """Everything `setup` builds for the loop: where it runs, what it trains, how."""
+
+    cfg: WorkerConfig
+    rank: int
+    world: int
+    local_rank: int
+    device: torch.device
+    tokenizer: Any
+    examples: Any
+    lengths: list[int]
+    pad_id: int
+    model: torch.nn.Module
+    base_config: Any
+    save_dtype: torch.dtype
+    lora_config: Any
+    sharding: dict[str, Any]
+    optimizer: Any
+    scheduler: Any
+    updates_per_epoch: int
+    total_updates: int
+    history: list[dict[str, Any]] = field(default_factory=list)
+    step: int = 0
+    useful_tokens: int = 0  # this run's non-pad tokens
+    computed_tokens: int = 0  # and tokens computed, padding included
+
+
+def setup(cfg: WorkerConfig) -> Run:
+    """Process group and device, the examples, the model (LoRA, checkpointing, compile), FSDP2
+    sharding, the optimizer and the schedule."""
     from torch.distributed.device_mesh import init_device_mesh
     from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
-    use_cuda = torch.cuda.is_available() and cfg.get("backend") != "gloo"
+    train = cfg.train
+    use_cuda = torch.cuda.is_available() and cfg.backend != "gloo"
     backend = "nccl" if use_cuda else "gloo"
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(device)
-        if cfg["tf32"]:
+        if train.tf32:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
     dist.init_process_group(backend=backend)
     mesh = init_device_mesh(device.type, (world,))
-    torch.manual_seed(cfg["seed"])
+    torch.manual_seed(train.seed)
 
-    model_dir, out_dir = Path(cfg["model_dir"]), Path(cfg["output_dir"])
+    model_dir = Path(cfg.model_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    examples, lengths = load_examples(cfg["train_dir"])
+    examples, lengths = load_examples(cfg.train_dir)
     if not lengths:
-        raise SystemExit(f"{cfg['train_dir']}: no training examples")
+        raise SystemExit(f"{cfg.train_dir}: no training examples")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     log(f"world_size={world} backend={backend} device={device.type} examples={len(lengths)}")
-    if cfg["bf16"] and device.type == "cpu" and torch.backends.cpu.get_cpu_capability() not in ("AVX512", "AVX512_BF16", "AMX"):
+    if train.bf16 and device.type == "cpu" and torch.backends.cpu.get_cpu_capability() not in ("AVX512", "AVX512_BF16", "AMX"):
         log(f"warning: bf16 on a CPU without native bf16 ({torch.backends.cpu.get_cpu_capability()}) is far slower "
             "than fp32; set train.bf16=false on this machine")
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
     save_dtype = model.config.dtype if isinstance(model.config.dtype, torch.dtype) else torch.float32
     model.config.use_cache = False
     base_config = model.config
-    lora_config = apply_lora(model, cfg) if cfg.get("lora") else None
+    lora_config = apply_lora(model, train) if train.lora else None
     if lora_config is not None:
         from peft import get_peft_model
 
@@ -312,121 +348,152 @@ def train(cfg: dict[str, Any]) -> None:
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         log(f"lora: r={lora_config.r} alpha={lora_config.lora_alpha} on {sorted(lora_config.target_modules)}: "
             f"{trainable:,} trainable parameters of {sum(p.numel() for p in model.parameters()):,}")
-    if cfg["gradient_checkpointing"]:
+    if train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.to(device)
-    if cfg.get("torch_compile"):
-        compile_layers(model, cfg)
-    shard_model(model, mesh, cfg)
+    if train.torch_compile:
+        compile_layers(model, train)
+    shard_model(model, mesh, train)
     sharding = sharding_report(model, world)
     log(f"fsdp2: {sharding['full_numel']:,} parameters, local shard per rank {sharding['local_numel_per_rank']}")
 
-    bs, gas = cfg["per_device_train_batch_size"], cfg["gradient_accumulation_steps"]
+    bs, gas = train.per_device_train_batch_size, train.gradient_accumulation_steps
     micro_per_epoch = math.ceil(len(examples) / (world * bs))
     updates_per_epoch = math.ceil(micro_per_epoch / gas)
-    total_updates = max(1, math.ceil(cfg["num_train_epochs"] * updates_per_epoch))
-    optimizer = torch.optim.AdamW(param_groups(model, cfg["weight_decay"]), lr=cfg["learning_rate"], betas=(0.9, 0.999), eps=1e-8,
-                                  fused=device.type == "cuda")  # one kernel for all shards' updates on GPU
-    scheduler = get_scheduler(cfg["lr_scheduler_type"], optimizer,
-                              num_warmup_steps=math.ceil(cfg["warmup_ratio"] * total_updates),
+    total_updates = max(1, math.ceil(train.num_train_epochs * updates_per_epoch))
+    optimizer = torch.optim.AdamW(param_groups(model, train.weight_decay), lr=train.learning_rate, betas=(0.9, 0.999),
+                                  eps=1e-8, fused=device.type == "cuda")  # one kernel for all shards' updates on GPU
+    scheduler = get_scheduler(train.lr_scheduler_type, optimizer,
+                              num_warmup_steps=math.ceil(train.warmup_ratio * total_updates),
                               num_training_steps=total_updates)
     log(f"training: {total_updates} optimizer steps ({updates_per_epoch} per epoch), "
         f"micro-batch {bs} x accumulation {gas} x world {world}")
+    return Run(cfg, rank, world, local_rank, device, tokenizer, examples, lengths, pad_id, model, base_config, save_dtype,
+               lora_config, sharding, optimizer, scheduler, updates_per_epoch, total_updates)
 
-    checkpointing = CheckpointRunner(cfg, rank, world, local_rank)
-    history: list[dict[str, Any]] = []
-    step = 0
-    resumed = checkpointing.resume(model, optimizer, scheduler)
+
+def train_step(run: Run, window: list[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """One optimizer step over an accumulation window of micro-batches; returns this rank's share
+    of the step's loss, the gradient norm, and the window's useful and computed token counts."""
+    device, world = run.device, run.world
+    # The step's loss is the mean over every label token of every rank and micro-batch, as one
+    # process with the whole batch would compute it: each micro-batch sums its token losses
+    # and divides by the step's global label count. FSDP averages gradients over ranks, hence
+    # the factor world. (A mean of per-micro-batch means would weigh short answers more.)
+    label_tokens = torch.tensor(float(sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in window)),
+                                device=device)
+    dist.all_reduce(label_tokens)
+    loss_sum = torch.zeros((), device=device)
+    useful = computed = 0
+    for cpu_batch in window:
+        batch = {k: v.to(device, non_blocking=True) for k, v in cpu_batch.items()}
+        loss = run.model(**batch, num_items_in_batch=label_tokens.clamp(min=1)).loss
+        (loss * world).backward()
+        loss_sum += loss.detach()
+        useful += int(cpu_batch["attention_mask"].sum())
+        computed += cpu_batch["attention_mask"].numel()
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.cfg.train.max_grad_norm or float("inf"))
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    return loss_sum, grad_norm, useful, computed
+
+
+def log_step(run: Run, epoch: float, loss_sum: torch.Tensor, grad_norm: torch.Tensor, useful: int, computed: int,
+             elapsed: float) -> None:
+    """The step's record (loss over all ranks, learning rate, gradient norm, throughput) into the
+    history and onto stdout as a `progress` line the stage reads."""
+    dist.all_reduce(loss_sum)  # the ranks' shares add up to the step's mean loss
+    counts = torch.tensor([useful, computed], dtype=torch.float64, device=run.device)
+    dist.all_reduce(counts)
+    norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+    record = {
+        "step": run.step, "total_steps": run.total_updates, "epoch": round(epoch, 3),
+        "loss": round(float(loss_sum), 5), "learning_rate": run.scheduler.get_last_lr()[0],
+        "grad_norm": round(float(norm), 4), "tokens_per_s": round(float(counts[0]) / max(elapsed, 1e-9), 1),
+        "padding_fraction": round(1 - float(counts[0]) / max(float(counts[1]), 1), 3),
+    }
+    run.history.append(record)
+    log("progress " + json.dumps(record))
+
+
+def export(run: Run, train_seconds: float, epochs_run: int, resumed_from: int | None, checkpoints: list[str]) -> None:
+    """The full state dict gathered to rank 0 (on the CPU), saved as a plain transformers model
+    with the tokenizer and train_metrics.json."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    totals = torch.tensor([run.useful_tokens, run.computed_tokens], dtype=torch.float64, device=run.device)
+    dist.all_reduce(totals)
+    state = get_model_state_dict(run.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if run.rank == 0:
+        out_dir = Path(run.cfg.output_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        export_model(state, run.base_config, run.save_dtype, run.lora_config, out_dir)
+        run.tokenizer.save_pretrained(out_dir)
+        metrics = {"history": run.history, "sharding": run.sharding, "optimizer_steps": run.step, "epochs_run": epochs_run,
+                   "examples": len(run.examples), "train_seconds": round(train_seconds, 2), "world_size": run.world,
+                   "resumed_from_step": resumed_from,
+                   "useful_tokens": int(totals[0]), "computed_tokens": int(totals[1]),
+                   "useful_tokens_per_s": round(float(totals[0]) / max(train_seconds, 1e-9), 1),
+                   "checkpoints": checkpoints}
+        (out_dir / "train_metrics.json").write_text(json.dumps(metrics, indent=2))
+        log(f"saved final model to {out_dir} after {run.step} steps in {train_seconds:.1f}s")
+
+
+def train(cfg: WorkerConfig) -> None:
+    run = setup(cfg)
+    train_cfg = cfg.train
+    checkpointing = CheckpointRunner(cfg, run.rank, run.world, run.local_rank)
+    resumed = checkpointing.resume(run.model, run.optimizer, run.scheduler)
     if resumed is not None:
-        step, history = resumed["step"], resumed["history"]
-        if resumed["world_size"] != world:
-            log(f"note: the checkpoint was written by {resumed['world_size']} ranks, this run has {world}: "
+        run.step, run.history = resumed["step"], resumed["history"]
+        if resumed["world_size"] != run.world:
+            log(f"note: the checkpoint was written by {resumed['world_size']} ranks, this run has {run.world}: "
                 "the weights and optimizer are resharded; the data order from here differs from the original run's")
 
-    model.train()
-    run_tokens = [0, 0]  # this run's non-pad tokens and tokens computed (with padding)
+    run.model.train()
+    gas = train_cfg.gradient_accumulation_steps
     started = time.time()
-    window_tokens = window_padded = 0
+    window_useful = window_computed = 0
+    window_loss = torch.zeros((), device=run.device)
     window_start = time.time()
-    epoch = step // updates_per_epoch
-    skip = step % updates_per_epoch  # optimizer steps of this epoch already done before the checkpoint
-    while step < total_updates:
-        batches = rank_batches(lengths, epoch, cfg["seed"], rank, world, bs)
+    epoch = run.step // run.updates_per_epoch
+    skip = run.step % run.updates_per_epoch  # optimizer steps of this epoch already done before the checkpoint
+    while run.step < run.total_updates:
+        batches = rank_batches(run.lengths, epoch, train_cfg.seed, run.rank, run.world, train_cfg.per_device_train_batch_size)
         for start in range(skip * gas, len(batches), gas):
-            if step >= total_updates:
+            if run.step >= run.total_updates:
                 break
-            window = [collate([examples[i] for i in micro], pad_id) for micro in batches[start : start + gas]]
-            # The step's loss is the mean over every label token of every rank and micro-batch, as one
-            # process with the whole batch would compute it: each micro-batch sums its token losses
-            # and divides by the step's global label count. FSDP averages gradients over ranks, hence
-            # the factor world. (A mean of per-micro-batch means would weigh short answers more.)
-            label_tokens = torch.tensor(float(sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in window)),
-                                        device=device)
-            dist.all_reduce(label_tokens)
-            loss_sum = torch.zeros((), device=device)
-            for cpu_batch in window:
-                batch = {k: v.to(device, non_blocking=True) for k, v in cpu_batch.items()}
-                loss = model(**batch, num_items_in_batch=label_tokens.clamp(min=1)).loss
-                (loss * world).backward()
-                loss_sum += loss.detach()
-                window_tokens += int(cpu_batch["attention_mask"].sum())
-                window_padded += cpu_batch["attention_mask"].numel()
-                run_tokens[0] += int(cpu_batch["attention_mask"].sum())
-                run_tokens[1] += cpu_batch["attention_mask"].numel()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["max_grad_norm"] or float("inf"))
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            if step % cfg["logging_steps"] == 0 or step == total_updates:
-                dist.all_reduce(loss_sum)  # the ranks' shares add up to the step's mean loss
-                elapsed = time.time() - window_start
-                counts = torch.tensor([window_tokens, window_padded], dtype=torch.float64, device=device)
-                dist.all_reduce(counts)
-                norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-                record = {
-                    "step": step, "total_steps": total_updates, "epoch": round(epoch + (start + len(window)) / len(batches), 3),
-                    "loss": round(float(loss_sum), 5), "learning_rate": scheduler.get_last_lr()[0],
-                    "grad_norm": round(float(norm), 4), "tokens_per_s": round(float(counts[0]) / max(elapsed, 1e-9), 1),
-                    "padding_fraction": round(1 - float(counts[0]) / max(float(counts[1]), 1), 3),
-                }
-                history.append(record)
-                log("progress " + json.dumps(record))
-                window_tokens = window_padded = 0
+            window = [collate([run.examples[i] for i in micro], run.pad_id) for micro in batches[start : start + gas]]
+            loss_sum, grad_norm, useful, computed = train_step(run, window)
+            run.step += 1
+            run.useful_tokens += useful
+            run.computed_tokens += computed
+            window_useful += useful
+            window_computed += computed
+            window_loss = loss_sum
+            if run.step % train_cfg.logging_steps == 0 or run.step == run.total_updates:
+                log_step(run, epoch + (start + len(window)) / len(batches), window_loss, grad_norm, window_useful,
+                         window_computed, time.time() - window_start)
+                window_useful = window_computed = 0
                 window_start = time.time()
-            if checkpointing.due(step, total_updates):
-                checkpointing.save(step, epoch, model, optimizer, scheduler, history)
+            if checkpointing.due(run.step, run.total_updates):
+                checkpointing.save(run.step, epoch, run.model, run.optimizer, run.scheduler, run.history)
         epoch += 1
         skip = 0
     checkpointing.finish()
-
-    train_seconds = time.time() - started
-    totals = torch.tensor(run_tokens, dtype=torch.float64, device=device)
-    dist.all_reduce(totals)
-    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if rank == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        export_model(state, base_config, save_dtype, lora_config, out_dir)
-        tokenizer.save_pretrained(out_dir)
-        metrics = {"history": history, "sharding": sharding, "optimizer_steps": step, "epochs_run": epoch,
-                   "examples": len(examples), "train_seconds": round(train_seconds, 2), "world_size": world,
-                   "resumed_from_step": resumed["step"] if resumed else None,
-                   "useful_tokens": int(totals[0]), "computed_tokens": int(totals[1]),
-                   "useful_tokens_per_s": round(float(totals[0]) / max(train_seconds, 1e-9), 1),
-                   "checkpoints": checkpointing.committed()}
-        (out_dir / "train_metrics.json").write_text(json.dumps(metrics, indent=2))
-        log(f"saved final model to {out_dir} after {step} steps in {train_seconds:.1f}s")
+    export(run, time.time() - started, epoch, resumed["step"] if resumed else None, checkpointing.committed())
     dist.barrier()
     dist.destroy_process_group()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="train_config.json written by the train stage")
+    parser.add_argument("--config", required=True, help="train_config.json (a WorkerConfig) written by the train stage")
     args = parser.parse_args()
     rank = os.environ.get("RANK", "0")
     try:
-        train(json.loads(Path(args.config).read_text()))
+        train(WorkerConfig.read(Path(args.config)))
     except SystemExit as exc:
         if isinstance(exc.code, str):
             print(f"{WORKER_ERROR} (rank {rank}): {exc.code}", flush=True)

@@ -14,22 +14,11 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from labtune.errors import LabtuneError
-from labtune.notes import NOTE_SUFFIXES
-from labtune.store import S3Store, Store, source_sha256
+from labtune.notes import NOTE_SUFFIXES, UnsafePathError, note_files, safe_relative
+from labtune.store import Store, StoreSettings, open_store, source_sha256
 
-
-class UnsafePathError(LabtuneError, ValueError):
-    """A note name or key would escape its folder or prefix."""
-
-
-def safe_relative(name: str, where: str) -> str:
-    """name as a relative POSIX path that stays inside its folder or prefix: no absolute paths, no
-    `..`, no backslashes, no empty parts."""
-    path = PurePosixPath(name)
-    if not name or name.startswith(("/", "\\")) or "\\" in name or path.is_absolute() or any(
-            part in ("..", "") for part in name.split("/")):
-        raise UnsafePathError(f"{where}: {name!r} escapes its folder (absolute path or '..')")
-    return path.as_posix()
+__all__ = ["UnsafePathError", "changes", "fingerprint", "load_state", "note_listing", "safe_relative", "save_state",
+           "source_id"]
 
 
 def source_id(source: str) -> str:
@@ -37,10 +26,10 @@ def source_id(source: str) -> str:
     return hashlib.sha256(source.encode()).hexdigest()[:16]
 
 
-def note_listing(source: str, endpoint_url: str | None = None, region: str | None = None) -> list[dict[str, Any]]:
+def note_listing(source: str, settings: StoreSettings | None = None) -> list[dict[str, Any]]:
     """[{name, size, digest}] of every note file under a folder or s3:// prefix, sorted by name."""
     if source.startswith("s3://"):
-        store = S3Store(source, endpoint_url=endpoint_url, region=region)
+        store = open_store(settings.at(source) if settings else StoreSettings(source))
         listing = []
         for key, size, etag in store.list_with_etags(""):
             if PurePosixPath(key).suffix.lower() in NOTE_SUFFIXES:
@@ -50,9 +39,7 @@ def note_listing(source: str, endpoint_url: str | None = None, region: str | Non
     if not folder.is_dir():
         raise LabtuneError(f"{source}: lab-notes folder not found")
     listing = []
-    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in NOTE_SUFFIXES):
-        if path.is_symlink() and not path.resolve().is_relative_to(folder.resolve()):
-            raise UnsafePathError(f"{source}: {path.relative_to(folder)} links outside the notes folder")
+    for path in note_files(folder):
         name = safe_relative(path.relative_to(folder).as_posix(), source)
         listing.append({"name": name, "size": path.stat().st_size, "digest": f"sha256:{source_sha256(path)}"})
     return listing

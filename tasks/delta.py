@@ -1,64 +1,18 @@
-"""Stage 2, delta: the target model = base + delta weights (Vicuna) or base + a LoRA adapter.
-
-`delta.source` takes the same sources as the base model (a local directory, `s3://`, `hf://`).
-A directory with `adapter_config.json` is a PEFT LoRA adapter and is merged as one; any other is a
-FastChat-style delta (target = base + delta per tensor; the tokenizer comes from the delta).
-Both merge tensor by tensor (see `labtune/merge.py`), so memory stays bounded by one block of
-rows, not the model. With no delta in the recipe the base passes through and the stage does no work.
-"""
+"""The delta stage as a Prefect task (stage logic: labtune/stages/delta.py)."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from prefect import get_run_logger, task
+from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from labtune import merge, sources, tensorfiles
-from labtune.errors import retry_transient
-from labtune.merge import DeltaError, LogProgress, apply_delta, is_lora_adapter, merge_lora
 from labtune.recipe import Recipe
-from labtune.stage import Log, StageResult, code_version, default_log, fetch, run_stage, stage_key
-from labtune.store import Store, StoreError, open_recipe_store, s3_options
-from labtune.tensorfiles import CheckpointError
-from labtune.sources import local_source, resolve_gguf, source_identity
-
-__all__ = ["DeltaError", "build_delta", "delta_task"]
-
-
-def build_delta(recipe: Recipe, store: Store, base_uri: str, log: Log = default_log) -> StageResult:
-    """The target model: the base itself when there is no delta, else base + delta (or adapter)."""
-    if recipe.delta is None:
-        log("delta: the recipe names no delta; the base model is the target")
-        return StageResult("delta", base_uri, True, 0.0)
-    if recipe.delta.source.startswith("tiny://") or resolve_gguf(recipe.delta) is not None:
-        raise DeltaError(f"delta.source: {recipe.delta.source}: a delta must be a model directory, s3:// or hf:// "
-                         "(safetensors or .bin deltas, or a PEFT LoRA adapter)")
-    try:
-        identity = source_identity(recipe.delta, s3_options(recipe))
-    except StoreError as exc:
-        raise DeltaError(f"delta.source: {exc}") from None
-    key = stage_key("delta", code_version(__file__, merge.__file__, sources.__file__, tensorfiles.__file__),
-                    {"base": base_uri, "delta": identity}, {})
-
-    def build(out: Path) -> dict:
-        base_dir = fetch(store, base_uri, log)
-        with local_source(recipe.delta.source, s3_options(recipe), log) as delta_dir:
-            try:
-                if is_lora_adapter(delta_dir):
-                    log(f"merging LoRA adapter {recipe.delta.source} into {base_uri}")
-                    counts = merge_lora(base_dir, delta_dir, out, progress=LogProgress(log, "delta"))
-                    return {"delta_kind": "lora", **counts}
-                log(f"applying delta {recipe.delta.source} to {base_uri}")
-                apply_delta(base_dir, delta_dir, out, progress=LogProgress(log, "delta"))
-                return {"delta_kind": "delta"}
-            except CheckpointError as exc:
-                raise DeltaError(str(exc)) from None
-
-    return run_stage(store, "delta", key, build, inputs={"base": base_uri, "delta": identity},
-                     parameters={}, log=log)
+from labtune.stage import StageResult
+from labtune.stages.delta import build_delta
+from labtune.store import open_store
+from tasks import retry_transient, run_log
 
 
 @task(name="delta", retries=2, retry_delay_seconds=10, retry_condition_fn=retry_transient, cache_policy=NO_CACHE)
 def delta_task(recipe: Recipe, base_uri: str) -> StageResult:
-    return build_delta(recipe, open_recipe_store(recipe), base_uri, log=get_run_logger().info)
+    with run_log() as logger:
+        return build_delta(recipe, open_store(recipe.store.settings()), base_uri, log=logger.info)

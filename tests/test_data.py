@@ -13,7 +13,7 @@ from labtune.store import LocalStore
 from labtune.conversations import DataError, SourceReport, load_alpaca, load_sharegpt
 from labtune.conversations import load_lab_notes as _load_lab_notes
 from labtune.notes import QA_FIELDS, parse_date, qa_pairs, read_note
-from tasks.data import build_data
+from labtune.stages.data import build_data
 
 
 def load_lab_notes(folder, qa_pairs=True, whole_note=True, undated="skip"):

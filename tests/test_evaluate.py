@@ -105,11 +105,11 @@ def evaluated(tmp_path_factory):
     """The tiny pipeline with a held-out split, a prompt file and retention questions."""
     from labtune.recipe import load_recipe
     from labtune.store import LocalStore
-    from tasks.data import build_data
-    from tasks.evaluate import build_evaluate
-    from tasks.tokenize import build_tokenize
-    from tasks.train import build_train
-    from tasks.weights import build_weights
+    from labtune.stages.data import build_data
+    from labtune.stages.evaluate import build_evaluate
+    from labtune.stages.tokenize import build_tokenize
+    from labtune.stages.train import build_train
+    from labtune.stages.weights import build_weights
 
     root = tmp_path_factory.mktemp("evaluate")
     prompts = root / "lab.yaml"
@@ -185,7 +185,7 @@ def test_a_recipe_with_a_malformed_prompt_file_fails_before_any_model_loads(eval
     bad.write_text("- {question: ok}\n- {expected: no question}\n")
     broken = recipe.model_copy(deep=True)
     broken.evaluation.prompt_files = [str(bad)]
-    from tasks.evaluate import build_evaluate
+    from labtune.stages.evaluate import build_evaluate
 
     with pytest.raises(PromptError, match=f"{bad}: entry 1: question: Field required"):
         build_evaluate(broken, store, uris["base"], uris["model"], data_uri=uris["data"], tokens_uri=uris["tokens"])

@@ -19,7 +19,7 @@ def _stores(tmp_path, endpoint, bucket):
 
 @pytest.mark.parametrize("backend", ["local", "s3"])
 def test_commit_then_fetch_round_trip_with_manifest_last(tmp_path, s3_endpoint, bucket, backend):
-    store = open_store(str(tmp_path / "store")) if backend == "local" else open_store(f"s3://{bucket}/runs", s3_endpoint)
+    store = open_store(str(tmp_path / "store")) if backend == "local" else open_store(f"s3://{bucket}/runs", endpoint_url=s3_endpoint)
     out = tmp_path / "out"
     (out / "sub").mkdir(parents=True)
     (out / "a.txt").write_text("alpha")

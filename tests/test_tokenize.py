@@ -86,9 +86,9 @@ def test_two_processes_give_the_same_examples_as_one(tmp_path, tokenizer):
 
 
 def test_tokenize_stage_is_cached_by_data_tokenizer_template_and_length(tmp_path):
-    from tasks.data import build_data
-    from tasks.tokenize import build_tokenize
-    from tasks.weights import build_weights
+    from labtune.stages.data import build_data
+    from labtune.stages.tokenize import build_tokenize
+    from labtune.stages.weights import build_weights
 
     store = LocalStore(tmp_path / "store")
     recipe = load_recipe(TINY_RECIPE, [f"store.uri={store.root}"])
@@ -108,7 +108,7 @@ def test_tokenize_command_on_a_sharegpt_file(tmp_path, tiny_model):
     data = tmp_path / "conversations.json"
     data.write_text(json.dumps([{"id": "a", "conversations": _pairs(2, 2)}]))
     out = tmp_path / "tokens"
-    result = run_cli("tokenize", "--data", str(data), "--model", str(tiny_model), "--out", str(out), "--max-length", "128")
+    result = run_cli("tokenize-files", "--data", str(data), "--model", str(tiny_model), "--out", str(out), "--max-length", "128")
     assert result.returncode == 0, result.stderr
     report = json.loads((out / "report.json").read_text())
     assert report["train"]["conversations"] == 1 and report["train"]["examples"] >= 1

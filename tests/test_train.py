@@ -10,10 +10,10 @@ from labtune.recipe import ParallelConfig, load_recipe
 from labtune.stage import fetch
 from labtune.store import LocalStore
 from labtune.train_worker import rank_batches
-from tasks.data import build_data
-from tasks.tokenize import build_tokenize
-from tasks.train import TrainCrashed, TrainError, build_train, fitting_accumulation, train_key
-from tasks.weights import build_weights
+from labtune.stages.data import build_data
+from labtune.stages.tokenize import build_tokenize
+from labtune.stages.train import TrainCrashed, TrainError, build_train, fitting_accumulation, train_key
+from labtune.stages.weights import build_weights
 
 
 @pytest.mark.parametrize("n, world, bs", [(3, 2, 4), (70, 2, 4), (5, 1, 8), (9, 3, 2)])

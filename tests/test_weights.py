@@ -11,7 +11,7 @@ from model_formats import populate_hub_cache, save_meta_checkpoint
 from labtune.recipe import load_recipe
 from labtune.stage import fetch, read_manifest
 from labtune.store import LocalStore, sha256_file
-from tasks.weights import WeightsError, build_weights
+from labtune.stages.weights import WeightsError, build_weights
 
 
 def _recipe(tmp_path, *overrides):
@@ -129,7 +129,7 @@ def test_pickled_bin_checkpoint_becomes_safetensors_in_the_requested_dtype(tmp_p
 
 def test_corrupted_file_in_a_labtune_output_directory_is_caught(tmp_path, tiny_model):
     out = tmp_path / "exported"
-    result = run_cli("weights", str(tiny_model), str(out))
+    result = run_cli("import-model", str(tiny_model), str(out))
     assert result.returncode == 0, result.stderr
     assert (out / "manifest.json").is_file()
     weights = out / "model.safetensors"
@@ -147,14 +147,14 @@ def test_hf_uri_resolves_from_an_offline_hub_cache(tmp_path, tiny_model):
     snapshot = populate_hub_cache(hf_home, "lab/tiny-llama", tiny_model, commit="c0ffee" + "0" * 34)
     env = {"HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1"}
     out = tmp_path / "from-hub"
-    first = run_cli("weights", "hf://lab/tiny-llama", str(out), "--json", env=env)
+    first = run_cli("import-model", "hf://lab/tiny-llama", str(out), "--json", env=env)
     assert first.returncode == 0, first.stderr
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["inputs"]["identity"] == {"hf": "lab/tiny-llama", "commit": snapshot.name}
     assert sha256_file(out / "model.safetensors") == sha256_file(tiny_model / "model.safetensors")
-    again = run_cli("weights", "hf://lab/tiny-llama@main", str(out), "--json", env=env)
+    again = run_cli("import-model", "hf://lab/tiny-llama@main", str(out), "--json", env=env)
     assert again.returncode == 0 and json.loads(again.stdout)["cached"] is True
-    missing = run_cli("weights", "hf://lab/not-downloaded", str(tmp_path / "x"), env=env)
+    missing = run_cli("import-model", "hf://lab/not-downloaded", str(tmp_path / "x"), env=env)
     assert missing.returncode == 2
     assert missing.stderr.strip().startswith("labtune: error: hf://lab/not-downloaded:")
     assert len(missing.stderr.strip().splitlines()) == 1
@@ -168,7 +168,7 @@ def test_hub_blob_that_does_not_match_its_sha256_is_refused(tmp_path, tiny_model
     data = bytearray(blob.read_bytes())
     data[-10] ^= 0x01
     blob.write_bytes(bytes(data))
-    result = run_cli("weights", "hf://lab/tiny-llama", str(tmp_path / "out"),
+    result = run_cli("import-model", "hf://lab/tiny-llama", str(tmp_path / "out"),
                      env={"HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1"})
     assert result.returncode == 2 and "model.safetensors: sha256 does not match the hub's" in result.stderr
     assert not (tmp_path / "out").exists()
@@ -182,7 +182,7 @@ def test_weights_source_out_to_s3_and_merge_commands_chain(tmp_path, tiny_model,
     from transformers import AutoModelForCausalLM
 
     s3 = ["--endpoint-url", s3_endpoint]
-    result = run_cli("weights", str(tiny_model), f"s3://{bucket}/models/base", *s3, "--json")
+    result = run_cli("import-model", str(tiny_model), f"s3://{bucket}/models/base", *s3, "--json")
     assert result.returncode == 0, result.stderr
     listing = boto3.client("s3", endpoint_url=s3_endpoint).list_objects_v2(Bucket=bucket, Prefix="models/base/")
     assert {o["Key"].rsplit("/", 1)[1] for o in listing["Contents"]} >= {"manifest.json", "model.safetensors", "config.json"}

@@ -1,0 +1,111 @@
+"""Stage 3, data: lab notes, ShareGPT, Alpaca and `messages` data -> one ShareGPT data set.
+
+The conversion itself is `labtune/conversations.py` (loading, cleaning with counts, weighted
+mix, seeded split) and `labtune/notes.py` (lab notes -> conversations). This stage fetches the
+sources (local or `s3://`), runs it, and writes train.json, eval.json and report.json; the
+report becomes the `data-report` artifact (records per source, kept, dropped with reasons).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from labtune import conversations, notes
+from labtune.conversations import DataError, convert
+from labtune.recipe import DataSource, Recipe
+from labtune.stage import Log, StageResult, code_version, default_log, run_stage, stage_key
+from labtune.store import Store, StoreSettings, download_tree, open_store, scratch_dir, sha256_file
+
+__all__ = ["DataError", "build_data", "report_markdown", "source_identity"]
+
+
+def source_identity(source: DataSource, settings: StoreSettings) -> Any:
+    if source.path.startswith("s3://"):
+        listing = open_store(settings.at(source.path)).list_with_etags("")
+        if not listing:
+            raise DataError(f"{source.path}: no objects under this prefix")
+        return [list(item) for item in listing]
+    path = Path(source.path)
+    if path.is_dir():
+        files = notes.note_files(path) if source.type == "lab_notes" else sorted(p for p in path.rglob("*") if p.is_file())
+        return {p.relative_to(path).as_posix(): sha256_file(p) for p in files}
+    if source.type == "lab_notes":
+        raise DataError(f"{path}: lab-notes folder not found")
+    if not path.is_file():
+        raise DataError(f"{path}: {source.type} file not found")
+    return sha256_file(path)
+
+
+def _local_source(source: DataSource, settings: StoreSettings, scratch: Path) -> Path:
+    """A local copy of an s3:// source: a folder (lab notes, a saved dataset) or one file."""
+    if not source.path.startswith("s3://"):
+        return Path(source.path)
+    if not source.path.endswith((".json", ".jsonl", ".parquet")):
+        target = scratch / hashlib.sha256(source.path.encode()).hexdigest()[:12]
+        download_tree(open_store(settings.at(source.path)), "", target)
+        return target
+    bucket_uri, _, name = source.path.rpartition("/")
+    target = scratch / name
+    open_store(settings.at(bucket_uri)).download(name, target)
+    return target
+
+
+def report_markdown(reports: list[dict[str, Any]], uri: str) -> str:
+    lines = ["| source | type | records | kept | dropped | fixed | train | eval |", "|---|---|---|---|---|---|---|---|"]
+    for r in reports:
+        dropped = ", ".join(f"{n} {k}" for k, n in r["dropped"].items()) or "0"
+        fixed = ", ".join(f"{n} {k}" for k, n in r["fixed"].items()) or "-"
+        lines.append(f"| {r['source']} | {r['type']} | {r['records']} | {r['kept']} | {dropped} | {fixed} | "
+                     f"{r['train']} | {r['eval']} |")
+    skipped = [f"- `{r['source']}`: {f}" for r in reports for f in r["skipped_files"]]
+    if skipped:
+        lines += ["", "**Files skipped**", *skipped]
+    listed = [f"- {item}" for r in reports for item in r["dropped_ids"]]
+    if listed:
+        lines += ["", "**Dropped records** (first 50 per source)", *listed]
+    return "\n".join(lines + ["", f"Output: `{uri}`"])
+
+
+PROMPT_FIELDS = ("presenter", "recorder", "topic")  # short facts a substring check can judge
+
+
+def heldout_prompts(evaluation: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Evaluation prompts from the held-out lab-note question-answer conversations: the question,
+    the fact the answer must contain, tags `lab_notes` and the field."""
+    return [{"id": r["id"], "question": r["conversations"][0]["value"], "expected": r["fact"]["value"],
+             "tags": ["heldout_notes", r["fact"]["field"]]}
+            for r in evaluation if r.get("fact", {}).get("field") in PROMPT_FIELDS]
+
+
+def build_data(recipe: Recipe, store: Store, log: Log = default_log) -> StageResult:
+    settings = recipe.store.settings()
+    identities = [source_identity(source, settings) for source in recipe.data.sources]
+    parameters = recipe.data.model_dump(mode="json", exclude={"chat_template", "num_proc", "model_max_length"})
+    key = stage_key("data", code_version(__file__, conversations.__file__, notes.__file__), {"sources": identities},
+                    parameters)
+
+    def build(out: Path) -> dict[str, Any]:
+        scratch = scratch_dir("data-")
+        try:
+            paths = [_local_source(source, settings, scratch) for source in recipe.data.sources]
+            train, evaluation, reports = convert(recipe.data, paths, log)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        report = [r.as_dict() for r in reports]
+        prompts = heldout_prompts(evaluation)
+        for record in train + evaluation:
+            record.pop("fact", None)
+        (out / "eval_prompts.json").write_text(json.dumps(prompts, indent=1, ensure_ascii=False))
+        (out / "train.json").write_text(json.dumps(train, indent=1, ensure_ascii=False))
+        (out / "eval.json").write_text(json.dumps(evaluation, indent=1, ensure_ascii=False))
+        (out / "report.json").write_text(json.dumps(report, indent=2))
+        log(f"data: {len(train)} train and {len(evaluation)} eval conversations")
+        return {"report": report}
+
+    return run_stage(store, "data", key, build, inputs={"sources": [s.path for s in recipe.data.sources],
+                                                        "identities": identities},
+                     parameters=parameters, log=log)

@@ -1,0 +1,55 @@
+"""Stage 2, delta: the target model = base + delta weights (Vicuna) or base + a LoRA adapter.
+
+`delta.source` takes the same sources as the base model (a local directory, `s3://`, `hf://`).
+A directory with `adapter_config.json` is a PEFT LoRA adapter and is merged as one; any other is a
+FastChat-style delta (target = base + delta per tensor; the tokenizer comes from the delta).
+Both merge tensor by tensor (see `labtune/merge.py`), so memory stays bounded by one block of
+rows, not the model. With no delta in the recipe the base passes through and the stage does no work.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from labtune import merge, sources, tensorfiles
+from labtune.merge import DeltaError, LogProgress, apply_delta, is_lora_adapter, merge_lora
+from labtune.recipe import Recipe
+from labtune.stage import Log, StageResult, code_version, default_log, fetch, run_stage, stage_key
+from labtune.store import Store, StoreError
+from labtune.tensorfiles import CheckpointError
+from labtune.sources import local_source, resolve_gguf, source_identity
+
+__all__ = ["DeltaError", "build_delta"]
+
+
+def build_delta(recipe: Recipe, store: Store, base_uri: str, log: Log = default_log) -> StageResult:
+    """The target model: the base itself when there is no delta, else base + delta (or adapter)."""
+    if recipe.delta is None:
+        log("delta: the recipe names no delta; the base model is the target")
+        return StageResult("delta", base_uri, True, 0.0)
+    if recipe.delta.source.startswith("tiny://") or resolve_gguf(recipe.delta) is not None:
+        raise DeltaError(f"delta.source: {recipe.delta.source}: a delta must be a model directory, s3:// or hf:// "
+                         "(safetensors or .bin deltas, or a PEFT LoRA adapter)")
+    try:
+        identity = source_identity(recipe.delta, recipe.store.settings())
+    except StoreError as exc:
+        raise DeltaError(f"delta.source: {exc}") from None
+    key = stage_key("delta", code_version(__file__, merge.__file__, sources.__file__, tensorfiles.__file__),
+                    {"base": base_uri, "delta": identity}, {})
+
+    def build(out: Path) -> dict:
+        base_dir = fetch(store, base_uri, log)
+        with local_source(recipe.delta.source, recipe.store.settings(), log) as delta_dir:
+            try:
+                if is_lora_adapter(delta_dir):
+                    log(f"merging LoRA adapter {recipe.delta.source} into {base_uri}")
+                    counts = merge_lora(base_dir, delta_dir, out, progress=LogProgress(log, "delta"))
+                    return {"delta_kind": "lora", **counts}
+                log(f"applying delta {recipe.delta.source} to {base_uri}")
+                apply_delta(base_dir, delta_dir, out, progress=LogProgress(log, "delta"))
+                return {"delta_kind": "delta"}
+            except CheckpointError as exc:
+                raise DeltaError(str(exc)) from None
+
+    return run_stage(store, "delta", key, build, inputs={"base": base_uri, "delta": identity},
+                     parameters={}, log=log)

@@ -1,0 +1,90 @@
+"""Stage 4, tokenize: the data stage's conversations -> loss-masked token ids for the target model.
+
+A cached stage of its own, keyed by the data output, the tokenizer files' sha256 (from the model
+output's manifest, so the model is not fetched to decide), the chat template and
+model_max_length: re-training with other hyperparameters reuses it. See `labtune/encode.py`.
+Output: `train/` and `eval/` datasets folders and report.json (counts and a token-length
+histogram), shown as the `token-report` artifact.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from labtune import chat, encode
+from labtune.errors import LabtuneError
+from labtune.merge import TOKENIZER_FILES
+from labtune.recipe import Recipe
+from labtune.stage import Log, ManifestError, StageResult, code_version, default_log, fetch, read_manifest, run_stage, stage_key
+from labtune.store import Store
+
+
+class TokenizeError(LabtuneError):
+    """The conversations cannot be tokenized as asked; the message says why."""
+
+
+def tokenizer_identity(store: Store, model_uri: str) -> dict[str, str]:
+    manifest = read_manifest(store, store.key_for(model_uri))
+    if manifest is None:
+        raise ManifestError(f"{model_uri}: no complete output here (manifest.json missing)")
+    files = {e["path"]: e["sha256"] for e in manifest["files"] if e["path"] in TOKENIZER_FILES}
+    if not files:
+        raise TokenizeError(f"{model_uri}: the model has no tokenizer files")
+    return files
+
+
+def tokenize_files(data_dir: Path, model_dir: Path, out: Path, template: str, max_length: int,
+                   num_proc: int | None, log: Log = default_log) -> dict[str, Any]:
+    """train.json / eval.json in data_dir -> datasets folders train/ and eval/ in out."""
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    report: dict[str, Any] = {}
+    for split in ("train", "eval"):
+        path = data_dir / f"{split}.json"
+        records = json.loads(path.read_text()) if path.is_file() else []
+        try:
+            report[split] = encode.tokenize_split(records, tokenizer, template, max_length, num_proc, out / split)
+        except chat.TemplateError as exc:
+            raise TokenizeError(f"data.chat_template: {exc}") from None
+        r = report[split]
+        log(f"tokenize: {split}: {r['conversations']} conversations -> {r['examples']} examples, {r['tokens']:,} tokens "
+            f"({r['template']}; {r['split_conversations']} split to fit {max_length} tokens, "
+            f"{r['dropped_pairs']} question-answer pairs too long dropped, {r['num_proc']} process(es))")
+    if not report["train"]["examples"]:
+        raise TokenizeError(f"{data_dir}: no training example has an assistant token within model_max_length {max_length}")
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    return report
+
+
+def build_tokenize(recipe: Recipe, store: Store, model_uri: str, data_uri: str, log: Log = default_log) -> StageResult:
+    inputs = {"model": model_uri, "tokenizer": tokenizer_identity(store, model_uri), "data": data_uri}
+    parameters = {"model_max_length": recipe.data.model_max_length, "chat_template": recipe.data.chat_template}
+
+    def build(out: Path) -> dict[str, Any]:
+        model_dir, data_dir = fetch(store, model_uri, log), fetch(store, data_uri, log)
+        report = tokenize_files(data_dir, model_dir, out, recipe.data.chat_template, recipe.data.model_max_length,
+                                recipe.data.num_proc, log)
+        return {"report": {split: {k: v for k, v in r.items() if k != "histogram"} for split, r in report.items()}}
+
+    # the tokenizer identity, not the model URI, decides: re-tokenizing for a new model with the same tokenizer is waste
+    key = stage_key("tokenize", code_version(__file__, chat.__file__, encode.__file__),
+                    {k: v for k, v in inputs.items() if k != "model"}, parameters)
+    return run_stage(store, "tokenize", key, build, inputs=inputs, parameters=parameters, log=log)
+
+
+def report_markdown(report: dict[str, Any], uri: str) -> str:
+    lines = ["| split | conversations | examples | tokens | split to fit | pairs too long | unlabelled |",
+             "|---|---|---|---|---|---|---|"]
+    for split, r in report.items():
+        lines.append(f"| {split} | {r['conversations']} | {r['examples']} | {r['tokens']:,} | {r['split_conversations']} | "
+                     f"{r['dropped_pairs']} | {r['dropped_unlabelled']} |")
+    train = report["train"]
+    lines += ["", f"Token lengths of the training examples ({train['template']}):", "",
+              "| tokens | examples |", "|---|---|"]
+    lines += [f"| {row['tokens']} | {row['examples']} |" for row in train["histogram"]]
+    return "\n".join(lines + ["", f"Output: `{uri}`"])
