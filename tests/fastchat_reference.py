@@ -1,54 +1,41 @@
-"""FastChat's `train.py` `preprocess` for the vicuna_v1.1 template, re-expressed here as the yardstick
-for labtune's loss masks (same prompt string, same per-turn length arithmetic, same `-2` offset)."""
+"""FastChat's own `preprocess` (fschat, installed without its dependencies) as the yardstick for
+labtune's vicuna_v1.1 loss masks, and LLaMA's slow tokenizer as transformers 4 defined it.
+
+transformers 5 dropped the slow `LlamaTokenizer`; `SlowLlamaTokenizer` puts back its two
+differences from the SentencePiece base that transformers 5 keeps: the BOS token in front and,
+with `legacy=False`, a prefix space added before encoding (removed again before a special token).
+"""
 
 from __future__ import annotations
 
-IGNORE_TOKEN_ID = -100
-SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
-          "The assistant gives helpful, detailed, and polite answers to the user's questions.")
+from pathlib import Path
+
+from transformers.tokenization_utils_sentencepiece import SPIECE_UNDERLINE, SentencePieceBackend
 
 
-def vicuna_prompt(source: list[dict[str, str]]) -> str:
-    roles = {"human": "USER", "gpt": "ASSISTANT"}
-    if roles[source[0]["from"]] != "USER":
-        source = source[1:]
-    prompt, seps = SYSTEM + " ", [" ", "</s>"]
-    for j, sentence in enumerate(source):
-        role = roles[sentence["from"]]
-        assert role == ("USER", "ASSISTANT")[j % 2]
-        prompt += role + ": " + sentence["value"] + seps[j % 2]
-    return prompt
+class SlowLlamaTokenizer(SentencePieceBackend):
+    def tokenize(self, text, **kwargs):
+        if self.legacy or not text:
+            return super().tokenize(text, **kwargs)
+        tokens = super().tokenize(SPIECE_UNDERLINE + text.replace(SPIECE_UNDERLINE, " "), **kwargs)
+        if len(tokens) > 1 and tokens[0] == SPIECE_UNDERLINE and tokens[1] in self.all_special_tokens:
+            tokens = tokens[1:]
+        return tokens
+
+    def build_inputs_with_special_tokens(self, first, second=None):
+        return [self.bos_token_id] + first + ([self.bos_token_id] + second if second else [])
 
 
-def preprocess(sources: list[list[dict[str, str]]], tokenizer, max_length: int):
-    """(input_ids, targets), padded to max_length, as FastChat computes them."""
-    conversations = [vicuna_prompt(s) for s in sources]
-    input_ids = tokenizer(conversations, return_tensors="pt", padding="max_length", max_length=max_length,
-                          truncation=True).input_ids
-    targets = input_ids.clone()
-    sep = " ASSISTANT: "
-    legacy = getattr(tokenizer, "legacy", True)
-    for conversation, target in zip(conversations, targets):
-        total_len = int(target.ne(tokenizer.pad_token_id).sum())
-        turns = conversation.split("</s>")
-        cur_len = 1
-        target[:cur_len] = IGNORE_TOKEN_ID
-        for i, turn in enumerate(turns):
-            if turn == "":
-                break
-            turn_len = len(tokenizer(turn).input_ids)
-            parts = turn.split(sep)
-            if len(parts) != 2:
-                break
-            parts[0] += sep
-            instruction_len = len(tokenizer(parts[0]).input_ids) - 2
-            if i != 0 and not legacy:
-                instruction_len -= 1
-            target[cur_len:cur_len + instruction_len] = IGNORE_TOKEN_ID
-            cur_len += turn_len
-            if i != 0 and not legacy:
-                cur_len -= 1
-        target[cur_len:] = IGNORE_TOKEN_ID
-        if cur_len < max_length and cur_len != total_len:
-            target[:] = IGNORE_TOKEN_ID  # FastChat's "tokenization mismatch": the whole example is ignored
-    return input_ids, targets
+def slow_tokenizer(model_dir: Path, max_length: int) -> SlowLlamaTokenizer:
+    tokenizer = SlowLlamaTokenizer(vocab_file=str(model_dir / "tokenizer.model"), bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>", legacy=False, model_max_length=max_length)
+    tokenizer.pad_token, tokenizer.padding_side = tokenizer.unk_token, "right"
+    return tokenizer
+
+
+def fastchat_preprocess(conversations: list[list[dict[str, str]]], tokenizer):
+    """(input_ids, targets) from FastChat's train.py, padded to tokenizer.model_max_length."""
+    from fastchat.train.train import preprocess
+
+    result = preprocess(conversations, tokenizer)
+    return result["input_ids"], result["labels"]

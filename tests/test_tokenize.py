@@ -6,7 +6,7 @@ import json
 import pytest
 
 from conftest import SHARED_DATA, TINY_RECIPE, run_cli
-from fastchat_reference import preprocess
+from fastchat_reference import fastchat_preprocess, slow_tokenizer
 from labtune.chat import IGNORE_INDEX, encode_conversation
 from labtune.conversations import load_alpaca, load_sharegpt
 from labtune.encode import split_conversation, tokenize_split
@@ -23,11 +23,17 @@ def tokenizer(tiny_model):
 
 
 @pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data not present")
-def test_vicuna_masks_equal_fastchat_preprocess_on_its_dummy_conversations(tokenizer):
+@pytest.mark.parametrize("kind", ["fast", "slow"])
+def test_vicuna_masks_equal_fastchat_preprocess_on_its_dummy_conversations(tokenizer, tiny_model, kind):
+    """FastChat's own preprocess, with the fast tokenizer and with LLaMA's slow SentencePiece one,
+    labels exactly the tokens labtune labels, on FastChat's own dummy conversations."""
     records = load_sharegpt(SHARED_DATA / "fastchat_dummy_conversation.json")
-    reference = tokenizer.__class__.from_pretrained(tokenizer.name_or_path)
-    reference.pad_token, reference.padding_side = reference.unk_token, "right"
-    input_ids, targets = preprocess([r["conversations"] for r in records], reference, 1024)
+    if kind == "slow":
+        reference = slow_tokenizer(tiny_model, 1024)
+    else:
+        reference = tokenizer.__class__.from_pretrained(tokenizer.name_or_path, model_max_length=1024)
+        reference.pad_token, reference.padding_side = reference.unk_token, "right"
+    input_ids, targets = fastchat_preprocess([r["conversations"] for r in records], reference)
     for record, ids, target in zip(records, input_ids, targets):
         ours = encode_conversation(tokenizer, record["conversations"], template="vicuna_v1.1")
         n = len(ours["input_ids"])
@@ -35,6 +41,13 @@ def test_vicuna_masks_equal_fastchat_preprocess_on_its_dummy_conversations(token
         assert ours["input_ids"] == ids[:n].tolist(), record["id"]
         assert ours["labels"] == target[:n].tolist(), record["id"]
         assert any(label != IGNORE_INDEX for label in ours["labels"])
+
+
+def test_the_tiny_tokenizer_gives_the_same_ids_slow_and_fast(tokenizer, tiny_model):
+    slow = slow_tokenizer(tiny_model, 1024)
+    for text in ["Who is the Presenter on 4/14/2023 lab meeting?", "USER: hi ASSISTANT: two  spaces</s>",
+                 "A chat.  USER: q ASSISTANT: a</s>USER: q2 ASSISTANT: "]:
+        assert slow(text).input_ids == tokenizer(text).input_ids, text
 
 
 def _pairs(n, words=30):
