@@ -126,7 +126,7 @@ def _main(version: bool = typer.Option(False, "--version", callback=_version, is
 def run(recipe: Path = Recipe, overrides: Optional[list[str]] = Overrides, as_json: bool = Json, port: int = Port) -> None:
     """Run the whole finetune flow, tracked by Prefect (starts a local server if none answers)."""
     from labtune.recipe import load_recipe
-    from labtune.server import ensure_api
+    from labtune.server import ensure_api, using_api
     from labtune.stages.evaluate import read_evaluation
     from labtune.stages.preflight import preflight
     from labtune.store import open_store
@@ -136,11 +136,9 @@ def run(recipe: Path = Recipe, overrides: Optional[list[str]] = Overrides, as_js
     config = load_recipe(recipe, overrides)
     preflight(config)
     url = ensure_api(port, say=_err)
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
     from flows.finetune import finetune
 
-    with temporary_settings(updates={PREFECT_API_URL: url}):
+    with using_api(url):
         state = finetune(str(recipe), overrides, return_state=True)
         if not state.is_completed():
             raise RunFailure(f"finetune flow run {state.state_details.flow_run_id} ended {state.name}: "
@@ -418,17 +416,15 @@ def sweep(recipe: Path = Recipe, overrides: Optional[list[str]] = Overrides,
           as_json: bool = Json, port: int = Port) -> None:
     """Run a recipe over a grid of overrides and compare the runs (shared stages run once)."""
     from labtune.recipe import grid_variants, load_recipe
-    from labtune.server import ensure_api
+    from labtune.server import ensure_api, using_api
 
     values = parse_grid(grid)
     for variant in grid_variants(values):  # a bad recipe, key or value fails here, before Prefect is contacted
         load_recipe(recipe, list(overrides or []) + [f"{key}={value}" for key, value in variant.items()])
     url = ensure_api(port, say=_err)
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
     from flows.sweep import sweep as sweep_flow
 
-    with temporary_settings(updates={PREFECT_API_URL: url}):
+    with using_api(url):
         result = sweep_flow(str(recipe), values, list(overrides or []))
     print(json.dumps(result, ensure_ascii=False) if as_json else result["markdown"])
 

@@ -6,15 +6,17 @@ one on 127.0.0.1:4200 and records its PID, so `labtune server stop` stops exactl
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
-from labtune.errors import LabtuneError
+from labtune.errors import LabtuneError, RunFailure
 from labtune.store import labtune_home
 
 DEFAULT_PORT = 4200
@@ -74,9 +76,9 @@ def start(port: int = DEFAULT_PORT, host: str = "127.0.0.1", timeout: float = 12
         if healthy(url):
             return url, True
         if proc.poll() is not None:
-            raise LabtuneError(f"Prefect server exited with code {proc.returncode}; see {log_path}")
+            raise RunFailure(f"Prefect server exited with code {proc.returncode}; see {log_path}")
         time.sleep(0.5)
-    raise LabtuneError(f"Prefect server did not become healthy on {url} within {timeout:.0f}s; see {log_path}")
+    raise RunFailure(f"Prefect server did not become healthy on {url} within {timeout:.0f}s; see {log_path}")
 
 
 def process_alive(pid: int | None) -> bool:
@@ -123,7 +125,7 @@ def ensure_api(port: int = DEFAULT_PORT, say=print) -> str:
     configured = os.environ.get("PREFECT_API_URL")
     if configured:
         if not healthy(configured, timeout=5):
-            raise LabtuneError(f"PREFECT_API_URL {configured}: Prefect server is not answering")
+            raise RunFailure(f"PREFECT_API_URL {configured}: Prefect server is not answering")
         return configured
     url, started = start(port)
     os.environ["PREFECT_API_URL"] = url
@@ -132,3 +134,12 @@ def ensure_api(port: int = DEFAULT_PORT, say=print) -> str:
         say(f"Started a Prefect server in the background (database in {prefect_home()}).")
     say(f"Prefect UI: {ui}  (stop the server with: labtune server stop)")
     return url
+
+
+@contextlib.contextmanager
+def using_api(url: str) -> Iterator[None]:
+    """Flows started in this block talk to the Prefect API at url."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: url}):
+        yield

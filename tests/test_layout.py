@@ -1,0 +1,79 @@
+"""The house's layering, read from the source: no import circles; Prefect only at the edge."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+from conftest import REPO
+
+PACKAGES = ("labtune", "tasks", "flows")
+# the modules whose job is Prefect (or, for the CLI, starting flows): nothing else in labtune/ imports it
+PREFECT_EDGE = {"labtune.server", "labtune.stack", "labtune.cli"}
+
+
+def modules() -> dict[str, Path]:
+    found = {}
+    for package in PACKAGES:
+        for path in sorted((REPO / package).rglob("*.py")):
+            parts = path.relative_to(REPO).with_suffix("").parts
+            found[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return found
+
+
+def imports(path: Path, name: str, known: set[str]) -> set[str]:
+    """Every module this one imports, at the top or inside a function (a lazy import still counts)."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+            found.add(base)
+            found |= {f"{base}.{alias.name}" for alias in node.names if f"{base}.{alias.name}" in known}
+    return found
+
+
+def graph() -> dict[str, set[str]]:
+    known = modules()
+    return {name: {m for m in imports(path, name, set(known)) if m in known and m != name} for name, path in known.items()}
+
+
+def test_no_import_circles():
+    edges = graph()
+    # packages import their own modules lazily (labtune.stages.run_until); a package's __init__ is
+    # not a cycle with its children, so those edges are left out
+    edges = {a: {b for b in bs if not b.startswith(a + ".")} for a, bs in edges.items()}
+    state: dict[str, int] = {}
+    cycles = []
+
+    def visit(node: str, trail: list[str]) -> None:
+        state[node] = 1
+        for nxt in sorted(edges[node]):
+            if state.get(nxt) == 1:
+                cycles.append(trail[trail.index(nxt):] + [nxt])
+            elif nxt not in state:
+                visit(nxt, trail + [nxt])
+        state[node] = 2
+
+    for node in sorted(edges):
+        if node not in state:
+            visit(node, [node])
+    assert not cycles, cycles
+
+
+def test_prefect_only_at_the_edge_and_no_import_upwards():
+    known = modules()
+    for name, path in known.items():
+        used = imports(path, name, set(known))
+        if name.startswith("labtune") and name not in PREFECT_EDGE:
+            assert not any(m == "prefect" or m.startswith("prefect.") for m in used), f"{name} imports Prefect"
+            assert not any(m.split(".")[0] in ("tasks", "flows") for m in used), f"{name} imports tasks/ or flows/"
+        if name.startswith("tasks"):
+            assert not any(m.split(".")[0] == "flows" for m in used), f"{name} imports flows/"
+    # only the CLI's run and sweep commands reach flows/, through labtune.server.using_api
+    cli = imports(known["labtune.cli"], "labtune.cli", set(known))
+    assert not any(m == "prefect" or m.startswith("prefect.") for m in cli)
