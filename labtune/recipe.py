@@ -276,9 +276,14 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return parts, value
 
 
+# keys read under another name: FastChat's spelling -> where labtune keeps it
+ALIASES = {("train", "model_max_length"): ["data", "model_max_length"]}
+
+
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     for text in overrides:
         parts, value = parse_override(text)
+        parts = ALIASES.get(tuple(parts), parts)
         node: Any = raw
         for i, part in enumerate(parts[:-1]):
             if isinstance(node, list):
@@ -326,11 +331,13 @@ def recipe_from_dict(raw: dict[str, Any], origin: str = "recipe") -> Recipe:
         return Recipe.model_validate(raw)
     except ValidationError as exc:
         first = exc.errors()[0]
-        key = ".".join(str(p) for p in first["loc"]) or "(top level)"
+        key = ".".join(str(p) for p in first["loc"]) or "recipe"
         if first["type"] == "extra_forbidden":
             message = "unknown key"
         elif first["type"] == "missing":
             message = "required key is missing"
+        elif first["type"] == "value_error" and not first["loc"]:  # a rule across keys: its message names them
+            message = first["msg"].removeprefix("Value error, ")
         else:
             message = f"{first['msg']} (got {first.get('input')!r})"
         more = f" (+{len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
