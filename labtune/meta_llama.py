@@ -117,54 +117,62 @@ def _concat_dim(name: str, shard_shape: tuple[int, ...], full_rows: int | None) 
 def convert_meta_llama(directory: str | Path, out: str | Path, dtype: str | None = None,
                        max_shard_bytes: int = 2 * 10**9, log=print) -> dict:
     """Write the HF LLaMA model for a Meta checkpoint directory into out; returns its config."""
-    import torch
-
     directory, out = Path(directory), Path(out)
-    try:
-        params = json.loads((directory / "params.json").read_text())
-        dim, n_layers, n_heads = params["dim"], params["n_layers"], params["n_heads"]
-    except (OSError, ValueError, KeyError) as exc:
-        raise MetaCheckpointError(f"{directory / 'params.json'}: needs dim, n_layers and n_heads ({exc})") from None
-    n_kv = params.get("n_kv_heads") or n_heads
-    tokenizer = _tokenizer_path(directory)
-    if tokenizer is None:
-        raise MetaCheckpointError(f"{directory}: tokenizer.model not found (here or one folder up)")
-    vocab = params.get("vocab_size", -1)
-    if vocab is None or vocab <= 0:
-        import sentencepiece as spm
-
-        try:
-            vocab = spm.SentencePieceProcessor(model_file=str(tokenizer)).get_piece_size()
-        except Exception:
-            raise MetaCheckpointError(f"{tokenizer}: not a SentencePiece model (LLaMA 3's tiktoken tokenizer "
-                                      "is not supported here: use the hf:// release)") from None
+    params, tokenizer = read_params(directory)
     checked = verify_checklist(directory, log)
     paths = sorted(directory.glob("consolidated.*.pth"))
     log(f"converting Meta checkpoint {directory} ({len(paths)} shard(s), {checked} file(s) md5-checked)")
     shards = _load_shards(paths)
-    n = len(shards)
-
-    mapping: list[tuple[str, str]] = [("tok_embeddings.weight", "model.embed_tokens.weight")]
-    for layer in range(n_layers):
-        for meta, hf in {**COLUMN_PARALLEL, **ROW_PARALLEL}.items():
-            mapping.append((f"layers.{layer}.{meta}.weight", f"model.layers.{layer}.{hf}.weight"))
-        for meta, hf in NORMS.items():
-            mapping.append((f"layers.{layer}.{meta}.weight", f"model.layers.{layer}.{hf}.weight"))
-    mapping += [("norm.weight", "model.norm.weight"), ("output.weight", "lm_head.weight")]
+    mapping = tensor_names(params["n_layers"])
     for meta_name, _ in mapping:
         for path, shard in zip(paths, shards):
             if meta_name not in shard:
-                raise MetaCheckpointError(f"{path}: tensor {meta_name} missing (params.json says {n_layers} layers)")
+                raise MetaCheckpointError(f"{path}: tensor {meta_name} missing (params.json says {params['n_layers']} layers)")
+    target = dtype or dtype_name(shards[0]["output.weight"].dtype)
+    out.mkdir(parents=True, exist_ok=True)
+    intermediate = _write_weights(directory, shards, mapping, params, target, out, max_shard_bytes)
+    return _write_config_and_tokenizer(params, intermediate, target, tokenizer, out)
 
-    def assembled(meta_name: str):
-        parts = [shard[meta_name] for shard in shards]
-        axis = _concat_dim(meta_name, tuple(parts[0].shape), vocab)
-        tensor = parts[0] if axis is None or n == 1 else torch.cat(parts, dim=axis)
-        if meta_name.endswith("attention.wq.weight"):
-            tensor = permute_for_hf(tensor, n_heads)
-        elif meta_name.endswith("attention.wk.weight"):
-            tensor = permute_for_hf(tensor, n_kv)
-        return tensor
+
+def read_params(directory: Path) -> tuple[dict, Path]:
+    """params.json (dim, n_layers, n_heads, n_kv_heads, and vocab_size from the tokenizer when
+    params.json leaves it at -1) and the tokenizer.model beside it."""
+    try:
+        params = json.loads((directory / "params.json").read_text())
+        params["dim"], params["n_layers"], params["n_heads"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise MetaCheckpointError(f"{directory / 'params.json'}: needs dim, n_layers and n_heads ({exc})") from None
+    params["n_kv_heads"] = params.get("n_kv_heads") or params["n_heads"]
+    tokenizer = _tokenizer_path(directory)
+    if tokenizer is None:
+        raise MetaCheckpointError(f"{directory}: tokenizer.model not found (here or one folder up)")
+    if (params.get("vocab_size") or -1) <= 0:
+        import sentencepiece as spm
+
+        try:
+            params["vocab_size"] = spm.SentencePieceProcessor(model_file=str(tokenizer)).get_piece_size()
+        except Exception:
+            raise MetaCheckpointError(f"{tokenizer}: not a SentencePiece model (LLaMA 3's tiktoken tokenizer "
+                                      "is not supported here: use the hf:// release)") from None
+    return params, tokenizer
+
+
+def tensor_names(n_layers: int) -> list[tuple[str, str]]:
+    """(Meta name, HF name) of every tensor, in the order they are written."""
+    mapping: list[tuple[str, str]] = [("tok_embeddings.weight", "model.embed_tokens.weight")]
+    for layer in range(n_layers):
+        for meta, hf in {**COLUMN_PARALLEL, **ROW_PARALLEL, **NORMS}.items():
+            mapping.append((f"layers.{layer}.{meta}.weight", f"model.layers.{layer}.{hf}.weight"))
+    return mapping + [("norm.weight", "model.norm.weight"), ("output.weight", "lm_head.weight")]
+
+
+def _write_weights(directory: Path, shards: list, mapping: list[tuple[str, str]], params: dict, target: str, out: Path,
+                   max_shard_bytes: int) -> int:
+    """Each tensor assembled from the model-parallel shards (q and k permuted for HF's rotary
+    layout) and written in turn; returns the MLP's intermediate size."""
+    import torch
+
+    vocab, n = params["vocab_size"], len(shards)
 
     def full_shape(meta_name: str) -> tuple[int, ...]:
         shape = list(shards[0][meta_name].shape)
@@ -173,26 +181,34 @@ def convert_meta_llama(directory: str | Path, out: str | Path, dtype: str | None
             shape[axis] *= n
         return tuple(shape)
 
-    source_dtype = dtype_name(shards[0]["output.weight"].dtype)
-    target = dtype or source_dtype
+    def assembled(meta_name: str):
+        parts = [shard[meta_name] for shard in shards]
+        axis = _concat_dim(meta_name, tuple(parts[0].shape), vocab)
+        tensor = parts[0] if axis is None or n == 1 else torch.cat(parts, dim=axis)
+        if meta_name.endswith("attention.wq.weight"):
+            tensor = permute_for_hf(tensor, params["n_heads"])
+        elif meta_name.endswith("attention.wk.weight"):
+            tensor = permute_for_hf(tensor, params["n_kv_heads"])
+        return tensor
+
     plan = [TensorInfo(hf, target, full_shape(meta)) for meta, hf in mapping]
-    embed = plan[0]
-    if embed.shape != (vocab, dim):
-        raise MetaCheckpointError(f"{directory}: embedding assembles to {embed.shape}, expected ({vocab}, {dim}); "
+    if plan[0].shape != (vocab, params["dim"]):
+        raise MetaCheckpointError(f"{directory}: embedding assembles to {plan[0].shape}, expected ({vocab}, {params['dim']}); "
                                   "params.json or the shard set is inconsistent")
-    out.mkdir(parents=True, exist_ok=True)
     writer = ShardedWriter(out, plan, max_shard_bytes)
-    for (meta_name, hf_name), info in zip(mapping, plan):
+    for (meta_name, hf_name), _ in zip(mapping, plan):
         writer.write(hf_name, assembled(meta_name).to(torch_dtype(target)))
     writer.close()
+    return full_shape("layers.0.feed_forward.w1.weight")[0]
 
-    intermediate = full_shape("layers.0.feed_forward.w1.weight")[0]
+
+def _write_config_and_tokenizer(params: dict, intermediate: int, target: str, tokenizer: Path, out: Path) -> dict:
     eps = params.get("norm_eps", 1e-5)
     config = {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": dim,
-        "intermediate_size": intermediate, "num_attention_heads": n_heads, "num_key_value_heads": n_kv,
-        "num_hidden_layers": n_layers, "rms_norm_eps": eps, "vocab_size": vocab,
-        "rope_theta": params.get("rope_theta", 10000.0),
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": params["dim"],
+        "intermediate_size": intermediate, "num_attention_heads": params["n_heads"],
+        "num_key_value_heads": params["n_kv_heads"], "num_hidden_layers": params["n_layers"], "rms_norm_eps": eps,
+        "vocab_size": params["vocab_size"], "rope_theta": params.get("rope_theta", 10000.0),
         # params.json has no context length: LLaMA 1 (norm_eps 1e-6) had 2048, LLaMA 2 4096
         "max_position_embeddings": params.get("max_seq_len") or (2048 if eps < 5e-6 else 4096),
         "bos_token_id": 1, "eos_token_id": 2, "tie_word_embeddings": False, "hidden_act": "silu",

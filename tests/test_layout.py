@@ -77,3 +77,10 @@ def test_prefect_only_at_the_edge_and_no_import_upwards():
     # only the CLI's run and sweep commands reach flows/, through labtune.server.using_api
     cli = imports(known["labtune.cli"], "labtune.cli", set(known))
     assert not any(m == "prefect" or m.startswith("prefect.") for m in cli)
+
+
+def test_the_benchmarks_import_no_prefect():
+    known = modules()
+    for path in sorted((REPO / "bench").glob("*.py")):
+        used = imports(path, f"bench.{path.stem}", set(known))
+        assert not any(m.split(".")[0] in ("prefect", "tasks", "flows") for m in used), f"{path.name} reaches Prefect"
