@@ -77,14 +77,22 @@ def compact(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def read_log(path: Path) -> list[dict[str, Any]]:
-    """The recorded requests; a line cut short by a killed server is skipped."""
+    """The recorded requests. moto's recorder writes an entry and its newline in two writes, so
+    two requests served at once (the parts of a multipart upload) can share a line: every entry
+    on a line is read. An entry cut short by a killed server is skipped."""
+    decoder = json.JSONDecoder()
     entries = []
     if path.is_file():
         for line in path.read_text().splitlines():
-            try:
-                entries.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
+            position = 0
+            while position < len(line):
+                try:
+                    entry, position = decoder.raw_decode(line, position)
+                except json.JSONDecodeError:
+                    break
+                entries.append(entry)
+                while position < len(line) and line[position].isspace():
+                    position += 1
     return entries
 
 

@@ -421,6 +421,8 @@ def open_store(where: StoreSettings | str, **settings: Any) -> Store:
     store, so every caller honours endpoint_url, region and retry_seconds."""
     if isinstance(where, str):
         where = StoreSettings(where, **{k: v for k, v in settings.items() if v is not None})
+    if "://" not in where.uri or where.uri.startswith("file://"):  # one cache entry per folder, whatever the cwd
+        where = where.at(str(Path(where.uri.removeprefix("file://")).expanduser().resolve()))
     return _open(where)
 
 

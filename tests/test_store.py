@@ -192,3 +192,13 @@ def test_missing_objects_and_missing_buckets_are_not_retried(s3_endpoint, bucket
             S3Store("s3://no-such-bucket-here/x", endpoint_url=s3_endpoint, retry_seconds=60).write_bytes("k", b"x")
     assert not isinstance(missing.value, StoreUnavailable) and not isinstance(no_bucket.value, StoreUnavailable)
     assert not [r for r in caplog.records if "retry" in r.getMessage()]
+
+
+def test_the_local_s3_log_reads_entries_that_share_a_line(tmp_path):
+    """moto writes an entry, then its newline: two parts uploaded at once can land on one line."""
+    from labtune.local_s3 import read_log
+
+    a, b, c = ({"method": "PUT", "url": f"/labtune/k?partNumber={i}", "body": "x"} for i in (1, 2, 3))
+    log = tmp_path / "requests.jsonl"
+    log.write_text(json.dumps(a) + json.dumps(b) + "\n\n" + json.dumps(c) + "\n" + json.dumps(c)[:20] + "\n")
+    assert read_log(log) == [a, b, c]  # the entry cut short by a kill is skipped
