@@ -500,22 +500,34 @@ def server_status(port: int = Port) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Run the command. Typer answers usage errors itself (exit 2, with the usage line); every
-    other error ends as one line on stderr with the documented exit code."""
+    """Run the command; every error ends as one line on stderr with the documented exit code."""
     try:
-        app(args=argv, prog_name="labtune")
+        code = typer.main.get_command(app).main(args=argv, prog_name="labtune", standalone_mode=False)
     except LabtuneError as exc:
         _err(f"labtune: error: {exc}")
-        sys.exit(exc.exit_code)
+        code = exc.exit_code
     except KeyboardInterrupt:
         _err("labtune: interrupted")
-        sys.exit(130)
-    except Exception as exc:  # a bug or an unforeseen failure: still one line, the traceback on request
-        if os.environ.get("LABTUNE_DEBUG"):
+        code = 130
+    except Exception as exc:
+        if type(exc).__name__ == "NoArgsIsHelpError":  # `labtune`, `labtune stack`: the help, as asked
+            print(exc.format_message())
+            code = 0
+        elif hasattr(exc, "format_message") and hasattr(exc, "exit_code"):  # a usage error, from Typer's click
+            context = getattr(exc, "ctx", None)
+            where = context.command_path if context is not None else "labtune"
+            _err(f"{where}: error: {exc.format_message()} (see {where} --help)")
+            code = exc.exit_code
+        elif type(exc).__name__ == "Abort":  # Ctrl-C at a prompt
+            _err("labtune: interrupted")
+            code = 130
+        elif os.environ.get("LABTUNE_DEBUG"):
             raise
-        first = (str(exc).splitlines() or [""])[0]
-        _err(f"labtune: error: {type(exc).__name__}: {first} (LABTUNE_DEBUG=1 shows the traceback)")
-        sys.exit(1)
+        else:  # a bug or an unforeseen failure: still one line, the traceback on request
+            first = (str(exc).splitlines() or [""])[0]
+            _err(f"labtune: error: {type(exc).__name__}: {first} (LABTUNE_DEBUG=1 shows the traceback)")
+            code = 1
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":
