@@ -89,6 +89,10 @@ def _table(headers: list[str], rows: list[list[Any]]) -> None:
     Console(width=max(160, Console().width), soft_wrap=True).print(table)
 
 
+def _tally(tally: dict[str, Any]) -> str:
+    return f"{tally['correct']}/{tally['total']}" + (f" ({tally['accuracy']:.0%})" if tally.get("accuracy") is not None else "")
+
+
 def _short(text: Any, width: int = 44) -> str:
     text = str(text or "").replace("\n", " ")
     return text if len(text) <= width else text[: width - 1] + "…"
@@ -127,7 +131,8 @@ def run(recipe: Path = Recipe, overrides: Optional[list[str]] = Overrides, as_js
     """Run the whole finetune flow, tracked by Prefect (starts a local server if none answers)."""
     from labtune.recipe import load_recipe
     from labtune.server import ensure_api, using_api
-    from labtune.stages.evaluate import read_evaluation
+    from labtune.evaluation import expected_text
+    from labtune.stages.evaluate import COLUMNS, read_evaluation
     from labtune.stages.preflight import preflight
     from labtune.store import open_store
 
@@ -147,7 +152,9 @@ def run(recipe: Path = Recipe, overrides: Optional[list[str]] = Overrides, as_js
     flow_run = {"id": str(state.state_details.flow_run_id),
                 "url": f"{url.removesuffix('/api')}/runs/flow-run/{state.state_details.flow_run_id}"}
     summary, rows = read_evaluation(open_store(config.store.settings()), stages["evaluate"]["uri"])
-    evaluation = {k: summary[k] for k in ("base_correct", "tuned_correct", "total")}
+    columns = [(c, label) for c, label in COLUMNS if c in summary.get("columns", ["base", "tuned"])]
+    evaluation = {"total": summary["total"], **{f"{c}_correct": summary[f"{c}_correct"] for c, _ in columns},
+                  "by_tag": {c: summary["accuracy"][c]["by_tag"] for c, _ in columns}}
     if as_json:
         print(json.dumps({"stages": stages, "evaluation": evaluation, "flow_run": flow_run,
                           "seconds": round(time.time() - started, 2)}))
@@ -156,11 +163,17 @@ def run(recipe: Path = Recipe, overrides: Optional[list[str]] = Overrides, as_js
     _table(["stage", "uri", "cached", "seconds"],
            [[name, s["uri"], "yes" if s["cached"] else "no", f"{s['seconds']:.1f}"] for name, s in stages.items()])
     print()
+    recipe_rows = [r for r in rows if "recipe" in r.get("tags", [])] or rows
     _table(["question", "expected", "base answer", "fine-tuned answer", "correct"],
-           [[_short(r["question"]), _short(r["expected"], 20), _short(r["base_answer"]), _short(r["tuned_answer"]),
-             {True: "yes", False: "no", None: "-"}[r["tuned_correct"]]] for r in rows])
-    print(f"\nbase model: {evaluation['base_correct']}/{evaluation['total']} correct; "
-          f"fine-tuned: {evaluation['tuned_correct']}/{evaluation['total']} correct ({time.time() - started:.0f}s)")
+           [[_short(r["question"]), _short(expected_text(r), 20), _short(r["base_answer"]), _short(r["tuned_answer"]),
+             {True: "yes", False: "no", None: "-"}[r["tuned_correct"]]] for r in recipe_rows])
+    print()
+    tags = list(summary["accuracy"]["tuned"]["by_tag"])
+    _table(["questions", *[label for _, label in columns]],
+           [["all", *[f"{summary[f'{c}_correct']}/{summary['total']}" for c, _ in columns]]]
+           + [[tag, *[_tally(summary["accuracy"][c]["by_tag"][tag]) for c, _ in columns]] for tag in tags])
+    print(f"\nbase model: {summary['base_correct']}/{summary['total']} correct; "
+          f"fine-tuned: {summary['tuned_correct']}/{summary['total']} correct ({time.time() - started:.0f}s)")
     print(f"See the run in the Prefect UI: {flow_run['url']}")
 
 
@@ -330,17 +343,34 @@ ModelArg = typer.Argument(..., help="a model in the store (s3:// or a folder wit
 MaxNew = typer.Option(128, "--max-new-tokens", help="longest answer, in tokens")
 
 
-@app.command(epilog=example('labtune ask ~/.labtune/store/train/KEY "Who is the presenter on 4/14/2023 lab meeting?"'))
+NotesDir = typer.Option(None, "--notes", metavar="DIR", help="a folder of lab notes: the most relevant ones go in the "
+                                                            "prompt (BM25), as in evaluation.retrieval")
+SystemPrompt = typer.Option(None, "--system-prompt", help="the system turn training used (the recipe's "
+                                                          "data.system_prompt); default: the chat template's own")
+
+
+@app.command(epilog=example('labtune ask ~/.labtune/store/train/KEY --notes examples/labnotes --system-prompt "" '
+                            '"Who is the presenter on 4/14/2023 lab meeting?"'))
 def ask(model: str = ModelArg, question: list[str] = typer.Argument(..., help="one or more questions"),
+        notes: Optional[Path] = NotesDir, top_k: int = typer.Option(2, "--top-k", help="with --notes: notes per question"),
+        system_prompt: Optional[str] = SystemPrompt,
         batch_size: int = typer.Option(8, "--batch-size", help="questions generated together"),
         max_new_tokens: int = MaxNew, chat_template: ChatTemplate = Template, endpoint_url: Optional[str] = Endpoint,
         as_json: bool = Json) -> None:
-    """Greedy answers from a model to one or more questions."""
+    """Greedy answers from a model to one or more questions (with --notes, the notes retrieved into the prompt)."""
     from labtune import evaluation
     from labtune.tools import model_folder
 
+    prompts = list(question)
+    if notes is not None:
+        from labtune.retrieval import NotesIndex, note_documents
+
+        if not notes.is_dir():
+            raise LabtuneError(f"{notes}: lab-notes folder not found")
+        index = NotesIndex(note_documents(notes))
+        prompts = [index.prompt(q, top_k) for q in question]
     loaded, tokenizer = evaluation.load_model(model_folder(model, _settings(endpoint_url), _err))
-    answers = evaluation.ask(loaded, tokenizer, question, max_new_tokens, batch_size, chat_template.value)
+    answers = evaluation.ask(loaded, tokenizer, prompts, max_new_tokens, batch_size, chat_template.value, system_prompt)
     for text, answer in zip(question, answers):
         print(json.dumps({"question": text, "answer": answer}, ensure_ascii=False) if as_json else
               (f"Q: {text}\nA: {answer}" if len(question) > 1 else answer))

@@ -50,6 +50,8 @@ class SourceReport:
     weight: float = 1.0
     train: int = 0
     eval: int = 0
+    # lab notes with data.augment: evaluation prompts in held-out forms (not part of the report)
+    prompts: list[dict[str, Any]] = field(default_factory=list)
 
     def drop(self, record_id: str, reason: str) -> None:
         self.dropped[reason] = self.dropped.get(reason, 0) + 1
@@ -57,7 +59,7 @@ class SourceReport:
             self.dropped_ids.append(f"{record_id}: {reason}")
 
     def as_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items()}
+        return {k: v for k, v in self.__dict__.items() if k != "prompts"}
 
 
 # --- loaders ----------------------------------------------------------------------------------
@@ -182,17 +184,24 @@ def load_messages(path: Path) -> list[dict[str, Any]]:
 
 
 def load_lab_notes(folder: Path, report: SourceReport, *, qa: bool = True, whole_note: bool = True,
-                   qa_fields: tuple[str, ...] = QA_FIELDS, undated: str = "skip", log=print) -> list[dict[str, Any]]:
+                   qa_fields: tuple[str, ...] = QA_FIELDS, undated: str = "skip", augment: Any = None,
+                   seed: int = 42, log=print) -> list[dict[str, Any]]:
     """Every note of a folder as conversations. Binary or undecodable files are skipped and
     listed; notes without a date are skipped (or fail, `undated="fail"`); meetings that share
-    a date are all kept, under distinct ids."""
+    a date are all kept, under distinct ids. With `augment` (data.augment, enabled), the
+    question-answer pairs are the many-form facts of labtune/augment.py, and the held-out
+    evaluation prompts are left in report.prompts."""
+    from labtune import augment as many_forms
+
     if not folder.is_dir():
         raise DataError(f"{folder}: lab-notes folder not found")
     files = note_files(folder)
     if not files:
         raise DataError(f"{folder}: no lab notes (.md, .org, .txt) in this folder")
     records: list[dict[str, Any]] = []
+    notes = []
     seen: collections.Counter[str] = collections.Counter()
+    many = augment is not None and augment.enabled
     for path in files:
         try:
             note = read_note(path)
@@ -207,8 +216,13 @@ def load_lab_notes(folder: Path, report: SourceReport, *, qa: bool = True, whole
         seen[note_id] += 1
         if seen[note_id] > 1:
             note_id += f"_{seen[note_id]}"
-        records += note_conversations(note, qa=qa, whole_note=whole_note, note_id=note_id, fields=qa_fields)
+        records += note_conversations(note, qa=qa and not many, whole_note=whole_note, note_id=note_id, fields=qa_fields)
+        notes.append(note)
         report.files += 1
+    if many and qa and notes:
+        facts = many_forms.training_conversations(notes, augment, seed)
+        records += facts
+        report.prompts = many_forms.eval_prompts(notes, augment, seed, facts)
     return records
 
 
@@ -302,7 +316,8 @@ def convert(config: Any, paths: list[Path], log=print) -> tuple[list, list, list
         report = SourceReport(source.path, source.type)
         if source.type == "lab_notes":
             records = load_lab_notes(path, report, qa=config.qa_pairs, whole_note=config.note_conversations,
-                                     qa_fields=tuple(config.qa_fields), undated=config.undated_notes, log=log)
+                                     qa_fields=tuple(config.qa_fields), undated=config.undated_notes,
+                                     augment=getattr(config, "augment", None), seed=config.seed, log=log)
         else:
             records = LOADERS[source.type](path)
         report.records = len(records)

@@ -29,7 +29,9 @@ class Prompt(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     question: str = Field(min_length=1)
-    expected: str | list[str] | None = None
+    expected: str | list[str] | None = None  # the answer contains one of these
+    expected_all: list[str] | None = None  # the answer contains every one of these (a reverse question's dates)
+    forbidden: list[str] = Field(default_factory=list)  # the names scorer: naming any of these is wrong
     regex: str | None = None
     tags: list[str] = Field(default_factory=list)
     id: str | None = None
@@ -55,15 +57,21 @@ class Prompt(BaseModel):
 
     @property
     def scored(self) -> bool:
-        return self.expected is not None or self.regex is not None
+        return self.expected is not None or self.regex is not None or bool(self.expected_all)
 
 
 def score(answer: str, prompt: Prompt) -> bool | None:
-    """Correct when the answer contains one of the expected strings (case-insensitive), or the
-    regex matches; None when the prompt has neither."""
+    """Correct when the answer contains one of the expected strings (case-insensitive), every
+    string of expected_all, or the regex matches, and names none of the forbidden ones (an answer
+    naming the right person and another person from the notes is wrong); None when the prompt
+    states no expectation."""
     if not prompt.scored:
         return None
     text = answer.lower()
+    if any(name.lower() in text for name in prompt.forbidden):
+        return False
+    if prompt.expected_all and all(part.lower() in text for part in prompt.expected_all):
+        return True
     if prompt.expected is not None:
         options = [prompt.expected] if isinstance(prompt.expected, str) else prompt.expected
         if any(option.strip().lower() in text for option in options):
@@ -178,9 +186,16 @@ def generate(model: Any, tokenizer: Any, conversations: list[list[dict[str, str]
     return answers, generated
 
 
-def ask(model: Any, tokenizer: Any, questions: list[str], max_new_tokens: int, batch_size: int, template: str = "auto") -> list[str]:
-    return generate(model, tokenizer, [[{"role": "user", "content": q}] for q in questions], max_new_tokens, batch_size,
-                    template)[0]
+def ask(model: Any, tokenizer: Any, questions: list[str], max_new_tokens: int, batch_size: int, template: str = "auto",
+        system: str | None = None) -> list[str]:
+    """Greedy answers to single questions; `system` is the system turn training used (None: the
+    template's default)."""
+    return generate(model, tokenizer, [with_system([{"role": "user", "content": q}], system) for q in questions],
+                    max_new_tokens, batch_size, template)[0]
+
+
+def with_system(messages: list[dict[str, str]], system: str | None) -> list[dict[str, str]]:
+    return messages if system is None else [{"role": "system", "content": system}, *messages]
 
 
 def mean_loss(model: Any, examples: list[dict[str, list[int]]], batch_size: int = 8) -> dict[str, float]:
@@ -272,6 +287,8 @@ def comparison_table(runs: list[dict[str, Any]]) -> tuple[list[str], list[dict[s
 def expected_text(row: dict[str, Any]) -> str:
     expected = row.get("expected")
     text = " | ".join(expected) if isinstance(expected, list) else (expected or "")
+    if row.get("expected_all"):
+        text = (text + " " if text else "") + " & ".join(row["expected_all"])
     if row.get("regex"):
         text = f"{text} /{row['regex']}/".strip()
     return text

@@ -52,6 +52,21 @@ class DataSource(_Strict):
     eval_fraction: float | None = Field(default=None, ge=0.0, lt=1.0)
 
 
+class AugmentConfig(_Strict):
+    """Facts in many forms (labtune/augment.py): each lab-note fact asked in many phrasings and
+    date forms, reverse questions, summaries, and dates with no meeting; held-out phrasings and date
+    forms build the evaluation's `paraphrase`, `reverse` and `absent` prompts."""
+
+    # off until the demo shows it teaches more than the fixed phrasings at the same compute (issue 14)
+    enabled: bool = False
+    questions_per_fact: int = Field(default=12, ge=1, le=70)  # training questions per meeting x field
+    reverse: bool = True  # "When did X present?" -> the dates
+    summaries: bool = True  # "What happened at the lab meeting on D?" -> presenter, recorder, topic
+    absent_ratio: float = Field(default=0.5, ge=0.0, le=5.0)  # dates with no meeting, per meeting date
+    absent_questions: int = Field(default=1, ge=1, le=20)  # training questions per such date and field
+    eval_absent_dates: int = Field(default=6, ge=0, le=200)  # held-out no-meeting dates asked in evaluation
+
+
 class DataConfig(_Strict):
     """Conversion (sources, notes, cleaning, mix and split) and tokenization settings."""
 
@@ -61,9 +76,13 @@ class DataConfig(_Strict):
     qa_pairs: bool = True
     qa_fields: list[Literal["presenter", "recorder", "topic", "attendees", "action_items"]] = Field(
         default_factory=lambda: ["presenter", "recorder", "topic", "attendees", "action_items"])
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
     undated_notes: Literal["skip", "fail"] = "skip"
     invalid_conversations: Literal["drop", "fail"] = "drop"
     chat_template: Literal["auto", "vicuna_v1.1", "tokenizer"] = "auto"
+    # a system turn for every conversation without one, in training and in evaluation alike; None
+    # keeps the chat template's own default ("" drops SmolLM2's 16-token default: short facts train faster)
+    system_prompt: str | None = None
     # the tokenize stage's limit (FastChat's --model_max_length; `train.model_max_length` is read too)
     model_max_length: int = Field(default=2048, ge=8)
     num_proc: int | None = Field(default=None, ge=1)
@@ -178,6 +197,9 @@ class EvalConfig(_Strict):
     eval_loss: bool = True
     max_new_tokens: int = Field(default=48, ge=1)
     batch_size: int = Field(default=8, ge=1)
+    # the notes-retrieval baseline: every prompt asked again with the k most relevant notes in it (BM25)
+    retrieval: bool = False
+    retrieval_k: int = Field(default=2, ge=1, le=20)
 
 
 class DeploymentsConfig(_Strict):

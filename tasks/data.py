@@ -20,6 +20,7 @@ def data_task(recipe: Recipe) -> StageResult:
     with run_log() as logger:
         result = build_data(recipe, store, log=logger.info)
     manifest = read_manifest(store, store.key_for(result.uri)) or {}
-    create_markdown_artifact(key="data-report", markdown=report_markdown(manifest.get("report", []), result.uri),
+    create_markdown_artifact(key="data-report", markdown=report_markdown(manifest.get("report", []), result.uri,
+                                                                       manifest.get("facts")),
                              description=f"Data mix for recipe {recipe.name}: records per source, kept and dropped")
     return result

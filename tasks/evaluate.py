@@ -10,7 +10,7 @@ from prefect.cache_policies import NO_CACHE
 from labtune import evaluation
 from labtune.recipe import Recipe
 from labtune.stage import StageResult
-from labtune.stages.evaluate import build_evaluate, read_evaluation, summary_markdown
+from labtune.stages.evaluate import COLUMNS, build_evaluate, read_evaluation, summary_markdown
 from labtune.store import open_store
 from tasks import retry_transient, run_log
 
@@ -23,11 +23,12 @@ def evaluate_task(recipe: Recipe, base_uri: str, model_uri: str, data_uri: str |
         result = build_evaluate(recipe, store, base_uri, model_uri, log=logger.info, data_uri=data_uri,
                                 tokens_uri=tokens_uri)
     summary, rows = read_evaluation(store, result.uri)
+    columns = [(c, label) for c, label in COLUMNS if c in summary.get("columns", ["base", "tuned"])]
     create_table_artifact(
         key="evaluation",
         table=[{"question": r["question"], "tags": ", ".join(r.get("tags", [])), "expected": evaluation.expected_text(r),
-                "base answer": r["base_answer"], "fine-tuned answer": r["tuned_answer"], "correct": r["tuned_correct"]}
-               for r in rows],
+                **{f"{label} answer": r[f"{c}_answer"] for c, label in columns},
+                **{f"{label} correct": r[f"{c}_correct"] for c, label in columns}} for r in rows],
         description=(f"Recipe {recipe.name}: base {summary['base_correct']}/{summary['total']}, "
                      f"fine-tuned {summary['tuned_correct']}/{summary['total']} correct. {result.uri}"),
     )

@@ -14,9 +14,10 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from labtune import conversations, notes
+from labtune import augment, conversations, notes
 from labtune.conversations import DataError, convert
 from labtune.recipe import DataSource, Recipe
+from labtune.retrieval import note_documents
 from labtune.stage import Log, StageResult, code_version, default_log, run_stage, stage_key
 from labtune.store import Store, StoreSettings, download_tree, open_store, scratch_dir, sha256_file
 
@@ -54,7 +55,7 @@ def _local_source(source: DataSource, settings: StoreSettings, scratch: Path) ->
     return target
 
 
-def report_markdown(reports: list[dict[str, Any]], uri: str) -> str:
+def report_markdown(reports: list[dict[str, Any]], uri: str, facts: list[dict[str, Any]] | None = None) -> str:
     lines = ["| source | type | records | kept | dropped | fixed | train | eval |", "|---|---|---|---|---|---|---|---|"]
     for r in reports:
         dropped = ", ".join(f"{n} {k}" for k, n in r["dropped"].items()) or "0"
@@ -67,6 +68,11 @@ def report_markdown(reports: list[dict[str, Any]], uri: str) -> str:
     listed = [f"- {item}" for r in reports for item in r["dropped_ids"]]
     if listed:
         lines += ["", "**Dropped records** (first 50 per source)", *listed]
+    if facts:
+        lines += ["", "**Training examples per lab-note fact**", "", "| meeting | field | value | examples |",
+                  "|---|---|---|---|"]
+        lines += [f"| {f['date']} | {f['field']} | {f['value'] or ('no meeting' if f['kind'] == 'absent' else 'not in the note')}"
+                  f" | {f['examples']} |" for f in facts]
     return "\n".join(lines + ["", f"Output: `{uri}`"])
 
 
@@ -75,17 +81,19 @@ PROMPT_FIELDS = ("presenter", "recorder", "topic")  # short facts a substring ch
 
 def heldout_prompts(evaluation: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Evaluation prompts from the held-out lab-note question-answer conversations: the question,
-    the fact the answer must contain, tags `lab_notes` and the field."""
-    return [{"id": r["id"], "question": r["conversations"][0]["value"], "expected": r["fact"]["value"],
+    the fact the answer must contain (either meeting's, when two share a date), tags
+    `heldout_notes` and the field."""
+    return [{"id": r["id"], "question": r["conversations"][0]["value"], "expected": r["fact"]["value"].split(" | "),
              "tags": ["heldout_notes", r["fact"]["field"]]}
-            for r in evaluation if r.get("fact", {}).get("field") in PROMPT_FIELDS]
+            for r in evaluation if r.get("fact", {}).get("field") in PROMPT_FIELDS and r["fact"]["value"]
+            and r["fact"].get("kind", "recall") == "recall"]
 
 
 def build_data(recipe: Recipe, store: Store, log: Log = default_log) -> StageResult:
     settings = recipe.store.settings()
     identities = [source_identity(source, settings) for source in recipe.data.sources]
     parameters = recipe.data.model_dump(mode="json", exclude={"chat_template", "num_proc", "model_max_length"})
-    key = stage_key("data", code_version(__file__, conversations.__file__, notes.__file__), {"sources": identities},
+    key = stage_key("data", code_version(__file__, conversations.__file__, notes.__file__, augment.__file__), {"sources": identities},
                     parameters)
 
     def build(out: Path) -> dict[str, Any]:
@@ -93,18 +101,30 @@ def build_data(recipe: Recipe, store: Store, log: Log = default_log) -> StageRes
         try:
             paths = [_local_source(source, settings, scratch) for source in recipe.data.sources]
             train, evaluation, reports = convert(recipe.data, paths, log)
+            # the notes themselves, for the evaluation's retrieval baseline
+            documents = [d for source, path in zip(recipe.data.sources, paths) if source.type == "lab_notes"
+                         for d in note_documents(path)]
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
         report = [r.as_dict() for r in reports]
-        prompts = heldout_prompts(evaluation)
+        prompts = heldout_prompts(evaluation) + [p for r in reports for p in r.prompts]
+        facts = augment.fact_counts(train)
+        if recipe.data.system_prompt is not None:
+            for record in train + evaluation:
+                if record["conversations"][0]["from"] != "system":
+                    record["conversations"].insert(0, {"from": "system", "value": recipe.data.system_prompt})
         for record in train + evaluation:
             record.pop("fact", None)
         (out / "eval_prompts.json").write_text(json.dumps(prompts, indent=1, ensure_ascii=False))
         (out / "train.json").write_text(json.dumps(train, indent=1, ensure_ascii=False))
         (out / "eval.json").write_text(json.dumps(evaluation, indent=1, ensure_ascii=False))
         (out / "report.json").write_text(json.dumps(report, indent=2))
-        log(f"data: {len(train)} train and {len(evaluation)} eval conversations")
-        return {"report": report}
+        (out / "notes.json").write_text(json.dumps(documents, indent=1, ensure_ascii=False))
+        (out / "facts.json").write_text(json.dumps(facts, indent=1, ensure_ascii=False))
+        log(f"data: {len(train)} train and {len(evaluation)} eval conversations"
+            + (f"; {len(facts)} lab-note facts, {min(f['examples'] for f in facts)}-{max(f['examples'] for f in facts)} "
+               f"training examples each; {len(prompts)} evaluation prompts" if facts else ""))
+        return {"report": report, "facts": facts}
 
     return run_stage(store, "data", key, build, inputs={"sources": [s.path for s in recipe.data.sources],
                                                         "identities": identities},

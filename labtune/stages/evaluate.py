@@ -18,6 +18,7 @@ from typing import Any
 
 import labtune
 from labtune import evaluation
+from labtune.augment import people
 from labtune.evaluation import Prompt, load_prompts, score
 from labtune.recipe import Recipe
 from labtune.stage import MANIFEST, Log, ManifestError, StageResult, code_version, default_log, fetch, run_stage, stage_key
@@ -33,7 +34,22 @@ def collect_prompts(recipe: Recipe, store: Store, data_uri: str | None) -> list[
         held_out = fetch(store, data_uri) / "eval_prompts.json"
         if held_out.is_file():
             prompts += [Prompt(**entry) for entry in json.loads(held_out.read_text())]
+    notes = fetch(store, data_uri) / "notes.json" if data_uri else None
+    if notes is not None and notes.is_file():
+        everyone = people([d.get("fields", {}) for d in json.loads(notes.read_text())])
+        prompts = [names_scored(p, everyone) for p in prompts]
     return prompts
+
+
+def names_scored(prompt: Prompt, everyone: list[str]) -> Prompt:
+    """A question whose expected answer is a person from the notes: naming anyone else from the
+    notes makes the answer wrong (the names scorer)."""
+    options = [prompt.expected] if isinstance(prompt.expected, str) else (prompt.expected or [])
+    known = {name.lower() for name in everyone}
+    if prompt.forbidden or not options or not all(o.strip().lower() in known for o in options):
+        return prompt
+    wanted = {o.strip().lower() for o in options}
+    return prompt.model_copy(update={"forbidden": [n for n in everyone if n.lower() not in wanted]})
 
 
 def retention_prompts(recipe: Recipe) -> list[Prompt]:
@@ -60,12 +76,26 @@ def evaluate_key(recipe: Recipe, base_uri: str, model_uri: str, data_uri: str | 
                  tokens_uri: str | None) -> tuple[str, dict[str, Any], dict[str, Any]]:
     """The evaluate stage's key, inputs and parameters (prompt files by their sha256)."""
     cfg = recipe.evaluation
-    parameters = {**cfg.model_dump(mode="json"), "chat_template": recipe.data.chat_template}
+    parameters = {**cfg.model_dump(mode="json"), "chat_template": recipe.data.chat_template,
+                  "system_prompt": recipe.data.system_prompt}
     files = {p: source_sha256(p) for p in cfg.prompt_files + ([cfg.retention_questions] if cfg.retention_questions else [])
              if Path(p).is_file()}
-    code = code_version(__file__, Path(labtune.__file__).parent / "chat.py", evaluation.__file__)
+    code = code_version(__file__, Path(labtune.__file__).parent / "chat.py", evaluation.__file__,
+                        Path(labtune.__file__).parent / "retrieval.py")
     inputs = {"base": base_uri, "model": model_uri, "data": data_uri, "tokens": tokens_uri, "prompt_files": files}
     return stage_key("evaluate", code, inputs, parameters), inputs, parameters
+
+
+COLUMNS = (("base", "base"), ("base_notes", "base + notes"), ("tuned", "fine-tuned"), ("tuned_notes", "fine-tuned + notes"))
+
+
+def notes_index(store: Store, data_uri: str | None) -> Any:
+    """The BM25 index of the data stage's notes.json (None when there are no notes)."""
+    from labtune.retrieval import NotesIndex
+
+    path = fetch(store, data_uri) / "notes.json" if data_uri else None
+    documents = json.loads(path.read_text()) if path is not None and path.is_file() else []
+    return NotesIndex(documents) if documents else None
 
 
 def build_evaluate(recipe: Recipe, store: Store, base_uri: str, model_uri: str, log: Log = default_log,
@@ -74,43 +104,55 @@ def build_evaluate(recipe: Recipe, store: Store, base_uri: str, model_uri: str, 
     key, inputs, parameters = evaluate_key(recipe, base_uri, model_uri, data_uri, tokens_uri)
     prompts = collect_prompts(recipe, store, data_uri)  # a malformed prompt file fails here, before any model loads
     general = retention_prompts(recipe)
-    template = recipe.data.chat_template
+    template, system = recipe.data.chat_template, recipe.data.system_prompt
 
     def build(out: Path) -> dict[str, Any]:
         eval_examples = _eval_examples(store, tokens_uri) if cfg.eval_loss else []
+        index = notes_index(store, data_uri) if cfg.retrieval else None
+        questions = [p.question for p in prompts]
+        with_notes = [index.prompt(q, cfg.retrieval_k) for q in questions] if index is not None else []
         answers: dict[str, list[str]] = {}
         general_answers: dict[str, list[str]] = {}
         losses: dict[str, Any] = {}
         drift: dict[str, Any] = {}
         for name, uri in (("base", base_uri), ("tuned", model_uri)):
             model, tokenizer = evaluation.load_model(fetch(store, uri, log))
-            log(f"evaluate: {len(prompts)} prompts and {len(general)} general questions to the {name} model {uri}")
-            answers[name] = evaluation.ask(model, tokenizer, [p.question for p in prompts], cfg.max_new_tokens,
-                                           cfg.batch_size, template) if prompts else []
+            log(f"evaluate: {len(prompts)} prompts{' (and again with the notes retrieved)' if with_notes else ''} and "
+                f"{len(general)} general questions to the {name} model {uri}")
+            answers[name] = evaluation.ask(model, tokenizer, questions, cfg.max_new_tokens, cfg.batch_size, template,
+                                           system) if prompts else []
+            if with_notes:
+                answers[f"{name}_notes"] = evaluation.ask(model, tokenizer, with_notes, cfg.max_new_tokens,
+                                                          cfg.batch_size, template, system)
             if eval_examples:
                 losses[name] = evaluation.mean_loss(model, eval_examples, cfg.batch_size)
             if general:
-                questions = [p.question for p in general]
-                general_answers[name] = evaluation.ask(model, tokenizer, questions, cfg.max_new_tokens, cfg.batch_size, template)
+                asked = [p.question for p in general]
+                general_answers[name] = evaluation.ask(model, tokenizer, asked, cfg.max_new_tokens, cfg.batch_size,
+                                                       template, system)
                 # both models scored on the base model's answers: how far the fine-tuned one moved
-                on_base = evaluation.answer_examples(tokenizer, questions, general_answers["base"], template)
+                on_base = evaluation.answer_examples(tokenizer, asked, general_answers["base"], template)
                 drift[name] = evaluation.mean_loss(model, on_base, cfg.batch_size)
             del model
             gc.collect()
+        columns = [c for c, _ in COLUMNS if c in answers]
         rows = []
         for i, prompt in enumerate(prompts):
-            rows.append({"question": prompt.question, "expected": prompt.expected, "regex": prompt.regex, "tags": prompt.tags,
-                         "base_answer": answers["base"][i], "tuned_answer": answers["tuned"][i],
-                         "base_correct": score(answers["base"][i], prompt), "tuned_correct": score(answers["tuned"][i], prompt)})
+            row = {"question": prompt.question, "expected": prompt.expected, "expected_all": prompt.expected_all,
+                   "forbidden": prompt.forbidden, "regex": prompt.regex, "tags": prompt.tags}
+            for column in columns:
+                row[f"{column}_answer"] = answers[column][i]
+                row[f"{column}_correct"] = score(answers[column][i], prompt)
+            rows.append(row)
         retention_rows = [{"question": p.question, "tags": p.tags, "base_answer": general_answers["base"][i],
                            "tuned_answer": general_answers["tuned"][i]} for i, p in enumerate(general)]
-        base_accuracy, tuned_accuracy = evaluation.accuracy(rows, "base_correct"), evaluation.accuracy(rows, "tuned_correct")
+        accuracy = {column: evaluation.accuracy(rows, f"{column}_correct") for column in columns}
         summary: dict[str, Any] = {
             "questions": len(rows),
-            "total": base_accuracy["overall"]["total"],
-            "base_correct": base_accuracy["overall"]["correct"],
-            "tuned_correct": tuned_accuracy["overall"]["correct"],
-            "accuracy": {"base": base_accuracy, "tuned": tuned_accuracy},
+            "total": accuracy["base"]["overall"]["total"],
+            **{f"{column}_correct": accuracy[column]["overall"]["correct"] for column in columns},
+            "columns": columns,
+            "accuracy": accuracy,
             "eval_loss": losses or None,
         }
         if drift:
@@ -126,8 +168,8 @@ def build_evaluate(recipe: Recipe, store: Store, base_uri: str, model_uri: str, 
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         (out / "run.json").write_text(json.dumps({"recipe": recipe.model_dump(mode="json"), "base": base_uri,
                                                   "model": model_uri}, indent=2))
-        log(f"evaluate: base {summary['base_correct']}/{summary['total']} correct, "
-            f"fine-tuned {summary['tuned_correct']}/{summary['total']}"
+        log("evaluate: " + ", ".join(f"{label} {summary[f'{c}_correct']}/{summary['total']}"
+                                     for c, label in COLUMNS if c in columns) + " correct"
             + (f"; eval loss base {losses['base']['loss']} -> fine-tuned {losses['tuned']['loss']}" if losses else "")
             + (f"; retention drift x{summary['retention']['drift_ratio']}" if drift else ""))
         return {"summary": summary}
@@ -162,19 +204,28 @@ def run_from_folder(directory: Path, uri: str) -> dict[str, Any]:
 
 
 def summary_markdown(summary: dict[str, Any], uri: str) -> str:
-    lines = [f"# Evaluation", "", "| | base | fine-tuned |", "|---|---|---|"]
+    """Accuracy overall and per tag (the axes recall, paraphrase, reverse, absent among them) for
+    each column (base, base + notes, fine-tuned, fine-tuned + notes), then loss and retention."""
+    columns = [(c, label) for c, label in COLUMNS if c in summary.get("columns", ["base", "tuned"])]
     accuracy = summary["accuracy"]
-    lines.append(f"| all scored prompts | {summary['base_correct']}/{summary['total']} | {summary['tuned_correct']}/{summary['total']} |")
-    for tag, tally in accuracy["tuned"]["by_tag"].items():
-        base = accuracy["base"]["by_tag"][tag]
-        lines.append(f"| tag `{tag}` | {base['correct']}/{base['total']} | {tally['correct']}/{tally['total']} |")
+    lines = ["# Evaluation", "", "| | " + " | ".join(label for _, label in columns) + " |",
+             "|---|" + "---|" * len(columns)]
+
+    def cell(tally: dict[str, Any]) -> str:
+        share = f" ({tally['accuracy']:.0%})" if tally.get("accuracy") is not None else ""
+        return f"{tally['correct']}/{tally['total']}{share}"
+
+    lines.append("| all scored prompts | " + " | ".join(cell(accuracy[c]["overall"]) for c, _ in columns) + " |")
+    for tag in accuracy["tuned"]["by_tag"]:
+        lines.append(f"| tag `{tag}` | " + " | ".join(cell(accuracy[c]["by_tag"][tag]) for c, _ in columns) + " |")
+    blank = " |" * (len(columns) - 2)
     if summary.get("eval_loss"):
         loss = summary["eval_loss"]
-        lines.append(f"| eval-split loss (perplexity) | {loss['base']['loss']} ({loss['base']['perplexity']}) | "
-                     f"{loss['tuned']['loss']} ({loss['tuned']['perplexity']}) |")
+        lines.append(f"| eval-split loss (perplexity), base and fine-tuned | {loss['base']['loss']} ({loss['base']['perplexity']}) | "
+                     f"{loss['tuned']['loss']} ({loss['tuned']['perplexity']}) |{blank}")
     if summary.get("retention"):
         r = summary["retention"]
-        lines.append(f"| perplexity on the base model's answers to {r['questions']} general questions | "
-                     f"{r['base_perplexity_on_base_answers']} | {r['tuned_perplexity_on_base_answers']} "
-                     f"(drift x{r['drift_ratio']}) |")
+        lines.append(f"| retention: perplexity on the base model's answers to {r['questions']} general questions, base and "
+                     f"fine-tuned | {r['base_perplexity_on_base_answers']} | {r['tuned_perplexity_on_base_answers']} "
+                     f"(drift x{r['drift_ratio']}) |{blank}")
     return "\n".join(lines + ["", f"Output: `{uri}`"])

@@ -1,0 +1,256 @@
+"""Facts in many forms: the lab's meetings -> many short training questions, and evaluation
+prompts in forms training never shows.
+
+A model answers a fact from many angles only when training shows it in many phrasings (Allen-Zhu
+and Li, Physics of Language Models 3.1). For every fact (meeting x field) this asks the question in
+several templates and date forms, adds reverse questions (who -> when), meeting summaries, "the
+notes do not say" for a field a note lacks, and dates with no meeting ("There is no lab meeting on
+... in the notes.") so the model learns to say so rather than invent a presenter.
+
+Templates and date forms come in two families: TRAIN ones build training examples; HELD-OUT ones
+never do, and build the `paraphrase`, `reverse` and `absent` evaluation prompts, so "understands a
+question it has not seen" is measured honestly. Everything is seeded and deterministic.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import random
+from collections import defaultdict
+from typing import Any
+
+from labtune.notes import MONTHS, Note
+
+FIELDS = ("presenter", "recorder", "topic")
+NAME_FIELDS = ("presenter", "recorder")
+
+
+def _ordinal(day: int) -> str:
+    return f"{day}{'th' if 11 <= day % 100 <= 13 else {1: 'st', 2: 'nd', 3: 'rd'}.get(day % 10, 'th')}"
+
+
+def _month(date: dt.date) -> str:
+    return MONTHS[date.month - 1].capitalize()
+
+
+# date forms people write; `{}` is filled with the date's rendering
+TRAIN_DATE_FORMS = {
+    "us": lambda d: f"{d.month}/{d.day}/{d.year}",
+    "us_padded": lambda d: f"{d.month:02d}/{d.day:02d}/{d.year}",
+    "iso": lambda d: d.isoformat(),
+    "long": lambda d: f"{_month(d)} {d.day}, {d.year}",
+    "day_month": lambda d: f"{d.day} {_month(d)} {d.year}",
+    "ordinal": lambda d: f"{_month(d)} {_ordinal(d.day)} {d.year}",
+    "short_month": lambda d: f"{_month(d)[:3]} {d.day}, {d.year}",
+}
+HELDOUT_DATE_FORMS = {
+    "weekday": lambda d: f"{d.strftime('%A')}, {_month(d)} {d.day}, {d.year}",
+    "slashes_iso": lambda d: f"{d.year}/{d.month:02d}/{d.day:02d}",
+    "of_month": lambda d: f"{_ordinal(d.day)} of {_month(d)} {d.year}",
+}
+
+# question templates per field; {d} is a date form
+TRAIN_TEMPLATES = {
+    "presenter": ["Who presented at the lab meeting on {d}?", "Who is the presenter on {d} lab meeting?",
+                  "Who is the Presenter on {d} lab meeting?", "Who was the presenter at the {d} lab meeting?",
+                  "Who presented on {d}?", "Who gave the presentation at the lab meeting on {d}?",
+                  "Lab meeting {d}: who presented?", "Name the presenter of the {d} lab meeting.",
+                  "who presented at the {d} meeting?", "Who was presenting at the lab meeting of {d}?"],
+    "recorder": ["Who recorded the notes of the {d} lab meeting?", "Who recorded the notes of the {d} meeting?",
+                 "Who took notes at the lab meeting on {d}?", "Who was the Recorder on {d}?",
+                 "Who was the recorder at the {d} lab meeting?", "Lab meeting {d}: who took the notes?",
+                 "Who wrote the notes for the lab meeting on {d}?", "who was the note taker on {d}?"],
+    "topic": ["What was the topic of the lab meeting on {d}?", "What was discussed at the {d} lab meeting?",
+              "What was the Topic on {d}?", "What was the lab meeting on {d} about?",
+              "Lab meeting {d}: what was the topic?", "What topic was presented on {d}?",
+              "what was the {d} lab meeting about?", "Topic of the lab meeting on {d}?"],
+}
+HELDOUT_TEMPLATES = {
+    "presenter": ["Which lab member gave the talk at the meeting held on {d}?",
+                  "Can you tell me who led the {d} group meeting?",
+                  "I missed the meeting on {d}. Who was the speaker?"],
+    "recorder": ["Which person kept the minutes at the meeting held on {d}?",
+                 "Can you tell me who was taking minutes at the {d} group meeting?"],
+    "topic": ["What subject did the group meeting on {d} cover?",
+              "I missed the meeting on {d}. What was it about?"],
+}
+TRAIN_REVERSE = ["When did {who} present?", "On which dates did {who} present at lab meeting?",
+                 "When was {who} the presenter?"]
+HELDOUT_REVERSE = ["Which meeting dates had {who} as the speaker?"]
+TRAIN_SUMMARY = ["What happened at the lab meeting on {d}?", "Summarize the {d} lab meeting."]
+FIELD_WORD = {"presenter": "presenter", "recorder": "recorder", "topic": "topic"}
+
+
+def date_text(date: dt.date) -> str:
+    return f"{date.month}/{date.day}/{date.year}"
+
+
+def absent_answer(date: dt.date) -> str:
+    return f"There is no lab meeting on {date_text(date)} in the notes."
+
+
+def answer(field: str, values: list[str]) -> str:
+    """The short answer to a field question; two meetings on one date give both."""
+    joined = " and ".join(values)
+    if field == "topic":
+        return joined[0].upper() + joined[1:] + "."
+    return f"{joined}."
+
+
+def people(notes: list[Note] | list[dict[str, str]]) -> list[str]:
+    """Every person the notes name as presenter, recorder or attendee (from Notes or their fields
+    dicts), for the names scorer."""
+    found: set[str] = set()
+    for note in notes:
+        fields = note.fields if isinstance(note, Note) else note
+        for field in ("presenter", "recorder", "attendees"):
+            for name in fields.get(field, "").replace(";", ",").split(","):
+                if name.strip() and len(name.split()) <= 4:
+                    found.add(name.strip())
+    return sorted(found)
+
+
+def _by_date(notes: list[Note]) -> dict[dt.date, list[Note]]:
+    grouped: dict[dt.date, list[Note]] = defaultdict(list)
+    for note in notes:
+        grouped[note.date].append(note)
+    return dict(sorted(grouped.items()))
+
+
+def absent_dates(notes: list[Note], count: int, seed: int, avoid: set[dt.date] = frozenset()) -> list[dt.date]:
+    """Dates near the meetings (a week or a few days off) on which the notes record no meeting."""
+    meetings = {n.date for n in notes}
+    candidates = sorted({d + dt.timedelta(days=off) for d in meetings for off in (-7, -3, 3, 7, 14)}
+                        - meetings - set(avoid))
+    rng = random.Random(seed)
+    return sorted(rng.sample(candidates, min(count, len(candidates))))
+
+
+def _conv(conv_id: str, question: str, reply: str, fact: dict[str, Any]) -> dict[str, Any]:
+    return {"id": conv_id, "conversations": [{"from": "human", "value": question}, {"from": "gpt", "value": reply}],
+            "fact": fact}
+
+
+def training_conversations(notes: list[Note], cfg: Any, seed: int) -> list[dict[str, Any]]:
+    """Training conversations for every fact, in TRAIN templates and date forms only. Each record
+    carries `fact` ({kind, field, date, value}) for the data report's per-fact counts."""
+    rng = random.Random(seed)
+    records: list[dict[str, Any]] = []
+    forms = list(TRAIN_DATE_FORMS.values())
+    for date, meetings in _by_date(notes).items():
+        iso = date.isoformat()
+        for field in FIELDS:
+            values = [m.fields[field] for m in meetings if m.fields.get(field)]
+            reply = answer(field, values) if values else f"The notes of the {date_text(date)} lab meeting do not name a {FIELD_WORD[field]}."
+            pairs = [(t, f) for t in TRAIN_TEMPLATES[field] for f in forms]
+            for i, (template, form) in enumerate(rng.sample(pairs, min(cfg.questions_per_fact, len(pairs)))):
+                records.append(_conv(f"labnote_{iso}_{field}_{i}", template.format(d=form(date)), reply,
+                                     {"kind": "recall" if values else "missing", "field": field, "date": iso,
+                                      "value": " | ".join(values)}))
+        if cfg.summaries:
+            parts = [f"{FIELD_WORD[f].capitalize()}: {' and '.join(m.fields[f] for m in meetings if m.fields.get(f))}."
+                     for f in FIELDS if any(m.fields.get(f) for m in meetings)]
+            for i, template in enumerate(TRAIN_SUMMARY):
+                records.append(_conv(f"labnote_{iso}_summary_{i}", template.format(d=rng.choice(forms)(date)),
+                                     " ".join(parts), {"kind": "summary", "field": "summary", "date": iso, "value": ""}))
+    if cfg.reverse:
+        for who, dates in _presented(notes).items():
+            reply = f"{who} presented on {', '.join(date_text(d) for d in dates)}."
+            for i, template in enumerate(TRAIN_REVERSE):
+                records.append(_conv(f"labnote_reverse_{_slug(who)}_{i}", template.format(who=who), reply,
+                                     {"kind": "reverse", "field": "presenter", "date": "", "value": who}))
+    for date in training_absent_dates(notes, cfg, seed):
+        for field in FIELDS:
+            for i in range(cfg.absent_questions):
+                template, form = rng.choice(TRAIN_TEMPLATES[field]), rng.choice(forms)
+                records.append(_conv(f"absent_{date.isoformat()}_{field}_{i}", template.format(d=form(date)),
+                                     absent_answer(date), {"kind": "absent", "field": field, "date": date.isoformat(),
+                                                           "value": ""}))
+    return records
+
+
+def training_absent_dates(notes: list[Note], cfg: Any, seed: int) -> list[dt.date]:
+    return absent_dates(notes, round(cfg.absent_ratio * len({n.date for n in notes})), seed)
+
+
+def _presented(notes: list[Note]) -> dict[str, list[dt.date]]:
+    found: dict[str, list[dt.date]] = defaultdict(list)
+    for note in sorted(notes, key=lambda n: n.date):
+        who = note.fields.get("presenter")
+        if who and note.date not in found[who]:
+            found[who].append(note.date)
+    return dict(sorted(found.items()))
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in text.lower())
+
+
+def eval_prompts(notes: list[Note], cfg: Any, seed: int, training: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """Evaluation prompts on four axes, each a tag beside the field:
+    `recall` (trained templates and date forms), `paraphrase` (HELD-OUT templates and date forms,
+    never in training), `reverse` (a held-out who -> when question), `absent` (held-out dates with
+    no meeting: right only when the answer names nobody and says there was no meeting). Questions
+    about names forbid every other person the notes name (the names scorer)."""
+    rng = random.Random(seed + 1)
+    everyone = people(notes)
+    trained: dict[tuple[str, str], list[str]] = defaultdict(list)
+    for record in training if training is not None else training_conversations(notes, cfg, seed):
+        if record["fact"]["kind"] == "recall":
+            trained[(record["fact"]["date"], record["fact"]["field"])].append(record["conversations"][0]["value"])
+    prompts: list[dict[str, Any]] = []
+    held_forms = list(HELDOUT_DATE_FORMS.values())
+    for date, meetings in _by_date(notes).items():
+        iso = date.isoformat()
+        for field in FIELDS:
+            values = [m.fields[field] for m in meetings if m.fields.get(field)]
+            if not values:
+                continue
+            forbidden = [p for p in everyone if p not in values] if field in NAME_FIELDS else []
+            expected = values if field in NAME_FIELDS else [_topic_key(v) for v in values]
+            recall = rng.choice(trained[(iso, field)])  # a question training showed
+            held = rng.choice(HELDOUT_TEMPLATES[field]).format(d=rng.choice(held_forms)(date))
+            for axis, question in (("recall", recall), ("paraphrase", held)):
+                prompts.append({"id": f"{axis}_{iso}_{field}", "question": question, "expected": expected,
+                                "forbidden": forbidden, "tags": [axis, field]})
+    if cfg.reverse:
+        for who, dates in _presented(notes).items():
+            prompts.append({"id": f"reverse_{_slug(who)}", "question": rng.choice(HELDOUT_REVERSE).format(who=who),
+                            "expected_all": [date_text(d) for d in dates], "tags": ["reverse", "presenter"]})
+    avoid = set(training_absent_dates(notes, cfg, seed))
+    for date in absent_dates(notes, cfg.eval_absent_dates, seed + 2, avoid=avoid):
+        field = rng.choice(FIELDS)
+        question = rng.choice(HELDOUT_TEMPLATES[field]).format(d=rng.choice(held_forms)(date))
+        prompts.append({"id": f"absent_{date.isoformat()}", "question": question, "expected": ["no lab meeting"],
+                        "forbidden": everyone, "tags": ["absent", field]})
+    return prompts
+
+
+def _topic_key(topic: str) -> str:
+    """The part of a topic an answer must contain: its first three words (a long topic is
+    rarely repeated word for word)."""
+    words = topic.replace(";", " ").split()
+    return " ".join(words[:3])
+
+
+def heldout_renderings(notes: list[Note]) -> list[str]:
+    """Every held-out template stem and held-out date rendering of the notes' dates: none may appear
+    in a training question (the data stage's output is checked against this in the tests)."""
+    stems = [t.split("{d}")[0].strip() for ts in HELDOUT_TEMPLATES.values() for t in ts] + \
+        [t.split("{who}")[0].strip() for t in HELDOUT_REVERSE]
+    dates = {n.date for n in notes}
+    return [s for s in stems if s] + [form(d) for d in dates for form in HELDOUT_DATE_FORMS.values()]
+
+
+def fact_counts(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """How many training examples carry each fact (meeting date x field), for the data report."""
+    counts: dict[tuple[str, str], dict[str, Any]] = {}
+    for record in records:
+        fact = record.get("fact")
+        if not fact or fact.get("kind") not in ("recall", "missing", "absent"):
+            continue
+        key = (fact["date"], fact["field"])
+        entry = counts.setdefault(key, {"date": fact["date"], "field": fact["field"], "value": fact["value"],
+                                        "kind": fact["kind"], "examples": 0})
+        entry["examples"] += 1
+    return [counts[k] for k in sorted(counts)]

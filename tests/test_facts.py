@@ -1,0 +1,127 @@
+"""Facts in many forms (labtune/augment.py), the four evaluation axes, the names scorer and the
+notes-retrieval baseline."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import shutil
+
+import pytest
+
+from conftest import REPO, TINY_RECIPE, run_cli
+from labtune import augment
+from labtune.evaluation import Prompt, score
+from labtune.notes import note_files, read_note
+from labtune.recipe import RecipeError, load_recipe
+
+NOTES = REPO / "examples" / "labnotes"
+
+
+def sample_notes():
+    return [read_note(p) for p in note_files(NOTES)]
+
+
+def test_augmentation_is_deterministic_and_seeded():
+    cfg = load_recipe(TINY_RECIPE).data.augment
+    notes = sample_notes()
+    first = augment.training_conversations(notes, cfg, 42)
+    assert first == augment.training_conversations(notes, cfg, 42)
+    assert augment.eval_prompts(notes, cfg, 42) == augment.eval_prompts(notes, cfg, 42)
+    assert first != augment.training_conversations(notes, cfg, 7)
+    counts = {(f["date"], f["field"]): f["examples"] for f in augment.fact_counts(first) if f["kind"] == "recall"}
+    assert len(counts) == 3 * len({n.date for n in notes}) and set(counts.values()) == {cfg.questions_per_fact}
+
+
+def test_absent_dates_never_fall_on_a_meeting_and_eval_ones_are_never_trained():
+    cfg = load_recipe(TINY_RECIPE).data.augment
+    notes = sample_notes()
+    meetings = {n.date for n in notes}
+    trained = set(augment.training_absent_dates(notes, cfg, 42))
+    asked = {dt.date.fromisoformat(p["id"].split("_", 1)[1]) for p in augment.eval_prompts(notes, cfg, 42)
+             if "absent" in p["tags"]}
+    assert trained and asked and not (trained | asked) & meetings and not trained & asked
+
+
+def test_no_held_out_template_or_date_form_reaches_a_training_example(tmp_path):
+    store = tmp_path / "store"
+    made = run_cli("data", str(TINY_RECIPE), f"store.uri={store}", "data.augment.enabled=true", "--json")
+    assert made.returncode == 0, made.stderr
+    out = json.loads(made.stdout)["uri"]
+    train = json.loads((store / "data" / out.rsplit("/", 1)[1] / "train.json").read_text())
+    prompts = json.loads((store / "data" / out.rsplit("/", 1)[1] / "eval_prompts.json").read_text())
+    training_text = "\n".join(turn["value"] for record in train for turn in record["conversations"])
+    forbidden = augment.heldout_renderings(sample_notes())
+    assert len(forbidden) > 40
+    for text in forbidden:
+        assert text not in training_text, text
+    paraphrases = [p["question"] for p in prompts if "paraphrase" in p["tags"]]
+    assert paraphrases and all(q not in training_text for q in paraphrases)
+    assert {t for p in prompts for t in p["tags"][:1]} == {"recall", "paraphrase", "reverse", "absent"}
+    # the recall prompts are questions training really showed
+    assert all(p["question"] in training_text for p in prompts if "recall" in p["tags"])
+
+
+def test_the_names_scorer():
+    who = Prompt(question="Who presented on 4/14/2023?", expected="Lena Fischer", forbidden=["Sofia Rossi", "Maya Okafor"])
+    assert score("Lena Fischer.", who) is True
+    assert score("Lena Fischer and Sofia Rossi.", who) is False  # the right person and another: wrong
+    assert score("Sofia Rossi.", who) is False
+    assert score("lena fischer presented", who) is True
+    absent = Prompt(question="Who presented on 4/21/2023?", expected=["no lab meeting"], forbidden=["Lena Fischer"])
+    assert score("There is no lab meeting on 4/21/2023 in the notes.", absent) is True
+    assert score("Lena Fischer. There is no lab meeting.", absent) is False  # names somebody
+    assert score("Lena Fischer.", absent) is False
+    reverse = Prompt(question="When did Maya present?", expected_all=["1/13/2023", "3/24/2023"])
+    assert score("Maya Okafor presented on 1/13/2023, 3/24/2023.", reverse) is True
+    assert score("Maya Okafor presented on 1/13/2023.", reverse) is False
+
+
+def test_a_knob_out_of_range_fails_at_load_naming_the_key():
+    for override, key in (("data.augment.questions_per_fact=0", "data.augment.questions_per_fact"),
+                          ("data.augment.absent_ratio=-1", "data.augment.absent_ratio"),
+                          ("data.augment.colour=red", "data.augment.colour"),
+                          ("evaluation.retrieval_k=0", "evaluation.retrieval_k")):
+        with pytest.raises(RecipeError, match=key.replace(".", r"\.")):
+            load_recipe(TINY_RECIPE, [override])
+
+
+def test_two_meetings_on_one_date_are_both_kept_and_either_answer_counts(tmp_path):
+    notes = tmp_path / "notes"
+    shutil.copytree(NOTES, notes)
+    (notes / "2023-04-14-second.md").write_text("# Lab meeting 4/14/2023\n\n- Presenter: Arjun Mehta\n"
+                                                "- Recorder: Sofia Rossi\n- Topic: zebrafish husbandry\n")
+    cfg = load_recipe(TINY_RECIPE).data.augment
+    parsed = [read_note(p) for p in note_files(notes)]
+    train = augment.training_conversations(parsed, cfg, 42)
+    answers = {r["conversations"][1]["value"] for r in train if r["fact"]["date"] == "2023-04-14"
+               and r["fact"]["field"] == "presenter"}
+    assert len(answers) == 1 and {"Lena Fischer", "Arjun Mehta"} <= set(answers.pop().rstrip(".").split(" and "))
+    prompt = next(p for p in augment.eval_prompts(parsed, cfg, 42) if p["id"] == "paraphrase_2023-04-14_presenter")
+    assert set(prompt["expected"]) == {"Lena Fischer", "Arjun Mehta"}
+    question = Prompt(**{k: v for k, v in prompt.items() if k != "id"})
+    assert score("Arjun Mehta.", question) and score("Lena Fischer.", question)
+
+
+def test_retrieval_finds_the_note_of_the_asked_date_in_any_form():
+    from labtune.retrieval import NotesIndex, note_documents
+
+    index = NotesIndex(note_documents(NOTES))
+    for question in ("Who is the presenter on 4/14/2023 lab meeting?", "Which lab member gave the talk at the meeting held "
+                     "on Friday, April 14, 2023?", "Who took notes on the 14th of April 2023?"):
+        assert index.search(question, 1)[0]["date"] == "2023-04-14", question
+    prompt = index.prompt("Who presented on 2023-05-12?", 2)
+    assert "Daniel Brooks" in prompt and prompt.endswith("Who presented on 2023-05-12?")
+
+
+def test_a_tiny_run_reports_four_columns_and_every_axis(tmp_path):
+    proc = run_cli("evaluate", str(TINY_RECIPE), f"store.uri={tmp_path / 'store'}", "evaluation.retrieval=true",
+                   "data.augment.enabled=true", "--json", timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    folder = tmp_path / "store" / "evaluate" / json.loads(proc.stdout)["uri"].rsplit("/", 1)[1]
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["columns"] == ["base", "base_notes", "tuned", "tuned_notes"]
+    for column in summary["columns"]:
+        assert {"recall", "paraphrase", "reverse", "absent"} <= set(summary["accuracy"][column]["by_tag"])
+    row = json.loads((folder / "answers.jsonl").read_text().splitlines()[0])
+    assert {"base_notes_answer", "tuned_notes_answer", "base_notes_correct", "tuned_notes_correct"} <= set(row)
