@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+from labtune import augment as many_forms
 from labtune.errors import LabtuneError
 from labtune.notes import QA_FIELDS, NoteError, note_conversations, note_files, read_note
 
@@ -191,8 +192,6 @@ def load_lab_notes(folder: Path, report: SourceReport, *, qa: bool = True, whole
     a date are all kept, under distinct ids. With `augment` (data.augment, enabled), the
     question-answer pairs are the many-form facts of labtune/augment.py, and the held-out
     evaluation prompts are left in report.prompts."""
-    from labtune import augment as many_forms
-
     if not folder.is_dir():
         raise DataError(f"{folder}: lab-notes folder not found")
     files = note_files(folder)
@@ -317,7 +316,7 @@ def convert(config: Any, paths: list[Path], log=print) -> tuple[list, list, list
         if source.type == "lab_notes":
             records = load_lab_notes(path, report, qa=config.qa_pairs, whole_note=config.note_conversations,
                                      qa_fields=tuple(config.qa_fields), undated=config.undated_notes,
-                                     augment=getattr(config, "augment", None), seed=config.seed, log=log)
+                                     augment=config.augment, seed=config.seed, log=log)
         else:
             records = LOADERS[source.type](path)
         report.records = len(records)
