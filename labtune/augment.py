@@ -78,7 +78,6 @@ TRAIN_REVERSE = ["When did {who} present?", "On which dates did {who} present at
                  "When was {who} the presenter?"]
 HELDOUT_REVERSE = ["Which meeting dates had {who} as the speaker?"]
 TRAIN_SUMMARY = ["What happened at the lab meeting on {d}?", "Summarize the {d} lab meeting."]
-FIELD_WORD = {"presenter": "presenter", "recorder": "recorder", "topic": "topic"}
 
 
 def date_text(date: dt.date) -> str:
@@ -117,6 +116,14 @@ def _by_date(notes: list[Note]) -> dict[dt.date, list[Note]]:
     return dict(sorted(grouped.items()))
 
 
+def _facts(notes: list[Note]):
+    """(date, field, values) for every meeting date and field; values holds each meeting's (two
+    meetings on one date give two), empty when no note of that date has the field."""
+    for date, meetings in _by_date(notes).items():
+        for field in FIELDS:
+            yield date, field, [m.fields[field] for m in meetings if m.fields.get(field)]
+
+
 def absent_dates(notes: list[Note], count: int, seed: int, avoid: set[dt.date] = frozenset()) -> list[dt.date]:
     """Dates near the meetings (a week or a few days off) on which the notes record no meeting."""
     meetings = {n.date for n in notes}
@@ -137,22 +144,22 @@ def training_conversations(notes: list[Note], cfg: Any, seed: int) -> list[dict[
     rng = random.Random(seed)
     records: list[dict[str, Any]] = []
     forms = list(TRAIN_DATE_FORMS.values())
-    for date, meetings in _by_date(notes).items():
+    for date, field, values in _facts(notes):
         iso = date.isoformat()
-        for field in FIELDS:
-            values = [m.fields[field] for m in meetings if m.fields.get(field)]
-            reply = answer(field, values) if values else f"The notes of the {date_text(date)} lab meeting do not name a {FIELD_WORD[field]}."
-            pairs = [(t, f) for t in TRAIN_TEMPLATES[field] for f in forms]
-            for i, (template, form) in enumerate(rng.sample(pairs, min(cfg.questions_per_fact, len(pairs)))):
-                records.append(_conv(f"labnote_{iso}_{field}_{i}", template.format(d=form(date)), reply,
-                                     {"kind": "recall" if values else "missing", "field": field, "date": iso,
-                                      "value": " | ".join(values)}))
-        if cfg.summaries:
-            parts = [f"{FIELD_WORD[f].capitalize()}: {' and '.join(m.fields[f] for m in meetings if m.fields.get(f))}."
+        reply = answer(field, values) if values else f"The notes of the {date_text(date)} lab meeting do not name a {field}."
+        pairs = [(t, f) for t in TRAIN_TEMPLATES[field] for f in forms]
+        for i, (template, form) in enumerate(rng.sample(pairs, min(cfg.questions_per_fact, len(pairs)))):
+            records.append(_conv(f"labnote_{iso}_{field}_{i}", template.format(d=form(date)), reply,
+                                 {"kind": "recall" if values else "missing", "field": field, "date": iso,
+                                  "value": " | ".join(values)}))
+    if cfg.summaries:
+        for date, meetings in _by_date(notes).items():
+            parts = [f"{f.capitalize()}: {' and '.join(m.fields[f] for m in meetings if m.fields.get(f))}."
                      for f in FIELDS if any(m.fields.get(f) for m in meetings)]
             for i, template in enumerate(TRAIN_SUMMARY):
-                records.append(_conv(f"labnote_{iso}_summary_{i}", template.format(d=rng.choice(forms)(date)),
-                                     " ".join(parts), {"kind": "summary", "field": "summary", "date": iso, "value": ""}))
+                records.append(_conv(f"labnote_{date.isoformat()}_summary_{i}", template.format(d=rng.choice(forms)(date)),
+                                     " ".join(parts), {"kind": "summary", "field": "summary", "date": date.isoformat(),
+                                                       "value": ""}))
     if cfg.reverse:
         for who, dates in _presented(notes).items():
             reply = f"{who} presented on {', '.join(date_text(d) for d in dates)}."
@@ -200,19 +207,17 @@ def eval_prompts(notes: list[Note], cfg: Any, seed: int, training: list[dict[str
             trained[(record["fact"]["date"], record["fact"]["field"])].append(record["conversations"][0]["value"])
     prompts: list[dict[str, Any]] = []
     held_forms = list(HELDOUT_DATE_FORMS.values())
-    for date, meetings in _by_date(notes).items():
+    for date, field, values in _facts(notes):
+        if not values:
+            continue
         iso = date.isoformat()
-        for field in FIELDS:
-            values = [m.fields[field] for m in meetings if m.fields.get(field)]
-            if not values:
-                continue
-            forbidden = [p for p in everyone if p not in values] if field in NAME_FIELDS else []
-            expected = values if field in NAME_FIELDS else [_topic_key(v) for v in values]
-            recall = rng.choice(trained[(iso, field)])  # a question training showed
-            held = rng.choice(HELDOUT_TEMPLATES[field]).format(d=rng.choice(held_forms)(date))
-            for axis, question in (("recall", recall), ("paraphrase", held)):
-                prompts.append({"id": f"{axis}_{iso}_{field}", "question": question, "expected": expected,
-                                "forbidden": forbidden, "tags": [axis, field]})
+        forbidden = [p for p in everyone if p not in values] if field in NAME_FIELDS else []
+        expected = values if field in NAME_FIELDS else [_topic_key(v) for v in values]
+        recall = rng.choice(trained[(iso, field)])  # a question training showed
+        held = rng.choice(HELDOUT_TEMPLATES[field]).format(d=rng.choice(held_forms)(date))
+        for axis, question in (("recall", recall), ("paraphrase", held)):
+            prompts.append({"id": f"{axis}_{iso}_{field}", "question": question, "expected": expected,
+                            "forbidden": forbidden, "tags": [axis, field]})
     if cfg.reverse:
         for who, dates in _presented(notes).items():
             prompts.append({"id": f"reverse_{_slug(who)}", "question": rng.choice(HELDOUT_REVERSE).format(who=who),
