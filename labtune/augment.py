@@ -4,8 +4,14 @@ prompts in forms training never shows.
 A model answers a fact from many angles only when training shows it in many phrasings (Allen-Zhu
 and Li, Physics of Language Models 3.1). For every fact (meeting x field) this asks the question in
 several templates and date forms, adds reverse questions (who -> when), meeting summaries, "the
-notes do not say" for a field a note lacks, and dates with no meeting ("There is no lab meeting on
-... in the notes.") so the model learns to say so rather than invent a presenter.
+notes do not say" for a field a note lacks, and dates with no meeting ("On D there is no lab
+meeting in the notes.") so the model learns to say so rather than invent a presenter.
+
+Every answer opens with the meeting's date in one canonical form ("On 4/14/2023 the presenter was
+Lena Fischer."): the model first rewrites whatever date form it was asked in, a skill it already
+has and that carries over to date forms it never trained on, and then recalls the fact from one key
+per meeting instead of one key per date form. Measured on the demo (docs/evaluation.md), this is
+what makes a small model learn its facts in minutes rather than hours.
 
 Templates and date forms come in two families: TRAIN ones build training examples; HELD-OUT ones
 never do, and build the `paraphrase`, `reverse` and `absent` evaluation prompts, so "understands a
@@ -85,15 +91,15 @@ def date_text(date: dt.date) -> str:
 
 
 def absent_answer(date: dt.date) -> str:
-    return f"There is no lab meeting on {date_text(date)} in the notes."
+    return f"On {date_text(date)} there is no lab meeting in the notes."
 
 
-def answer(field: str, values: list[str]) -> str:
-    """The short answer to a field question; two meetings on one date give both."""
-    joined = " and ".join(values)
-    if field == "topic":
-        return joined[0].upper() + joined[1:] + "."
-    return f"{joined}."
+def answer(date: dt.date, field: str, values: list[str]) -> str:
+    """The short answer to a field question, the canonical date first; two meetings on one date
+    give both values; a field no note of that date has says so."""
+    if not values:
+        return f"On {date_text(date)} the notes do not name a {field}."
+    return f"On {date_text(date)} the {field} was {' and '.join(values)}."
 
 
 def people(notes: list[Note] | list[dict[str, str]]) -> list[str]:
@@ -146,7 +152,7 @@ def training_conversations(notes: list[Note], cfg: Any, seed: int) -> list[dict[
     forms = list(TRAIN_DATE_FORMS.values())
     for date, field, values in _facts(notes):
         iso = date.isoformat()
-        reply = answer(field, values) if values else f"The notes of the {date_text(date)} lab meeting do not name a {field}."
+        reply = answer(date, field, values)
         pairs = [(t, f) for t in TRAIN_TEMPLATES[field] for f in forms]
         for i, (template, form) in enumerate(rng.sample(pairs, min(cfg.questions_per_fact, len(pairs)))):
             records.append(_conv(f"labnote_{iso}_{field}_{i}", template.format(d=form(date)), reply,
@@ -154,11 +160,12 @@ def training_conversations(notes: list[Note], cfg: Any, seed: int) -> list[dict[
                                   "value": " | ".join(values)}))
     if cfg.summaries:
         for date, meetings in _by_date(notes).items():
-            parts = [f"{f.capitalize()}: {' and '.join(m.fields[f] for m in meetings if m.fields.get(f))}."
+            parts = [f"the {f} was {' and '.join(m.fields[f] for m in meetings if m.fields.get(f))}"
                      for f in FIELDS if any(m.fields.get(f) for m in meetings)]
+            reply = f"On {date_text(date)} " + ", ".join(parts) + "."
             for i, template in enumerate(TRAIN_SUMMARY):
                 records.append(_conv(f"labnote_{date.isoformat()}_summary_{i}", template.format(d=rng.choice(forms)(date)),
-                                     " ".join(parts), {"kind": "summary", "field": "summary", "date": date.isoformat(),
+                                     reply, {"kind": "summary", "field": "summary", "date": date.isoformat(),
                                                        "value": ""}))
     if cfg.reverse:
         for who, dates in _presented(notes).items():
@@ -174,6 +181,24 @@ def training_conversations(notes: list[Note], cfg: Any, seed: int) -> list[dict[
                                      absent_answer(date), {"kind": "absent", "field": field, "date": date.isoformat(),
                                                            "value": ""}))
     return records
+
+
+def pack_turns(records: list[dict[str, Any]], per_conversation: int, seed: int) -> list[dict[str, Any]]:
+    """Shuffled single-question records, `per_conversation` at a time, as multi-turn conversations
+    (the facts in one conversation are unrelated). The tokens a conversation's template and system
+    turn cost are paid once for several facts instead of once per fact. Each conversation carries
+    `facts`, the list of its records' facts."""
+    if per_conversation <= 1:
+        return records
+    order = list(records)
+    random.Random(seed + 3).shuffle(order)
+    packed = []
+    for start in range(0, len(order), per_conversation):
+        group = order[start : start + per_conversation]
+        packed.append({"id": "labfacts_" + "+".join(r["id"] for r in group),
+                       "conversations": [turn for r in group for turn in r["conversations"]],
+                       "facts": [r["fact"] for r in group]})
+    return packed
 
 
 def training_absent_dates(notes: list[Note], cfg: Any, seed: int) -> list[dt.date]:
@@ -250,8 +275,7 @@ def heldout_renderings(notes: list[Note]) -> list[str]:
 def fact_counts(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """How many training examples carry each fact (meeting date x field), for the data report."""
     counts: dict[tuple[str, str], dict[str, Any]] = {}
-    for record in records:
-        fact = record.get("fact")
+    for fact in (f for record in records for f in record.get("facts") or [record.get("fact")]):
         if not fact or fact.get("kind") not in ("recall", "missing", "absent"):
             continue
         key = (fact["date"], fact["field"])

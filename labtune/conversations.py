@@ -220,7 +220,7 @@ def load_lab_notes(folder: Path, report: SourceReport, *, qa: bool = True, whole
         report.files += 1
     if many and qa and notes:
         facts = many_forms.training_conversations(notes, augment, seed)
-        records += facts
+        records += many_forms.pack_turns(facts, augment.facts_per_conversation, seed)
         report.prompts = many_forms.eval_prompts(notes, augment, seed, facts)
     return records
 
@@ -250,7 +250,7 @@ def clean(records: list[dict[str, Any]], report: SourceReport, where: str, on_in
             continue
         seen_ids.add(record_id)
         seen_content[digest] = record_id
-        kept.append({"id": record_id, "conversations": turns, **({"fact": record["fact"]} if "fact" in record else {})})
+        kept.append({"id": record_id, "conversations": turns, **{k: record[k] for k in ("fact", "facts") if k in record}})
     report.kept = len(kept)
     return kept
 

@@ -65,6 +65,9 @@ class AugmentConfig(_Strict):
     absent_ratio: float = Field(default=0.5, ge=0.0, le=5.0)  # dates with no meeting, per meeting date
     absent_questions: int = Field(default=1, ge=1, le=20)  # training questions per such date and field
     eval_absent_dates: int = Field(default=6, ge=0, le=200)  # held-out no-meeting dates asked in evaluation
+    # training questions per conversation (unrelated facts as turns of one chat): the chat template's
+    # tokens are paid once for several facts
+    facts_per_conversation: int = Field(default=1, ge=1, le=16)
 
 
 class DataConfig(_Strict):

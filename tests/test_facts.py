@@ -33,6 +33,26 @@ def test_augmentation_is_deterministic_and_seeded():
     assert len(counts) == 3 * len({n.date for n in notes}) and set(counts.values()) == {cfg.questions_per_fact}
 
 
+def test_every_answer_opens_with_the_canonical_date():
+    cfg = load_recipe(TINY_RECIPE).data.augment
+    for record in augment.training_conversations(sample_notes(), cfg, 42):
+        fact = record["fact"]
+        if fact["date"]:
+            date = dt.date.fromisoformat(fact["date"])
+            assert record["conversations"][1]["value"].startswith(f"On {date.month}/{date.day}/{date.year} "), record
+
+
+def test_packed_conversations_keep_every_fact_once():
+    cfg = load_recipe(TINY_RECIPE, ["data.augment.facts_per_conversation=4"]).data.augment
+    single = augment.training_conversations(sample_notes(), cfg, 42)
+    packed = augment.pack_turns(single, cfg.facts_per_conversation, 42)
+    assert len(packed) == -(-len(single) // 4) and all(len(r["conversations"]) <= 8 for r in packed)
+    assert sorted(t["value"] for r in packed for t in r["conversations"]) == \
+        sorted(t["value"] for r in single for t in r["conversations"])
+    assert augment.fact_counts(packed) == augment.fact_counts(single)
+    assert augment.pack_turns(single, 1, 42) == single
+
+
 def test_absent_dates_never_fall_on_a_meeting_and_eval_ones_are_never_trained():
     cfg = load_recipe(TINY_RECIPE).data.augment
     notes = sample_notes()
@@ -45,7 +65,8 @@ def test_absent_dates_never_fall_on_a_meeting_and_eval_ones_are_never_trained():
 
 def test_no_held_out_template_or_date_form_reaches_a_training_example(tmp_path):
     store = tmp_path / "store"
-    made = run_cli("data", str(TINY_RECIPE), f"store.uri={store}", "data.augment.enabled=true", "--json")
+    made = run_cli("data", str(TINY_RECIPE), f"store.uri={store}", "data.augment.enabled=true",
+                   "data.augment.facts_per_conversation=3", "--json")
     assert made.returncode == 0, made.stderr
     out = json.loads(made.stdout)["uri"]
     train = json.loads((store / "data" / out.rsplit("/", 1)[1] / "train.json").read_text())
@@ -69,7 +90,7 @@ def test_the_names_scorer():
     assert score("Sofia Rossi.", who) is False
     assert score("lena fischer presented", who) is True
     absent = Prompt(question="Who presented on 4/21/2023?", expected=["no lab meeting"], forbidden=["Lena Fischer"])
-    assert score("There is no lab meeting on 4/21/2023 in the notes.", absent) is True
+    assert score("On 4/21/2023 there is no lab meeting in the notes.", absent) is True
     assert score("Lena Fischer. There is no lab meeting.", absent) is False  # names somebody
     assert score("Lena Fischer.", absent) is False
     reverse = Prompt(question="When did Maya present?", expected_all=["1/13/2023", "3/24/2023"])
@@ -96,7 +117,9 @@ def test_two_meetings_on_one_date_are_both_kept_and_either_answer_counts(tmp_pat
     train = augment.training_conversations(parsed, cfg, 42)
     answers = {r["conversations"][1]["value"] for r in train if r["fact"]["date"] == "2023-04-14"
                and r["fact"]["field"] == "presenter"}
-    assert len(answers) == 1 and {"Lena Fischer", "Arjun Mehta"} <= set(answers.pop().rstrip(".").split(" and "))
+    assert len(answers) == 1
+    assert set(answers.pop().rstrip(".").removeprefix("On 4/14/2023 the presenter was ").split(" and ")) == \
+        {"Lena Fischer", "Arjun Mehta"}
     prompt = next(p for p in augment.eval_prompts(parsed, cfg, 42) if p["id"] == "paraphrase_2023-04-14_presenter")
     assert set(prompt["expected"]) == {"Lena Fischer", "Arjun Mehta"}
     question = Prompt(**{k: v for k, v in prompt.items() if k != "id"})

@@ -115,6 +115,7 @@ def build_data(recipe: Recipe, store: Store, log: Log = default_log) -> StageRes
                     record["conversations"].insert(0, {"from": "system", "value": recipe.data.system_prompt})
         for record in train + evaluation:
             record.pop("fact", None)
+            record.pop("facts", None)
         (out / "eval_prompts.json").write_text(json.dumps(prompts, indent=1, ensure_ascii=False))
         (out / "train.json").write_text(json.dumps(train, indent=1, ensure_ascii=False))
         (out / "eval.json").write_text(json.dumps(evaluation, indent=1, ensure_ascii=False))

@@ -1,0 +1,141 @@
+"""How fast a recipe teaches the notes: held-out accuracy against optimizer steps, in one process.
+
+    python bench/facts_curve.py RECIPE [key=value ...] [--every 30] [--store DIR] [--png curve.png]
+
+Runs the recipe's weights, delta, data and tokenize stages (cached in --store), then trains the
+target model in this process with the train stage's settings (AdamW, the recipe's learning rate,
+schedule, batch size, epochs, length-grouped batches of labtune.train_worker) and, every --every
+optimizer steps and at the end, asks the evaluate stage's prompts (the recipe's questions and the
+data stage's recall / paraphrase / reverse / absent prompts) greedily. Prints one row per point:
+step, epoch, seconds of training so far, and accuracy per tag; the baseline is step 0 (the base
+model). With --png the curve is drawn. This is how the demo's epochs and learning rate were chosen
+(docs/evaluation.md, "Learning facts fast"): training stops paying where the paraphrase curve flattens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+TAGS = ("recipe", "recall", "paraphrase", "reverse", "absent", "presenter", "recorder", "topic")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("recipe")
+    parser.add_argument("overrides", nargs="*")
+    parser.add_argument("--every", type=int, default=30, help="optimizer steps between evaluations")
+    parser.add_argument("--store", default="/tmp/labtune-facts-curve", help="store for the cached stages")
+    parser.add_argument("--png", default=None, help="draw the curve into this PNG")
+    parser.add_argument("--answers", default=None, help="write the last evaluation's answers into this JSONL file")
+    args = parser.parse_args()
+
+    import torch
+    from transformers import AutoModelForCausalLM, get_scheduler
+
+    from labtune import evaluation
+    from labtune.recipe import load_recipe
+    from labtune.stage import fetch
+    from labtune.stages import run_until
+    from labtune.stages.evaluate import collect_prompts
+    from labtune.store import open_store
+    from labtune.train_worker import collate, load_examples, param_groups, rank_batches
+
+    recipe = load_recipe(args.recipe, [*args.overrides, f"store.uri={args.store}"])
+    store = open_store(recipe.store.settings())
+    quiet = lambda message: None  # noqa: E731
+    tokens = run_until("tokenize", recipe, store, log=quiet)
+    data_uri = run_until("data", recipe, store, log=quiet).uri
+    model_dir = fetch(store, run_until("delta", recipe, store, log=quiet).uri)
+    prompts = collect_prompts(recipe, store, data_uri)
+    examples, lengths = load_examples(str(fetch(store, tokens.uri) / "train"))
+
+    train = recipe.train
+    torch.manual_seed(train.seed)
+    model, tokenizer = evaluation.load_model(model_dir)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    bs, gas = train.per_device_train_batch_size, train.gradient_accumulation_steps
+    updates_per_epoch = math.ceil(math.ceil(len(lengths) / bs) / gas)
+    total = max(1, math.ceil(train.num_train_epochs * updates_per_epoch))
+    optimizer = torch.optim.AdamW(param_groups(model, train.weight_decay), lr=train.learning_rate, fused=True)
+    scheduler = get_scheduler(train.lr_scheduler_type, optimizer, num_warmup_steps=math.ceil(train.warmup_ratio * total),
+                              num_training_steps=total)
+    tokens_per_epoch = sum(lengths)
+    print(f"{len(lengths)} examples, {tokens_per_epoch:,} tokens per epoch, {total} optimizer steps, "
+          f"{len(prompts)} prompts", flush=True)
+
+    curve: list[dict] = []
+
+    def evaluate(step: int, seconds: float) -> None:
+        model.eval()
+        started = time.perf_counter()
+        answers = evaluation.ask(model, tokenizer, [p.question for p in prompts], recipe.evaluation.max_new_tokens,
+                                 recipe.evaluation.batch_size, recipe.data.chat_template, recipe.data.system_prompt)
+        rows = [{"tags": p.tags, "ok": evaluation.score(a, p)} for p, a in zip(prompts, answers)]
+        by_tag = evaluation.accuracy(rows, "ok")["by_tag"]
+        point = {"step": step, "epoch": round(step / updates_per_epoch, 2), "train_s": round(seconds),
+                 **{t: by_tag[t]["accuracy"] for t in TAGS if t in by_tag}}
+        curve.append(point)
+        if args.answers:
+            Path(args.answers).write_text("".join(json.dumps({"tags": p.tags, "question": p.question, "answer": a,
+                                                              "ok": r["ok"]}) + "\n"
+                                                  for p, a, r in zip(prompts, answers, rows)))
+        print(" ".join(f"{k}={v}" for k, v in point.items()) + f" (eval {time.perf_counter() - started:.0f}s)", flush=True)
+        model.train()
+
+    evaluate(0, 0.0)
+    step, seconds, epoch = 0, 0.0, 0
+    losses: list[float] = []
+    while step < total:
+        batches = rank_batches(lengths, epoch, train.seed, 0, 1, bs)
+        for start in range(0, len(batches), gas):
+            if step >= total:
+                break
+            began = time.perf_counter()
+            window = [collate([examples[i] for i in b], pad_id) for b in batches[start : start + gas]]
+            label_tokens = sum(int((w["labels"][:, 1:] != -100).sum()) for w in window)
+            for batch in window:
+                loss = model(**batch, num_items_in_batch=torch.tensor(max(1, label_tokens))).loss
+                loss.backward()
+            if train.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), train.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            seconds += time.perf_counter() - began
+            losses.append(float(loss))
+            if step % 10 == 0:
+                print(f"  step {step} loss {sum(losses[-10:]) / 10:.4f}", flush=True)
+            if step % args.every == 0 or step == total:
+                evaluate(step, seconds)
+        epoch += 1
+
+    if args.png:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        figure, axes = plt.subplots(figsize=(7, 4))
+        for tag in TAGS[:5]:
+            if tag in curve[0]:
+                axes.plot([p["step"] for p in curve], [p[tag] for p in curve], marker="o", label=tag)
+        axes.set_xlabel("optimizer step")
+        axes.set_ylabel("accuracy")
+        axes.set_ylim(0, 1)
+        axes.legend()
+        figure.tight_layout()
+        figure.savefig(args.png)
+        print(f"curve: {args.png}")
+
+
+if __name__ == "__main__":
+    main()
