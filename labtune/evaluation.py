@@ -177,7 +177,8 @@ def generate(model: Any, tokenizer: Any, conversations: list[list[dict[str, str]
         attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
         with torch.no_grad():
             output = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
-                                    do_sample=False, num_beams=1, eos_token_id=stops, pad_token_id=pad_id)
+                                    do_sample=False, num_beams=1, eos_token_id=stops, pad_token_id=pad_id,
+                                    use_cache=True)  # models saved while training say use_cache: false
         for row in output[:, width:]:
             tokens = row.tolist()
             length = next((i + 1 for i, t in enumerate(tokens) if t in stops), len(tokens))

@@ -57,7 +57,7 @@ class AugmentConfig(_Strict):
     date forms, reverse questions, summaries, and dates with no meeting; held-out phrasings and date
     forms build the evaluation's `paraphrase`, `reverse` and `absent` prompts."""
 
-    # off until the demo shows it teaches more than the fixed phrasings at the same compute (issue 14)
+    # off by default: the demo turns it on (docs/evaluation.md, "Learning facts fast")
     enabled: bool = False
     questions_per_fact: int = Field(default=12, ge=1, le=70)  # training questions per meeting x field
     reverse: bool = True  # "When did X present?" -> the dates

@@ -67,6 +67,8 @@ def test_two_process_fsdp2_shards_parameters_and_saves_a_loadable_model(tiny_inp
     base = AutoModelForCausalLM.from_pretrained(fetch(store, model_uri))
     changed = [n for n, p in model.state_dict().items() if not torch.equal(p, base.state_dict()[n])]
     assert changed, "training left every weight unchanged"
+    # generation keeps its KV cache (training turns it off; a saved `use_cache: false` made answers ~5x slower)
+    assert model.config.use_cache and model.generation_config.use_cache
     ids = tokenizer("Lab meeting on 4/14/2023", return_tensors="pt")
     generated = model.generate(**ids, max_new_tokens=5, do_sample=False)
     assert generated.shape[1] == ids["input_ids"].shape[1] + 5
