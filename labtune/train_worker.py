@@ -361,7 +361,8 @@ def setup(cfg: WorkerConfig) -> Run:
     else:
         shard_model(model, mesh, train)
     sharding = sharding_report(model, world)
-    log(f"fsdp2: {sharding['full_numel']:,} parameters, local shard per rank {sharding['local_numel_per_rank']}")
+    if sharding["dtensor_params"]:
+        log(f"fsdp2: {sharding['full_numel']:,} parameters, local shard per rank {sharding['local_numel_per_rank']}")
 
     bs, gas = train.per_device_train_batch_size, train.gradient_accumulation_steps
     micro_per_epoch = math.ceil(len(examples) / (world * bs))
