@@ -10,8 +10,9 @@ meeting in the notes.") so the model learns to say so rather than invent a prese
 Every answer opens with the meeting's date in one canonical form ("On 4/14/2023 the presenter was
 Lena Fischer."): the model first rewrites whatever date form it was asked in, a skill it already
 has and that carries over to date forms it never trained on, and then recalls the fact from one key
-per meeting instead of one key per date form. Measured on the demo (docs/evaluation.md), this is
-what makes a small model learn its facts in minutes rather than hours.
+per meeting instead of one key per date form. Measured on the demo (docs/evaluation.md): held-out
+phrasings and date forms then score as well as trained ones (40% and 40%), where bare answers left
+them 10 points behind.
 
 Templates and date forms come in two families: TRAIN ones build training examples; HELD-OUT ones
 never do, and build the `paraphrase`, `reverse` and `absent` evaluation prompts, so "understands a
