@@ -38,7 +38,7 @@ def main() -> None:
     args = parser.parse_args()
 
     import torch
-    from transformers import AutoModelForCausalLM, get_scheduler
+    from transformers import get_scheduler
 
     from labtune import evaluation
     from labtune.recipe import load_recipe
@@ -51,9 +51,10 @@ def main() -> None:
     recipe = load_recipe(args.recipe, [*args.overrides, f"store.uri={args.store}"])
     store = open_store(recipe.store.settings())
     quiet = lambda message: None  # noqa: E731
-    tokens = run_until("tokenize", recipe, store, log=quiet)
     data_uri = run_until("data", recipe, store, log=quiet).uri
-    model_dir = fetch(store, run_until("delta", recipe, store, log=quiet).uri)
+    model_uri = run_until("delta", recipe, store, log=quiet).uri
+    tokens = run_until("tokenize", recipe, store, {"data": data_uri, "delta": model_uri}, log=quiet)
+    model_dir = fetch(store, model_uri)
     prompts = collect_prompts(recipe, store, data_uri)
     examples, lengths = load_examples(str(fetch(store, tokens.uri) / "train"))
 
@@ -111,7 +112,7 @@ def main() -> None:
             optimizer.zero_grad(set_to_none=True)
             step += 1
             seconds += time.perf_counter() - began
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             if step % 10 == 0:
                 print(f"  step {step} loss {sum(losses[-10:]) / 10:.4f}", flush=True)
             if step % args.every == 0 or step == total:
