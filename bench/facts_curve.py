@@ -60,7 +60,7 @@ def main() -> None:
 
     train = recipe.train
     torch.manual_seed(train.seed)
-    model, tokenizer = evaluation.load_model(model_dir)
+    model, tokenizer = evaluation.load_model(model_dir)  # fp32 master weights; bf16 is autocast below
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     bs, gas = train.per_device_train_batch_size, train.gradient_accumulation_steps
     updates_per_epoch = math.ceil(math.ceil(len(lengths) / bs) / gas)
@@ -103,7 +103,8 @@ def main() -> None:
             window = [collate([examples[i] for i in b], pad_id) for b in batches[start : start + gas]]
             label_tokens = sum(int((w["labels"][:, 1:] != -100).sum()) for w in window)
             for batch in window:
-                loss = model(**batch, num_items_in_batch=torch.tensor(max(1, label_tokens))).loss
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=train.bf16):
+                    loss = model(**batch, num_items_in_batch=torch.tensor(max(1, label_tokens))).loss
                 loss.backward()
             if train.max_grad_norm:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), train.max_grad_norm)

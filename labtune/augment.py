@@ -49,7 +49,12 @@ TRAIN_DATE_FORMS = {
     "day_month": lambda d: f"{d.day} {_month(d)} {d.year}",
     "ordinal": lambda d: f"{_month(d)} {_ordinal(d.day)} {d.year}",
     "short_month": lambda d: f"{_month(d)[:3]} {d.day}, {d.year}",
+    "short_year": lambda d: f"{d.month}/{d.day}/{d.year % 100:02d}",
+    "dotted": lambda d: f"{d.day}.{d.month}.{d.year}",
+    "weekday_short": lambda d: f"{d.strftime('%a')} {d.month}/{d.day}/{d.year}",
 }
+# "the May 12 meeting": without the year, only where no two meetings share a month and day
+YEARLESS_FORM = lambda d: f"{_month(d)} {d.day}"  # noqa: E731
 HELDOUT_DATE_FORMS = {
     "weekday": lambda d: f"{d.strftime('%A')}, {_month(d)} {d.day}, {d.year}",
     "slashes_iso": lambda d: f"{d.year}/{d.month:02d}/{d.day:02d}",
@@ -62,15 +67,22 @@ TRAIN_TEMPLATES = {
                   "Who is the Presenter on {d} lab meeting?", "Who was the presenter at the {d} lab meeting?",
                   "Who presented on {d}?", "Who gave the presentation at the lab meeting on {d}?",
                   "Lab meeting {d}: who presented?", "Name the presenter of the {d} lab meeting.",
-                  "who presented at the {d} meeting?", "Who was presenting at the lab meeting of {d}?"],
+                  "who presented at the {d} meeting?", "Who was presenting at the lab meeting of {d}?",
+                  "Who was the speaker at the lab meeting on {d}?", "Who gave the talk on {d}?",
+                  "Who led the lab meeting on {d}?", "Whose talk was it at the {d} meeting?",
+                  "Who spoke at the group meeting on {d}?", "Tell me who presented at the {d} group meeting."],
     "recorder": ["Who recorded the notes of the {d} lab meeting?", "Who recorded the notes of the {d} meeting?",
                  "Who took notes at the lab meeting on {d}?", "Who was the Recorder on {d}?",
                  "Who was the recorder at the {d} lab meeting?", "Lab meeting {d}: who took the notes?",
-                 "Who wrote the notes for the lab meeting on {d}?", "who was the note taker on {d}?"],
+                 "Who wrote the notes for the lab meeting on {d}?", "who was the note taker on {d}?",
+                 "Who kept the minutes of the {d} lab meeting?", "Who took the minutes on {d}?",
+                 "Who was the note-taker at the group meeting on {d}?", "Who was the scribe for the {d} meeting?"],
     "topic": ["What was the topic of the lab meeting on {d}?", "What was discussed at the {d} lab meeting?",
               "What was the Topic on {d}?", "What was the lab meeting on {d} about?",
               "Lab meeting {d}: what was the topic?", "What topic was presented on {d}?",
-              "what was the {d} lab meeting about?", "Topic of the lab meeting on {d}?"],
+              "what was the {d} lab meeting about?", "Topic of the lab meeting on {d}?",
+              "What subject was covered at the lab meeting on {d}?", "What was the {d} group meeting about?",
+              "What did the lab discuss on {d}?", "What was the theme of the {d} meeting?"],
 }
 HELDOUT_TEMPLATES = {
     "presenter": ["Which lab member gave the talk at the meeting held on {d}?",
@@ -131,13 +143,38 @@ def _facts(notes: list[Note]):
             yield date, field, [m.fields[field] for m in meetings if m.fields.get(field)]
 
 
-def absent_dates(notes: list[Note], count: int, seed: int, avoid: set[dt.date] = frozenset()) -> list[dt.date]:
-    """Dates near the meetings (a week or a few days off) on which the notes record no meeting."""
+EVAL_ABSENT_OFFSETS = (-7, -3, 3, 7, 14)  # days off a meeting: the same weekday a week off, and a few days off
+TRAIN_ABSENT_SPAN = 14  # training's no-meeting dates: any day within two weeks of a meeting
+
+
+def absent_dates(notes: list[Note], count: int, seed: int, avoid: set[dt.date] = frozenset(),
+                 offsets: tuple[int, ...] = EVAL_ABSENT_OFFSETS) -> list[dt.date]:
+    """Dates `offsets` days off a meeting on which the notes record no meeting, none in `avoid`."""
     meetings = {n.date for n in notes}
-    candidates = sorted({d + dt.timedelta(days=off) for d in meetings for off in (-7, -3, 3, 7, 14)}
-                        - meetings - set(avoid))
+    candidates = sorted({d + dt.timedelta(days=off) for d in meetings for off in offsets} - meetings - set(avoid))
     rng = random.Random(seed)
     return sorted(rng.sample(candidates, min(count, len(candidates))))
+
+
+def eval_absent_dates(notes: list[Note], cfg: Any, seed: int) -> list[dt.date]:
+    """The evaluation's no-meeting dates, chosen first so that training never shows one."""
+    return absent_dates(notes, cfg.eval_absent_dates, seed + 2)
+
+
+def training_absent_dates(notes: list[Note], cfg: Any, seed: int) -> list[dt.date]:
+    """`absent_ratio` no-meeting dates per meeting date, any day within two weeks of a meeting
+    (the day before, the same weekday a week later) except the evaluation's."""
+    span = tuple(off for off in range(-TRAIN_ABSENT_SPAN, TRAIN_ABSENT_SPAN + 1) if off)
+    return absent_dates(notes, round(cfg.absent_ratio * len({n.date for n in notes})), seed,
+                        avoid=set(eval_absent_dates(notes, cfg, seed)), offsets=span)
+
+
+def train_date_forms(notes: list[Note]) -> list[Any]:
+    """The TRAIN date forms, and the yearless one ("May 12") when no two meeting dates share a
+    month and day."""
+    dates = {n.date for n in notes}
+    unique = len({(d.month, d.day) for d in dates}) == len(dates)
+    return list(TRAIN_DATE_FORMS.values()) + ([YEARLESS_FORM] if unique else [])
 
 
 def _conv(conv_id: str, question: str, reply: str, fact: dict[str, Any]) -> dict[str, Any]:
@@ -150,7 +187,7 @@ def training_conversations(notes: list[Note], cfg: Any, seed: int) -> list[dict[
     carries `fact` ({kind, field, date, value}) for the data report's per-fact counts."""
     rng = random.Random(seed)
     records: list[dict[str, Any]] = []
-    forms = list(TRAIN_DATE_FORMS.values())
+    forms = train_date_forms(notes)
     for date, field, values in _facts(notes):
         iso = date.isoformat()
         reply = answer(date, field, values)
@@ -175,12 +212,14 @@ def training_conversations(notes: list[Note], cfg: Any, seed: int) -> list[dict[
                 records.append(_conv(f"labnote_reverse_{_slug(who)}_{i}", template.format(who=who), reply,
                                      {"kind": "reverse", "field": "presenter", "date": "", "value": who}))
     for date in training_absent_dates(notes, cfg, seed):
-        for field in FIELDS:
-            for i in range(cfg.absent_questions):
-                template, form = rng.choice(TRAIN_TEMPLATES[field]), rng.choice(forms)
-                records.append(_conv(f"absent_{date.isoformat()}_{field}_{i}", template.format(d=form(date)),
-                                     absent_answer(date), {"kind": "absent", "field": field, "date": date.isoformat(),
-                                                           "value": ""}))
+        # whether a meeting took place does not depend on the field asked: the fields take turns
+        for i in range(cfg.absent_questions):
+            field = FIELDS[(i + date.toordinal()) % len(FIELDS)]
+            # always with the year: "May 12" of a no-meeting year could be a meeting's date
+            template, form = rng.choice(TRAIN_TEMPLATES[field]), rng.choice(list(TRAIN_DATE_FORMS.values()))
+            records.append(_conv(f"absent_{date.isoformat()}_{field}_{i}", template.format(d=form(date)),
+                                 absent_answer(date), {"kind": "absent", "field": field, "date": date.isoformat(),
+                                                       "value": ""}))
     return records
 
 
@@ -200,10 +239,6 @@ def pack_turns(records: list[dict[str, Any]], per_conversation: int, seed: int) 
                        "conversations": [turn for r in group for turn in r["conversations"]],
                        "facts": [r["fact"] for r in group]})
     return packed
-
-
-def training_absent_dates(notes: list[Note], cfg: Any, seed: int) -> list[dt.date]:
-    return absent_dates(notes, round(cfg.absent_ratio * len({n.date for n in notes})), seed)
 
 
 def _presented(notes: list[Note]) -> dict[str, list[dt.date]]:
@@ -248,8 +283,7 @@ def eval_prompts(notes: list[Note], cfg: Any, seed: int, training: list[dict[str
         for who, dates in _presented(notes).items():
             prompts.append({"id": f"reverse_{_slug(who)}", "question": rng.choice(HELDOUT_REVERSE).format(who=who),
                             "expected_all": [date_text(d) for d in dates], "tags": ["reverse", "presenter"]})
-    avoid = set(training_absent_dates(notes, cfg, seed))
-    for date in absent_dates(notes, cfg.eval_absent_dates, seed + 2, avoid=avoid):
+    for date in eval_absent_dates(notes, cfg, seed):
         field = rng.choice(FIELDS)
         question = rng.choice(HELDOUT_TEMPLATES[field]).format(d=rng.choice(held_forms)(date))
         prompts.append({"id": f"absent_{date.isoformat()}", "question": question, "expected": ["no lab meeting"],

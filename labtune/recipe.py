@@ -63,7 +63,7 @@ class AugmentConfig(_Strict):
     reverse: bool = True  # "When did X present?" -> the dates
     summaries: bool = True  # "What happened at the lab meeting on D?" -> presenter, recorder, topic
     absent_ratio: float = Field(default=0.5, ge=0.0, le=5.0)  # dates with no meeting, per meeting date
-    absent_questions: int = Field(default=1, ge=1, le=20)  # training questions per such date and field
+    absent_questions: int = Field(default=3, ge=1, le=20)  # training questions per such date, the fields in turn
     eval_absent_dates: int = Field(default=6, ge=0, le=200)  # held-out no-meeting dates asked in evaluation
     # training questions per conversation (unrelated facts as turns of one chat): the chat template's
     # tokens are paid once for several facts

@@ -37,6 +37,12 @@ from labtune.recipe import TrainConfig
 from labtune.worker_config import WORKER_ERROR, WorkerConfig
 
 
+def native_bf16() -> bool:
+    """Whether this machine computes bf16 in hardware: any CUDA device, or a CPU with AVX512-BF16 or
+    AMX (oneDNN's check; torch's cpu capability reports such a CPU as plain AVX512)."""
+    return torch.cuda.is_available() or bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 def log(message: str) -> None:
     if int(os.environ.get("RANK", "0")) == 0:
         print(message, flush=True)
@@ -297,6 +303,7 @@ class Run:
     scheduler: Any
     updates_per_epoch: int
     total_updates: int
+    autocast: bool = False  # bf16 autocast around the forward (one CPU process asked for bf16)
     history: list[dict[str, Any]] = field(default_factory=list)
     step: int = 0
     useful_tokens: int = 0  # this run's non-pad tokens
@@ -334,9 +341,11 @@ def setup(cfg: WorkerConfig) -> Run:
         raise SystemExit(f"{cfg.train_dir}: no training examples")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     log(f"world_size={world} backend={backend} device={device.type} examples={len(lengths)}")
-    if train.bf16 and device.type == "cpu" and torch.backends.cpu.get_cpu_capability() not in ("AVX512", "AVX512_BF16", "AMX"):
-        log(f"warning: bf16 on a CPU without native bf16 ({torch.backends.cpu.get_cpu_capability()}) is far slower "
-            "than fp32; set train.bf16=false on this machine")
+    if train.bf16 and device.type == "cpu" and not native_bf16():
+        # emulated bf16 is several times slower than fp32: the recipe asked for speed, not for bf16 numerics
+        log(f"this CPU has no native bf16 ({torch.backends.cpu.get_cpu_capability()}, no AVX512-BF16 or AMX): "
+            "training in fp32 instead")
+        train = train.model_copy(update={"bf16": False})
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
     save_dtype = model.config.dtype if isinstance(model.config.dtype, torch.dtype) else torch.float32
     model.config.use_cache = False
@@ -354,10 +363,12 @@ def setup(cfg: WorkerConfig) -> Run:
     model.to(device)
     if train.torch_compile:
         compile_layers(model, train)
-    if world == 1 and not train.bf16:
-        # one fp32 process: FSDP2 would copy every parameter in and out of its flat buffers around
-        # each layer for nothing (32 demo steps: 67 s sharded, 46 s not); its bf16 policy is why it stays
-        log("one process in fp32: the model is not sharded")
+    autocast = world == 1 and device.type == "cpu" and train.bf16
+    if world == 1 and (device.type == "cpu" or not train.bf16):
+        # one process: FSDP2 would copy every parameter in and out of its flat buffers around each
+        # layer for nothing (32 demo steps: 67 s sharded, 46 s not); bf16 on one CPU is autocast
+        # (fp32 weights and optimizer, bf16 matmuls: 2x faster with AVX512-BF16)
+        log(f"one process in {'bf16 autocast' if autocast else 'fp32'}: the model is not sharded")
     else:
         shard_model(model, mesh, train)
     sharding = sharding_report(model, world)
@@ -376,7 +387,7 @@ def setup(cfg: WorkerConfig) -> Run:
     log(f"training: {total_updates} optimizer steps ({updates_per_epoch} per epoch), "
         f"micro-batch {bs} x accumulation {gas} x world {world}")
     return Run(cfg, rank, world, local_rank, device, tokenizer, examples, lengths, pad_id, model, base_config, save_dtype,
-               lora_config, sharding, optimizer, scheduler, updates_per_epoch, total_updates)
+               lora_config, sharding, optimizer, scheduler, updates_per_epoch, total_updates, autocast)
 
 
 def train_step(run: Run, window: list[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor, int, int]:
@@ -394,7 +405,8 @@ def train_step(run: Run, window: list[dict[str, torch.Tensor]]) -> tuple[torch.T
     useful = computed = 0
     for cpu_batch in window:
         batch = {k: v.to(device, non_blocking=True) for k, v in cpu_batch.items()}
-        loss = run.model(**batch, num_items_in_batch=label_tokens.clamp(min=1)).loss
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=run.autocast):
+            loss = run.model(**batch, num_items_in_batch=label_tokens.clamp(min=1)).loss
         (loss * world).backward()
         loss_sum += loss.detach()
         useful += int(cpu_batch["attention_mask"].sum())

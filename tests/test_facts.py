@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import re
 import shutil
 
 import pytest
@@ -61,6 +62,37 @@ def test_absent_dates_never_fall_on_a_meeting_and_eval_ones_are_never_trained():
     asked = {dt.date.fromisoformat(p["id"].split("_", 1)[1]) for p in augment.eval_prompts(notes, cfg, 42)
              if "absent" in p["tags"]}
     assert trained and asked and not (trained | asked) & meetings and not trained & asked
+
+
+def test_each_no_meeting_date_is_asked_about_every_field_in_turn_within_two_weeks_of_a_meeting():
+    cfg = load_recipe(TINY_RECIPE, ["data.augment.absent_ratio=3", "data.augment.absent_questions=3"]).data.augment
+    notes = sample_notes()
+    meetings = {n.date for n in notes}
+    dates = augment.training_absent_dates(notes, cfg, 42)
+    assert len(dates) == 3 * len(meetings)
+    assert all(min(abs((d - m).days) for m in meetings) <= augment.TRAIN_ABSENT_SPAN for d in dates)
+    asked: dict[str, set[str]] = {}
+    for record in augment.training_conversations(notes, cfg, 42):
+        if record["fact"]["kind"] == "absent":
+            asked.setdefault(record["fact"]["date"], set()).add(record["fact"]["field"])
+            assert "no lab meeting" in record["conversations"][1]["value"]
+    assert set(asked) == {d.isoformat() for d in dates}
+    assert all(fields == set(augment.FIELDS) for fields in asked.values())
+
+
+def test_the_yearless_date_form_is_trained_only_when_no_two_meetings_share_a_month_and_day(tmp_path):
+    notes = sample_notes()
+    forms = augment.train_date_forms(notes)
+    assert augment.YEARLESS_FORM in forms and len(forms) == len(augment.TRAIN_DATE_FORMS) + 1
+    folder = tmp_path / "notes"
+    shutil.copytree(NOTES, folder)
+    (folder / "next-year.md").write_text("# Lab meeting 4/14/2024\n\n- Presenter: Maya Okafor\n")
+    both_years = [read_note(p) for p in note_files(folder)]
+    assert augment.YEARLESS_FORM not in augment.train_date_forms(both_years)
+    cfg = load_recipe(TINY_RECIPE, ["data.augment.questions_per_fact=70"]).data.augment
+    questions = [r["conversations"][0]["value"] for r in augment.training_conversations(both_years, cfg, 42)]
+    assert any("April 14th 2024" in q for q in questions)
+    assert not any(re.search(r"April 14(?![,t])", q) for q in questions)  # never "April 14" without its year
 
 
 def test_no_held_out_template_or_date_form_reaches_a_training_example(tmp_path):

@@ -77,7 +77,7 @@ def evaluate_key(recipe: Recipe, base_uri: str, model_uri: str, data_uri: str | 
     """The evaluate stage's key, inputs and parameters (prompt files by their sha256)."""
     cfg = recipe.evaluation
     parameters = {**cfg.model_dump(mode="json"), "chat_template": recipe.data.chat_template,
-                  "system_prompt": recipe.data.system_prompt}
+                  "system_prompt": recipe.data.system_prompt, "bf16": recipe.train.bf16}
     files = {p: source_sha256(p) for p in cfg.prompt_files + ([cfg.retention_questions] if cfg.retention_questions else [])
              if Path(p).is_file()}
     code = code_version(__file__, Path(labtune.__file__).parent / "chat.py", evaluation.__file__,
@@ -116,7 +116,7 @@ def build_evaluate(recipe: Recipe, store: Store, base_uri: str, model_uri: str, 
         losses: dict[str, Any] = {}
         drift: dict[str, Any] = {}
         for name, uri in (("base", base_uri), ("tuned", model_uri)):
-            model, tokenizer = evaluation.load_model(fetch(store, uri, log))
+            model, tokenizer = evaluation.load_model(fetch(store, uri, log), bf16=recipe.train.bf16)
             log(f"evaluate: {len(prompts)} prompts{' (and again with the notes retrieved)' if with_notes else ''} and "
                 f"{len(general)} general questions to the {name} model {uri}")
             answers[name] = evaluation.ask(model, tokenizer, questions, cfg.max_new_tokens, cfg.batch_size, template,
