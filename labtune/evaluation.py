@@ -153,7 +153,7 @@ def load_model(model_dir: Path, bf16: bool = False) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    from labtune.train_worker import native_bf16
+    from labtune.precision import native_bf16
 
     hf_logging.disable_progress_bar()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)

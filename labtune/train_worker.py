@@ -33,14 +33,9 @@ import torch
 import torch.distributed as dist
 
 from labtune.chat import IGNORE_INDEX
+from labtune.precision import native_bf16
 from labtune.recipe import TrainConfig
 from labtune.worker_config import WORKER_ERROR, WorkerConfig
-
-
-def native_bf16() -> bool:
-    """Whether this machine computes bf16 in hardware: any CUDA device, or a CPU with AVX512-BF16 or
-    AMX (oneDNN's check; torch's cpu capability reports such a CPU as plain AVX512)."""
-    return torch.cuda.is_available() or bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def log(message: str) -> None:
