@@ -17,12 +17,15 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from labtune.worker_config import MALLOC_SETTINGS  # noqa: E402
 
 TAGS = ("recipe", "recall", "paraphrase", "reverse", "absent", "presenter", "recorder", "topic")
 
@@ -36,6 +39,8 @@ def main() -> None:
     parser.add_argument("--png", default=None, help="draw the curve into this PNG")
     parser.add_argument("--answers", default=None, help="write the last evaluation's answers into this JSONL file")
     args = parser.parse_args()
+    if any(name not in os.environ for name in MALLOC_SETTINGS):  # malloc reads them at start: the train stage's settings
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**MALLOC_SETTINGS, **os.environ})
 
     import torch
     from transformers import get_scheduler
@@ -46,7 +51,8 @@ def main() -> None:
     from labtune.stages import run_until
     from labtune.stages.evaluate import collect_prompts
     from labtune.store import open_store
-    from labtune.train_worker import collate, load_examples, param_groups, rank_batches
+    from labtune.loss import AnswerLoss
+    from labtune.train_worker import attention_implementation, collate, load_examples, param_groups, rank_batches
 
     recipe = load_recipe(args.recipe, [*args.overrides, f"store.uri={args.store}"])
     store = open_store(recipe.store.settings())
@@ -60,7 +66,9 @@ def main() -> None:
 
     train = recipe.train
     torch.manual_seed(train.seed)
-    model, tokenizer = evaluation.load_model(model_dir)  # fp32 master weights; bf16 is autocast below
+    # fp32 master weights (bf16 is autocast below), the worker's attention and loss
+    model, tokenizer = evaluation.load_model(model_dir, attn_implementation=attention_implementation(train, torch.device("cpu")))
+    answer_loss = AnswerLoss(model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     bs, gas = train.per_device_train_batch_size, train.gradient_accumulation_steps
     updates_per_epoch = math.ceil(math.ceil(len(lengths) / bs) / gas)
@@ -104,7 +112,7 @@ def main() -> None:
             label_tokens = sum(int((w["labels"][:, 1:] != -100).sum()) for w in window)
             for batch in window:
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=train.bf16):
-                    loss = model(**batch, num_items_in_batch=torch.tensor(max(1, label_tokens))).loss
+                    loss = answer_loss(model, batch, max(1, label_tokens))
                 loss.backward()
             if train.max_grad_norm:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), train.max_grad_norm)

@@ -145,7 +145,7 @@ def accuracy(rows: list[dict[str, Any]], key: str) -> dict[str, Any]:
     return {"overall": tally(rows), "by_tag": {t: tally([r for r in rows if t in r.get("tags", [])]) for t in tags}}
 
 
-def load_model(model_dir: Path, bf16: bool = False) -> tuple[Any, Any]:
+def load_model(model_dir: Path, bf16: bool = False, attn_implementation: str | None = None) -> tuple[Any, Any]:
     """The model and tokenizer, in fp32, or in bf16 when asked and the CPU computes bf16 natively
     (AVX512-BF16/AMX): the demo's 105 prompts then take 5 s instead of 13, with notes 14 s
     instead of 38, and the same answers but one in 210."""
@@ -158,7 +158,7 @@ def load_model(model_dir: Path, bf16: bool = False) -> tuple[Any, Any]:
     hf_logging.disable_progress_bar()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     dtype = torch.bfloat16 if bf16 and native_bf16() else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation=attn_implementation)
     model.eval()
     return model, tokenizer
 

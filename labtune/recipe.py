@@ -127,6 +127,8 @@ class TrainConfig(_Strict):
     lora_dropout: float = Field(default=0.05, ge=0, lt=1)
     lora_target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"], min_length=1)
     torch_compile: bool = False
+    # transformers' attn_implementation; auto: sdpa on a GPU, eager on a CPU (docs/training.md)
+    attn_implementation: Literal["auto", "eager", "sdpa", "flash_attention_2"] = "auto"
 
     @field_validator("fsdp")
     @classmethod

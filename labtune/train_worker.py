@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 
 from labtune.chat import IGNORE_INDEX
+from labtune.loss import AnswerLoss
 from labtune.precision import native_bf16
 from labtune.recipe import TrainConfig
 from labtune.worker_config import WORKER_ERROR, WorkerConfig
@@ -95,6 +96,16 @@ def layer_classes(model: torch.nn.Module, names: str | None) -> tuple[type, ...]
     if not classes:
         raise SystemExit(f"fsdp_transformer_layer_cls_to_wrap: no module of class {sorted(wanted)} in {type(model).__name__}")
     return tuple(classes)
+
+
+def attention_implementation(train: TrainConfig, device: torch.device) -> str:
+    """`auto`: PyTorch's SDPA on a GPU; on a CPU the plain matmul-softmax ("eager"), which gives
+    the same losses (fp32, 1e-6) and is faster there: SDPA's CPU kernel allocates and zeroes
+    buffers for every call (a demo step, 4 x 55 tokens: 0.52 s against 0.57 s; 2 x 512: 1.7 s
+    against 2.1 s)."""
+    if train.attn_implementation != "auto":
+        return train.attn_implementation
+    return "sdpa" if device.type == "cuda" else "eager"
 
 
 def shard_model(model: torch.nn.Module, mesh: Any, train: TrainConfig) -> None:
@@ -299,6 +310,7 @@ class Run:
     updates_per_epoch: int
     total_updates: int
     autocast: bool = False  # bf16 autocast around the forward (one CPU process asked for bf16)
+    loss: AnswerLoss | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
     step: int = 0
     useful_tokens: int = 0  # this run's non-pad tokens
@@ -341,7 +353,8 @@ def setup(cfg: WorkerConfig) -> Run:
         log(f"this CPU has no native bf16 ({torch.backends.cpu.get_cpu_capability()}, no AVX512-BF16 or AMX): "
             "training in fp32 instead")
         train = train.model_copy(update={"bf16": False})
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
+    attention = attention_implementation(train, device)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation=attention)
     save_dtype = model.config.dtype if isinstance(model.config.dtype, torch.dtype) else torch.float32
     model.config.use_cache = False
     base_config = model.config
@@ -380,9 +393,9 @@ def setup(cfg: WorkerConfig) -> Run:
                               num_warmup_steps=math.ceil(train.warmup_ratio * total_updates),
                               num_training_steps=total_updates)
     log(f"training: {total_updates} optimizer steps ({updates_per_epoch} per epoch), "
-        f"micro-batch {bs} x accumulation {gas} x world {world}")
+        f"micro-batch {bs} x accumulation {gas} x world {world}, {attention} attention, logits on label tokens only")
     return Run(cfg, rank, world, local_rank, device, tokenizer, examples, lengths, pad_id, model, base_config, save_dtype,
-               lora_config, sharding, optimizer, scheduler, updates_per_epoch, total_updates, autocast)
+               lora_config, sharding, optimizer, scheduler, updates_per_epoch, total_updates, autocast, AnswerLoss(model))
 
 
 def train_step(run: Run, window: list[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor, int, int]:
@@ -401,7 +414,7 @@ def train_step(run: Run, window: list[dict[str, torch.Tensor]]) -> tuple[torch.T
     for cpu_batch in window:
         batch = {k: v.to(device, non_blocking=True) for k, v in cpu_batch.items()}
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=run.autocast):
-            loss = run.model(**batch, num_items_in_batch=label_tokens.clamp(min=1)).loss
+            loss = run.loss(run.model, batch, label_tokens.clamp(min=1))
         (loss * world).backward()
         loss_sum += loss.detach()
         useful += int(cpu_batch["attention_mask"].sum())

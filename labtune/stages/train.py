@@ -25,7 +25,7 @@ from labtune.recipe import ParallelConfig, Recipe
 from labtune.stage import (CommittedElsewhere, Log, StageResult, checkpoint_prefix, code_version, default_log, fetch,
                            run_stage, stage_key)
 from labtune.store import Store
-from labtune.worker_config import WORKER_ERROR, WorkerConfig
+from labtune.worker_config import MALLOC_SETTINGS, WORKER_ERROR, WorkerConfig
 
 
 class TrainError(LabtuneError):
@@ -105,6 +105,8 @@ def train_env(nproc: int) -> dict[str, str]:
     env.setdefault("OMP_NUM_THREADS", str(threads))
     env["PYTHONUNBUFFERED"] = "1"
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    for name, value in MALLOC_SETTINGS.items():
+        env.setdefault(name, value)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH")]))
     return env
 
@@ -140,7 +142,8 @@ def train_key(recipe: Recipe, model_uri: str, tokens_uri: str) -> tuple[str, dic
     placement = {"node_rank", "rdzv_endpoint", "rdzv_timeout"}
     parameters = {"train": recipe.train.model_dump(mode="json"),
                   "parallel": recipe.parallel.model_dump(mode="json", exclude=placement)}
-    code = code_version(__file__, Path(__file__).parents[1] / "train_worker.py", worker_config.__file__)
+    package = Path(__file__).parents[1]
+    code = code_version(__file__, package / "train_worker.py", package / "loss.py", worker_config.__file__)
     return stage_key("train", code, {"model": model_uri, "tokens": tokens_uri}, parameters), parameters
 
 
