@@ -43,7 +43,6 @@ def main() -> None:
         os.execve(sys.executable, [sys.executable, *sys.argv], {**MALLOC_SETTINGS, **os.environ})
 
     import torch
-    from transformers import get_scheduler
 
     from labtune import evaluation
     from labtune.recipe import load_recipe
@@ -52,7 +51,8 @@ def main() -> None:
     from labtune.stages.evaluate import collect_prompts
     from labtune.store import open_store
     from labtune.loss import AnswerLoss
-    from labtune.train_worker import attention_implementation, collate, load_examples, param_groups, rank_batches
+    from labtune.train_worker import (attention_implementation, collate, load_examples, make_scheduler, param_groups,
+                                      rank_batches)
 
     recipe = load_recipe(args.recipe, [*args.overrides, f"store.uri={args.store}"])
     store = open_store(recipe.store.settings())
@@ -74,8 +74,7 @@ def main() -> None:
     updates_per_epoch = math.ceil(math.ceil(len(lengths) / bs) / gas)
     total = max(1, math.ceil(train.num_train_epochs * updates_per_epoch))
     optimizer = torch.optim.AdamW(param_groups(model, train.weight_decay), lr=train.learning_rate, fused=True)
-    scheduler = get_scheduler(train.lr_scheduler_type, optimizer, num_warmup_steps=math.ceil(train.warmup_ratio * total),
-                              num_training_steps=total)
+    scheduler = make_scheduler(optimizer, train, total)
     tokens_per_epoch = sum(lengths)
     print(f"{len(lengths)} examples, {tokens_per_epoch:,} tokens per epoch, {total} optimizer steps, "
           f"{len(prompts)} prompts", flush=True)

@@ -98,6 +98,13 @@ class DataConfig(_Strict):
         return self
 
 
+SCHEDULER_KWARGS = {
+    "linear": set(), "constant": set(), "constant_with_warmup": set(), "cosine": {"num_cycles"},
+    "warmup_stable_decay": {"num_decay_steps", "num_stable_steps", "warmup_type", "decay_type", "min_lr_ratio"},
+}
+WSD_DECAY_FRACTION = 0.2
+
+
 class TrainConfig(_Strict):
     """Names as in FastChat's train.py / transformers.TrainingArguments."""
 
@@ -107,7 +114,10 @@ class TrainConfig(_Strict):
     learning_rate: float = Field(default=2e-5, gt=0)
     weight_decay: float = Field(default=0.0, ge=0)
     warmup_ratio: float = Field(default=0.03, ge=0, le=1)
-    lr_scheduler_type: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "cosine"
+    lr_scheduler_type: Literal["linear", "cosine", "constant", "constant_with_warmup", "warmup_stable_decay"] = "cosine"
+    # transformers' scheduler arguments; warmup_stable_decay decays over the last 20% of the steps
+    # unless num_decay_steps is given (docs/training.md)
+    lr_scheduler_kwargs: dict[str, Any] = Field(default_factory=dict)
     bf16: bool = False
     tf32: bool = False
     gradient_checkpointing: bool = False
@@ -129,6 +139,15 @@ class TrainConfig(_Strict):
     torch_compile: bool = False
     # transformers' attn_implementation; auto: sdpa on a GPU, eager on a CPU (docs/training.md)
     attn_implementation: Literal["auto", "eager", "sdpa", "flash_attention_2"] = "auto"
+
+    @model_validator(mode="after")
+    def _scheduler_kwargs_known(self) -> "TrainConfig":
+        allowed = SCHEDULER_KWARGS[self.lr_scheduler_type]
+        unknown = sorted(set(self.lr_scheduler_kwargs) - allowed)
+        if unknown:
+            raise ValueError(f"lr_scheduler_kwargs: {unknown} do not apply to lr_scheduler_type "
+                             f"{self.lr_scheduler_type!r} (allowed: {sorted(allowed) or 'none'})")
+        return self
 
     @field_validator("fsdp")
     @classmethod
@@ -363,7 +382,7 @@ def recipe_from_dict(raw: dict[str, Any], origin: str = "recipe") -> Recipe:
             message = "unknown key"
         elif first["type"] == "missing":
             message = "required key is missing"
-        elif first["type"] == "value_error" and not first["loc"]:  # a rule across keys: its message names them
+        elif first["type"] == "value_error" and isinstance(first.get("input"), dict):  # a rule across keys names them
             message = first["msg"].removeprefix("Value error, ")
         else:
             message = f"{first['msg']} (got {first.get('input')!r})"

@@ -35,7 +35,7 @@ import torch.distributed as dist
 from labtune.chat import IGNORE_INDEX
 from labtune.loss import AnswerLoss
 from labtune.precision import native_bf16
-from labtune.recipe import TrainConfig
+from labtune.recipe import WSD_DECAY_FRACTION, TrainConfig
 from labtune.worker_config import WORKER_ERROR, WorkerConfig
 
 
@@ -133,6 +133,18 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, train: TrainConfig, total_updates: int) -> Any:
+    """transformers' schedule by its name; warmup_stable_decay decays over the last
+    WSD_DECAY_FRACTION of the steps unless lr_scheduler_kwargs names num_decay_steps."""
+    from transformers import get_scheduler
+
+    kwargs = dict(train.lr_scheduler_kwargs)
+    if train.lr_scheduler_type == "warmup_stable_decay":
+        kwargs.setdefault("num_decay_steps", max(1, math.ceil(WSD_DECAY_FRACTION * total_updates)))
+    return get_scheduler(train.lr_scheduler_type, optimizer, num_warmup_steps=math.ceil(train.warmup_ratio * total_updates),
+                         num_training_steps=total_updates, scheduler_specific_kwargs=kwargs)
 
 
 class CheckpointRunner:
@@ -321,7 +333,7 @@ def setup(cfg: WorkerConfig) -> Run:
     """Process group and device, the examples, the model (LoRA, checkpointing, compile), FSDP2
     sharding, the optimizer and the schedule."""
     from torch.distributed.device_mesh import init_device_mesh
-    from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
@@ -389,9 +401,7 @@ def setup(cfg: WorkerConfig) -> Run:
     total_updates = max(1, math.ceil(train.num_train_epochs * updates_per_epoch))
     optimizer = torch.optim.AdamW(param_groups(model, train.weight_decay), lr=train.learning_rate, betas=(0.9, 0.999),
                                   eps=1e-8, fused=True)  # one kernel for all updates: 4x faster than the per-tensor loop on CPU too
-    scheduler = get_scheduler(train.lr_scheduler_type, optimizer,
-                              num_warmup_steps=math.ceil(train.warmup_ratio * total_updates),
-                              num_training_steps=total_updates)
+    scheduler = make_scheduler(optimizer, train, total_updates)
     log(f"training: {total_updates} optimizer steps ({updates_per_epoch} per epoch), "
         f"micro-batch {bs} x accumulation {gas} x world {world}, {attention} attention, logits on label tokens only")
     return Run(cfg, rank, world, local_rank, device, tokenizer, examples, lengths, pad_id, model, base_config, save_dtype,

@@ -46,6 +46,40 @@ def test_bad_values_fail_naming_the_key(override, key):
     assert f": {key}:" in message and "\n" not in message
 
 
+def test_scheduler_arguments_must_belong_to_the_scheduler():
+    with pytest.raises(RecipeError) as err:
+        load_recipe(TINY_RECIPE, ["train.lr_scheduler_type=warmup_stable_decay", "train.lr_scheduler_kwargs.decay_steps=5"])
+    assert str(err.value) == (f"{TINY_RECIPE}: train: lr_scheduler_kwargs: ['decay_steps'] do not apply to "
+                              "lr_scheduler_type 'warmup_stable_decay' (allowed: ['decay_type', 'min_lr_ratio', "
+                              "'num_decay_steps', 'num_stable_steps', 'warmup_type'])")
+    with pytest.raises(RecipeError, match="train: lr_scheduler_kwargs: \\['num_decay_steps'\\] do not apply to lr_scheduler_type 'cosine'"):
+        load_recipe(TINY_RECIPE, ["train.lr_scheduler_kwargs.num_decay_steps=5"])
+
+
+def test_warmup_stable_decay_decays_over_the_last_fifth_unless_told():
+    import torch
+
+    from labtune.train_worker import make_scheduler
+
+    def rates(overrides):
+        train = load_recipe(TINY_RECIPE, ["train.lr_scheduler_type=warmup_stable_decay", "train.warmup_ratio=0.1",
+                                          "train.learning_rate=1.0", *overrides]).train
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=train.learning_rate)
+        scheduler = make_scheduler(optimizer, train, 100)
+        out = []
+        for _ in range(100):
+            out.append(scheduler.get_last_lr()[0])
+            optimizer.step()
+            scheduler.step()
+        return out
+
+    default = rates([])
+    assert default[5] < 1.0 and default[10:80] == [1.0] * 70  # warmup, then stable until step 80
+    assert default[81] < 1.0 and default[99] < 0.01  # then down to zero
+    told = rates(["train.lr_scheduler_kwargs.num_decay_steps=50"])
+    assert told[49] == 1.0 and told[51] < 1.0
+
+
 def test_unknown_override_key_is_rejected():
     with pytest.raises(RecipeError, match="train.epochs: unknown key"):
         load_recipe(TINY_RECIPE, ["train.epochs=3"])
