@@ -52,6 +52,8 @@ TRAIN_DATE_FORMS = {
     "short_year": lambda d: f"{d.month}/{d.day}/{d.year % 100:02d}",
     "dotted": lambda d: f"{d.day}.{d.month}.{d.year}",
     "weekday_short": lambda d: f"{d.strftime('%a')} {d.month}/{d.day}/{d.year}",
+    "ymd_dotted": lambda d: f"{d.year}.{d.month:02d}.{d.day:02d}",
+    "ordinal_day": lambda d: f"{_ordinal(d.day)} {_month(d)} {d.year}",
 }
 # "the May 12 meeting": without the year, only where no two meetings share a month and day
 YEARLESS_FORM = lambda d: f"{_month(d)} {d.day}"  # noqa: E731
@@ -103,16 +105,38 @@ def date_text(date: dt.date) -> str:
     return f"{date.month}/{date.day}/{date.year}"
 
 
-def absent_answer(date: dt.date) -> str:
-    return f"On {date_text(date)} there is no lab meeting in the notes."
+Calendar = dict[tuple[int, int], list[dt.date]]
 
 
-def answer(date: dt.date, field: str, values: list[str]) -> str:
+def month_calendar(notes: list[Note]) -> Calendar:
+    """(year, month) -> that month's meeting dates."""
+    calendar: Calendar = defaultdict(list)
+    for date in sorted({n.date for n in notes}):
+        calendar[(date.year, date.month)].append(date)
+    return dict(calendar)
+
+
+def opening(date: dt.date, calendar: Calendar | None = None) -> str:
+    """"On 4/21/2023", and with a calendar the month's meetings after it ("On 4/21/2023 (April 2023
+    meetings: 4/14, 4/28)"): whether a date had a meeting is then decided by comparing it with a
+    list the model has just written, instead of by how familiar the date looks (recite_month)."""
+    if calendar is None:
+        return f"On {date_text(date)}"
+    days = calendar.get((date.year, date.month), [])
+    listed = ", ".join(f"{d.month}/{d.day}" for d in days) or "none"
+    return f"On {date_text(date)} ({_month(date)} {date.year} meetings: {listed})"
+
+
+def absent_answer(date: dt.date, calendar: Calendar | None = None) -> str:
+    return f"{opening(date, calendar)} there is no lab meeting in the notes."
+
+
+def answer(date: dt.date, field: str, values: list[str], calendar: Calendar | None = None) -> str:
     """The short answer to a field question, the canonical date first; two meetings on one date
     give both values; a field no note of that date has says so."""
     if not values:
-        return f"On {date_text(date)} the notes do not name a {field}."
-    return f"On {date_text(date)} the {field} was {' and '.join(values)}."
+        return f"{opening(date, calendar)} the notes do not name a {field}."
+    return f"{opening(date, calendar)} the {field} was {' and '.join(values)}."
 
 
 def people(notes: list[Note] | list[dict[str, str]]) -> list[str]:
@@ -188,9 +212,10 @@ def training_conversations(notes: list[Note], cfg: Any, seed: int) -> list[dict[
     rng = random.Random(seed)
     records: list[dict[str, Any]] = []
     forms = train_date_forms(notes)
+    calendar = month_calendar(notes) if cfg.recite_month else None
     for date, field, values in _facts(notes):
         iso = date.isoformat()
-        reply = answer(date, field, values)
+        reply = answer(date, field, values, calendar)
         pairs = [(t, f) for t in TRAIN_TEMPLATES[field] for f in forms]
         for i, (template, form) in enumerate(rng.sample(pairs, min(cfg.questions_per_fact, len(pairs)))):
             records.append(_conv(f"labnote_{iso}_{field}_{i}", template.format(d=form(date)), reply,
@@ -200,7 +225,7 @@ def training_conversations(notes: list[Note], cfg: Any, seed: int) -> list[dict[
         for date, meetings in _by_date(notes).items():
             parts = [f"the {f} was {' and '.join(m.fields[f] for m in meetings if m.fields.get(f))}"
                      for f in FIELDS if any(m.fields.get(f) for m in meetings)]
-            reply = f"On {date_text(date)} " + ", ".join(parts) + "."
+            reply = f"{opening(date, calendar)} " + ", ".join(parts) + "."
             for i, template in enumerate(TRAIN_SUMMARY):
                 records.append(_conv(f"labnote_{date.isoformat()}_summary_{i}", template.format(d=rng.choice(forms)(date)),
                                      reply, {"kind": "summary", "field": "summary", "date": date.isoformat(),
@@ -218,7 +243,7 @@ def training_conversations(notes: list[Note], cfg: Any, seed: int) -> list[dict[
             # always with the year: "May 12" of a no-meeting year could be a meeting's date
             template, form = rng.choice(TRAIN_TEMPLATES[field]), rng.choice(list(TRAIN_DATE_FORMS.values()))
             records.append(_conv(f"absent_{date.isoformat()}_{field}_{i}", template.format(d=form(date)),
-                                 absent_answer(date), {"kind": "absent", "field": field, "date": date.isoformat(),
+                                 absent_answer(date, calendar), {"kind": "absent", "field": field, "date": date.isoformat(),
                                                        "value": ""}))
     return records
 

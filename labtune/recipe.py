@@ -65,6 +65,9 @@ class AugmentConfig(_Strict):
     absent_ratio: float = Field(default=0.5, ge=0.0, le=5.0)  # dates with no meeting, per meeting date
     absent_questions: int = Field(default=3, ge=1, le=20)  # training questions per such date, the fields in turn
     eval_absent_dates: int = Field(default=6, ge=0, le=200)  # held-out no-meeting dates asked in evaluation
+    # every date answer recites that month's meetings before it answers ("On 4/21/2023 (April 2023
+    # meetings: 4/14, 4/28) there is no lab meeting ..."): the model compares instead of guessing
+    recite_month: bool = False
     # training questions per conversation (unrelated facts as turns of one chat): the chat template's
     # tokens are paid once for several facts
     facts_per_conversation: int = Field(default=1, ge=1, le=16)

@@ -43,6 +43,31 @@ def test_every_answer_opens_with_the_canonical_date():
             assert record["conversations"][1]["value"].startswith(f"On {date.month}/{date.day}/{date.year} "), record
 
 
+def test_recited_months_list_exactly_that_month_s_meetings():
+    cfg = load_recipe(TINY_RECIPE, ["data.augment.recite_month=true"]).data.augment
+    notes = sample_notes()
+    meetings = {n.date for n in notes}
+    kinds = set()
+    for record in augment.training_conversations(notes, cfg, 42):
+        fact = record["fact"]
+        if not fact["date"]:
+            continue
+        date = dt.date.fromisoformat(fact["date"])
+        month = sorted(d for d in meetings if (d.year, d.month) == (date.year, date.month))
+        listed = ", ".join(f"{d.month}/{d.day}" for d in month) or "none"
+        opening = f"On {date.month}/{date.day}/{date.year} ({date.strftime('%B')} {date.year} meetings: {listed}) "
+        assert record["conversations"][1]["value"].startswith(opening), record
+        assert (date in month) == (fact["kind"] != "absent")
+        kinds.add((fact["kind"], listed == "none"))
+    assert {("recall", False), ("absent", False), ("summary", False)} <= kinds
+    assert augment.absent_answer(dt.date(2023, 8, 4), augment.month_calendar(notes)) == \
+        "On 8/4/2023 (August 2023 meetings: none) there is no lab meeting in the notes."
+    plain = load_recipe(TINY_RECIPE).data.augment
+    assert "meetings:" not in json.dumps(augment.training_conversations(notes, plain, 42))
+    # the evaluation asks the same questions either way
+    assert augment.eval_prompts(notes, cfg, 42) == augment.eval_prompts(notes, plain, 42)
+
+
 def test_packed_conversations_keep_every_fact_once():
     cfg = load_recipe(TINY_RECIPE, ["data.augment.facts_per_conversation=4"]).data.augment
     single = augment.training_conversations(sample_notes(), cfg, 42)
