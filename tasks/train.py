@@ -28,9 +28,15 @@ def train_task(recipe: Recipe, model_uri: str, tokens_uri: str) -> StageResult:
 
     store = open_store(recipe.store.settings())
     with run_log() as logger, progress_bar() as bar:
+        shown = [-1]
+
         def on_progress(record: dict) -> None:
             bar(record)
-            update_progress_artifact(progress_id, progress=100.0 * record["step"] / record["total_steps"])
+            # one update per whole percent: the server shares the CPUs with training
+            percent = 100 * record["step"] // record["total_steps"]
+            if percent != shown[0]:
+                shown[0] = percent
+                update_progress_artifact(progress_id, progress=float(percent))
 
         result = build_train(recipe, store, model_uri, tokens_uri, log=logger.info, on_progress=on_progress,
                              on_checkpoint=on_checkpoint)
