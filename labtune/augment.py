@@ -168,7 +168,6 @@ def _facts(notes: list[Note]):
 
 
 EVAL_ABSENT_OFFSETS = (-7, -3, 3, 7, 14)  # days off a meeting: the same weekday a week off, and a few days off
-TRAIN_ABSENT_SPAN = 14  # training's no-meeting dates: any day within two weeks of a meeting
 
 
 def absent_dates(notes: list[Note], count: int, seed: int, avoid: set[dt.date] = frozenset(),
@@ -186,9 +185,9 @@ def eval_absent_dates(notes: list[Note], cfg: Any, seed: int) -> list[dt.date]:
 
 
 def training_absent_dates(notes: list[Note], cfg: Any, seed: int) -> list[dt.date]:
-    """`absent_ratio` no-meeting dates per meeting date, any day within two weeks of a meeting
+    """`absent_ratio` no-meeting dates per meeting date, any day within `absent_within_days` of a meeting
     (the day before, the same weekday a week later) except the evaluation's."""
-    span = tuple(off for off in range(-TRAIN_ABSENT_SPAN, TRAIN_ABSENT_SPAN + 1) if off)
+    span = tuple(off for off in range(-cfg.absent_within_days, cfg.absent_within_days + 1) if off)
     return absent_dates(notes, round(cfg.absent_ratio * len({n.date for n in notes})), seed,
                         avoid=set(eval_absent_dates(notes, cfg, seed)), offsets=span)
 

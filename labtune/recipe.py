@@ -64,6 +64,9 @@ class AugmentConfig(_Strict):
     summaries: bool = True  # "What happened at the lab meeting on D?" -> presenter, recorder, topic
     absent_ratio: float = Field(default=0.5, ge=0.0, le=5.0)  # dates with no meeting, per meeting date
     absent_questions: int = Field(default=3, ge=1, le=20)  # training questions per such date, the fields in turn
+    # training's no-meeting dates fall within this many days of a meeting: the nearer, the more
+    # digits they share with a meeting's date, the harder the comparison they teach
+    absent_within_days: int = Field(default=14, ge=1, le=60)
     eval_absent_dates: int = Field(default=6, ge=0, le=200)  # held-out no-meeting dates asked in evaluation
     # every date answer recites that month's meetings before it answers ("On 4/21/2023 (April 2023
     # meetings: 4/14, 4/28) there is no lab meeting ..."): the model compares instead of guessing

@@ -95,7 +95,7 @@ def test_each_no_meeting_date_is_asked_about_every_field_in_turn_within_two_week
     meetings = {n.date for n in notes}
     dates = augment.training_absent_dates(notes, cfg, 42)
     assert len(dates) == 3 * len(meetings)
-    assert all(min(abs((d - m).days) for m in meetings) <= augment.TRAIN_ABSENT_SPAN for d in dates)
+    assert all(min(abs((d - m).days) for m in meetings) <= cfg.absent_within_days for d in dates)
     asked: dict[str, set[str]] = {}
     for record in augment.training_conversations(notes, cfg, 42):
         if record["fact"]["kind"] == "absent":
@@ -103,6 +103,11 @@ def test_each_no_meeting_date_is_asked_about_every_field_in_turn_within_two_week
             assert "no lab meeting" in record["conversations"][1]["value"]
     assert set(asked) == {d.isoformat() for d in dates}
     assert all(fields == set(augment.FIELDS) for fields in asked.values())
+    near = load_recipe(TINY_RECIPE, ["data.augment.absent_ratio=3", "data.augment.absent_within_days=4"]).data.augment
+    near_dates = augment.training_absent_dates(notes, near, 42)
+    assert len(near_dates) == 3 * len(meetings)
+    assert max(min(abs((d - m).days) for m in meetings) for d in near_dates) == 4
+    assert max(min(abs((d - m).days) for m in meetings) for d in dates) > 4
 
 
 def test_the_yearless_date_form_is_trained_only_when_no_two_meetings_share_a_month_and_day(tmp_path):
