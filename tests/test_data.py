@@ -170,5 +170,7 @@ def test_note_conversations_can_be_left_out_for_qa_only_training():
 def test_notes_must_give_some_conversation():
     from labtune.recipe import RecipeError
 
-    with pytest.raises(RecipeError, match="data: Value error, note_conversations and qa_pairs are both false"):
+    with pytest.raises(RecipeError) as err:
         load_recipe(TINY_RECIPE, ["data.note_conversations=false", "data.qa_pairs=false"])
+    assert str(err.value) == (f"{TINY_RECIPE}: data: note_conversations and qa_pairs are both false: "
+                              "lab notes would give no conversations")
