@@ -5,8 +5,10 @@
 Builds a random LLaMA of TinyLlama-1.1B's shape (hidden 2048, 22 layers, 32 heads, 4 KV heads,
 vocab 32000) and a synthetic tokenized data set of full-length sequences, then runs
 `torchrun -m labtune.train_worker` with bf16 mixed precision, FSDP2 and activation checkpointing.
-Reports the median tokens/s over the steps after warm-up and MFU = 6 x params x tokens/s /
-(989e12 x GPUs), 989 TFLOP/s being an H100/H200's dense bf16 peak. Needs CUDA.
+Reports the median over the steps after warm-up of what the worker logs: tokens/s and MFU from
+synchronized wall time (labtune/throughput.py: 6 x matmul parameters + 12 x layers x hidden x
+length FLOPs per token, over the device's dense bf16 peak from its name), and the peak GPU memory
+per rank. Needs CUDA.
 """
 
 from __future__ import annotations
@@ -22,7 +24,6 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # runs from a bare checkout too
-PEAK_BF16 = 989e12
 
 
 def build(work: Path, layers: int, seq: int, examples: int) -> int:
@@ -85,14 +86,19 @@ def main() -> None:
                 records.append(json.loads(line[len("progress "):]))
     if proc.returncode != 0 or len(records) < 6:
         sys.exit(f"worker failed (exit {proc.returncode}, {len(records)} steps logged)")
-    steady = [r["tokens_per_s"] for r in records[5:]]
-    tokens_per_s = statistics.median(steady)
-    mfu = 6 * params * tokens_per_s / (PEAK_BF16 * args.nproc)
+    steady = records[5:]
+    tokens_per_s = statistics.median(r["tokens_per_s"] for r in steady)
+    mfus = [r["mfu"] for r in steady if r.get("mfu") is not None]
+    mfu = statistics.median(mfus) if mfus else None
+    peak_memory = max(max(r["peak_memory_gib"]) for r in steady)
     print(f"model: {params / 1e9:.2f}B parameters, sequence {args.seq}, micro-batch {args.batch} x {args.nproc} GPU(s), "
           f"bf16, FSDP2, activation checkpointing {'off' if args.no_checkpointing else 'on'}, "
           f"torch.compile {'on' if args.compile else 'off'}")
-    print(f"tokens/s (median of steps 6-{len(records)}): {tokens_per_s:,.0f}; MFU {mfu:.1%} (target >= 40%)")
-    print(json.dumps({"params": params, "tokens_per_s": tokens_per_s, "mfu": round(mfu, 4), "steps": len(records),
+    print(f"tokens/s (median of steps 6-{len(records)}, synchronized): {tokens_per_s:,.0f}; "
+          f"MFU {f'{mfu:.1%}' if mfu is not None else 'unknown (no peak for this device)'}; "
+          f"peak memory {peak_memory:.1f} GiB per GPU")
+    print(json.dumps({"params": params, "tokens_per_s": tokens_per_s, "mfu": mfu, "peak_memory_gib": peak_memory,
+                      "steps": len(records),
                       "checkpointing": not args.no_checkpointing, "compile": args.compile, "batch": args.batch, "seq": args.seq}))
 
 

@@ -34,6 +34,7 @@ import torch.distributed as dist
 
 from labtune.chat import IGNORE_INDEX
 from labtune.loss import AnswerLoss
+from labtune.throughput import FlopsModel, describe, mfu, peak_flops, peak_memory_gib, synchronize
 from labtune.precision import native_bf16
 from labtune.recipe import WSD_DECAY_FRACTION, TrainConfig
 from labtune.worker_config import WORKER_ERROR, WorkerConfig
@@ -300,6 +301,31 @@ def export_model(state: dict[str, torch.Tensor], base_config: Any, save_dtype: t
 
 
 @dataclass
+class Tally:
+    """Counts of one rank over some optimizer steps, for throughput and MFU."""
+
+    steps: int = 0
+    tokens: int = 0  # non-pad
+    computed: int = 0  # padding included
+    labels: int = 0  # tokens the loss is computed on
+    rows: int = 0  # sequences
+
+    def add(self, other: "Tally") -> None:
+        for name in ("steps", "tokens", "computed", "labels", "rows"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+    def summed(self, device: torch.device) -> "Tally":
+        """The same counts added over every rank."""
+        counts = torch.tensor([self.steps, self.tokens, self.computed, self.labels, self.rows], dtype=torch.float64,
+                              device=device)
+        dist.all_reduce(counts)
+        return Tally(self.steps, *(int(c) for c in counts[1:].tolist()))
+
+    def flops(self, model: FlopsModel) -> float:
+        return model.flops(self.tokens, self.labels, self.tokens / max(self.rows, 1))
+
+
+@dataclass
 class Run:
     """Everything `setup` builds for the loop: where it runs, what it trains, how."""
 
@@ -323,10 +349,11 @@ class Run:
     total_updates: int
     autocast: bool = False  # bf16 autocast around the forward (one CPU process asked for bf16)
     loss: AnswerLoss | None = None
+    flops_model: FlopsModel | None = None
+    peak: float | None = None  # the device's dense bf16 FLOP/s; None: MFU is not reported
     history: list[dict[str, Any]] = field(default_factory=list)
     step: int = 0
-    useful_tokens: int = 0  # this run's non-pad tokens
-    computed_tokens: int = 0  # and tokens computed, padding included
+    total: Tally = field(default_factory=Tally)  # this process's counts since it started
 
 
 def setup(cfg: WorkerConfig) -> Run:
@@ -381,6 +408,8 @@ def setup(cfg: WorkerConfig) -> Run:
     if train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.to(device)
+    flops_model = FlopsModel.of(model)  # before sharding: full sizes
+    peak = peak_flops(device)
     if train.torch_compile:
         compile_layers(model, train)
     autocast = world == 1 and device.type == "cpu" and train.bf16
@@ -404,51 +433,65 @@ def setup(cfg: WorkerConfig) -> Run:
     scheduler = make_scheduler(optimizer, train, total_updates)
     log(f"training: {total_updates} optimizer steps ({updates_per_epoch} per epoch), "
         f"micro-batch {bs} x accumulation {gas} x world {world}, {attention} attention, logits on label tokens only")
+    log(f"throughput: synchronized wall time at each logged step; FLOPs per token 6 x {flops_model.trained + flops_model.frozen:,} "
+        f"matmul parameters + 12 x layers x hidden x length (docs/training.md); {describe(peak, device)}")
     return Run(cfg, rank, world, local_rank, device, tokenizer, examples, lengths, pad_id, model, base_config, save_dtype,
-               lora_config, sharding, optimizer, scheduler, updates_per_epoch, total_updates, autocast, AnswerLoss(model))
+               lora_config, sharding, optimizer, scheduler, updates_per_epoch, total_updates, autocast, AnswerLoss(model),
+               flops_model, peak)
 
 
-def train_step(run: Run, window: list[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+def train_step(run: Run, window: list[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor, Tally]:
     """One optimizer step over an accumulation window of micro-batches; returns this rank's share
-    of the step's loss, the gradient norm, and the window's useful and computed token counts."""
+    of the step's loss, the gradient norm, and the window's counts."""
     device, world = run.device, run.world
     # The step's loss is the mean over every label token of every rank and micro-batch, as one
     # process with the whole batch would compute it: each micro-batch sums its token losses
     # and divides by the step's global label count. FSDP averages gradients over ranks, hence
     # the factor world. (A mean of per-micro-batch means would weigh short answers more.)
-    label_tokens = torch.tensor(float(sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in window)),
-                                device=device)
+    local_labels = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in window)
+    label_tokens = torch.tensor(float(local_labels), device=device)
     dist.all_reduce(label_tokens)
     loss_sum = torch.zeros((), device=device)
-    useful = computed = 0
+    tally = Tally(steps=1, labels=local_labels)
     for cpu_batch in window:
         batch = {k: v.to(device, non_blocking=True) for k, v in cpu_batch.items()}
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=run.autocast):
             loss = run.loss(run.model, batch, label_tokens.clamp(min=1))
         (loss * world).backward()
         loss_sum += loss.detach()
-        useful += int(cpu_batch["attention_mask"].sum())
-        computed += cpu_batch["attention_mask"].numel()
+        tally.tokens += int(cpu_batch["attention_mask"].sum())
+        tally.computed += cpu_batch["attention_mask"].numel()
+        tally.rows += cpu_batch["attention_mask"].shape[0]
     grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.cfg.train.max_grad_norm or float("inf"))
     run.optimizer.step()
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
-    return loss_sum, grad_norm, useful, computed
+    return loss_sum, grad_norm, tally
 
 
-def log_step(run: Run, epoch: float, loss_sum: torch.Tensor, grad_norm: torch.Tensor, useful: int, computed: int,
+def peak_memory_per_rank(run: Run) -> list[float]:
+    gathered = [torch.zeros(1, dtype=torch.float64, device=run.device) for _ in range(run.world)]
+    dist.all_gather(gathered, torch.tensor([peak_memory_gib(run.device)], dtype=torch.float64, device=run.device))
+    return [round(float(g), 2) for g in gathered]
+
+
+def log_step(run: Run, epoch: float, loss_sum: torch.Tensor, grad_norm: torch.Tensor, window: Tally,
              elapsed: float) -> None:
     """The step's record (loss over all ranks, learning rate, gradient norm, throughput) into the
-    history and onto stdout as a `progress` line the stage reads."""
+    history and onto stdout as a `progress` line the stage reads. `elapsed`: the window's wall
+    time, read after the device finished (synchronize)."""
     dist.all_reduce(loss_sum)  # the ranks' shares add up to the step's mean loss
-    counts = torch.tensor([useful, computed], dtype=torch.float64, device=run.device)
-    dist.all_reduce(counts)
+    counts = window.summed(run.device)
     norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+    utilization = mfu(counts.flops(run.flops_model), elapsed, run.peak, run.world)
     record = {
         "step": run.step, "total_steps": run.total_updates, "epoch": round(epoch, 3),
         "loss": round(float(loss_sum), 5), "learning_rate": run.scheduler.get_last_lr()[0],
-        "grad_norm": round(float(norm), 4), "tokens_per_s": round(float(counts[0]) / max(elapsed, 1e-9), 1),
-        "padding_fraction": round(1 - float(counts[0]) / max(float(counts[1]), 1), 3),
+        "grad_norm": round(float(norm), 4), "tokens": counts.tokens, "step_time_s": round(elapsed / max(window.steps, 1), 4),
+        "tokens_per_s": round(counts.tokens / max(elapsed, 1e-9), 1),
+        "mfu": round(utilization, 4) if utilization is not None else None,
+        "peak_memory_gib": peak_memory_per_rank(run),
+        "padding_fraction": round(1 - counts.tokens / max(counts.computed, 1), 3),
     }
     run.history.append(record)
     log("progress " + json.dumps(record))
@@ -459,8 +502,9 @@ def export(run: Run, train_seconds: float, epochs_run: int, resumed_from: int | 
     with the tokenizer and train_metrics.json."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    totals = torch.tensor([run.useful_tokens, run.computed_tokens], dtype=torch.float64, device=run.device)
-    dist.all_reduce(totals)
+    totals = run.total.summed(run.device)
+    utilization = mfu(totals.flops(run.flops_model), train_seconds, run.peak, run.world)
+    peak_memory = peak_memory_per_rank(run)
     state = get_model_state_dict(run.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if run.rank == 0:
         out_dir = Path(run.cfg.output_dir)
@@ -470,8 +514,11 @@ def export(run: Run, train_seconds: float, epochs_run: int, resumed_from: int | 
         metrics = {"history": run.history, "sharding": run.sharding, "optimizer_steps": run.step, "epochs_run": epochs_run,
                    "examples": len(run.examples), "train_seconds": round(train_seconds, 2), "world_size": run.world,
                    "resumed_from_step": resumed_from,
-                   "useful_tokens": int(totals[0]), "computed_tokens": int(totals[1]),
-                   "useful_tokens_per_s": round(float(totals[0]) / max(train_seconds, 1e-9), 1),
+                   "useful_tokens": totals.tokens, "computed_tokens": totals.computed, "label_tokens": totals.labels,
+                   "useful_tokens_per_s": round(totals.tokens / max(train_seconds, 1e-9), 1),
+                   "mfu": round(utilization, 4) if utilization is not None else None,
+                   "peak_flops": run.peak, "flops_per_token": "6 x matmul parameters (4 if frozen; output layer on "
+                   "label tokens only) + 12 x layers x hidden x length", "peak_memory_gib": peak_memory,
                    "checkpoints": checkpoints}
         (out_dir / "train_metrics.json").write_text(json.dumps(metrics, indent=2))
         log(f"saved final model to {out_dir} after {run.step} steps in {train_seconds:.1f}s")
@@ -491,7 +538,7 @@ def train(cfg: WorkerConfig) -> None:
     run.model.train()
     gas = train_cfg.gradient_accumulation_steps
     started = time.time()
-    window_useful = window_computed = 0
+    window = Tally()
     window_loss = torch.zeros((), device=run.device)
     window_start = time.time()
     epoch = run.step // run.updates_per_epoch
@@ -501,24 +548,25 @@ def train(cfg: WorkerConfig) -> None:
         for start in range(skip * gas, len(batches), gas):
             if run.step >= run.total_updates:
                 break
-            window = [collate([run.examples[i] for i in micro], run.pad_id) for micro in batches[start : start + gas]]
-            loss_sum, grad_norm, useful, computed = train_step(run, window)
+            micro_batches = [collate([run.examples[i] for i in micro], run.pad_id)
+                             for micro in batches[start : start + gas]]
+            loss_sum, grad_norm, tally = train_step(run, micro_batches)
             run.step += 1
-            run.useful_tokens += useful
-            run.computed_tokens += computed
-            window_useful += useful
-            window_computed += computed
+            run.total.add(tally)
+            window.add(tally)
             window_loss = loss_sum
             if run.step % train_cfg.logging_steps == 0 or run.step == run.total_updates:
-                log_step(run, epoch + (start + len(window)) / len(batches), window_loss, grad_norm, window_useful,
-                         window_computed, time.time() - window_start)
-                window_useful = window_computed = 0
+                synchronize(run.device)  # only at logged steps: nothing per micro-batch
+                log_step(run, epoch + (start + len(micro_batches)) / len(batches), window_loss, grad_norm, window,
+                         time.time() - window_start)
+                window = Tally()
                 window_start = time.time()
             if checkpointing.due(run.step, run.total_updates):
                 checkpointing.save(run.step, epoch, run.model, run.optimizer, run.scheduler, run.history)
         epoch += 1
         skip = 0
     checkpointing.finish()
+    synchronize(run.device)
     export(run, time.time() - started, epoch, resumed["step"] if resumed else None, checkpointing.committed())
     dist.barrier()
     dist.destroy_process_group()

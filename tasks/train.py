@@ -44,9 +44,13 @@ def train_task(recipe: Recipe, model_uri: str, tokens_uri: str) -> StageResult:
     update_progress_artifact(progress_id, progress=100.0)
     metrics = json.loads((model_dir / "train_metrics.json").read_text())
     history = metrics["history"]
-    create_table_artifact(key="train-loss", table=[{k: r[k] for k in ("step", "epoch", "loss", "learning_rate", "grad_norm",
-                                                                       "tokens_per_s", "padding_fraction")} for r in history],
-                          description="Training loss per optimizer step")
+    columns = ("step", "epoch", "loss", "learning_rate", "grad_norm", "step_time_s", "tokens_per_s", "mfu",
+               "padding_fraction")
+    create_table_artifact(key="train-loss", table=[{**{k: r.get(k) for k in columns},
+                                                    "peak_memory_gib": max(r.get("peak_memory_gib") or [0])}
+                                                   for r in history],
+                          description="Training loss per optimizer step; time, tokens/s and MFU from synchronized "
+                                      "wall time, peak memory of the busiest rank")
     plot_uri = f"{result.uri.rstrip('/')}/loss.png"
     resumed = metrics.get("resumed_from_step")
     create_markdown_artifact(
@@ -58,6 +62,9 @@ def train_task(recipe: Recipe, model_uri: str, tokens_uri: str) -> StageResult:
             f"- optimizer steps: {metrics['optimizer_steps']}, world size {metrics['world_size']}, "
             f"{metrics['train_seconds']:.0f} s{f', resumed from step {resumed}' if resumed else ''}",
             f"- loss: {history[0]['loss']} at step 1 -> {history[-1]['loss']} at step {history[-1]['step']}" if history else "",
+            f"- throughput: {metrics['useful_tokens_per_s']:,.0f} tokens/s over the whole run, MFU "
+            f"{'%.1f%%' % (100 * metrics['mfu']) if metrics.get('mfu') is not None else 'not reported (no known peak for this device)'}"
+            f", peak memory per rank {metrics.get('peak_memory_gib')} GiB" if "useful_tokens_per_s" in metrics else "",
         ]),
         description="The fine-tuned model, its loss curve and how the run went",
     )

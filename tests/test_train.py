@@ -74,6 +74,26 @@ def test_two_process_fsdp2_shards_parameters_and_saves_a_loadable_model(tiny_inp
     assert generated.shape[1] == ids["input_ids"].shape[1] + 5
 
 
+def test_tokens_per_second_are_the_tokens_over_the_measured_step_time(tiny_inputs):
+    recipe, store, model_uri, data_uri = tiny_inputs
+    out = fetch(store, build_train(recipe, store, model_uri, data_uri).uri)  # the run above, from the store
+    metrics = json.loads((out / "train_metrics.json").read_text())
+    history = metrics["history"]
+    previous = 0
+    for record in history:
+        steps, previous = record["step"] - previous, record["step"]
+        assert record["tokens"] > 0 and record["step_time_s"] > 0
+        assert record["tokens_per_s"] == pytest.approx(record["tokens"] / (record["step_time_s"] * steps), rel=5e-3)
+        assert record["mfu"] is None  # a CPU has no peak in the table: MFU is not reported, not guessed
+        peaks = record["peak_memory_gib"]
+        assert len(peaks) == 2 and all(peak > 0.05 for peak in peaks)  # each rank's own peak resident set
+    assert sum(r["tokens"] for r in history) == metrics["useful_tokens"]
+    assert metrics["label_tokens"] < metrics["useful_tokens"]  # the prompts carry no loss
+    assert sum(r["step_time_s"] * (r["step"] - p) for r, p in zip(history, [0] + [h["step"] for h in history])) \
+        <= metrics["train_seconds"]
+    assert metrics["mfu"] is None and "6 x matmul parameters" in metrics["flops_per_token"]
+
+
 def test_worker_failure_raises_with_its_last_error_line(tiny_inputs):
     recipe, store, model_uri, data_uri = tiny_inputs
     bad = recipe.model_copy(deep=True)
