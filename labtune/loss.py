@@ -4,9 +4,19 @@ A chat example's labels mask the system and user turns, so most positions carry 
 output layer (hidden x vocabulary) is still the largest matmul of a small model. `AnswerLoss`
 puts a pre-hook on the model's output embeddings that keeps only the hidden states whose next
 token is a label, so the logits, their softmax and the output layer's backward cover the answer
-tokens alone. The loss is the same as transformers' causal-LM loss (cross-entropy in fp32, summed
-over label tokens, divided by the step's label count): tests/test_loss.py holds it to 1e-5 with
-its gradients.
+tokens alone.
+
+When those logits would still be large (more than LOGITS_PER_CHUNK elements in fp32: long
+answers, pretraining-style data, a 128K vocabulary), they are never materialised whole: a forward
+hook on the output layer computes the cross-entropy chunk by chunk, each chunk under activation
+checkpointing, so at most one chunk of logits exists at a time, forward or backward; the output
+layer itself then sees no rows. This runs inside the model's own forward, where FSDP2 has the
+output layer's weight gathered, and the loss leaves through the model's output, so FSDP2's
+backward hooks fire as for plain logits.
+
+Either way the loss is transformers' causal-LM loss (cross-entropy in fp32, summed over label
+tokens, divided by the step's label count): tests/test_loss.py holds both paths to 1e-5 with
+their gradients.
 """
 
 from __future__ import annotations
@@ -15,8 +25,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from labtune.chat import IGNORE_INDEX
+
+LOGITS_PER_CHUNK = 1 << 24  # 64 MiB of fp32 logits: 341 rows of Llama 3's 128,256-token vocabulary
 
 
 def predicting_positions(labels: torch.Tensor) -> torch.Tensor:
@@ -26,33 +39,59 @@ def predicting_positions(labels: torch.Tensor) -> torch.Tensor:
     return keep
 
 
+def _chunk_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(F.linear(hidden, weight, bias).float(), targets, reduction="sum")
+
+
 class AnswerLoss:
     """Installed once on a causal LM (plain, PEFT-wrapped or FSDP2-sharded: parameter names and
-    sharding are untouched, only the output layer's input is narrowed while a loss is computed)."""
+    sharding are untouched, only the output layer's input and output are replaced while a loss is
+    computed). `chunk_rows`: label tokens per chunk; by default LOGITS_PER_CHUNK / vocabulary."""
 
-    def __init__(self, model: torch.nn.Module):
-        self._keep: torch.Tensor | None = None
+    def __init__(self, model: torch.nn.Module, chunk_rows: int | None = None):
         head = model.get_output_embeddings()
         if head is None:
             raise ValueError(f"{type(model).__name__} has no output embeddings to compute a loss on")
-        self._handle = head.register_forward_pre_hook(self._narrow)
+        self.chunk_rows = chunk_rows or max(1, LOGITS_PER_CHUNK // head.weight.shape[0])
+        self._keep: torch.Tensor | None = None
+        self._targets: torch.Tensor | None = None
+        self._hidden: torch.Tensor | None = None
+        self._handles = [head.register_forward_pre_hook(self._narrow), head.register_forward_hook(self._chunked)]
 
     def _narrow(self, module: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
         if self._keep is None:
             return None
-        return (args[0][self._keep], *args[1:])
+        hidden = args[0][self._keep]
+        if hidden.shape[0] <= self.chunk_rows:
+            return (hidden, *args[1:])
+        self._hidden = hidden
+        return (hidden[:0], *args[1:])  # the forward hook computes the loss in chunks instead
+
+    def _chunked(self, module: torch.nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor | None:
+        if self._hidden is None:
+            return None
+        hidden, self._hidden = self._hidden, None
+        total = hidden.new_zeros((), dtype=torch.float32)
+        for start in range(0, hidden.shape[0], self.chunk_rows):
+            rows = slice(start, start + self.chunk_rows)
+            total = total + checkpoint(_chunk_loss, hidden[rows], module.weight, module.bias, self._targets[rows],
+                                       use_reentrant=False)
+        return total
 
     def __call__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor], num_items: torch.Tensor | float) -> torch.Tensor:
         """Summed token cross-entropy over the batch's label tokens, divided by num_items (the
         step's label count over every micro-batch and rank)."""
         labels = batch["labels"]
-        self._keep = predicting_positions(labels)
-        try:
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        finally:
-            self._keep = None
         targets = labels[:, 1:][labels[:, 1:] != IGNORE_INDEX]
-        return F.cross_entropy(logits.float(), targets, reduction="sum") / num_items
+        self._keep, self._targets = predicting_positions(labels), targets
+        try:
+            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        finally:
+            self._keep = self._targets = self._hidden = None
+        if out.dim() == 0:  # the chunked path: already the summed loss
+            return out / num_items
+        return F.cross_entropy(out.float(), targets, reduction="sum") / num_items
 
     def remove(self) -> None:
-        self._handle.remove()
+        for handle in self._handles:
+            handle.remove()

@@ -35,8 +35,8 @@ def gradients(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("tied", [True, False])
-def test_the_label_token_loss_and_its_gradients_equal_the_plain_loss(tied):
+@pytest.mark.parametrize("tied, chunk_rows", [(True, None), (False, None), (True, 4), (False, 3)])
+def test_the_label_token_loss_and_its_gradients_equal_the_plain_loss(tied, chunk_rows):
     batch = chat_batch()
     label_count = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
     plain = small_llama(tied=tied)
@@ -45,7 +45,7 @@ def test_the_label_token_loss_and_its_gradients_equal_the_plain_loss(tied):
 
     model = small_llama(tied=tied)
     names = list(model.state_dict())
-    loss = AnswerLoss(model)(model, batch, label_count)
+    loss = AnswerLoss(model, chunk_rows)(model, batch, label_count)  # 11 label tokens: chunks of 4 or 3 rows
     loss.backward()
 
     assert list(model.state_dict()) == names  # the hook renames and wraps nothing
@@ -54,6 +54,31 @@ def test_the_label_token_loss_and_its_gradients_equal_the_plain_loss(tied):
     assert set(grads) == set(expected_grads)
     for name, grad in grads.items():
         assert torch.allclose(grad, expected_grads[name], atol=1e-5, rtol=1e-4), name
+
+
+def test_in_chunks_no_more_than_one_chunk_of_logits_is_ever_computed():
+    batch = chat_batch()
+    model = small_llama()
+    import labtune.loss as loss_module
+
+    shapes: list[tuple[int, ...]] = []
+    original = loss_module.F.linear
+
+    def recording_linear(x, w, b=None):
+        out = original(x, w, b)
+        if w.shape[0] == 300 and out.shape[0]:  # the output layer (vocabulary 300), not its empty call
+            shapes.append(tuple(out.shape))
+        return out
+
+    loss_module.F.linear = recording_linear
+    try:
+        loss = AnswerLoss(model, chunk_rows=4)(model, batch, 11)
+        loss.backward()
+    finally:
+        loss_module.F.linear = original
+    # forward: 4 + 4 + 3 rows; backward recomputes each chunk once; never all 11 rows at once
+    assert sorted(shapes) == sorted([(4, 300), (4, 300), (3, 300)] * 2)
+    assert AnswerLoss(small_llama()).chunk_rows == (1 << 24) // 300
 
 
 def test_only_the_positions_before_a_label_reach_the_output_layer():
