@@ -1,10 +1,12 @@
 """GPU training throughput of labtune's FSDP2 worker: tokens/s and MFU on a ~1B random LLaMA.
 
     python bench/train_mfu.py [--layers 22] [--seq 2048] [--batch 8] [--steps 30] [--nproc 1]
+                              [--checkpointing default|none|selective|full] [--compile auto|on|off]
 
 Builds a random LLaMA of TinyLlama-1.1B's shape (hidden 2048, 22 layers, 32 heads, 4 KV heads,
 vocab 32000) and a synthetic tokenized data set of full-length sequences, then runs
-`torchrun -m labtune.train_worker` with bf16 mixed precision, FSDP2 and activation checkpointing.
+`torchrun -m labtune.train_worker` with bf16 mixed precision and FSDP2, and otherwise a recipe's
+default settings (no activation checkpointing, torch_compile auto) unless told.
 Reports the median over the steps after warm-up of what the worker logs: tokens/s and MFU from
 synchronized wall time (labtune/throughput.py: 6 x matmul parameters + 12 x layers x hidden x
 length FLOPs per token, over the device's dense bf16 peak from its name), and the peak GPU memory
@@ -59,8 +61,11 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8, help="per-device micro-batch")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--nproc", type=int, default=1)
-    parser.add_argument("--no-checkpointing", action="store_true")
-    parser.add_argument("--compile", action="store_true", help="train.torch_compile: compile each decoder layer")
+    # the defaults are a recipe's defaults: what a user who names only the model, data and bf16 gets
+    parser.add_argument("--checkpointing", choices=["default", "none", "selective", "full"], default="default",
+                        help="train.gradient_checkpointing: the recipe default (none), none, selective (every 2nd layer), full")
+    parser.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
+                        help="train.torch_compile: auto (the default: on for CUDA), on, off")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="labtune-bench-mfu-"))
     params = build(work, args.layers, args.seq, args.steps * args.batch * args.nproc)
@@ -68,10 +73,13 @@ def main() -> None:
     from labtune.store import StoreSettings
     from labtune.worker_config import WorkerConfig
 
+    settings = {}
+    if args.checkpointing != "default":
+        settings["gradient_checkpointing"] = {"none": False, "selective": "selective", "full": True}[args.checkpointing]
+    if args.compile != "auto":
+        settings["torch_compile"] = args.compile == "on"
     train = TrainConfig(num_train_epochs=1, per_device_train_batch_size=args.batch, learning_rate=1e-4, warmup_ratio=0.0,
-                        lr_scheduler_type="constant", bf16=True, tf32=True,
-                        gradient_checkpointing=not args.no_checkpointing, save_strategy="no", seed=0,
-                        torch_compile=args.compile)
+                        lr_scheduler_type="constant", bf16=True, save_strategy="no", seed=0, **settings)
     WorkerConfig(model_dir=str(work / "model"), train_dir=str(work / "tokens"), output_dir=str(work / "out"),
                  checkpoint_dir=str(work / "checkpoints"), store=StoreSettings(str(work / "store")),
                  train=train).write(work / "config.json")
@@ -92,14 +100,13 @@ def main() -> None:
     mfu = statistics.median(mfus) if mfus else None
     peak_memory = max(max(r["peak_memory_gib"]) for r in steady)
     print(f"model: {params / 1e9:.2f}B parameters, sequence {args.seq}, micro-batch {args.batch} x {args.nproc} GPU(s), "
-          f"bf16, FSDP2, activation checkpointing {'off' if args.no_checkpointing else 'on'}, "
-          f"torch.compile {'on' if args.compile else 'off'}")
+          f"bf16, FSDP2, gradient_checkpointing={train.gradient_checkpointing!r}, torch_compile={train.torch_compile!r}")
     print(f"tokens/s (median of steps 6-{len(records)}, synchronized): {tokens_per_s:,.0f}; "
           f"MFU {f'{mfu:.1%}' if mfu is not None else 'unknown (no peak for this device)'}; "
           f"peak memory {peak_memory:.1f} GiB per GPU")
     print(json.dumps({"params": params, "tokens_per_s": tokens_per_s, "mfu": mfu, "peak_memory_gib": peak_memory,
                       "steps": len(records),
-                      "checkpointing": not args.no_checkpointing, "compile": args.compile, "batch": args.batch, "seq": args.seq}))
+                      "checkpointing": train.gradient_checkpointing, "compile": train.torch_compile, "batch": args.batch, "seq": args.seq}))
 
 
 if __name__ == "__main__":

@@ -126,7 +126,10 @@ class TrainConfig(_Strict):
     lr_scheduler_kwargs: dict[str, Any] = Field(default_factory=dict)
     bf16: bool = False
     tf32: bool = False
-    gradient_checkpointing: bool = False
+    # true: every decoder layer (FastChat's meaning); selective: every n-th layer
+    # (gradient_checkpointing_every_n_layers), the rest keep their activations (docs/training.md)
+    gradient_checkpointing: bool | Literal["selective"] = False
+    gradient_checkpointing_every_n_layers: int = Field(default=2, ge=1)
     save_strategy: Literal["steps", "no"] = "steps"
     save_steps: int = Field(default=1200, ge=1)
     save_total_limit: int | None = Field(default=None, ge=1)
@@ -142,7 +145,7 @@ class TrainConfig(_Strict):
     lora_alpha: float = Field(default=16, gt=0)
     lora_dropout: float = Field(default=0.05, ge=0, lt=1)
     lora_target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"], min_length=1)
-    torch_compile: bool = False
+    torch_compile: bool | Literal["auto"] = "auto"  # auto: each decoder layer compiled on a GPU, eager on a CPU
     # transformers' attn_implementation; auto: sdpa on a GPU, eager on a CPU (docs/training.md)
     attn_implementation: Literal["auto", "eager", "sdpa", "flash_attention_2"] = "auto"
 

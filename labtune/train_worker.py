@@ -267,6 +267,20 @@ def apply_lora(model: torch.nn.Module, train: TrainConfig) -> Any:
                       target_modules=list(train.lora_target_modules), bias="none", task_type="CAUSAL_LM")
 
 
+def compile_wanted(train: TrainConfig, device: torch.device) -> bool:
+    """`auto`: on a GPU, where compiled layers are measured faster; not on a CPU, where inductor
+    spends minutes building C++ for a run that is over in minutes."""
+    return device.type == "cuda" if train.torch_compile == "auto" else bool(train.torch_compile)
+
+
+def checkpointing_every(train: TrainConfig) -> int:
+    """Every how many decoder layers activations are recomputed; 0 for none. `true` means every
+    layer, as in FastChat; `selective` every gradient_checkpointing_every_n_layers-th layer."""
+    if train.gradient_checkpointing == "selective":
+        return train.gradient_checkpointing_every_n_layers
+    return 1 if train.gradient_checkpointing else 0
+
+
 def compile_layers(model: torch.nn.Module, train: TrainConfig) -> None:
     """torch.compile each decoder layer (as torchtune does): the layers share one compiled graph and
     FSDP2's collectives stay between them, outside the graphs."""
@@ -405,13 +419,19 @@ def setup(cfg: WorkerConfig) -> Run:
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         log(f"lora: r={lora_config.r} alpha={lora_config.lora_alpha} on {sorted(lora_config.target_modules)}: "
             f"{trainable:,} trainable parameters of {sum(p.numel() for p in model.parameters()):,}")
-    if train.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    every = checkpointing_every(train)
+    if every:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False},
+                                              every_n_layers=every)
     model.to(device)
     flops_model = FlopsModel.of(model)  # before sharding: full sizes
     peak = peak_flops(device)
-    if train.torch_compile:
+    compiled = compile_wanted(train, device)
+    if compiled:
         compile_layers(model, train)
+    log(f"torch_compile={train.torch_compile!r}: {'each decoder layer compiled' if compiled else 'eager'}; "
+        f"gradient_checkpointing={train.gradient_checkpointing!r}: "
+        f"{f'every {every} decoder layer(s) recomputed' if every else 'no recomputation'}")
     autocast = world == 1 and device.type == "cpu" and train.bf16
     if world == 1 and (device.type == "cpu" or not train.bf16):
         # one process: FSDP2 would copy every parameter in and out of its flat buffers around each

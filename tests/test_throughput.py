@@ -52,3 +52,41 @@ def test_the_peak_comes_from_the_device_name_and_is_never_guessed():
     assert mfu(1e12, 1.0, None, 1) is None
     assert mfu(494.5e12, 1.0, 989e12, 1) == pytest.approx(0.5)
     assert mfu(989e12, 1.0, 989e12, 2) == pytest.approx(0.5)
+
+
+def test_auto_settings_resolve_as_documented():
+    from labtune.recipe import TrainConfig
+    from labtune.train_worker import checkpointing_every, compile_wanted
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    assert TrainConfig().torch_compile == "auto"
+    assert not compile_wanted(TrainConfig(), cpu) and compile_wanted(TrainConfig(), gpu)
+    assert compile_wanted(TrainConfig(torch_compile=True), cpu) and not compile_wanted(TrainConfig(torch_compile=False), gpu)
+    assert checkpointing_every(TrainConfig()) == 0
+    assert checkpointing_every(TrainConfig(gradient_checkpointing=True)) == 1  # FastChat's meaning: every layer
+    assert checkpointing_every(TrainConfig(gradient_checkpointing="selective")) == 2
+    assert checkpointing_every(TrainConfig(gradient_checkpointing="selective", gradient_checkpointing_every_n_layers=3)) == 3
+
+
+def test_selective_checkpointing_recomputes_every_second_layer_with_the_same_gradients():
+    from labtune.recipe import TrainConfig
+    from labtune.train_worker import checkpointing_every
+
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=300)
+    ids = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(0))
+    grads = {}
+    for mode in (False, "selective", True):
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(config)
+        every = checkpointing_every(TrainConfig(gradient_checkpointing=mode))
+        if every:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False},
+                                                  every_n_layers=every)
+        model.train()
+        flags = [layer.gradient_checkpointing for layer in model.model.layers]
+        assert flags == {False: [False] * 4, "selective": [True, False, True, False], True: [True] * 4}[mode]
+        model(input_ids=ids, labels=ids).loss.backward()
+        grads[mode] = torch.cat([p.grad.flatten() for p in model.parameters()])
+    assert torch.allclose(grads["selective"], grads[False], atol=1e-6)
+    assert torch.allclose(grads[True], grads[False], atol=1e-6)
