@@ -127,8 +127,9 @@ class TrainConfig(_Strict):
     bf16: bool = False
     tf32: bool = False
     # true: every decoder layer (FastChat's meaning); selective: every n-th layer
-    # (gradient_checkpointing_every_n_layers), the rest keep their activations (docs/training.md)
-    gradient_checkpointing: bool | Literal["selective"] = False
+    # (gradient_checkpointing_every_n_layers), the rest keep their activations; auto: the least of
+    # none, selective and all that the memory estimate fits on the device (docs/training.md, Memory)
+    gradient_checkpointing: bool | Literal["selective", "auto"] = "auto"
     gradient_checkpointing_every_n_layers: int = Field(default=2, ge=1)
     save_strategy: Literal["steps", "no"] = "steps"
     save_steps: int = Field(default=1200, ge=1)
@@ -165,8 +166,6 @@ class TrainConfig(_Strict):
         unknown = [word for word in value.split() if word not in allowed]
         if unknown:
             raise ValueError(f"unknown fsdp option(s) {unknown}; allowed: {sorted(allowed)}")
-        if "offload" in value.split():
-            raise ValueError("fsdp 'offload' is not supported yet")
         return value
 
 
@@ -181,6 +180,9 @@ class ParallelConfig(_Strict):
     rdzv_endpoint: str | None = None
     rdzv_backend: Literal["c10d", "static"] = "c10d"
     rdzv_timeout: int = Field(default=900, ge=1)
+    # memory each rank may use, for the train stage's estimate; unset: the smallest GPU's size, or on
+    # a CPU the available host memory shared by the ranks (a GPU shared with other jobs: set it)
+    memory_per_rank_gib: float | None = Field(default=None, gt=0)
 
     @model_validator(mode="after")
     def _nodes(self) -> "ParallelConfig":

@@ -109,16 +109,32 @@ def attention_implementation(train: TrainConfig, device: torch.device) -> str:
     return "sdpa" if device.type == "cuda" else "eager"
 
 
-def shard_model(model: torch.nn.Module, mesh: Any, train: TrainConfig) -> None:
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+def offloaded(train: TrainConfig) -> bool:
+    """`fsdp: ... offload`: parameters, gradients and optimizer state live in host memory (FSDP2's
+    CPUOffloadPolicy); each layer's parameters are copied to the GPU for its forward and backward,
+    and the optimizer steps on the CPU."""
+    return "offload" in train.fsdp.split()
+
+
+def shard_model(model: torch.nn.Module, mesh: Any, train: TrainConfig, device: torch.device) -> None:
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if train.bf16 else MixedPrecisionPolicy()
+    offload = CPUOffloadPolicy(pin_memory=device.type == "cuda") if offloaded(train) else OffloadPolicy()
     reshard = "shard_grad_op" not in train.fsdp.split()
     classes = layer_classes(model, train.fsdp_transformer_layer_cls_to_wrap)
     for module in model.modules():
         if isinstance(module, classes):
-            fully_shard(module, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard)
-    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard)
+            fully_shard(module, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard, offload_policy=offload)
+    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard, offload_policy=offload)
+
+
+def buffers_to(model: torch.nn.Module, device: torch.device) -> None:
+    """Buffers (rotary frequencies) on the compute device while the offloaded parameters stay on the CPU."""
+    for module in model.modules():
+        for name, buffer in list(module.named_buffers(recurse=False)):
+            if buffer is not None and buffer.device != device:
+                module.register_buffer(name, buffer.to(device), persistent=name not in module._non_persistent_buffers_set)
 
 
 def sharding_report(model: torch.nn.Module, world: int) -> dict[str, Any]:
@@ -275,7 +291,11 @@ def compile_wanted(train: TrainConfig, device: torch.device) -> bool:
 
 def checkpointing_every(train: TrainConfig) -> int:
     """Every how many decoder layers activations are recomputed; 0 for none. `true` means every
-    layer, as in FastChat; `selective` every gradient_checkpointing_every_n_layers-th layer."""
+    layer, as in FastChat; `selective` every gradient_checkpointing_every_n_layers-th layer.
+    `auto` is resolved by the train stage's memory estimate (labtune/memory.py) before launch."""
+    if train.gradient_checkpointing == "auto":
+        raise SystemExit("gradient_checkpointing 'auto' reached the worker unresolved: the train stage "
+                         "(labtune.stages.train.fit_memory) resolves it")
     if train.gradient_checkpointing == "selective":
         return train.gradient_checkpointing_every_n_layers
     return 1 if train.gradient_checkpointing else 0
@@ -423,7 +443,9 @@ def setup(cfg: WorkerConfig) -> Run:
     if every:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False},
                                               every_n_layers=every)
-    model.to(device)
+    offload = offloaded(train) and device.type == "cuda"
+    if not offload:
+        model.to(device)  # offloaded: the parameters stay in host memory, sharded there below
     flops_model = FlopsModel.of(model)  # before sharding: full sizes
     peak = peak_flops(device)
     compiled = compile_wanted(train, device)
@@ -433,13 +455,16 @@ def setup(cfg: WorkerConfig) -> Run:
         f"gradient_checkpointing={train.gradient_checkpointing!r}: "
         f"{f'every {every} decoder layer(s) recomputed' if every else 'no recomputation'}")
     autocast = world == 1 and device.type == "cpu" and train.bf16
-    if world == 1 and (device.type == "cpu" or not train.bf16):
+    if world == 1 and (device.type == "cpu" or not train.bf16) and not offload:
         # one process: FSDP2 would copy every parameter in and out of its flat buffers around each
         # layer for nothing (32 demo steps: 67 s sharded, 46 s not); bf16 on one CPU is autocast
         # (fp32 weights and optimizer, bf16 matmuls: 2x faster with AVX512-BF16)
         log(f"one process in {'bf16 autocast' if autocast else 'fp32'}: the model is not sharded")
     else:
-        shard_model(model, mesh, train)
+        shard_model(model, mesh, train, device)
+        if offload:
+            buffers_to(model, device)
+            log("fsdp offload: parameters, gradients and optimizer state in host memory; the optimizer steps on the CPU")
     sharding = sharding_report(model, world)
     if sharding["dtensor_params"]:
         log(f"fsdp2: {sharding['full_numel']:,} parameters, local shard per rank {sharding['local_numel_per_rank']}")
@@ -525,7 +550,13 @@ def export(run: Run, train_seconds: float, epochs_run: int, resumed_from: int | 
     totals = run.total.summed(run.device)
     utilization = mfu(totals.flops(run.flops_model), train_seconds, run.peak, run.world)
     peak_memory = peak_memory_per_rank(run)
+    if run.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(run.device)  # the export's own peak, below
+    # gathered one parameter at a time and moved to host memory at once: the GPU never holds more
+    # than the training state plus one full parameter (the seed ran out of memory here)
     state = get_model_state_dict(run.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    # on a CPU the resident set cannot be reset: the export's peak is only reported on a GPU
+    export_peak = peak_memory_per_rank(run) if run.device.type == "cuda" else None
     if run.rank == 0:
         out_dir = Path(run.cfg.output_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -539,6 +570,7 @@ def export(run: Run, train_seconds: float, epochs_run: int, resumed_from: int | 
                    "mfu": round(utilization, 4) if utilization is not None else None,
                    "peak_flops": run.peak, "flops_per_token": "6 x matmul parameters (4 if frozen; output layer on "
                    "label tokens only) + 12 x layers x hidden x length", "peak_memory_gib": peak_memory,
+                   "export_peak_memory_gib": export_peak,
                    "checkpoints": checkpoints}
         (out_dir / "train_metrics.json").write_text(json.dumps(metrics, indent=2))
         log(f"saved final model to {out_dir} after {run.step} steps in {train_seconds:.1f}s")

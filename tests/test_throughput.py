@@ -62,7 +62,10 @@ def test_auto_settings_resolve_as_documented():
     assert TrainConfig().torch_compile == "auto"
     assert not compile_wanted(TrainConfig(), cpu) and compile_wanted(TrainConfig(), gpu)
     assert compile_wanted(TrainConfig(torch_compile=True), cpu) and not compile_wanted(TrainConfig(torch_compile=False), gpu)
-    assert checkpointing_every(TrainConfig()) == 0
+    assert TrainConfig().gradient_checkpointing == "auto"  # resolved by the train stage's memory plan (test_memory.py)
+    with pytest.raises(SystemExit, match="unresolved"):
+        checkpointing_every(TrainConfig())
+    assert checkpointing_every(TrainConfig(gradient_checkpointing=False)) == 0
     assert checkpointing_every(TrainConfig(gradient_checkpointing=True)) == 1  # FastChat's meaning: every layer
     assert checkpointing_every(TrainConfig(gradient_checkpointing="selective")) == 2
     assert checkpointing_every(TrainConfig(gradient_checkpointing="selective", gradient_checkpointing_every_n_layers=3)) == 3

@@ -21,7 +21,7 @@ from typing import Any
 
 from labtune import worker_config
 from labtune.errors import LabtuneError, RunFailure
-from labtune.recipe import ParallelConfig, Recipe
+from labtune.recipe import ParallelConfig, Recipe, TrainConfig
 from labtune.stage import (CommittedElsewhere, Log, StageResult, checkpoint_prefix, code_version, default_log, fetch,
                            run_stage, stage_key)
 from labtune.store import Store
@@ -133,13 +133,40 @@ def fitting_accumulation(recipe: Recipe, examples: int, log: Log) -> int:
     return fitting
 
 
+def fit_memory(recipe: Recipe, train: TrainConfig, model_dir: Path, tokens_dir: Path, log: Log) -> tuple[TrainConfig, dict]:
+    """The pre-flight memory check (labtune/memory.py): `train` with gradient_checkpointing
+    resolved, and the estimate; TrainError with the numbers and what would fit when nothing does."""
+    import torch
+
+    from labtune import memory
+
+    use_cuda = recipe.parallel.backend != "gloo" and torch.cuda.is_available()
+    parallel = recipe.parallel
+    dev = memory.devices(use_cuda, parallel.processes, parallel.memory_per_rank_gib)
+    shape = memory.Shape.of_model_dir(model_dir, train)
+    length, labels = memory.data_limits(tokens_dir)
+    try:
+        resolved, est = memory.plan(train, parallel.world_size, parallel.processes, shape,
+                                    lambda rows: memory.Batch(rows, length, rows * labels), dev)
+    except memory.DoesNotFit as exc:
+        raise TrainError(str(exc)) from None
+    available = f"{dev.per_rank / memory.GIB:.1f} GiB per rank ({dev.name.rstrip(',')})"
+    chosen = f"; gradient_checkpointing auto -> {resolved.gradient_checkpointing!r}" \
+        if train.gradient_checkpointing == "auto" else ""
+    peak = memory.peak_cpu_rank(est) if dev.kind == "cpu" else est.device
+    log(f"memory: ~{peak / memory.GIB:.1f} GiB per rank estimated, training {est.describe()}, of {available}{chosen}")
+    return resolved, {"estimate_gib": round(peak / memory.GIB, 2), "parts_gib": est.gib(),
+                      "available_gib": round(dev.per_rank / memory.GIB, 2), "device": dev.name,
+                      "gradient_checkpointing": resolved.gradient_checkpointing}
+
+
 def train_key(recipe: Recipe, model_uri: str, tokens_uri: str) -> tuple[str, dict[str, Any]]:
     """The train stage's key (its output is `train/<key>`, its checkpoints `checkpoints/<key>`)
     and the parameters it hashes."""
     # Where this node sits and how it finds the others is not part of the run's identity: every
     # node must compute the same key (its rendezvous id, its checkpoints) and a re-run with another
     # endpoint still resumes.
-    placement = {"node_rank", "rdzv_endpoint", "rdzv_timeout"}
+    placement = {"node_rank", "rdzv_endpoint", "rdzv_timeout", "memory_per_rank_gib"}
     parameters = {"train": recipe.train.model_dump(mode="json"),
                   "parallel": recipe.parallel.model_dump(mode="json", exclude=placement)}
     package = Path(__file__).parents[1]
@@ -158,13 +185,14 @@ def build_train(recipe: Recipe, store: Store, model_uri: str, tokens_uri: str, l
         examples = json.loads((tokens_dir / "report.json").read_text())["train"]["examples"]
         accumulation = fitting_accumulation(recipe, examples, log)
         model_dir = fetch(store, model_uri, log)
+        train, memory_plan = fit_memory(recipe, recipe.train.model_copy(update={"gradient_accumulation_steps": accumulation}),
+                                        model_dir, tokens_dir, log)
         config_path = out.parent / "train_config.json"
         WorkerConfig(model_dir=str(model_dir), train_dir=str(tokens_dir / "train"), output_dir=str(out),
                      checkpoint_dir=str(out.parent / "checkpoints"), checkpoint_prefix=checkpoint_prefix(key),
                      # the store this stage writes to (a test may pass its own), reached as the recipe says
                      store=recipe.store.settings().at(store.uri), backend=recipe.parallel.backend,
-                     train=recipe.train.model_copy(update={"gradient_accumulation_steps": accumulation}),
-                     ).write(config_path)
+                     train=train).write(config_path)
         nproc = recipe.parallel.processes
         command = torchrun_command(recipe.parallel, config_path, key)
         log("launching: " + " ".join(command[1:]))
@@ -175,6 +203,7 @@ def build_train(recipe: Recipe, store: Store, model_uri: str, tokens_uri: str, l
         plot_loss(metrics["history"], out / "loss.png", title=f"{recipe.name}: training loss")
         return {"metrics": {k: metrics[k] for k in ("optimizer_steps", "examples", "train_seconds", "world_size",
                                                     "resumed_from_step", "checkpoints")},
+                "memory": {**memory_plan, "measured_peak_gib": metrics.get("peak_memory_gib")},
                 "final_loss": metrics["history"][-1]["loss"] if metrics["history"] else None}
 
     nodes = recipe.parallel.nnodes
