@@ -41,22 +41,31 @@ SHAPES = {
 }
 
 
-def build(work: Path, shape: dict, seq: int, examples: int) -> int:
-    """The model (bf16 on disk, as a downloaded checkpoint is) and data; returns the parameter count."""
+def build_model(model_dir: Path, shape: dict, seq: int) -> int:
+    """A random LLaMA of the shape, saved in bf16 as a downloaded checkpoint is, with a small
+    tokenizer; returns the parameter count."""
     import torch
-    from datasets import Dataset
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from labtune.tiny import make_tiny_llama
 
-    make_tiny_llama(work / "model")  # the tokenizer files; the weights are replaced below
+    make_tiny_llama(model_dir)  # the tokenizer files; the weights are replaced below
     config = LlamaConfig(**shape, max_position_embeddings=seq, bos_token_id=1, eos_token_id=2)
     with torch.device("meta"):
         params = sum(p.numel() for p in LlamaForCausalLM(config).parameters())
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):  # random init of 8B on a CPU takes minutes
         model = LlamaForCausalLM(config).to(torch.bfloat16)
-    model.save_pretrained(work / "model")
+    model.save_pretrained(model_dir)
     del model
+    return params
+
+
+def build(work: Path, shape: dict, seq: int, examples: int) -> int:
+    """The model and a synthetic tokenized data set of full-length sequences; returns the parameter count."""
+    import torch
+    from datasets import Dataset
+
+    params = build_model(work / "model", shape, seq)
     generator = torch.Generator().manual_seed(0)
     vocab = shape["vocab_size"]
     ids = torch.randint(3, vocab, (examples, seq), generator=generator).tolist()

@@ -80,7 +80,11 @@ def test_prefect_only_at_the_edge_and_no_import_upwards():
 
 
 def test_the_benchmarks_import_no_prefect():
+    """The benchmarks time stage logic; bench/gpu_pool.py alone measures the flow through Prefect's
+    work pools, which is its purpose."""
     known = modules()
     for path in sorted((REPO / "bench").glob("*.py")):
+        if path.stem == "gpu_pool":
+            continue
         used = imports(path, f"bench.{path.stem}", set(known))
         assert not any(m.split(".")[0] in ("prefect", "tasks", "flows") for m in used), f"{path.name} reaches Prefect"
