@@ -13,11 +13,13 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.deployments import run_deployment
+from prefect.runtime import deployment, flow_run
 
 from flows.train import train as train_flow
 from flows.watch import changes_markdown
 from labtune.errors import RunFailure
-from labtune.recipe import load_recipe
+from labtune.housekeeping import record_run, usage_markdown
+from labtune.recipe import Recipe, load_recipe
 from labtune.stage import StageResult, output_prefix, read_manifest
 from labtune.stages.evaluate import evaluate_key
 from labtune.stages.preflight import preflight
@@ -87,11 +89,33 @@ def finetune(recipe_path: str, overrides: list[str] | None = None, notes_fingerp
         create_markdown_artifact(key="lab-notes-changes", markdown=changes_markdown(
             {"fingerprint": notes_fingerprint, **(notes_changes or {})}), description="The lab-notes change this run trains on")
     store = open_store(recipe.store.settings())
+    run_id = str(flow_run.id or f"local-{int(time.time())}")
+    # the run's record in the store: which outputs it uses, so `labtune store gc` keeps them
+    record_run(store, run_id, name=flow_run.name, recipe=recipe.name, recipe_path=recipe_path, state="running",
+               source=f"deployment {flow_run.flow_name}/{deployment.name}" if deployment.id else "cli")
+    try:
+        stages = run_stages(recipe, recipe_path, overrides or [], store, lambda r: record_run(store, run_id, stages={r.stage: r.uri}))
+    except BaseException:
+        record_run(store, run_id, state="failed")
+        raise
+    record_run(store, run_id, state="completed")
+    create_table_artifact(key="stages", table=[{"stage": name, **result} for name, result in stages.items()],
+                          description=f"Recipe {recipe.name}: each stage's output in the store, and whether it was cached")
+    create_markdown_artifact(key="store-usage", markdown=usage_markdown(store),
+                             description="The store's size by stage after this run")
+    return stages
 
+
+def run_stages(recipe: Recipe, recipe_path: str, overrides: list[str], store, done) -> dict[str, dict]:
+    """The six stages in order; done(result) after each."""
     weights = weights_task(recipe)
+    done(weights)
     target = delta_task(recipe, weights.uri)
+    done(target)
     data = data_task(recipe)
+    done(data)
     tokens = tokenize_task(recipe, target.uri, data.uri)
+    done(tokens)
     # train and evaluate are flows of their own, so that deployments can run them on the GPU work pool
     if recipe.deployments.train:
         key, _ = train_key(recipe, target.uri, tokens.uri)
@@ -99,6 +123,7 @@ def finetune(recipe_path: str, overrides: list[str] | None = None, notes_fingerp
                                "tokens_uri": tokens.uri, "overrides": overrides or []}, store.uri_for(output_prefix("train", key)), store)
     else:
         trained = StageResult(**train_flow(recipe_path, target.uri, tokens.uri, overrides or []))
+    done(trained)
     if recipe.deployments.evaluate:
         key, _, _ = evaluate_key(recipe, target.uri, trained.uri, data.uri, tokens.uri)
         evaluation = remote_stage(recipe.deployments.evaluate, "evaluate", {
@@ -106,11 +131,8 @@ def finetune(recipe_path: str, overrides: list[str] | None = None, notes_fingerp
             "tokens_uri": tokens.uri, "overrides": overrides or []}, store.uri_for(output_prefix("evaluate", key)), store)
     else:
         evaluation = evaluate_task(recipe, target.uri, trained.uri, data.uri, tokens.uri)
-
-    stages = {r.stage: r.to_dict() for r in (weights, target, data, tokens, trained, evaluation)}
-    create_table_artifact(key="stages", table=[{"stage": name, **result} for name, result in stages.items()],
-                          description=f"Recipe {recipe.name}: each stage's output in the store, and whether it was cached")
-    return stages
+    done(evaluation)
+    return {r.stage: r.to_dict() for r in (weights, target, data, tokens, trained, evaluation)}
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from labtune.stage import verify_uploaded
-from labtune.store import Store, StoreError, StoreSettings, open_store, sha256_file
+from labtune.store import Store, StoreError, StoreSettings, is_disk_full, open_store, sha256_file
 
 MANIFEST = "manifest.json"
 _STEP = re.compile(r"(?:^|/)step-(\d+)/manifest\.json$")
@@ -106,6 +106,26 @@ def download(store: Store, prefix: str, step: int, dest: Path) -> dict[str, Any]
     return manifest
 
 
+def download_newest_whole(store: Store, prefix: str, dest_for: Callable[[int], Path],
+                          log: Callable[[str], None]) -> int | None:
+    """The newest checkpoint whose every file is there with its manifest's sha256, downloaded to
+    dest_for(step); a broken one (a rank file missing or corrupt) is named in the log and the one
+    before it is tried. None when no checkpoint is whole. Nothing is loaded from a partial one."""
+    import shutil
+
+    for step in reversed(committed_steps(store, prefix)):
+        dest = dest_for(step)
+        shutil.rmtree(dest, ignore_errors=True)
+        try:
+            download(store, prefix, step, dest)
+            return step
+        except (StoreError, ValueError) as exc:
+            shutil.rmtree(dest, ignore_errors=True)
+            first = (str(exc).splitlines() or [""])[0]
+            log(f"checkpoint step {step} is broken, not resumed from: {first}; trying the one before it")
+    return None
+
+
 class BackgroundUploader:
     """Uploads one checkpoint at a time in a thread while training goes on. Rank 0 also commits
     the manifest and prunes. An upload that fails is reported and leaves the step incomplete;
@@ -117,6 +137,7 @@ class BackgroundUploader:
         self.log = log
         self.thread: threading.Thread | None = None
         self.committed: list[str] = []
+        self.fatal: str | None = None  # a full disk: the training stops at its next checkpoint or end
 
     def _store(self) -> Store:
         return open_store(self.settings)
@@ -142,9 +163,17 @@ class BackgroundUploader:
                                                      "pruned_steps": pruned}))
         except Exception as exc:  # the training goes on; this step simply stays incomplete
             first = (str(exc).splitlines() or [""])[0]
+            if is_disk_full(exc):
+                self.fatal = f"checkpoint step {step}: {first}"
             print(f"warning (rank {self.rank}): checkpoint step {step} was not uploaded: {type(exc).__name__}: {first}",
                   flush=True)
             traceback.print_exc()
+
+    def raise_fatal(self) -> None:
+        """A checkpoint that could not be stored for want of space ends the training: every later
+        one would fail too, and the final model after it."""
+        if self.fatal:
+            raise SystemExit(self.fatal)
 
     def wait(self) -> None:
         if self.thread is not None:

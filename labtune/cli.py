@@ -28,7 +28,9 @@ app = typer.Typer(name="labtune", no_args_is_help=True, add_completion=False, ri
 stack_app = typer.Typer(no_args_is_help=True, help="The local stack: Prefect server, S3 endpoint, pools, workers, deployments.")
 server_app = typer.Typer(no_args_is_help=True, help="The local Prefect server.")
 app.add_typer(stack_app, name="stack")
+store_app = typer.Typer(no_args_is_help=True, help="The store: what it holds, and deleting what no recent run needs.")
 app.add_typer(server_app, name="server")
+app.add_typer(store_app, name="store")
 
 PORT = int(os.environ.get("LABTUNE_PREFECT_PORT", "4200"))
 ENDPOINT = os.environ.get("AWS_ENDPOINT_URL")
@@ -527,6 +529,67 @@ def server_status(port: int = Port) -> None:
     from labtune import server
 
     print(json.dumps(server.status(port), indent=2))
+
+
+# --- the store --------------------------------------------------------------------------------
+
+StoreUri = typer.Option("~/.labtune/store", "--store", help="the store: a folder or s3://bucket/prefix (a recipe's store.uri)")
+
+
+def _age(seconds: float | None) -> str:
+    if seconds is None:
+        return "incomplete"
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f} {unit}"
+    return f"{seconds:.0f} s"
+
+
+@store_app.command("ls", epilog=example("labtune store ls --store s3://lab/labtune --recipe labnotes"))
+def store_ls(store_uri: str = StoreUri, recipe: Optional[str] = typer.Option(None, "--recipe", help="only outputs runs of this recipe (its name) used"),
+             endpoint_url: Optional[str] = Endpoint, as_json: bool = Json) -> None:
+    """Every stage output and training's checkpoints: size, age, the runs that use it, and whether
+    the latest run of a deployment (or of the CLI) still needs it."""
+    from labtune.housekeeping import inventory
+    from labtune.store import open_store
+
+    store = open_store(store_uri, endpoint_url=endpoint_url)
+    now = time.time()
+    listed = inventory(store, recipe)
+    if as_json:
+        print(json.dumps([{"uri": store.uri_for(o.prefix), "stage": o.stage, "size": o.size,
+                           "age_seconds": None if o.created is None else round(now - o.created),
+                           "runs": o.runs, "needed": o.needed} for o in listed]))
+        return
+    _table(["stage", "key", "MB", "age", "runs", "latest run needs it"],
+           [[o.stage, o.key, f"{o.size / 1e6:,.1f}", _age(None if o.created is None else now - o.created),
+             _short(", ".join(o.runs) or "-", 40), "yes" if o.needed else "no"] for o in listed])
+    print(f"\n{len(listed)} outputs, {sum(o.size for o in listed) / 1e6:,.1f} MB in {store.uri}")
+
+
+@store_app.command("gc", epilog=example("labtune store gc --store ~/.labtune/store --keep-last 3 --dry-run"))
+def store_gc(store_uri: str = StoreUri, keep_last: int = typer.Option(..., "--keep-last", min=0,
+             help="finished runs to keep per recipe (runs in progress are always kept)"),
+             dry_run: bool = typer.Option(False, "--dry-run", help="say what would be deleted; delete nothing"),
+             endpoint_url: Optional[str] = Endpoint, as_json: bool = Json) -> None:
+    """Delete the outputs no kept run needs (manifest first), and the checkpoints of finished
+    trainings. Never what a run in progress reads or a stage is writing."""
+    from labtune.housekeeping import collect, usage_by_stage
+    from labtune.store import open_store
+
+    store = open_store(store_uri, endpoint_url=endpoint_url)
+    before = sum(usage_by_stage(store).values())
+    result = collect(store, keep_last, dry_run=dry_run, log=_err if not as_json else (lambda line: None))
+    after = before - result.freed if dry_run else sum(usage_by_stage(store).values())
+    if as_json:
+        print(json.dumps({"deleted": [store.uri_for(o.prefix) for o in result.deleted], "freed": result.freed,
+                          "runs_dropped": result.runs_dropped, "bytes_before": before, "bytes_after": after,
+                          "dry_run": dry_run}))
+        return
+    verb = "would free" if dry_run else "freed"
+    print(f"{len(result.deleted)} outputs {'would be ' if dry_run else ''}deleted, {verb} {result.freed / 1e6:,.1f} MB: "
+          f"{before / 1e6:,.1f} MB -> {after / 1e6:,.1f} MB in {store.uri}")
+
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -20,10 +21,12 @@ from typing import Any
 
 from labtune import __version__
 from labtune.errors import LabtuneError
-from labtune.store import (LocalStore, Store, StoreError, StoreSettings, labtune_home, open_store, output_sha256,
-                           scratch_dir, sha256_file)
+from labtune.lease import describe, lease_for
+from labtune.store import (LocalStore, Store, StoreError, StoreSettings, disk_full, is_disk_full, labtune_home, open_store,
+                           output_sha256, scratch_dir, sha256_file)
 
 MANIFEST = "manifest.json"
+LEASE_POLL_SECONDS = 2.0  # how often a run waiting on another's build looks for its manifest
 Log = Callable[[str], None]
 _logger = logging.getLogger("labtune")
 
@@ -100,8 +103,10 @@ def commit(
     started: float,
     extra: dict[str, Any] | None = None,
     log: Log = default_log,
+    before_manifest: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
-    """Upload every file of local_dir under prefix, then the manifest, last."""
+    """Upload every file of local_dir under prefix, then the manifest, last. `before_manifest`
+    may still stop it (a lost lease) after the files are up."""
     files = []
     local_files = sorted(p for p in Path(local_dir).rglob("*") if p.is_file())
     if not local_files:
@@ -129,6 +134,8 @@ def commit(
         "timings": {"started": started, "finished": finished, "seconds": round(finished - started, 3)},
         **(extra or {}),
     }
+    if before_manifest is not None:
+        before_manifest()
     store.write_bytes(_join(prefix, MANIFEST), json.dumps(manifest, indent=2, sort_keys=True).encode())
     return manifest
 
@@ -162,17 +169,26 @@ def fetch(store: Store, uri: str, log: Log = default_log) -> Path:
     cache = labtune_home() / "cache" / hashlib.sha256(raw_manifest).hexdigest()[:24]
     if (cache / MANIFEST).is_file():
         return cache
-    staging = cache.with_name(cache.name + ".part")
-    shutil.rmtree(staging, ignore_errors=True)
+    # this process's own staging folder: two runs fetching one output at once never share files
+    staging = cache.with_name(f"{cache.name}.{os.getpid()}.{time.monotonic_ns()}.part")
     total = sum(entry["size"] for entry in manifest["files"])
     log(f"downloading {uri} ({len(manifest['files'])} files, {total / 1e6:.1f} MB)")
-    for entry in manifest["files"]:
-        target = staging / entry["path"]
-        store.download(_join(prefix, entry["path"]), target)
-        _verify(target, entry, uri)
-    (staging / MANIFEST).write_bytes(raw_manifest)
-    shutil.rmtree(cache, ignore_errors=True)
-    staging.rename(cache)
+    try:
+        for entry in manifest["files"]:
+            target = staging / entry["path"]
+            store.download(_join(prefix, entry["path"]), target)
+            _verify(target, entry, uri)
+        (staging / MANIFEST).write_bytes(raw_manifest)
+        if (cache / MANIFEST).is_file():  # another run fetched it meanwhile
+            return cache
+        shutil.rmtree(cache, ignore_errors=True)
+        try:
+            staging.rename(cache)
+        except OSError:
+            if not (cache / MANIFEST).is_file():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return cache
 
 
@@ -202,13 +218,34 @@ def run_stage(
     work_name: str | None = None,
     wait_seconds: float = 3600.0,
 ) -> StageResult:
-    """Skip the stage when its manifest exists; otherwise build into a scratch dir and commit."""
+    """Skip the stage when its manifest exists; otherwise build into a scratch dir and commit.
+
+    One writer per output (labtune/lease.py): a run that finds another building the same prefix
+    waits for its manifest and returns it as cached. The nodes of one multi-node stage
+    (`work_name` set) agree by rank instead: the one holding rank 0 commits."""
     prefix = output_prefix(stage, key)
     started = time.time()
     if read_manifest(store, prefix) is not None:
         log(f"{stage}: cached at {store.uri_for(prefix)}")
         return StageResult(stage, store.uri_for(prefix), True, round(time.time() - started, 3))
-    work = labtune_home() / "work" / (work_name or f"{stage}-{key}")
+    lease = None
+    if work_name is None:
+        lease = lease_for(store, stage, key)
+        waited = False
+        while not lease.acquire():
+            if not waited:
+                log(f"{stage}: {describe(lease.holder())} is building {store.uri_for(prefix)}; waiting for its manifest")
+                waited = True
+            if read_manifest(store, prefix) is not None:
+                break
+            time.sleep(LEASE_POLL_SECONDS)
+        if read_manifest(store, prefix) is not None:  # the other run committed while this one looked
+            if lease.holding:
+                lease.release()
+            log(f"{stage}: cached at {store.uri_for(prefix)} (built by another run)")
+            return StageResult(stage, store.uri_for(prefix), True, round(time.time() - started, 3))
+    # a folder of this process's own: two runs of one stage on this machine never share scratch
+    work = labtune_home() / "work" / f"{work_name or f'{stage}-{key}'}-{os.getpid()}"
     shutil.rmtree(work, ignore_errors=True)
     out = work / "out"
     out.mkdir(parents=True)
@@ -225,10 +262,16 @@ def run_stage(
                 time.sleep(1.0)
             seconds = round(time.time() - started, 3)
             return StageResult(stage, store.uri_for(prefix), False, seconds)
+        except Exception as exc:
+            if is_disk_full(exc) and not isinstance(exc, StoreError):  # the scratch folder filled: one line, no manifest
+                raise disk_full(getattr(exc, "filename", None) or out, None) from None
+            raise
         commit(store, prefix, out, stage=stage, inputs=inputs, parameters=parameters,
-               started=started, extra=extra, log=log)
+               started=started, extra=extra, log=log, before_manifest=lease.check if lease else None)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+        if lease is not None:
+            lease.release()
     seconds = round(time.time() - started, 3)
     log(f"{stage}: done in {seconds:.1f}s -> {store.uri_for(prefix)}")
     return StageResult(stage, store.uri_for(prefix), False, seconds)

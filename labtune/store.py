@@ -7,6 +7,7 @@ Credentials are boto3's business (environment, profile, role) and never appear i
 
 from __future__ import annotations
 
+import errno
 import functools
 import hashlib
 import json
@@ -16,6 +17,7 @@ import random
 import shutil
 import tempfile
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -32,6 +34,12 @@ class StoreError(RunFailure):
     retries it once more, unless it is StoreUnavailable (which already waited)."""
 
     transient = True
+
+
+class DiskFull(StoreError):
+    """A local store's or scratch folder's disk is full (or read-only): not retried, the run stops."""
+
+    transient = False
 
 
 class StoreUnavailable(StoreError):
@@ -153,6 +161,47 @@ def checked_key(key: str, where: str) -> str:
     return key
 
 
+def _partial(target: Path) -> Path:
+    """A temporary name beside target that no other writer uses: two runs committing one file at
+    once each rename a whole file into place, never a mix of both."""
+    return target.with_name(f"{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.part")
+
+
+def _disk_error(exc: OSError, path: Path, needed: int) -> StoreError | OSError:
+    """A full or read-only disk as one line naming the path and the bytes it needed."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return disk_full(path, needed)
+    if exc.errno in (errno.EROFS, errno.EACCES):
+        reason = "read-only file system" if exc.errno == errno.EROFS else "permission denied"
+        return StoreError(f"{path}: {reason}; cannot write {needed:,} bytes")
+    return exc
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether an error (or one it wraps: torch's checkpoint writer, datasets) is a full disk."""
+    seen = 0
+    while exc is not None and seen < 8:
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left on device" in str(exc) or "Disk quota exceeded" in str(exc):
+            return True
+        exc = exc.__cause__ or exc.__context__
+        seen += 1
+    return False
+
+
+def disk_full(path: str | os.PathLike, needed: int | None) -> "DiskFull":
+    """One line naming the folder, what was being written, and the space left."""
+    folder = Path(path)
+    probe = folder if folder.is_dir() else folder.parent
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    wanted = f"{needed:,} bytes" if needed else "more space"
+    return DiskFull(f"{path}: no space left on device: needed {wanted}, {free:,} bytes free; free space and re-run "
+                    "(finished stages are kept, training resumes from its last checkpoint)")
+
+
 class LocalStore:
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root).expanduser().resolve()
@@ -183,18 +232,26 @@ class LocalStore:
     def write_bytes(self, key: str, data: bytes) -> None:
         target = self._path(key)
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(target.name + ".part")
-        tmp.write_bytes(data)
-        os.replace(tmp, target)
+        tmp = _partial(target)
+        try:
+            tmp.write_bytes(data)
+            os.replace(tmp, target)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise _disk_error(exc, target, len(data)) from None
 
     def upload(self, local: str | os.PathLike, key: str) -> None:
         target = self._path(key)
         if target.exists() and os.path.samefile(local, target):
             return  # built in place
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(target.name + ".part")
-        shutil.copyfile(local, tmp)
-        os.replace(tmp, target)
+        tmp = _partial(target)
+        try:
+            shutil.copyfile(local, tmp)
+            os.replace(tmp, target)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise _disk_error(exc, target, os.path.getsize(local)) from None
 
     def download(self, key: str, local: str | os.PathLike) -> None:
         source = self._path(key)
@@ -440,13 +497,16 @@ def _open(settings: StoreSettings) -> Store:
 
 def download_tree(store: Store, prefix: str, dest: Path) -> list[Path]:
     """Copy every object under prefix into dest (for sources without a labtune manifest)."""
-    paths = []
+    from concurrent.futures import ThreadPoolExecutor
+
+    targets = []
     for key in store.list(prefix):
         rel = key[len(prefix):].lstrip("/") if prefix else key
-        target = dest / checked_key(rel, store.uri_for(key))  # a key with '..' never writes outside dest
-        store.download(key, target)
-        paths.append(target)
-    return paths
+        targets.append((key, dest / checked_key(rel, store.uri_for(key))))  # a key with '..' never writes outside dest
+    # many small objects (thousands of notes): their round trips overlap (boto3's client is thread-safe)
+    with ThreadPoolExecutor(max_workers=16 if isinstance(store, S3Store) else 1) as pool:
+        list(pool.map(lambda item: store.download(*item), targets))
+    return [target for _, target in targets]
 
 
 def scratch_dir(prefix: str) -> Path:

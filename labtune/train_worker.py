@@ -25,6 +25,8 @@ import shutil
 import sys
 import time
 import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +40,41 @@ from labtune.throughput import FlopsModel, describe, mfu, peak_flops, peak_memor
 from labtune.precision import native_bf16
 from labtune.recipe import WSD_DECAY_FRACTION, TrainConfig
 from labtune.worker_config import WORKER_ERROR, WorkerConfig
+
+
+@contextmanager
+def writing(path: Path, needed: int) -> Iterator[None]:
+    """A full disk while writing `needed` bytes under path: one line naming both, as the error."""
+    from labtune.store import disk_full, is_disk_full
+
+    try:
+        yield
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as exc:  # torch.distributed.checkpoint's CheckpointException is a BaseException
+        # torch's zip writer reports a short write as "unexpected pos": a full disk all the same
+        if is_disk_full(exc) or _free_bytes(path) < needed:
+            raise SystemExit(str(disk_full(path, needed))) from None
+        raise
+
+
+def _free_bytes(path: Path) -> int:
+    probe = Path(path)
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    return shutil.disk_usage(probe).free
+
+
+def tensor_bytes(state: Any) -> int:
+    """Bytes of the tensors (this rank's shards) in a nested state dict."""
+    if isinstance(state, torch.Tensor):
+        local = state.to_local() if hasattr(state, "to_local") else state
+        return local.numel() * local.element_size()
+    if isinstance(state, dict):
+        return sum(tensor_bytes(v) for v in state.values())
+    if isinstance(state, (list, tuple)):
+        return sum(tensor_bytes(v) for v in state)
+    return 0
 
 
 def log(message: str) -> None:
@@ -203,15 +240,17 @@ class CheckpointRunner:
 
         assert self.uploader is not None
         self.uploader.wait()  # one checkpoint in flight at a time bounds the disk it takes
+        self.uploader.raise_fatal()
         started = time.time()
         local = self.local_root / f"step-{step:07d}"
-        local.mkdir(parents=True, exist_ok=True)
         model_state, optim_state = get_state_dict(model, optimizer, options=self.options())
-        dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(local))
         rng = {"python": random.getstate(), "torch": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state()
-        torch.save(rng, local / f"rng-rank{self.rank}.pt")
+        with writing(local, tensor_bytes(model_state) + tensor_bytes(optim_state)):
+            local.mkdir(parents=True, exist_ok=True)
+            dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(local))
+            torch.save(rng, local / f"rng-rank{self.rank}.pt")
         files = sorted(local.glob(f"__{self.rank}_*.distcp")) + [local / f"rng-rank{self.rank}.pt"]
         if self.rank == 0:
             state = {"step": step, "epoch": epoch, "world_size": self.world, "scheduler": scheduler.state_dict(),
@@ -232,13 +271,14 @@ class CheckpointRunner:
 
         found: list[Any] = [None]
         if self.rank == 0:  # one decision, broadcast, so every node resumes from the same step
-            found[0] = checkpoints.latest_step(self._store(), self.prefix)
+            found[0] = checkpoints.download_newest_whole(self._store(), self.prefix,
+                                                         lambda s: self.local_root / f"resume-{s:07d}", log)
         dist.broadcast_object_list(found, src=0)
         step = found[0]
         if step is None:
             return None
         local = self.local_root / f"resume-{step:07d}"
-        if self.local_rank == 0:
+        if self.local_rank == 0 and self.rank != 0:  # another node: its own copy of the step rank 0 verified
             shutil.rmtree(local, ignore_errors=True)
             checkpoints.download(self._store(), self.prefix, step, local)
         dist.barrier()
@@ -266,6 +306,7 @@ class CheckpointRunner:
     def finish(self) -> None:
         if self.uploader is not None:
             self.uploader.wait()
+            self.uploader.raise_fatal()
 
     def committed(self) -> list[str]:
         return list(self.uploader.committed) if self.uploader is not None else []
@@ -559,9 +600,10 @@ def export(run: Run, train_seconds: float, epochs_run: int, resumed_from: int | 
     export_peak = peak_memory_per_rank(run) if run.device.type == "cuda" else None
     if run.rank == 0:
         out_dir = Path(run.cfg.output_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        export_model(state, run.base_config, run.save_dtype, run.lora_config, out_dir)
-        run.tokenizer.save_pretrained(out_dir)
+        with writing(out_dir, sum(t.numel() for t in state.values()) * run.save_dtype.itemsize):
+            out_dir.mkdir(parents=True, exist_ok=True)
+            export_model(state, run.base_config, run.save_dtype, run.lora_config, out_dir)
+            run.tokenizer.save_pretrained(out_dir)
         metrics = {"history": run.history, "sharding": run.sharding, "optimizer_steps": run.step, "epochs_run": epochs_run,
                    "examples": len(run.examples), "train_seconds": round(train_seconds, 2), "world_size": run.world,
                    "resumed_from_step": resumed_from,
@@ -636,7 +678,9 @@ def main() -> None:
             print(f"{WORKER_ERROR} (rank {rank}): {exc.code}", flush=True)
             sys.exit(1)
         raise
-    except Exception as exc:
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:  # Exception, and torch.distributed.checkpoint's CheckpointException
         traceback.print_exc()
         first_line = (str(exc).splitlines() or [""])[0]
         print(f"{WORKER_ERROR} (rank {rank}): {type(exc).__name__}: {first_line}", flush=True)

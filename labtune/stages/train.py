@@ -12,7 +12,7 @@ import collections
 import contextlib
 import json
 import os
-import socket
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -39,19 +39,15 @@ class TrainCrashed(RunFailure):
     transient = True
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def torchrun_command(parallel: ParallelConfig, config_path: Path, run_id: str) -> list[str]:
-    """torchrun's command line. One node: a private rendezvous on a free local port. Several: the
+    """torchrun's command line. One node: a private c10d rendezvous on a port torchrun binds itself. Several: the
     recipe's rendezvous; with c10d, torchrun hands out ranks in order of arrival, so any node may
     hold rank 0 (the stage copes, see build_train); `static` makes node_rank 0 hold it."""
     launch = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={parallel.processes}"]
     if parallel.nnodes == 1:
-        launch += ["--nnodes=1", "--master_addr=127.0.0.1", f"--master_port={free_port()}"]
+        # torchrun binds its own store on a free port (c10d on 127.0.0.1:0) and the workers share it:
+        # a port chosen here and bound later could be taken in between (a flaky "address in use")
+        launch += ["--nnodes=1", "--rdzv_backend=c10d", "--rdzv_endpoint=127.0.0.1:0", f"--rdzv_id=labtune-{run_id}"]
     elif parallel.rdzv_backend == "static":
         host, _, port = str(parallel.rdzv_endpoint).rpartition(":")
         launch += [f"--nnodes={parallel.nnodes}", f"--node_rank={parallel.node_rank}", f"--master_addr={host}",
@@ -67,7 +63,7 @@ def run_torchrun(command: list[str], env: dict[str, str], log: Log, on_progress:
                  on_checkpoint: Callable[[dict], None] | None = None) -> None:
     """Run torchrun, one log record per output line, live. Raise TrainError with the worker's error
     line when it reported one, TrainCrashed with the tail when it died without one."""
-    tail: collections.deque[str] = collections.deque(maxlen=25)
+    tail: collections.deque[str] = collections.deque(maxlen=200)  # torchrun's root-cause record and a rank's traceback
     worker_errors: list[str] = []
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, env=env)
     assert proc.stdout is not None
@@ -93,10 +89,53 @@ def run_torchrun(command: list[str], env: dict[str, str], log: Log, on_progress:
         proc.wait(timeout=30)
         raise
     if code != 0:
-        if worker_errors:
-            raise TrainError(f"torchrun exited with code {code}: {worker_errors[0].strip()}")
-        reason = list(tail)[-1].strip() if tail else "no output"
-        raise TrainCrashed(f"torchrun exited with code {code} (a worker died; a re-run resumes from the last checkpoint): {reason}")
+        record = root_cause(list(tail))
+        killed = record.get("exitcode", "").lstrip().startswith("-")  # a signal: killed, out of memory, preempted
+        own = [e for e in worker_errors if f"(rank {record.get('rank', '').split()[0] if record.get('rank') else '?'})" in e]
+        if worker_errors and not killed:
+            # the failing rank's own error; another rank's is often only the broken connection it left behind
+            raise TrainError(f"torchrun exited with code {code}: {(own or worker_errors)[0].strip()}")
+        raise TrainCrashed(f"torchrun exited with code {code} (a worker died; a re-run resumes from the last checkpoint): "
+                           f"{crash_cause(list(tail))}")
+
+
+_EXCEPTION_LINE = re.compile(r"^(?:\[[^\]]*\]:?\s*)?((?:[A-Za-z_][\w]*\.)*[A-Za-z_]\w*(?:Error|Exception|Interrupt)): \S")
+
+
+def root_cause(lines: list[str]) -> dict[str, str]:
+    """torchrun's "Root Cause (first observed failure)" record: rank, exitcode, traceback, error_file."""
+    record: dict[str, str] = {}
+    in_root = False
+    for line in lines:
+        text = line.strip()
+        if text.startswith("Root Cause"):
+            in_root = True
+            continue
+        if in_root and ":" in text and not text.startswith(("=", "-")):
+            name, _, value = text.partition(":")
+            name = name.strip()
+            if name in ("rank", "exitcode", "traceback", "error_file") and name not in record:
+                record[name] = value.strip()
+    return record
+
+
+def crash_cause(lines: list[str]) -> str:
+    """The failing rank's first real error from torchrun's output: its root-cause record (rank, exit
+    code, the signal or traceback line), else the last exception line a rank printed, else the
+    last line that is not one of torchrun's banners."""
+    record = root_cause(lines)
+    exceptions = [line.strip() for line in lines if _EXCEPTION_LINE.match(line.strip())]
+    exceptions = [e for e in exceptions if "ChildFailedError" not in e]
+    if record.get("rank"):
+        detail = record.get("traceback", "")
+        if not detail or detail.startswith("To enable traceback"):
+            detail = exceptions[-1] if exceptions else "no traceback"
+        code = (record.get("exitcode") or "?").split()[0]
+        return f"rank {record['rank'].split()[0]} (exit code {code}): {detail}"
+    if exceptions:
+        return exceptions[-1]
+    plain = [line.strip() for line in lines if line.strip() and not set(line.strip()) <= set("=-*")]
+    return plain[-1] if plain else "no output"
 
 
 def train_env(nproc: int) -> dict[str, str]:
