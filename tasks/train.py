@@ -15,7 +15,7 @@ from labtune.recipe import Recipe
 from labtune.stage import StageResult, fetch
 from labtune.stages.train import artifact_link, build_train, progress_bar
 from labtune.store import open_store
-from tasks import retry_transient, run_log
+from tasks import ServerTolerant, retry_transient, run_log
 
 
 @task(name="train", retries=2, retry_delay_seconds=10, retry_condition_fn=retry_transient, cache_policy=NO_CACHE)
@@ -23,12 +23,13 @@ def train_task(recipe: Recipe, model_uri: str, tokens_uri: str) -> StageResult:
     progress_id = create_progress_artifact(progress=0.0, key="train-progress", description="Training: optimizer steps done")
 
     def on_checkpoint(record: dict) -> None:
-        create_link_artifact(key="train-checkpoint", link=artifact_link(record["uri"]), link_text=f"checkpoint at step {record['step']}",
-                             description=f"Checkpoint at optimizer step {record['step']} (resumable)")
+        ui(create_link_artifact, key="train-checkpoint", link=artifact_link(record["uri"]),
+           link_text=f"checkpoint at step {record['step']}", description=f"Checkpoint at optimizer step {record['step']} (resumable)")
 
     store = open_store(recipe.store.settings())
     with run_log() as logger, progress_bar() as bar:
         shown = [-1]
+        ui = ServerTolerant(logger)  # a Prefect server restarting mid-training does not stop it
 
         def on_progress(record: dict) -> None:
             bar(record)
@@ -36,10 +37,13 @@ def train_task(recipe: Recipe, model_uri: str, tokens_uri: str) -> StageResult:
             percent = 100 * record["step"] // record["total_steps"]
             if percent != shown[0]:
                 shown[0] = percent
-                update_progress_artifact(progress_id, progress=float(percent))
+                ui(update_progress_artifact, progress_id, progress=float(percent))
 
-        result = build_train(recipe, store, model_uri, tokens_uri, log=logger.info, on_progress=on_progress,
-                             on_checkpoint=on_checkpoint)
+        try:
+            result = build_train(recipe, store, model_uri, tokens_uri, log=logger.info, on_progress=on_progress,
+                                 on_checkpoint=on_checkpoint)
+        finally:
+            ui.close()
         model_dir = fetch(store, result.uri, logger.info)
     update_progress_artifact(progress_id, progress=100.0)
     metrics = json.loads((model_dir / "train_metrics.json").read_text())

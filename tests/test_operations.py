@@ -354,3 +354,75 @@ def test_a_full_disk_fails_the_stage_in_one_line_and_the_run_goes_on_once_space_
     result = build_train(recipe, store, model_uri, tokens_uri, log=lambda line: None)
     fetch(store, result.uri)
     assert not result.cached
+
+
+@pytest.mark.slow
+def test_a_prefect_server_restart_during_training_loses_nothing(tmp_path, monkeypatch):
+    """The Prefect server stops (SIGTERM) while the train stage runs and starts again on the same
+    database: the training goes on, and the run completes, Completed in the UI. Times printed."""
+    import asyncio
+
+    from conftest import free_port
+    from labtune import server
+
+    monkeypatch.setenv("LABTUNE_HOME", str(tmp_path / "home"))  # this test's own server and database
+    port = free_port()
+    url, _ = server.start(port=port, timeout=120)
+    store = tmp_path / "store"
+    env = {**os.environ, "PREFECT_API_URL": url}
+    run = subprocess.Popen([sys.executable, "-m", "labtune.cli", "run", str(TINY_RECIPE), f"store.uri={store}",
+                            "evaluation.heldout_notes=false", "train.num_train_epochs=16", "train.save_steps=8", "--json"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
+    try:
+        deadline = time.time() + 300
+        while not list(store.glob("checkpoints/*/step-*/manifest.json")):  # training is under way
+            assert run.poll() is None and time.time() < deadline, run.communicate()[1][-3000:]
+            time.sleep(0.2)
+        stopped = time.time()
+        assert server.stop()
+        down = time.time() - stopped
+        time.sleep(5)  # the server stays away a while, as during an upgrade
+        restarted = time.time()
+        server.start(port=port, timeout=120)
+        up = time.time() - restarted
+        assert run.poll() is None, "the run died while the server was away"
+        out, err = run.communicate(timeout=900)
+        assert run.returncode == 0, err[-3000:]
+        result = json.loads(out.strip().splitlines()[-1])
+        print(f"server stopped in {down:.1f} s, away 5 s, healthy again {up:.1f} s after its start; "
+              f"the run completed {time.time() - stopped:.0f} s after the stop")
+        assert not result["stages"]["train"]["cached"]
+        assert "resumed from checkpoint" not in err  # the same training went on: nothing redone
+
+        async def state_of(run_id: str) -> str:
+            from prefect.client.orchestration import get_client
+            from prefect.settings import PREFECT_API_URL, temporary_settings
+
+            with temporary_settings(updates={PREFECT_API_URL: url}):
+                async with get_client() as client:
+                    return (await client.read_flow_run(run_id)).state.name
+
+        assert asyncio.run(state_of(result["flow_run"]["id"])) == "Completed"  # what the UI shows
+
+        async def progress_logged() -> list[int]:
+            from prefect.client.orchestration import get_client
+            from prefect.client.schemas.filters import LogFilter
+            from prefect.settings import PREFECT_API_URL, temporary_settings
+
+            with temporary_settings(updates={PREFECT_API_URL: url}):
+                async with get_client() as client:
+                    logs, offset = [], 0
+                    while page := await client.read_logs(log_filter=LogFilter(), limit=200, offset=offset):
+                        logs += page
+                        offset += len(page)
+            return sorted({json.loads(log.message[len("progress "):])["step"] for log in logs
+                           if log.message.startswith("progress {")})
+
+        steps = asyncio.run(progress_logged())
+        print(f"the UI holds the progress lines of {len(steps)} of {steps[-1] if steps else 0} steps")
+        assert steps == list(range(1, steps[-1] + 1)) and steps[-1] >= 100  # logs of the outage were kept and sent
+        fetch(open_store(str(store)), result["stages"]["evaluate"]["uri"])
+    finally:
+        if run.poll() is None:
+            run.kill()
+        server.stop()
