@@ -49,8 +49,9 @@ def upload(folder: Path, store) -> None:
         list(pool.map(lambda p: store.upload(p, p.name), sorted(folder.iterdir())))
 
 
-def measure(source: str, work: Path, settings) -> tuple[float, float, float, int]:
-    """(first fingerprint s, unchanged fingerprint s, data stage s, meetings converted)."""
+def measure(source: str, work: Path, settings, change) -> tuple[float, float, float, float, int]:
+    """(first fingerprint s, unchanged fingerprint s, data stage s, data stage after one note
+    changed s, meetings converted). `change()` edits one note."""
     import json
 
     from labtune.recipe import load_recipe
@@ -73,7 +74,11 @@ def measure(source: str, work: Path, settings) -> tuple[float, float, float, int
     result = build_data(recipe, store, log=lambda line: None)
     data_seconds = time.time() - started
     report = json.loads((fetch(store, result.uri) / "report.json").read_text())
-    return first, second, data_seconds, report_meetings(report)
+    change()
+    started = time.time()
+    build_data(recipe, open_store(str(store_dir) + "-changed"), log=lambda line: None)
+    changed_seconds = time.time() - started
+    return first, second, data_seconds, changed_seconds, report_meetings(report)
 
 
 def report_meetings(report: list) -> int:
@@ -104,20 +109,31 @@ def main() -> None:
         boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket="notes")
     from labtune.store import StoreSettings, open_store
 
-    print(f"{'source':<8} {'files':>6} {'fingerprint s':>14} {'unchanged s':>12} {'data stage s':>13} {'ms/file':>8}")
+    print(f"{'source':<8} {'files':>6} {'fingerprint s':>14} {'unchanged s':>12} {'data stage s':>13} "
+          f"{'1 changed s':>12} {'ms/file':>8}")
     try:
         for count in [int(c) for c in args.counts.split(",")]:
             folder = work / f"notes-{count}"
             write_notes(folder, count)
-            sources = [("local", str(folder), None)]
+            first_note = sorted(folder.iterdir())[0]
+
+            def edit_local(note: Path = first_note) -> None:
+                note.write_text(note.read_text() + "- one more action item.\n")
+
+            sources = [("local", str(folder), None, edit_local)]
             if endpoint:
                 uri = f"s3://notes/n{count}"
                 settings = StoreSettings(uri, endpoint_url=endpoint)
                 upload(folder, open_store(settings))
-                sources.append(("s3", uri, settings))
-            for label, source, settings in sources:
-                first, second, data_seconds, meetings = measure(source, work, settings)
-                print(f"{label:<8} {count:>6} {first:>14.2f} {second:>12.2f} {data_seconds:>13.2f} "
+
+                def edit_remote(note: Path = first_note, settings=settings) -> None:
+                    note.write_text(note.read_text() + "- and another.\n")
+                    open_store(settings).upload(note, note.name)
+
+                sources.append(("s3", uri, settings, edit_remote))
+            for label, source, settings, change in sources:
+                first, second, data_seconds, changed, meetings = measure(source, work, settings, change)
+                print(f"{label:<8} {count:>6} {first:>14.2f} {second:>12.2f} {data_seconds:>13.2f} {changed:>12.2f} "
                       f"{1000 * (first + data_seconds) / count:>8.2f}  ({meetings} notes converted)", flush=True)
     finally:
         if moto is not None:

@@ -496,17 +496,40 @@ def _open(settings: StoreSettings) -> Store:
 
 
 def download_tree(store: Store, prefix: str, dest: Path) -> list[Path]:
-    """Copy every object under prefix into dest (for sources without a labtune manifest)."""
+    """Copy every object under prefix into dest (for sources without a labtune manifest).
+
+    S3 objects are also kept in $LABTUNE_HOME/cache/objects by URI and ETag, so a folder of notes
+    where one file changed downloads that one file again, not all of them (the watcher's retraining
+    after each change reads thousands of unchanged notes otherwise)."""
     from concurrent.futures import ThreadPoolExecutor
 
+    remote = isinstance(store, S3Store)
+    items = store.list_with_etags(prefix) if remote else [(key, 0, "") for key in store.list(prefix)]
+    cache = labtune_home() / "cache" / "objects"
     targets = []
-    for key in store.list(prefix):
+    for key, size, etag in items:
         rel = key[len(prefix):].lstrip("/") if prefix else key
-        targets.append((key, dest / checked_key(rel, store.uri_for(key))))  # a key with '..' never writes outside dest
+        target = dest / checked_key(rel, store.uri_for(key))  # a key with '..' never writes outside dest
+        kept = cache / hashlib.sha256(f"{store.uri_for(key)}\0{etag}".encode()).hexdigest()[:40] if remote else None
+        targets.append((key, target, kept, size))
+
+    def fetch_one(item: tuple[str, Path, Path | None, int]) -> None:
+        key, target, kept, size = item
+        if kept is not None and kept.is_file() and kept.stat().st_size == size:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(kept, target)
+            return
+        store.download(key, target)
+        if kept is not None:
+            kept.parent.mkdir(parents=True, exist_ok=True)
+            partial = _partial(kept)
+            shutil.copyfile(target, partial)
+            os.replace(partial, kept)
+
     # many small objects (thousands of notes): their round trips overlap (boto3's client is thread-safe)
-    with ThreadPoolExecutor(max_workers=16 if isinstance(store, S3Store) else 1) as pool:
-        list(pool.map(lambda item: store.download(*item), targets))
-    return [target for _, target in targets]
+    with ThreadPoolExecutor(max_workers=16 if remote else 1) as pool:
+        list(pool.map(fetch_one, targets))
+    return [target for _, target, _, _ in targets]
 
 
 def scratch_dir(prefix: str) -> Path:

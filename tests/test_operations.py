@@ -426,3 +426,53 @@ def test_a_prefect_server_restart_during_training_loses_nothing(tmp_path, monkey
         if run.poll() is None:
             run.kill()
         server.stop()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["local", "s3"])
+def test_the_watcher_and_the_data_stage_on_5000_notes(backend, tmp_path, s3_endpoint, bucket):
+    """5,000 generated note files: the fingerprint, an unchanged re-fingerprint, the data stage, and
+    the data stage again after one note changed (S3 objects come from the local cache by ETag).
+    Times are printed (bench/notes_scale.py measures their growth), not asserted."""
+    sys.path.insert(0, str(REPO / "bench"))
+    from notes_scale import upload, write_notes
+
+    from labtune.recipe import load_recipe
+    from labtune.stages.data import build_data
+    from labtune.store import StoreSettings
+    from labtune.watch import fingerprint, note_listing
+
+    folder = tmp_path / "notes"
+    write_notes(folder, 5000)
+    settings = None
+    source = str(folder)
+    if backend == "s3":
+        source = f"s3://{bucket}/notes"
+        settings = StoreSettings(source, endpoint_url=s3_endpoint)
+        upload(folder, open_store(settings))
+    times = {}
+    started = time.time()
+    listing = note_listing(source, settings)
+    before = fingerprint(listing)
+    times["fingerprint"] = time.time() - started
+    assert len(listing) == 5000
+    overrides = [f"data.sources.0.path={source}"] + ([f"store.endpoint_url={s3_endpoint}"] if settings else [])
+
+    def data_stage(name: str) -> dict:
+        recipe = load_recipe(TINY_RECIPE, [f"store.uri={tmp_path / name}", *overrides])
+        began = time.time()
+        result = build_data(recipe, LocalStore(tmp_path / name), log=lambda line: None)
+        times[name] = time.time() - began
+        return json.loads((fetch(LocalStore(tmp_path / name), result.uri) / "report.json").read_text())
+
+    report = data_stage("data stage")
+    assert sum(s["files"] for s in report if s["type"] == "lab_notes") == 5000
+    note = sorted(folder.iterdir())[0]
+    note.write_text(note.read_text() + "- one more action item.\n")
+    if settings:
+        open_store(settings).upload(note, note.name)
+    started = time.time()
+    assert fingerprint(note_listing(source, settings)) != before
+    times["fingerprint after a change"] = time.time() - started
+    data_stage("data stage after a change")
+    print(f"5,000 notes ({backend}): " + ", ".join(f"{name} {seconds:.2f} s" for name, seconds in times.items()))
