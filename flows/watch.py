@@ -64,7 +64,7 @@ def watch_lab_notes(recipe_path: str, overrides: list[str] | None = None) -> dic
 
 
 def changes_markdown(payload: dict[str, Any]) -> str:
-    lines = [f"# Lab notes changed", "", f"Fingerprint `{payload.get('previous_fingerprint')}` → `{payload['fingerprint']}`", ""]
+    lines = ["# Lab notes changed", "", f"Fingerprint `{payload.get('previous_fingerprint')}` → `{payload['fingerprint']}`", ""]
     for kind in ("added", "changed", "removed"):
         names = payload.get(kind) or []
         lines.append(f"**{kind}** ({len(names)}): " + (", ".join(f"`{n}`" for n in names[:50]) or "none"))

@@ -16,7 +16,7 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
-from labtune.errors import LabtuneError, RunFailure
+from labtune.errors import RunFailure
 from labtune.store import labtune_home
 
 DEFAULT_PORT = 4200

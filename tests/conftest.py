@@ -133,6 +133,21 @@ def notes_copy(tmp_path: Path) -> Path:
     return target
 
 
+def tiny_stage_inputs(root: Path, overrides: list[str] | tuple[str, ...] = ()):
+    """(recipe, store, model URI, tokens URI): the tiny recipe's stages up to tokenize, in a store
+    under root, for tests of the train stage."""
+    from labtune.recipe import load_recipe
+    from labtune.stages.data import build_data
+    from labtune.stages.tokenize import build_tokenize
+    from labtune.stages.weights import build_weights
+    from labtune.store import LocalStore
+
+    recipe = load_recipe(TINY_RECIPE, [*overrides, f"store.uri={root / 'store'}"])
+    store = LocalStore(root / "store")
+    model_uri = build_weights(recipe, store).uri
+    return recipe, store, model_uri, build_tokenize(recipe, store, model_uri, build_data(recipe, store).uri).uri
+
+
 def run_cli(*args: str, env: dict[str, str] | None = None, timeout: int = 600,
             stdin: str | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "labtune.cli", *args], capture_output=True, text=True, input=stdin,

@@ -9,15 +9,11 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from conftest import TINY_RECIPE
+from conftest import tiny_stage_inputs
 from labtune.memory import GIB, Batch, Devices, DoesNotFit, Shape, activation_bytes_per_token, estimate, plan
-from labtune.recipe import TrainConfig, load_recipe
+from labtune.recipe import TrainConfig
 from labtune.stage import fetch
-from labtune.stages.data import build_data
-from labtune.stages.tokenize import build_tokenize
 from labtune.stages.train import TrainError, build_train
-from labtune.stages.weights import build_weights
-from labtune.store import LocalStore
 
 LLAMA_8B = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                        num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False)
@@ -107,14 +103,9 @@ def test_a_full_8b_fine_tune_on_one_h200_fails_with_the_numbers_and_what_would_f
 def wider_inputs(tmp_path_factory):
     """A random LLaMA of 25M parameters: large enough that its states and activations, not the
     Python runtime, make up most of a rank's memory."""
-    root = tmp_path_factory.mktemp("memory")
-    wider = ["base_model.tiny.hidden_size=512", "base_model.tiny.intermediate_size=1536",
-             "base_model.tiny.num_hidden_layers=8", "base_model.tiny.num_attention_heads=8",
-             "base_model.tiny.num_key_value_heads=4", f"store.uri={root / 'store'}"]
-    recipe = load_recipe(TINY_RECIPE, wider)
-    store = LocalStore(root / "store")
-    model_uri = build_weights(recipe, store).uri
-    return recipe, store, model_uri, build_tokenize(recipe, store, model_uri, build_data(recipe, store).uri).uri
+    return tiny_stage_inputs(tmp_path_factory.mktemp("memory"), [
+        "base_model.tiny.hidden_size=512", "base_model.tiny.intermediate_size=1536", "base_model.tiny.num_hidden_layers=8",
+        "base_model.tiny.num_attention_heads=8", "base_model.tiny.num_key_value_heads=4"])
 
 
 def test_the_estimate_is_within_a_quarter_of_the_measured_peak_and_auto_resolves_before_launch(wider_inputs):
@@ -150,10 +141,7 @@ def test_an_impossible_recipe_fails_in_pre_flight_with_the_numbers(wider_inputs)
 
 def test_cpu_offload_trains_to_the_same_losses(tmp_path):
     """fsdp `offload` (FSDP2's CPUOffloadPolicy) on two CPU ranks: the same losses as without."""
-    recipe = load_recipe(TINY_RECIPE, [f"store.uri={tmp_path / 'store'}"])
-    store = LocalStore(tmp_path / "store")
-    model_uri = build_weights(recipe, store).uri
-    tokens_uri = build_tokenize(recipe, store, model_uri, build_data(recipe, store).uri).uri
+    recipe, store, model_uri, tokens_uri = tiny_stage_inputs(tmp_path)
     losses = {}
     for fsdp in ("full_shard auto_wrap", "full_shard auto_wrap offload"):
         variant = recipe.model_copy(deep=True)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, TINY_RECIPE
+from conftest import REPO, TINY_RECIPE, tiny_stage_inputs
 from labtune.stage import fetch, read_manifest, run_stage
 from labtune.store import LocalStore, open_store, sha256_file
 
@@ -148,16 +148,7 @@ def test_a_dead_writers_s3_lease_is_taken_over_by_one_waiter_only(s3_endpoint, b
 
 @pytest.fixture(scope="module")
 def tiny_stages(tmp_path_factory):
-    from labtune.recipe import load_recipe
-    from labtune.stages.data import build_data
-    from labtune.stages.tokenize import build_tokenize
-    from labtune.stages.weights import build_weights
-
-    root = tmp_path_factory.mktemp("operations")
-    recipe = load_recipe(TINY_RECIPE, [f"store.uri={root / 'store'}"])
-    store = LocalStore(root / "store")
-    model_uri = build_weights(recipe, store).uri
-    return recipe, store, model_uri, build_tokenize(recipe, store, model_uri, build_data(recipe, store).uri).uri
+    return tiny_stage_inputs(tmp_path_factory.mktemp("operations"))
 
 
 @pytest.mark.parametrize("damage", ["missing", "corrupt"])

@@ -5,15 +5,12 @@ import math
 
 import pytest
 
-from conftest import TINY_RECIPE
-from labtune.recipe import ParallelConfig, load_recipe
+from conftest import tiny_stage_inputs
+from labtune.recipe import ParallelConfig
 from labtune.stage import fetch
 from labtune.store import LocalStore
 from labtune.train_worker import rank_batches
-from labtune.stages.data import build_data
-from labtune.stages.tokenize import build_tokenize
 from labtune.stages.train import TrainCrashed, TrainError, build_train, fitting_accumulation, train_key
-from labtune.stages.weights import build_weights
 
 
 @pytest.mark.parametrize("n, world, bs", [(3, 2, 4), (70, 2, 4), (5, 1, 8), (9, 3, 2)])
@@ -35,11 +32,7 @@ def test_length_grouping_reduces_padding():
 
 @pytest.fixture(scope="module")
 def tiny_inputs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("train")
-    recipe = load_recipe(TINY_RECIPE, [f"store.uri={root / 'store'}"])
-    store = LocalStore(root / "store")
-    model_uri = build_weights(recipe, store).uri
-    return recipe, store, model_uri, build_tokenize(recipe, store, model_uri, build_data(recipe, store).uri).uri
+    return tiny_stage_inputs(tmp_path_factory.mktemp("train"))
 
 
 def test_two_process_fsdp2_shards_parameters_and_saves_a_loadable_model(tiny_inputs):
