@@ -204,11 +204,7 @@ def _being_built(store: Store, output: Output) -> bool:
     """A stage output whose lease another process holds right now: never deleted under it."""
     if output.stage == "checkpoints":
         return False
-    lease = lease_for(store, output.stage, output.key)
-    if lease.acquire():
-        lease.release()
-        return False
-    return True
+    return lease_for(store, output.stage, output.key).busy()
 
 
 def _delete(store: Store, output: Output) -> None:

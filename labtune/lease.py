@@ -81,6 +81,20 @@ class LocalLease:
         except (OSError, ValueError):
             return None
 
+    def busy(self) -> bool:
+        """Whether another process holds it now; writes nothing (for `labtune store gc --dry-run`)."""
+        import fcntl
+
+        if not self.path.is_file():
+            return False
+        with open(self.path, "rb") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                return True
+            fcntl.flock(handle, fcntl.LOCK_UN)
+        return False
+
     def check(self) -> None:
         """A flock cannot be taken over while its process lives."""
 
@@ -165,6 +179,11 @@ class S3Lease:
     def holder(self) -> dict[str, Any] | None:
         current = self._read()
         return current[0] if current else None
+
+    def busy(self) -> bool:
+        """Whether a live run holds it (a heartbeat within STALE_SECONDS); writes nothing."""
+        current = self._read()
+        return current is not None and time.time() - float(current[0].get("heartbeat", 0)) < STALE_SECONDS
 
     def check(self) -> None:
         if self.lost:

@@ -66,7 +66,10 @@ class ServerTolerant:
         self.thread.start()
 
     def __call__(self, update, *args, **kwargs) -> None:
-        self.calls.put((update, args, kwargs))
+        import contextvars
+
+        # the caller's Prefect run context travels with the call: artifacts stay attached to this task run
+        self.calls.put((contextvars.copy_context(), update, args, kwargs))
 
     def _run(self) -> None:
         import time
@@ -75,9 +78,9 @@ class ServerTolerant:
             call = self.calls.get()
             if call is None:
                 return
-            update, args, kwargs = call
+            context, update, args, kwargs = call
             try:
-                update(*args, **kwargs)
+                context.run(update, *args, **kwargs)
             except Exception as exc:  # httpx connection errors, 5xx answers while the server restarts
                 self.skipped += 1
                 if self.away_since is None:

@@ -63,7 +63,9 @@ def test_local_store_run_then_cached_then_only_train_and_evaluate_rerun(prefect_
     for artifact in artifacts:
         by_key.setdefault(artifact.key, []).append(artifact)
     assert {"stages", "data-report", "token-report", "train-progress", "train-loss", "train-summary", "trained-model",
-            "train-checkpoint", "evaluation"} <= set(by_key)
+            "train-checkpoint", "evaluation", "store-usage"} <= set(by_key)
+    usage = by_key["store-usage"][0].data  # the store's size by stage: a bar chart and a table
+    assert "data:image/png;base64," in usage and "| train |" in usage and "| weights |" in usage
     assert f"]({Path(first['stages']['train']['uri']).as_uri()})" in by_key["trained-model"][0].data  # a link artifact
     assert "/checkpoints/" in by_key["train-checkpoint"][0].data and "step-0000004" in by_key["train-checkpoint"][0].data
     loss_table = json.loads(by_key["train-loss"][0].data)

@@ -102,6 +102,10 @@ def run_torchrun(command: list[str], env: dict[str, str], log: Log, on_progress:
 _EXCEPTION_LINE = re.compile(r"^(?:\[[^\]]*\]:?\s*)?((?:[A-Za-z_][\w]*\.)*[A-Za-z_]\w*(?:Error|Exception|Interrupt)): \S")
 
 
+_ABORT_LINE = re.compile(r"terminate called|what\(\):|free\(\)|malloc\(\)|corrupted|double free|Fatal Python error|"
+                         r"Assertion .* failed|Segmentation fault|Aborted")
+
+
 def root_cause(lines: list[str]) -> dict[str, str]:
     """torchrun's "Root Cause (first observed failure)" record: rank, exitcode, traceback, error_file."""
     record: dict[str, str] = {}
@@ -130,6 +134,9 @@ def crash_cause(lines: list[str]) -> str:
         detail = record.get("traceback", "")
         if not detail or detail.startswith("To enable traceback"):
             detail = exceptions[-1] if exceptions else "no traceback"
+        aborts = [line.strip() for line in lines if _ABORT_LINE.search(line)]
+        if aborts:  # what the C++ runtime or libc said before the signal
+            detail += f" after: {aborts[-1]}"
         code = (record.get("exitcode") or "?").split()[0]
         return f"rank {record['rank'].split()[0]} (exit code {code}): {detail}"
     if exceptions:
