@@ -227,13 +227,9 @@ class Devices:
 
 
 def host_available() -> float:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return float(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    import psutil
+
+    return float(psutil.virtual_memory().available)
 
 
 def gpus() -> list[tuple[str, int]]:

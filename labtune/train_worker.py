@@ -666,6 +666,16 @@ def train(cfg: WorkerConfig) -> None:
     dist.destroy_process_group()
 
 
+def leave(code: int) -> None:
+    """Exit without the interpreter's teardown. There, a process group still referenced by the
+    device mesh was destroyed with a C++ thread running, and the rank aborted ("terminate called
+    without an active exception", SIGABRT): about 1 run in 10 under load, after the model was saved
+    or after the rank had reported its error. That was the flaky `make test`."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="train_config.json (a WorkerConfig) written by the train stage")
@@ -673,17 +683,10 @@ def main() -> None:
     rank = os.environ.get("RANK", "0")
     try:
         train(WorkerConfig.read(Path(args.config)))
-        # Everything is saved and every rank is past the last barrier. Leave now, without the
-        # interpreter's teardown: there, a process group still referenced by the device mesh was
-        # destroyed with a C++ thread running, and the rank aborted ("terminate called without an
-        # active exception", SIGABRT) in about 1 run in 20 under load: the flaky `make test`.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
     except SystemExit as exc:
         if isinstance(exc.code, str):
             print(f"{WORKER_ERROR} (rank {rank}): {exc.code}", flush=True)
-            sys.exit(1)
+            leave(1)
         raise
     except KeyboardInterrupt:
         raise
@@ -691,7 +694,8 @@ def main() -> None:
         traceback.print_exc()
         first_line = (str(exc).splitlines() or [""])[0]
         print(f"{WORKER_ERROR} (rank {rank}): {type(exc).__name__}: {first_line}", flush=True)
-        sys.exit(1)
+        leave(1)
+    leave(0)  # everything is saved and every rank is past the last barrier
 
 
 if __name__ == "__main__":

@@ -89,56 +89,82 @@ def run_torchrun(command: list[str], env: dict[str, str], log: Log, on_progress:
         proc.wait(timeout=30)
         raise
     if code != 0:
-        record = root_cause(list(tail))
-        killed = record.get("exitcode", "").lstrip().startswith("-")  # a signal: killed, out of memory, preempted
-        own = [e for e in worker_errors if f"(rank {record.get('rank', '').split()[0] if record.get('rank') else '?'})" in e]
-        if worker_errors and not killed:
-            # the failing rank's own error; another rank's is often only the broken connection it left behind
-            raise TrainError(f"torchrun exited with code {code}: {(own or worker_errors)[0].strip()}")
-        raise TrainCrashed(f"torchrun exited with code {code} (a worker died; a re-run resumes from the last checkpoint): "
-                           f"{crash_cause(list(tail))}")
+        raise train_failure(code, list(tail), worker_errors)
+
+
+def train_failure(code: int, lines: list[str], worker_errors: list[str]) -> TrainError | TrainCrashed:
+    """Why torchrun failed, from the failing rank's point of view. A rank killed by a signal it did
+    not explain (out of memory, preemption, SIGKILL) makes a crash, retried from the last
+    checkpoint; the other ranks' errors are then only the broken connections it left behind.
+    Otherwise the failing rank's own error line, which a retry would not change."""
+    records = failure_records(lines)
+    said = {}
+    for line in worker_errors:
+        match = re.search(r"\(rank (\d+)\)", line)
+        if match:
+            said.setdefault(int(match.group(1)), line.strip())
+    # torchrun sends SIGTERM to the other ranks once one fails: those are not causes
+    signalled = [r for r in records if r["exitcode"] < 0 and r["exitcode"] != -15] or \
+        ([r for r in records if r["exitcode"] == -15] if records and all(r["exitcode"] == -15 for r in records) else [])
+    for record in signalled:
+        if record["rank"] not in said:
+            return TrainCrashed(f"torchrun exited with code {code} (a worker died; a re-run resumes from the last "
+                                f"checkpoint): {describe_failure(record, lines)}")
+    root = records[0]["rank"] if records else None
+    if said:
+        return TrainError(f"torchrun exited with code {code}: {said.get(root) or worker_errors[0].strip()}")
+    cause = describe_failure(records[0], lines) if records else last_words(lines)
+    return TrainCrashed(f"torchrun exited with code {code} (a worker died; a re-run resumes from the last checkpoint): {cause}")
 
 
 _EXCEPTION_LINE = re.compile(r"^(?:\[[^\]]*\]:?\s*)?((?:[A-Za-z_][\w]*\.)*[A-Za-z_]\w*(?:Error|Exception|Interrupt)): \S")
-
-
 _ABORT_LINE = re.compile(r"terminate called|what\(\):|free\(\)|malloc\(\)|corrupted|double free|Fatal Python error|"
                          r"Assertion .* failed|Segmentation fault|Aborted")
 
 
-def root_cause(lines: list[str]) -> dict[str, str]:
-    """torchrun's "Root Cause (first observed failure)" record: rank, exitcode, traceback, error_file."""
-    record: dict[str, str] = {}
-    in_root = False
+def failure_records(lines: list[str]) -> list[dict]:
+    """torchrun's failure records ({rank, exitcode, traceback}), the root cause ("first observed
+    failure") first, then the others it lists."""
+    records: list[dict] = []
+    section, current = None, None
     for line in lines:
         text = line.strip()
-        if text.startswith("Root Cause"):
-            in_root = True
+        if text.startswith(("Failures:", "Root Cause")):
+            section = "root" if text.startswith("Root Cause") else "other"
             continue
-        if in_root and ":" in text and not text.startswith(("=", "-")):
+        if section and re.fullmatch(r"\[\d+\]:", text):
+            current = {"section": section, "rank": None, "exitcode": 0, "traceback": ""}
+            records.append(current)
+            continue
+        if current is not None and ":" in text and not text.startswith(("=", "-")):
             name, _, value = text.partition(":")
-            name = name.strip()
-            if name in ("rank", "exitcode", "traceback", "error_file") and name not in record:
-                record[name] = value.strip()
-    return record
+            name, value = name.strip(), value.strip()
+            if name == "rank" and value.split()[0].isdigit():
+                current["rank"] = int(value.split()[0])
+            elif name == "exitcode" and value.split()[0].lstrip("-").isdigit():
+                current["exitcode"] = int(value.split()[0])
+            elif name == "traceback":
+                current["traceback"] = value
+    records = [r for r in records if r["rank"] is not None]
+    return sorted(records, key=lambda r: r["section"] != "root")
 
 
-def crash_cause(lines: list[str]) -> str:
-    """The failing rank's first real error from torchrun's output: its root-cause record (rank, exit
-    code, the signal or traceback line), else the last exception line a rank printed, else the
-    last line that is not one of torchrun's banners."""
-    record = root_cause(lines)
-    exceptions = [line.strip() for line in lines if _EXCEPTION_LINE.match(line.strip())]
-    exceptions = [e for e in exceptions if "ChildFailedError" not in e]
-    if record.get("rank"):
-        detail = record.get("traceback", "")
-        if not detail or detail.startswith("To enable traceback"):
-            detail = exceptions[-1] if exceptions else "no traceback"
-        aborts = [line.strip() for line in lines if _ABORT_LINE.search(line)]
-        if aborts:  # what the C++ runtime or libc said before the signal
-            detail += f" after: {aborts[-1]}"
-        code = (record.get("exitcode") or "?").split()[0]
-        return f"rank {record['rank'].split()[0]} (exit code {code}): {detail}"
+def describe_failure(record: dict, lines: list[str]) -> str:
+    """A rank, its exit code, and what it or the runtime said: the signal, its last exception, the
+    C++ runtime's or libc's message before an abort."""
+    exceptions = [line.strip() for line in lines if _EXCEPTION_LINE.match(line.strip()) and "ChildFailedError" not in line]
+    detail = record["traceback"]
+    if not detail or detail.startswith("To enable traceback"):
+        detail = exceptions[-1] if exceptions else "no traceback"
+    aborts = [line.strip() for line in lines if _ABORT_LINE.search(line)]
+    if aborts:
+        detail += f" after: {aborts[-1]}"
+    return f"rank {record['rank']} (exit code {record['exitcode']}): {detail}"
+
+
+def last_words(lines: list[str]) -> str:
+    """Without a failure record: the last exception line, else the last line that is not a banner."""
+    exceptions = [line.strip() for line in lines if _EXCEPTION_LINE.match(line.strip()) and "ChildFailedError" not in line]
     if exceptions:
         return exceptions[-1]
     plain = [line.strip() for line in lines if line.strip() and not set(line.strip()) <= set("=-*")]
