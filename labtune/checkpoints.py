@@ -67,6 +67,9 @@ def commit(store: Store, prefix: str, step: int, world: int, meta: dict[str, Any
                 files += json.loads(store.read_bytes(f"{base}/ranks/{rank}.json"))
                 break
             except StoreError:
+                if store.exists(f"{base}/ranks/{rank}.failed"):  # that rank gave up: no need to wait for it
+                    raise StoreError(f"{store.uri_for(base)}: rank {rank} could not upload its checkpoint files; "
+                                     "the checkpoint stays incomplete") from None
                 if time.time() > deadline:
                     raise StoreError(f"{store.uri_for(base)}: rank {rank} did not upload its checkpoint files "
                                      f"within {timeout:.0f}s; the checkpoint stays incomplete") from None
@@ -165,6 +168,10 @@ class BackgroundUploader:
             first = (str(exc).splitlines() or [""])[0]
             if is_disk_full(exc):
                 self.fatal = f"checkpoint step {step}: {first}"
+            try:  # tell rank 0, which would otherwise wait for this rank's files until its timeout
+                self._store().write_bytes(f"{step_prefix(self.prefix, step)}/ranks/{self.rank}.failed", first.encode())
+            except Exception:  # noqa: BLE001 - the store is still away: rank 0 waits until its timeout
+                self.log(f"rank {self.rank}: could not mark checkpoint step {step} as failed either")
             print(f"warning (rank {self.rank}): checkpoint step {step} was not uploaded: {type(exc).__name__}: {first}",
                   flush=True)
             traceback.print_exc()

@@ -467,3 +467,19 @@ def test_the_watcher_and_the_data_stage_on_5000_notes(backend, tmp_path, s3_endp
     times["fingerprint after a change"] = time.time() - started
     data_stage("data stage after a change")
     print(f"5,000 notes ({backend}): " + ", ".join(f"{name} {seconds:.2f} s" for name, seconds in times.items()))
+
+
+def test_rank_0_stops_waiting_for_a_rank_that_could_not_upload_its_checkpoint(tmp_path):
+    """A rank whose upload failed marks the step; rank 0 then stops waiting for its files at once
+    (it used to wait 30 minutes while the other ranks waited for it: a hang)."""
+    from labtune import checkpoints
+    from labtune.store import StoreError
+
+    store = LocalStore(tmp_path / "store")
+    base = checkpoints.step_prefix("checkpoints/k", 4)
+    store.write_bytes(f"{base}/ranks/0.json", b"[]")
+    store.write_bytes(f"{base}/ranks/1.failed", b"bucket 'labtune' does not exist")
+    started = time.time()
+    with pytest.raises(StoreError, match="rank 1 could not upload its checkpoint files"):
+        checkpoints.commit(store, "checkpoints/k", 4, 2, {}, timeout=600)
+    assert time.time() - started < 60 and not store.exists(f"{base}/manifest.json")
