@@ -44,9 +44,10 @@ def _holder() -> dict[str, Any]:
 def describe(holder: dict[str, Any] | None) -> str:
     if not holder:
         return "another run"
-    age = time.time() - float(holder.get("heartbeat", holder.get("started", time.time())))
-    return (f"pid {holder.get('pid')} on {holder.get('host')} (since {time.strftime('%H:%M:%S', time.localtime(holder.get('started', 0)))}, "
-            f"last heard {age:.0f} s ago)")
+    since = time.strftime("%H:%M:%S", time.localtime(holder.get("started", 0)))
+    # an S3 lease says when it was last renewed; a local one is alive as long as its flock is held
+    heard = f", last heard {time.time() - float(holder['heartbeat']):.0f} s ago" if "heartbeat" in holder else ""
+    return f"pid {holder.get('pid')} on {holder.get('host')} (since {since}{heard})"
 
 
 class LocalLease:
