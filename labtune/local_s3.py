@@ -3,13 +3,17 @@
 moto holds everything in memory, so a restarted server would come back empty, unlike MinIO or
 AWS. Its request recorder appends every request it serves to `requests.jsonl`; on start the
 log is compacted (reads, and writes later overwritten, dropped) and replayed into the fresh
-server before recording resumes. For trying labtune out and for tests; MinIO or AWS for real use.
+server, in its own process and before its port is bound: a client retrying through the restart
+meets a refused connection until every bucket and object is back, never an empty server (a
+run's checkpoint upload once got "bucket does not exist" from a half-restored one). For trying
+labtune out and for tests; MinIO or AWS for real use.
+
+    python -m labtune.local_s3 --port 9000 --state-dir ~/.labtune/stack/s3
 """
 
 from __future__ import annotations
 
 import base64
-import http.client
 import json
 import os
 import re
@@ -17,6 +21,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
@@ -27,12 +32,12 @@ REQUESTS_LOG = "requests.jsonl"
 _WRITES = {"PUT", "POST", "DELETE"}
 
 
-def moto_binary() -> Path:
-    binary = Path(sys.executable).with_name("moto_server")
-    if not binary.is_file():
-        raise LabtuneError("moto_server is not installed (pip install 'moto[server]'); "
+def require_moto() -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("moto") is None or importlib.util.find_spec("werkzeug") is None:
+        raise LabtuneError("moto's server is not installed (pip install 'moto[server]'); "
                            "or point store.endpoint_url at MinIO or AWS")
-    return binary
 
 
 def is_up(url: str) -> bool:
@@ -96,12 +101,14 @@ def read_log(path: Path) -> list[dict[str, Any]]:
     return entries
 
 
-def replay(entries: list[dict[str, Any]], url: str) -> int:
-    """Send the recorded writes to the server at url, in order. Multipart upload ids are the new
-    server's: each CreateMultipartUpload's new id replaces the recorded one in its later parts."""
+Send = Callable[[str, str, bytes, dict[str, str]], tuple[int, bytes]]
+
+
+def replay(entries: list[dict[str, Any]], send: Send) -> int:
+    """Send the recorded writes, in order. Multipart upload ids are the new server's: each
+    CreateMultipartUpload's new id replaces the recorded one in its later parts."""
     new_ids: dict[str, str] = {}
     pending: dict[str, str] = {}
-    target = urlsplit(url)
     sent = 0
     for entry in entries:
         split = urlsplit(entry["url"])
@@ -114,15 +121,9 @@ def replay(entries: list[dict[str, Any]], url: str) -> int:
         path = urlunsplit(("", "", split.path, urlencode(query, doseq=True), ""))
         # no 100-continue handshake on a replay: the body goes with the headers
         headers = {k: v for k, v in entry.get("headers", {}).items()
-                   if k.lower() not in ("host", "transfer-encoding", "connection", "expect")}
-        connection = http.client.HTTPConnection(target.hostname, target.port, timeout=60)
-        try:
-            connection.request(entry["method"], path, body=_body(entry), headers=headers)
-            response = connection.getresponse()
-            answer = response.read()
-        finally:
-            connection.close()
-        if response.status >= 300:
+                   if k.lower() not in ("transfer-encoding", "connection", "expect")}
+        status, answer = send(entry["method"], path, _body(entry), headers)
+        if status >= 300:
             continue  # it failed when first made too (a bucket that existed, an aborted upload)
         sent += 1
         if entry["method"] == "POST" and "uploads" in query:
@@ -132,8 +133,36 @@ def replay(entries: list[dict[str, Any]], url: str) -> int:
     return sent
 
 
-def start(port: int, state_dir: Path, log_path: Path | None = None, timeout: float = 30.0) -> subprocess.Popen:
-    """moto_server on 127.0.0.1:port with the objects recorded under state_dir restored."""
+def serve(port: int, state_dir: Path) -> None:
+    """Restore the recorded objects into a fresh moto application, start recording, and only then
+    bind 127.0.0.1:port. Runs until killed."""
+    requests_log = state_dir / REQUESTS_LOG
+    os.environ["MOTO_RECORDER_FILEPATH"] = str(requests_log)
+    os.environ.pop("MOTO_ENABLE_RECORDING", None)  # off while replaying, or the replay would be recorded twice
+    from moto.moto_api import recorder
+    from moto.moto_server.werkzeug_app import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
+    from werkzeug.serving import run_simple
+    from werkzeug.test import Client
+
+    os.environ.setdefault("MOTO_PORT", str(port))
+    app = DomainDispatcherApplication(create_backend_app)
+    client = Client(app)
+
+    def send(method: str, path: str, body: bytes, headers: dict[str, str]) -> tuple[int, bytes]:
+        headers = {**headers, "Host": f"127.0.0.1:{port}"}
+        response = client.open(path, method=method, data=body, headers=headers)
+        return response.status_code, response.get_data()
+
+    restored = replay(read_log(requests_log), send)
+    print(f"restored {restored} recorded writes from {requests_log}", flush=True)
+    recorder.start_recording()
+    run_simple("127.0.0.1", port, app, threaded=True, request_handler=MotoRequestHandler)
+
+
+def start(port: int, state_dir: Path, log_path: Path | None = None, timeout: float = 60.0) -> subprocess.Popen:
+    """A local S3 endpoint on 127.0.0.1:port with the objects recorded under state_dir restored;
+    it answers only once they are all back."""
+    require_moto()
     state_dir.mkdir(parents=True, exist_ok=True)
     requests_log = state_dir / REQUESTS_LOG
     writes = compact(read_log(requests_log))
@@ -143,19 +172,24 @@ def start(port: int, state_dir: Path, log_path: Path | None = None, timeout: flo
     url = f"http://127.0.0.1:{port}"
     if is_up(url):
         raise LabtuneError(f"{url}: something already listens there; stop it or choose another port")
-    env = {**os.environ, "MOTO_RECORDER_FILEPATH": str(requests_log)}
-    env.pop("MOTO_ENABLE_RECORDING", None)  # off while replaying, or the replay would be recorded twice
-    output = open(log_path or state_dir / "server.log", "ab")
-    proc = subprocess.Popen([str(moto_binary()), "-H", "127.0.0.1", "-p", str(port)], stdout=output,
-                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True)
-    output.close()
+    with open(log_path or state_dir / "server.log", "ab") as output:
+        proc = subprocess.Popen([sys.executable, "-m", "labtune.local_s3", "--port", str(port),
+                                 "--state-dir", str(state_dir)],
+                                stdout=output, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + timeout
     while not is_up(url):
         if time.time() > deadline or proc.poll() is not None:
             proc.kill()
             raise LabtuneError(f"S3 endpoint did not start on {url}; see {log_path or state_dir / 'server.log'}")
         time.sleep(0.1)
-    replay(writes, url)
-    urllib.request.urlopen(urllib.request.Request(url + "/moto-api/recorder/start-recording", method="POST"),
-                           timeout=10).read()
     return proc
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="a local S3 endpoint (moto) that keeps its objects across restarts")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--state-dir", type=Path, required=True)
+    arguments = parser.parse_args()
+    serve(arguments.port, arguments.state_dir)

@@ -202,3 +202,45 @@ def test_the_local_s3_log_reads_entries_that_share_a_line(tmp_path):
     log = tmp_path / "requests.jsonl"
     log.write_text(json.dumps(a) + json.dumps(b) + "\n\n" + json.dumps(c) + "\n" + json.dumps(c)[:20] + "\n")
     assert read_log(log) == [a, b, c]  # the entry cut short by a kill is skipped
+
+
+def test_a_restarted_local_s3_answers_only_once_every_object_is_back(restartable_s3):
+    """A client retrying through a restart must never meet a half-restored endpoint: one that says
+    "no such bucket" or "no such key" for what it holds (a run's checkpoint upload once gave up on
+    exactly that)."""
+    from botocore.config import Config
+    from botocore.exceptions import ClientError, EndpointConnectionError
+
+    writer = boto3.client("s3", endpoint_url=restartable_s3.url)
+    keys = [f"objects/{i:04d}" for i in range(300)]
+    for key in keys:
+        writer.put_object(Bucket="labtune", Key=key, Body=key.encode())
+    restartable_s3.kill()
+
+    impatient = boto3.client("s3", endpoint_url=restartable_s3.url,
+                             config=Config(retries={"max_attempts": 1}, connect_timeout=1, read_timeout=30))
+    seen: list[str] = []
+    stop = threading.Event()
+
+    def poll() -> None:
+        while not stop.is_set():
+            try:
+                impatient.head_object(Bucket="labtune", Key=keys[-1])
+                seen.append("found")
+                return
+            except EndpointConnectionError:
+                seen.append("refused")
+            except ClientError as exc:
+                seen.append(exc.response["Error"]["Code"])
+            stop.wait(0.01)
+
+    poller = threading.Thread(target=poll)
+    poller.start()
+    try:
+        restartable_s3.start()
+        poller.join(timeout=60)
+    finally:
+        stop.set()
+        poller.join()
+    assert seen[-1] == "found" and set(seen) <= {"refused", "found"}, sorted(set(seen))
+    assert writer.get_object(Bucket="labtune", Key=keys[0])["Body"].read() == keys[0].encode()
