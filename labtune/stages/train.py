@@ -104,8 +104,9 @@ def train_failure(code: int, lines: list[str], worker_errors: list[str]) -> Trai
         if match:
             said.setdefault(int(match.group(1)), line.strip())
     # torchrun sends SIGTERM to the other ranks once one fails: those are not causes
-    signalled = [r for r in records if r["exitcode"] < 0 and r["exitcode"] != -15] or \
-        ([r for r in records if r["exitcode"] == -15] if records and all(r["exitcode"] == -15 for r in records) else [])
+    signalled = [r for r in records if r["exitcode"] < 0 and r["exitcode"] != -15]
+    if not signalled and records and all(r["exitcode"] == -15 for r in records):
+        signalled = records  # SIGTERM from outside: every rank got it
     for record in signalled:
         if record["rank"] not in said:
             return TrainCrashed(f"torchrun exited with code {code} (a worker died; a re-run resumes from the last "
@@ -149,10 +150,15 @@ def failure_records(lines: list[str]) -> list[dict]:
     return sorted(records, key=lambda r: r["section"] != "root")
 
 
+def exception_lines(lines: list[str]) -> list[str]:
+    """The exception lines ranks printed, without torchrun's own ChildFailedError."""
+    return [line.strip() for line in lines if _EXCEPTION_LINE.match(line.strip()) and "ChildFailedError" not in line]
+
+
 def describe_failure(record: dict, lines: list[str]) -> str:
     """A rank, its exit code, and what it or the runtime said: the signal, its last exception, the
     C++ runtime's or libc's message before an abort."""
-    exceptions = [line.strip() for line in lines if _EXCEPTION_LINE.match(line.strip()) and "ChildFailedError" not in line]
+    exceptions = exception_lines(lines)
     detail = record["traceback"]
     if not detail or detail.startswith("To enable traceback"):
         detail = exceptions[-1] if exceptions else "no traceback"
@@ -164,7 +170,7 @@ def describe_failure(record: dict, lines: list[str]) -> str:
 
 def last_words(lines: list[str]) -> str:
     """Without a failure record: the last exception line, else the last line that is not a banner."""
-    exceptions = [line.strip() for line in lines if _EXCEPTION_LINE.match(line.strip()) and "ChildFailedError" not in line]
+    exceptions = exception_lines(lines)
     if exceptions:
         return exceptions[-1]
     plain = [line.strip() for line in lines if line.strip() and not set(line.strip()) <= set("=-*")]
