@@ -67,7 +67,7 @@ def main() -> None:
         outputs = {}
         for label, batch in (("one by one", 1), (f"batch {args.batch}", args.batch)):
             started = time.perf_counter()
-            answers, tokens = generate(model, tokenizer, conversations, args.max_new_tokens, batch)
+            answers, tokens, _ = generate(model, tokenizer, conversations, args.max_new_tokens, batch)
             seconds = time.perf_counter() - started
             timings[label], outputs[label] = (tokens, seconds), answers
             print(f"{label:>11}: {tokens} tokens in {seconds:6.1f} s = {tokens / seconds:6.1f} generated tokens/s", flush=True)

@@ -48,7 +48,7 @@ def main() -> None:
     from labtune.recipe import load_recipe
     from labtune.stage import fetch
     from labtune.stages import run_until
-    from labtune.stages.evaluate import collect_prompts
+    from labtune.stages.evaluate import answer_budget, collect_prompts
     from labtune.store import open_store
     from labtune.loss import AnswerLoss
     from labtune.train_worker import (attention_implementation, collate, load_examples, make_scheduler, param_groups,
@@ -62,6 +62,7 @@ def main() -> None:
     tokens = run_until("tokenize", recipe, store, {"data": data_uri, "delta": model_uri}, log=quiet)
     model_dir = fetch(store, model_uri)
     prompts = collect_prompts(recipe, store, data_uri)
+    budget = answer_budget(recipe.evaluation.max_new_tokens, store, tokens.uri, log=quiet)
     examples, lengths = load_examples(str(fetch(store, tokens.uri) / "train"))
 
     train = recipe.train
@@ -84,8 +85,8 @@ def main() -> None:
     def evaluate(step: int, seconds: float) -> None:
         model.eval()
         started = time.perf_counter()
-        answers = evaluation.ask(model, tokenizer, [p.question for p in prompts], recipe.evaluation.max_new_tokens,
-                                 recipe.evaluation.batch_size, recipe.data.chat_template, recipe.data.system_prompt)
+        answers = evaluation.ask(model, tokenizer, [p.question for p in prompts], budget,
+                                 recipe.evaluation.batch_size, recipe.data.chat_template, recipe.data.system_prompt).answers
         rows = [{"tags": p.tags, "ok": evaluation.score(a, p)} for p, a in zip(prompts, answers)]
         by_tag = evaluation.accuracy(rows, "ok")["by_tag"]
         point = {"step": step, "epoch": round(step / updates_per_epoch, 2), "train_s": round(seconds),

@@ -156,7 +156,8 @@ def run(recipe: Path = Recipe, overrides: Optional[list[str]] = Overrides, as_js
     summary, rows = read_evaluation(open_store(config.store.settings()), stages["evaluate"]["uri"])
     columns = [(c, label) for c, label in COLUMNS if c in summary.get("columns", ["base", "tuned"])]
     evaluation = {"total": summary["total"], **{f"{c}_correct": summary[f"{c}_correct"] for c, _ in columns},
-                  "by_tag": {c: summary["accuracy"][c]["by_tag"] for c, _ in columns}}
+                  "by_tag": {c: summary["accuracy"][c]["by_tag"] for c, _ in columns},
+                  "max_new_tokens": summary.get("max_new_tokens"), "truncated": summary.get("truncated")}
     if as_json:
         print(json.dumps({"stages": stages, "evaluation": evaluation, "flow_run": flow_run,
                           "seconds": round(time.time() - started, 2)}))
@@ -173,7 +174,9 @@ def run(recipe: Path = Recipe, overrides: Optional[list[str]] = Overrides, as_js
     tags = list(summary["accuracy"]["tuned"]["by_tag"])
     _table(["questions", *[label for _, label in columns]],
            [["all", *[f"{summary[f'{c}_correct']}/{summary['total']}" for c, _ in columns]]]
-           + [[tag, *[_tally(summary["accuracy"][c]["by_tag"][tag]) for c, _ in columns]] for tag in tags])
+           + [[tag, *[_tally(summary["accuracy"][c]["by_tag"][tag]) for c, _ in columns]] for tag in tags]
+           + ([[f"cut at {summary['max_new_tokens']} tokens", *[str(summary["truncated"].get(c, 0)) for c, _ in columns]]]
+              if "truncated" in summary else []))
     print(f"\nbase model: {summary['base_correct']}/{summary['total']} correct; "
           f"fine-tuned: {summary['tuned_correct']}/{summary['total']} correct ({time.time() - started:.0f}s)")
     print(f"See the run in the Prefect UI: {flow_run['url']}")
@@ -342,7 +345,8 @@ def tokenize_files(data_path: str = typer.Option(..., "--data", help="a ShareGPT
 
 
 ModelArg = typer.Argument(..., help="a model in the store (s3:// or a folder with manifest.json) or a transformers folder")
-MaxNew = typer.Option(128, "--max-new-tokens", help="longest answer, in tokens")
+MaxNew = typer.Option("auto", "--max-new-tokens", help="longest answer, in tokens; auto: a training run's longest "
+                                                        "answer plus a quarter (at least 16), else 128")
 
 
 NotesDir = typer.Option(None, "--notes", metavar="DIR", help="a folder of lab notes: the most relevant ones go in the "
@@ -357,11 +361,14 @@ def ask(model: str = ModelArg, question: list[str] = typer.Argument(..., help="o
         notes: Optional[Path] = NotesDir, top_k: int = typer.Option(2, "--top-k", help="with --notes: notes per question"),
         system_prompt: Optional[str] = SystemPrompt,
         batch_size: int = typer.Option(8, "--batch-size", help="questions generated together"),
-        max_new_tokens: int = MaxNew, chat_template: ChatTemplate = Template, endpoint_url: Optional[str] = Endpoint,
+        max_new_tokens: str = MaxNew, chat_template: ChatTemplate = Template, endpoint_url: Optional[str] = Endpoint,
         as_json: bool = Json) -> None:
     """Greedy answers from a model to one or more questions (with --notes, the notes retrieved into the prompt)."""
     from labtune import evaluation
-    from labtune.tools import model_folder
+    from labtune.tools import answer_budget_for_model, model_folder
+
+    if max_new_tokens != "auto":
+        answer_budget_for_model(Path("."), max_new_tokens)  # a bad limit fails before the model loads
 
     prompts = list(question)
     if notes is not None:
@@ -371,21 +378,30 @@ def ask(model: str = ModelArg, question: list[str] = typer.Argument(..., help="o
             raise LabtuneError(f"{notes}: lab-notes folder not found")
         index = NotesIndex(note_documents(notes))
         prompts = [index.prompt(q, top_k) for q in question]
-    loaded, tokenizer = evaluation.load_model(model_folder(model, _settings(endpoint_url), _err))
-    answers = evaluation.ask(loaded, tokenizer, prompts, max_new_tokens, batch_size, chat_template.value, system_prompt)
-    for text, answer in zip(question, answers):
+    folder = model_folder(model, _settings(endpoint_url), _err)
+    budget = answer_budget_for_model(folder, max_new_tokens, _settings(endpoint_url), _err)
+    loaded, tokenizer = evaluation.load_model(folder)
+    generated = evaluation.ask(loaded, tokenizer, prompts, budget, batch_size, chat_template.value, system_prompt)
+    for text, cut in zip(question, generated.truncated):
+        if cut:
+            _err(f"ask: the answer to {_short(text, 60)!r} hit --max-new-tokens={budget}; raise it")
+    for text, answer in zip(question, generated.answers):
         print(json.dumps({"question": text, "answer": answer}, ensure_ascii=False) if as_json else
               (f"Q: {text}\nA: {answer}" if len(question) > 1 else answer))
 
 
 @app.command(epilog=example("labtune chat ~/.labtune/store/train/KEY"))
-def chat(model: str = ModelArg, max_new_tokens: int = MaxNew, chat_template: ChatTemplate = Template,
+def chat(model: str = ModelArg, max_new_tokens: str = MaxNew, chat_template: ChatTemplate = Template,
          endpoint_url: Optional[str] = Endpoint) -> None:
     """Talk with a model on stdin/stdout; /reset forgets the conversation, /exit leaves."""
     from labtune import evaluation
-    from labtune.tools import model_folder
+    from labtune.tools import answer_budget_for_model, model_folder
 
-    loaded, tokenizer = evaluation.load_model(model_folder(model, _settings(endpoint_url), _err))
+    if max_new_tokens != "auto":
+        answer_budget_for_model(Path("."), max_new_tokens)  # a bad limit fails before the model loads
+    folder = model_folder(model, _settings(endpoint_url), _err)
+    max_new_tokens = answer_budget_for_model(folder, max_new_tokens, _settings(endpoint_url), _err)
+    loaded, tokenizer = evaluation.load_model(folder)
     conversation: list[dict[str, str]] = []
     interactive = sys.stdin.isatty()
     if interactive:

@@ -13,7 +13,7 @@ import json
 import math
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, NamedTuple
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -163,11 +163,19 @@ def load_model(model_dir: Path, bf16: bool = False, attn_implementation: str | N
     return model, tokenizer
 
 
+class Generated(NamedTuple):
+    """Greedy answers, the tokens generated in all, and which answers stopped at the token limit
+    without the end-of-turn token (cut short)."""
+
+    answers: list[str]
+    tokens: int
+    truncated: list[bool]
+
+
 def generate(model: Any, tokenizer: Any, conversations: list[list[dict[str, str]]], max_new_tokens: int, batch_size: int,
-             template: str = "auto") -> tuple[list[str], int]:
+             template: str = "auto") -> Generated:
     """Greedy answers, batch_size conversations at a time, left-padded, each prompt rendered with
-    the training chat template and ending where the assistant's turn begins. Returns the answers
-    and the number of tokens generated."""
+    the training chat template and ending where the assistant's turn begins."""
     import torch
 
     from labtune.chat import conversation_prompt_ids, stop_token_ids
@@ -175,6 +183,7 @@ def generate(model: Any, tokenizer: Any, conversations: list[list[dict[str, str]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     stops = stop_token_ids(tokenizer)
     answers: list[str] = []
+    truncated: list[bool] = []
     generated = 0
     for start in range(0, len(conversations), batch_size):
         prompts = [conversation_prompt_ids(tokenizer, c, template) for c in conversations[start : start + batch_size]]
@@ -187,18 +196,48 @@ def generate(model: Any, tokenizer: Any, conversations: list[list[dict[str, str]
                                     use_cache=True)  # models saved while training say use_cache: false
         for row in output[:, width:]:
             tokens = row.tolist()
-            length = next((i + 1 for i, t in enumerate(tokens) if t in stops), len(tokens))
+            stop = next((i for i, t in enumerate(tokens) if t in stops), None)
+            length = len(tokens) if stop is None else stop + 1
             generated += length
+            truncated.append(stop is None)
             answers.append(tokenizer.decode(tokens[:length], skip_special_tokens=True).strip())
-    return answers, generated
+    return Generated(answers, generated, truncated)
 
 
 def ask(model: Any, tokenizer: Any, questions: list[str], max_new_tokens: int, batch_size: int, template: str = "auto",
-        system: str | None = None) -> list[str]:
+        system: str | None = None) -> Generated:
     """Greedy answers to single questions; `system` is the system turn training used (None: the
     template's default)."""
     return generate(model, tokenizer, [with_system([{"role": "user", "content": q}], system) for q in questions],
-                    max_new_tokens, batch_size, template)[0]
+                    max_new_tokens, batch_size, template)
+
+
+# `evaluation.max_new_tokens: auto` and `labtune ask` without a limit: the longest answer training
+# taught plus a quarter (at least 16 tokens), so that no answer the model learned is cut short
+# while a model that never stops is still stopped; without a known training run, this many.
+DEFAULT_MAX_NEW_TOKENS = 128
+AUTO_MARGIN_FRACTION, AUTO_MARGIN_MIN = 0.25, 16
+
+
+def longest_answer_tokens(labels: Iterable[list[int]]) -> int:
+    """The longest run of label tokens in tokenized examples: one assistant turn, its end-of-turn
+    token included, in tokens of the model's tokenizer."""
+    from labtune.chat import IGNORE_INDEX
+
+    longest = 0
+    for row in labels:
+        run = 0
+        for label in row:
+            run = run + 1 if label != IGNORE_INDEX else 0
+            longest = max(longest, run)
+    return longest
+
+
+def auto_max_new_tokens(longest_answer: int | None) -> int:
+    """The `auto` answer budget for a training run whose longest answer is `longest_answer` tokens."""
+    if not longest_answer:
+        return DEFAULT_MAX_NEW_TOKENS
+    return longest_answer + max(AUTO_MARGIN_MIN, math.ceil(longest_answer * AUTO_MARGIN_FRACTION))
 
 
 def with_system(messages: list[dict[str, str]], system: str | None) -> list[dict[str, str]]:

@@ -71,6 +71,9 @@ class AugmentConfig(_Strict):
     # every date answer recites that month's meetings before it answers ("On 4/21/2023 (April 2023
     # meetings: 4/14, 4/28) there is no lab meeting ..."): the model compares instead of guessing
     recite_month: bool = False
+    # with recite_month: the verdict beside the list ("...: 14, 28; 21 is not among them)"), so that
+    # no-meeting dates asked in new wordings are compared, not guessed (docs/evaluation.md)
+    recite_check: bool = True
     # training questions per conversation (unrelated facts as turns of one chat): the chat template's
     # tokens are paid once for several facts
     facts_per_conversation: int = Field(default=1, ge=1, le=16)
@@ -230,11 +233,20 @@ class EvalConfig(_Strict):
     retention_questions: str | None = None
     retention_limit: int | None = Field(default=20, ge=1)
     eval_loss: bool = True
-    max_new_tokens: int = Field(default=48, ge=1)
+    # auto: the longest answer in the tokenized training data plus a quarter (at least 16 tokens);
+    # 128 where no training run is known. A number overrides it.
+    max_new_tokens: int | Literal["auto"] = "auto"
     batch_size: int = Field(default=8, ge=1)
     # the notes-retrieval baseline: every prompt asked again with the k most relevant notes in it (BM25)
     retrieval: bool = False
     retrieval_k: int = Field(default=2, ge=1, le=20)
+
+    @field_validator("max_new_tokens", mode="before")
+    @classmethod
+    def _token_budget(cls, value: Any) -> Any:
+        if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+            return value
+        raise ValueError("must be auto or a whole number of tokens of at least 1")
 
 
 class DeploymentsConfig(_Strict):
@@ -396,7 +408,7 @@ def recipe_from_dict(raw: dict[str, Any], origin: str = "recipe") -> Recipe:
         elif first["type"] == "value_error" and isinstance(first.get("input"), dict):  # a rule across keys names them
             message = first["msg"].removeprefix("Value error, ")
         else:
-            message = f"{first['msg']} (got {first.get('input')!r})"
+            message = f"{first['msg'].removeprefix('Value error, ')} (got {first.get('input')!r})"
         more = f" (+{len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
         raise RecipeError(f"{origin}: {key}: {message}{more}") from None
 

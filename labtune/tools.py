@@ -174,3 +174,29 @@ def model_folder(uri: str, settings: StoreSettings | None = None, log: Log = def
         raise ManifestError(f"{uri}: not a model (no config.json)")
     require_tokenizer(folder, uri)
     return folder
+
+
+def answer_budget_for_model(folder: Path, setting: str, settings: StoreSettings | None = None,
+                            log: Log = default_log) -> int:
+    """`--max-new-tokens` as a number: a number as given; auto, for a train stage's output, by the
+    evaluate stage's rule (its training data's longest answer plus the margin), else the default."""
+    from labtune import evaluation
+
+    if setting != "auto":
+        try:
+            budget = int(setting)
+        except ValueError:
+            budget = 0
+        if budget < 1:
+            raise LabtuneError(f"--max-new-tokens: must be auto or a whole number of at least 1 (got {setting!r})")
+        return budget
+    try:
+        manifest = json.loads((folder / "manifest.json").read_text())
+    except (OSError, ValueError):
+        manifest = {}
+    tokens = manifest.get("inputs", {}).get("tokens") if manifest.get("stage") == "train" else None
+    if not tokens:
+        return evaluation.DEFAULT_MAX_NEW_TOKENS
+    from labtune.stages.evaluate import training_longest_answer
+
+    return evaluation.auto_max_new_tokens(training_longest_answer(fetch_output(tokens, settings, log)))

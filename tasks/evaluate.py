@@ -27,10 +27,11 @@ def evaluate_task(recipe: Recipe, base_uri: str, model_uri: str, data_uri: str |
     create_table_artifact(
         key="evaluation",
         table=[{"question": r["question"], "tags": ", ".join(r.get("tags", [])), "expected": evaluation.expected_text(r),
-                **{f"{label} answer": r[f"{c}_answer"] for c, label in columns},
+                **{f"{label} answer": r[f"{c}_answer"] + (" [cut]" if r.get(f"{c}_truncated") else "") for c, label in columns},
                 **{f"{label} correct": r[f"{c}_correct"] for c, label in columns}} for r in rows],
         description=(f"Recipe {recipe.name}: base {summary['base_correct']}/{summary['total']}, "
-                     f"fine-tuned {summary['tuned_correct']}/{summary['total']} correct. {result.uri}"),
+                     f"fine-tuned {summary['tuned_correct']}/{summary['total']} correct; answers cut at "
+                     f"max_new_tokens={summary['max_new_tokens']}: fine-tuned {summary['truncated']['tuned']}. {result.uri}"),
     )
     create_markdown_artifact(key="evaluation-summary", markdown=summary_markdown(summary, result.uri),
                              description="Accuracy per tag, eval-split perplexity and retention, base vs fine-tuned")

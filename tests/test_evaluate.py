@@ -97,7 +97,7 @@ def test_batched_and_one_by_one_generation_give_the_same_answers(tiny_model):
     batched = ask(model, tokenizer, questions, max_new_tokens=12, batch_size=5)
     single = ask(model, tokenizer, questions, max_new_tokens=12, batch_size=1)
     assert batched == single
-    assert any(answer for answer in batched)
+    assert any(answer for answer in batched.answers)
 
 
 @pytest.fixture(scope="module")
@@ -165,6 +165,18 @@ def test_ask_and_chat_on_a_model_in_the_store_and_refuse_an_incomplete_one(evalu
     assert proc.returncode == 0, proc.stderr[-2000:]
     answers = [json.loads(line) for line in proc.stdout.splitlines()]
     assert [a["question"] for a in answers] == ["Who presented at the lab meeting on 4/14/2023?", "Topic?"]
+    # without a limit: the train stage's own data sets it, as in evaluation; the tiny model never
+    # ends its turn, so the answer is cut there, and said so
+    from labtune.evaluation import auto_max_new_tokens
+    from labtune.stages.evaluate import training_longest_answer
+
+    budget = auto_max_new_tokens(training_longest_answer(Path(uris["tokens"])))
+    proc = run_cli("ask", uris["model"], "Who presented at the lab meeting on 4/14/2023?")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"hit --max-new-tokens={budget}; raise it" in proc.stderr
+    proc = run_cli("ask", uris["model"], "Hello?", "--max-new-tokens", "0")
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == \
+        "labtune: error: --max-new-tokens: must be auto or a whole number of at least 1 (got '0')"
     chat = run_cli("chat", uris["model"], "--max-new-tokens", "6", stdin="Hello\nWho presented?\n/exit\n")
     assert chat.returncode == 0, chat.stderr[-2000:]
     assert len(chat.stdout.splitlines()) == 2  # one answer per turn
@@ -177,6 +189,118 @@ def test_ask_and_chat_on_a_model_in_the_store_and_refuse_an_incomplete_one(evalu
     proc = run_cli("ask", str(broken), "Hello?")
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == f"labtune: error: {broken}: no complete output here (manifest.json missing)"
+
+
+def _label_runs(labels: list[int]) -> list[int]:
+    import itertools
+
+    return [len(list(group)) for labelled, group in itertools.groupby(labels, key=lambda t: t != -100) if labelled]
+
+
+def test_auto_answer_budget_is_the_longest_training_answer_plus_the_margin(evaluated):
+    from datasets import load_from_disk
+    from transformers import AutoTokenizer
+
+    from labtune.evaluation import auto_max_new_tokens
+    from labtune.stages.evaluate import training_longest_answer
+
+    recipe, _, uris = evaluated
+    train = load_from_disk(str(Path(uris["tokens"]) / "train"))
+    longest = max(max(_label_runs(row), default=0) for row in train["labels"])
+    assert training_longest_answer(Path(uris["tokens"])) == longest
+    # every short answer's own tokens fit in its labelled span (the span adds the end-of-turn token;
+    # whole notes longer than model_max_length are cut by the tokenize stage, and so is their span)
+    tokenizer = AutoTokenizer.from_pretrained(uris["model"])
+    lengths = [len(tokenizer(t["value"], add_special_tokens=False)["input_ids"])
+               for r in json.loads((Path(uris["data"]) / "train.json").read_text())
+               for t in r["conversations"] if t["from"] == "gpt"]
+    assert max(n for n in lengths if n < recipe.data.model_max_length // 2) < longest
+    assert auto_max_new_tokens(longest) == longest + max(16, math.ceil(longest / 4))
+    assert auto_max_new_tokens(None) == 128 and auto_max_new_tokens(10) == 26 and auto_max_new_tokens(200) == 250
+
+
+def test_answers_cut_at_the_token_limit_are_counted_and_warned_about(evaluated):
+    from labtune.stages.evaluate import build_evaluate
+
+    recipe, store, uris = evaluated
+    # the tiny random model never says its end-of-turn token: at 8 tokens every answer is cut
+    summary = json.loads((Path(uris["evaluate"]) / "summary.json").read_text())
+    rows = [json.loads(line) for line in (Path(uris["evaluate"]) / "answers.jsonl").read_text().splitlines()]
+    assert summary["max_new_tokens"] == 8 and summary["max_new_tokens_setting"] == 8
+    assert summary["truncated"]["tuned"] == sum(r["tuned_truncated"] for r in rows) == len(rows)
+    auto = recipe.model_copy(deep=True)
+    auto.evaluation.max_new_tokens = "auto"
+    auto.evaluation.retention_questions = None
+    lines: list[str] = []
+    result = build_evaluate(auto, store, uris["base"], uris["model"], log=lines.append, data_uri=uris["data"],
+                            tokens_uri=uris["tokens"])
+    summary = json.loads((Path(result.uri) / "summary.json").read_text())
+    from labtune.stages.evaluate import training_longest_answer
+
+    longest = training_longest_answer(Path(uris["tokens"]))
+    assert summary["max_new_tokens"] == longest + max(16, math.ceil(longest / 4))
+    assert f"evaluate: max_new_tokens auto -> {summary['max_new_tokens']} (the longest training answer is {longest} tokens" \
+        in "\n".join(lines)
+    n = summary["questions"]
+    warning = [line for line in lines if "hit max_new_tokens" in line]
+    assert warning == [f"evaluate: {summary['truncated']['base']} of {n} base answers, {summary['truncated']['tuned']} of {n} "
+                       f"fine-tuned answers hit max_new_tokens={summary['max_new_tokens']}; raise "
+                       "evaluation.max_new_tokens or leave it auto"]
+
+
+def test_an_answer_that_ends_its_turn_is_not_counted_as_cut(tiny_model):
+    import torch
+
+    from labtune.chat import stop_token_ids
+    from labtune.evaluation import ask, load_model
+
+    model, tokenizer = load_model(tiny_model)
+    quiet = ask(model, tokenizer, ["Who presented?", "Topic?"], max_new_tokens=6, batch_size=2)
+    assert quiet.truncated == [True, True] and quiet.tokens == 12
+    # the same model made to say its end-of-turn token at once: nothing is cut
+    stop = stop_token_ids(tokenizer)[0]
+    bias = torch.zeros(model.lm_head.out_features)
+    bias[stop] = 100.0
+    model.lm_head.bias = torch.nn.Parameter(bias)
+    stopped = ask(model, tokenizer, ["Who presented?", "Topic?"], max_new_tokens=6, batch_size=2)
+    assert stopped.truncated == [False, False] and stopped.tokens == 2 and stopped.answers == ["", ""]
+
+
+def test_weekly_meetings_recite_within_the_auto_limit_where_48_tokens_cut_them(tmp_path):
+    """Four or five meetings a month: every recited training answer fits the auto budget."""
+    import datetime as dt
+
+    from transformers import AutoTokenizer
+
+    from labtune.evaluation import auto_max_new_tokens
+    from labtune.recipe import load_recipe
+    from labtune.stages.data import build_data
+    from labtune.stages.evaluate import training_longest_answer
+    from labtune.stages.tokenize import build_tokenize
+    from labtune.stages.weights import build_weights
+    from labtune.store import LocalStore
+
+    notes = tmp_path / "weekly"
+    notes.mkdir()
+    for week in range(10):
+        day = dt.date(2023, 1, 6) + dt.timedelta(weeks=week)
+        (notes / f"{day.isoformat()}.md").write_text(
+            f"# Lab meeting {day.isoformat()}\n\nPresenter: Person Number{week}\nRecorder: Scribe Number{week}\n"
+            f"Topic: weekly topic {week}\n")
+    recipe = load_recipe(TINY_RECIPE, [f"store.uri={tmp_path / 'store'}", f"data.sources.0.path={notes}",
+                                       "data.augment.enabled=true", "data.augment.recite_month=true"])
+    store = LocalStore(tmp_path / "store")
+    base = build_weights(recipe, store).uri
+    data = build_data(recipe, store).uri
+    tokens = build_tokenize(recipe, store, base, data).uri
+    budget = auto_max_new_tokens(training_longest_answer(Path(tokens)))
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    recited = [t["value"] for r in json.loads((Path(data) / "train.json").read_text()) for t in r["conversations"]
+               if t["from"] == "gpt" and "meetings: " in t["value"]]
+    assert any("January meetings: 6, 13, 20, 27;" in a for a in recited)
+    lengths = [len(tokenizer(a, add_special_tokens=False)["input_ids"]) + 1 for a in recited]
+    assert max(lengths) <= budget
+    assert max(lengths) > 48  # the old fixed limit would have cut them in this tokenizer
 
 
 def test_a_recipe_with_a_malformed_prompt_file_fails_before_any_model_loads(evaluated, tmp_path):

@@ -72,6 +72,40 @@ def _eval_examples(store: Store, tokens_uri: str | None) -> list[dict[str, list[
     return [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in dataset] if len(dataset) else []
 
 
+def training_longest_answer(tokens_dir: Path) -> int | None:
+    """The longest assistant turn of a tokenize output's train split, in label tokens (None when
+    it holds no train split)."""
+    folder = tokens_dir / "train"
+    if not folder.is_dir():
+        return None
+    from datasets import load_from_disk
+
+    return evaluation.longest_answer_tokens(load_from_disk(str(folder))["labels"]) or None
+
+
+def answer_budget(setting: int | str, store: Store, tokens_uri: str | None, log: Log = default_log) -> int:
+    """`evaluation.max_new_tokens` as a number: a number as it is; auto from the training data's
+    longest answer (evaluation.auto_max_new_tokens)."""
+    if setting != "auto":
+        return int(setting)
+    longest = training_longest_answer(fetch(store, tokens_uri)) if tokens_uri else None
+    budget = evaluation.auto_max_new_tokens(longest)
+    log(f"evaluate: max_new_tokens auto -> {budget}" + (f" (the longest training answer is {longest} tokens, plus "
+        f"{budget - longest})" if longest else " (no training data known)"))
+    return budget
+
+
+def truncation_warning(truncated: dict[str, list[bool]], budget: int) -> str | None:
+    """One line naming, per column, how many answers hit the token limit; None when none did."""
+    labels = dict(COLUMNS)
+    parts = [f"{sum(flags)} of {len(flags)} {labels.get(column, column)} answers" for column, flags in truncated.items()
+             if any(flags)]
+    if not parts:
+        return None
+    return (f"evaluate: {', '.join(parts)} hit max_new_tokens={budget}; raise evaluation.max_new_tokens or leave it "
+            "auto")
+
+
 def evaluate_key(recipe: Recipe, base_uri: str, model_uri: str, data_uri: str | None,
                  tokens_uri: str | None) -> tuple[str, dict[str, Any], dict[str, Any]]:
     """The evaluate stage's key, inputs and parameters (prompt files by their sha256)."""
@@ -111,7 +145,9 @@ def build_evaluate(recipe: Recipe, store: Store, base_uri: str, model_uri: str, 
         index = notes_index(store, data_uri) if cfg.retrieval else None
         questions = [p.question for p in prompts]
         with_notes = [index.prompt(q, cfg.retrieval_k) for q in questions] if index is not None else []
+        budget = answer_budget(cfg.max_new_tokens, store, tokens_uri, log)
         answers: dict[str, list[str]] = {}
+        truncated: dict[str, list[bool]] = {}
         general_answers: dict[str, list[str]] = {}
         losses: dict[str, Any] = {}
         drift: dict[str, Any] = {}
@@ -119,17 +155,16 @@ def build_evaluate(recipe: Recipe, store: Store, base_uri: str, model_uri: str, 
             model, tokenizer = evaluation.load_model(fetch(store, uri, log), bf16=recipe.train.bf16)
             log(f"evaluate: {len(prompts)} prompts{' (and again with the notes retrieved)' if with_notes else ''} and "
                 f"{len(general)} general questions to the {name} model {uri}")
-            answers[name] = evaluation.ask(model, tokenizer, questions, cfg.max_new_tokens, cfg.batch_size, template,
-                                           system) if prompts else []
-            if with_notes:
-                answers[f"{name}_notes"] = evaluation.ask(model, tokenizer, with_notes, cfg.max_new_tokens,
-                                                          cfg.batch_size, template, system)
+            for column, asked in ((name, questions), (f"{name}_notes", with_notes)):
+                if column == name or asked:
+                    generated = evaluation.ask(model, tokenizer, asked, budget, cfg.batch_size, template, system)
+                    answers[column], truncated[column] = generated.answers, generated.truncated
             if eval_examples:
                 losses[name] = evaluation.mean_loss(model, eval_examples, cfg.batch_size)
             if general:
                 asked = [p.question for p in general]
-                general_answers[name] = evaluation.ask(model, tokenizer, asked, cfg.max_new_tokens, cfg.batch_size,
-                                                       template, system)
+                general_answers[name] = evaluation.ask(model, tokenizer, asked, budget, cfg.batch_size,
+                                                       template, system).answers
                 # both models scored on the base model's answers: how far the fine-tuned one moved
                 on_base = evaluation.answer_examples(tokenizer, asked, general_answers["base"], template)
                 drift[name] = evaluation.mean_loss(model, on_base, cfg.batch_size)
@@ -143,6 +178,7 @@ def build_evaluate(recipe: Recipe, store: Store, base_uri: str, model_uri: str, 
             for column in columns:
                 row[f"{column}_answer"] = answers[column][i]
                 row[f"{column}_correct"] = score(answers[column][i], prompt)
+                row[f"{column}_truncated"] = truncated[column][i]
             rows.append(row)
         retention_rows = [{"question": p.question, "tags": p.tags, "base_answer": general_answers["base"][i],
                            "tuned_answer": general_answers["tuned"][i]} for i, p in enumerate(general)]
@@ -152,6 +188,9 @@ def build_evaluate(recipe: Recipe, store: Store, base_uri: str, model_uri: str, 
             "total": accuracy["base"]["overall"]["total"],
             **{f"{column}_correct": accuracy[column]["overall"]["correct"] for column in columns},
             "columns": columns,
+            "max_new_tokens": budget,
+            "max_new_tokens_setting": cfg.max_new_tokens,
+            "truncated": {column: sum(truncated[column]) for column in columns},
             "accuracy": accuracy,
             "eval_loss": losses or None,
         }
@@ -163,6 +202,9 @@ def build_evaluate(recipe: Recipe, store: Store, base_uri: str, model_uri: str, 
                 "drift_ratio": round(tuned_ppl / base_ppl, 4) if base_ppl else None,
                 "answers_changed": sum(1 for r in retention_rows if r["base_answer"] != r["tuned_answer"]),
             }
+        warning = truncation_warning({c: truncated[c] for c in columns}, budget)
+        if warning:
+            log(warning)
         (out / "answers.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
         (out / "retention.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in retention_rows))
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -218,6 +260,9 @@ def summary_markdown(summary: dict[str, Any], uri: str) -> str:
     lines.append("| all scored prompts | " + " | ".join(cell(accuracy[c]["overall"]) for c, _ in columns) + " |")
     for tag in accuracy["tuned"]["by_tag"]:
         lines.append(f"| tag `{tag}` | " + " | ".join(cell(accuracy[c]["by_tag"][tag]) for c, _ in columns) + " |")
+    if "truncated" in summary:
+        lines.append(f"| answers cut at max_new_tokens={summary['max_new_tokens']} | "
+                     + " | ".join(f"{summary['truncated'].get(c, 0)}/{summary['questions']}" for c, _ in columns) + " |")
     blank = " |" * (len(columns) - 2)
     if summary.get("eval_loss"):
         loss = summary["eval_loss"]
