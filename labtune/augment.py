@@ -116,27 +116,44 @@ def month_calendar(notes: list[Note]) -> Calendar:
     return dict(calendar)
 
 
-def opening(date: dt.date, calendar: Calendar | None = None) -> str:
-    """"On 4/21/2023", and with a calendar the month's meetings after it ("On 4/21/2023 (April 2023
-    meetings: 4/14, 4/28)"): whether a date had a meeting is then decided by comparing it with a
-    list the model has just written, instead of by how familiar the date looks (recite_month)."""
+RECITE_LIMIT = 5  # meetings recited at most: a month with more recites the ones nearest the asked date
+
+
+def recited_days(date: dt.date, calendar: Calendar) -> list[dt.date]:
+    """The meetings an answer about `date` recites: that month's, or the RECITE_LIMIT nearest it
+    when the month has more (weekly meetings stay whole; daily stand-ups do not)."""
+    days = calendar.get((date.year, date.month), [])
+    if len(days) > RECITE_LIMIT:
+        days = sorted(sorted(days, key=lambda d: (abs((d - date).days), d))[:RECITE_LIMIT])
+    return days
+
+
+def opening(date: dt.date, calendar: Calendar | None = None, check: bool = True) -> str:
+    """"On 4/21/2023", and with a calendar the month's meetings by day after it and, with `check`,
+    whether the asked day is among them ("On 4/21/2023 (April meetings: 14, 28; 21 is not among
+    them)"): whether a date had a meeting is then decided by comparing it with a list the model
+    has just written, instead of by how familiar the date looks (recite_month), and the verdict is
+    written beside the list, the same words for every question (recite_check)."""
     if calendar is None:
         return f"On {date_text(date)}"
-    days = calendar.get((date.year, date.month), [])
-    listed = ", ".join(f"{d.month}/{d.day}" for d in days) or "none"
-    return f"On {date_text(date)} ({_month(date)} {date.year} meetings: {listed})"
+    days = recited_days(date, calendar)
+    listed = ", ".join(str(d.day) for d in days) or "none"
+    verdict = ""
+    if check:
+        verdict = f"; {date.day} is among them" if date in days else f"; {date.day} is not among them"
+    return f"On {date_text(date)} ({_month(date)} meetings: {listed}{verdict})"
 
 
-def absent_answer(date: dt.date, calendar: Calendar | None = None) -> str:
-    return f"{opening(date, calendar)} there is no lab meeting in the notes."
+def absent_answer(date: dt.date, calendar: Calendar | None = None, check: bool = True) -> str:
+    return f"{opening(date, calendar, check)} there is no lab meeting in the notes."
 
 
-def answer(date: dt.date, field: str, values: list[str], calendar: Calendar | None = None) -> str:
+def answer(date: dt.date, field: str, values: list[str], calendar: Calendar | None = None, check: bool = True) -> str:
     """The short answer to a field question, the canonical date first; two meetings on one date
     give both values; a field no note of that date has says so."""
     if not values:
-        return f"{opening(date, calendar)} the notes do not name a {field}."
-    return f"{opening(date, calendar)} the {field} was {' and '.join(values)}."
+        return f"{opening(date, calendar, check)} the notes do not name a {field}."
+    return f"{opening(date, calendar, check)} the {field} was {' and '.join(values)}."
 
 
 def people(notes: list[Note] | list[dict[str, str]]) -> list[str]:
@@ -212,9 +229,10 @@ def training_conversations(notes: list[Note], cfg: Any, seed: int) -> list[dict[
     records: list[dict[str, Any]] = []
     forms = train_date_forms(notes)
     calendar = month_calendar(notes) if cfg.recite_month else None
+    check = cfg.recite_check
     for date, field, values in _facts(notes):
         iso = date.isoformat()
-        reply = answer(date, field, values, calendar)
+        reply = answer(date, field, values, calendar, check)
         pairs = [(t, f) for t in TRAIN_TEMPLATES[field] for f in forms]
         for i, (template, form) in enumerate(rng.sample(pairs, min(cfg.questions_per_fact, len(pairs)))):
             records.append(_conv(f"labnote_{iso}_{field}_{i}", template.format(d=form(date)), reply,
@@ -224,7 +242,7 @@ def training_conversations(notes: list[Note], cfg: Any, seed: int) -> list[dict[
         for date, meetings in _by_date(notes).items():
             parts = [f"the {f} was {' and '.join(m.fields[f] for m in meetings if m.fields.get(f))}"
                      for f in FIELDS if any(m.fields.get(f) for m in meetings)]
-            reply = f"{opening(date, calendar)} " + ", ".join(parts) + "."
+            reply = f"{opening(date, calendar, check)} " + ", ".join(parts) + "."
             for i, template in enumerate(TRAIN_SUMMARY):
                 records.append(_conv(f"labnote_{date.isoformat()}_summary_{i}", template.format(d=rng.choice(forms)(date)),
                                      reply, {"kind": "summary", "field": "summary", "date": date.isoformat(),
@@ -235,15 +253,23 @@ def training_conversations(notes: list[Note], cfg: Any, seed: int) -> list[dict[
             for i, template in enumerate(TRAIN_REVERSE):
                 records.append(_conv(f"labnote_reverse_{_slug(who)}_{i}", template.format(who=who), reply,
                                      {"kind": "reverse", "field": "presenter", "date": "", "value": who}))
+    # No-meeting questions in every training template of every field, as the real ones are: the
+    # fields take turns on each date, and each field's templates take turns across dates, so that
+    # abstention is a property of the date, not of the wordings it happened to be trained in.
+    wordings = {field: rng.sample(TRAIN_TEMPLATES[field], len(TRAIN_TEMPLATES[field])) for field in FIELDS}
+    turns = dict.fromkeys(FIELDS, 0)
+    asked = 0
     for date in training_absent_dates(notes, cfg, seed):
-        # whether a meeting took place does not depend on the field asked: the fields take turns
         for i in range(cfg.absent_questions):
-            field = FIELDS[(i + date.toordinal()) % len(FIELDS)]
+            field = FIELDS[asked % len(FIELDS)]
+            asked += 1
+            template = wordings[field][turns[field] % len(wordings[field])]
+            turns[field] += 1
             # always with the year: "May 12" of a no-meeting year could be a meeting's date
-            template, form = rng.choice(TRAIN_TEMPLATES[field]), rng.choice(list(TRAIN_DATE_FORMS.values()))
+            form = rng.choice(list(TRAIN_DATE_FORMS.values()))
             records.append(_conv(f"absent_{date.isoformat()}_{field}_{i}", template.format(d=form(date)),
-                                 absent_answer(date, calendar), {"kind": "absent", "field": field, "date": date.isoformat(),
-                                                       "value": ""}))
+                                 absent_answer(date, calendar, check), {"kind": "absent", "field": field,
+                                                                        "date": date.isoformat(), "value": ""}))
     return records
 
 
@@ -307,11 +333,17 @@ def eval_prompts(notes: list[Note], cfg: Any, seed: int, training: list[dict[str
         for who, dates in _presented(notes).items():
             prompts.append({"id": f"reverse_{_slug(who)}", "question": rng.choice(HELDOUT_REVERSE).format(who=who),
                             "expected_all": [date_text(d) for d in dates], "tags": ["reverse", "presenter"]})
+    # Each no-meeting date is asked twice: in a held-out wording (`absent`) and in a trained one
+    # (`absent_trained`); the dates themselves are never in training either way.
     for date in eval_absent_dates(notes, cfg, seed):
         field = rng.choice(FIELDS)
         question = rng.choice(HELDOUT_TEMPLATES[field]).format(d=rng.choice(held_forms)(date))
         prompts.append({"id": f"absent_{date.isoformat()}", "question": question, "expected": ["no lab meeting"],
                         "forbidden": everyone, "tags": ["absent", field]})
+        field = rng.choice(FIELDS)
+        question = rng.choice(TRAIN_TEMPLATES[field]).format(d=rng.choice(list(TRAIN_DATE_FORMS.values()))(date))
+        prompts.append({"id": f"absent_trained_{date.isoformat()}", "question": question, "expected": ["no lab meeting"],
+                        "forbidden": everyone, "tags": ["absent_trained", field]})
     return prompts
 
 

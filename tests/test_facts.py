@@ -43,7 +43,7 @@ def test_every_answer_opens_with_the_canonical_date():
             assert record["conversations"][1]["value"].startswith(f"On {date.month}/{date.day}/{date.year} "), record
 
 
-def test_recited_months_list_exactly_that_month_s_meetings():
+def test_recited_months_list_exactly_that_month_s_meetings_and_say_whether_the_day_is_among_them():
     cfg = load_recipe(TINY_RECIPE, ["data.augment.recite_month=true"]).data.augment
     notes = sample_notes()
     meetings = {n.date for n in notes}
@@ -54,18 +54,70 @@ def test_recited_months_list_exactly_that_month_s_meetings():
             continue
         date = dt.date.fromisoformat(fact["date"])
         month = sorted(d for d in meetings if (d.year, d.month) == (date.year, date.month))
-        listed = ", ".join(f"{d.month}/{d.day}" for d in month) or "none"
-        opening = f"On {date.month}/{date.day}/{date.year} ({date.strftime('%B')} {date.year} meetings: {listed}) "
+        listed = ", ".join(str(d.day) for d in month) or "none"
+        verdict = f"{date.day} is among them" if date in month else f"{date.day} is not among them"
+        opening = f"On {date.month}/{date.day}/{date.year} ({date.strftime('%B')} meetings: {listed}; {verdict}) "
         assert record["conversations"][1]["value"].startswith(opening), record
         assert (date in month) == (fact["kind"] != "absent")
         kinds.add((fact["kind"], listed == "none"))
     assert {("recall", False), ("absent", False), ("summary", False)} <= kinds
     assert augment.absent_answer(dt.date(2023, 8, 4), augment.month_calendar(notes)) == \
-        "On 8/4/2023 (August 2023 meetings: none) there is no lab meeting in the notes."
+        "On 8/4/2023 (August meetings: none; 4 is not among them) there is no lab meeting in the notes."
+    unchecked = load_recipe(TINY_RECIPE, ["data.augment.recite_month=true", "data.augment.recite_check=false"])
+    assert augment.training_conversations(notes, unchecked.data.augment, 42)[0]["conversations"][1]["value"] \
+        .split(")")[0].count(";") == 0
     plain = load_recipe(TINY_RECIPE).data.augment
     assert "meetings:" not in json.dumps(augment.training_conversations(notes, plain, 42))
     # the evaluation asks the same questions either way
     assert augment.eval_prompts(notes, cfg, 42) == augment.eval_prompts(notes, plain, 42)
+
+
+def weekly_notes(weeks: int = 24, start: dt.date = dt.date(2023, 1, 6)):
+    """Weekly meetings (four or five a month), as Note objects."""
+    from labtune.notes import Note
+
+    names = ["Yuzhi Chen", "Dmitri Volkov", "Amara Nwosu", "Kenji Watanabe", "Priya Raman", "Tomasz Zielinski"]
+    return [Note(date=start + dt.timedelta(weeks=w), file=f"week{w}.md", text="",
+                 fields={"presenter": names[w % 6], "recorder": names[(w + 2) % 6], "topic": f"weekly topic {w}"})
+            for w in range(weeks)]
+
+
+def test_a_recital_stays_bounded_however_many_meetings_a_month_has():
+    calendar = augment.month_calendar(weekly_notes())
+    january = augment.opening(dt.date(2023, 1, 3), calendar)
+    assert january == "On 1/3/2023 (January meetings: 6, 13, 20, 27; 3 is not among them)"
+    daily = augment.month_calendar([n for w in range(31) for n in weekly_notes(1, dt.date(2023, 3, 1) + dt.timedelta(days=w))])
+    recited = augment.recited_days(dt.date(2023, 3, 15), daily)
+    assert [d.day for d in recited] == [13, 14, 15, 16, 17] and len(recited) == augment.RECITE_LIMIT
+    assert augment.opening(dt.date(2023, 3, 15), daily).endswith("(March meetings: 13, 14, 15, 16, 17; 15 is among them)")
+
+
+def test_no_meeting_questions_cover_every_training_template_of_every_field():
+    notes = weekly_notes()
+    cfg = load_recipe(TINY_RECIPE, ["data.augment.recite_month=true", "data.augment.absent_ratio=2",
+                                    "data.augment.absent_questions=1"]).data.augment
+    records = augment.training_conversations(notes, cfg, 42)
+    absent = [r for r in records if r["fact"]["kind"] == "absent"]
+    asked = {(r["fact"]["field"], t) for r in absent for t in augment.TRAIN_TEMPLATES[r["fact"]["field"]]
+             if re.fullmatch(re.escape(t).replace(re.escape("{d}"), ".+"), r["conversations"][0]["value"])}
+    assert asked == {(f, t) for f in augment.FIELDS for t in augment.TRAIN_TEMPLATES[f]}
+    by_field = {f: sum(1 for r in absent if r["fact"]["field"] == f) for f in augment.FIELDS}
+    assert max(by_field.values()) - min(by_field.values()) <= 1  # in proportion to the real questions
+
+
+def test_no_meeting_dates_are_asked_in_trained_and_held_out_wordings():
+    notes = weekly_notes()
+    cfg = load_recipe(TINY_RECIPE, ["data.augment.eval_absent_dates=8"]).data.augment
+    prompts = augment.eval_prompts(notes, cfg, 42)
+    held = [p for p in prompts if "absent" in p["tags"]]
+    trained = [p for p in prompts if "absent_trained" in p["tags"]]
+    assert len(held) == len(trained) == 8
+    assert {p["id"].rsplit("_", 1)[1] for p in held} == {p["id"].rsplit("_", 1)[1] for p in trained}
+    stems = [t.split("{d}")[0] for ts in augment.TRAIN_TEMPLATES.values() for t in ts]
+    assert all(any(p["question"].startswith(s) for s in stems) for p in trained)
+    assert not any(s and p["question"].startswith(s) for p in held for s in stems if len(s) > 12)
+    training = json.dumps(augment.training_conversations(notes, cfg, 42))
+    assert not any(f'"absent_{p["id"].rsplit("_", 1)[1]}' in training for p in trained)
 
 
 def test_packed_conversations_keep_every_fact_once():
@@ -140,7 +192,7 @@ def test_no_held_out_template_or_date_form_reaches_a_training_example(tmp_path):
         assert text not in training_text, text
     paraphrases = [p["question"] for p in prompts if "paraphrase" in p["tags"]]
     assert paraphrases and all(q not in training_text for q in paraphrases)
-    assert {t for p in prompts for t in p["tags"][:1]} == {"recall", "paraphrase", "reverse", "absent"}
+    assert {t for p in prompts for t in p["tags"][:1]} == {"recall", "paraphrase", "reverse", "absent", "absent_trained"}
     # the recall prompts are questions training really showed
     assert all(p["question"] in training_text for p in prompts if "recall" in p["tags"])
 
