@@ -99,6 +99,17 @@ TRAIN_REVERSE = ["When did {who} present?", "On which dates did {who} present at
                  "When was {who} the presenter?"]
 HELDOUT_REVERSE = ["Which meeting dates had {who} as the speaker?"]
 TRAIN_SUMMARY = ["What happened at the lab meeting on {d}?", "Summarize the {d} lab meeting."]
+# action items: {task} is the task as the note words it ("draft the KDD related-work section")
+TRAIN_ACTION = ["Who is to {task}, from the {d} lab meeting?", "At the {d} lab meeting, who agreed to {task}?",
+                "Who was asked to {task} at the lab meeting on {d}?", "Action item from {d}: who has to {task}?",
+                "Who took the action item to {task} on {d}?", "Who will {task}, as decided at the {d} meeting?"]
+HELDOUT_ACTION = ["Which lab member is responsible for the task to {task} from the {d} meeting?",
+                  "Can you tell me who has to {task}, per the {d} group meeting?"]
+TRAIN_DEADLINE = ["When is the action item to {task} (from the {d} meeting) due?",
+                  "What is the deadline to {task}, from the {d} lab meeting?",
+                  "By when must someone {task}? (lab meeting of {d})", "Due date of the task to {task} ({d} meeting)?"]
+HELDOUT_DEADLINE = ["By what date should the task to {task} from the {d} group meeting be done?",
+                    "I missed the {d} meeting. When is the deadline to {task}?"]
 
 
 def date_text(date: dt.date) -> str:
@@ -156,6 +167,22 @@ def answer(date: dt.date, field: str, values: list[str], calendar: Calendar | No
     return f"{opening(date, calendar, check)} the {field} was {' and '.join(values)}."
 
 
+def action_answer(date: dt.date, owner: str, task: str, calendar: Calendar | None = None, check: bool = True) -> str:
+    return f"{opening(date, calendar, check)} {owner} is to {task}."
+
+
+def deadline_answer(date: dt.date, task: str, due: dt.date, calendar: Calendar | None = None, check: bool = True) -> str:
+    return f"{opening(date, calendar, check)} the task to {task} is due {date_text(due)}."
+
+
+def _actions(notes: list[Note]):
+    """(date, action fact) of every action item with an owner or a due date."""
+    for note in sorted(notes, key=lambda n: n.date):
+        for action in note.actions:
+            if action.owner or action.due:
+                yield note.date, action
+
+
 def people(notes: list[Note] | list[dict[str, str]]) -> list[str]:
     """Every person the notes name as presenter, recorder or attendee (from Notes or their fields
     dicts), for the names scorer."""
@@ -181,7 +208,7 @@ def _facts(notes: list[Note]):
     meetings on one date give two), empty when no note of that date has the field."""
     for date, meetings in _by_date(notes).items():
         for field in FIELDS:
-            yield date, field, [m.fields[field] for m in meetings if m.fields.get(field)]
+            yield date, field, [v for m in meetings for v in m.values(field)]
 
 
 EVAL_ABSENT_OFFSETS = (-7, -3, 3, 7, 14)  # days off a meeting: the same weekday a week off, and a few days off
@@ -222,9 +249,10 @@ def _conv(conv_id: str, question: str, reply: str, fact: dict[str, Any]) -> dict
             "fact": fact}
 
 
-def training_conversations(notes: list[Note], cfg: Any, seed: int) -> list[dict[str, Any]]:
-    """Training conversations for every fact, in TRAIN templates and date forms only. Each record
-    carries `fact` ({kind, field, date, value}) for the data report's per-fact counts."""
+def training_conversations(notes: list[Note], cfg: Any, seed: int, actions: bool = False) -> list[dict[str, Any]]:
+    """Training conversations for every fact, in TRAIN templates and date forms only, action items
+    (owner and due date) among them with `actions`. Each record carries `fact` ({kind, field, date,
+    value}) for the data report's per-fact counts."""
     rng = random.Random(seed)
     records: list[dict[str, Any]] = []
     forms = train_date_forms(notes)
@@ -240,13 +268,28 @@ def training_conversations(notes: list[Note], cfg: Any, seed: int) -> list[dict[
                                   "value": " | ".join(values)}))
     if cfg.summaries:
         for date, meetings in _by_date(notes).items():
-            parts = [f"the {f} was {' and '.join(m.fields[f] for m in meetings if m.fields.get(f))}"
-                     for f in FIELDS if any(m.fields.get(f) for m in meetings)]
+            parts = [f"the {f} was {' and '.join(v for m in meetings for v in m.values(f))}"
+                     for f in FIELDS if any(m.values(f) for m in meetings)]
             reply = f"{opening(date, calendar, check)} " + ", ".join(parts) + "."
             for i, template in enumerate(TRAIN_SUMMARY):
                 records.append(_conv(f"labnote_{date.isoformat()}_summary_{i}", template.format(d=rng.choice(forms)(date)),
                                      reply, {"kind": "summary", "field": "summary", "date": date.isoformat(),
                                                        "value": ""}))
+    if actions:
+        for date, action in _actions(notes):
+            iso, slug = date.isoformat(), _slug(action.value)[:40]
+            asked = [("action", TRAIN_ACTION, action.owner and action_answer(date, action.owner, action.value, calendar, check),
+                      action.owner),
+                     ("deadline", TRAIN_DEADLINE, action.due and deadline_answer(date, action.value,
+                                                                                 dt.date.fromisoformat(action.due),
+                                                                                 calendar, check), action.due)]
+            for field, templates, reply, value in asked:
+                if not reply:
+                    continue
+                pairs = [(t, f) for t in templates for f in forms]
+                for i, (template, form) in enumerate(rng.sample(pairs, min(cfg.questions_per_fact, len(pairs)))):
+                    records.append(_conv(f"labnote_{iso}_{field}_{slug}_{i}", template.format(task=action.value, d=form(date)),
+                                         reply, {"kind": "recall", "field": field, "date": iso, "value": value}))
     if cfg.reverse:
         for who, dates in _presented(notes).items():
             reply = f"{who} presented on {', '.join(date_text(d) for d in dates)}."
@@ -294,9 +337,9 @@ def pack_turns(records: list[dict[str, Any]], per_conversation: int, seed: int) 
 def _presented(notes: list[Note]) -> dict[str, list[dt.date]]:
     found: dict[str, list[dt.date]] = defaultdict(list)
     for note in sorted(notes, key=lambda n: n.date):
-        who = note.fields.get("presenter")
-        if who and note.date not in found[who]:
-            found[who].append(note.date)
+        for who in note.values("presenter"):
+            if note.date not in found[who]:
+                found[who].append(note.date)
     return dict(sorted(found.items()))
 
 
@@ -304,7 +347,8 @@ def _slug(text: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in text.lower())
 
 
-def eval_prompts(notes: list[Note], cfg: Any, seed: int, training: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+def eval_prompts(notes: list[Note], cfg: Any, seed: int, training: list[dict[str, Any]] | None = None,
+                 actions: bool = False) -> list[dict[str, Any]]:
     """Evaluation prompts on four axes, each a tag beside the field:
     `recall` (trained templates and date forms), `paraphrase` (HELD-OUT templates and date forms,
     never in training), `reverse` (a held-out who -> when question), `absent` (held-out dates with
@@ -313,7 +357,7 @@ def eval_prompts(notes: list[Note], cfg: Any, seed: int, training: list[dict[str
     rng = random.Random(seed + 1)
     everyone = people(notes)
     trained: dict[tuple[str, str], list[str]] = defaultdict(list)
-    for record in training if training is not None else training_conversations(notes, cfg, seed):
+    for record in training if training is not None else training_conversations(notes, cfg, seed, actions):
         if record["fact"]["kind"] == "recall":
             trained[(record["fact"]["date"], record["fact"]["field"])].append(record["conversations"][0]["value"])
     prompts: list[dict[str, Any]] = []
@@ -329,6 +373,18 @@ def eval_prompts(notes: list[Note], cfg: Any, seed: int, training: list[dict[str
         for axis, question in (("recall", recall), ("paraphrase", held)):
             prompts.append({"id": f"{axis}_{iso}_{field}", "question": question, "expected": expected,
                             "forbidden": forbidden, "tags": [axis, field]})
+    if actions:
+        for date, action in _actions(notes):
+            form = rng.choice(held_forms)
+            if action.owner:
+                prompts.append({"id": f"action_{date.isoformat()}_{_slug(action.value)[:40]}",
+                                "question": rng.choice(HELDOUT_ACTION).format(task=action.value, d=form(date)),
+                                "expected": [action.owner], "forbidden": [p for p in everyone if p != action.owner],
+                                "tags": ["action", "action_items"]})
+            if action.due:
+                prompts.append({"id": f"deadline_{date.isoformat()}_{_slug(action.value)[:40]}",
+                                "question": rng.choice(HELDOUT_DEADLINE).format(task=action.value, d=form(date)),
+                                "expected": [date_text(dt.date.fromisoformat(action.due))], "tags": ["deadline", "action_items"]})
     if cfg.reverse:
         for who, dates in _presented(notes).items():
             prompts.append({"id": f"reverse_{_slug(who)}", "question": rng.choice(HELDOUT_REVERSE).format(who=who),
@@ -358,7 +414,8 @@ def heldout_renderings(notes: list[Note]) -> list[str]:
     """Every held-out template stem and held-out date rendering of the notes' dates: none may appear
     in a training question (the data stage's output is checked against this in the tests)."""
     stems = [t.split("{d}")[0].strip() for ts in HELDOUT_TEMPLATES.values() for t in ts] + \
-        [t.split("{who}")[0].strip() for t in HELDOUT_REVERSE]
+        [t.split("{who}")[0].strip() for t in HELDOUT_REVERSE] + \
+        [t.split("{task}")[0].strip() for t in HELDOUT_ACTION + HELDOUT_DEADLINE]
     dates = {n.date for n in notes}
     return [s for s in stems if s] + [form(d) for d in dates for form in HELDOUT_DATE_FORMS.values()]
 

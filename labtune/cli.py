@@ -61,6 +61,11 @@ class Undated(str, Enum):
     fail = "fail"
 
 
+class DateOrder(str, Enum):
+    MDY = "MDY"
+    DMY = "DMY"
+
+
 class Invalid(str, Enum):
     drop = "drop"
     fail = "fail"
@@ -312,6 +317,8 @@ def convert(notes: list[str] = typer.Option([], "--notes", metavar="DIR", help="
             no_qa: bool = typer.Option(False, "--no-qa", help="no question-answer pairs from note fields"),
             no_note_conversations: bool = typer.Option(False, "--no-note-conversations", help="no whole-note conversations"),
             undated_notes: Undated = typer.Option(Undated.skip, "--undated-notes", help="a note without a date: skip it or fail"),
+            date_order: DateOrder = typer.Option(DateOrder.MDY, "--date-order",
+                                                 help="how 03/04/2023 reads: MDY (March 4) or DMY (3 April)"),
             invalid_conversations: Invalid = typer.Option(Invalid.drop, "--invalid-conversations",
                                                           help="a malformed conversation: drop it (counted) or fail"),
             seed: int = typer.Option(42, "--seed"), as_json: bool = Json) -> None:
@@ -322,10 +329,13 @@ def convert(notes: list[str] = typer.Option([], "--notes", metavar="DIR", help="
     sources = [{"type": kind, "path": str(Path(p).resolve())} for kind, paths in
                (("lab_notes", notes), ("sharegpt", sharegpt), ("alpaca", alpaca), ("messages", messages)) for p in paths]
     options = {"eval_fraction": eval_fraction, "qa_pairs": not no_qa, "note_conversations": not no_note_conversations,
-               "undated_notes": undated_notes.value, "invalid_conversations": invalid_conversations.value, "seed": seed}
+               "undated_notes": undated_notes.value, "invalid_conversations": invalid_conversations.value, "seed": seed,
+               "date_order": date_order.value}
     uri, existed, summary = convert_data(sources, out, options, _err)
     note = f": {summary['train']} train and {summary['eval']} eval conversations" if summary else ""
     _finish(as_json, uri, existed, started, note)
+    if summary.get("notes") and not as_json:
+        print(f"{summary['notes']} (see report.md)")
 
 
 @app.command("tokenize-files", epilog=example("labtune tokenize-files --data /tmp/data --model /tmp/smollm2 --out /tmp/tokens"))

@@ -24,7 +24,7 @@ from typing import Any, Iterable
 
 from labtune import augment as many_forms
 from labtune.errors import LabtuneError
-from labtune.notes import QA_FIELDS, NoteError, note_conversations, note_files, read_note
+from labtune.notes import NO_DATE, QA_FIELDS, NoteError, note_conversations, note_files, read_note
 
 ROLE = {"human": "human", "user": "human", "gpt": "gpt", "assistant": "gpt", "chatgpt": "gpt", "bard": "gpt",
         "bing": "gpt", "model": "gpt", "system": "system"}
@@ -51,8 +51,12 @@ class SourceReport:
     weight: float = 1.0
     train: int = 0
     eval: int = 0
+    # lab notes: one entry per note read ({file, date, read_from, facts, flags})
+    notes: list[dict[str, Any]] = field(default_factory=list)
     # lab notes with data.augment: evaluation prompts in held-out forms (not part of the report)
     prompts: list[dict[str, Any]] = field(default_factory=list)
+    # lab notes: every fact read, with its file and line (facts.json; not part of the report)
+    read_facts: list[dict[str, Any]] = field(default_factory=list)
 
     def drop(self, record_id: str, reason: str) -> None:
         self.dropped[reason] = self.dropped.get(reason, 0) + 1
@@ -60,7 +64,7 @@ class SourceReport:
             self.dropped_ids.append(f"{record_id}: {reason}")
 
     def as_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if k != "prompts"}
+        return {k: v for k, v in self.__dict__.items() if k not in ("prompts", "read_facts")}
 
 
 # --- loaders ----------------------------------------------------------------------------------
@@ -186,12 +190,14 @@ def load_messages(path: Path) -> list[dict[str, Any]]:
 
 def load_lab_notes(folder: Path, report: SourceReport, *, qa: bool = True, whole_note: bool = True,
                    qa_fields: tuple[str, ...] = QA_FIELDS, undated: str = "skip", augment: Any = None,
-                   seed: int = 42, log=print) -> list[dict[str, Any]]:
+                   seed: int = 42, log=print, date_order: str = "MDY",
+                   field_names: dict[str, list[str]] | None = None) -> list[dict[str, Any]]:
     """Every note of a folder as conversations. Binary or undecodable files are skipped and
     listed; notes without a date are skipped (or fail, `undated="fail"`); meetings that share
     a date are all kept, under distinct ids. With `augment` (data.augment, enabled), the
-    question-answer pairs are the many-form facts of labtune/augment.py, and the held-out
-    evaluation prompts are left in report.prompts."""
+    question-answer pairs are the many-form facts of labtune/augment.py (action items among them
+    when qa_fields has them), and the held-out evaluation prompts are left in report.prompts.
+    report.notes says, per note, what was read; report.read_facts holds every fact and its line."""
     if not folder.is_dir():
         raise DataError(f"{folder}: lab-notes folder not found")
     files = note_files(folder)
@@ -202,13 +208,14 @@ def load_lab_notes(folder: Path, report: SourceReport, *, qa: bool = True, whole
     seen: collections.Counter[str] = collections.Counter()
     many = augment is not None and augment.enabled
     for path in files:
+        relative = path.relative_to(folder).as_posix()
         try:
-            note = read_note(path)
+            note = read_note(path, date_order, field_names)
         except NoteError as exc:
-            undated_note = "no meeting date" in str(exc)
+            undated_note = NO_DATE in str(exc)
             if undated_note and undated == "fail":
                 raise DataError(str(exc)) from None
-            report.skipped_files.append(f"{path.relative_to(folder)}: {str(exc).split(': ', 1)[1]}")
+            report.skipped_files.append(f"{relative}: {str(exc).split(': ', 1)[1]}")
             log(f"data: skipped {exc}")
             continue
         note_id = f"labnote_{note.date.isoformat()}"
@@ -218,11 +225,30 @@ def load_lab_notes(folder: Path, report: SourceReport, *, qa: bool = True, whole
         records += note_conversations(note, qa=qa and not many, whole_note=whole_note, note_id=note_id, fields=qa_fields)
         notes.append(note)
         report.files += 1
+        report.notes.append(note_summary(note, relative, date_order))
+        report.read_facts += [{"file": relative, "line": f.line, "date": note.date.isoformat(), "field": f.field,
+                               "value": f.value, "how": f.how, **({"owner": f.owner} if f.owner else {}),
+                               **({"due": f.due} if f.due else {})} for f in note.facts]
     if many and qa and notes:
-        facts = many_forms.training_conversations(notes, augment, seed)
+        actions = "action_items" in qa_fields
+        facts = many_forms.training_conversations(notes, augment, seed, actions)
         records += many_forms.pack_turns(facts, augment.facts_per_conversation, seed)
-        report.prompts = many_forms.eval_prompts(notes, augment, seed, facts)
+        report.prompts = many_forms.eval_prompts(notes, augment, seed, facts, actions)
     return records
+
+
+def note_summary(note: Any, relative: str, date_order: str) -> dict[str, Any]:
+    """One note in the data report: its date, where it was read, its facts per field, and flags."""
+    counts = collections.Counter(f.field for f in note.facts)
+    flags = list(note.rejected)
+    if note.other_date:
+        other = "DMY" if date_order == "MDY" else "MDY"
+        flags.append(f"date {note.date.isoformat()} read as {date_order}; as {other} it would be {note.other_date.isoformat()}"
+                     " (set data.date_order)")
+    if not note.facts:
+        flags.append("no facts read")
+    return {"file": relative, "date": note.date.isoformat(), "read_from": note.date_source, "facts": dict(counts),
+            "flags": flags}
 
 
 # --- cleaning ---------------------------------------------------------------------------------
@@ -316,7 +342,8 @@ def convert(config: Any, paths: list[Path], log=print) -> tuple[list, list, list
         if source.type == "lab_notes":
             records = load_lab_notes(path, report, qa=config.qa_pairs, whole_note=config.note_conversations,
                                      qa_fields=tuple(config.qa_fields), undated=config.undated_notes,
-                                     augment=config.augment, seed=config.seed, log=log)
+                                     augment=config.augment, seed=config.seed, log=log,
+                                     date_order=config.date_order, field_names=config.field_names)
         else:
             records = LOADERS[source.type](path)
         report.records = len(records)

@@ -1,10 +1,13 @@
 """Lab-meeting notes -> training conversations.
 
-One file (.md, .org, .txt) is one meeting. Its date comes from the first heading or the file
-name, in ISO (2023-05-12), US (5/12/2023), Org timestamp (<2023-05-12 Fri>) or long form
-(May 12, 2023). Field lines (Presenter, Recorder, Topic, Attendees, Action items) are read in
-plain, Markdown list, bold or heading form, and from Org property drawers; a heading or a field
-line without a value takes the list or line that follows it.
+One file (.md, .org, .txt) is one meeting. Its date comes from a Date:/When: field, the first
+heading, the first lines or the file name, in any form people write (labtune.note_dates). Fields
+(presenter, recorder, topic, attendees, action items) are read under the names labs give them
+(FIELD_WORDS: speaker, scribe, minutes, subject, todo ..., and a recipe's own words) in every line
+shape: "Key: value", "Key - value", "**Key**: value", a heading or "Key:" over a list, Markdown
+table rows, Org drawers. Several presenters are several facts. Sentences that state a role ("Keiko
+walked us through X", "Mateo took the notes") and action items (owner, task, due date) are read
+by labtune.note_prose. Every fact keeps its line.
 
 Each note becomes FastChat's example conversation ("Lab meeting on 5/12/2023" -> the note) and,
 from its fields, short question-answer conversations in several phrasings: a small model does
@@ -14,6 +17,7 @@ not learn "who presented on 4/14" from the raw note in a few epochs, but it does
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import os
 import re
 from dataclasses import dataclass, field
@@ -21,30 +25,30 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from labtune.errors import LabtuneError
+from labtune.note_dates import FoundDate, date_in_name, find_dates, first_date
 
 NOTE_SUFFIXES = (".md", ".markdown", ".org", ".txt")
 QA_FIELDS = ("presenter", "recorder", "topic", "attendees", "action_items")
 MONTHS = ["january", "february", "march", "april", "may", "june", "july", "august",
           "september", "october", "november", "december"]
-_MONTH_RE = "(?:" + "|".join(m[:3] for m in MONTHS) + ")[a-z]*"
-DATE_PATTERNS = [
-    re.compile(r"<?(?P<y>\d{4})-(?P<m>\d{1,2})-(?P<d>\d{1,2})(?:\s+\w{2,3})?>?"),
-    re.compile(r"\b(?P<m>\d{1,2})/(?P<d>\d{1,2})/(?P<y>\d{4})\b"),
-    re.compile(rf"\b(?P<mon>{_MONTH_RE})\.?\s+(?P<d>\d{{1,2}})(?:st|nd|rd|th)?,?\s+(?P<y>\d{{4}})\b", re.I),
-]
-_KEYS = {"presenter": "presenter", "presenters": "presenter", "recorder": "recorder", "recorders": "recorder",
-         "note taker": "recorder", "topic": "topic", "topics": "topic", "attendees": "attendees",
-         "attendee": "attendees", "action items": "action_items", "action item": "action_items",
-         "action_items": "action_items"}
-# "- **Presenter:** X", "## Presenter: X", "** Action items", ":PRESENTER: X", "#+PRESENTER: X"
-FIELD_LINE = re.compile(
-    r"^\s*(?:#{1,6}\s+|\*{1,6}\s+|[-+]\s+|\*\s+)?(?:#\+)?:?(?:\*\*|__)?"
-    r"(?P<key>presenters?|recorders?|note taker|topics?|attendees?|action[ _]items?)"
-    r"(?:\*\*|__)?\s*(?::(?:\*\*|__)?:?\s*(?P<value>.*?))?\s*$",
-    re.I,
-)
-_LIST_ITEM = re.compile(r"^\s*(?:[-+]|\d+[.)])\s+(?P<item>.+?)\s*$")
-_MD_STAR_ITEM = re.compile(r"^\s*\*\s+(?P<item>.+?)\s*$")  # a list item in Markdown, a heading in Org
+DATE_LINES = 5  # a note's date is looked for in its first heading, then in its first lines
+
+# The words labs use for each field. Data, not code: a recipe adds its own (data.field_names).
+FIELD_WORDS: dict[str, tuple[str, ...]] = {
+    "presenter": ("presenter", "presenters", "presenter(s)", "speaker", "speakers", "presented by", "presenting",
+                  "talk by", "presentation by"),
+    "recorder": ("recorder", "recorders", "recorded by", "minutes", "minutes by", "minute taker", "minute-taker",
+                 "minutes taker", "scribe", "note taker", "note-taker", "notetaker", "notes taken by", "notes by",
+                 "notes", "taking notes"),
+    "topic": ("topic", "topics", "subject", "title", "talk title", "talk", "agenda"),
+    "attendees": ("attendees", "attendee", "attendance", "present", "participants", "attending"),
+    "action_items": ("action items", "action item", "action_items", "actions", "action", "todo", "todos", "to do",
+                     "to-do", "to-dos", "next steps", "follow-ups", "follow ups", "followups", "follow-up"),
+    "date": ("date", "when", "meeting date"),
+}
+PERSON_FIELDS = ("presenter", "recorder")
+_LIST_ITEM = re.compile(r"^\s*(?:[-+]|\d+[.)])\s+(?:\[[ xX]\]\s+)?(?P<item>.+?)\s*$")
+_MD_STAR_ITEM = re.compile(r"^\s*\*\s+(?:\[[ xX]\]\s+)?(?P<item>.+?)\s*$")  # a list item in Markdown, a heading in Org
 _HEADING = re.compile(r"^\s*(?:#{1,6}|\*{1,6})\s+\S")
 
 
@@ -53,28 +57,221 @@ class NoteError(ValueError):
 
 
 @dataclass
+class NoteFact:
+    """One thing a note says, and where: line 1 is the file's first line."""
+
+    field: str
+    value: str
+    line: int
+    how: str  # "field line", "table", "drawer", "heading", "prose"
+    owner: str | None = None  # an action item's
+    due: str | None = None  # an action item's due date, ISO
+    rank: int = 0  # among several topic lines, the lowest wins
+
+
+@dataclass
 class Note:
     file: str
     date: dt.date
     text: str
-    fields: dict[str, str] = field(default_factory=dict)
+    fields: dict[str, str] = field(default_factory=dict)  # each field's values, joined, for display and retrieval
+    facts: list[NoteFact] = field(default_factory=list)
+    date_source: str = ""  # where the date was read ("the first heading", "line 3", "a Date: field", "the file name")
+    other_date: dt.date | None = None  # the date under the other day/month order, when it reads differently
+    rejected: list[str] = field(default_factory=list)  # field lines whose value is not what the field holds
+
+    def values(self, name: str) -> list[str]:
+        """Every value of a field, in the order the note gives them (two presenters: two values)."""
+        return [f.value for f in self.facts if f.field == name]
+
+    @property
+    def actions(self) -> list[NoteFact]:
+        return [f for f in self.facts if f.field == "action_items"]
 
 
-def parse_date(text: str) -> dt.date | None:
-    for pattern in DATE_PATTERNS:
-        match = pattern.search(text)
+def field_vocabulary(extra: dict[str, list[str]] | None = None) -> dict[str, tuple[str, ...]]:
+    """FIELD_WORDS with a recipe's own words added (data.field_names)."""
+    words = {name: tuple(values) for name, values in FIELD_WORDS.items()}
+    for name, added in (extra or {}).items():
+        words[name] = tuple(dict.fromkeys([*words.get(name, ()), *(w.strip().lower() for w in added if w.strip())]))
+    return words
+
+
+def _key_pattern(words: dict[str, tuple[str, ...]]) -> str:
+    spellings = sorted({w for ws in words.values() for w in ws}, key=len, reverse=True)
+    return "|".join(r"[ _-]+".join(re.escape(part) for part in re.split(r"[ _-]+", w)) for w in spellings)
+
+
+@functools.lru_cache(maxsize=16)
+def _line_patterns(words_key: tuple[tuple[str, tuple[str, ...]], ...]) -> tuple[re.Pattern, re.Pattern, dict[str, str]]:
+    words = dict(words_key)
+    keys = _key_pattern(words)
+    # "Presenter: X", "- **Presenter**: X", "**Presenter:** X", "## Presenter - X", "Recorder — X",
+    # ":PRESENTER: X", "#+PRESENTER: X", "Presenter:" (the list or line that follows), "## Presenter"
+    field_line = re.compile(
+        r"^\s*(?:#{1,6}\s+|\*{1,6}\s+|[-+*]\s+|\d+[.)]\s+)?(?:\[[ xX]\]\s+)?(?:#\+)?:?(?:\*\*|__)?"
+        rf"(?P<key>{keys})(?:\*\*|__)?\s*"
+        r"(?:(?P<sep>:|—|–|=|-(?=\s)|\s-)(?:\*\*|__)?:?\s*(?P<value>.*?))?\s*$",
+        re.IGNORECASE)
+    table_row = re.compile(rf"^\s*\|\s*(?:\*\*|__)?(?P<key>{keys})(?:\*\*|__)?\s*:?\s*\|\s*(?P<value>[^|]*?)\s*\|?\s*$",
+                           re.IGNORECASE)
+    canonical = {re.sub(r"[ _-]+", " ", w): name for name, ws in words.items() for w in ws}
+    return field_line, table_row, canonical
+
+
+def _patterns(words: dict[str, tuple[str, ...]]):
+    return _line_patterns(tuple(sorted(words.items())))
+
+
+def _canonical(key: str, canonical: dict[str, str]) -> str:
+    return canonical[re.sub(r"[ _-]+", " ", key.lower())]
+
+
+def _clean(value: str) -> str:
+    return value.strip().strip("*_").strip().rstrip(".").strip()
+
+
+_NAME_WORD = r"[A-Za-zÀ-ÖØ-öø-ÿĀ-žА-я][\w'’.-]*"
+_PERSON = re.compile(rf"^@?{_NAME_WORD}(?:\s+{_NAME_WORD}){{0,3}}$")
+_NOT_NAMES = {"tbd", "tba", "none", "n/a", "na", "nobody", "everyone", "all", "see below", "see above", "?"}
+
+
+def split_people(value: str) -> list[str] | None:
+    """"Hannah Müller and Wei Zhang" -> both; None when the value is not a list of names (a
+    sentence, a list of notes), so that a heading such as "Minutes" over the discussion is not
+    taken for the recorder."""
+    value = re.sub(r"\([^)]*\)", "", value)  # "(PI)", "(remote)"
+    parts = [_clean(p) for p in re.split(r"\s*(?:,|;|&|/|\band\b|\+)\s*", value) if _clean(p)]
+    if not parts or any(not _PERSON.match(p) or p.lower() in _NOT_NAMES for p in parts) or len(parts) > 8:
+        return None
+    return [p.lstrip("@") for p in parts]
+
+
+def _following_items(lines: list[str], index: int, org: bool, field_line: re.Pattern) -> list[tuple[int, str]]:
+    """The list (or the one line) under a field line or heading without a value: (line number, item)."""
+    items: list[tuple[int, str]] = []
+    for number, following in enumerate(lines[index + 1:], index + 2):
+        if not following.strip():
+            if items:
+                break
+            continue
+        item = _LIST_ITEM.match(following) or (None if org else _MD_STAR_ITEM.match(following))
+        if item:
+            items.append((number, _clean(item.group("item"))))
+        elif not items and not _HEADING.match(following) and not field_line.match(following):
+            items.append((number, _clean(following)))
+            break
+        else:
+            break
+    return [(n, i) for n, i in items if i]
+
+
+def read_fields(text: str, org: bool = False, words: dict[str, tuple[str, ...]] | None = None
+                ) -> tuple[list[NoteFact], list[str]]:
+    """The facts a note's field lines and table rows give, and the field lines rejected (a person
+    field whose value is not names). Several lines of one field give several values."""
+    field_line, table_row, canonical = _patterns(words or FIELD_WORDS)
+    lines = text.splitlines()
+    facts: list[NoteFact] = []
+    rejected: list[str] = []
+    for index, line in enumerate(lines):
+        match = table_row.match(line)
+        how = "table"
+        if not match:
+            match = field_line.match(line)
+            how = "drawer" if line.lstrip().startswith(":") else "heading" if _HEADING.match(line) else "field line"
         if not match:
             continue
-        groups = match.groupdict()
-        if groups.get("mon"):
-            month = next(i for i, m in enumerate(MONTHS, 1) if m.startswith(groups["mon"].lower()[:3]))
-        else:
-            month = int(groups["m"])
-        try:
-            return dt.date(int(groups["y"]), month, int(groups["d"]))
-        except ValueError:
+        name = _canonical(match.group("key"), canonical)
+        value = _clean(match.group("value") or "")
+        entries = [(index + 1, value)] if value else _following_items(lines, index, org, field_line)
+        if name == "date" or not entries:
             continue
+        if name in PERSON_FIELDS or name == "attendees":
+            people = [(number, split_people(v)) for number, v in entries]
+            if any(names is None for _, names in people):
+                if name in PERSON_FIELDS and value:  # a heading such as "Minutes" over the discussion is no field
+                    rejected.append(f"line {index + 1}: {match.group('key')}: {value[:60]!r} is not a name")
+                continue
+            facts += [NoteFact(name, person, number, how) for number, names in people for person in names or []]
+        elif name == "topic":
+            value = "; ".join(v for _, v in entries)
+            if not find_dates(value):  # "#+TITLE: Lab meeting <2023-04-28 Fri>" names the meeting, not its topic
+                facts.append(NoteFact(name, value, entries[0][0], how, rank=_topic_rank(match.group("key"), words)))
+        else:  # action items, one fact each
+            facts += [NoteFact(name, v, n, how) for n, v in entries]
+    return _unique(facts), rejected
+
+
+def _topic_rank(key: str, words: dict[str, tuple[str, ...]] | None) -> int:
+    """"Topic" before "Subject" before "Title" ...: the order of FIELD_WORDS["topic"]."""
+    spelled = re.sub(r"[ _-]+", " ", key.lower())
+    ordered = [re.sub(r"[ _-]+", " ", w) for w in (words or FIELD_WORDS)["topic"]]
+    return ordered.index(spelled) if spelled in ordered else len(ordered)
+
+
+def _unique(facts: list[NoteFact]) -> list[NoteFact]:
+    """Each value once per field, and one topic: the best-named one (see _topic_rank), else the first."""
+    topics = [f for f in facts if f.field == "topic"]
+    best = min(topics, key=lambda f: f.rank) if topics else None
+    seen: set[tuple[str, str]] = set()
+    kept = []
+    for fact in facts:
+        key = (fact.field, fact.value.lower())
+        if key not in seen and (fact.field != "topic" or fact is best):
+            seen.add(key)
+            kept.append(fact)
+    return kept
+
+
+def parse_fields(text: str, org: bool = False, words: dict[str, tuple[str, ...]] | None = None) -> dict[str, str]:
+    """Field values by canonical name, several values joined ("A, B"; action items "x; y")."""
+    return joined_fields(read_fields(text, org, words)[0])
+
+
+def joined_fields(facts: list[NoteFact]) -> dict[str, str]:
+    fields: dict[str, list[str]] = {}
+    for fact in facts:
+        value = f"{fact.owner}: {fact.value}" if fact.owner else fact.value
+        fields.setdefault(fact.field, []).append(value + (f" (due {fact.due})" if fact.due else ""))
+    return {name: ("; " if name in ("action_items", "topic") else ", ").join(values) for name, values in fields.items()}
+
+
+def _date_field(text: str, words: dict[str, tuple[str, ...]], order: str) -> tuple[FoundDate, int] | None:
+    field_line, table_row, canonical = _patterns(words)
+    for number, line in enumerate(text.splitlines(), 1):
+        match = table_row.match(line) or field_line.match(line)
+        if match and _canonical(match.group("key"), canonical) == "date" and match.group("value"):
+            found = first_date(match.group("value"), order)
+            if found:
+                return found, number
     return None
+
+
+def note_date(text: str, stem: str, words: dict[str, tuple[str, ...]], order: str = "MDY") -> tuple[FoundDate, str] | None:
+    """The meeting's date and where it was read: a Date:/When: field, the first heading, the
+    first DATE_LINES lines, the file name, in that order."""
+    dated = _date_field(text, words, order)
+    if dated:
+        return dated[0], f"a {text.splitlines()[dated[1] - 1].strip().split(':')[0].strip('*-#: ')}: field"
+    lines = [line for line in text.splitlines() if line.strip()]
+    heading = next((line for line in lines[:DATE_LINES * 2] if _HEADING.match(line)), None)
+    if heading:
+        found = first_date(heading, order)
+        if found:
+            return found, "the first heading"
+    for number, line in enumerate(text.splitlines()[:DATE_LINES], 1):
+        found = first_date(line, order)
+        if found:
+            return found, f"line {number}"
+    found = date_in_name(stem, order)
+    return (found, "the file name") if found else None
+
+
+def parse_date(text: str, order: str = "MDY") -> dt.date | None:
+    """The first full date written in a text (labtune.note_dates)."""
+    found = first_date(text, order)
+    return found.date if found else None
 
 
 def us_date(date: dt.date) -> str:
@@ -85,44 +282,12 @@ def long_date(date: dt.date) -> str:
     return f"{MONTHS[date.month - 1].capitalize()} {date.day}, {date.year}"
 
 
-def _clean(value: str) -> str:
-    return value.strip().strip("*_").strip().rstrip(".").strip()
+NO_DATE = f"no date in the heading, the first {DATE_LINES} lines, a Date: field or the file name"
 
 
-def parse_fields(text: str, org: bool = False) -> dict[str, str]:
-    """Field values by canonical name; a field with no value on its line takes the list (or the
-    line) that follows it. The first occurrence of a field wins."""
-    lines = text.splitlines()
-    fields: dict[str, str] = {}
-    for index, line in enumerate(lines):
-        match = FIELD_LINE.match(line)
-        if not match:
-            continue
-        key = _KEYS[re.sub(r"[ _]+", " ", match.group("key").lower())]
-        value = _clean(match.group("value") or "")
-        if not value:
-            items = []
-            for following in lines[index + 1:]:
-                if not following.strip():
-                    if items:
-                        break
-                    continue
-                item = _LIST_ITEM.match(following) or (None if org else _MD_STAR_ITEM.match(following))
-                if item:
-                    items.append(_clean(item.group("item")))
-                elif not items and not _HEADING.match(following) and not FIELD_LINE.match(following):
-                    items.append(_clean(following))
-                    break
-                else:
-                    break
-            value = "; ".join(i for i in items if i)
-        if value and key not in fields:
-            fields[key] = value
-    return fields
-
-
-def read_note(path: Path) -> Note:
-    """A meeting: its date (first heading, else the file name), fields and text."""
+def read_note(path: Path, date_order: str = "MDY", field_names: dict[str, list[str]] | None = None) -> Note:
+    """A meeting: its date (see note_date), its facts (field lines, table rows, Org drawers,
+    then prose and action items: labtune.note_prose) and its text."""
     raw = path.read_bytes()
     if b"\x00" in raw[:8192]:
         raise NoteError(f"{path}: binary file, not a text note")
@@ -132,10 +297,20 @@ def read_note(path: Path) -> Note:
         raise NoteError(f"{path}: not UTF-8 text (byte {exc.start})") from None
     if not text:
         raise NoteError(f"{path}: empty lab note")
-    date = parse_date(text.splitlines()[0]) or parse_date(path.stem.replace("_", "-"))
-    if date is None:
-        raise NoteError(f"{path}: no meeting date in the first heading or the file name")
-    return Note(path.name, date, text, parse_fields(text, org=path.suffix.lower() == ".org"))
+    words = field_vocabulary(field_names)
+    dated = note_date(text, path.stem, words, date_order)
+    if dated is None:
+        raise NoteError(f"{path}: {NO_DATE}")
+    found, source = dated
+    named = date_in_name(path.stem, date_order)
+    if found.other_reading and named and named.date == found.date and not named.other_reading:
+        found = FoundDate(found.date, found.text)  # the file name says which order was meant
+    facts, rejected = read_fields(text, org=path.suffix.lower() == ".org", words=words)
+    from labtune.note_prose import action_facts, prose_facts
+
+    facts = _unique(facts + prose_facts(text, facts, words))
+    facts = [f for f in facts if f.field != "action_items"] + action_facts(text, facts, found.date, words)
+    return Note(path.name, found.date, text, joined_fields(facts), facts, source, found.other_reading, rejected)
 
 
 def _conv(conv_id: str, question: str, answer: str, fact: dict[str, str] | None = None) -> dict[str, Any]:

@@ -8,6 +8,7 @@ command translates key by key. Parallelism lives apart, under `parallel:`.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -90,6 +91,21 @@ class DataConfig(_Strict):
         default_factory=lambda: ["presenter", "recorder", "topic", "attendees", "action_items"])
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     undated_notes: Literal["skip", "fail"] = "skip"
+    # how a date such as 03/04/2023 is read (a year first is always year-month-day); a note whose
+    # date reads otherwise under the other order is named in the data report
+    date_order: Literal["MDY", "DMY"] = "MDY"
+    # a lab's own words for the note fields, added to labtune.notes.FIELD_WORDS ({presenter: [Vortrag]})
+    field_names: dict[Literal["presenter", "recorder", "topic", "attendees", "action_items", "date"], list[str]] = Field(
+        default_factory=dict)
+
+    @field_validator("field_names")
+    @classmethod
+    def _words(cls, value: dict[str, list[str]]) -> dict[str, list[str]]:
+        for name, words in value.items():
+            bad = [w for w in words if not isinstance(w, str) or not re.fullmatch(r"[^\W\d_][\w .'-]*", w.strip())]
+            if bad:
+                raise ValueError(f"{name}: {bad[0]!r} is not a word or phrase (letters, spaces, hyphens)")
+        return value
     invalid_conversations: Literal["drop", "fail"] = "drop"
     chat_template: Literal["auto", "vicuna_v1.1", "tokenizer"] = "auto"
     # a system turn for every conversation without one, in training and in evaluation alike; None

@@ -18,14 +18,15 @@ from labtune.augment import HELDOUT_DATE_FORMS, TRAIN_DATE_FORMS
 PROMPT = "Lab meeting notes:\n\n{notes}\n\nAnswer from the notes above. {question}"
 
 
-def note_documents(folder: Path) -> list[dict[str, Any]]:
+def note_documents(folder: Path, date_order: str = "MDY", field_names: dict[str, list[str]] | None = None
+                   ) -> list[dict[str, Any]]:
     """{file, date, text, fields} of every readable note in a folder (the safe listing of labtune.notes)."""
     from labtune.notes import NoteError, note_files, read_note
 
     documents = []
     for path in note_files(folder):
         try:
-            note = read_note(path)
+            note = read_note(path, date_order, field_names)
         except NoteError:
             continue
         documents.append({"file": path.relative_to(folder).as_posix(), "date": note.date.isoformat(), "text": note.text,

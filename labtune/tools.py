@@ -89,7 +89,7 @@ def convert_data(sources: list[dict[str, str]], out: str, options: dict[str, Any
     from labtune.conversations import convert
     from labtune.notes import note_files
     from labtune.recipe import DataConfig
-    from labtune.stages.data import report_markdown
+    from labtune.stages.data import notes_line, read_facts_with_counts, report_markdown
 
     if not sources:
         raise LabtuneError("convert: name at least one source (--notes, --sharegpt, --alpaca or --messages)")
@@ -106,7 +106,10 @@ def convert_data(sources: list[dict[str, str]], out: str, options: dict[str, Any
         (folder / "eval.json").write_text(json.dumps(evaluation, indent=1, ensure_ascii=False))
         (folder / "report.json").write_text(json.dumps(report, indent=2))
         (folder / "report.md").write_text(report_markdown(report, str(folder)))
+        (folder / "facts.json").write_text(json.dumps(read_facts_with_counts(reports, []), indent=1, ensure_ascii=False))
         summary.update(train=len(train), eval=len(evaluation))
+        if any(r.type == "lab_notes" for r in reports):
+            summary["notes"] = notes_line(report)
         return {"report": report}
 
     def files(source: dict[str, str]) -> list[Path]:

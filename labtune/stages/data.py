@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from labtune import augment, conversations, notes
+from labtune import augment, conversations, note_dates, note_prose, notes
 from labtune.conversations import DataError, convert
 from labtune.recipe import DataSource, Recipe
 from labtune.retrieval import note_documents
@@ -65,6 +65,17 @@ def report_markdown(reports: list[dict[str, Any]], uri: str, facts: list[dict[st
     skipped = [f"- `{r['source']}`: {f}" for r in reports for f in r["skipped_files"]]
     if skipped:
         lines += ["", "**Files skipped**", *skipped]
+    read = [(r["source"], n) for r in reports for n in r.get("notes", [])]
+    if read:
+        flagged = [(s, n) for s, n in read if n["flags"]]
+        lines += ["", f"**Notes read**: {notes_line(reports)}", "",
+                  "| note | date | read from | presenter | recorder | topic | attendees | action items | flags |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {n['file']} | {n['date']} | {n['read_from']} | "
+                  + " | ".join(str(n["facts"].get(f, 0)) for f in ("presenter", "recorder", "topic", "attendees", "action_items"))
+                  + f" | {'; '.join(n['flags']) or ''} |" for _, n in read]
+        if flagged:
+            lines += ["", "**Notes to look at**", *[f"- `{n['file']}`: {'; '.join(n['flags'])}" for _, n in flagged]]
     listed = [f"- {item}" for r in reports for item in r["dropped_ids"]]
     if listed:
         lines += ["", "**Dropped records** (first 50 per source)", *listed]
@@ -74,6 +85,23 @@ def report_markdown(reports: list[dict[str, Any]], uri: str, facts: list[dict[st
         lines += [f"| {f['date']} | {f['field']} | {f['value'] or ('no meeting' if f['kind'] == 'absent' else 'not in the note')}"
                   f" | {f['examples']} |" for f in facts]
     return "\n".join(lines + ["", f"Output: `{uri}`"])
+
+
+def notes_line(reports: list[dict[str, Any]]) -> str:
+    """"N notes read, K skipped, M with no facts" over the lab-notes sources of a data report."""
+    notes = [n for r in reports for n in r.get("notes", [])]
+    skipped = sum(len(r["skipped_files"]) for r in reports if r["type"] == "lab_notes")
+    empty = sum(1 for n in notes if "no facts read" in n["flags"])
+    return f"{len(notes)} notes read, {skipped} skipped, {empty} with no facts"
+
+
+def read_facts_with_counts(reports: list[Any], counts: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """facts.json: every fact read from the notes (file, line, date, field, value, how), with the
+    number of training examples that carry it (0 when the recipe does not train that field)."""
+    examples = {(c["date"], c["field"]): c["examples"] for c in counts}
+    trained = {"action_items": ("action", "deadline")}
+    return [{**fact, "examples": sum(examples.get((fact["date"], f), 0) for f in trained.get(fact["field"], (fact["field"],)))}
+            for r in reports for fact in r.read_facts]
 
 
 PROMPT_FIELDS = ("presenter", "recorder", "topic")  # short facts a substring check can judge
@@ -93,7 +121,8 @@ def build_data(recipe: Recipe, store: Store, log: Log = default_log) -> StageRes
     settings = recipe.store.settings()
     identities = [source_identity(source, settings) for source in recipe.data.sources]
     parameters = recipe.data.model_dump(mode="json", exclude={"chat_template", "num_proc", "model_max_length"})
-    key = stage_key("data", code_version(__file__, conversations.__file__, notes.__file__, augment.__file__), {"sources": identities},
+    key = stage_key("data", code_version(__file__, conversations.__file__, notes.__file__, augment.__file__,
+                                         note_dates.__file__, note_prose.__file__), {"sources": identities},
                     parameters)
 
     def build(out: Path) -> dict[str, Any]:
@@ -103,12 +132,13 @@ def build_data(recipe: Recipe, store: Store, log: Log = default_log) -> StageRes
             train, evaluation, reports = convert(recipe.data, paths, log)
             # the notes themselves, for the evaluation's retrieval baseline
             documents = [d for source, path in zip(recipe.data.sources, paths) if source.type == "lab_notes"
-                         for d in note_documents(path)]
+                         for d in note_documents(path, recipe.data.date_order, recipe.data.field_names)]
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
         report = [r.as_dict() for r in reports]
         prompts = heldout_prompts(evaluation) + [p for r in reports for p in r.prompts]
         facts = augment.fact_counts(train)
+        read = read_facts_with_counts(reports, facts)
         if recipe.data.system_prompt is not None:
             for record in train + evaluation:
                 if record["conversations"][0]["from"] != "system":
@@ -121,7 +151,10 @@ def build_data(recipe: Recipe, store: Store, log: Log = default_log) -> StageRes
         (out / "eval.json").write_text(json.dumps(evaluation, indent=1, ensure_ascii=False))
         (out / "report.json").write_text(json.dumps(report, indent=2))
         (out / "notes.json").write_text(json.dumps(documents, indent=1, ensure_ascii=False))
-        (out / "facts.json").write_text(json.dumps(facts, indent=1, ensure_ascii=False))
+        (out / "facts.json").write_text(json.dumps(read, indent=1, ensure_ascii=False))
+        (out / "report.md").write_text(report_markdown(report, store.uri_for(f"data/{key}"), facts))
+        if any(r.type == "lab_notes" for r in reports):
+            log(f"data: {notes_line(report)} (see report.md)")
         log(f"data: {len(train)} train and {len(evaluation)} eval conversations"
             + (f"; {len(facts)} lab-note facts, {min(f['examples'] for f in facts)}-{max(f['examples'] for f in facts)} "
                f"training examples each; {len(prompts)} evaluation prompts" if facts else ""))
