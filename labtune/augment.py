@@ -348,66 +348,107 @@ def _slug(text: str) -> str:
 
 
 def eval_prompts(notes: list[Note], cfg: Any, seed: int, training: list[dict[str, Any]] | None = None,
-                 actions: bool = False) -> list[dict[str, Any]]:
-    """Evaluation prompts on four axes, each a tag beside the field:
-    `recall` (trained templates and date forms), `paraphrase` (HELD-OUT templates and date forms,
-    never in training), `reverse` (a held-out who -> when question), `absent` (held-out dates with
-    no meeting: right only when the answer names nobody and says there was no meeting). Questions
-    about names forbid every other person the notes name (the names scorer)."""
+                 actions: bool = False, seen: str = "") -> list[dict[str, Any]]:
+    """Evaluation prompts on these axes, each a tag beside the field: `recall` (trained templates
+    and date forms), `paraphrase` (HELD-OUT templates and date forms, never in training), `reverse`
+    (a held-out who -> when question), `absent` and `absent_trained` (dates with no meeting, in a
+    held-out and a trained wording: right only when the answer names nobody and says there was no
+    meeting), with `actions` also `action` (who took on a task) and `deadline` (when it is due).
+
+    Scored so that knowing nothing earns nothing: a name question forbids every other person the
+    notes name, a topic question the other topics' keys (each topic's shortest run of words no
+    other topic has), a reverse question the other meetings' dates, a no-meeting question every
+    name, topic and meeting date, and a real meeting's question "no lab meeting". `seen` is the
+    training text that is not built from templates (whole notes): a held-out date rendering or a
+    no-meeting date that stands in it is not asked, so held-out stays held out."""
     rng = random.Random(seed + 1)
     everyone = people(notes)
+    meetings = sorted({n.date for n in notes})
+    keys = topic_keys([v for _, f, vs in _facts(notes) if f == "topic" for v in vs])
     trained: dict[tuple[str, str], list[str]] = defaultdict(list)
     for record in training if training is not None else training_conversations(notes, cfg, seed, actions):
         if record["fact"]["kind"] == "recall":
             trained[(record["fact"]["date"], record["fact"]["field"])].append(record["conversations"][0]["value"])
     prompts: list[dict[str, Any]] = []
     held_forms = list(HELDOUT_DATE_FORMS.values())
+    claims_none = "no lab meeting"
     for date, field, values in _facts(notes):
         if not values:
             continue
         iso = date.isoformat()
-        forbidden = [p for p in everyone if p not in values] if field in NAME_FIELDS else []
-        expected = values if field in NAME_FIELDS else [_topic_key(v) for v in values]
+        if field in NAME_FIELDS:
+            expected, forbidden = values, [p for p in everyone if p not in values]
+        else:
+            expected = [keys[v] for v in values]
+            forbidden = sorted({k for k in keys.values() if not any(_mentions(v, k) for v in values)})
         recall = rng.choice(trained[(iso, field)])  # a question training showed
-        held = rng.choice(HELDOUT_TEMPLATES[field]).format(d=rng.choice(held_forms)(date))
-        for axis, question in (("recall", recall), ("paraphrase", held)):
+        template, form = rng.choice(HELDOUT_TEMPLATES[field]), rng.choice(held_forms)
+        for axis, question in (("recall", recall), ("paraphrase", template.format(d=form(date)))):
+            if axis == "paraphrase" and form(date) in seen:
+                continue
             prompts.append({"id": f"{axis}_{iso}_{field}", "question": question, "expected": expected,
-                            "forbidden": forbidden, "tags": [axis, field]})
+                            "forbidden": [*forbidden, claims_none], "tags": [axis, field]})
     if actions:
+        dues = {a.due for _, a in _actions(notes) if a.due}
         for date, action in _actions(notes):
             form = rng.choice(held_forms)
+            if form(date) in seen:
+                continue
             if action.owner:
                 prompts.append({"id": f"action_{date.isoformat()}_{_slug(action.value)[:40]}",
                                 "question": rng.choice(HELDOUT_ACTION).format(task=action.value, d=form(date)),
-                                "expected": [action.owner], "forbidden": [p for p in everyone if p != action.owner],
+                                "expected": [action.owner],
+                                "forbidden": [*(p for p in everyone if p != action.owner), claims_none],
                                 "tags": ["action", "action_items"]})
             if action.due:
                 prompts.append({"id": f"deadline_{date.isoformat()}_{_slug(action.value)[:40]}",
                                 "question": rng.choice(HELDOUT_DEADLINE).format(task=action.value, d=form(date)),
-                                "expected": [date_text(dt.date.fromisoformat(action.due))], "tags": ["deadline", "action_items"]})
+                                "expected": [date_text(dt.date.fromisoformat(action.due))],
+                                "forbidden": [*(date_text(dt.date.fromisoformat(d)) for d in sorted(dues - {action.due})),
+                                              claims_none],
+                                "tags": ["deadline", "action_items"]})
     if cfg.reverse:
         for who, dates in _presented(notes).items():
             prompts.append({"id": f"reverse_{_slug(who)}", "question": rng.choice(HELDOUT_REVERSE).format(who=who),
-                            "expected_all": [date_text(d) for d in dates], "tags": ["reverse", "presenter"]})
+                            "expected_all": [date_text(d) for d in dates],
+                            "forbidden": [date_text(d) for d in meetings if d not in dates], "tags": ["reverse", "presenter"]})
     # Each no-meeting date is asked twice: in a held-out wording (`absent`) and in a trained one
     # (`absent_trained`); the dates themselves are never in training either way.
+    nothing_else = [*everyone, *sorted(set(keys.values())), *(date_text(d) for d in meetings)]
     for date in eval_absent_dates(notes, cfg, seed):
+        mentioned = any(form(date) in seen for form in [*held_forms, *TRAIN_DATE_FORMS.values()])
         field = rng.choice(FIELDS)
         question = rng.choice(HELDOUT_TEMPLATES[field]).format(d=rng.choice(held_forms)(date))
-        prompts.append({"id": f"absent_{date.isoformat()}", "question": question, "expected": ["no lab meeting"],
-                        "forbidden": everyone, "tags": ["absent", field]})
-        field = rng.choice(FIELDS)
-        question = rng.choice(TRAIN_TEMPLATES[field]).format(d=rng.choice(list(TRAIN_DATE_FORMS.values()))(date))
-        prompts.append({"id": f"absent_trained_{date.isoformat()}", "question": question, "expected": ["no lab meeting"],
-                        "forbidden": everyone, "tags": ["absent_trained", field]})
+        trained_field = rng.choice(FIELDS)
+        trained_question = rng.choice(TRAIN_TEMPLATES[trained_field]).format(d=rng.choice(list(TRAIN_DATE_FORMS.values()))(date))
+        if mentioned:
+            continue
+        prompts.append({"id": f"absent_{date.isoformat()}", "question": question, "expected": [claims_none],
+                        "forbidden": nothing_else, "tags": ["absent", field]})
+        prompts.append({"id": f"absent_trained_{date.isoformat()}", "question": trained_question, "expected": [claims_none],
+                        "forbidden": nothing_else, "tags": ["absent_trained", trained_field]})
     return prompts
 
 
-def _topic_key(topic: str) -> str:
-    """The part of a topic an answer must contain: its first three words (a long topic is
-    rarely repeated word for word)."""
-    words = topic.replace(";", " ").split()
-    return " ".join(words[:3])
+def _mentions(text: str, phrase: str) -> bool:
+    from labtune.evaluation import mentions
+
+    return mentions(text, phrase)
+
+
+def topic_keys(topics: list[str]) -> dict[str, str]:
+    """For each topic, the part an answer must contain: its shortest run of three or more words
+    (the earliest one) that no other topic contains, else the whole topic. "journal club on" is
+    not a key when two journal clubs met."""
+    keys = {}
+    for topic in topics:
+        words = topic.replace(";", " ").split()
+        others = [t for t in topics if t != topic]
+        keys[topic] = next((" ".join(words[start:start + size]) for size in range(min(3, len(words)), len(words) + 1)
+                            for start in range(len(words) - size + 1)
+                            if not any(_mentions(other, " ".join(words[start:start + size])) for other in others)),
+                           " ".join(words))
+    return keys
 
 
 def heldout_renderings(notes: list[Note]) -> list[str]:

@@ -233,7 +233,9 @@ def load_lab_notes(folder: Path, report: SourceReport, *, qa: bool = True, whole
         actions = "action_items" in qa_fields
         facts = many_forms.training_conversations(notes, augment, seed, actions)
         records += many_forms.pack_turns(facts, augment.facts_per_conversation, seed)
-        report.prompts = many_forms.eval_prompts(notes, augment, seed, facts, actions)
+        # whole notes are training text the templates do not control: what they say is not asked as held out
+        seen = "\n".join(turn["value"] for record in records if not record.get("fact") for turn in record["conversations"])
+        report.prompts = many_forms.eval_prompts(notes, augment, seed, facts, actions, seen)
     return records
 
 

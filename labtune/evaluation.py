@@ -60,21 +60,27 @@ class Prompt(BaseModel):
         return self.expected is not None or self.regex is not None or bool(self.expected_all)
 
 
+def mentions(text: str, phrase: str) -> bool:
+    """`phrase` in `text` as whole words, case-insensitively: "1/1/2023" is not in "11/1/2023",
+    "Ann" is not in "Anna"."""
+    phrase = phrase.strip()
+    return bool(phrase) and re.search(rf"(?<![\w/]){re.escape(phrase)}(?![\w/])", text, re.IGNORECASE) is not None
+
+
 def score(answer: str, prompt: Prompt) -> bool | None:
-    """Correct when the answer contains one of the expected strings (case-insensitive), every
-    string of expected_all, or the regex matches, and names none of the forbidden ones (an answer
-    naming the right person and another person from the notes is wrong); None when the prompt
-    states no expectation."""
+    """Correct when the answer mentions one of the expected strings, every string of
+    expected_all, or the regex matches, and mentions none of the forbidden ones (an answer naming
+    the right person and another person from the notes is wrong, and so is one that lists every
+    date); whole words, case-insensitive. None when the prompt states no expectation."""
     if not prompt.scored:
         return None
-    text = answer.lower()
-    if any(name.lower() in text for name in prompt.forbidden):
+    if any(mentions(answer, name) for name in prompt.forbidden):
         return False
-    if prompt.expected_all and all(part.lower() in text for part in prompt.expected_all):
+    if prompt.expected_all and all(mentions(answer, part) for part in prompt.expected_all):
         return True
     if prompt.expected is not None:
         options = [prompt.expected] if isinstance(prompt.expected, str) else prompt.expected
-        if any(option.strip().lower() in text for option in options):
+        if any(mentions(answer, option) for option in options):
             return True
     if prompt.regex is not None and re.search(prompt.regex, answer, re.IGNORECASE):
         return True

@@ -262,3 +262,71 @@ def test_a_tiny_run_reports_four_columns_and_every_axis(tmp_path):
         assert {"recall", "paraphrase", "reverse", "absent"} <= set(summary["accuracy"][column]["by_tag"])
     row = json.loads((folder / "answers.jsonl").read_text().splitlines()[0])
     assert {"base_notes_answer", "tuned_notes_answer", "base_notes_correct", "tuned_notes_correct"} <= set(row)
+
+
+def _all_prompts(notes, cfg):
+    from labtune.evaluation import Prompt
+
+    return [Prompt(**{k: v for k, v in p.items() if k != "id"}) for p in augment.eval_prompts(notes, cfg, 42)]
+
+
+def test_an_answer_that_knows_nothing_scores_nothing():
+    """Read as an adversary would: a constant answer, or one that lists every name, date and topic
+    after "no lab meeting", gets no question about a real meeting right."""
+    notes = sample_notes()
+    cfg = load_recipe(TINY_RECIPE, ["data.augment.enabled=true", "data.augment.eval_absent_dates=10"]).data.augment
+    prompts = _all_prompts(notes, cfg)
+    topics = [n.fields["topic"] for n in notes]
+    everything = ("On 4/21/2023 there is no lab meeting in the notes. " + ", ".join(augment.people(notes)) + ". "
+                  + ", ".join(augment.date_text(n.date) for n in notes) + ". " + "; ".join(topics) + ".")
+    real = [p for p in prompts if not {"absent", "absent_trained"} & set(p.tags)]
+    for answer in (everything, "On 4/21/2023 there is no lab meeting in the notes.", "",
+                   ", ".join(augment.date_text(n.date) for n in notes), "; ".join(topics)):
+        assert sum(score(answer, p) for p in real) == 0, answer
+    assert not any(score(everything, p) for p in prompts)
+    # one name for everything: right only where it is that person
+    lena = sum(score("On 4/14/2023 the presenter was Lena Fischer.", p) for p in real)
+    assert lena <= sum(1 for p in real if p.expected == ["Lena Fischer"]) + 1
+    # a date inside another does not count
+    reverse = [p for p in prompts if "reverse" in p.tags][0]
+    assert score(", ".join("1" + d for d in reverse.expected_all), reverse) is False
+
+
+def test_topic_keys_are_unique_within_the_notes():
+    keys = augment.topic_keys(["journal club on macrophages in regeneration", "journal club on fin ray patterning",
+                               "water quality", "single-cell RNA-seq of fins"])
+    assert keys["journal club on macrophages in regeneration"] == "club on macrophages"
+    assert keys["journal club on fin ray patterning"] == "club on fin"
+    assert keys["water quality"] == "water quality" and keys["single-cell RNA-seq of fins"] == "single-cell RNA-seq of"
+    assert len(set(keys.values())) == 4
+
+
+def test_held_out_forms_stay_held_out_when_whole_notes_train(tmp_path):
+    notes = tmp_path / "notes"
+    shutil.copytree(NOTES, notes)
+    first = notes / "2023-04-14.md"
+    first.write_text(first.read_text().replace("# Lab meeting 4/14/2023", "# Lab meeting Friday, April 14, 2023", 1)
+                     + "\nNext meeting: Friday, April 28, 2023 (2023/04/28).\n")
+    store = tmp_path / "store"
+    made = run_cli("data", str(TINY_RECIPE), f"store.uri={store}", f"data.sources.0.path={notes}", "data.augment.enabled=true",
+                   "data.note_conversations=true", "data.augment.eval_absent_dates=30", "--json")
+    assert made.returncode == 0, made.stderr
+    out = store / "data" / json.loads(made.stdout)["uri"].rsplit("/", 1)[1]
+    train = json.loads((out / "train.json").read_text())
+    prompts = json.loads((out / "eval_prompts.json").read_text())
+    text = "\n".join(turn["value"] for record in train for turn in record["conversations"])
+    assert "Friday, April 14, 2023" in text  # the note says it ...
+    rendered = [form(dt.date.fromisoformat(p["id"].rsplit("_", 2)[-2])) for p in prompts if "paraphrase" in p["tags"]
+                for form in augment.HELDOUT_DATE_FORMS.values()
+                if form(dt.date.fromisoformat(p["id"].rsplit("_", 2)[-2])) in p["question"]]
+    assert rendered and not [r for r in rendered if r in text]  # ... so no held-out question asks it that way
+    assert not [p for p in prompts if "Friday, April 14, 2023" in p["question"] or "2023/04/28" in p["question"]]
+    # a note that wrote the day in every held-out form leaves that day no held-out question
+    day = dt.date(2023, 4, 14)
+    seen = " ".join(form(day) for form in augment.HELDOUT_DATE_FORMS.values())
+    cfg = load_recipe(TINY_RECIPE, ["data.augment.enabled=true"]).data.augment
+    asked = augment.eval_prompts(sample_notes(), cfg, 42, seen=seen)
+    assert not [p for p in asked if p["id"].startswith("paraphrase_2023-04-14")]
+    assert [p for p in augment.eval_prompts(sample_notes(), cfg, 42) if p["id"].startswith("paraphrase_2023-04-14")]
+    absent = [dt.date.fromisoformat(p["id"].rsplit("_", 1)[1]) for p in prompts if "absent" in p["tags"]]
+    assert absent and not [d for d in absent for form in augment.HELDOUT_DATE_FORMS.values() if form(d) in text]
