@@ -7,8 +7,8 @@ different default dates and must give the same one both times). Forms read: 2023
 2023.03.10, 2023/03/10, 20230310, 3/10/2023, 3/10/23, 10.3.2023, March 10, 2023, Mar 10 '23,
 Fri 10 Mar 2023, the 10th of March 2023, <2023-03-10 Fri>, in any case.
 
-Day and month order: a year first is always year-month-day; otherwise `order` (MDY, the
-default, or DMY) decides, and a date that reads differently under the other order is returned
+Day and month order: a year first is always year-month-day, and dots without a year first are
+day-month-year (10.3.2023); otherwise `order` (MDY, the default, or DMY) decides, and a date that reads differently under the other order is returned
 with that other reading, so that the data report can name it once.
 """
 
@@ -67,6 +67,8 @@ def find_dates(line: str, order: str = "MDY") -> list[FoundDate]:
         if match.group("ymd") or match.group("compact"):
             date = _read(text.replace(".", "-").replace("/", "-") if match.group("ymd") else text, False, True)
             other = None
+        elif match.group("numeric") and "." in text:  # 10.3.2023: dots are the day-first form
+            date, other = _read(text, True, False), None
         elif match.group("numeric"):
             date = _read(text, order == "DMY", False)
             flipped = _read(text, order != "DMY", False)

@@ -191,3 +191,12 @@ def test_messy_notes_meet_the_reading_targets():
     found = {field: sum(1 for n in group if (n.values(field) if field != "action" else [a for a in n.actions if a.owner]))
              for field, group in stated.items()}
     assert all(found[field] >= 0.9 * len(group) for field, group in stated.items()), found
+
+
+def test_every_date_form_the_augmentation_writes_reads_back():
+    days = [dt.date(2023, 5, 12), dt.date(2023, 1, 3), dt.date(2023, 11, 30), dt.date(2024, 2, 29)]
+    forms = {**augment.TRAIN_DATE_FORMS, **augment.HELDOUT_DATE_FORMS}
+    for day in days:
+        for name, form in forms.items():
+            found = find_dates(f"Lab meeting {form(day)}")
+            assert found and found[0].date == day, (name, form(day))
