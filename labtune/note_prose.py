@@ -24,7 +24,7 @@ import datetime as dt
 import re
 
 from labtune.note_dates import find_dates
-from labtune.notes import FIELD_WORDS, NoteFact, _patterns, split_people
+from labtune.note_fields import FIELD_WORDS, NoteFact, line_patterns, split_people
 
 _CAP = r"[A-ZÀ-ÖØ-ÞĀ-Ž][\w'’-]+"
 NAME = rf"(?P<who>@[\w.-]+|{_CAP}(?:\s+(?:van|von|de|da|del|di|le|la|bin|ibn)?\s*{_CAP}){{0,2}})"
@@ -69,9 +69,19 @@ def resolve(name: str, known: list[str]) -> str:
     return matches.pop() if len(matches) == 1 else name
 
 
+def resolve_names(facts: list[NoteFact]) -> list[NoteFact]:
+    """A presenter or recorder written as a first name ("Recorder: priya") as the meeting's
+    attendee whose full name it begins, when exactly one does."""
+    known = [f.value for f in facts if f.field in ("attendees", "presenter", "recorder") and len(f.value.split()) > 1]
+    for fact in facts:
+        if fact.field in ("presenter", "recorder") and len(fact.value.split()) == 1:
+            fact.value = resolve(fact.value, known)
+    return facts
+
+
 def _sentences(text: str) -> list[tuple[int, str]]:
     """(line number, sentence) of every line that is prose, not a field line or heading."""
-    field_line, table_row, _ = _patterns(FIELD_WORDS)
+    field_line, table_row, _ = line_patterns(FIELD_WORDS)
     found = []
     for number, line in enumerate(text.splitlines(), 1):
         body = re.sub(r"^\s*(?:[-+*]|\d+[.)])\s+", "", line).strip()
@@ -172,7 +182,7 @@ def action_facts(text: str, facts: list[NoteFact], meeting: dt.date, words: dict
     items = [(f.line, f.value) for f in facts if f.field == "action_items"]
     listed = {line for line, _ in items}
     lines = text.splitlines()
-    field_line = _patterns(FIELD_WORDS)[0]
+    field_line = line_patterns(FIELD_WORDS)[0]
     for number, line in enumerate(lines, 1):
         if number not in listed and _ACTION_LINE.match(line) and not field_line.match(line):
             items.append((number, line.strip()))

@@ -44,8 +44,8 @@ def test_sample_notes_cover_three_formats_and_parse_fields():
     assert april.fields["recorder"] == "Daniel Brooks"
     assert notes[dt.date(2023, 3, 10)].fields["presenter"] == "Daniel Brooks"  # Org property drawer
     assert notes[dt.date(2023, 2, 24)].fields["topic"] == "grant renewal aims"  # **bold** Markdown field
-    assert april.fields["action_items"].startswith("Lena: segment vessels")  # "## Action items" heading + list
-    assert notes[dt.date(2023, 1, 27)].fields["action_items"].startswith("Lena: write the pipeline README")  # Org
+    assert april.fields["action_items"].startswith("Lena Fischer: segment vessels")  # "## Action items" heading + list, owner resolved
+    assert notes[dt.date(2023, 1, 27)].fields["action_items"].startswith("Lena Fischer: write the pipeline README")  # Org
 
 
 def test_note_conversation_follows_fastchat_example_and_adds_qa():
@@ -65,8 +65,8 @@ def test_note_without_date_is_skipped_and_listed_or_fails_by_recipe(tmp_path):
     report = SourceReport(str(tmp_path), "lab_notes")
     records = _load_lab_notes(tmp_path, report)
     assert {r["id"] for r in records} >= {"labnote_2023-05-12"} and report.files == 1
-    assert report.skipped_files == ["meeting.md: no meeting date in the first heading or the file name"]
-    with pytest.raises(DataError, match="meeting.md: no meeting date"):
+    assert report.skipped_files == ["meeting.md: no date in the heading, the first 5 lines, a Date: field or the file name"]
+    with pytest.raises(DataError, match="meeting.md: no date in the heading"):
         load_lab_notes(tmp_path, qa_pairs=True, undated="fail")
 
 

@@ -200,3 +200,16 @@ def test_every_date_form_the_augmentation_writes_reads_back():
         for name, form in forms.items():
             found = find_dates(f"Lab meeting {form(day)}")
             assert found and found[0].date == day, (name, form(day))
+
+
+def test_the_lab_styles_example_is_read_whole():
+    """examples/lab-styles: 20 meetings in five styles, each stating presenter, recorder, topic and
+    an action item with its owner and due date."""
+    from labtune.notes import note_files
+
+    notes = [read_note(path) for path in note_files(REPO / "examples" / "lab-styles")]
+    assert len(notes) == 20 and len({n.date for n in notes}) == 20
+    for field in ("presenter", "recorder", "topic"):
+        assert sum(1 for n in notes if n.values(field)) >= 18, field
+    assert sum(1 for n in notes if any(a.owner and a.due for a in n.actions)) >= 18
+    load_recipe(REPO / "examples" / "lab-styles-smollm2.yaml")
