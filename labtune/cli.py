@@ -375,10 +375,10 @@ def ask(model: str = ModelArg, question: list[str] = typer.Argument(..., help="o
         as_json: bool = Json) -> None:
     """Greedy answers from a model to one or more questions (with --notes, the notes retrieved into the prompt)."""
     from labtune import evaluation
-    from labtune.tools import answer_budget_for_model, model_folder
+    from labtune.tools import answer_budget_for_model, model_folder, token_limit
 
     if max_new_tokens != "auto":
-        answer_budget_for_model(Path("."), max_new_tokens)  # a bad limit fails before the model loads
+        token_limit(max_new_tokens)  # a bad limit fails before the model loads
 
     prompts = list(question)
     if notes is not None:
@@ -405,10 +405,10 @@ def chat(model: str = ModelArg, max_new_tokens: str = MaxNew, chat_template: Cha
          endpoint_url: Optional[str] = Endpoint) -> None:
     """Talk with a model on stdin/stdout; /reset forgets the conversation, /exit leaves."""
     from labtune import evaluation
-    from labtune.tools import answer_budget_for_model, model_folder
+    from labtune.tools import answer_budget_for_model, model_folder, token_limit
 
     if max_new_tokens != "auto":
-        answer_budget_for_model(Path("."), max_new_tokens)  # a bad limit fails before the model loads
+        token_limit(max_new_tokens)  # a bad limit fails before the model loads
     folder = model_folder(model, _settings(endpoint_url), _err)
     max_new_tokens = answer_budget_for_model(folder, max_new_tokens, _settings(endpoint_url), _err)
     loaded, tokenizer = evaluation.load_model(folder)

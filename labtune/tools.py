@@ -179,6 +179,17 @@ def model_folder(uri: str, settings: StoreSettings | None = None, log: Log = def
     return folder
 
 
+def token_limit(setting: str) -> int:
+    """`--max-new-tokens` given as a number, checked (before any model loads)."""
+    try:
+        budget = int(setting)
+    except ValueError:
+        budget = 0
+    if budget < 1:
+        raise LabtuneError(f"--max-new-tokens: must be auto or a whole number of at least 1 (got {setting!r})")
+    return budget
+
+
 def answer_budget_for_model(folder: Path, setting: str, settings: StoreSettings | None = None,
                             log: Log = default_log) -> int:
     """`--max-new-tokens` as a number: a number as given; auto, for a train stage's output, by the
@@ -186,13 +197,7 @@ def answer_budget_for_model(folder: Path, setting: str, settings: StoreSettings 
     from labtune import evaluation
 
     if setting != "auto":
-        try:
-            budget = int(setting)
-        except ValueError:
-            budget = 0
-        if budget < 1:
-            raise LabtuneError(f"--max-new-tokens: must be auto or a whole number of at least 1 (got {setting!r})")
-        return budget
+        return token_limit(setting)
     try:
         manifest = json.loads((folder / "manifest.json").read_text())
     except (OSError, ValueError):
