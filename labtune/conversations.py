@@ -24,7 +24,7 @@ from typing import Any, Iterable
 
 from labtune import augment as many_forms
 from labtune.errors import LabtuneError
-from labtune.notes import NO_DATE, QA_FIELDS, NoteError, note_conversations, note_files, read_note
+from labtune.notes import NO_DATE, QA_FIELDS, NoteError, note_conversations, note_files, read_meetings
 
 ROLE = {"human": "human", "user": "human", "gpt": "gpt", "assistant": "gpt", "chatgpt": "gpt", "bard": "gpt",
         "bing": "gpt", "model": "gpt", "system": "system"}
@@ -210,7 +210,7 @@ def load_lab_notes(folder: Path, report: SourceReport, *, qa: bool = True, whole
     for path in files:
         relative = path.relative_to(folder).as_posix()
         try:
-            note = read_note(path, date_order, field_names)
+            meetings = read_meetings(path, date_order, field_names)
         except NoteError as exc:
             undated_note = NO_DATE in str(exc)
             if undated_note and undated == "fail":
@@ -218,24 +218,28 @@ def load_lab_notes(folder: Path, report: SourceReport, *, qa: bool = True, whole
             report.skipped_files.append(f"{relative}: {str(exc).split(': ', 1)[1]}")
             log(f"data: skipped {exc}")
             continue
-        note_id = f"labnote_{note.date.isoformat()}"
-        seen[note_id] += 1
-        if seen[note_id] > 1:
-            note_id += f"_{seen[note_id]}"
-        records += note_conversations(note, qa=qa and not many, whole_note=whole_note, note_id=note_id, fields=qa_fields)
-        notes.append(note)
         report.files += 1
-        report.notes.append(note_summary(note, relative, date_order))
-        report.read_facts += [{"file": relative, "line": f.line, "date": note.date.isoformat(), "field": f.field,
-                               "value": f.value, "how": f.how, **({"owner": f.owner} if f.owner else {}),
-                               **({"due": f.due} if f.due else {})} for f in note.facts]
+        for note in meetings:  # a running log holds several
+            note_id = f"labnote_{note.date.isoformat()}"
+            seen[note_id] += 1
+            if seen[note_id] > 1:
+                note_id += f"_{seen[note_id]}"
+            records += note_conversations(note, qa=qa and not many, whole_note=whole_note, note_id=note_id,
+                                          fields=qa_fields)
+            notes.append(note)
+            report.notes.append(note_summary(note, relative, date_order))
+            report.read_facts += [{"file": relative, "line": f.line, "date": note.date.isoformat(), "field": f.field,
+                                   "value": f.value, "how": f.how, **({"owner": f.owner} if f.owner else {}),
+                                   **({"due": f.due} if f.due else {})} for f in note.facts]
     if many and qa and notes:
         actions = "action_items" in qa_fields
-        facts = many_forms.training_conversations(notes, augment, seed, actions)
+        extra = {"decisions": "decisions" in qa_fields, "attendance_questions": "attendees" in qa_fields,
+                 "fields": tuple(f for f in many_forms.FIELDS if f in qa_fields)}
+        facts = many_forms.training_conversations(notes, augment, seed, actions, **extra)
         records += many_forms.pack_turns(facts, augment.facts_per_conversation, seed)
         # whole notes are training text the templates do not control: what they say is not asked as held out
         seen = "\n".join(turn["value"] for record in records if not record.get("fact") for turn in record["conversations"])
-        report.prompts = many_forms.eval_prompts(notes, augment, seed, facts, actions, seen)
+        report.prompts = many_forms.eval_prompts(notes, augment, seed, facts, actions, seen, **extra)
     return records
 
 
@@ -249,7 +253,8 @@ def note_summary(note: Any, relative: str, date_order: str) -> dict[str, Any]:
                      " (set data.date_order)")
     if not note.facts:
         flags.append("no facts read")
-    return {"file": relative, "date": note.date.isoformat(), "read_from": note.date_source, "facts": dict(counts),
+    where = f"{relative}:{note.lines[0]}-{note.lines[1]}" if note.lines else relative
+    return {"file": where, "date": note.date.isoformat(), "read_from": note.date_source, "facts": dict(counts),
             "flags": flags}
 
 

@@ -29,7 +29,6 @@ SwiGLU MLP, eager or SDPA attention) and were checked against the peak resident 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from dataclasses import dataclass, field, replace

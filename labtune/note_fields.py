@@ -17,10 +17,14 @@ FIELD_WORDS: dict[str, tuple[str, ...]] = {
     "recorder": ("recorder", "recorders", "recorded by", "minutes", "minutes by", "minute taker", "minute-taker",
                  "minutes taker", "scribe", "note taker", "note-taker", "notetaker", "notes taken by", "notes by",
                  "notes", "taking notes"),
-    "topic": ("topic", "topics", "subject", "title", "talk title", "talk", "agenda"),
+    "topic": ("topic", "topics", "subject", "title", "talk title", "talk"),
+    # agenda items "Name - topic" give presenter and topic (labtune.note_prose.agenda_facts)
+    "agenda": ("agenda", "agenda items"),
     "attendees": ("attendees", "attendee", "attendance", "present", "participants", "attending"),
     "action_items": ("action items", "action item", "action_items", "actions", "action", "todo", "todos", "to do",
                      "to-do", "to-dos", "next steps", "follow-ups", "follow ups", "followups", "follow-up"),
+    "decisions": ("decisions", "decision", "decided", "decisions made", "agreed", "agreements", "agreed on",
+                  "outcomes", "outcome", "resolutions", "resolved"),
     "date": ("date", "when", "meeting date"),
 }
 PERSON_FIELDS = ("presenter", "recorder")
@@ -151,7 +155,7 @@ def read_fields(text: str, org: bool = False, words: dict[str, tuple[str, ...]] 
             value = "; ".join(v for _, v in entries)
             if not find_dates(value):  # "#+TITLE: Lab meeting <2023-04-28 Fri>" names the meeting, not its topic
                 facts.append(NoteFact(name, value, entries[0][0], how, rank=_topic_rank(match.group("key"), words)))
-        else:  # action items, one fact each
+        else:  # action items, agenda items, decisions: one fact each
             facts += [NoteFact(name, v, n, how) for n, v in entries]
     return unique_facts(facts), rejected
 
@@ -187,6 +191,6 @@ def joined_fields(facts: list[NoteFact]) -> dict[str, str]:
     for fact in facts:
         value = f"{fact.owner}: {fact.value}" if fact.owner else fact.value
         fields.setdefault(fact.field, []).append(value + (f" (due {fact.due})" if fact.due else ""))
-    return {name: ("; " if name in ("action_items", "topic") else ", ").join(values) for name, values in fields.items()}
+    return {name: ("; " if name in ("action_items", "topic", "decisions") else ", ").join(values) for name, values in fields.items()}
 
 

@@ -62,10 +62,24 @@ def _name(raw: str) -> str | None:
     return people[0] if people and len(people) == 1 else None
 
 
+def _handle_matches(handle: str, full: str) -> bool:
+    """"ines", "ines.f", "ines_ferreira", "iferreira", "ferreira" for Ines Ferreira."""
+    handle = handle.lower().lstrip("@")
+    parts = full.lower().split()
+    first, last = parts[0], parts[-1]
+    pieces = [p for p in re.split(r"[._-]+", handle) if p]
+    if not pieces:
+        return False
+    return (pieces[0] == first or handle in (last, first[0] + last, first + last, first + "." + last)
+            or (len(pieces) > 1 and pieces[0] == first and last.startswith(pieces[-1])))
+
+
 def resolve(name: str, known: list[str]) -> str:
-    """A first name or handle as the one full name of the meeting's people that begins with it."""
-    matches = {k for k in known if k.lower() != name.lower() and k.lower().split()[0] == name.lower().split()[0]
-               and len(name.split()) == 1}
+    """A first name or handle as the one full name of the meeting's people it names ("Ines",
+    "@ines", "@iferreira" -> Ines Ferreira); left as written when none or several do."""
+    if len(name.split()) != 1:
+        return name
+    matches = {k for k in known if len(k.split()) > 1 and k.lower() != name.lower() and _handle_matches(name, k)}
     return matches.pop() if len(matches) == 1 else name
 
 
@@ -80,14 +94,40 @@ def resolve_names(facts: list[NoteFact]) -> list[NoteFact]:
 
 
 def _sentences(text: str) -> list[tuple[int, str]]:
-    """(line number, sentence) of every line that is prose, not a field line or heading."""
+    """(line number, sentence) of the prose, not field lines or headings; a sentence wrapped over
+    several lines of a paragraph is one sentence, numbered by the line it starts on."""
     field_line, table_row, _ = line_patterns(FIELD_WORDS)
-    found = []
+    found: list[tuple[int, str]] = []
+    paragraph: list[tuple[int, str]] = []
+
+    def flush() -> None:
+        if not paragraph:
+            return
+        joined, starts = "", []
+        for number, body in paragraph:
+            starts.append((len(joined), number))
+            joined += body + " "
+        position = 0
+        for sentence in re.split(r"(?<=[.!?])\s+", joined):
+            if sentence.strip():
+                offset = joined.index(sentence, position)
+                found.append((max(n for start, n in starts if start <= offset), sentence.strip()))
+                position = offset + len(sentence)
+        paragraph.clear()
+
     for number, line in enumerate(text.splitlines(), 1):
-        body = re.sub(r"^\s*(?:[-+*]|\d+[.)])\s+", "", line).strip()
+        item = re.match(r"^\s*(?:[-+*]|\d+[.)])\s+", line)
+        body = line[item.end():].strip() if item else line.strip()
         if not body or body.startswith(("#", "|", ":")) or field_line.match(line) or table_row.match(line):
+            flush()
             continue
-        found += [(number, s.strip()) for s in re.split(r"(?<=[.!?])\s+", body) if s.strip()]
+        if item:  # a list item is a paragraph of its own
+            flush()
+            paragraph.append((number, body))
+            flush()
+        else:
+            paragraph.append((number, body))
+    flush()
     return found
 
 
@@ -96,16 +136,23 @@ def prose_facts(text: str, facts: list[NoteFact], words: dict | None = None) -> 
     have = {f.field for f in facts}
     known = [f.value for f in facts if f.field in ("attendees", "presenter", "recorder")]
     found: list[NoteFact] = []
+    presenters = [f.value for f in facts if f.field == "presenter"]
     for number, sentence in _sentences(text):
         for field, patterns in (("presenter", PRESENTER_PROSE), ("recorder", RECORDER_PROSE)):
-            if field in have:
+            # a presenter the field lines named still gives the topic their sentence states
+            if field in have and not (field == "presenter" and "topic" not in have):
                 continue
             for pattern in patterns:
                 for match in pattern.finditer(sentence):
                     who = _name(match.group("who"))
                     if who is None:
                         continue
-                    found.append(NoteFact(field, resolve(who, known), number, "prose"))
+                    who = resolve(who, known)
+                    if field in have:
+                        if who not in presenters:
+                            continue
+                    else:
+                        found.append(NoteFact(field, who, number, "prose"))
                     topic = match.groupdict().get("topic")
                     if field == "presenter" and topic and "topic" not in have and not any(f.field == "topic" for f in found):
                         found.append(NoteFact("topic", topic.strip().rstrip(","), number, "prose"))
@@ -196,4 +243,88 @@ def action_facts(text: str, facts: list[NoteFact], meeting: dt.date, words: dict
             owner, task, due = parse_action(part, meeting, known, order)
             if task:
                 found.append(NoteFact("action_items", task, number, "action item", owner, due.isoformat() if due else None))
+    return found
+
+
+# agenda items: "Keiko Tanaka - sparse attention", "@mateo: data update", "Sparse attention (Keiko)",
+# "10:00-10:30 Keiko: ...", "Dataset cleanup — Mateo Silva (15 min)"
+_TIME = re.compile(r"^\s*(?:\d{1,2}[:.]\d{2}(?:\s*[-–—]\s*\d{1,2}[:.]\d{2})?\s*(?:am|pm)?\s*[-–—:]?\s*)", re.IGNORECASE)
+_DURATION = re.compile(r"\s*[(\[]\s*\d+\s*(?:min|mins|minutes|m|h|hr|hours?)\.?\s*[)\]]\s*$", re.IGNORECASE)
+_NAME_FIRST = re.compile(r"^(?P<who>@[\w.-]+|[^:–—]{2,40}?)\s*(?::|\s[-–—]|[-–—]\s)\s*(?P<topic>.+)$")
+_NAME_LAST = re.compile(r"^(?P<topic>.+?)\s*(?:\((?P<paren>[^)]{2,40})\)|\s[-–—]\s+(?P<who>@[\w.-]+|[^-–—]{2,40}))$")
+# capitalised words of agenda headings that are not people
+AGENDA_WORDS = {"update", "updates", "discussion", "announcements", "announcement", "news", "misc", "other", "break",
+                "paper", "papers", "reading", "journal", "club", "open", "questions", "q&a", "round", "table", "general",
+                "admin", "intro", "introduction", "welcome", "wrap", "wrap-up", "any", "business", "planning", "status",
+                "review", "coffee", "lunch", "lab", "group", "team", "project", "projects", "talk", "presentation",
+                "demo", "results", "next", "steps", "aob", "action", "items", "decisions", "brainstorm", "feedback"}
+
+
+def _agenda_person(raw: str, known: list[str]) -> str | None:
+    raw = raw.strip().strip("*_").strip()
+    if raw.startswith("@"):
+        return resolve(raw[1:], known)
+    named = _name(raw)
+    if named is None or named != raw:
+        return None
+    if any(k.lower() == named.lower() for k in known):
+        return next(k for k in known if k.lower() == named.lower())
+    resolved = resolve(named, known)
+    if resolved != named:
+        return resolved
+    words = named.split()
+    # a name the meeting's people do not confirm must look like one: two or three capitalised words
+    if 2 <= len(words) <= 3 and all(w[0].isupper() and w.lower() not in AGENDA_WORDS for w in words):
+        return named
+    return None
+
+
+def agenda_item(item: str, known: list[str]) -> tuple[str | None, str]:
+    """(presenter or None, topic) of one agenda item."""
+    text = _DURATION.sub("", _TIME.sub("", item, count=1)).strip()
+    first = _NAME_FIRST.match(text)
+    if first:
+        who = _agenda_person(first.group("who"), known)
+        if who:
+            return who, first.group("topic").strip(" .")
+    last = _NAME_LAST.match(text)
+    if last:
+        who = _agenda_person(last.group("paren") or last.group("who") or "", known)
+        if who:
+            return who, last.group("topic").strip(" .")
+    return None, text.strip(" .")
+
+
+def agenda_facts(facts: list[NoteFact]) -> list[NoteFact]:
+    """Presenters and topic from agenda items ("Name - topic"), for the fields the note names
+    nowhere else; an agenda without names gives the topic only."""
+    items = [f for f in facts if f.field == "agenda"]
+    if not items:
+        return []
+    known = [f.value for f in facts if f.field in ("attendees", "presenter", "recorder")]
+    have = {f.field for f in facts}
+    parsed = [(f, *agenda_item(f.value, known)) for f in items]
+    found: list[NoteFact] = []
+    if "presenter" not in have:
+        found += [NoteFact("presenter", who, f.line, "agenda") for f, who, _ in parsed if who]
+    if "topic" not in have:
+        named = [(f, topic) for f, who, topic in parsed if who and topic] or [(f, t) for f, _, t in parsed if t]
+        if named:
+            found.append(NoteFact("topic", "; ".join(t for _, t in named), named[0][0].line, "agenda", rank=99))
+    return found
+
+
+# "We decided to X.", "The group agreed that X.", "It was decided to X.", "Decision: X" is a field line
+DECISION_PROSE = re.compile(r"\b(?:we|the\s+(?:lab|group|team)|everyone|it\s+was)\s+(?:decided|agreed)\s+"
+                            r"(?:to\s+|that\s+|on\s+)?(?P<decision>[^.;!?]{6,160})", re.IGNORECASE)
+
+
+def decision_facts(text: str, facts: list[NoteFact]) -> list[NoteFact]:
+    """Decisions stated in sentences, where the note has no Decisions list."""
+    if any(f.field == "decisions" for f in facts):
+        return []
+    found = []
+    for number, sentence in _sentences(text):
+        for match in DECISION_PROSE.finditer(sentence):
+            found.append(NoteFact("decisions", match.group("decision").strip(" ,"), number, "prose"))
     return found

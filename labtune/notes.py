@@ -26,12 +26,13 @@ from labtune.errors import LabtuneError
 from labtune.note_dates import FoundDate, date_in_name, first_date
 from labtune.note_fields import (FIELD_WORDS, HEADING, NoteFact, canonical_key, field_vocabulary, joined_fields,
                                  line_patterns, parse_fields, read_fields, unique_facts)
-from labtune.note_prose import action_facts, prose_facts, resolve_names
+from labtune.note_prose import action_facts, agenda_facts, decision_facts, prose_facts, resolve_names
+from labtune.note_sections import meeting_sections
 
 __all__ = ["FIELD_WORDS", "NoteFact", "parse_fields"]
 
 NOTE_SUFFIXES = (".md", ".markdown", ".org", ".txt")
-QA_FIELDS = ("presenter", "recorder", "topic", "attendees", "action_items")
+QA_FIELDS = ("presenter", "recorder", "topic", "attendees", "action_items", "decisions")
 MONTHS = ["january", "february", "march", "april", "may", "june", "july", "august",
           "september", "october", "november", "december"]
 DATE_LINES = 5  # a note's date is looked for in its first heading, then in its first lines
@@ -51,6 +52,7 @@ class Note:
     date_source: str = ""  # where the date was read ("the first heading", "line 3", "a Date: field", "the file name")
     other_date: dt.date | None = None  # the date under the other day/month order, when it reads differently
     rejected: list[str] = field(default_factory=list)  # field lines whose value is not what the field holds
+    lines: tuple[int, int] | None = None  # first and last line in its file, for a file that holds several meetings
 
     def values(self, name: str) -> list[str]:
         """Every value of a field, in the order the note gives them (two presenters: two values)."""
@@ -109,9 +111,7 @@ def long_date(date: dt.date) -> str:
 NO_DATE = f"no date in the heading, the first {DATE_LINES} lines, a Date: field or the file name"
 
 
-def read_note(path: Path, date_order: str = "MDY", field_names: dict[str, list[str]] | None = None) -> Note:
-    """A meeting: its date (see note_date), its facts (field lines, table rows, Org drawers,
-    then prose and action items: labtune.note_prose) and its text."""
+def _decode(path: Path) -> str:
     raw = path.read_bytes()
     if b"\x00" in raw[:8192]:
         raise NoteError(f"{path}: binary file, not a text note")
@@ -121,17 +121,56 @@ def read_note(path: Path, date_order: str = "MDY", field_names: dict[str, list[s
         raise NoteError(f"{path}: not UTF-8 text (byte {exc.start})") from None
     if not text:
         raise NoteError(f"{path}: empty lab note")
+    return text
+
+
+def read_meetings(path: Path, date_order: str = "MDY", field_names: dict[str, list[str]] | None = None) -> list[Note]:
+    """Every meeting of a note file: one, or one per dated heading of a running log or a document
+    that holds several (labtune.note_sections), each with its own date, facts and line range."""
+    text = _decode(path)
     words = field_vocabulary(field_names)
-    dated = note_date(text, path.stem, words, date_order)
-    if dated is None:
-        raise NoteError(f"{path}: {NO_DATE}")
-    found, source = dated
-    named = date_in_name(path.stem, date_order)
-    if found.other_reading and named and named.date == found.date and not named.other_reading:
-        found = FoundDate(found.date, found.text)  # the file name says which order was meant
-    facts, rejected = read_fields(text, org=path.suffix.lower() == ".org", words=words)
-    facts = unique_facts(resolve_names(facts) + prose_facts(text, facts, words))
-    facts = [f for f in facts if f.field != "action_items"] + action_facts(text, facts, found.date, words)
+    org = path.suffix.lower() == ".org"
+    sections = meeting_sections(text, date_order, org)
+    if len(sections) < 2:
+        return [_meeting(path, text, words, date_order, org)]
+    lines = text.splitlines()
+    meetings = []
+    for section in sections:
+        body = "\n".join(lines[section.start:section.end]).strip()
+        note = _meeting(path, body, words, date_order, org, section.date, offset=section.start)
+        note.lines = (section.start + 1, section.end)
+        note.date_source = f"the heading on line {section.start + 1}"
+        meetings.append(note)
+    return meetings
+
+
+def read_note(path: Path, date_order: str = "MDY", field_names: dict[str, list[str]] | None = None) -> Note:
+    """A file's meeting (its first, for a file that holds several: read_meetings): its date (see
+    note_date), its facts (field lines, table rows, Org drawers, agenda items, then prose and
+    action items: labtune.note_prose) and its text."""
+    return read_meetings(path, date_order, field_names)[0]
+
+
+def _meeting(path: Path, text: str, words: dict[str, tuple[str, ...]], date_order: str, org: bool,
+             section_date: FoundDate | None = None, offset: int = 0) -> Note:
+    if section_date is None:
+        dated = note_date(text, path.stem, words, date_order)
+        if dated is None:
+            raise NoteError(f"{path}: {NO_DATE}")
+        found, source = dated
+        named = date_in_name(path.stem, date_order)
+        if found.other_reading and named and named.date == found.date and not named.other_reading:
+            found = FoundDate(found.date, found.text)  # the file name says which order was meant
+    else:
+        found, source = section_date, ""
+    facts, rejected = read_fields(text, org=org, words=words)
+    facts = resolve_names(facts)
+    facts += agenda_facts(facts)
+    facts = unique_facts(facts + prose_facts(text, facts, words))
+    facts = [f for f in facts if f.field not in ("action_items", "agenda")] + action_facts(text, facts, found.date, words)
+    facts += decision_facts(text, facts)
+    for fact in facts:
+        fact.line += offset
     return Note(path.name, found.date, text, joined_fields(facts), facts, source, found.other_reading, rejected)
 
 
@@ -171,6 +210,9 @@ def qa_facts(note: Note, fields: tuple[str, ...] = QA_FIELDS) -> list[tuple[str,
     if "action_items" in fields and "action_items" in f:
         items.append((f"What were the action items from the {long} lab meeting?", _sentence(f["action_items"]),
                       "action_items", f["action_items"]))
+    if "decisions" in fields and "decisions" in f:
+        items.append((f"What did the lab decide at the {us} meeting?", _sentence(f["decisions"]), "decisions",
+                      f["decisions"]))
     return items
 
 

@@ -20,17 +20,19 @@ PROMPT = "Lab meeting notes:\n\n{notes}\n\nAnswer from the notes above. {questio
 
 def note_documents(folder: Path, date_order: str = "MDY", field_names: dict[str, list[str]] | None = None
                    ) -> list[dict[str, Any]]:
-    """{file, date, text, fields} of every readable note in a folder (the safe listing of labtune.notes)."""
-    from labtune.notes import NoteError, note_files, read_note
+    """{file, date, text, fields} of every meeting of the readable notes in a folder (the safe listing of labtune.notes)."""
+    from labtune.notes import NoteError, note_files, read_meetings
 
     documents = []
     for path in note_files(folder):
         try:
-            note = read_note(path, date_order, field_names)
+            meetings = read_meetings(path, date_order, field_names)
         except NoteError:
             continue
-        documents.append({"file": path.relative_to(folder).as_posix(), "date": note.date.isoformat(), "text": note.text,
-                          "fields": note.fields})
+        for note in meetings:  # a running log is one document per meeting
+            where = path.relative_to(folder).as_posix()
+            documents.append({"file": f"{where}:{note.lines[0]}-{note.lines[1]}" if note.lines else where,
+                              "date": note.date.isoformat(), "text": note.text, "fields": note.fields})
     return documents
 
 

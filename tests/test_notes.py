@@ -178,7 +178,7 @@ def test_the_data_stage_shows_what_was_read(tmp_path):
                    "due": "2023-05-17", "examples": 0}
     report = (tmp_path / "out" / "report.md").read_text()
     assert f"- `{MESSY}`: undated.md: {NO_DATE}" in report
-    assert "| notes-b.md | 2023-03-04 | the first heading | 1 | 1 | 1 | 0 | 0 | date 2023-03-04 read as MDY" in report
+    assert "| notes-b.md | 2023-03-04 | the first heading | 1 | 1 | 1 | 0 | 0 | 0 | date 2023-03-04 read as MDY" in report
     assert "- `2023-05-12.md`: no facts read" in report
 
 

@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from labtune import augment, conversations, note_dates, note_prose, notes
+from labtune import augment, conversations, note_dates, note_fields, note_prose, note_sections, notes
 from labtune.conversations import DataError, convert
 from labtune.recipe import DataSource, Recipe
 from labtune.retrieval import note_documents
@@ -69,10 +69,11 @@ def report_markdown(reports: list[dict[str, Any]], uri: str, facts: list[dict[st
     if read:
         flagged = [(s, n) for s, n in read if n["flags"]]
         lines += ["", f"**Notes read**: {notes_line(reports)}", "",
-                  "| note | date | read from | presenter | recorder | topic | attendees | action items | flags |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  "| note | date | read from | presenter | recorder | topic | attendees | action items | decisions | flags |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         lines += [f"| {n['file']} | {n['date']} | {n['read_from']} | "
-                  + " | ".join(str(n["facts"].get(f, 0)) for f in ("presenter", "recorder", "topic", "attendees", "action_items"))
+                  + " | ".join(str(n["facts"].get(f, 0)) for f in ("presenter", "recorder", "topic", "attendees", "action_items",
+                                                                 "decisions"))
                   + f" | {'; '.join(n['flags']) or ''} |" for _, n in read]
         if flagged:
             lines += ["", "**Notes to look at**", *[f"- `{n['file']}`: {'; '.join(n['flags'])}" for _, n in flagged]]
@@ -88,18 +89,21 @@ def report_markdown(reports: list[dict[str, Any]], uri: str, facts: list[dict[st
 
 
 def notes_line(reports: list[dict[str, Any]]) -> str:
-    """"N notes read, K skipped, M with no facts" over the lab-notes sources of a data report."""
+    """"N notes read, K skipped, M with no facts" over the lab-notes sources of a data report;
+    "N notes read (P meetings), ..." when a file holds several meetings (a running log)."""
     notes = [n for r in reports for n in r.get("notes", [])]
+    files = sum(r["files"] for r in reports if r["type"] == "lab_notes")
     skipped = sum(len(r["skipped_files"]) for r in reports if r["type"] == "lab_notes")
     empty = sum(1 for n in notes if "no facts read" in n["flags"])
-    return f"{len(notes)} notes read, {skipped} skipped, {empty} with no facts"
+    meetings = f" ({len(notes)} meetings)" if len(notes) != files else ""
+    return f"{files} notes read{meetings}, {skipped} skipped, {empty} with no facts"
 
 
 def read_facts_with_counts(reports: list[Any], counts: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """facts.json: every fact read from the notes (file, line, date, field, value, how), with the
     number of training examples that carry it (0 when the recipe does not train that field)."""
     examples = {(c["date"], c["field"]): c["examples"] for c in counts}
-    trained = {"action_items": ("action", "deadline")}
+    trained = {"action_items": ("action", "deadline"), "attendees": ("attendance",), "decisions": ("decision",)}
     return [{**fact, "examples": sum(examples.get((fact["date"], f), 0) for f in trained.get(fact["field"], (fact["field"],)))}
             for r in reports for fact in r.read_facts]
 
@@ -122,7 +126,8 @@ def build_data(recipe: Recipe, store: Store, log: Log = default_log) -> StageRes
     identities = [source_identity(source, settings) for source in recipe.data.sources]
     parameters = recipe.data.model_dump(mode="json", exclude={"chat_template", "num_proc", "model_max_length"})
     key = stage_key("data", code_version(__file__, conversations.__file__, notes.__file__, augment.__file__,
-                                         note_dates.__file__, note_prose.__file__), {"sources": identities},
+                                         note_dates.__file__, note_prose.__file__, note_fields.__file__,
+                                         note_sections.__file__), {"sources": identities},
                     parameters)
 
     def build(out: Path) -> dict[str, Any]:
