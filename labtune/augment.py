@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import datetime as dt
 import random
+import re
 from collections import defaultdict
 from typing import Any
 
@@ -110,6 +111,22 @@ TRAIN_DEADLINE = ["When is the action item to {task} (from the {d} meeting) due?
                   "By when must someone {task}? (lab meeting of {d})", "Due date of the task to {task} ({d} meeting)?"]
 HELDOUT_DEADLINE = ["By what date should the task to {task} from the {d} group meeting be done?",
                     "I missed the {d} meeting. When is the deadline to {task}?"]
+# decisions: {d} a date form, {subject} what a "Subject: outcome" decision is about ("batch size")
+TRAIN_DECISION = ["What did the lab decide at the {d} meeting?", "What was decided at the lab meeting on {d}?",
+                  "Which decisions were made on {d}?", "What was agreed at the {d} lab meeting?",
+                  "Lab meeting {d}: what was decided?", "What did the group agree on at the {d} meeting?",
+                  "What decision was taken at the lab meeting on {d}?", "What did we decide on {d}?"]
+HELDOUT_DECISION = ["What was the outcome of the discussion at the meeting held on {d}?",
+                    "Can you tell me what the group settled on at the {d} meeting?"]
+TRAIN_DECISION_ABOUT = ["What was agreed about {subject} on {d}?", "What did the lab decide about {subject} at the {d} meeting?",
+                        "At the lab meeting on {d}, what was decided on {subject}?"]
+HELDOUT_DECISION_ABOUT = ["Regarding {subject}, what was settled at the group meeting held on {d}?"]
+# attendance: {who} a lab member, {d} a date form; answered yes or no
+TRAIN_ATTENDANCE = ["Was {who} at the lab meeting on {d}?", "Did {who} attend the {d} lab meeting?",
+                    "Was {who} present at the {d} meeting?", "Lab meeting {d}: was {who} there?",
+                    "Did {who} come to the lab meeting on {d}?", "Was {who} among the attendees on {d}?"]
+HELDOUT_ATTENDANCE = ["Can you tell me whether {who} joined the group meeting held on {d}?",
+                      "Is it true that {who} was at the {d} group meeting?"]
 
 
 def date_text(date: dt.date) -> str:
@@ -175,6 +192,60 @@ def deadline_answer(date: dt.date, task: str, due: dt.date, calendar: Calendar |
     return f"{opening(date, calendar, check)} the task to {task} is due {date_text(due)}."
 
 
+def decision_answer(date: dt.date, decisions: list[str], calendar: Calendar | None = None, check: bool = True) -> str:
+    return f"{opening(date, calendar, check)} the lab decided: {'; '.join(decisions)}."
+
+
+PRESENT, NOT_PRESENT = "was at the lab meeting", "was not at the lab meeting"
+
+
+def attendance_answer(date: dt.date, who: str, present: bool, calendar: Calendar | None = None, check: bool = True) -> str:
+    return f"{opening(date, calendar, check)} {who} {PRESENT if present else NOT_PRESENT}."
+
+
+def decision_subject(decision: str) -> tuple[str | None, str]:
+    """("batch size", "256 for all ablations") of "Batch size: 256 for all ablations"; (None, the
+    decision) when it names no subject before a colon."""
+    match = re.match(r"^(?P<subject>[^:]{2,40}):\s+(?P<rest>\S.*)$", decision)
+    if match and 1 <= len(match.group("subject").split()) <= 4:
+        return match.group("subject").strip().lower(), match.group("rest").strip()
+    return None, decision
+
+
+def _decisions(notes: list[Note]) -> dict[dt.date, list[str]]:
+    """Meeting date -> the decisions its notes record."""
+    found: dict[dt.date, list[str]] = defaultdict(list)
+    for note in sorted(notes, key=lambda n: n.date):
+        found[note.date] += [v for v in note.values("decisions") if v not in found[note.date]]
+    return {d: v for d, v in found.items() if v}
+
+
+def decision_keys(notes: list[Note]) -> dict[str, str]:
+    """Each decision's key (topic_keys of its outcome, the subject left out)."""
+    outcomes = {d: decision_subject(d)[1] for ds in _decisions(notes).values() for d in ds}
+    keys = topic_keys(list(outcomes.values()))
+    return {d: keys[o] for d, o in outcomes.items()}
+
+
+def lab_members(notes: list[Note]) -> list[str]:
+    """Everyone some meeting lists as an attendee (full names only)."""
+    return sorted({v for n in notes for v in n.values("attendees") if len(v.split()) > 1})
+
+
+def attendance(notes: list[Note]) -> dict[dt.date, dict[str, bool]]:
+    """Meeting date -> {member: present} for the meetings that list their attendees; the
+    presenter and the recorder were there too; a member no listing names was not."""
+    members = lab_members(notes)
+    found: dict[dt.date, dict[str, bool]] = {}
+    for date, meetings in _by_date(notes).items():
+        listed = [m for m in meetings if m.values("attendees")]
+        if not listed:
+            continue
+        present = {v for m in listed for f in ("attendees", "presenter", "recorder") for v in m.values(f)}
+        found[date] = {who: who in present for who in members}
+    return found
+
+
 def _actions(notes: list[Note]):
     """(date, action fact) of every action item with an owner or a due date."""
     for note in sorted(notes, key=lambda n: n.date):
@@ -203,11 +274,11 @@ def _by_date(notes: list[Note]) -> dict[dt.date, list[Note]]:
     return dict(sorted(grouped.items()))
 
 
-def _facts(notes: list[Note]):
+def _facts(notes: list[Note], fields: tuple[str, ...] = FIELDS):
     """(date, field, values) for every meeting date and field; values holds each meeting's (two
     meetings on one date give two), empty when no note of that date has the field."""
     for date, meetings in _by_date(notes).items():
-        for field in FIELDS:
+        for field in fields:
             yield date, field, [v for m in meetings for v in m.values(field)]
 
 
@@ -249,16 +320,19 @@ def _conv(conv_id: str, question: str, reply: str, fact: dict[str, Any]) -> dict
             "fact": fact}
 
 
-def training_conversations(notes: list[Note], cfg: Any, seed: int, actions: bool = False) -> list[dict[str, Any]]:
+def training_conversations(notes: list[Note], cfg: Any, seed: int, actions: bool = False, *, decisions: bool = False,
+                           attendance_questions: bool = False, fields: tuple[str, ...] = FIELDS) -> list[dict[str, Any]]:
     """Training conversations for every fact, in TRAIN templates and date forms only, action items
-    (owner and due date) among them with `actions`. Each record carries `fact` ({kind, field, date,
-    value}) for the data report's per-fact counts."""
+    (owner and due date) among them with `actions`, each meeting's decisions with `decisions`, and
+    every lab member's presence at every meeting that lists attendees with `attendance_questions`.
+    `fields` are the ones of presenter, recorder and topic the recipe asks about (data.qa_fields).
+    Each record carries `fact` ({kind, field, date, value}) for the data report's per-fact counts."""
     rng = random.Random(seed)
     records: list[dict[str, Any]] = []
     forms = train_date_forms(notes)
     calendar = month_calendar(notes) if cfg.recite_month else None
     check = cfg.recite_check
-    for date, field, values in _facts(notes):
+    for date, field, values in _facts(notes, fields):
         iso = date.isoformat()
         reply = answer(date, field, values, calendar, check)
         pairs = [(t, f) for t in TRAIN_TEMPLATES[field] for f in forms]
@@ -266,10 +340,10 @@ def training_conversations(notes: list[Note], cfg: Any, seed: int, actions: bool
             records.append(_conv(f"labnote_{iso}_{field}_{i}", template.format(d=form(date)), reply,
                                  {"kind": "recall" if values else "missing", "field": field, "date": iso,
                                   "value": " | ".join(values)}))
-    if cfg.summaries:
+    if cfg.summaries and fields:
         for date, meetings in _by_date(notes).items():
             parts = [f"the {f} was {' and '.join(v for m in meetings for v in m.values(f))}"
-                     for f in FIELDS if any(m.values(f) for m in meetings)]
+                     for f in fields if any(m.values(f) for m in meetings)]
             reply = f"{opening(date, calendar, check)} " + ", ".join(parts) + "."
             for i, template in enumerate(TRAIN_SUMMARY):
                 records.append(_conv(f"labnote_{date.isoformat()}_summary_{i}", template.format(d=rng.choice(forms)(date)),
@@ -290,6 +364,34 @@ def training_conversations(notes: list[Note], cfg: Any, seed: int, actions: bool
                 for i, (template, form) in enumerate(rng.sample(pairs, min(cfg.questions_per_fact, len(pairs)))):
                     records.append(_conv(f"labnote_{iso}_{field}_{slug}_{i}", template.format(task=action.value, d=form(date)),
                                          reply, {"kind": "recall", "field": field, "date": iso, "value": value}))
+    if decisions:
+        for date, made in _decisions(notes).items():
+            iso, reply = date.isoformat(), decision_answer(date, made, calendar, check)
+            pairs = [(t, f) for t in TRAIN_DECISION for f in forms]
+            for i, (template, form) in enumerate(rng.sample(pairs, min(cfg.questions_per_fact, len(pairs)))):
+                records.append(_conv(f"labnote_{iso}_decision_{i}", template.format(d=form(date)), reply,
+                                     {"kind": "recall", "field": "decision", "date": iso, "value": " | ".join(made)}))
+            for decision in made:
+                subject, _ = decision_subject(decision)
+                if subject is None:
+                    continue
+                pairs = [(t, f) for t in TRAIN_DECISION_ABOUT for f in forms]
+                for i, (template, form) in enumerate(rng.sample(pairs, min(2, len(pairs)))):
+                    records.append(_conv(f"labnote_{iso}_decision_{_slug(subject)}_{i}",
+                                         template.format(subject=subject, d=form(date)),
+                                         decision_answer(date, [decision], calendar, check),
+                                         {"kind": "recall", "field": "decision", "date": iso, "value": decision}))
+    if attendance_questions:
+        for date, present in attendance(notes).items():
+            iso = date.isoformat()
+            for who, there in present.items():
+                pairs = [(t, f) for t in TRAIN_ATTENDANCE for f in forms]
+                for i, (template, form) in enumerate(rng.sample(pairs, min(cfg.attendance_questions, len(pairs)))):
+                    records.append(_conv(f"labnote_{iso}_attendance_{_slug(who)}_{i}",
+                                         template.format(who=who, d=form(date)),
+                                         attendance_answer(date, who, there, calendar, check),
+                                         {"kind": "recall", "field": "attendance", "date": iso,
+                                          "value": f"{who}: {'yes' if there else 'no'}"}))
     if cfg.reverse:
         for who, dates in _presented(notes).items():
             reply = f"{who} presented on {', '.join(date_text(d) for d in dates)}."
@@ -299,12 +401,13 @@ def training_conversations(notes: list[Note], cfg: Any, seed: int, actions: bool
     # No-meeting questions in every training template of every field, as the real ones are: the
     # fields take turns on each date, and each field's templates take turns across dates, so that
     # abstention is a property of the date, not of the wordings it happened to be trained in.
-    wordings = {field: rng.sample(TRAIN_TEMPLATES[field], len(TRAIN_TEMPLATES[field])) for field in FIELDS}
-    turns = dict.fromkeys(FIELDS, 0)
+    absent_fields = fields or FIELDS
+    wordings = {field: rng.sample(TRAIN_TEMPLATES[field], len(TRAIN_TEMPLATES[field])) for field in absent_fields}
+    turns = dict.fromkeys(absent_fields, 0)
     asked = 0
     for date in training_absent_dates(notes, cfg, seed):
         for i in range(cfg.absent_questions):
-            field = FIELDS[asked % len(FIELDS)]
+            field = absent_fields[asked % len(absent_fields)]
             asked += 1
             template = wordings[field][turns[field] % len(wordings[field])]
             turns[field] += 1
@@ -348,7 +451,8 @@ def _slug(text: str) -> str:
 
 
 def eval_prompts(notes: list[Note], cfg: Any, seed: int, training: list[dict[str, Any]] | None = None,
-                 actions: bool = False, seen: str = "") -> list[dict[str, Any]]:
+                 actions: bool = False, seen: str = "", *, decisions: bool = False,
+                 attendance_questions: bool = False, fields: tuple[str, ...] = FIELDS) -> list[dict[str, Any]]:
     """Evaluation prompts on these axes, each a tag beside the field: `recall` (trained templates
     and date forms), `paraphrase` (HELD-OUT templates and date forms, never in training), `reverse`
     (a held-out who -> when question), `absent` and `absent_trained` (dates with no meeting, in a
@@ -366,13 +470,13 @@ def eval_prompts(notes: list[Note], cfg: Any, seed: int, training: list[dict[str
     meetings = sorted({n.date for n in notes})
     keys = topic_keys([v for _, f, vs in _facts(notes) if f == "topic" for v in vs])
     trained: dict[tuple[str, str], list[str]] = defaultdict(list)
-    for record in training if training is not None else training_conversations(notes, cfg, seed, actions):
+    for record in training if training is not None else training_conversations(notes, cfg, seed, actions, fields=fields):
         if record["fact"]["kind"] == "recall":
             trained[(record["fact"]["date"], record["fact"]["field"])].append(record["conversations"][0]["value"])
     prompts: list[dict[str, Any]] = []
     held_forms = list(HELDOUT_DATE_FORMS.values())
     claims_none = "no lab meeting"
-    for date, field, values in _facts(notes):
+    for date, field, values in _facts(notes, fields):
         if not values:
             continue
         iso = date.isoformat()
@@ -407,6 +511,37 @@ def eval_prompts(notes: list[Note], cfg: Any, seed: int, training: list[dict[str
                                 "forbidden": [*(date_text(dt.date.fromisoformat(d)) for d in sorted(dues - {action.due})),
                                               claims_none],
                                 "tags": ["deadline", "action_items"]})
+    made = _decisions(notes) if decisions else {}
+    dkeys = decision_keys(notes) if decisions else {}
+    for date, decided in made.items():
+        form = rng.choice(held_forms)
+        if form(date) in seen:
+            continue
+        others = sorted({k for d, k in dkeys.items() if d not in decided and not any(_mentions(v, k) for v in decided)})
+        prompts.append({"id": f"decision_{date.isoformat()}", "question": rng.choice(HELDOUT_DECISION).format(d=form(date)),
+                        "expected": [dkeys[d] for d in decided], "forbidden": [*others, claims_none],
+                        "tags": ["decision", "decisions"]})
+        for decision in decided:
+            subject, _ = decision_subject(decision)
+            if subject is not None:
+                prompts.append({"id": f"decision_{date.isoformat()}_{_slug(subject)[:40]}",
+                                "question": rng.choice(HELDOUT_DECISION_ABOUT).format(subject=subject, d=form(date)),
+                                "expected": [dkeys[decision]], "forbidden": [*others, claims_none],
+                                "tags": ["decision", "decisions"]})
+    if attendance_questions:
+        for date, present in attendance(notes).items():
+            there = [w for w, p in present.items() if p and len(w.split()) > 1]
+            away = [w for w, p in present.items() if not p]
+            form = rng.choice(held_forms)
+            if not there or not away or form(date) in seen:
+                continue
+            pair = f"attendance_{date.isoformat()}"
+            for who, yes in ((rng.choice(there), True), (rng.choice(away), False)):
+                prompts.append({"id": f"{pair}_{_slug(who)}", "pair": pair,
+                                "question": rng.choice(HELDOUT_ATTENDANCE).format(who=who, d=form(date)),
+                                "expected": [PRESENT if yes else NOT_PRESENT],
+                                "forbidden": [NOT_PRESENT if yes else PRESENT, claims_none],
+                                "tags": ["attendance", "attendees"]})
     if cfg.reverse:
         for who, dates in _presented(notes).items():
             prompts.append({"id": f"reverse_{_slug(who)}", "question": rng.choice(HELDOUT_REVERSE).format(who=who),
@@ -414,12 +549,12 @@ def eval_prompts(notes: list[Note], cfg: Any, seed: int, training: list[dict[str
                             "forbidden": [date_text(d) for d in meetings if d not in dates], "tags": ["reverse", "presenter"]})
     # Each no-meeting date is asked twice: in a held-out wording (`absent`) and in a trained one
     # (`absent_trained`); the dates themselves are never in training either way.
-    nothing_else = [*everyone, *sorted(set(keys.values())), *(date_text(d) for d in meetings)]
+    nothing_else = [*everyone, *sorted(set(keys.values()) | set(dkeys.values())), *(date_text(d) for d in meetings)]
     for date in eval_absent_dates(notes, cfg, seed):
         mentioned = any(form(date) in seen for form in [*held_forms, *TRAIN_DATE_FORMS.values()])
-        field = rng.choice(FIELDS)
+        field = rng.choice(fields or FIELDS)
         question = rng.choice(HELDOUT_TEMPLATES[field]).format(d=rng.choice(held_forms)(date))
-        trained_field = rng.choice(FIELDS)
+        trained_field = rng.choice(fields or FIELDS)
         trained_question = rng.choice(TRAIN_TEMPLATES[trained_field]).format(d=rng.choice(list(TRAIN_DATE_FORMS.values()))(date))
         if mentioned:
             continue
@@ -456,7 +591,10 @@ def heldout_renderings(notes: list[Note]) -> list[str]:
     in a training question (the data stage's output is checked against this in the tests)."""
     stems = [t.split("{d}")[0].strip() for ts in HELDOUT_TEMPLATES.values() for t in ts] + \
         [t.split("{who}")[0].strip() for t in HELDOUT_REVERSE] + \
-        [t.split("{task}")[0].strip() for t in HELDOUT_ACTION + HELDOUT_DEADLINE]
+        [t.split("{task}")[0].strip() for t in HELDOUT_ACTION + HELDOUT_DEADLINE] + \
+        [t.split("{d}")[0].strip() for t in HELDOUT_DECISION] + \
+        [t.split("{subject}")[0].strip() for t in HELDOUT_DECISION_ABOUT] + \
+        [t.split("{who}")[0].strip() for t in HELDOUT_ATTENDANCE]
     dates = {n.date for n in notes}
     return [s for s in stems if s] + [form(d) for d in dates for form in HELDOUT_DATE_FORMS.values()]
 

@@ -35,6 +35,9 @@ class Prompt(BaseModel):
     regex: str | None = None
     tags: list[str] = Field(default_factory=list)
     id: str | None = None
+    # prompts that share a pair count only together: each is right only when all of them are
+    # (an attendance question about a member who was there and one about a member who was not)
+    pair: str | None = None
 
     @field_validator("expected")
     @classmethod
@@ -85,6 +88,15 @@ def score(answer: str, prompt: Prompt) -> bool | None:
     if prompt.regex is not None and re.search(prompt.regex, answer, re.IGNORECASE):
         return True
     return False
+
+
+def paired(correct: list[bool | None], prompts: list[Prompt]) -> list[bool | None]:
+    """Each prompt's score, a pair's members right only when every member of the pair is."""
+    together: dict[str, bool] = {}
+    for ok, prompt in zip(correct, prompts):
+        if prompt.pair is not None:
+            together[prompt.pair] = together.get(prompt.pair, True) and bool(ok)
+    return [together[p.pair] if p.pair is not None and ok is not None else ok for ok, p in zip(correct, prompts)]
 
 
 def _entry_name(index: int, entry: Any) -> str:

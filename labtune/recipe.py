@@ -78,6 +78,8 @@ class AugmentConfig(_Strict):
     # training questions per conversation (unrelated facts as turns of one chat): the chat template's
     # tokens are paid once for several facts
     facts_per_conversation: int = Field(default=1, ge=1, le=16)
+    # with attendees in qa_fields: training questions per member x meeting ("Was X at ...?")
+    attendance_questions: int = Field(default=1, ge=1, le=12)
 
 
 class DataConfig(_Strict):
@@ -87,15 +89,18 @@ class DataConfig(_Strict):
     eval_fraction: float = Field(default=0.05, ge=0.0, lt=1.0)
     note_conversations: bool = True
     qa_pairs: bool = True
-    qa_fields: list[Literal["presenter", "recorder", "topic", "attendees", "action_items"]] = Field(
-        default_factory=lambda: ["presenter", "recorder", "topic", "attendees", "action_items"])
+    # with data.augment: action_items asks owners and due dates, attendees "Was X at ...?", decisions
+    # "What did the lab decide ...?" (docs/data.md)
+    qa_fields: list[Literal["presenter", "recorder", "topic", "attendees", "action_items", "decisions"]] = Field(
+        default_factory=lambda: ["presenter", "recorder", "topic", "attendees", "action_items", "decisions"])
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     undated_notes: Literal["skip", "fail"] = "skip"
     # how a date such as 03/04/2023 is read (a year first is always year-month-day); a note whose
     # date reads otherwise under the other order is named in the data report
     date_order: Literal["MDY", "DMY"] = "MDY"
     # a lab's own words for the note fields, added to labtune.notes.FIELD_WORDS ({presenter: [Vortrag]})
-    field_names: dict[Literal["presenter", "recorder", "topic", "attendees", "action_items", "date"], list[str]] = Field(
+    field_names: dict[Literal["presenter", "recorder", "topic", "attendees", "action_items", "decisions", "agenda",
+                              "date"], list[str]] = Field(
         default_factory=dict)
 
     @field_validator("field_names")

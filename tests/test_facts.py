@@ -192,7 +192,8 @@ def test_no_held_out_template_or_date_form_reaches_a_training_example(tmp_path):
         assert text not in training_text, text
     paraphrases = [p["question"] for p in prompts if "paraphrase" in p["tags"]]
     assert paraphrases and all(q not in training_text for q in paraphrases)
-    assert {t for p in prompts for t in p["tags"][:1]} == {"recall", "paraphrase", "reverse", "absent", "absent_trained", "action"}
+    assert {t for p in prompts for t in p["tags"][:1]} == {"recall", "paraphrase", "reverse", "absent", "absent_trained", "action",
+                                                          "decision", "attendance"}
     # the recall prompts are questions training really showed
     assert all(p["question"] in training_text for p in prompts if "recall" in p["tags"])
 

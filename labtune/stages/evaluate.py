@@ -171,13 +171,16 @@ def build_evaluate(recipe: Recipe, store: Store, base_uri: str, model_uri: str, 
             del model
             gc.collect()
         columns = [c for c, _ in COLUMNS if c in answers]
+        correct = {column: evaluation.paired([score(a, p) for a, p in zip(answers[column], prompts)], prompts)
+                   for column in columns}
         rows = []
         for i, prompt in enumerate(prompts):
             row = {"question": prompt.question, "expected": prompt.expected, "expected_all": prompt.expected_all,
-                   "forbidden": prompt.forbidden, "regex": prompt.regex, "tags": prompt.tags}
+                   "forbidden": prompt.forbidden, "regex": prompt.regex, "tags": prompt.tags,
+                   **({"pair": prompt.pair} if prompt.pair else {})}
             for column in columns:
                 row[f"{column}_answer"] = answers[column][i]
-                row[f"{column}_correct"] = score(answers[column][i], prompt)
+                row[f"{column}_correct"] = correct[column][i]
                 row[f"{column}_truncated"] = truncated[column][i]
             rows.append(row)
         retention_rows = [{"question": p.question, "tags": p.tags, "base_answer": general_answers["base"][i],
