@@ -146,3 +146,16 @@ def test_the_data_report_lists_each_meeting_of_a_log_with_its_lines(tmp_path):
     assert len(documents) == 10 and {"running-log.md:19-28", "oldest-first.org:12-17"} <= {d["file"] for d in documents}
     assert "contrastive pretraining" in next(d["text"] for d in documents if d["date"] == "2023-04-21")
     assert "depth estimation" not in next(d["text"] for d in documents if d["date"] == "2023-04-21")
+
+
+def test_the_meeting_log_example_is_read_whole():
+    """examples/meeting-log: a running log of 7 meetings and 5 wiki exports; every meeting states
+    its presenter, topic, attendees, a decision and an action item with owner and due date."""
+    notes = [n for p in note_files(REPO / "examples" / "meeting-log") for n in read_meetings(p)]
+    assert len(notes) == 12 and len({n.date for n in notes}) == 12
+    for field in ("presenter", "topic", "attendees", "decisions"):
+        assert all(n.values(field) for n in notes), field
+    members = set(augment.lab_members(notes))
+    assert len(members) == 8
+    assert all(a.owner in members and a.due for n in notes for a in n.actions)
+    load_recipe(REPO / "examples" / "meeting-log-smollm2.yaml")
