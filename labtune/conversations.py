@@ -24,7 +24,8 @@ from typing import Any, Iterable
 
 from labtune import augment as many_forms
 from labtune.errors import LabtuneError
-from labtune.notes import NO_DATE, QA_FIELDS, NoteError, note_conversations, note_files, read_meetings
+from labtune.notes import (NO_DATE, QA_FIELDS, NoteError, note_conversations, note_files, read_meetings,
+                           resolve_lab_names)
 
 ROLE = {"human": "human", "user": "human", "gpt": "gpt", "assistant": "gpt", "chatgpt": "gpt", "bard": "gpt",
         "bing": "gpt", "model": "gpt", "system": "system"}
@@ -204,7 +205,7 @@ def load_lab_notes(folder: Path, report: SourceReport, *, qa: bool = True, whole
     if not files:
         raise DataError(f"{folder}: no lab notes (.md, .org, .txt) in this folder")
     records: list[dict[str, Any]] = []
-    notes = []
+    read: list[tuple[str, Any]] = []
     seen: collections.Counter[str] = collections.Counter()
     many = augment is not None and augment.enabled
     for path in files:
@@ -219,18 +220,19 @@ def load_lab_notes(folder: Path, report: SourceReport, *, qa: bool = True, whole
             log(f"data: skipped {exc}")
             continue
         report.files += 1
-        for note in meetings:  # a running log holds several
-            note_id = f"labnote_{note.date.isoformat()}"
-            seen[note_id] += 1
-            if seen[note_id] > 1:
-                note_id += f"_{seen[note_id]}"
-            records += note_conversations(note, qa=qa and not many, whole_note=whole_note, note_id=note_id,
-                                          fields=qa_fields)
-            notes.append(note)
-            report.notes.append(note_summary(note, relative, date_order))
-            report.read_facts += [{"file": relative, "line": f.line, "date": note.date.isoformat(), "field": f.field,
-                                   "value": f.value, "how": f.how, **({"owner": f.owner} if f.owner else {}),
-                                   **({"due": f.due} if f.due else {})} for f in note.facts]
+        read += [(relative, note) for note in meetings]  # a running log holds several
+    notes = resolve_lab_names([note for _, note in read])
+    for relative, note in read:
+        note_id = f"labnote_{note.date.isoformat()}"
+        seen[note_id] += 1
+        if seen[note_id] > 1:
+            note_id += f"_{seen[note_id]}"
+        records += note_conversations(note, qa=qa and not many, whole_note=whole_note, note_id=note_id,
+                                      fields=qa_fields)
+        report.notes.append(note_summary(note, relative, date_order))
+        report.read_facts += [{"file": relative, "line": f.line, "date": note.date.isoformat(), "field": f.field,
+                               "value": f.value, "how": f.how, **({"owner": f.owner} if f.owner else {}),
+                               **({"due": f.due} if f.due else {})} for f in note.facts]
     if many and qa and notes:
         actions = "action_items" in qa_fields
         extra = {"decisions": "decisions" in qa_fields, "attendance_questions": "attendees" in qa_fields,

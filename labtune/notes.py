@@ -26,7 +26,7 @@ from labtune.errors import LabtuneError
 from labtune.note_dates import FoundDate, date_in_name, first_date
 from labtune.note_fields import (FIELD_WORDS, HEADING, NoteFact, canonical_key, field_vocabulary, joined_fields,
                                  line_patterns, parse_fields, read_fields, unique_facts)
-from labtune.note_prose import action_facts, agenda_facts, decision_facts, prose_facts, resolve_names
+from labtune.note_prose import action_facts, agenda_facts, decision_facts, prose_facts, resolve, resolve_names
 from labtune.note_sections import meeting_sections
 
 __all__ = ["FIELD_WORDS", "NoteFact", "parse_fields"]
@@ -172,6 +172,28 @@ def _meeting(path: Path, text: str, words: dict[str, tuple[str, ...]], date_orde
     for fact in facts:
         fact.line += offset
     return Note(path.name, found.date, text, joined_fields(facts), facts, source, found.other_reading, rejected)
+
+
+def resolve_lab_names(notes: list[Note]) -> list[Note]:
+    """A first name or handle its own meeting could not resolve ("@hiro" where the attendees do
+    not list him) as the one full name the whole lab's notes give it, when exactly one does."""
+    known = sorted({v for n in notes for f in n.facts for v in (f.value, f.owner or "")
+                    if f.field in ("attendees", "presenter", "recorder", "action_items") and len(v.split()) > 1
+                    and (f.field != "action_items" or v == f.owner)})
+    for note in notes:
+        changed = False
+        for fact in note.facts:
+            if fact.field in ("presenter", "recorder") and len(fact.value.split()) == 1:
+                resolved = resolve(fact.value, known)
+                changed |= resolved != fact.value
+                fact.value = resolved
+            if fact.owner and len(fact.owner.split()) == 1:
+                resolved = resolve(fact.owner, known)
+                changed |= resolved != fact.owner
+                fact.owner = resolved
+        if changed:
+            note.fields = joined_fields(note.facts)
+    return notes
 
 
 def _conv(conv_id: str, question: str, answer: str, fact: dict[str, str] | None = None) -> dict[str, Any]:

@@ -159,3 +159,16 @@ def test_the_meeting_log_example_is_read_whole():
     assert len(members) == 8
     assert all(a.owner in members and a.due for n in notes for a in n.actions)
     load_recipe(REPO / "examples" / "meeting-log-smollm2.yaml")
+
+
+def test_a_first_name_its_meeting_cannot_resolve_is_resolved_across_the_lab(tmp_path):
+    (tmp_path / "2023-05-05.md").write_text("# Lab meeting 5/5/2023\nAttendees: Priya Nair, Wei Zhang\nPresenter: Wei Zhang\n")
+    (tmp_path / "2023-05-12.md").write_text("# Lab meeting 5/12/2023\nPresenter: Wei Zhang\nRecorder: priya\n"
+                                            "- [ ] @wei send the slides (due 5/19)\n- [ ] @sam book the room\n")
+    alone = read_note(tmp_path / "2023-05-12.md")
+    assert alone.values("recorder") == ["priya"] and alone.actions[0].owner == "Wei Zhang"
+    from labtune.notes import resolve_lab_names
+
+    notes = resolve_lab_names([read_note(p) for p in sorted(tmp_path.iterdir())])
+    assert notes[1].values("recorder") == ["Priya Nair"] and notes[1].fields["recorder"] == "Priya Nair"
+    assert [a.owner for a in notes[1].actions] == ["Wei Zhang", "sam"]  # nobody in the lab is Sam: as written
