@@ -63,15 +63,22 @@ class Note:
         return [f for f in self.facts if f.field == "action_items"]
 
 
-def _date_field(text: str, words: dict[str, tuple[str, ...]], order: str) -> tuple[FoundDate, int] | None:
+def date_fields(text: str, words: dict[str, tuple[str, ...]], order: str) -> list[tuple[FoundDate, int]]:
+    """Every Date:/When: field line's date and its line number."""
     field_line, table_row, canonical = line_patterns(words)
+    found_lines = []
     for number, line in enumerate(text.splitlines(), 1):
         match = table_row.match(line) or field_line.match(line)
         if match and canonical_key(match.group("key"), canonical) == "date" and match.group("value"):
             found = first_date(match.group("value"), order)
             if found:
-                return found, number
-    return None
+                found_lines.append((found, number))
+    return found_lines
+
+
+def _date_field(text: str, words: dict[str, tuple[str, ...]], order: str) -> tuple[FoundDate, int] | None:
+    found = date_fields(text, words, order)
+    return found[0] if found else None
 
 
 def note_date(text: str, stem: str, words: dict[str, tuple[str, ...]], order: str = "MDY") -> tuple[FoundDate, str] | None:
@@ -130,7 +137,8 @@ def read_meetings(path: Path, date_order: str = "MDY", field_names: dict[str, li
     text = _decode(path)
     words = field_vocabulary(field_names)
     org = path.suffix.lower() == ".org"
-    sections = meeting_sections(text, date_order, org)
+    date_lines = [(number - 1, found) for found, number in date_fields(text, words, date_order)]
+    sections = meeting_sections(text, date_order, org, date_lines)
     if len(sections) < 2:
         return [_meeting(path, text, words, date_order, org)]
     lines = text.splitlines()
@@ -139,7 +147,7 @@ def read_meetings(path: Path, date_order: str = "MDY", field_names: dict[str, li
         body = "\n".join(lines[section.start:section.end]).strip()
         note = _meeting(path, body, words, date_order, org, section.date, offset=section.start)
         note.lines = (section.start + 1, section.end)
-        note.date_source = f"the heading on line {section.start + 1}"
+        note.date_source = f"the heading on line {section.start + 1}" if section.level else "a Date: field"
         meetings.append(note)
     return meetings
 

@@ -53,6 +53,19 @@ def test_org_logs_oldest_first_and_setext_headings_split_too():
     assert text["2023-03-24"].values("decisions") == ["reviews are due a week before the deadline"]
 
 
+def test_pasted_pages_date_lines_and_wiki_markup_split_too():
+    pasted = read_meetings(LOGS / "pasted-pages.md")  # undated headings, a Date: line under each
+    assert [(n.date.isoformat(), n.lines, n.date_source) for n in pasted] == [
+        ("2023-06-02", (1, 6), "a Date: field"), ("2023-06-09", (7, 11), "a Date: field")]
+    assert [n.values("presenter") for n in pasted] == [["Diego Ramos"], ["Mei Chen"]]
+    standup = meetings("standup.txt")  # a line that is a date and nothing else
+    assert {d: n.values("presenter") for d, n in standup.items()} == {"2023-06-16": ["Oskar Lind"],
+                                                                       "2023-06-23": ["Yara Haddad"]}
+    wiki = meetings("wiki-markup.txt")  # == 2023-07-07 ==
+    assert {d: n.values("topic") for d, n in wiki.items()} == {"2023-07-07": ["state space models"],
+                                                               "2023-07-14": ["mixture of depths"]}
+
+
 def test_a_file_with_one_dated_heading_stays_one_meeting():
     for path in note_files(REPO / "examples" / "labnotes"):
         assert len(read_meetings(path)) == 1 and read_meetings(path)[0].lines is None
@@ -135,7 +148,7 @@ def test_a_constant_yes_or_no_earns_no_attendance_and_listing_every_decision_ear
 def test_the_data_report_lists_each_meeting_of_a_log_with_its_lines(tmp_path):
     proc = run_cli("convert", "--notes", str(LOGS), "--out", str(tmp_path / "out"))
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.strip().splitlines()[-1] == "6 notes read (10 meetings), 0 skipped, 1 with no facts (see report.md)"
+    assert proc.stdout.strip().splitlines()[-1] == "9 notes read (16 meetings), 0 skipped, 1 with no facts (see report.md)"
     report = (tmp_path / "out" / "report.md").read_text()
     assert "| running-log.md:5-18 | 2023-04-28 | the heading on line 5 | 1 | 0 | 1 | 4 | 2 | 2 |" in report
     assert "| running-log.md:29-41 | 2023-04-14 |" in report
@@ -143,7 +156,7 @@ def test_the_data_report_lists_each_meeting_of_a_log_with_its_lines(tmp_path):
     assert {"file": "running-log.md", "line": 34, "date": "2023-04-14", "field": "presenter", "value": "Oskar Lind",
             "how": "agenda", "examples": 0} in facts
     documents = note_documents(LOGS)
-    assert len(documents) == 10 and {"running-log.md:19-28", "oldest-first.org:12-17"} <= {d["file"] for d in documents}
+    assert len(documents) == 16 and {"running-log.md:19-28", "oldest-first.org:12-17"} <= {d["file"] for d in documents}
     assert "contrastive pretraining" in next(d["text"] for d in documents if d["date"] == "2023-04-21")
     assert "depth estimation" not in next(d["text"] for d in documents if d["date"] == "2023-04-21")
 
