@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -179,6 +180,8 @@ def _meeting(path: Path, text: str, words: dict[str, tuple[str, ...]], date_orde
     facts += decision_facts(text, facts)
     for fact in facts:
         fact.line += offset
+    if offset:  # "line 3: ..." of a section is that line of the file
+        rejected = [re.sub(r"^line (\d+)", lambda m: f"line {int(m.group(1)) + offset}", r) for r in rejected]
     return Note(path.name, found.date, text, joined_fields(facts), facts, source, found.other_reading, rejected)
 
 

@@ -185,3 +185,11 @@ def test_a_first_name_its_meeting_cannot_resolve_is_resolved_across_the_lab(tmp_
     notes = resolve_lab_names([read_note(p) for p in sorted(tmp_path.iterdir())])
     assert notes[1].values("recorder") == ["Priya Nair"] and notes[1].fields["recorder"] == "Priya Nair"
     assert [a.owner for a in notes[1].actions] == ["Wei Zhang", "sam"]  # nobody in the lab is Sam: as written
+
+
+def test_a_rejected_field_line_in_a_log_names_its_line_in_the_file(tmp_path):
+    (tmp_path / "log.md").write_text("# Log\n\n## 2023-05-05\nPresenter: Wei Zhang\n\n## 2023-05-12\n"
+                                     "Presenter: see the shared slides\n")
+    second = read_meetings(tmp_path / "log.md")[1]
+    assert second.lines == (6, 7) and second.values("presenter") == []
+    assert second.rejected == ["line 7: Presenter: 'see the shared slides' is not a name"]
