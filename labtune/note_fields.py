@@ -91,6 +91,19 @@ def _clean(value: str) -> str:
 _NAME_WORD = r"[A-Za-zÀ-ÖØ-öø-ÿĀ-žА-я][\w'’.-]*"
 _PERSON = re.compile(rf"^@?{_NAME_WORD}(?:\s+{_NAME_WORD}){{0,3}}$")
 _NOT_NAMES = {"tbd", "tba", "none", "n/a", "na", "nobody", "everyone", "all", "see below", "see above", "?"}
+# words of a phrase, not of a name ("see the shared slides")
+_PHRASE_WORDS = {"the", "a", "an", "see", "of", "to", "in", "on", "for", "at", "by", "with", "from", "is", "are", "was",
+                 "will", "be", "slides", "below", "above", "notes", "no", "not", "none", "one", "our", "we", "this",
+                 "that", "it", "who", "whoever", "next", "week", "today", "tomorrow", "later", "shared", "doc", "link"}
+
+
+def _looks_like_name(part: str) -> bool:
+    words = part.lstrip("@").split()
+    if len(words) == 1:
+        return True
+    if any(w.lower() in _PHRASE_WORDS for w in words):
+        return False
+    return any(w[0].isupper() for w in words) or len(words) <= 2
 
 
 def split_people(value: str) -> list[str] | None:
@@ -99,7 +112,8 @@ def split_people(value: str) -> list[str] | None:
     taken for the recorder."""
     value = re.sub(r"\([^)]*\)", "", value)  # "(PI)", "(remote)"
     parts = [_clean(p) for p in re.split(r"\s*(?:,|;|&|/|\band\b|\+)\s*", value) if _clean(p)]
-    if not parts or any(not _PERSON.match(p) or p.lower() in _NOT_NAMES for p in parts) or len(parts) > 8:
+    if not parts or any(not _PERSON.match(p) or p.lower() in _NOT_NAMES or not _looks_like_name(p) for p in parts) \
+            or len(parts) > 8:
         return None
     return [p.lstrip("@") for p in parts]
 
