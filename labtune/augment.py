@@ -508,7 +508,9 @@ def eval_prompts(notes: list[Note], cfg: Any, seed: int, training: list[dict[str
                 prompts.append({"id": f"deadline_{date.isoformat()}_{_slug(action.value)[:40]}",
                                 "question": rng.choice(HELDOUT_DEADLINE).format(task=action.value, d=form(date)),
                                 "expected": [date_text(dt.date.fromisoformat(action.due))],
-                                "forbidden": [*(date_text(dt.date.fromisoformat(d)) for d in sorted(dues - {action.due})),
+                                # the meeting's own date is the question's, an answer may repeat it
+                                "forbidden": [*(date_text(dt.date.fromisoformat(d))
+                                                for d in sorted(dues - {action.due, date.isoformat()})),
                                               claims_none],
                                 "tags": ["deadline", "action_items"]})
     made = _decisions(notes) if decisions else {}

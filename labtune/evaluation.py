@@ -77,14 +77,15 @@ def score(answer: str, prompt: Prompt) -> bool | None:
     date); whole words, case-insensitive. None when the prompt states no expectation."""
     if not prompt.scored:
         return None
-    if any(mentions(answer, name) for name in prompt.forbidden):
+    options = [] if prompt.expected is None else [prompt.expected] if isinstance(prompt.expected, str) else prompt.expected
+    # A forbidden name inside an expected one ("priya" in "Priya Nair") cannot be avoided by a right answer.
+    inside = [*options, *(prompt.expected_all or [])]
+    if any(mentions(answer, name) for name in prompt.forbidden if not any(mentions(o, name) for o in inside)):
         return False
     if prompt.expected_all and all(mentions(answer, part) for part in prompt.expected_all):
         return True
-    if prompt.expected is not None:
-        options = [prompt.expected] if isinstance(prompt.expected, str) else prompt.expected
-        if any(mentions(answer, option) for option in options):
-            return True
+    if any(mentions(answer, option) for option in options):
+        return True
     if prompt.regex is not None and re.search(prompt.regex, answer, re.IGNORECASE):
         return True
     return False

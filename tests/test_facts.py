@@ -211,6 +211,10 @@ def test_the_names_scorer():
     reverse = Prompt(question="When did Maya present?", expected_all=["1/13/2023", "3/24/2023"])
     assert score("Maya Okafor presented on 1/13/2023, 3/24/2023.", reverse) is True
     assert score("Maya Okafor presented on 1/13/2023.", reverse) is False
+    # a forbidden first name inside the expected full name cannot make the right answer wrong
+    first = Prompt(question="Who presented on 4/14/2023?", expected=["Priya Nair"], forbidden=["priya", "Omar Haddad"])
+    assert score("On 4/14/2023 the presenter was Priya Nair.", first) is True
+    assert score("Priya Nair and Omar Haddad.", first) is False
 
 
 def test_a_knob_out_of_range_fails_at_load_naming_the_key():

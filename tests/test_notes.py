@@ -167,6 +167,35 @@ def test_action_items_train_and_are_asked_on_the_action_and_deadline_axes():
     assert not [r for r in augment.training_conversations(notes, cfg, 42) if r["fact"]["field"] in ("action", "deadline")]
 
 
+def test_the_answer_training_teaches_is_scored_right_on_each_held_out_question():
+    """A model that learned its training answers word for word gets every held-out question right:
+    no forbidden value hides inside the right one ("priya" in "Priya Nair") and a due-date answer
+    may repeat its own meeting's date, which is another task's due date (examples/lab-styles)."""
+    from pathlib import Path
+
+    from labtune.evaluation import Prompt, score
+    from labtune.notes import note_files, read_meetings, resolve_lab_names
+
+    notes = resolve_lab_names([m for p in note_files(Path(REPO / "examples" / "lab-styles")) for m in read_meetings(p)])
+    cfg = load_recipe(REPO / "examples" / "lab-styles-smollm2.yaml").data.augment
+    training = augment.training_conversations(notes, cfg, 42, actions=True)
+    taught: dict[tuple[str, str], list[str]] = {}
+    for record in training:
+        taught.setdefault((record["fact"]["date"], record["fact"]["field"]), []).append(record["conversations"][1]["value"])
+    asked = [p for p in augment.eval_prompts(notes, cfg, 42, training, actions=True)
+             if {"paraphrase", "action", "deadline"} & set(p["tags"])]
+    assert len(asked) >= 90
+    for prompt in asked:
+        field = "action" if "action" in prompt["tags"] else prompt["tags"][1] if "paraphrase" in prompt["tags"] else "deadline"
+        date = prompt["id"].split("_")[1]
+        question = Prompt(**{k: v for k, v in prompt.items() if k != "id"})
+        answers = taught[(date, field)]
+        if field in ("action", "deadline"):  # the answer about this task, not another task of the meeting
+            task = prompt["question"].split("task to ")[-1].split(" from ")[0].split(", per")[0].split("?")[0]
+            answers = [a for a in answers if task in a] or answers
+        assert any(score(a, question) for a in answers), (prompt["question"], answers[:2])
+
+
 def test_the_data_stage_shows_what_was_read(tmp_path):
     proc = run_cli("convert", "--notes", str(MESSY), "--out", str(tmp_path / "out"))
     assert proc.returncode == 0, proc.stderr[-2000:]
