@@ -115,7 +115,9 @@ HELDOUT_DEADLINE = ["By what date should the task to {task} from the {d} group m
 TRAIN_DECISION = ["What did the lab decide at the {d} meeting?", "What was decided at the lab meeting on {d}?",
                   "Which decisions were made on {d}?", "What was agreed at the {d} lab meeting?",
                   "Lab meeting {d}: what was decided?", "What did the group agree on at the {d} meeting?",
-                  "What decision was taken at the lab meeting on {d}?", "What did we decide on {d}?"]
+                  "What decision was taken at the lab meeting on {d}?", "What did we decide on {d}?",
+                  "What was the conclusion of the {d} lab meeting?", "What came out of the lab meeting on {d}?",
+                  "What was resolved at the {d} meeting?"]
 HELDOUT_DECISION = ["What was the outcome of the discussion at the meeting held on {d}?",
                     "Can you tell me what the group settled on at the {d} meeting?"]
 TRAIN_DECISION_ABOUT = ["What was agreed about {subject} on {d}?", "What did the lab decide about {subject} at the {d} meeting?",
@@ -184,12 +186,24 @@ def answer(date: dt.date, field: str, values: list[str], calendar: Calendar | No
     return f"{opening(date, calendar, check)} the {field} was {' and '.join(values)}."
 
 
+def task_answer(date: dt.date, task: str, owner: str | None, due: dt.date | None, calendar: Calendar | None = None,
+                check: bool = True) -> str:
+    """One answer for an action item, its owner and its due date together: asked who or asked
+    when, the model gives the same sentence (taught two answers, one per question, a 135M model
+    answered held-out owner questions with the due date: docs/evaluation.md, meeting-log-1)."""
+    if owner and due:
+        return f"{opening(date, calendar, check)} {owner} is to {task}, due {date_text(due)}."
+    if owner:
+        return f"{opening(date, calendar, check)} {owner} is to {task}."
+    return f"{opening(date, calendar, check)} the task to {task} is due {date_text(due)}."
+
+
 def action_answer(date: dt.date, owner: str, task: str, calendar: Calendar | None = None, check: bool = True) -> str:
-    return f"{opening(date, calendar, check)} {owner} is to {task}."
+    return task_answer(date, task, owner, None, calendar, check)
 
 
 def deadline_answer(date: dt.date, task: str, due: dt.date, calendar: Calendar | None = None, check: bool = True) -> str:
-    return f"{opening(date, calendar, check)} the task to {task} is due {date_text(due)}."
+    return task_answer(date, task, None, due, calendar, check)
 
 
 def decision_answer(date: dt.date, decisions: list[str], calendar: Calendar | None = None, check: bool = True) -> str:
@@ -199,8 +213,12 @@ def decision_answer(date: dt.date, decisions: list[str], calendar: Calendar | No
 PRESENT, NOT_PRESENT = "was at the lab meeting", "was not at the lab meeting"
 
 
-def attendance_answer(date: dt.date, who: str, present: bool, calendar: Calendar | None = None, check: bool = True) -> str:
-    return f"{opening(date, calendar, check)} {who} {PRESENT if present else NOT_PRESENT}."
+def attendance_answer(date: dt.date, who: str, present: bool, calendar: Calendar | None = None, check: bool = True,
+                      attendees: list[str] | None = None) -> str:
+    """Yes or no, after reciting who was there: the list is one fact per meeting, learned from
+    every question about it, and the answer follows from it (as the recited month does for dates)."""
+    there = f" the attendees were {', '.join(attendees)};" if attendees else ""
+    return f"{opening(date, calendar, check)}{there} {who} {PRESENT if present else NOT_PRESENT}."
 
 
 def decision_subject(decision: str) -> tuple[str | None, str]:
@@ -344,7 +362,9 @@ def training_conversations(notes: list[Note], cfg: Any, seed: int, actions: bool
         for date, meetings in _by_date(notes).items():
             parts = [f"the {f} was {' and '.join(v for m in meetings for v in m.values(f))}"
                      for f in fields if any(m.values(f) for m in meetings)]
-            reply = f"{opening(date, calendar, check)} " + ", ".join(parts) + "."
+            decided = _decisions(meetings).get(date, []) if decisions else []
+            reply = (f"{opening(date, calendar, check)} " + ", ".join(parts)
+                     + (f"; the lab decided: {'; '.join(decided)}" if decided else "") + ".")
             for i, template in enumerate(TRAIN_SUMMARY):
                 records.append(_conv(f"labnote_{date.isoformat()}_summary_{i}", template.format(d=rng.choice(forms)(date)),
                                      reply, {"kind": "summary", "field": "summary", "date": date.isoformat(),
@@ -352,11 +372,10 @@ def training_conversations(notes: list[Note], cfg: Any, seed: int, actions: bool
     if actions:
         for date, action in _actions(notes):
             iso, slug = date.isoformat(), _slug(action.value)[:40]
-            asked = [("action", TRAIN_ACTION, action.owner and action_answer(date, action.owner, action.value, calendar, check),
-                      action.owner),
-                     ("deadline", TRAIN_DEADLINE, action.due and deadline_answer(date, action.value,
-                                                                                 dt.date.fromisoformat(action.due),
-                                                                                 calendar, check), action.due)]
+            both = task_answer(date, action.value, action.owner, action.due and dt.date.fromisoformat(action.due),
+                               calendar, check)
+            asked = [("action", TRAIN_ACTION, action.owner and both, action.owner),
+                     ("deadline", TRAIN_DEADLINE, action.due and both, action.due)]
             for field, templates, reply, value in asked:
                 if not reply:
                     continue
@@ -384,12 +403,13 @@ def training_conversations(notes: list[Note], cfg: Any, seed: int, actions: bool
     if attendance_questions:
         for date, present in attendance(notes).items():
             iso = date.isoformat()
+            attendees = [w for w, p in present.items() if p]
             for who, there in present.items():
                 pairs = [(t, f) for t in TRAIN_ATTENDANCE for f in forms]
                 for i, (template, form) in enumerate(rng.sample(pairs, min(cfg.attendance_questions, len(pairs)))):
                     records.append(_conv(f"labnote_{iso}_attendance_{_slug(who)}_{i}",
                                          template.format(who=who, d=form(date)),
-                                         attendance_answer(date, who, there, calendar, check),
+                                         attendance_answer(date, who, there, calendar, check, attendees),
                                          {"kind": "recall", "field": "attendance", "date": iso,
                                           "value": f"{who}: {'yes' if there else 'no'}"}))
     if cfg.reverse:

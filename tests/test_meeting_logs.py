@@ -109,8 +109,9 @@ def test_decisions_and_attendance_train_and_are_asked_on_their_own_axes():
     training = augment.training_conversations(notes, cfg, 42, True, decisions=True, attendance_questions=True)
     replies = {r["conversations"][1]["value"] for r in training}
     assert "On 4/28/2023 the lab decided: Batch size: 256 for all ablations; Move the reading group to Thursdays." in replies
-    assert "On 4/28/2023 Yara Haddad was at the lab meeting." in replies
-    assert "On 4/28/2023 Mei Chen was not at the lab meeting." in replies  # a member of the lab, not listed that day
+    there = "On 4/28/2023 the attendees were Diego Ramos, Hana Kowalski, Oskar Lind, Yara Haddad;"
+    assert f"{there} Yara Haddad was at the lab meeting." in replies  # the list first, then yes or no
+    assert f"{there} Mei Chen was not at the lab meeting." in replies  # a member of the lab, not listed that day
     about = [r["conversations"][0]["value"] for r in training if "_decision_batch_size" in r["id"]]
     assert about and all("batch size" in q for q in about)
     prompts = augment.eval_prompts(notes, cfg, 42, training, True, decisions=True, attendance_questions=True)
