@@ -356,9 +356,11 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
         raise RecipeError(f"override {text!r}: expected dotted key=value, e.g. train.num_train_epochs=5")
     key, raw = text.split("=", 1)
-    parts = [p for p in key.strip().split(".") if p]
-    if not parts:
+    parts = key.strip().split(".")
+    if not key.strip():
         raise RecipeError(f"override {text!r}: empty key")
+    if not all(part.strip() for part in parts):  # train..learning_rate is a typo, not train.learning_rate
+        raise RecipeError(f"override {text!r}: empty part in the key {key.strip()!r} (two dots, or a dot at an end)")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as exc:
@@ -400,13 +402,36 @@ def _list_item(node: list, part: str, text: str) -> Any:
     return node[int(part)]
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, but a key given twice in one mapping is an error naming both lines
+    (PyYAML itself keeps the last one in silence)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.setdefault(key, key_node.start_mark.line + 1)
+            except TypeError:  # an unhashable key: PyYAML's own error says so
+                continue
+            if first != key_node.start_mark.line + 1:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (lines {first} and {key_node.start_mark.line + 1})",
+                    key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> Recipe:
     """Read, override and validate a recipe; any problem raises a one-line RecipeError."""
     recipe_path = Path(path)
     if not recipe_path.is_file():
         raise RecipeError(f"{recipe_path}: recipe file not found")
     try:
-        raw = yaml.safe_load(recipe_path.read_text()) or {}
+        text = recipe_path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise RecipeError(f"{recipe_path}: not UTF-8 text (byte {exc.start}); save the recipe as UTF-8") from None
+    try:
+        raw = yaml.load(text, Loader=UniqueKeyLoader) or {}
     except yaml.YAMLError as exc:
         raise RecipeError(yaml_error(recipe_path, exc)) from None
     if not isinstance(raw, dict):
