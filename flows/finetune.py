@@ -14,10 +14,11 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.deployments import run_deployment
 from prefect.runtime import deployment, flow_run
+from prefect.states import Failed
 
 from flows.train import train as train_flow
 from flows.watch import changes_markdown
-from labtune.errors import RunFailure
+from labtune.errors import RunFailure, one_line
 from labtune.housekeeping import record_run, usage_markdown
 from labtune.recipe import Recipe, load_recipe
 from labtune.stage import StageResult, output_prefix, read_manifest
@@ -95,8 +96,11 @@ def finetune(recipe_path: str, overrides: list[str] | None = None, notes_fingerp
                source=f"deployment {flow_run.flow_name}/{deployment.name}" if deployment.id else "cli")
     try:
         stages = run_stages(recipe, recipe_path, overrides or [], store, lambda r: record_run(store, run_id, stages={r.stage: r.uri}))
-    except BaseException:
+    except BaseException as exc:
         record_run(store, run_id, state="failed")
+        known = one_line(exc) if isinstance(exc, Exception) else None
+        if known:  # the UI's state message is the line the command line prints; the error travels with it
+            return Failed(message=known[0], data=exc)
         raise
     record_run(store, run_id, state="completed")
     create_table_artifact(key="stages", table=[{"stage": name, **result} for name, result in stages.items()],

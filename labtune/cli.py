@@ -19,7 +19,7 @@ from typing import Any, Optional
 import typer
 
 from labtune import __version__
-from labtune.errors import LabtuneError, RunFailure
+from labtune.errors import LabtuneError, RunFailure, one_line
 
 app = typer.Typer(name="labtune", no_args_is_help=True, add_completion=False, rich_markup_mode=None,
                   pretty_exceptions_enable=False,
@@ -39,7 +39,7 @@ Recipe = typer.Argument(..., metavar="RECIPE", help="the recipe YAML", show_defa
 Overrides = typer.Argument(None, metavar="KEY=VALUE", help="dotted overrides, e.g. train.num_train_epochs=5",
                            show_default=False)
 Json = typer.Option(False, "--json", help="print one JSON object instead of text")
-Port = typer.Option(PORT, "--port", help="the Prefect server's port on 127.0.0.1 (env LABTUNE_PREFECT_PORT)")
+Port = typer.Option(PORT, "--port", min=1, max=65535, help="the Prefect server's port on 127.0.0.1 (env LABTUNE_PREFECT_PORT)")
 Endpoint = typer.Option(ENDPOINT, "--endpoint-url", help="S3 endpoint for s3:// paths (MinIO, moto; env AWS_ENDPOINT_URL); "
                                                          "default AWS")
 
@@ -136,6 +136,7 @@ def _main(version: bool = typer.Option(False, "--version", callback=_version, is
 @app.command(epilog=example("labtune run examples/labnotes-smollm2.yaml train.num_train_epochs=5 --json"))
 def run(recipe: Path = Recipe, overrides: Optional[list[str]] = Overrides, as_json: bool = Json, port: int = Port) -> None:
     """Run the whole finetune flow, tracked by Prefect (starts a local server if none answers)."""
+    from labtune.console import run_console
     from labtune.recipe import load_recipe
     from labtune.server import ensure_api, using_api
     from labtune.evaluation import expected_text
@@ -150,11 +151,11 @@ def run(recipe: Path = Recipe, overrides: Optional[list[str]] = Overrides, as_js
     url = ensure_api(port, say=_err)
     from flows.finetune import finetune
 
-    with using_api(url):
+    with using_api(url), run_console("run") as log_path:
+        _err(f"This run's whole log: {log_path}")
         state = finetune(str(recipe), overrides, return_state=True)
         if not state.is_completed():
-            raise RunFailure(f"finetune flow run {state.state_details.flow_run_id} ended {state.name}: "
-                             f"{_short(state.message, 300)}")
+            raise flow_failure(state, log_path)
         stages = state.result()
     flow_run = {"id": str(state.state_details.flow_run_id),
                 "url": f"{url.removesuffix('/api')}/runs/flow-run/{state.state_details.flow_run_id}"}
@@ -187,6 +188,23 @@ def run(recipe: Path = Recipe, overrides: Optional[list[str]] = Overrides, as_js
     print(f"See the run in the Prefect UI: {flow_run['url']}")
 
 
+def flow_failure(state: Any, log_path: Path) -> Exception:
+    """The error a failed flow run ends `labtune run` with: the stage's own error where it is one a
+    person can act on (the stage command gives the same line and exit code), else a RunFailure
+    with the run's state message and where its whole log is."""
+    try:
+        state.result()
+    except Exception as exc:
+        import traceback
+
+        with open(log_path, "a", encoding="utf-8") as log:  # the terminal gets one line; the log keeps the traceback
+            traceback.print_exception(exc, file=log)
+        if one_line(exc):
+            return exc
+    return RunFailure(f"finetune flow run {state.state_details.flow_run_id} ended {state.name}: "
+                      f"{_short(state.message, 300)} (the traceback: {log_path})")
+
+
 # --- one stage, no Prefect ------------------------------------------------------------------
 
 def _stage(stage: str, recipe: Path, overrides: list[str] | None, as_json: bool, given: dict[str, str | None]) -> None:
@@ -198,8 +216,11 @@ def _stage(stage: str, recipe: Path, overrides: list[str] | None, as_json: bool,
     config = load_recipe(recipe, overrides or [])
     store = open_store(config.store.settings())
     store.check()
-    with progress_bar() as on_progress:
-        result = run_until(stage, config, store, {k: v for k, v in given.items() if v}, log=_err, on_progress=on_progress)
+    from tqdm import tqdm
+
+    with progress_bar() as on_progress:  # lines are written around the bar
+        result = run_until(stage, config, store, {k: v for k, v in given.items() if v},
+                           log=lambda line: tqdm.write(line, file=sys.stderr), on_progress=on_progress)
     print(json.dumps(result.to_dict()) if as_json else f"{result.stage}: {result.uri}{' (cached)' if result.cached else ''}")
 
 
@@ -313,7 +334,7 @@ def convert(notes: list[str] = typer.Option([], "--notes", metavar="DIR", help="
             messages: list[str] = typer.Option([], "--messages", metavar="PATH",
                                                help="OpenAI-style messages: a datasets folder, .parquet or .jsonl"),
             out: str = typer.Option(..., "--out", help="output folder: train.json, eval.json, report.json, report.md"),
-            eval_fraction: float = typer.Option(0.0, "--eval-fraction", help="share of records held out for eval.json"),
+            eval_fraction: float = typer.Option(0.0, "--eval-fraction", help="share of records held out for eval.json (0 to below 1)"),
             no_qa: bool = typer.Option(False, "--no-qa", help="no question-answer pairs from note fields"),
             no_note_conversations: bool = typer.Option(False, "--no-note-conversations", help="no whole-note conversations"),
             undated_notes: Undated = typer.Option(Undated.skip, "--undated-notes", help="a note without a date: skip it or fail"),
@@ -342,9 +363,9 @@ def convert(notes: list[str] = typer.Option([], "--notes", metavar="DIR", help="
 def tokenize_files(data_path: str = typer.Option(..., "--data", help="a ShareGPT JSON file, or a folder with train.json"),
                    model: str = typer.Option(..., "--model", help="a model folder (its tokenizer is used)"),
                    out: str = typer.Option(..., "--out", help="output folder or s3:// prefix"),
-                   max_length: int = typer.Option(2048, "--max-length", help="model_max_length"),
+                   max_length: int = typer.Option(2048, "--max-length", min=8, help="model_max_length"),
                    chat_template: ChatTemplate = Template,
-                   num_proc: Optional[int] = typer.Option(None, "--num-proc", help="tokenizer processes (default: by data size)"),
+                   num_proc: Optional[int] = typer.Option(None, "--num-proc", min=1, help="tokenizer processes (default: by data size)"),
                    as_json: bool = Json) -> None:
     """Tokenize and loss-mask a ShareGPT data set for a model's tokenizer (no recipe needed)."""
     from labtune.tools import tokenize_files_tool
@@ -365,12 +386,15 @@ SystemPrompt = typer.Option(None, "--system-prompt", help="the system turn train
                                                           "data.system_prompt); default: the chat template's own")
 
 
+EMPTY_ANSWER = "(no answer: the model ended its turn at once; try another wording, or --notes)"
+
+
 @app.command(epilog=example('labtune ask ~/.labtune/store/train/KEY --notes examples/labnotes --system-prompt "" '
                             '"Who is the presenter on 4/14/2023 lab meeting?"'))
 def ask(model: str = ModelArg, question: list[str] = typer.Argument(..., help="one or more questions"),
-        notes: Optional[Path] = NotesDir, top_k: int = typer.Option(2, "--top-k", help="with --notes: notes per question"),
+        notes: Optional[Path] = NotesDir, top_k: int = typer.Option(2, "--top-k", min=1, help="with --notes: notes per question"),
         system_prompt: Optional[str] = SystemPrompt,
-        batch_size: int = typer.Option(8, "--batch-size", help="questions generated together"),
+        batch_size: int = typer.Option(8, "--batch-size", min=1, help="questions generated together"),
         max_new_tokens: str = MaxNew, chat_template: ChatTemplate = Template, endpoint_url: Optional[str] = Endpoint,
         as_json: bool = Json) -> None:
     """Greedy answers from a model to one or more questions (with --notes, the notes retrieved into the prompt)."""
@@ -396,8 +420,9 @@ def ask(model: str = ModelArg, question: list[str] = typer.Argument(..., help="o
         if cut:
             _err(f"ask: the answer to {_short(text, 60)!r} hit --max-new-tokens={budget}; raise it")
     for text, answer in zip(question, generated.answers):
+        shown = answer or EMPTY_ANSWER  # a blank line would read as a hang or a crash
         print(json.dumps({"question": text, "answer": answer}, ensure_ascii=False) if as_json else
-              (f"Q: {text}\nA: {answer}" if len(question) > 1 else answer))
+              (f"Q: {text}\nA: {shown}" if len(question) > 1 else shown))
 
 
 @app.command(epilog=example("labtune chat ~/.labtune/store/train/KEY"))
@@ -482,7 +507,10 @@ def sweep(recipe: Path = Recipe, overrides: Optional[list[str]] = Overrides,
     url = ensure_api(port, say=_err)
     from flows.sweep import sweep as sweep_flow
 
-    with using_api(url):
+    from labtune.console import run_console
+
+    with using_api(url), run_console("sweep") as log_path:
+        _err(f"This sweep's whole log: {log_path}")
         result = sweep_flow(str(recipe), values, list(overrides or []))
     print(json.dumps(result, ensure_ascii=False) if as_json else result["markdown"])
 
@@ -502,7 +530,7 @@ def deploy(recipe: Path = Recipe, port: int = Port) -> None:
 
 @stack_app.command("up", epilog=example("labtune stack up --recipe examples/labnotes-smollm2.yaml"))
 def stack_up(recipe: Optional[str] = typer.Option(None, "--recipe", help="deploy the flows with this recipe as their default"),
-             port: int = Port, s3_port: int = typer.Option(9000, "--s3-port", help="port of the local S3 endpoint (moto)"),
+             port: int = Port, s3_port: int = typer.Option(9000, "--s3-port", min=1, max=65535, help="port of the local S3 endpoint (moto)"),
              no_s3: bool = typer.Option(False, "--no-s3", help="no local S3 endpoint (MinIO or AWS instead)")) -> None:
     """Start the Prefect server, a local S3 endpoint, the work pools, their workers and the deployments."""
     from labtune import stack
@@ -536,7 +564,7 @@ def server_start(port: int = Port) -> None:
     """Start a local Prefect server in the background (its UI at http://127.0.0.1:PORT)."""
     from labtune import server
 
-    url, started = server.start(port)
+    url, started = server.start(port, say=_err)
     print(f"Prefect server {'started' if started else 'already running'}: UI {url.removesuffix('/api')}, "
           f"API {url}; stop it with: labtune server stop")
 
@@ -571,15 +599,26 @@ def _age(seconds: float | None) -> str:
     return f"{seconds:.0f} s"
 
 
+def _existing_store(store_uri: str, endpoint_url: str | None):
+    """The store at store_uri; a local folder that does not exist is a mistyped path, not an empty store."""
+    from labtune.store import open_store
+
+    if "://" not in store_uri:
+        folder = Path(store_uri).expanduser()
+        if not folder.is_dir():
+            raise LabtuneError(f"--store {store_uri}: " + ("not a folder" if folder.exists() else
+                                                           "no such folder (no run has written a store there)"))
+    return open_store(store_uri, endpoint_url=endpoint_url)
+
+
 @store_app.command("ls", epilog=example("labtune store ls --store s3://lab/labtune --recipe labnotes"))
 def store_ls(store_uri: str = StoreUri, recipe: Optional[str] = typer.Option(None, "--recipe", help="only outputs runs of this recipe (its name) used"),
              endpoint_url: Optional[str] = Endpoint, as_json: bool = Json) -> None:
     """Every stage output and training's checkpoints: size, age, the runs that use it, and whether
     the latest run of a deployment (or of the CLI) still needs it."""
     from labtune.housekeeping import inventory
-    from labtune.store import open_store
 
-    store = open_store(store_uri, endpoint_url=endpoint_url)
+    store = _existing_store(store_uri, endpoint_url)
     now = time.time()
     listed = inventory(store, recipe)
     if as_json:
@@ -601,9 +640,8 @@ def store_gc(store_uri: str = StoreUri, keep_last: int = typer.Option(..., "--ke
     """Delete the outputs no kept run needs (manifest first), and the checkpoints of finished
     trainings. Never what a run in progress reads or a stage is writing."""
     from labtune.housekeeping import collect, usage_by_stage
-    from labtune.store import open_store
 
-    store = open_store(store_uri, endpoint_url=endpoint_url)
+    store = _existing_store(store_uri, endpoint_url)
     before = sum(usage_by_stage(store).values())
     result = collect(store, keep_last, dry_run=dry_run, log=_err if not as_json else (lambda line: None))
     after = before - result.freed if dry_run else sum(usage_by_stage(store).values())
@@ -622,9 +660,9 @@ def main(argv: list[str] | None = None) -> None:
     """Run the command; every error ends as one line on stderr with the documented exit code."""
     try:
         code = typer.main.get_command(app).main(args=argv, prog_name="labtune", standalone_mode=False)
-    except LabtuneError as exc:
-        _err(f"labtune: error: {exc}")
-        code = exc.exit_code
+    except (LabtuneError, OSError) as exc:
+        line, code = one_line(exc) or (f"{exc.strerror or exc}", 1)
+        _err(f"labtune: error: {line}")
     except KeyboardInterrupt:
         _err("labtune: interrupted")
         code = 130

@@ -26,3 +26,16 @@ def yaml_error(path: object, exc: Exception) -> str:
     reason = getattr(exc, "problem", None) or (str(exc).splitlines() or ["?"])[0]
     context = getattr(exc, "context", None)
     return f"{where}: not valid YAML: {reason}" + (f" ({context})" if context else "")
+
+
+def one_line(exc: BaseException) -> tuple[str, int] | None:
+    """The one line and exit code a person gets for an error they can act on: a labtune error, or
+    an OS error on a path they gave (not a directory, read-only, exists, permission). None for
+    anything else (a bug: its traceback is wanted)."""
+    if isinstance(exc, LabtuneError):
+        return str(exc), exc.exit_code
+    if isinstance(exc, OSError) and exc.filename:
+        reason = exc.strerror or type(exc).__name__
+        where = f"{exc.filename} -> {exc.filename2}" if exc.filename2 else str(exc.filename)
+        return f"{where}: {reason}", 2
+    return None

@@ -13,7 +13,7 @@ import json
 import math
 import re
 from pathlib import Path
-from typing import Any, Iterable, NamedTuple
+from typing import Any, Callable, Iterable, NamedTuple
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -192,7 +192,7 @@ class Generated(NamedTuple):
 
 
 def generate(model: Any, tokenizer: Any, conversations: list[list[dict[str, str]]], max_new_tokens: int, batch_size: int,
-             template: str = "auto") -> Generated:
+             template: str = "auto", on_batch: Callable[[int], None] | None = None) -> Generated:
     """Greedy answers, batch_size conversations at a time, left-padded, each prompt rendered with
     the training chat template and ending where the assistant's turn begins."""
     import torch
@@ -220,15 +220,17 @@ def generate(model: Any, tokenizer: Any, conversations: list[list[dict[str, str]
             generated += length
             truncated.append(stop is None)
             answers.append(tokenizer.decode(tokens[:length], skip_special_tokens=True).strip())
+        if on_batch:
+            on_batch(len(prompts))
     return Generated(answers, generated, truncated)
 
 
 def ask(model: Any, tokenizer: Any, questions: list[str], max_new_tokens: int, batch_size: int, template: str = "auto",
-        system: str | None = None) -> Generated:
+        system: str | None = None, on_batch: Callable[[int], None] | None = None) -> Generated:
     """Greedy answers to single questions; `system` is the system turn training used (None: the
     template's default)."""
     return generate(model, tokenizer, [with_system([{"role": "user", "content": q}], system) for q in questions],
-                    max_new_tokens, batch_size, template)
+                    max_new_tokens, batch_size, template, on_batch)
 
 
 # `evaluation.max_new_tokens: auto` and `labtune ask` without a limit: the longest answer training

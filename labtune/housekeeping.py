@@ -228,10 +228,9 @@ def usage_by_stage(store: Store) -> dict[str, int]:
 
 def usage_markdown(store: Store) -> str:
     """The store's size by stage as a bar chart (a PNG the Prefect UI shows inline) and a table."""
-    import base64
-    import io
-
     import matplotlib
+
+    from labtune.plots import figure_png, png_markdown
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -246,9 +245,6 @@ def usage_markdown(store: Store) -> str:
         axis.barh(names, [sizes[n] / 1e6 for n in names], color="#3b82f6")
         axis.set_xlabel("MB")
         figure.tight_layout()
-        buffer = io.BytesIO()
-        figure.savefig(buffer, format="png", dpi=80)
-        plt.close(figure)
-        lines += [f"![store usage by stage](data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()})", ""]
+        lines += [png_markdown("store usage by stage", figure_png(figure)), ""]
     lines += ["| folder | MB |", "|---|---|"] + [f"| {name} | {size / 1e6:,.1f} |" for name, size in sizes.items()]
     return "\n".join(lines)

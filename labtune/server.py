@@ -1,22 +1,28 @@
 """A local Prefect server in the background, its database under the labtune home folder.
 
-`labtune run` uses the server named by PREFECT_API_URL when set; otherwise it starts (or reuses)
-one on 127.0.0.1:4200 and records its PID, so `labtune server stop` stops exactly that process.
+`labtune run` uses the server named by PREFECT_API_URL when set; otherwise it reuses the server
+this labtune home started, or starts one on 127.0.0.1:4200 (the next free port when something
+else listens there: another project's Prefect server is never used unasked) and records its pid
+and port once it answers, so `labtune server stop` and `server status` speak of exactly that
+process.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
-from labtune.errors import RunFailure
+from labtune.errors import LabtuneError, RunFailure
 from labtune.store import labtune_home
 
 DEFAULT_PORT = 4200
@@ -38,27 +44,84 @@ def healthy(url: str, timeout: float = 2.0) -> bool:
     try:
         with urllib.request.urlopen(url.rstrip("/") + "/health", timeout=timeout) as response:
             return response.status == 200
-    except OSError:
+    except (OSError, ValueError):
         return False
 
 
+def _recorded() -> tuple[int, int] | None:
+    """(pid, port) of the server this labtune home started, while that process runs."""
+    try:
+        text = pid_file().read_text().strip()
+        entry = json.loads(text) if text.startswith("{") else {"pid": int(text), "port": DEFAULT_PORT}
+        pid, port = int(entry["pid"]), int(entry["port"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return (pid, port) if process_alive(pid) else None
+
+
 def _read_pid() -> int | None:
-    try:
-        pid = int(pid_file().read_text().strip())
-    except (OSError, ValueError):
-        return None
-    try:
-        os.kill(pid, 0)
-    except OSError:
-        return None
-    return pid
+    recorded = _recorded()
+    return recorded[0] if recorded else None
 
 
-def start(port: int = DEFAULT_PORT, host: str = "127.0.0.1", timeout: float = 120.0) -> tuple[str, bool]:
-    """(api url, started now). Reuses a healthy server already listening on host:port."""
+def listening(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.settimeout(1.0)
+        return probe.connect_ex((host, port)) == 0
+
+
+def listener(port: int) -> str:
+    """What listens on a local TCP port, as "pid N (command line)" where /proc tells (Linux), else
+    "another program"."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError):
+            for line in Path(table).read_text().splitlines()[1:]:
+                fields = line.split()
+                if len(fields) > 9 and fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:  # 0A: LISTEN
+                    inodes.add(fields[9])
+    for proc in Path("/proc").glob("[0-9]*"):
+        with contextlib.suppress(OSError):
+            for fd in (proc / "fd").iterdir():
+                if os.readlink(fd) in {f"socket:[{inode}]" for inode in inodes}:
+                    command = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+                    return f"pid {proc.name} ({command[:120]})"
+    return "another program"
+
+
+def free_port_from(port: int, host: str = "127.0.0.1", tries: int = 50) -> int:
+    for candidate in range(port + 1, port + 1 + tries):
+        if not listening(candidate, host):
+            return candidate
+    raise RunFailure(f"no free port for a Prefect server on {host} between {port + 1} and {port + tries}")
+
+
+def start(port: int = DEFAULT_PORT, host: str = "127.0.0.1", timeout: float = 120.0,
+          say=None) -> tuple[str, bool]:
+    """(api url, started now). Reuses the server this labtune home started when it answers; a
+    port taken by anything else (another project's Prefect server included) is named, and
+    labtune's own server starts on the next free port. The pid file is written once the new
+    server answers, never for one that died."""
+    recorded = _recorded()
+    if recorded:  # ours runs: use it (it may still be starting), never start a second one beside it
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if healthy(api_url(recorded[1], host)):
+                return api_url(recorded[1], host), False
+            if not process_alive(recorded[0]):
+                break
+            time.sleep(0.5)
+        else:
+            raise RunFailure(f"the Prefect server labtune started (pid {recorded[0]}, port {recorded[1]}) is not answering; "
+                             f"stop it with `labtune server stop` and try again")
+    if listening(port, host):
+        other = "a Prefect server labtune did not start" if healthy(api_url(port, host)) else "a program that is not Prefect"
+        chosen = free_port_from(port, host)
+        (say or (lambda line: None))(
+            f"port {port} on {host} is taken by {other}, {listener(port)}; labtune uses it only if PREFECT_API_URL "
+            f"names it. Starting labtune's own Prefect server on port {chosen}.")
+        port = chosen
     url = api_url(port, host)
-    if healthy(url):
-        return url, False
     home = prefect_home()
     home.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false",
@@ -70,15 +133,24 @@ def start(port: int = DEFAULT_PORT, host: str = "127.0.0.1", timeout: float = 12
             [sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", str(port)],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True,
         )
-    pid_file().write_text(str(proc.pid))
     deadline = time.time() + timeout
     while time.time() < deadline:
         if healthy(url):
+            pid_file().write_text(json.dumps({"pid": proc.pid, "port": port, "host": host}))
             return url, True
         if proc.poll() is not None:
-            raise RunFailure(f"Prefect server exited with code {proc.returncode}; see {log_path}")
+            raise RunFailure(f"Prefect server exited with code {proc.returncode} on {host}:{port}: "
+                             f"{_last_line(log_path)} (see {log_path})")
         time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGTERM)
     raise RunFailure(f"Prefect server did not become healthy on {url} within {timeout:.0f}s; see {log_path}")
+
+
+def _last_line(path: Path) -> str:
+    with contextlib.suppress(OSError):
+        lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+        return lines[-1].strip()[:200] if lines else "no output"
+    return "no output"
 
 
 def process_alive(pid: int | None) -> bool:
@@ -115,19 +187,31 @@ def stop(timeout: float = 30.0) -> bool:
 
 
 def status(port: int = DEFAULT_PORT, host: str = "127.0.0.1") -> dict[str, object]:
-    url = api_url(port, host)
-    return {"api_url": url, "ui_url": url.removesuffix("/api"), "healthy": healthy(url), "pid": _read_pid(),
-            "home": str(prefect_home())}
+    """The server this labtune home started (what `server stop` stops), and, when none runs,
+    whatever else answers on the port."""
+    recorded = _recorded()
+    url = api_url(recorded[1] if recorded else port, host)
+    result: dict[str, object] = {"api_url": url, "ui_url": url.removesuffix("/api"),
+                                 "healthy": bool(recorded) and healthy(url), "pid": recorded[0] if recorded else None,
+                                 "started_by_labtune": bool(recorded), "home": str(prefect_home())}
+    if not recorded and listening(port, host):
+        what = "a Prefect server" if healthy(url) else "a program that is not Prefect"
+        result["other"] = (f"{what} labtune did not start listens on {host}:{port}, {listener(port)}; "
+                           f"labtune uses it only if PREFECT_API_URL names it")
+    return result
 
 
 def ensure_api(port: int = DEFAULT_PORT, say=print) -> str:
     """Point this process at a Prefect API, starting a local server when none is configured."""
     configured = os.environ.get("PREFECT_API_URL")
     if configured:
+        parsed = urllib.parse.urlsplit(configured)
+        if parsed.scheme not in ("http", "https") or not parsed.hostname:
+            raise LabtuneError(f"PREFECT_API_URL {configured!r}: not an http(s) URL; e.g. http://127.0.0.1:4200/api")
         if not healthy(configured, timeout=5):
             raise RunFailure(f"PREFECT_API_URL {configured}: Prefect server is not answering")
         return configured
-    url, started = start(port)
+    url, started = start(port, say=say)
     os.environ["PREFECT_API_URL"] = url
     ui = url.removesuffix("/api")
     if started:

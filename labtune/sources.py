@@ -231,7 +231,9 @@ def materialize(source: ModelSource, out: Path, settings: StoreSettings, log: Lo
     if gguf is not None:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+        from transformers.utils import logging as hf_logging
 
+        hf_logging.disable_progress_bar()  # its "Writing model shards" bar would land among the log lines
         log(f"converting GGUF {gguf.name} ({gguf.stat().st_size / 1e6:.0f} MB) to safetensors (dequantized)")
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(

@@ -180,7 +180,7 @@ def up(recipe_path: str | None = None, port: int = server.DEFAULT_PORT, s3_port:
        say: Callable[[str], None] = print) -> dict[str, Any]:
     """Start what is not running yet, wait for health checks, and say what runs where."""
     started = time.time()
-    url, new = server.start(port)
+    url, new = server.start(port, say=say)
     say(f"Prefect server: {url.removesuffix('/api')} ({'started' if new else 'already running'}, "
         f"database {server.prefect_home() / 'prefect.db'})")
     if s3_port:

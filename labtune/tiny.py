@@ -48,6 +48,7 @@ def make_tiny_llama(out_dir: str | Path, spec: dict[str, int] | None = None) -> 
     import sentencepiece as spm
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.utils import logging as hf_logging
 
     params = {**TINY_DEFAULTS, **(spec or {})}
     unknown = set(params) - set(TINY_DEFAULTS)
@@ -104,5 +105,6 @@ def make_tiny_llama(out_dir: str | Path, spec: dict[str, int] | None = None) -> 
         tie_word_embeddings=False,
     )
     model = LlamaForCausalLM(config)
+    hf_logging.disable_progress_bar()  # its "Writing model shards" bar would land among the log lines
     model.save_pretrained(out)
     return out

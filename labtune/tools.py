@@ -82,12 +82,30 @@ def merge_models(kind: str, base: str, other: str, out: str, max_shard_size: str
     return uri, existed, note
 
 
+# convert's options by the DataConfig field each sets, for errors that name what the user typed
+CONVERT_OPTIONS = {"eval_fraction": ("--eval-fraction", "a share of the records: at least 0 and below 1"),
+                   "seed": ("--seed", "a whole number")}
+
+
+def convert_option_error(error: dict[str, Any]) -> str:
+    """A DataConfig validation error as the convert option (and its allowed range) it came from."""
+    field = str(error["loc"][0]) if error.get("loc") else ""
+    if field in CONVERT_OPTIONS:
+        flag, allowed = CONVERT_OPTIONS[field]
+        return f"{flag}: must be {allowed} (got {error.get('input')!r})"
+    if "qa_pairs" in error.get("msg", ""):
+        return "--no-qa and --no-note-conversations together leave lab notes no conversations: drop one of them"
+    return f"{'.'.join(str(p) for p in error.get('loc', ())) or 'options'}: {error.get('msg', '').removeprefix('Value error, ')}"
+
+
 def convert_data(sources: list[dict[str, str]], out: str, options: dict[str, Any],
                  log: Log = default_log) -> tuple[str, bool, dict[str, int]]:
     """Any mix of data sources -> cleaned ShareGPT JSON (train.json, eval.json), report.json and
     report.md in OUT. `options` are DataConfig's (eval_fraction, qa_pairs, ...)."""
     from labtune.conversations import convert
     from labtune.notes import note_files
+    from pydantic import ValidationError
+
     from labtune.recipe import DataConfig
     from labtune.stages.data import notes_line, read_facts_with_counts, report_markdown
 
@@ -95,8 +113,8 @@ def convert_data(sources: list[dict[str, str]], out: str, options: dict[str, Any
         raise LabtuneError("convert: name at least one source (--notes, --sharegpt, --alpaca or --messages)")
     try:
         config = DataConfig(sources=sources, **options)
-    except ValueError as exc:
-        raise LabtuneError(f"convert: {str(exc).splitlines()[-1].strip()}") from None
+    except ValidationError as exc:
+        raise LabtuneError(f"convert: {convert_option_error(exc.errors()[0])}") from None
     summary: dict[str, int] = {}
 
     def build(folder: Path) -> dict[str, Any]:

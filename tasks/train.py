@@ -11,6 +11,7 @@ from prefect.artifacts import (create_link_artifact, create_markdown_artifact, c
                                create_table_artifact, update_progress_artifact)
 from prefect.cache_policies import NO_CACHE
 
+from labtune.plots import png_markdown
 from labtune.recipe import Recipe
 from labtune.stage import StageResult, fetch
 from labtune.stages.train import artifact_link, build_train, progress_bar
@@ -32,6 +33,7 @@ def train_task(recipe: Recipe, model_uri: str, tokens_uri: str) -> StageResult:
         ui = ServerTolerant(logger)  # a Prefect server restarting mid-training does not stop it
 
         def on_progress(record: dict) -> None:
+            logger.info("progress " + json.dumps(record))  # the run's log keeps every step; a terminal shows a bar
             bar(record)
             # one update per whole percent: the server shares the CPUs with training
             percent = 100 * record["step"] // record["total_steps"]
@@ -55,20 +57,20 @@ def train_task(recipe: Recipe, model_uri: str, tokens_uri: str) -> StageResult:
                                                    for r in history],
                           description="Training loss per optimizer step; time, tokens/s and MFU from synchronized "
                                       "wall time, peak memory of the busiest rank")
-    plot_uri = f"{result.uri.rstrip('/')}/loss.png"
+    plot = model_dir / "loss.png"
     resumed = metrics.get("resumed_from_step")
     create_markdown_artifact(
         key="train-summary",
         markdown="\n".join([
             f"# Training: {recipe.name}", "",
             f"- model: [{result.uri}]({artifact_link(result.uri)}){' (cached: trained earlier with the same inputs)' if result.cached else ''}",
-            f"- loss plot: [loss.png]({artifact_link(plot_uri)})",
             f"- optimizer steps: {metrics['optimizer_steps']}, world size {metrics['world_size']}, "
             f"{metrics['train_seconds']:.0f} s{f', resumed from step {resumed}' if resumed else ''}",
             f"- loss: {history[0]['loss']} at step 1 -> {history[-1]['loss']} at step {history[-1]['step']}" if history else "",
             f"- throughput: {metrics['useful_tokens_per_s']:,.0f} tokens/s over the whole run, MFU "
             f"{'%.1f%%' % (100 * metrics['mfu']) if metrics.get('mfu') is not None else 'not reported (no known peak for this device)'}"
             f", peak memory per rank {metrics.get('peak_memory_gib')} GiB" if "useful_tokens_per_s" in metrics else "",
+            "", png_markdown("training loss and learning rate by optimizer step", plot.read_bytes()) if plot.is_file() else "",
         ]),
         description="The fine-tuned model, its loss curve and how the run went",
     )

@@ -50,7 +50,7 @@ def run_until(stage: str, recipe: Recipe, store: Store, given: dict[str, str] | 
         if name == "train":
             return build_train(recipe, store, uri("delta"), uri("tokenize"), log, on_progress=on_progress)
         return build_evaluate(recipe, store, uri("delta"), uri("train"), log, data_uri=uri("data"),
-                              tokens_uri=uri("tokenize"))
+                              tokens_uri=uri("tokenize"), on_progress=on_progress)
 
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")

@@ -14,12 +14,14 @@ from __future__ import annotations
 import gc
 import json
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import labtune
 from labtune import evaluation
 from labtune.augment import people
 from labtune.evaluation import Prompt, load_prompts, score
+from labtune.plots import accuracy_chart, png_markdown
 from labtune.recipe import Recipe
 from labtune.stage import MANIFEST, Log, ManifestError, StageResult, code_version, default_log, fetch, run_stage, stage_key
 from labtune.store import Store, source_sha256
@@ -133,7 +135,8 @@ def notes_index(store: Store, data_uri: str | None) -> Any:
 
 
 def build_evaluate(recipe: Recipe, store: Store, base_uri: str, model_uri: str, log: Log = default_log,
-                   data_uri: str | None = None, tokens_uri: str | None = None) -> StageResult:
+                   data_uri: str | None = None, tokens_uri: str | None = None,
+                   on_progress: Callable[[dict], None] | None = None) -> StageResult:
     cfg = recipe.evaluation
     key, inputs, parameters = evaluate_key(recipe, base_uri, model_uri, data_uri, tokens_uri)
     prompts = collect_prompts(recipe, store, data_uri)  # a malformed prompt file fails here, before any model loads
@@ -151,20 +154,29 @@ def build_evaluate(recipe: Recipe, store: Store, base_uri: str, model_uri: str, 
         general_answers: dict[str, list[str]] = {}
         losses: dict[str, Any] = {}
         drift: dict[str, Any] = {}
+        # every answer both models give, for the progress bar: questions, with notes, general questions
+        total = 2 * (len(questions) + len(with_notes) + len(general))
+        done = [0]
+
+        def answered(count: int) -> None:
+            done[0] += count
+            if on_progress:
+                on_progress({"stage": "evaluate", "step": done[0], "total_steps": total})
+
         for name, uri in (("base", base_uri), ("tuned", model_uri)):
             model, tokenizer = evaluation.load_model(fetch(store, uri, log), bf16=recipe.train.bf16)
             log(f"evaluate: {len(prompts)} prompts{' (and again with the notes retrieved)' if with_notes else ''} and "
                 f"{len(general)} general questions to the {name} model {uri}")
             for column, asked in ((name, questions), (f"{name}_notes", with_notes)):
                 if column == name or asked:
-                    generated = evaluation.ask(model, tokenizer, asked, budget, cfg.batch_size, template, system)
+                    generated = evaluation.ask(model, tokenizer, asked, budget, cfg.batch_size, template, system, answered)
                     answers[column], truncated[column] = generated.answers, generated.truncated
             if eval_examples:
                 losses[name] = evaluation.mean_loss(model, eval_examples, cfg.batch_size)
             if general:
                 asked = [p.question for p in general]
                 general_answers[name] = evaluation.ask(model, tokenizer, asked, budget, cfg.batch_size,
-                                                       template, system).answers
+                                                       template, system, answered).answers
                 # both models scored on the base model's answers: how far the fine-tuned one moved
                 on_base = evaluation.answer_examples(tokenizer, asked, general_answers["base"], template)
                 drift[name] = evaluation.mean_loss(model, on_base, cfg.batch_size)
@@ -253,8 +265,8 @@ def summary_markdown(summary: dict[str, Any], uri: str) -> str:
     each column (base, base + notes, fine-tuned, fine-tuned + notes), then loss and retention."""
     columns = [(c, label) for c, label in COLUMNS if c in summary.get("columns", ["base", "tuned"])]
     accuracy = summary["accuracy"]
-    lines = ["# Evaluation", "", "| | " + " | ".join(label for _, label in columns) + " |",
-             "|---|" + "---|" * len(columns)]
+    lines = ["# Evaluation", "", png_markdown("accuracy by question type", accuracy_chart(summary, columns)), "",
+             "| | " + " | ".join(label for _, label in columns) + " |", "|---|" + "---|" * len(columns)]
 
     def cell(tally: dict[str, Any]) -> str:
         share = f" ({tally['accuracy']:.0%})" if tally.get("accuracy") is not None else ""

@@ -75,7 +75,8 @@ def run_torchrun(command: list[str], env: dict[str, str], log: Log, on_progress:
             tail.append(line)
             if line.startswith(WORKER_ERROR):
                 worker_errors.append(line)
-            log(line)
+            if not (on_progress and line.startswith("progress ")):  # a progress line is its callback's to show
+                log(line)
             for prefix, callback in (("progress ", on_progress), ("checkpoint {", on_checkpoint)):
                 if callback and line.startswith(prefix):
                     try:
@@ -274,7 +275,7 @@ def build_train(recipe: Recipe, store: Store, model_uri: str, tokens_uri: str, l
         nproc = recipe.parallel.processes
         command = torchrun_command(recipe.parallel, config_path, key)
         log("launching: " + " ".join(command[1:]))
-        run_torchrun(command, train_env(nproc), log, on_progress, on_checkpoint)
+        run_torchrun(command, train_env(nproc), log, with_estimate(on_progress, log), on_checkpoint)
         if not (out / "train_metrics.json").is_file() and recipe.parallel.nnodes > 1:
             raise CommittedElsewhere("rank 0 ran on another node; that node's stage commits the model")
         metrics = json.loads((out / "train_metrics.json").read_text())
@@ -288,6 +289,36 @@ def build_train(recipe: Recipe, store: Store, model_uri: str, tokens_uri: str, l
     return run_stage(store, "train", key, build, inputs={"model": model_uri, "tokens": tokens_uri},
                      parameters=parameters, log=log,
                      work_name=f"train-{key}-node{recipe.parallel.node_rank}" if nodes > 1 else None)
+
+
+ESTIMATE_AFTER_STEPS = 5  # the first step also builds the graph and warms caches: it is not counted
+
+
+def with_estimate(on_progress: Callable[[dict], None] | None, log: Log) -> Callable[[dict], None]:
+    """on_progress, and once, after the first few measured steps, a line saying how long training
+    will take ("train: 1,488 optimizer steps, about 33 min at 1.3 s a step (steps 2-5)")."""
+    times: list[float] = []
+
+    def update(record: dict) -> None:
+        if on_progress:
+            on_progress(record)
+        if record.get("step_time_s") is None or len(times) > ESTIMATE_AFTER_STEPS:
+            return
+        times.append(float(record["step_time_s"]))
+        if len(times) == ESTIMATE_AFTER_STEPS or record["step"] == record["total_steps"]:
+            log(estimate_line(record["step"], record["total_steps"], times[1:] or times))
+            times.append(0.0)  # said once
+
+    return update
+
+
+def estimate_line(step: int, total: int, step_times: list[float]) -> str:
+    per_step = sum(step_times) / len(step_times)
+    left = per_step * (total - step)
+    eta = f"{left / 3600:.1f} h" if left >= 5400 else f"{left / 60:.0f} min" if left >= 90 else f"{left:.0f} s"
+    first = step - len(step_times) + 1
+    return (f"train: {total:,} optimizer steps, about {eta} to go at {per_step:.2f} s a step "
+            f"(measured on steps {first}-{step})")
 
 
 def plot_loss(history: list[dict[str, Any]], path: Path, title: str) -> None:
@@ -319,20 +350,26 @@ def artifact_link(uri: str) -> str:
 
 @contextlib.contextmanager
 def progress_bar() -> Iterator[Callable[[dict], None]]:
-    """A tqdm bar of optimizer steps on stderr (shown only on a terminal), fed by progress records."""
+    """A tqdm bar per stage on stderr (shown only on a terminal), fed by progress records
+    ({"step", "total_steps"}, and "stage", "loss", "tokens_per_s" where known)."""
     from tqdm import tqdm
 
-    bar = None
+    bars: dict[str, Any] = {}
 
     def update(record: dict) -> None:
-        nonlocal bar
+        stage = record.get("stage", "train")
+        bar = bars.get(stage)
         if bar is None:
-            bar = tqdm(total=record["total_steps"], desc="train", unit="step", disable=not sys.stderr.isatty())
+            for earlier in bars.values():
+                earlier.close()
+            bar = bars[stage] = tqdm(total=record["total_steps"], desc=stage, unit="step" if stage == "train" else "answer",
+                                     disable=not sys.stderr.isatty(), dynamic_ncols=True)
         bar.n = record["step"]
-        bar.set_postfix(loss=record["loss"])
+        shown = {"loss": record.get("loss"), "tok/s": record.get("tokens_per_s")}
+        bar.set_postfix({k: v for k, v in shown.items() if v is not None}, refresh=True)
 
     try:
         yield update
     finally:
-        if bar is not None:
+        for bar in bars.values():
             bar.close()

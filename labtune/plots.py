@@ -1,0 +1,51 @@
+"""Pictures for the Prefect UI: a PNG inside a markdown artifact as a data URI, which the UI
+shows inline (a file:// link it would not open from an http page), and the evaluation's chart."""
+
+from __future__ import annotations
+
+import base64
+import io
+from typing import Any
+
+
+def png_markdown(alt: str, png: bytes) -> str:
+    return f"![{alt}](data:image/png;base64,{base64.b64encode(png).decode()})"
+
+
+def figure_png(figure: Any, dpi: int = 80) -> bytes:
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=dpi)
+    plt.close(figure)
+    return buffer.getvalue()
+
+
+def accuracy_chart(summary: dict[str, Any], columns: list[tuple[str, str]]) -> bytes:
+    """Accuracy per evaluation axis (tag), a bar per column (base, base + notes, fine-tuned,
+    fine-tuned + notes), as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    accuracy = summary["accuracy"]
+    tags = ["all", *accuracy["tuned"]["by_tag"]]
+
+    def share(column: str, tag: str) -> float:
+        tally = accuracy[column]["overall"] if tag == "all" else accuracy[column]["by_tag"].get(tag, {})
+        return 100 * (tally.get("accuracy") or 0.0)
+
+    figure, axis = plt.subplots(figsize=(max(6.0, 0.7 * len(tags) + 2), 3.6))
+    width = 0.8 / len(columns)
+    colors = {"base": "#9ca3af", "base_notes": "#d1d5db", "tuned": "#2563eb", "tuned_notes": "#93c5fd"}
+    for i, (column, label) in enumerate(columns):
+        axis.bar([t + (i - (len(columns) - 1) / 2) * width for t in range(len(tags))],
+                 [share(column, tag) for tag in tags], width, label=label, color=colors.get(column))
+    axis.set_xticks(range(len(tags)), tags, rotation=30, ha="right")
+    axis.set_ylabel("% correct")
+    axis.set_ylim(0, 100)
+    axis.grid(axis="y", alpha=0.3)
+    axis.legend(ncols=len(columns), fontsize=8, loc="upper center", bbox_to_anchor=(0.5, 1.16), frameon=False)
+    figure.tight_layout()
+    return figure_png(figure)
