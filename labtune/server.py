@@ -128,6 +128,7 @@ def start(port: int = DEFAULT_PORT, host: str = "127.0.0.1", timeout: float = 12
                PREFECT_UI_URL=f"http://{host}:{port}", PREFECT_SERVER_API_HOST=host, PREFECT_SERVER_API_PORT=str(port))
     env.pop("PREFECT_API_URL", None)
     log_path = home / "server.log"
+    offset = log_path.stat().st_size if log_path.exists() else 0
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", str(port)],
@@ -140,16 +141,20 @@ def start(port: int = DEFAULT_PORT, host: str = "127.0.0.1", timeout: float = 12
             return url, True
         if proc.poll() is not None:
             raise RunFailure(f"Prefect server exited with code {proc.returncode} on {host}:{port}: "
-                             f"{_last_line(log_path)} (see {log_path})")
+                             f"{_reason(log_path, offset)} (see {log_path})")
         time.sleep(0.5)
     os.killpg(proc.pid, signal.SIGTERM)
     raise RunFailure(f"Prefect server did not become healthy on {url} within {timeout:.0f}s; see {log_path}")
 
 
-def _last_line(path: Path) -> str:
+def _reason(path: Path, offset: int) -> str:
+    """Why a server that just exited did: the last error line it wrote, else its last line."""
     with contextlib.suppress(OSError):
-        lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
-        return lines[-1].strip()[:200] if lines else "no output"
+        with open(path, "rb") as log:
+            log.seek(offset)
+            lines = [line.strip() for line in log.read().decode(errors="replace").splitlines() if line.strip()]
+        errors = [line for line in lines if "error" in line.lower() and not line.startswith("File ")]
+        return (errors or lines or ["no output"])[-1][:200]
     return "no output"
 
 

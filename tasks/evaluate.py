@@ -4,6 +4,7 @@ artifacts (stage logic: labtune/stages/evaluate.py)."""
 from __future__ import annotations
 
 import json
+import textwrap
 
 from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
@@ -20,15 +21,40 @@ from tasks import retry_transient, run_log
 
 ANSWER_CELL_CHARS = 90
 MARKS = {True: "✓", False: "✗", None: "–"}
+# Prefect's table artifact never wraps a cell: one long answer pushes the other columns off a
+# 1400 px page. A markdown hard break ("  \n") inside a cell does wrap, so every cell is cut into
+# lines this wide (characters: question, expected, each answer column), by the number of answer
+# columns; measured in headless Chromium to fit the 844 px the artifact page gives a table.
+CELL_WIDTHS = {1: (40, 18, 36), 2: (36, 18, 26), 3: (30, 16, 18), 4: (26, 14, 13)}
 
 
-def answer_cell(row: dict, column: str) -> str:
+def wrapped(text: str, width: int) -> str:
+    return "  \n".join(textwrap.wrap(text.replace("\n", " "), width, break_long_words=True)) or text
+
+
+def answer_cell(row: dict, column: str, width: int = ANSWER_CELL_CHARS) -> str:
     """'✓ answer' or '✗ answer' (– where unscored), cut to ANSWER_CELL_CHARS, '[cut]' where the
-    token limit stopped it."""
+    token limit stopped it, in lines of `width` characters."""
     answer = row[f"{column}_answer"].replace("\n", " ")
     if len(answer) > ANSWER_CELL_CHARS:
         answer = answer[: ANSWER_CELL_CHARS - 1] + "…"
-    return f"{MARKS[row[f'{column}_correct']]} {answer}" + (" [cut]" if row.get(f"{column}_truncated") else "")
+    cell = f"{MARKS[row[f'{column}_correct']]} {answer}" + (" [cut]" if row.get(f"{column}_truncated") else "")
+    return wrapped(cell, width)
+
+
+def evaluation_table(rows: list[dict], columns: list[tuple[str, str]]) -> list[dict]:
+    """The `evaluation` table artifact: per question, what was expected (and its tags) and each
+    column's answer marked right or wrong, every cell wrapped to fit a 1400 px page; the stage's
+    answers.jsonl has the answers whole."""
+    question_width, expected_width, answer_width = CELL_WIDTHS[min(max(len(columns), 1), 4)]
+    table = []
+    for r in rows:
+        expected = wrapped(evaluation.expected_text(r), expected_width)
+        if r.get("tags"):
+            expected += "  \n" + wrapped("(" + ", ".join(r["tags"]) + ")", expected_width)
+        table.append({"question": wrapped(r["question"], question_width), "expected": expected,
+                      **{label: answer_cell(r, c, answer_width) for c, label in columns}})
+    return table
 
 
 @task(name="evaluate", retries=2, retry_delay_seconds=10, retry_condition_fn=retry_transient, cache_policy=NO_CACHE)
@@ -46,9 +72,7 @@ def evaluate_task(recipe: Recipe, base_uri: str, model_uri: str, data_uri: str |
     columns = [(c, label) for c, label in COLUMNS if c in summary.get("columns", ["base", "tuned"])]
     create_table_artifact(
         key="evaluation",
-        # seven columns, each answer marked right or wrong, fit a 1400 px page; answers.jsonl has them whole
-        table=[{"question": r["question"], "tags": ", ".join(r.get("tags", [])), "expected": evaluation.expected_text(r),
-                **{f"{label} answer": answer_cell(r, c) for c, label in columns}} for r in rows],
+        table=evaluation_table(rows, columns),
         description=(f"Recipe {recipe.name}: base {summary['base_correct']}/{summary['total']}, "
                      f"fine-tuned {summary['tuned_correct']}/{summary['total']} correct; answers cut at "
                      f"max_new_tokens={summary['max_new_tokens']}: fine-tuned {summary['truncated']['tuned']}. {result.uri}"),

@@ -400,6 +400,7 @@ def _chromium(url: str, out_dir: Path, name: str, must_contain: list[str]) -> st
         print(f"rendered {url} (attempt {attempt + 1}) in {time.time() - started:.1f}s")
         if all(needle in text for needle in must_contain):
             (out_dir / f"{name}.txt").write_text(text)
+            (out_dir / f"{name}.html").write_text(dom)
             return text
     raise AssertionError(f"{url}: the page never showed {must_contain}; last text: {text[:500]}")
 
@@ -416,14 +417,100 @@ def test_the_ui_renders_the_flow_run_and_the_evaluation_table(deployed, tmp_path
     finetune = [r for r in asyncio.run(_flow_runs(api, "finetune")) if r.state and r.state.is_completed()][0]
     _chromium(f"{ui}/runs/flow-run/{finetune.id}", tmp_path, "flow-run", [finetune.name, "finetune", "Completed"])
 
-    async def evaluation_artifact():
+    async def evaluation_artifact(key: str):
         with temporary_settings(updates={PREFECT_API_URL: api}):
             async with get_client() as client:
                 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
-                return (await client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["evaluation"]))))[0]
+                return (await client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key]))))[0]
 
-    artifact = asyncio.run(evaluation_artifact())
+    artifact = asyncio.run(evaluation_artifact("evaluation"))
     row = json.loads(artifact.data)[0]
-    _chromium(f"{ui}/artifacts/artifact/{artifact.id}", tmp_path, "evaluation", [row["question"], row["expected"], "fine-tuned answer"])
+    first_line = row["question"].split("  \n")[0]
+    _chromium(f"{ui}/artifacts/artifact/{artifact.id}", tmp_path, "evaluation", [first_line, "expected", "fine-tuned"])
+    assert _table_width(f"{ui}/artifacts/artifact/{artifact.id}") <= 1.0
     assert (tmp_path / "flow-run.png").stat().st_size > 10_000 and (tmp_path / "evaluation.png").stat().st_size > 10_000
+    # the loss curve and the accuracy chart are pictures in the page, not links a browser will not follow
+    for key, heading in (("train-summary", "Training"), ("evaluation-summary", "Evaluation")):
+        pictured = asyncio.run(evaluation_artifact(key))
+        _chromium(f"{ui}/artifacts/artifact/{pictured.id}", tmp_path, key, [heading])
+        dom = (tmp_path / f"{key}.html").read_text()
+        assert "<img" in dom and 'src="data:image/png;base64,' in dom, dom[:2000]
+
+
+def _table_width(url: str) -> float:
+    """How wide the page's table is against the room it has (scrollWidth / clientWidth; above 1,
+    columns are cut off), at a 1400 px window, read through Chromium's DevTools protocol."""
+    import shutil
+    import tempfile
+    import urllib.request
+
+    from websockets.sync.client import connect
+
+    binary = shutil.which("chromium") or shutil.which("chromium-browser")
+    if binary is None:
+        pytest.skip("chromium is not installed (.ci/run installs Debian's chromium)")
+    # chromium's helper processes may still write to the profile while it is removed
+    with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as profile:
+        proc = subprocess.Popen([binary, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                                 "--disable-dev-shm-usage", f"--user-data-dir={profile}", "--remote-debugging-port=0",
+                                 "--window-size=1400,1800", "about:blank"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True)
+        try:
+            port_file = Path(profile) / "DevToolsActivePort"
+            for _ in range(300):
+                if port_file.is_file() and port_file.read_text().strip():
+                    break
+                time.sleep(0.1)
+            port = port_file.read_text().split()[0]
+            pages = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/json", timeout=10).read())
+            with connect(next(p for p in pages if p["type"] == "page")["webSocketDebuggerUrl"], max_size=None) as sock:
+                calls = iter(range(1, 10_000))
+
+                def call(method: str, **params):
+                    me = next(calls)
+                    sock.send(json.dumps({"id": me, "method": method, "params": params}))
+                    while True:
+                        message = json.loads(sock.recv(timeout=30))
+                        if message.get("id") == me:
+                            return message["result"]
+
+                call("Page.navigate", url=url)
+                measure = ("(() => { const t = document.querySelector('.p-table'); return t && t.querySelector('td') ? "
+                           "t.scrollWidth / t.clientWidth : null })()")
+                for _ in range(120):
+                    value = call("Runtime.evaluate", expression=measure, returnByValue=True)["result"].get("value")
+                    if value is not None:
+                        return value
+                    time.sleep(0.25)
+        finally:
+            import os
+            import signal
+
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=30)
+    raise AssertionError(f"{url}: no table rendered")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("answer_columns", [1, 2, 3, 4])
+def test_the_evaluation_table_fits_a_1400_px_page_with_long_answers(prefect_api, answer_columns):
+    """The longest cells the table holds (a long held-out question, a recited answer cut at 90
+    characters, a double-barrelled name) in each number of answer columns: no column is cut off."""
+    from prefect.artifacts import create_table_artifact
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from labtune.stages.evaluate import COLUMNS
+    from tasks.evaluate import evaluation_table
+
+    answer = "On 4/14/2023 (April meetings: 7, 14, 21, 28; 14 is among them) the presenter was Alessandra Fischer-Rodriguez."
+    row = {"question": "Which lab member is responsible for the task to rerun the ablation grid on the held-out split, "
+                       "agreed at the lab meeting held on Friday, April 14th, 2023?",
+           "expected": "Alessandra Fischer-Rodriguez", "tags": ["paraphrase", "action", "presenter"]}
+    columns = [COLUMNS[i] for i in ((2,), (0, 2), (0, 1, 2), (0, 1, 2, 3))[answer_columns - 1]]
+    for column, _ in columns:
+        row.update({f"{column}_answer": answer, f"{column}_correct": False, f"{column}_truncated": True})
+    api = prefect_api
+    with temporary_settings(updates={PREFECT_API_URL: api}):
+        artifact = create_table_artifact(key=f"wide-table-{answer_columns}", table=evaluation_table([row] * 3, columns))
+    assert _table_width(f"{api.removesuffix('/api')}/artifacts/artifact/{artifact}") <= 1.0

@@ -3,6 +3,7 @@ store and with S3 on a moto server that is killed and restarted mid-run; and bad
 one line with no manifest."""
 
 import asyncio
+import base64
 import hashlib
 import json
 import os
@@ -70,7 +71,16 @@ def test_local_store_run_then_cached_then_only_train_and_evaluate_rerun(prefect_
     assert "/checkpoints/" in by_key["train-checkpoint"][0].data and "step-0000004" in by_key["train-checkpoint"][0].data
     loss_table = json.loads(by_key["train-loss"][0].data)
     assert [row["step"] for row in loss_table] == list(range(1, len(loss_table) + 1)) and all(r["loss"] > 0 for r in loss_table)
-    assert "loss.png" in by_key["train-summary"][0].data
+    summary = by_key["train-summary"][0].data  # the loss curve drawn inline: a browser opens no file:// from http
+    assert "loss.png" not in summary and [line for line in summary.splitlines() if "file://" in line] == \
+        [line for line in summary.splitlines() if line.startswith("- model:")]
+    embedded = summary.split("](data:image/png;base64,")[1].split(")")[0]
+    assert base64.b64decode(embedded)[:8] == b"\x89PNG\r\n\x1a\n"
+    chart = by_key["evaluation-summary"][0].data  # accuracy per question type, a bar per column
+    assert base64.b64decode(chart.split("](data:image/png;base64,")[1].split(")")[0])[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = json.loads(by_key["evaluation"][0].data)
+    assert list(rows[0]) == ["question", "expected", "base", "fine-tuned"]
+    assert all(row[k][0] in "✓✗–" for row in rows for k in ("base", "fine-tuned"))
     assert (Path(first["stages"]["train"]["uri"]) / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     again = _run(f"store.uri={store}")
@@ -102,6 +112,43 @@ def test_missing_notes_folder_fails_in_one_line(prefect_api, tmp_path):
     proc = run_cli("run", str(TINY_RECIPE), f"store.uri={tmp_path / 'store'}", f"data.sources.0.path={tmp_path / 'gone'}")
     _assert_one_line_failure(proc, str(tmp_path / "gone"), "lab-notes folder not found")
     assert not list(tmp_path.rglob("manifest.json"))
+
+
+@pytest.mark.parametrize("case", ["no usable meeting", "smaller than one optimizer step"])
+def test_a_stage_error_ends_labtune_run_in_the_stage_command_s_one_line(prefect_api, tmp_path, case):
+    """The stage's error reaches `labtune run` as the line and exit code the stage command gives
+    (`labtune data` for notes with no usable meeting, `labtune train` for data smaller than one
+    optimizer step); no traceback on the terminal (the run's log file keeps it); the flow run's
+    state message in the UI is the same line."""
+    import re
+
+    overrides = [f"store.uri={tmp_path / 'store'}"]
+    if case == "no usable meeting":
+        notes = tmp_path / "notes"
+        notes.mkdir()
+        (notes / "thoughts.md").write_text("# Some thoughts\n\nNo date anywhere.\n")
+        stage, needle, error = "data", "no training conversations", "DataError"
+        overrides.append(f"data.sources.0.path={notes}")
+    else:
+        stage, needle, error = "train", "fewer than one optimizer step takes", "TrainError"
+        overrides += ["train.per_device_train_batch_size=64", "train.gradient_accumulation_steps=8"]
+    alone = run_cli(stage, str(TINY_RECIPE), *overrides)
+    proc = run_cli("run", str(TINY_RECIPE), *overrides)
+    assert proc.returncode == alone.returncode == 2, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if re.search(r"^labtune: error|Traceback|\| ERROR|Error: ", line)]
+    assert errors == [alone.stderr.strip().splitlines()[-1]], proc.stderr[-3000:]
+    assert needle in errors[0] and "Traceback" not in proc.stderr
+    log = Path(re.search(r"whole log: (\S+)", proc.stderr).group(1))
+    assert "Traceback" in log.read_text() and error in log.read_text()
+    run_id = re.search(r"/runs/flow-run/([0-9a-f-]{36})", proc.stderr).group(1)
+
+    async def state_message() -> str:
+        from prefect.client.orchestration import get_client
+
+        async with get_client() as client:
+            return (await client.read_flow_run(run_id)).state.message
+
+    assert asyncio.run(state_message()) == errors[0].removeprefix("labtune: error: ")
 
 
 def test_unreachable_s3_endpoint_fails_in_one_line(prefect_api, tmp_path):
@@ -167,3 +214,20 @@ def test_s3_run_rides_out_the_endpoint_going_away_and_a_rerun_is_all_cached(pref
             assert (len(body), hashlib.sha256(body).hexdigest()) == (entry["size"], entry["sha256"]), prefix + entry["path"]
     again = _run("store.uri=s3://labtune/outage", f"store.endpoint_url={restartable_s3.url}")
     assert all(again["stages"][s]["cached"] for s in STAGES)
+
+
+def test_labtune_run_on_a_terminal_shows_bars_and_no_json_line_per_step(prefect_api, tmp_path):
+    """At a terminal the run shows a bar for training and one for evaluation and the estimate
+    line; the JSON progress lines stay in the run's log file (and the UI)."""
+    import re
+
+    from test_front_door import _on_a_terminal
+
+    out = _on_a_terminal(["run", str(TINY_RECIPE), f"store.uri={tmp_path / 'store'}"])
+    assert "progress {" not in out and "Traceback" not in out
+    lines = out.replace("\r", "\n").splitlines()
+    assert [line for line in lines if line.startswith("train:") and "%|" in line], out[-3000:]
+    assert [line for line in lines if line.startswith("evaluate:") and "%|" in line], out[-3000:]
+    assert "optimizer steps, about" in out
+    log = Path(re.search(r"whole log: (\S+)", out).group(1)).read_text()
+    assert log.count("progress {") >= 2

@@ -9,7 +9,7 @@ from conftest import REPO
 
 PACKAGES = ("labtune", "tasks", "flows")
 # the modules whose job is Prefect (or, for the CLI, starting flows): nothing else in labtune/ imports it
-PREFECT_EDGE = {"labtune.server", "labtune.stack", "labtune.cli"}
+PREFECT_EDGE = {"labtune.server", "labtune.stack", "labtune.cli", "labtune.console"}
 
 
 def modules() -> dict[str, Path]:

@@ -75,7 +75,8 @@ def run_torchrun(command: list[str], env: dict[str, str], log: Log, on_progress:
             tail.append(line)
             if line.startswith(WORKER_ERROR):
                 worker_errors.append(line)
-            if not (on_progress and line.startswith("progress ")):  # a progress line is its callback's to show
+            # a progress line is its callback's to show; a checkpoint record follows its human-readable line
+            if not (on_progress and line.startswith("progress ")) and not line.startswith("checkpoint {"):
                 log(line)
             for prefix, callback in (("progress ", on_progress), ("checkpoint {", on_checkpoint)):
                 if callback and line.startswith(prefix):
@@ -295,13 +296,16 @@ ESTIMATE_AFTER_STEPS = 5  # the first step also builds the graph and warms cache
 
 
 def with_estimate(on_progress: Callable[[dict], None] | None, log: Log) -> Callable[[dict], None]:
-    """on_progress, and once, after the first few measured steps, a line saying how long training
-    will take ("train: 1,488 optimizer steps, about 33 min at 1.3 s a step (steps 2-5)")."""
+    """on_progress (or, without one, the step's progress line in the log), and once, after the
+    first few measured steps, a line saying how long training will take ("train: 1,488 optimizer
+    steps, about 33 min at 1.3 s a step (steps 2-5)")."""
     times: list[float] = []
 
     def update(record: dict) -> None:
         if on_progress:
             on_progress(record)
+        else:
+            log("progress " + json.dumps(record))
         if record.get("step_time_s") is None or len(times) > ESTIMATE_AFTER_STEPS:
             return
         times.append(float(record["step_time_s"]))
