@@ -587,6 +587,54 @@ def eval_prompts(notes: list[Note], cfg: Any, seed: int, training: list[dict[str
     return prompts
 
 
+def dev_conversations(notes: list[Note], cfg: Any, seed: int, prompts: list[dict[str, Any]], actions: bool = False,
+                      seen: str = "", *, fields: tuple[str, ...] = FIELDS) -> list[dict[str, Any]]:
+    """`cfg.dev_questions` conversations for early stopping (train.eval_strategy): trained facts
+    asked in HELD-OUT templates and date forms, never in the words of an evaluation prompt, and
+    no-meeting dates that neither training nor the evaluation asks, each with the answer training
+    teaches. A model that answers these word for word has learned the facts, not the wordings."""
+    rng = random.Random(seed + 5)
+    calendar = month_calendar(notes) if cfg.recite_month else None
+    check, held_forms = cfg.recite_check, list(HELDOUT_DATE_FORMS.values())
+    asked = {p["question"] for p in prompts}
+    facts: list[tuple[str, list[str], str]] = []  # (id, questions to choose from, answer)
+    for date, field, values in _facts(notes, fields):
+        if values:
+            questions = [t.format(d=f(date)) for t in HELDOUT_TEMPLATES[field] for f in held_forms]
+            facts.append((f"dev_{date.isoformat()}_{field}", questions, answer(date, field, values, calendar, check)))
+    if actions:
+        for date, action in _actions(notes):
+            reply = task_answer(date, action.value, action.owner, action.due and dt.date.fromisoformat(action.due),
+                                calendar, check)
+            for field, templates in (("action", HELDOUT_ACTION), ("deadline", HELDOUT_DEADLINE)):
+                if (action.owner if field == "action" else action.due):
+                    questions = [t.format(task=action.value, d=f(date)) for t in templates for f in held_forms]
+                    facts.append((f"dev_{date.isoformat()}_{field}_{_slug(action.value)[:40]}", questions, reply))
+    used = {date for date in training_absent_dates(notes, cfg, seed)} | set(eval_absent_dates(notes, cfg, seed))
+    spare = absent_dates(notes, len(facts), seed + 6, avoid=used,
+                         offsets=tuple(o for o in range(-cfg.absent_within_days, cfg.absent_within_days + 1) if o))
+    absent = [(f"dev_absent_{d.isoformat()}", [t.format(d=f(d)) for ts in HELDOUT_TEMPLATES.values() for t in ts
+                                                for f in held_forms], absent_answer(d, calendar, check)) for d in spare]
+    # no-meeting dates in the proportion training has them, at least one in five
+    share = max(0.2, cfg.absent_ratio * cfg.absent_questions / (cfg.absent_ratio * cfg.absent_questions + cfg.questions_per_fact
+                                                                 * max(1, len(fields))))
+    n_absent = min(len(absent), round(cfg.dev_questions * share))
+    chosen = rng.sample(facts, min(len(facts), cfg.dev_questions - n_absent)) + rng.sample(absent, n_absent)
+    records = []
+    for conv_id, questions, reply in chosen:
+        fresh = [q for q in questions if q not in asked and not _renders_in(q, seen)]
+        if fresh:
+            records.append({"id": conv_id, "conversations": [{"from": "human", "value": rng.choice(fresh)},
+                                                             {"from": "gpt", "value": reply}]})
+    return records
+
+
+def _renders_in(question: str, seen: str) -> bool:
+    """Whether a held-out date rendering in the question stands in the whole-note training text."""
+    return bool(seen) and any(part in seen for part in re.findall(r"\d{4}/\d{2}/\d{2}|[A-Z][a-z]+day, [A-Z][a-z]+ \d+, \d{4}|"
+                                                                r"\d+(?:st|nd|rd|th) of [A-Z][a-z]+ \d{4}", question))
+
+
 def _mentions(text: str, phrase: str) -> bool:
     from labtune.evaluation import mentions
 

@@ -56,6 +56,8 @@ class SourceReport:
     notes: list[dict[str, Any]] = field(default_factory=list)
     # lab notes with data.augment: evaluation prompts in held-out forms (not part of the report)
     prompts: list[dict[str, Any]] = field(default_factory=list)
+    # with data.augment.dev_questions: early stopping's questions (not part of the report)
+    dev: list[dict[str, Any]] = field(default_factory=list)
     # lab notes: every fact read, with its file and line (facts.json; not part of the report)
     read_facts: list[dict[str, Any]] = field(default_factory=list)
 
@@ -65,7 +67,7 @@ class SourceReport:
             self.dropped_ids.append(f"{record_id}: {reason}")
 
     def as_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if k not in ("prompts", "read_facts")}
+        return {k: v for k, v in self.__dict__.items() if k not in ("prompts", "read_facts", "dev")}
 
 
 # --- loaders ----------------------------------------------------------------------------------
@@ -242,6 +244,9 @@ def load_lab_notes(folder: Path, report: SourceReport, *, qa: bool = True, whole
         # whole notes are training text the templates do not control: what they say is not asked as held out
         seen = "\n".join(turn["value"] for record in records if not record.get("fact") for turn in record["conversations"])
         report.prompts = many_forms.eval_prompts(notes, augment, seed, facts, actions, seen, **extra)
+        if augment.dev_questions:
+            report.dev = many_forms.dev_conversations(notes, augment, seed, report.prompts, actions, seen,
+                                                      fields=extra["fields"])
     return records
 
 

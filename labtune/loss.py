@@ -43,6 +43,14 @@ def _chunk_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     return F.cross_entropy(F.linear(hidden, weight, bias).float(), targets, reduction="sum")
 
 
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What the model is called with: a packed batch (labtune/packing.py) passes its position ids
+    and no attention mask (nor a cache), so transformers masks each example off from the others."""
+    if "position_ids" in batch:
+        return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+
+
 class AnswerLoss:
     """Installed once on a causal LM (plain, PEFT-wrapped or FSDP2-sharded: parameter names and
     sharding are untouched, only the output layer's input and output are replaced while a loss is
@@ -85,12 +93,32 @@ class AnswerLoss:
         targets = labels[:, 1:][labels[:, 1:] != IGNORE_INDEX]
         self._keep, self._targets = predicting_positions(labels), targets
         try:
-            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            out = model(**model_inputs(batch)).logits
         finally:
             self._keep = self._targets = self._hidden = None
         if out.dim() == 0:  # the chunked path: already the summed loss
             return out / num_items
         return F.cross_entropy(out.float(), targets, reduction="sum") / num_items
+
+    @torch.no_grad()
+    def exact(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per row, whether greedy decoding would write its answer token for token: every label is
+        the argmax given the labels before it (teacher forcing, one forward pass); and the summed
+        cross-entropy of the labels."""
+        labels = batch["labels"]
+        keep = predicting_positions(labels)
+        targets = labels[:, 1:][labels[:, 1:] != IGNORE_INDEX]
+        chunk_rows, self.chunk_rows = self.chunk_rows, max(self.chunk_rows, int(keep.sum()))  # the logits themselves
+        self._keep, self._targets = keep, targets
+        try:
+            logits = model(**model_inputs(batch)).logits
+        finally:
+            self._keep = self._targets = self._hidden = None
+            self.chunk_rows = chunk_rows
+        wrong = (logits.argmax(-1) != targets).to(torch.int32)
+        rows = keep.nonzero()[:, 0]
+        misses = torch.zeros(labels.shape[0], dtype=torch.int32, device=labels.device).index_add_(0, rows, wrong)
+        return (misses == 0) & keep.any(dim=1), F.cross_entropy(logits.float(), targets, reduction="sum")
 
     def remove(self) -> None:
         for handle in self._handles:

@@ -80,6 +80,9 @@ class AugmentConfig(_Strict):
     facts_per_conversation: int = Field(default=1, ge=1, le=16)
     # with attendees in qa_fields: training questions per member x meeting ("Was X at ...?")
     attendance_questions: int = Field(default=1, ge=1, le=12)
+    # dev questions for early stopping (train.eval_strategy): trained facts and fresh no-meeting
+    # dates asked in held-out wordings other than the evaluation's, with the answers training teaches
+    dev_questions: int = Field(default=0, ge=0, le=2000)
 
 
 class DataConfig(_Strict):
@@ -173,6 +176,38 @@ class TrainConfig(_Strict):
     torch_compile: bool | Literal["auto"] = "auto"  # auto: each decoder layer compiled on a GPU, eager on a CPU
     # transformers' attn_implementation; auto: sdpa on a GPU, eager on a CPU (docs/training.md)
     attn_implementation: Literal["auto", "eager", "sdpa", "flash_attention_2"] = "auto"
+    # What trains (docs/training.md, "Knowledge per FLOP"): the input embeddings (and a tied output
+    # layer) frozen, and the lowest freeze_layers decoder layers too; with both, the backward pass
+    # stops above the frozen layers (2 FLOPs per parameter per token there instead of 6).
+    freeze_embeddings: bool = False
+    freeze_layers: int = Field(default=0, ge=0)
+    # Short examples packed into rows of up to packing_length tokens (default data.model_max_length),
+    # each attending only to itself (position ids restart per example); per_device_train_batch_size
+    # then counts rows.
+    packing: bool = False
+    packing_length: int | None = Field(default=None, ge=8)
+    # Early stopping, transformers' names: with eval_strategy steps (every eval_steps optimizer
+    # steps) or epoch, the data stage's dev questions (held-out wordings of trained facts, never
+    # trained on nor in the evaluation) are answered greedily, by teacher forcing; after
+    # early_stopping_patience evaluations without a gain above early_stopping_threshold, the
+    # learning rate decays (warmup_stable_decay: over a quarter of the steps so far) and training
+    # ends. num_train_epochs is then the most it may run. load_best_model_at_end exports the
+    # evaluated weights that scored best.
+    eval_strategy: Literal["no", "steps", "epoch"] = "no"
+    eval_steps: int | None = Field(default=None, ge=1)
+    early_stopping_patience: int | None = Field(default=None, ge=1)
+    early_stopping_threshold: float = Field(default=0.0, ge=0, lt=1)
+    load_best_model_at_end: bool = False
+
+    @model_validator(mode="after")
+    def _what_trains_and_when_it_stops(self) -> "TrainConfig":
+        if self.lora and (self.freeze_layers or self.freeze_embeddings):
+            raise ValueError("freeze_layers / freeze_embeddings: with lora only the adapters train already")
+        if self.eval_strategy == "steps" and self.eval_steps is None:
+            raise ValueError("eval_strategy steps needs eval_steps (optimizer steps between evaluations)")
+        if self.eval_strategy == "no" and (self.early_stopping_patience or self.load_best_model_at_end):
+            raise ValueError("early_stopping_patience and load_best_model_at_end need eval_strategy steps or epoch")
+        return self
 
     @model_validator(mode="after")
     def _scheduler_kwargs_known(self) -> "TrainConfig":
@@ -327,6 +362,13 @@ class Recipe(_Strict):
                                  "differ; set one")
             raw = {**raw, "train": train, "data": data}
         return raw
+
+    @model_validator(mode="after")
+    def _early_stopping_has_dev_questions(self) -> "Recipe":
+        if self.train.eval_strategy != "no" and not (self.data.augment.enabled and self.data.augment.dev_questions):
+            raise ValueError("train.eval_strategy: early stopping scores the data stage's dev questions; set "
+                             "data.augment.enabled: true and data.augment.dev_questions (e.g. 48)")
+        return self
 
     @model_validator(mode="after")
     def _resolve_paths(self) -> "Recipe":

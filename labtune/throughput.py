@@ -2,7 +2,8 @@
 
 FLOPs per token (forward and backward, PaLM's convention, Chowdhery et al. 2022, appendix B):
 6 x the parameters that take part in a matmul (every parameter but the input embedding table and
-the norms; a tied output layer counts once), plus 12 x layers x hidden x sequence length for the
+the norms; a tied output layer counts once; 4 for a frozen one, 2 for a frozen one below every
+trained one, which the backward pass never reaches), plus 12 x layers x hidden x sequence length for the
 attention scores and their weighted sum. The output layer runs only on label tokens
 (labtune/loss.py), so its 6 x vocabulary x hidden is counted on those alone. MFU is the FLOPs
 done per second over the device's dense bf16 peak; for a device this table does not know, MFU is
@@ -38,17 +39,27 @@ def peak_flops(device: torch.device) -> float | None:
     return peak_flops_of(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
 
 
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The model's decoder layers, input side first (the classes it names in _no_split_modules)."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    names = set(getattr(inner, "_no_split_modules", None) or [])
+    return [m for m in model.modules() if type(m).__name__ in names]
+
+
 @dataclass(frozen=True)
 class FlopsModel:
     """What one token costs to train, split so the output layer is counted on label tokens only.
-    A frozen weight (LoRA's base) needs no weight gradient: 4 FLOPs per parameter, not 6."""
+    A frozen weight needs no weight gradient: 4 FLOPs per parameter, not 6 (LoRA's base); a frozen
+    weight below every trained one (the lowest layers when they and the embeddings are frozen) is
+    not in the backward pass at all: 2, its forward."""
 
     trained: int  # matmul parameters of the decoder layers that train
-    frozen: int  # and those that do not
+    frozen: int  # that do not train but pass gradients down to trained ones
     head: int  # the output layer (vocabulary x hidden)
     head_trains: bool
     layers: int
     hidden: int
+    inert: int = 0  # frozen, and below every trained parameter: forward only
 
     @classmethod
     def of(cls, model: torch.nn.Module) -> "FlopsModel":
@@ -56,10 +67,18 @@ class FlopsModel:
         head = model.get_output_embeddings()
         embed = model.get_input_embeddings()
         skip = {id(m.weight) for m in (head, embed) if m is not None}
-        # norms and biases have no matmul: only parameters of two or more dimensions count
-        body = [p for p in model.parameters() if id(p) not in skip and p.dim() >= 2]
+        matmul = lambda p: id(p) not in skip and p.dim() >= 2  # noqa: E731 - norms and biases have no matmul
+        # the backward pass starts at the output and stops below the lowest parameter that trains
+        inert_ids: set[int] = set()
+        if not (embed is not None and embed.weight.requires_grad):
+            for layer in decoder_layers(model):
+                if any(p.requires_grad for p in layer.parameters()):
+                    break
+                inert_ids |= {id(p) for p in layer.parameters()}
+        body = [p for p in model.parameters() if matmul(p)]
         return cls(trained=sum(p.numel() for p in body if p.requires_grad),
-                   frozen=sum(p.numel() for p in body if not p.requires_grad),
+                   frozen=sum(p.numel() for p in body if not p.requires_grad and id(p) not in inert_ids),
+                   inert=sum(p.numel() for p in body if id(p) in inert_ids),
                    head=head.weight.numel() if head is not None else 0,
                    head_trains=bool(head is not None and head.weight.requires_grad),
                    layers=int(model.config.num_hidden_layers), hidden=int(model.config.hidden_size))
@@ -67,8 +86,14 @@ class FlopsModel:
     def flops(self, tokens: int, label_tokens: int, mean_length: float) -> float:
         """Training FLOPs for `tokens` (non-pad) of which `label_tokens` are scored, in sequences of
         `mean_length` tokens on average."""
-        return ((6 * self.trained + 4 * self.frozen) * tokens + (6 if self.head_trains else 4) * self.head * label_tokens
+        return ((6 * self.trained + 4 * self.frozen + 2 * self.inert) * tokens
+                + (6 if self.head_trains else 4) * self.head * label_tokens
                 + 12 * self.layers * self.hidden * mean_length * tokens)
+
+    def forward_flops(self, tokens: int, label_tokens: int, mean_length: float) -> float:
+        """A forward pass alone (early stopping's dev questions): 2 per matmul parameter."""
+        return (2 * (self.trained + self.frozen + self.inert) * tokens + 2 * self.head * label_tokens
+                + 4 * self.layers * self.hidden * mean_length * tokens)
 
 
 def peak_memory_gib(device: torch.device) -> float:

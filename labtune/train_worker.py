@@ -34,6 +34,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from labtune import early_stopping, packing
 from labtune.chat import IGNORE_INDEX
 from labtune.loss import AnswerLoss
 from labtune.throughput import FlopsModel, describe, mfu, peak_flops, peak_memory_gib, synchronize
@@ -234,7 +235,7 @@ class CheckpointRunner:
         return self.enabled and step < total and step % self.cfg.train.save_steps == 0
 
     def save(self, step: int, epoch: int, model: torch.nn.Module, optimizer: Any, scheduler: Any,
-             history: list[dict[str, Any]]) -> None:
+             history: list[dict[str, Any]], extra: dict[str, Any] | None = None) -> None:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
@@ -254,7 +255,7 @@ class CheckpointRunner:
         files = sorted(local.glob(f"__{self.rank}_*.distcp")) + [local / f"rng-rank{self.rank}.pt"]
         if self.rank == 0:
             state = {"step": step, "epoch": epoch, "world_size": self.world, "scheduler": scheduler.state_dict(),
-                     "history": history}
+                     "history": history, **(extra or {})}
             (local / "trainer_state.json").write_text(json.dumps(state))
             files += [local / ".metadata", local / "trainer_state.json"]
         log(f"checkpoint step {step}: written locally in {time.time() - started:.1f}s, uploading in the background")
@@ -322,6 +323,28 @@ def apply_lora(model: torch.nn.Module, train: TrainConfig) -> Any:
         raise SystemExit(f"lora_target_modules: no module named {missing} in {type(model).__name__}")
     return LoraConfig(r=train.lora_r, lora_alpha=train.lora_alpha, lora_dropout=train.lora_dropout,
                       target_modules=list(train.lora_target_modules), bias="none", task_type="CAUSAL_LM")
+
+
+def freeze(model: torch.nn.Module, train: TrainConfig) -> str | None:
+    """train.freeze_embeddings / freeze_layers: those weights keep their values and get no
+    gradient (and no optimizer state); returns what was frozen, for the log."""
+    from labtune.throughput import decoder_layers
+
+    if not (train.freeze_embeddings or train.freeze_layers):
+        return None
+    frozen = []
+    if train.freeze_embeddings or train.freeze_layers:
+        model.get_input_embeddings().weight.requires_grad_(False)
+        frozen.append("the input embeddings" + (" (and the tied output layer)" if model.config.tie_word_embeddings else ""))
+    layers = decoder_layers(model)
+    if train.freeze_layers > len(layers):
+        raise SystemExit(f"freeze_layers {train.freeze_layers}: the model has {len(layers)} decoder layers")
+    for layer in layers[: train.freeze_layers]:
+        layer.requires_grad_(False)
+    if train.freeze_layers:
+        frozen.append(f"decoder layers 0-{train.freeze_layers - 1} of {len(layers)}")
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return f"frozen: {' and '.join(frozen)}; {trainable:,} of {sum(p.numel() for p in model.parameters()):,} parameters train"
 
 
 def compile_wanted(train: TrainConfig, device: torch.device) -> bool:
@@ -429,6 +452,13 @@ class Run:
     history: list[dict[str, Any]] = field(default_factory=list)
     step: int = 0
     total: Tally = field(default_factory=Tally)  # this process's counts since it started
+    flops_done: float = 0.0  # training FLOPs of every rank since step 0 (a resumed run continues the count)
+    labels_done: int = 0  # label tokens likewise
+    dev: Any = None  # early stopping's questions (tokenized), None without eval_strategy
+    dev_flops: float = 0.0
+    schedule: early_stopping.StoppableSchedule | None = None  # the WSD schedule early stopping can end
+    stopping: early_stopping.Stopping | None = None
+    best_weights: dict[str, torch.Tensor] | None = None
 
 
 def setup(cfg: WorkerConfig) -> Run:
@@ -472,6 +502,9 @@ def setup(cfg: WorkerConfig) -> Run:
     save_dtype = model.config.dtype if isinstance(model.config.dtype, torch.dtype) else torch.float32
     model.config.use_cache = False
     base_config = model.config
+    frozen = freeze(model, train)
+    if frozen:
+        log(frozen)
     lora_config = apply_lora(model, train) if train.lora else None
     if lora_config is not None:
         from peft import get_peft_model
@@ -511,19 +544,57 @@ def setup(cfg: WorkerConfig) -> Run:
         log(f"fsdp2: {sharding['full_numel']:,} parameters, local shard per rank {sharding['local_numel_per_rank']}")
 
     bs, gas = train.per_device_train_batch_size, train.gradient_accumulation_steps
-    micro_per_epoch = math.ceil(len(examples) / (world * bs))
+    micro_per_epoch = micro_batches_per_epoch(train, lengths, world)
     updates_per_epoch = math.ceil(micro_per_epoch / gas)
     total_updates = max(1, math.ceil(train.num_train_epochs * updates_per_epoch))
     optimizer = torch.optim.AdamW(param_groups(model, train.weight_decay), lr=train.learning_rate, betas=(0.9, 0.999),
                                   eps=1e-8, fused=True)  # one kernel for all updates: 4x faster than the per-tensor loop on CPU too
-    scheduler = make_scheduler(optimizer, train, total_updates)
+    schedule = None
+    if train.eval_strategy != "no" and train.lr_scheduler_type == "warmup_stable_decay":
+        scheduler, schedule = early_stopping.stoppable_scheduler(optimizer, train, total_updates)
+    else:
+        scheduler = make_scheduler(optimizer, train, total_updates)
+    rows = f"packed rows of up to {train.packing_length} tokens" if train.packing else "examples"
     log(f"training: {total_updates} optimizer steps ({updates_per_epoch} per epoch), "
-        f"micro-batch {bs} x accumulation {gas} x world {world}, {attention} attention, logits on label tokens only")
-    log(f"throughput: synchronized wall time at each logged step; FLOPs per token 6 x {flops_model.trained + flops_model.frozen:,} "
-        f"matmul parameters + 12 x layers x hidden x length (docs/training.md); {describe(peak, device)}")
-    return Run(cfg, rank, world, local_rank, device, tokenizer, examples, lengths, pad_id, model, base_config, save_dtype,
-               lora_config, sharding, optimizer, scheduler, updates_per_epoch, total_updates, autocast, AnswerLoss(model),
-               flops_model, peak)
+        f"micro-batch {bs} {rows} x accumulation {gas} x world {world}, {attention} attention, logits on label tokens only"
+        + ("; fewer if early stopping ends it (dev questions: train.eval_strategy)" if train.eval_strategy != "no" else ""))
+    log(f"throughput: synchronized wall time at each logged step; FLOPs per token 6 x {flops_model.trained:,} trained "
+        f"+ 4 x {flops_model.frozen:,} frozen + 2 x {flops_model.inert:,} frozen below them matmul parameters "
+        f"+ 12 x layers x hidden x length (docs/training.md); {describe(peak, device)}")
+    run = Run(cfg, rank, world, local_rank, device, tokenizer, examples, lengths, pad_id, model, base_config, save_dtype,
+              lora_config, sharding, optimizer, scheduler, updates_per_epoch, total_updates, autocast, AnswerLoss(model),
+              flops_model, peak, schedule=schedule)
+    if train.eval_strategy != "no":
+        if not cfg.dev_dir or not Path(cfg.dev_dir).is_dir():
+            raise SystemExit("train.eval_strategy: the tokenize stage has no dev questions (data.augment.dev_questions)")
+        run.dev = load_examples(cfg.dev_dir)[0]
+        run.stopping = early_stopping.Stopping(train.early_stopping_patience, train.early_stopping_threshold)
+    return run
+
+
+def micro_batches_per_epoch(train: TrainConfig, lengths: list[int], world: int) -> int:
+    """Micro-batches per rank and epoch: of examples, or with packing of the rows the first
+    epoch's order packs into (every epoch is held to that many)."""
+    per_step = world * train.per_device_train_batch_size
+    if train.packing:
+        return math.ceil(len(packing.pack_rows(lengths, 0, train.seed, int(train.packing_length))) / per_step)
+    return math.ceil(len(lengths) / per_step)
+
+
+def epoch_batches(run: Run, epoch: int) -> list[Any]:
+    """This rank's micro-batches of one epoch (index lists; rows of index lists when packed)."""
+    train = run.cfg.train
+    if train.packing:
+        return packing.rank_rows(run.lengths, epoch, train.seed, run.rank, run.world, train.per_device_train_batch_size,
+                                 int(train.packing_length), steps=math.ceil(run.updates_per_epoch
+                                                                            * train.gradient_accumulation_steps))
+    return rank_batches(run.lengths, epoch, train.seed, run.rank, run.world, train.per_device_train_batch_size)
+
+
+def make_batch(run: Run, micro: list[Any]) -> dict[str, torch.Tensor]:
+    if run.cfg.train.packing:
+        return packing.collate_packed([[run.examples[i] for i in row] for row in micro], run.pad_id)
+    return collate([run.examples[i] for i in micro], run.pad_id)
 
 
 def train_step(run: Run, window: list[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor, Tally]:
@@ -547,12 +618,73 @@ def train_step(run: Run, window: list[dict[str, torch.Tensor]]) -> tuple[torch.T
         loss_sum += loss.detach()
         tally.tokens += int(cpu_batch["attention_mask"].sum())
         tally.computed += cpu_batch["attention_mask"].numel()
-        tally.rows += cpu_batch["attention_mask"].shape[0]
+        tally.rows += int(cpu_batch["segments"]) if "segments" in cpu_batch else cpu_batch["attention_mask"].shape[0]
     grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.cfg.train.max_grad_norm or float("inf"))
     run.optimizer.step()
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
     return loss_sum, grad_norm, tally
+
+
+def stopping_state(run: Run) -> dict[str, Any]:
+    """What a checkpoint keeps of early stopping and the FLOP count (the best weights are not kept:
+    after a resume the best is chosen among the evaluations from there on)."""
+    return {"flops_done": run.flops_done, "labels_done": run.labels_done, "dev_flops": run.dev_flops,
+            "total_updates": run.total_updates,
+            "stopping": run.stopping.state() if run.stopping else None,
+            "schedule": vars(run.schedule).copy() if run.schedule else None}
+
+
+def resume_stopping(run: Run, state: dict[str, Any]) -> None:
+    run.flops_done, run.labels_done = state.get("flops_done", 0.0), state.get("labels_done", 0)
+    run.dev_flops = state.get("dev_flops", 0.0)
+    run.total_updates = state.get("total_updates", run.total_updates)
+    if run.stopping and state.get("stopping"):
+        run.stopping = early_stopping.Stopping(**state["stopping"])
+    if run.schedule and state.get("schedule"):
+        vars(run.schedule).update(state["schedule"])
+
+
+def evaluate_dev(run: Run) -> None:
+    """Score the dev questions (this rank's share, the counts summed over ranks), then let
+    early stopping decide: keep the best weights, start the decay on a plateau, or end."""
+    train = run.cfg.train
+    n, bs = len(run.dev), train.per_device_train_batch_size
+    mine = list(range(run.rank, n, run.world))
+    rounds = math.ceil(math.ceil(n / run.world) / bs)  # the same number of forward passes on every rank (FSDP)
+    counts = torch.zeros(5, dtype=torch.float64, device=run.device)  # correct, asked, tokens, label tokens, loss
+    run.model.eval()
+    for r in range(rounds):
+        chunk = mine[r * bs : (r + 1) * bs]
+        batch = collate([run.dev[i] for i in (chunk or mine[:1] or [0])], run.pad_id)
+        with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=run.autocast):
+            exact, loss = run.loss.exact(run.model, {k: v.to(run.device) for k, v in batch.items()})
+        if chunk:
+            counts += torch.tensor([float(exact.sum()), len(chunk), float(batch["attention_mask"].sum()),
+                                    float((batch["labels"][:, 1:] != IGNORE_INDEX).sum()), float(loss)],
+                                   dtype=torch.float64, device=run.device)
+    run.model.train()
+    dist.all_reduce(counts)
+    correct, asked, tokens, labels = (int(c) for c in counts[:4].tolist())
+    loss = float(counts[4]) / max(labels, 1)
+    run.dev_flops += run.flops_model.forward_flops(tokens, labels, tokens / max(asked, 1))
+    stopping = run.stopping
+    assert stopping is not None
+    best = stopping.record(run.step, correct, asked, loss)
+    if best and train.load_best_model_at_end:
+        run.best_weights = early_stopping.local_copy(run.model)
+    log(f"dev: step {run.step}: {correct}/{asked} held-out questions answered word for word "
+        f"({correct / max(asked, 1):.0%}, loss {loss:.3f}; best {stopping.best:.0%} at step {stopping.best_step})")
+    if stopping.plateaued():
+        stopping.stopped_at = run.step
+        if run.schedule is not None:
+            end = run.schedule.decay_now(run.step)
+            log(f"early stopping: no gain in {stopping.misses} evaluations; the learning rate decays over "
+                f"{end - run.step} steps and training ends at step {end}")
+        else:
+            end = run.step
+            log(f"early stopping: no gain in {stopping.misses} evaluations; training ends at step {end}")
+        run.total_updates = end
 
 
 def peak_memory_per_rank(run: Run) -> list[float]:
@@ -569,7 +701,10 @@ def log_step(run: Run, epoch: float, loss_sum: torch.Tensor, grad_norm: torch.Te
     dist.all_reduce(loss_sum)  # the ranks' shares add up to the step's mean loss
     counts = window.summed(run.device)
     norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-    utilization = mfu(counts.flops(run.flops_model), elapsed, run.peak, run.world)
+    flops = counts.flops(run.flops_model)
+    run.flops_done += flops
+    run.labels_done += counts.labels
+    utilization = mfu(flops, elapsed, run.peak, run.world)
     record = {
         "step": run.step, "total_steps": run.total_updates, "epoch": round(epoch, 3),
         "loss": round(float(loss_sum), 5), "learning_rate": run.scheduler.get_last_lr()[0],
@@ -578,6 +713,8 @@ def log_step(run: Run, epoch: float, loss_sum: torch.Tensor, grad_norm: torch.Te
         "mfu": round(utilization, 4) if utilization is not None else None,
         "peak_memory_gib": peak_memory_per_rank(run),
         "padding_fraction": round(1 - counts.tokens / max(counts.computed, 1), 3),
+        # what the steps so far cost and taught: held-out accuracy is plotted against these
+        "label_tokens": run.labels_done, "flops": run.flops_done, "sequences": counts.rows,
     }
     run.history.append(record)
     log("progress " + json.dumps(record))
@@ -610,8 +747,10 @@ def export(run: Run, train_seconds: float, epochs_run: int, resumed_from: int | 
                    "useful_tokens": totals.tokens, "computed_tokens": totals.computed, "label_tokens": totals.labels,
                    "useful_tokens_per_s": round(totals.tokens / max(train_seconds, 1e-9), 1),
                    "mfu": round(utilization, 4) if utilization is not None else None,
-                   "peak_flops": run.peak, "flops_per_token": "6 x matmul parameters (4 if frozen; output layer on "
-                   "label tokens only) + 12 x layers x hidden x length", "peak_memory_gib": peak_memory,
+                   "peak_flops": run.peak, "flops_per_token": "6 x matmul parameters (4 if frozen, 2 if frozen below "
+                   "every trained one; output layer on label tokens only) + 12 x layers x hidden x length",
+                   "train_flops": run.flops_done, "train_label_tokens": run.labels_done, "dev_flops": run.dev_flops,
+                   "early_stopping": run.stopping.state() if run.stopping else None, "peak_memory_gib": peak_memory,
                    "export_peak_memory_gib": export_peak,
                    "checkpoints": checkpoints}
         (out_dir / "train_metrics.json").write_text(json.dumps(metrics, indent=2))
@@ -625,6 +764,7 @@ def train(cfg: WorkerConfig) -> None:
     resumed = checkpointing.resume(run.model, run.optimizer, run.scheduler)
     if resumed is not None:
         run.step, run.history = resumed["step"], resumed["history"]
+        resume_stopping(run, resumed)
         if resumed["world_size"] != run.world:
             log(f"note: the checkpoint was written by {resumed['world_size']} ranks, this run has {run.world}: "
                 "the weights and optimizer are resharded; the data order from here differs from the original run's")
@@ -638,12 +778,11 @@ def train(cfg: WorkerConfig) -> None:
     epoch = run.step // run.updates_per_epoch
     skip = run.step % run.updates_per_epoch  # optimizer steps of this epoch already done before the checkpoint
     while run.step < run.total_updates:
-        batches = rank_batches(run.lengths, epoch, train_cfg.seed, run.rank, run.world, train_cfg.per_device_train_batch_size)
+        batches = epoch_batches(run, epoch)
         for start in range(skip * gas, len(batches), gas):
             if run.step >= run.total_updates:
                 break
-            micro_batches = [collate([run.examples[i] for i in micro], run.pad_id)
-                             for micro in batches[start : start + gas]]
+            micro_batches = [make_batch(run, micro) for micro in batches[start : start + gas]]
             loss_sum, grad_norm, tally = train_step(run, micro_batches)
             run.step += 1
             run.total.add(tally)
@@ -655,10 +794,17 @@ def train(cfg: WorkerConfig) -> None:
                          time.time() - window_start)
                 window = Tally()
                 window_start = time.time()
+            if early_stopping.eval_due(train_cfg, run.step, run.updates_per_epoch, run.total_updates):
+                evaluate_dev(run)
             if checkpointing.due(run.step, run.total_updates):
-                checkpointing.save(run.step, epoch, run.model, run.optimizer, run.scheduler, run.history)
+                checkpointing.save(run.step, epoch, run.model, run.optimizer, run.scheduler, run.history,
+                                   stopping_state(run))
         epoch += 1
         skip = 0
+    if run.best_weights is not None and run.stopping and run.stopping.best_step != run.step:
+        early_stopping.restore(run.model, run.best_weights)
+        log(f"early stopping: the weights of step {run.stopping.best_step} scored best on the dev questions "
+            f"({run.stopping.best:.0%}): exporting those (load_best_model_at_end)")
     checkpointing.finish()
     synchronize(run.device)
     export(run, time.time() - started, epoch, resumed["step"] if resumed else None, checkpointing.committed())

@@ -31,6 +31,7 @@ class WorkerConfig(BaseModel):
 
     model_dir: str  # the model to fine-tune (a fetched weights or delta output)
     train_dir: str  # the tokenize stage's `train/` datasets folder
+    dev_dir: str | None = None  # its `dev/` folder: early stopping's questions (train.eval_strategy)
     output_dir: str  # where rank 0 exports the fine-tuned model
     checkpoint_dir: str  # node-local scratch for checkpoints before they are uploaded
     store: StoreSettings  # where checkpoints are uploaded and resumed from

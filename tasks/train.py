@@ -19,6 +19,21 @@ from labtune.store import open_store
 from tasks import ServerTolerant, retry_transient, run_log
 
 
+def compute_line(metrics: dict) -> str:
+    """What training cost and where early stopping ended it, as one bullet."""
+    if metrics.get("train_flops") is None:
+        return ""
+    line = (f"- compute: {metrics['train_flops']:.3g} training FLOPs for {metrics['train_label_tokens']:,} label tokens"
+            + (f" (+ {metrics['dev_flops']:.2g} for the dev questions)" if metrics.get("dev_flops") else ""))
+    stopping = metrics.get("early_stopping")
+    if stopping and stopping.get("evaluations"):
+        ended = f"no gain after step {stopping['stopped_at']}, decayed to step {metrics['optimizer_steps']}" \
+            if stopping.get("stopped_at") is not None else f"ran its {metrics['optimizer_steps']} steps"
+        line += (f"; early stopping: {ended}; dev questions best {100 * stopping['best']:.0f}% at step "
+                 f"{stopping['best_step']}")
+    return line
+
+
 @task(name="train", retries=2, retry_delay_seconds=10, retry_condition_fn=retry_transient, cache_policy=NO_CACHE)
 def train_task(recipe: Recipe, model_uri: str, tokens_uri: str) -> StageResult:
     progress_id = create_progress_artifact(progress=0.0, key="train-progress", description="Training: optimizer steps done")
@@ -70,6 +85,7 @@ def train_task(recipe: Recipe, model_uri: str, tokens_uri: str) -> StageResult:
             f"- throughput: {metrics['useful_tokens_per_s']:,.0f} tokens/s over the whole run, MFU "
             f"{'%.1f%%' % (100 * metrics['mfu']) if metrics.get('mfu') is not None else 'not reported (no known peak for this device)'}"
             f", peak memory per rank {metrics.get('peak_memory_gib')} GiB" if "useful_tokens_per_s" in metrics else "",
+            compute_line(metrics),
             "", png_markdown("training loss and learning rate by optimizer step", plot.read_bytes()) if plot.is_file() else "",
         ]),
         description="The fine-tuned model, its loss curve and how the run went",

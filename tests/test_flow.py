@@ -74,6 +74,7 @@ def test_local_store_run_then_cached_then_only_train_and_evaluate_rerun(prefect_
     summary = by_key["train-summary"][0].data  # the loss curve drawn inline: a browser opens no file:// from http
     assert "loss.png" not in summary and [line for line in summary.splitlines() if "file://" in line] == \
         [line for line in summary.splitlines() if line.startswith("- model:")]
+    assert "- compute: " in summary and " training FLOPs for " in summary  # what the facts cost
     embedded = summary.split("](data:image/png;base64,")[1].split(")")[0]
     assert base64.b64decode(embedded)[:8] == b"\x89PNG\r\n\x1a\n"
     chart = by_key["evaluation-summary"][0].data  # accuracy per question type, a bar per column

@@ -39,6 +39,22 @@ def test_frozen_weights_cost_four_flops_not_six():
     assert counted.flops(10, 10, 5) == (6 * lora + 4 * counted.frozen) * 10 + 4 * counted.head * 10 + 12 * 2 * 64 * 5 * 10
 
 
+def test_frozen_layers_below_every_trained_one_cost_two_flops():
+    """Embeddings and layer 0 frozen: layer 0 is forward only (2), layer 1 trains (6), the tied
+    output layer is frozen but passes gradients down (4). With the embeddings training, a frozen
+    layer 0 still passes gradients down to them (4)."""
+    model = small_llama(True)
+    model.get_input_embeddings().weight.requires_grad_(False)
+    model.model.layers[0].requires_grad_(False)
+    per_layer = 2 * 64 * 64 + 2 * 64 * 32 + 3 * 64 * 128
+    counted = FlopsModel.of(model)
+    assert (counted.trained, counted.frozen, counted.inert, counted.head_trains) == (per_layer, 0, per_layer, False)
+    assert counted.flops(10, 4, 5) == (6 + 2) * per_layer * 10 + 4 * 300 * 64 * 4 + 12 * 2 * 64 * 5 * 10
+    assert counted.forward_flops(10, 4, 5) == 2 * 2 * per_layer * 10 + 2 * 300 * 64 * 4 + 4 * 2 * 64 * 5 * 10
+    model.get_input_embeddings().weight.requires_grad_(True)
+    assert (FlopsModel.of(model).frozen, FlopsModel.of(model).inert) == (per_layer, 0)
+
+
 def test_the_peak_comes_from_the_device_name_and_is_never_guessed():
     assert peak_flops_of("NVIDIA H200") == 989e12
     assert peak_flops_of("NVIDIA H100 80GB HBM3") == 989e12

@@ -2,10 +2,12 @@
 
 import json
 import math
+from pathlib import Path
 
 import pytest
+import torch
 
-from conftest import tiny_stage_inputs
+from conftest import TINY_RECIPE, run_cli, tiny_stage_inputs
 from labtune.recipe import ParallelConfig
 from labtune.stage import fetch
 from labtune.store import LocalStore
@@ -85,6 +87,38 @@ def test_tokens_per_second_are_the_tokens_over_the_measured_step_time(tiny_input
     assert sum(r["step_time_s"] * (r["step"] - p) for r, p in zip(history, [0] + [h["step"] for h in history])) \
         <= metrics["train_seconds"]
     assert metrics["mfu"] is None and "6 x matmul parameters" in metrics["flops_per_token"]
+
+
+def test_the_flop_count_in_the_metrics_is_the_formula_step_by_step(tiny_inputs):
+    """train_flops (and each step's cumulative `flops`) equal 6 x matmul parameters x tokens + the
+    output layer on label tokens + attention, summed over the steps, from the counts the history
+    records; a run with the embeddings and the lower layer frozen costs 2 there, not 6."""
+    from transformers import AutoModelForCausalLM
+
+    from labtune.throughput import FlopsModel
+
+    recipe, store, model_uri, data_uri = tiny_inputs
+    frozen = recipe.model_copy(deep=True)
+    frozen.train.freeze_layers = 1
+    for variant in (recipe, frozen):
+        out = fetch(store, build_train(variant, store, model_uri, data_uri, log=lambda line: None).uri)
+        metrics = json.loads((out / "train_metrics.json").read_text())
+        model = AutoModelForCausalLM.from_pretrained(fetch(store, model_uri))
+        if variant.train.freeze_layers:
+            model.get_input_embeddings().weight.requires_grad_(False)
+            model.model.layers[0].requires_grad_(False)
+        counted = FlopsModel.of(model)
+        total, labels = 0.0, 0
+        for record in metrics["history"]:
+            step_labels, labels = record["label_tokens"] - labels, record["label_tokens"]
+            total += counted.flops(record["tokens"], step_labels, record["tokens"] / record["sequences"])
+            assert record["flops"] == pytest.approx(total, rel=1e-9)
+        assert metrics["train_flops"] == pytest.approx(total, rel=1e-9) and metrics["train_label_tokens"] == labels
+        assert labels == metrics["label_tokens"] and total > 0
+        everything = counted.trained + counted.frozen + counted.inert
+        assert counted.inert == (everything // 2 if variant.train.freeze_layers else 0)  # one of two layers
+    # nothing above layer 0 is frozen; the output layer trains unless it is tied to the frozen embeddings
+    assert counted.frozen == 0 and counted.head_trains != model.config.tie_word_embeddings
 
 
 def test_worker_failure_raises_with_its_last_error_line(tiny_inputs):
@@ -323,3 +357,43 @@ def test_bf16_on_one_cpu_process_is_autocast_near_the_fp32_losses_or_fp32_where_
     else:
         assert "this CPU has no native bf16" in logs[True]
         assert histories[True] == histories[False]
+
+
+def test_early_stopping_ends_on_a_plateau_decays_and_exports_the_best_evaluated_weights(tmp_path):
+    """The dev questions are scored every 5 steps; two evaluations without a gain start the decay
+    (a quarter of the steps so far) and training ends there, well before its 10 epochs; the
+    exported model is the best-scoring evaluation's (its dev loss, recomputed here in one process,
+    is the one recorded for that step)."""
+    from transformers import AutoModelForCausalLM
+
+    from labtune.loss import AnswerLoss
+    from labtune.train_worker import collate, load_examples
+
+    store = tmp_path / "store"
+    overrides = [f"store.uri={store}", "data.augment.enabled=true", "data.augment.dev_questions=16",
+                 "train.eval_strategy=steps", "train.eval_steps=5", "train.early_stopping_patience=2",
+                 "train.lr_scheduler_type=warmup_stable_decay", "train.load_best_model_at_end=true",
+                 "train.num_train_epochs=10", "train.learning_rate=3e-3", "train.save_steps=100000"]
+    proc = run_cli("train", str(TINY_RECIPE), *overrides, "--json")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = Path(json.loads(proc.stdout)["uri"])
+    metrics = json.loads((out / "train_metrics.json").read_text())
+    stopping = metrics["early_stopping"]
+    evaluations = {e["step"]: e for e in stopping["evaluations"]}
+    assert stopping["stopped_at"] is not None and stopping["stopped_at"] in evaluations
+    planned = 10 * metrics["optimizer_steps"]  # a lower bound on what 10 epochs would have taken
+    assert metrics["optimizer_steps"] == stopping["stopped_at"] + math.ceil(stopping["stopped_at"] / 4) < planned / 2
+    after = [r["learning_rate"] for r in metrics["history"] if r["step"] > stopping["stopped_at"]]
+    assert after == sorted(after, reverse=True) and after[-1] < 0.05 * 3e-3  # decayed to (nearly) nothing
+    assert metrics["dev_flops"] > 0 and metrics["train_flops"] > metrics["dev_flops"]
+
+    best = evaluations[stopping["best_step"]]
+    assert best["dev_loss"] == min(e["dev_loss"] for e in evaluations.values() if e["dev_accuracy"] == best["dev_accuracy"])
+    tokens = next(p for p in (store / "tokenize").iterdir() if (p / "dev").is_dir())
+    dev = load_examples(str(tokens / "dev"))[0]
+    model = AutoModelForCausalLM.from_pretrained(out)
+    exact, loss = AnswerLoss(model).exact(model, collate([dev[i] for i in range(len(dev))], 0))
+    labels = sum(int((torch.as_tensor(dev[i]["labels"])[1:] != -100).sum()) for i in range(len(dev)))
+    assert float(loss) / labels == pytest.approx(best["dev_loss"], abs=2e-4)
+    if stopping["best_step"] != metrics["optimizer_steps"]:
+        assert abs(float(loss) / labels - evaluations[metrics["optimizer_steps"]]["dev_loss"]) > 1e-3

@@ -144,8 +144,9 @@ def build_data(recipe: Recipe, store: Store, log: Log = default_log) -> StageRes
         prompts = heldout_prompts(evaluation) + [p for r in reports for p in r.prompts]
         facts = augment.fact_counts(train)
         read = read_facts_with_counts(reports, facts)
+        dev = [record for r in reports for record in r.dev]
         if recipe.data.system_prompt is not None:
-            for record in train + evaluation:
+            for record in train + evaluation + dev:
                 if record["conversations"][0]["from"] != "system":
                     record["conversations"].insert(0, {"from": "system", "value": recipe.data.system_prompt})
         for record in train + evaluation:
@@ -154,6 +155,8 @@ def build_data(recipe: Recipe, store: Store, log: Log = default_log) -> StageRes
         (out / "eval_prompts.json").write_text(json.dumps(prompts, indent=1, ensure_ascii=False))
         (out / "train.json").write_text(json.dumps(train, indent=1, ensure_ascii=False))
         (out / "eval.json").write_text(json.dumps(evaluation, indent=1, ensure_ascii=False))
+        if dev:  # early stopping's questions (train.eval_strategy), tokenized beside train and eval
+            (out / "dev.json").write_text(json.dumps(dev, indent=1, ensure_ascii=False))
         (out / "report.json").write_text(json.dumps(report, indent=2))
         (out / "notes.json").write_text(json.dumps(documents, indent=1, ensure_ascii=False))
         (out / "facts.json").write_text(json.dumps(read, indent=1, ensure_ascii=False))

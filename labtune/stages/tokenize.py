@@ -3,7 +3,7 @@
 A cached stage of its own, keyed by the data output, the tokenizer files' sha256 (from the model
 output's manifest, so the model is not fetched to decide), the chat template and
 model_max_length: re-training with other hyperparameters reuses it. See `labtune/encode.py`.
-Output: `train/` and `eval/` datasets folders and report.json (counts and a token-length
+Output: `train/` and `eval/` (and, with data.augment.dev_questions, `dev/`) datasets folders and report.json (counts and a token-length
 histogram), shown as the `token-report` artifact.
 """
 
@@ -37,15 +37,17 @@ def tokenizer_identity(store: Store, model_uri: str) -> dict[str, str]:
 
 def tokenize_files(data_dir: Path, model_dir: Path, out: Path, template: str, max_length: int,
                    num_proc: int | None, log: Log = default_log) -> dict[str, Any]:
-    """train.json / eval.json in data_dir -> datasets folders train/ and eval/ in out."""
+    """train.json / eval.json (/ dev.json) in data_dir -> datasets folders train/ and eval/ (/ dev/) in out."""
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     report: dict[str, Any] = {}
-    for split in ("train", "eval"):
+    for split in ("train", "eval", "dev"):
         path = data_dir / f"{split}.json"
+        if split == "dev" and not path.is_file():
+            continue  # dev questions exist only for early stopping
         records = json.loads(path.read_text()) if path.is_file() else []
         try:
             report[split] = encode.tokenize_split(records, tokenizer, template, max_length, num_proc, out / split)

@@ -225,6 +225,8 @@ def fit_memory(recipe: Recipe, train: TrainConfig, model_dir: Path, tokens_dir: 
     dev = memory.devices(use_cuda, parallel.processes, parallel.memory_per_rank_gib)
     shape = memory.Shape.of_model_dir(model_dir, train)
     length, labels = memory.data_limits(tokens_dir)
+    if train.packing:  # a packed row is as long as packing_length and may be all answers
+        length = labels = max(length, int(train.packing_length or length))
     try:
         resolved, est = memory.plan(train, parallel.world_size, parallel.processes, shape,
                                     lambda rows: memory.Batch(rows, length, rows * labels), dev)
@@ -265,10 +267,13 @@ def build_train(recipe: Recipe, store: Store, model_uri: str, tokens_uri: str, l
         examples = json.loads((tokens_dir / "report.json").read_text())["train"]["examples"]
         accumulation = fitting_accumulation(recipe, examples, log)
         model_dir = fetch(store, model_uri, log)
-        train, memory_plan = fit_memory(recipe, recipe.train.model_copy(update={"gradient_accumulation_steps": accumulation}),
-                                        model_dir, tokens_dir, log)
+        resolved = {"gradient_accumulation_steps": accumulation,
+                    "packing_length": recipe.train.packing_length or recipe.data.model_max_length}
+        train, memory_plan = fit_memory(recipe, recipe.train.model_copy(update=resolved), model_dir, tokens_dir, log)
         config_path = out.parent / "train_config.json"
+        dev_dir = tokens_dir / "dev"
         WorkerConfig(model_dir=str(model_dir), train_dir=str(tokens_dir / "train"), output_dir=str(out),
+                     dev_dir=str(dev_dir) if dev_dir.is_dir() else None,
                      checkpoint_dir=str(out.parent / "checkpoints"), checkpoint_prefix=checkpoint_prefix(key),
                      # the store this stage writes to (a test may pass its own), reached as the recipe says
                      store=recipe.store.settings().at(store.uri), backend=recipe.parallel.backend,
@@ -280,9 +285,12 @@ def build_train(recipe: Recipe, store: Store, model_uri: str, tokens_uri: str, l
         if not (out / "train_metrics.json").is_file() and recipe.parallel.nnodes > 1:
             raise CommittedElsewhere("rank 0 ran on another node; that node's stage commits the model")
         metrics = json.loads((out / "train_metrics.json").read_text())
-        plot_loss(metrics["history"], out / "loss.png", title=f"{recipe.name}: training loss")
-        return {"metrics": {k: metrics[k] for k in ("optimizer_steps", "examples", "train_seconds", "world_size",
-                                                    "resumed_from_step", "checkpoints")},
+        plot_loss(metrics["history"], out / "loss.png", title=f"{recipe.name}: training loss",
+                  dev=(metrics.get("early_stopping") or {}).get("evaluations"))
+        return {"metrics": {k: metrics.get(k) for k in ("optimizer_steps", "examples", "train_seconds", "world_size",
+                                                        "resumed_from_step", "checkpoints", "train_flops",
+                                                        "train_label_tokens", "dev_flops")},
+                "early_stopping": metrics.get("early_stopping"),
                 "memory": {**memory_plan, "measured_peak_gib": metrics.get("peak_memory_gib")},
                 "final_loss": metrics["history"][-1]["loss"] if metrics["history"] else None}
 
@@ -325,15 +333,17 @@ def estimate_line(step: int, total: int, step_times: list[float]) -> str:
             f"(measured on steps {first}-{step})")
 
 
-def plot_loss(history: list[dict[str, Any]], path: Path, title: str) -> None:
-    """The loss curve as a PNG beside the model (and the learning rate on a second axis)."""
+def plot_loss(history: list[dict[str, Any]], path: Path, title: str, dev: list[dict[str, Any]] | None = None) -> None:
+    """The loss curve as a PNG beside the model (and the learning rate on a second axis); with
+    early stopping, a second panel: the dev questions answered against the training FLOPs spent."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     steps = [r["step"] for r in history]
-    fig, ax = plt.subplots(figsize=(7, 3.5), dpi=100)
+    fig, axes = plt.subplots(1, 2 if dev else 1, figsize=(11 if dev else 7, 3.5), dpi=100, squeeze=False)
+    ax = axes[0][0]
     ax.plot(steps, [r["loss"] for r in history], color="tab:blue", marker="." if len(steps) < 60 else None, label="loss")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("training loss", color="tab:blue")
@@ -342,6 +352,16 @@ def plot_loss(history: list[dict[str, Any]], path: Path, title: str) -> None:
     lr_axis.set_ylabel("learning rate", color="tab:gray")
     ax.set_title(title)
     ax.grid(alpha=0.3)
+    if dev:
+        flops = {r["step"]: r.get("flops") for r in history}
+        points = [(flops.get(e["step"]), e["dev_accuracy"]) for e in dev if flops.get(e["step"]) is not None]
+        panel = axes[0][1]
+        panel.plot([x for x, _ in points], [100 * y for _, y in points], color="tab:green", marker="o")
+        panel.set_xlabel("training FLOPs")
+        panel.set_ylabel("dev questions answered (%)")
+        panel.set_ylim(0, 100)
+        panel.set_title("held-out wordings (early stopping)")
+        panel.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

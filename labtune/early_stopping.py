@@ -1,0 +1,118 @@
+"""Early stopping on held-out wordings, and a schedule that decays when training stops. Imports only torch.
+
+Facts bind at different speeds for different notes (docs/evaluation.md): a fixed number of epochs
+either stops before the held-out wordings are answered or spends steps after they are. With
+`train.eval_strategy`, the worker scores the data stage's dev questions (trained facts asked in
+held-out wordings other than the evaluation's, and fresh no-meeting dates) every eval_steps: a
+question counts when greedy decoding would write the taught answer token for token (one teacher-
+forced forward pass, AnswerLoss.exact). When early_stopping_patience evaluations in a row gain
+nothing (Stopping.record says what a gain is), a warmup_stable_decay schedule starts its decay then (over
+a quarter of the steps so far, so the decay is a fifth of the run, as in a planned WSD run) and
+training ends when it has decayed; other schedules end at once. The evaluated weights that scored
+best are kept (in host memory, this rank's shard) when load_best_model_at_end asks for them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from labtune.recipe import WSD_DECAY_FRACTION, TrainConfig
+
+
+@dataclass
+class StoppableSchedule:
+    """warmup_stable_decay whose decay starts when `decay_from` is set: a linear warmup, the peak
+    learning rate, then a cosine decay to 0 over `decay_steps` (transformers' WSD shape)."""
+
+    warmup: int
+    total: int  # the most steps training may take; the end of the decay once it has started
+    decay_from: int | None = None
+    decay_steps: int = 0
+
+    def factor(self, step: int) -> float:
+        if step < self.warmup:
+            return (step + 1) / max(1, self.warmup)
+        if self.decay_from is None or step < self.decay_from:
+            return 1.0
+        done = min(1.0, (step - self.decay_from) / max(1, self.decay_steps))
+        return 0.5 * (1.0 + math.cos(math.pi * done))
+
+    def decay_now(self, step: int) -> int:
+        """Start the decay after `step`; returns the step training ends at."""
+        self.decay_from = step
+        self.decay_steps = max(1, math.ceil(step * WSD_DECAY_FRACTION / (1 - WSD_DECAY_FRACTION)))
+        self.total = min(self.total, step + self.decay_steps)
+        return self.total
+
+
+def stoppable_scheduler(optimizer: torch.optim.Optimizer, train: TrainConfig, total: int) -> tuple[Any, StoppableSchedule]:
+    schedule = StoppableSchedule(warmup=math.ceil(train.warmup_ratio * total), total=total)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule.factor), schedule
+
+
+LOSS_GAIN = 0.01  # before any dev question is answered, progress is the dev loss falling by 1%
+
+
+@dataclass
+class Stopping:
+    """The early-stopping decision over the dev evaluations of one run. Facts bind late: while no
+    dev question is answered word for word yet, a gain is the dev loss falling by LOSS_GAIN; after
+    that, the accuracy rising by more than the threshold. The best evaluation is the most accurate,
+    the lower loss breaking a tie."""
+
+    patience: int | None
+    threshold: float
+    best: float = -1.0
+    best_loss: float = float("inf")
+    best_step: int = 0
+    misses: int = 0
+    stopped_at: int | None = None  # the evaluation that ended the stable phase
+    evaluations: list[dict[str, Any]] = field(default_factory=list)
+
+    def record(self, step: int, correct: int, total: int, loss: float) -> bool:
+        """One evaluation; True when it is the best so far."""
+        accuracy = correct / max(total, 1)
+        self.evaluations.append({"step": step, "dev_correct": correct, "dev_total": total,
+                                 "dev_accuracy": round(accuracy, 4), "dev_loss": round(loss, 5)})
+        if self.best <= 0 and accuracy <= 0:
+            gain = loss < self.best_loss * (1 - LOSS_GAIN)
+        else:
+            gain = accuracy > self.best + self.threshold
+        better = accuracy > self.best or (accuracy == self.best and loss < self.best_loss)
+        self.misses = 0 if gain else self.misses + 1
+        if better:
+            self.best, self.best_loss, self.best_step = accuracy, loss, step
+        return better
+
+    def plateaued(self) -> bool:
+        return self.stopped_at is None and self.patience is not None and self.misses >= self.patience
+
+    def state(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def eval_due(train: TrainConfig, step: int, updates_per_epoch: int, total: int) -> bool:
+    """Whether the dev questions are asked after this optimizer step (always after the last)."""
+    if train.eval_strategy == "no":
+        return False
+    if step >= total:
+        return True
+    every = train.eval_steps if train.eval_strategy == "steps" else updates_per_epoch
+    return step % max(1, int(every or 1)) == 0
+
+
+def local_copy(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """This rank's part of every trained parameter, in host memory (a DTensor's local shard)."""
+    return {name: (p.to_local() if hasattr(p, "to_local") else p).detach().to("cpu", copy=True)
+            for name, p in model.named_parameters() if p.requires_grad}
+
+
+@torch.no_grad()
+def restore(model: torch.nn.Module, saved: dict[str, torch.Tensor]) -> None:
+    for name, p in model.named_parameters():
+        if name in saved:
+            (p.to_local() if hasattr(p, "to_local") else p).copy_(saved[name])
