@@ -25,13 +25,19 @@ from labtune.recipe import WSD_DECAY_FRACTION, TrainConfig
 
 @dataclass
 class StoppableSchedule:
-    """warmup_stable_decay whose decay starts when `decay_from` is set: a linear warmup, the peak
-    learning rate, then a cosine decay to 0 over `decay_steps` (transformers' WSD shape)."""
+    """warmup_stable_decay whose decay may start early: a linear warmup, the peak learning rate,
+    then a cosine decay to 0 over `decay_steps` (transformers' WSD shape). Planned, the decay is
+    the last fifth of `total`, as a WSD run without early stopping; `decay_now` moves it earlier."""
 
     warmup: int
     total: int  # the most steps training may take; the end of the decay once it has started
     decay_from: int | None = None
     decay_steps: int = 0
+
+    def __post_init__(self) -> None:
+        if self.decay_from is None:
+            self.decay_steps = max(1, math.ceil(WSD_DECAY_FRACTION * self.total))
+            self.decay_from = self.total - self.decay_steps
 
     def factor(self, step: int) -> float:
         if step < self.warmup:
@@ -42,7 +48,10 @@ class StoppableSchedule:
         return 0.5 * (1.0 + math.cos(math.pi * done))
 
     def decay_now(self, step: int) -> int:
-        """Start the decay after `step`; returns the step training ends at."""
+        """Start the decay after `step` (unless the planned one has begun); returns the step
+        training ends at."""
+        if self.decay_from is not None and step >= self.decay_from:
+            return self.total
         self.decay_from = step
         self.decay_steps = max(1, math.ceil(step * WSD_DECAY_FRACTION / (1 - WSD_DECAY_FRACTION)))
         self.total = min(self.total, step + self.decay_steps)

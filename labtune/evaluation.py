@@ -194,18 +194,23 @@ class Generated(NamedTuple):
 def generate(model: Any, tokenizer: Any, conversations: list[list[dict[str, str]]], max_new_tokens: int, batch_size: int,
              template: str = "auto", on_batch: Callable[[int], None] | None = None) -> Generated:
     """Greedy answers, batch_size conversations at a time, left-padded, each prompt rendered with
-    the training chat template and ending where the assistant's turn begins."""
+    the training chat template and ending where the assistant's turn begins. Batches are formed
+    from prompts of similar length (a retrieved note makes some prompts ten times longer than
+    others), and the answers come back in the order asked."""
     import torch
 
     from labtune.chat import conversation_prompt_ids, stop_token_ids
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     stops = stop_token_ids(tokenizer)
-    answers: list[str] = []
-    truncated: list[bool] = []
+    rendered = [conversation_prompt_ids(tokenizer, c, template) for c in conversations]
+    order = sorted(range(len(rendered)), key=lambda i: len(rendered[i]))
+    answers: list[str] = [""] * len(rendered)
+    truncated: list[bool] = [False] * len(rendered)
     generated = 0
-    for start in range(0, len(conversations), batch_size):
-        prompts = [conversation_prompt_ids(tokenizer, c, template) for c in conversations[start : start + batch_size]]
+    for start in range(0, len(order), batch_size):
+        chosen = order[start : start + batch_size]
+        prompts = [rendered[i] for i in chosen]
         width = max(len(p) for p in prompts)
         input_ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts])
         attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
@@ -213,13 +218,13 @@ def generate(model: Any, tokenizer: Any, conversations: list[list[dict[str, str]
             output = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
                                     do_sample=False, num_beams=1, eos_token_id=stops, pad_token_id=pad_id,
                                     use_cache=True)  # models saved while training say use_cache: false
-        for row in output[:, width:]:
+        for index, row in zip(chosen, output[:, width:]):
             tokens = row.tolist()
             stop = next((i for i, t in enumerate(tokens) if t in stops), None)
             length = len(tokens) if stop is None else stop + 1
             generated += length
-            truncated.append(stop is None)
-            answers.append(tokenizer.decode(tokens[:length], skip_special_tokens=True).strip())
+            truncated[index] = stop is None
+            answers[index] = tokenizer.decode(tokens[:length], skip_special_tokens=True).strip()
         if on_batch:
             on_batch(len(prompts))
     return Generated(answers, generated, truncated)

@@ -66,7 +66,8 @@ class Shape:
 
     @classmethod
     def of_config(cls, config: Any, train: Any = None) -> "Shape":
-        """`train`: the recipe's TrainConfig; with `lora: true` only the adapters are trainable."""
+        """`train`: the recipe's TrainConfig; with `lora: true` only the adapters are trainable, with
+        freeze_layers / freeze_embeddings only what is not frozen."""
         import torch
         from transformers import AutoModelForCausalLM
 
@@ -84,6 +85,11 @@ class Shape:
                     layer_params=layer_params, root_params=total - layer_params * len(layers))
         if train is not None and train.lora:
             shape = replace(shape, trainable=lora_trainable(shape, train))
+        elif train is not None and (getattr(train, "freeze_layers", 0) or getattr(train, "freeze_embeddings", False)):
+            # frozen weights get no gradient and no optimizer state (train_worker.freeze)
+            embeddings = config.vocab_size * config.hidden_size
+            frozen = embeddings + layer_params * min(train.freeze_layers, len(layers))
+            shape = replace(shape, trainable=total - frozen)
         return shape
 
 

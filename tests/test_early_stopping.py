@@ -37,15 +37,16 @@ def test_a_tie_in_accuracy_goes_to_the_lower_dev_loss():
     assert stopping.best_step == 20
 
 
-def test_the_decay_starts_where_training_plateaus_and_is_a_fifth_of_the_run():
+def test_the_decay_starts_where_training_plateaus_and_is_a_fifth_of_the_run_or_the_cap_s_last_fifth():
     schedule = StoppableSchedule(warmup=10, total=1000)
     assert schedule.factor(0) == pytest.approx(0.1) and schedule.factor(500) == 1.0
     end = schedule.decay_now(400)
     assert end == 500 and (end - 400) / end == pytest.approx(0.2)
     assert schedule.factor(400) == 1.0 and schedule.factor(450) == pytest.approx(0.5) and schedule.factor(500) == 0.0
     assert all(schedule.factor(s) >= schedule.factor(s + 1) for s in range(400, 500))
-    late = StoppableSchedule(warmup=10, total=1000)
-    assert late.decay_now(950) == 1000  # never past the most it may run
+    planned = StoppableSchedule(warmup=10, total=1000)  # no plateau: a WSD run over the whole cap
+    assert planned.factor(799) == 1.0 and planned.factor(900) == pytest.approx(0.5) and planned.factor(1000) == 0.0
+    assert planned.decay_now(950) == 1000  # a plateau inside the planned decay changes nothing
 
 
 def test_evaluations_fall_every_eval_steps_or_epoch_and_after_the_last_step():

@@ -56,6 +56,19 @@ def test_shape_counts_the_parameters_the_model_has():
     assert lora.trainable == 22 * 8 * ((2048 + 2048) + (2048 + 4 * 64))  # A and B of q and v per layer
 
 
+@pytest.mark.parametrize("tied", [True, False])
+def test_frozen_weights_need_no_gradient_or_optimizer_state_in_the_estimate(tied):
+    from labtune.train_worker import freeze
+
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=300, tie_word_embeddings=tied)
+    train = TrainConfig(freeze_layers=3)
+    model = LlamaForCausalLM(config)
+    freeze(model, train)
+    assert Shape.of_config(config, train).trainable == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert Shape.of_config(config, TrainConfig()).trainable == sum(p.numel() for p in model.parameters())
+
+
 def test_auto_checkpointing_recomputes_only_as_much_as_the_memory_needs():
     shape = Shape.of_config(LLAMA_1B)
     rows = lambda n: Batch(n, 2048, n * 1024)  # noqa: E731
