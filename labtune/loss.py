@@ -45,10 +45,12 @@ def _chunk_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
 
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """What the model is called with: a packed batch (labtune/packing.py) passes its position ids
-    and no attention mask (nor a cache), so transformers masks each example off from the others."""
+    and no attention mask (nor a cache), so transformers masks each example off from the others. A
+    batch with `inputs_embeds` starts past the frozen layers (labtune/frozen_prefix.py)."""
+    start = {"inputs_embeds": batch["inputs_embeds"]} if "inputs_embeds" in batch else {"input_ids": batch["input_ids"]}
     if "position_ids" in batch:
-        return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
-    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        return {**start, "position_ids": batch["position_ids"], "use_cache": False}
+    return {**start, "attention_mask": batch["attention_mask"]}
 
 
 class AnswerLoss:

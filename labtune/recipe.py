@@ -181,6 +181,9 @@ class TrainConfig(_Strict):
     # stops above the frozen layers (2 FLOPs per parameter per token there instead of 6).
     freeze_embeddings: bool = False
     freeze_layers: int = Field(default=0, ge=0)
+    # The frozen layers' output computed once per example before training, not once per epoch
+    # (labtune/frozen_prefix.py): the same losses and gradients; one unsharded process only.
+    cache_frozen_layers: bool = True
     # Short examples packed into rows of up to packing_length tokens (default data.model_max_length),
     # each attending only to itself (position ids restart per example); per_device_train_batch_size
     # then counts rows.
@@ -217,6 +220,12 @@ class TrainConfig(_Strict):
             raise ValueError(f"lr_scheduler_kwargs: {unknown} do not apply to lr_scheduler_type "
                              f"{self.lr_scheduler_type!r} (allowed: {sorted(allowed) or 'none'})")
         return self
+
+    @field_validator("save_strategy", "eval_strategy", mode="before")
+    @classmethod
+    def _no_is_not_false(cls, value: Any) -> Any:
+        """`save_strategy: no` is transformers' value; YAML 1.1 reads a bare `no` as false."""
+        return "no" if value is False else value
 
     @field_validator("fsdp")
     @classmethod

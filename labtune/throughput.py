@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import resource
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -60,6 +60,7 @@ class FlopsModel:
     layers: int
     hidden: int
     inert: int = 0  # frozen, and below every trained parameter: forward only
+    skipped_layers: int = 0  # lowest layers whose output is computed once, before training (frozen_prefix)
 
     @classmethod
     def of(cls, model: torch.nn.Module) -> "FlopsModel":
@@ -88,12 +89,20 @@ class FlopsModel:
         `mean_length` tokens on average."""
         return ((6 * self.trained + 4 * self.frozen + 2 * self.inert) * tokens
                 + (6 if self.head_trains else 4) * self.head * label_tokens
-                + 12 * self.layers * self.hidden * mean_length * tokens)
+                + 12 * (self.layers - self.skipped_layers) * self.hidden * mean_length * tokens)
+
+    def without_prefix(self, depth: int) -> "FlopsModel":
+        """The per-step cost once the lowest `depth` (inert) layers are computed once, not per step."""
+        return replace(self, inert=0, skipped_layers=depth)
+
+    def prefix_flops(self, depth: int, tokens: int, mean_length: float) -> float:
+        """Running `tokens` once through the inert layers (`depth` of them): their forward."""
+        return 2 * self.inert * tokens + 4 * depth * self.hidden * mean_length * tokens
 
     def forward_flops(self, tokens: int, label_tokens: int, mean_length: float) -> float:
         """A forward pass alone (early stopping's dev questions): 2 per matmul parameter."""
         return (2 * (self.trained + self.frozen + self.inert) * tokens + 2 * self.head * label_tokens
-                + 4 * self.layers * self.hidden * mean_length * tokens)
+                + 4 * (self.layers - self.skipped_layers) * self.hidden * mean_length * tokens)
 
 
 def peak_memory_gib(device: torch.device) -> float:

@@ -17,6 +17,7 @@ In the order torchtune's recipes read: `setup` (process group, model, sharding, 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -34,8 +35,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from labtune import early_stopping, packing
+from labtune import early_stopping, frozen_prefix, packing
 from labtune.chat import IGNORE_INDEX
+from labtune.frozen_prefix import FrozenPrefix
 from labtune.loss import AnswerLoss
 from labtune.throughput import FlopsModel, describe, mfu, peak_flops, peak_memory_gib, synchronize
 from labtune.precision import native_bf16
@@ -459,6 +461,10 @@ class Run:
     schedule: early_stopping.StoppableSchedule | None = None  # the WSD schedule early stopping can end
     stopping: early_stopping.Stopping | None = None
     best_weights: dict[str, torch.Tensor] | None = None
+    prefix: FrozenPrefix | None = None  # the frozen layers' output per example, computed once
+    prefix_flops: float = 0.0  # what computing it cost
+    dev_prefix: FrozenPrefix | None = None  # the same for the dev questions
+    dev_prefix_flops: float = 0.0
 
 
 def setup(cfg: WorkerConfig) -> Run:
@@ -494,8 +500,9 @@ def setup(cfg: WorkerConfig) -> Run:
     log(f"world_size={world} backend={backend} device={device.type} examples={len(lengths)}")
     if train.bf16 and device.type == "cpu" and not native_bf16():
         # emulated bf16 is several times slower than fp32: the recipe asked for speed, not for bf16 numerics
-        log(f"this CPU has no native bf16 ({torch.backends.cpu.get_cpu_capability()}, no AVX512-BF16 or AMX): "
-            "training in fp32 instead")
+        why = "LABTUNE_NO_NATIVE_BF16 is set" if os.environ.get("LABTUNE_NO_NATIVE_BF16", "") not in ("", "0") else \
+            f"this CPU has no native bf16 ({torch.backends.cpu.get_cpu_capability()}, no AVX512-BF16 or AMX)"
+        log(f"{why}: training in fp32 instead")
         train = train.model_copy(update={"bf16": False})
     attention = attention_implementation(train, device)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation=attention)
@@ -534,7 +541,9 @@ def setup(cfg: WorkerConfig) -> Run:
         # layer for nothing (32 demo steps: 67 s sharded, 46 s not); bf16 on one CPU is autocast
         # (fp32 weights and optimizer, bf16 matmuls: 2x faster with AVX512-BF16)
         log(f"one process in {'bf16 autocast' if autocast else 'fp32'}: the model is not sharded")
+        sharded = False
     else:
+        sharded = True
         shard_model(model, mesh, train, device)
         if offload:
             buffers_to(model, device)
@@ -569,7 +578,35 @@ def setup(cfg: WorkerConfig) -> Run:
             raise SystemExit("train.eval_strategy: the tokenize stage has no dev questions (data.augment.dev_questions)")
         run.dev = load_examples(cfg.dev_dir)[0]
         run.stopping = early_stopping.Stopping(train.early_stopping_patience, train.early_stopping_threshold)
+    if train.cache_frozen_layers and (train.freeze_layers or train.freeze_embeddings):
+        cache_frozen_prefix(run, sharded)
     return run
+
+
+def cache_frozen_prefix(run: Run, sharded: bool) -> None:
+    """train.cache_frozen_layers: the frozen layers run once per example (and per dev question),
+    here, instead of every step; the FLOP count then charges them once."""
+    from labtune.throughput import decoder_layers
+
+    layers = decoder_layers(run.model)
+    dev_lengths = [len(run.dev[i]["input_ids"]) for i in range(len(run.dev))] if run.dev is not None else []
+    tokens, dev_tokens = sum(run.lengths), sum(dev_lengths)
+    reason = frozen_prefix.why_not(run.model, layers, sharded, tokens + dev_tokens)
+    if reason:
+        log(f"frozen layers run every step: {reason}")
+        return
+    started = time.time()
+    run.prefix = FrozenPrefix.build(run.model, layers, run.examples, run.device, run.autocast)
+    depth = run.prefix.depth
+    run.prefix_flops = run.flops_model.prefix_flops(depth, tokens, tokens / len(run.lengths))
+    if run.dev is not None:
+        run.dev_prefix = FrozenPrefix.build(run.model, layers, run.dev, run.device, run.autocast)
+        run.dev_prefix_flops = run.flops_model.prefix_flops(depth, dev_tokens, dev_tokens / max(len(dev_lengths), 1))
+    run.flops_model = run.flops_model.without_prefix(depth)
+    kept = run.prefix.nbytes() + (run.dev_prefix.nbytes() if run.dev_prefix else 0)
+    log(f"frozen layers 0-{depth - 1} computed once for the {len(run.lengths)} examples"
+        f"{f' and {len(dev_lengths)} dev questions' if dev_lengths else ''} in {time.time() - started:.1f}s "
+        f"({kept / 2**20:.0f} MiB kept); each step starts at layer {depth} (train.cache_frozen_layers)")
 
 
 def micro_batches_per_epoch(train: TrainConfig, lengths: list[int], world: int) -> int:
@@ -592,9 +629,14 @@ def epoch_batches(run: Run, epoch: int) -> list[Any]:
 
 
 def make_batch(run: Run, micro: list[Any]) -> dict[str, torch.Tensor]:
-    if run.cfg.train.packing:
-        return packing.collate_packed([[run.examples[i] for i in row] for row in micro], run.pad_id)
-    return collate([run.examples[i] for i in micro], run.pad_id)
+    packed = run.cfg.train.packing
+    if packed:
+        batch = packing.collate_packed([[run.examples[i] for i in row] for row in micro], run.pad_id)
+    else:
+        batch = collate([run.examples[i] for i in micro], run.pad_id)
+    if run.prefix is not None:
+        batch["inputs_embeds"] = run.prefix.embeds(micro if packed else [[i] for i in micro], batch["input_ids"].shape[1])
+    return batch
 
 
 def train_step(run: Run, window: list[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor, Tally]:
@@ -612,7 +654,8 @@ def train_step(run: Run, window: list[dict[str, torch.Tensor]]) -> tuple[torch.T
     tally = Tally(steps=1, labels=local_labels)
     for cpu_batch in window:
         batch = {k: v.to(device, non_blocking=True) for k, v in cpu_batch.items()}
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=run.autocast):
+        skipping = run.prefix.skipping() if "inputs_embeds" in batch and run.prefix else contextlib.nullcontext()
+        with skipping, torch.autocast(device.type, dtype=torch.bfloat16, enabled=run.autocast):
             loss = run.loss(run.model, batch, label_tokens.clamp(min=1))
         (loss * world).backward()
         loss_sum += loss.detach()
@@ -656,8 +699,13 @@ def evaluate_dev(run: Run) -> None:
     run.model.eval()
     for r in range(rounds):
         chunk = mine[r * bs : (r + 1) * bs]
-        batch = collate([run.dev[i] for i in (chunk or mine[:1] or [0])], run.pad_id)
-        with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=run.autocast):
+        rows = chunk or mine[:1] or [0]
+        batch = collate([run.dev[i] for i in rows], run.pad_id)
+        skipping = contextlib.nullcontext()
+        if run.dev_prefix is not None:
+            batch["inputs_embeds"] = run.dev_prefix.embeds([[i] for i in rows], batch["input_ids"].shape[1])
+            skipping = run.dev_prefix.skipping()
+        with skipping, torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=run.autocast):
             exact, loss = run.loss.exact(run.model, {k: v.to(run.device) for k, v in batch.items()})
         if chunk:
             counts += torch.tensor([float(exact.sum()), len(chunk), float(batch["attention_mask"].sum()),
@@ -751,6 +799,8 @@ def export(run: Run, train_seconds: float, epochs_run: int, resumed_from: int | 
                    "every trained one; output layer on label tokens only) + 12 x layers x hidden x length",
                    "train_flops": run.flops_done, "train_label_tokens": run.labels_done, "dev_flops": run.dev_flops,
                    "early_stopping": run.stopping.state() if run.stopping else None, "peak_memory_gib": peak_memory,
+                   "frozen_prefix": {"layers": run.prefix.depth, "flops": run.prefix_flops,
+                                     "tokens": sum(run.lengths)} if run.prefix else None,
                    "export_peak_memory_gib": export_peak,
                    "checkpoints": checkpoints}
         (out_dir / "train_metrics.json").write_text(json.dumps(metrics, indent=2))
@@ -768,6 +818,8 @@ def train(cfg: WorkerConfig) -> None:
         if resumed["world_size"] != run.world:
             log(f"note: the checkpoint was written by {resumed['world_size']} ranks, this run has {run.world}: "
                 "the weights and optimizer are resharded; the data order from here differs from the original run's")
+    run.flops_done += run.prefix_flops  # computed again after a resume: spent again
+    run.dev_flops += run.dev_prefix_flops
 
     run.model.train()
     gas = train_cfg.gradient_accumulation_steps

@@ -98,3 +98,13 @@ def test_missing_recipe_file_is_named(tmp_path):
 def test_example_recipes_validate():
     for path in sorted((TINY_RECIPE.parent).glob("*.yaml")):
         assert load_recipe(path).name
+
+
+def test_a_bare_no_is_transformers_no_not_yaml_false(tmp_path):
+    """`save_strategy: no` and `eval_strategy: no` as transformers writes them: YAML 1.1 reads a
+    bare `no` as false, which is still "no" here, in the file and in an override."""
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(TINY_RECIPE.read_text().replace("train:\n", "train:\n  save_strategy: no\n  eval_strategy: no\n"))
+    loaded = load_recipe(recipe, ["train.save_strategy=no"])
+    assert (loaded.train.save_strategy, loaded.train.eval_strategy) == ("no", "no")
+    assert load_recipe(TINY_RECIPE, ["train.eval_strategy=no"]).train.eval_strategy == "no"

@@ -93,6 +93,7 @@ def test_the_flop_count_in_the_metrics_is_the_formula_step_by_step(tiny_inputs):
     """train_flops (and each step's cumulative `flops`) equal 6 x matmul parameters x tokens + the
     output layer on label tokens + attention, summed over the steps, from the counts the history
     records; a run with the embeddings and the lower layer frozen costs 2 there, not 6."""
+    from datasets import load_from_disk
     from transformers import AutoModelForCausalLM
 
     from labtune.throughput import FlopsModel
@@ -100,7 +101,9 @@ def test_the_flop_count_in_the_metrics_is_the_formula_step_by_step(tiny_inputs):
     recipe, store, model_uri, data_uri = tiny_inputs
     frozen = recipe.model_copy(deep=True)
     frozen.train.freeze_layers = 1
-    for variant in (recipe, frozen):
+    cached = frozen.model_copy(deep=True)  # one unsharded process: layer 0 computed once (frozen_prefix)
+    cached.parallel.nproc_per_node = 1
+    for variant in (recipe, frozen, cached):
         out = fetch(store, build_train(variant, store, model_uri, data_uri, log=lambda line: None).uri)
         metrics = json.loads((out / "train_metrics.json").read_text())
         model = AutoModelForCausalLM.from_pretrained(fetch(store, model_uri))
@@ -109,6 +112,15 @@ def test_the_flop_count_in_the_metrics_is_the_formula_step_by_step(tiny_inputs):
             model.model.layers[0].requires_grad_(False)
         counted = FlopsModel.of(model)
         total, labels = 0.0, 0
+        prefix = metrics["frozen_prefix"]
+        if variant is cached:
+            lengths = load_from_disk(str(fetch(store, data_uri) / "train"))["length"]
+            assert prefix["layers"] == 1 and prefix["tokens"] == sum(lengths)
+            assert prefix["flops"] == pytest.approx(counted.prefix_flops(1, sum(lengths), sum(lengths) / len(lengths)))
+            total = prefix["flops"]  # charged once, before the first step
+            counted = counted.without_prefix(1)
+        else:
+            assert prefix is None  # two ranks: FSDP2 runs every layer
         for record in metrics["history"]:
             step_labels, labels = record["label_tokens"] - labels, record["label_tokens"]
             total += counted.flops(record["tokens"], step_labels, record["tokens"] / record["sequences"])
@@ -116,7 +128,7 @@ def test_the_flop_count_in_the_metrics_is_the_formula_step_by_step(tiny_inputs):
         assert metrics["train_flops"] == pytest.approx(total, rel=1e-9) and metrics["train_label_tokens"] == labels
         assert labels == metrics["label_tokens"] and total > 0
         everything = counted.trained + counted.frozen + counted.inert
-        assert counted.inert == (everything // 2 if variant.train.freeze_layers else 0)  # one of two layers
+        assert counted.inert == (everything // 2 if variant is frozen else 0)  # one of two layers (cached: none)
     # nothing above layer 0 is frozen; the output layer trains unless it is tied to the frozen embeddings
     assert counted.frozen == 0 and counted.head_trains != model.config.tie_word_embeddings
 
