@@ -30,7 +30,7 @@ def inert_depth(model: torch.nn.Module, layers: list[torch.nn.Module]) -> int:
     """How many of the lowest decoder layers are frozen below every trained parameter (with the
     input embeddings frozen too): the part of the forward that never changes."""
     embed = model.get_input_embeddings()
-    if embed is None or embed.weight.requires_grad:
+    if embed is not None and embed.weight.requires_grad:
         return 0
     depth = 0
     for layer in layers:

@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from labtune.frozen_prefix import inert_depth
+
 # dense (no sparsity) bf16 tensor-core peaks in FLOP/s, from the vendors' data sheets; the first
 # name found in the device's name wins, so the longer names come first
 PEAK_BF16_FLOPS: list[tuple[str, float]] = [
@@ -70,12 +72,8 @@ class FlopsModel:
         skip = {id(m.weight) for m in (head, embed) if m is not None}
         matmul = lambda p: id(p) not in skip and p.dim() >= 2  # noqa: E731 - norms and biases have no matmul
         # the backward pass starts at the output and stops below the lowest parameter that trains
-        inert_ids: set[int] = set()
-        if not (embed is not None and embed.weight.requires_grad):
-            for layer in decoder_layers(model):
-                if any(p.requires_grad for p in layer.parameters()):
-                    break
-                inert_ids |= {id(p) for p in layer.parameters()}
+        layers = decoder_layers(model)
+        inert_ids = {id(p) for layer in layers[: inert_depth(model, layers)] for p in layer.parameters()}
         body = [p for p in model.parameters() if matmul(p)]
         return cls(trained=sum(p.numel() for p in body if p.requires_grad),
                    frozen=sum(p.numel() for p in body if not p.requires_grad and id(p) not in inert_ids),

@@ -40,7 +40,7 @@ from labtune.chat import IGNORE_INDEX
 from labtune.frozen_prefix import FrozenPrefix
 from labtune.loss import AnswerLoss
 from labtune.throughput import FlopsModel, describe, mfu, peak_flops, peak_memory_gib, synchronize
-from labtune.precision import native_bf16
+from labtune.precision import bf16_forced_off, native_bf16
 from labtune.recipe import WSD_DECAY_FRACTION, TrainConfig
 from labtune.worker_config import WORKER_ERROR, WorkerConfig
 
@@ -500,7 +500,7 @@ def setup(cfg: WorkerConfig) -> Run:
     log(f"world_size={world} backend={backend} device={device.type} examples={len(lengths)}")
     if train.bf16 and device.type == "cpu" and not native_bf16():
         # emulated bf16 is several times slower than fp32: the recipe asked for speed, not for bf16 numerics
-        why = "LABTUNE_NO_NATIVE_BF16 is set" if os.environ.get("LABTUNE_NO_NATIVE_BF16", "") not in ("", "0") else \
+        why = "LABTUNE_NO_NATIVE_BF16 is set" if bf16_forced_off() else \
             f"this CPU has no native bf16 ({torch.backends.cpu.get_cpu_capability()}, no AVX512-BF16 or AMX)"
         log(f"{why}: training in fp32 instead")
         train = train.model_copy(update={"bf16": False})
