@@ -64,7 +64,11 @@ HELDOUT_DATE_FORMS = {
     "of_month": lambda d: f"{_ordinal(d.day)} of {_month(d)} {d.year}",
 }
 
-# question templates per field; {d} is a date form
+# question templates per field; {d} is a date form. Presenter and recorder templates are written
+# in pairs (the same sentence with the other role's words, at the same place in both lists), and
+# a meeting's presenter and recorder are asked in the same pairs and date forms: the question then
+# tells the two names apart by its role words alone, not by a wording one of them happened to get
+# (docs/evaluation.md, "Minimal pairs").
 TRAIN_TEMPLATES = {
     "presenter": ["Who presented at the lab meeting on {d}?", "Who is the presenter on {d} lab meeting?",
                   "Who is the Presenter on {d} lab meeting?", "Who was the presenter at the {d} lab meeting?",
@@ -72,14 +76,16 @@ TRAIN_TEMPLATES = {
                   "Lab meeting {d}: who presented?", "Name the presenter of the {d} lab meeting.",
                   "who presented at the {d} meeting?", "Who was presenting at the lab meeting of {d}?",
                   "Who was the speaker at the lab meeting on {d}?", "Who gave the talk on {d}?",
-                  "Who led the lab meeting on {d}?", "Whose talk was it at the {d} meeting?",
+                  "Who led the lab meeting on {d}?", "Who was the Presenter on {d}?",
                   "Who spoke at the group meeting on {d}?", "Tell me who presented at the {d} group meeting."],
-    "recorder": ["Who recorded the notes of the {d} lab meeting?", "Who recorded the notes of the {d} meeting?",
-                 "Who took notes at the lab meeting on {d}?", "Who was the Recorder on {d}?",
-                 "Who was the recorder at the {d} lab meeting?", "Lab meeting {d}: who took the notes?",
-                 "Who wrote the notes for the lab meeting on {d}?", "who was the note taker on {d}?",
-                 "Who kept the minutes of the {d} lab meeting?", "Who took the minutes on {d}?",
-                 "Who was the note-taker at the group meeting on {d}?", "Who was the scribe for the {d} meeting?"],
+    "recorder": ["Who took notes at the lab meeting on {d}?", "Who is the recorder on {d} lab meeting?",
+                 "Who is the Recorder on {d} lab meeting?", "Who was the recorder at the {d} lab meeting?",
+                 "Who took the minutes on {d}?", "Who wrote the notes for the lab meeting on {d}?",
+                 "Lab meeting {d}: who took the notes?", "Name the recorder of the {d} lab meeting.",
+                 "who took notes at the {d} meeting?", "Who was writing the notes at the lab meeting of {d}?",
+                 "Who was the scribe at the lab meeting on {d}?", "Who kept the minutes on {d}?",
+                 "Who recorded the notes of the {d} lab meeting?", "Who was the Recorder on {d}?",
+                 "Who was the note-taker at the group meeting on {d}?", "Tell me who took the minutes at the {d} group meeting."],
     "topic": ["What was the topic of the lab meeting on {d}?", "What was discussed at the {d} lab meeting?",
               "What was the Topic on {d}?", "What was the lab meeting on {d} about?",
               "Lab meeting {d}: what was the topic?", "What topic was presented on {d}?",
@@ -338,6 +344,26 @@ def _conv(conv_id: str, question: str, reply: str, fact: dict[str, Any]) -> dict
             "fact": fact}
 
 
+def asked_wordings(dates: list[dt.date], forms: list[Any], per_fact: int, rng: random.Random
+                   ) -> dict[dt.date, list[tuple[int, Any]]]:
+    """(template index, date form) of each meeting's questions, the same for every field of that
+    meeting (presenter and recorder questions are then minimal pairs). Template indexes take turns
+    across meetings in a shuffled order, so that every wording is used about equally often and
+    none belongs to one meeting; a meeting's date forms are distinct while there are enough."""
+    shapes = len(TRAIN_TEMPLATES["presenter"])
+    order = rng.sample(range(shapes), shapes)
+    asked, turn = {}, 0
+    for date in dates:
+        picked = []
+        for i in range(per_fact):
+            if i % shapes == 0:
+                chosen_forms = rng.sample(forms, len(forms))
+            picked.append((order[turn % shapes], chosen_forms[i % len(forms)]))
+            turn += 1
+        asked[date] = picked
+    return asked
+
+
 def training_conversations(notes: list[Note], cfg: Any, seed: int, actions: bool = False, *, decisions: bool = False,
                            attendance_questions: bool = False, fields: tuple[str, ...] = FIELDS) -> list[dict[str, Any]]:
     """Training conversations for every fact, in TRAIN templates and date forms only, action items
@@ -350,14 +376,15 @@ def training_conversations(notes: list[Note], cfg: Any, seed: int, actions: bool
     forms = train_date_forms(notes)
     calendar = month_calendar(notes) if cfg.recite_month else None
     check = cfg.recite_check
+    wordings = asked_wordings(sorted({n.date for n in notes}), forms, cfg.questions_per_fact, rng)
     for date, field, values in _facts(notes, fields):
         iso = date.isoformat()
         reply = answer(date, field, values, calendar, check)
-        pairs = [(t, f) for t in TRAIN_TEMPLATES[field] for f in forms]
-        for i, (template, form) in enumerate(rng.sample(pairs, min(cfg.questions_per_fact, len(pairs)))):
-            records.append(_conv(f"labnote_{iso}_{field}_{i}", template.format(d=form(date)), reply,
-                                 {"kind": "recall" if values else "missing", "field": field, "date": iso,
-                                  "value": " | ".join(values)}))
+        templates = TRAIN_TEMPLATES[field]
+        for i, (shape, form) in enumerate(wordings[date]):
+            records.append(_conv(f"labnote_{iso}_{field}_{i}", templates[shape % len(templates)].format(d=form(date)),
+                                 reply, {"kind": "recall" if values else "missing", "field": field, "date": iso,
+                                         "value": " | ".join(values)}))
     if cfg.summaries and fields:
         for date, meetings in _by_date(notes).items():
             parts = [f"the {f} was {' and '.join(v for m in meetings for v in m.values(f))}"

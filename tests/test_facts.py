@@ -82,6 +82,37 @@ def weekly_notes(weeks: int = 24, start: dt.date = dt.date(2023, 1, 6)):
             for w in range(weeks)]
 
 
+def test_a_meetings_presenter_and_recorder_are_asked_in_minimal_pairs():
+    """The same sentence and date form for both roles of a meeting, only the role words differ;
+    every wording is used about equally often across meetings."""
+    cfg = load_recipe(TINY_RECIPE, ["data.augment.questions_per_fact=4"]).data.augment
+    records = [r for r in augment.training_conversations(weekly_notes(), cfg, 42) if r["fact"]["kind"] in ("recall", "missing")]
+    asked: dict[tuple[str, str], list[str]] = {}
+    for r in records:
+        asked.setdefault((r["fact"]["date"], r["fact"]["field"]), []).append(r["conversations"][0]["value"])
+
+    def shape(field, question):
+        return next(i for i, t in enumerate(augment.TRAIN_TEMPLATES[field])
+                    if re.fullmatch(re.escape(t).replace(re.escape("{d}"), "(.+)"), question))
+
+    def date_of(field, question):
+        template = augment.TRAIN_TEMPLATES[field][shape(field, question)]
+        return re.fullmatch(re.escape(template).replace(re.escape("{d}"), "(.+)"), question).group(1)
+
+    uses = [0] * len(augment.TRAIN_TEMPLATES["presenter"])
+    for (date, field), questions in asked.items():
+        if field != "presenter":
+            continue
+        recorded = asked[(date, "recorder")]
+        assert [shape("presenter", q) for q in questions] == [shape("recorder", q) for q in recorded]
+        assert [date_of("presenter", q) for q in questions] == [date_of("recorder", q) for q in recorded]
+        assert len(set(date_of("presenter", q) for q in questions)) == 4  # four date forms per meeting
+        for q in questions:
+            uses[shape("presenter", q)] += 1
+    assert sum(uses) == 24 * 4 and max(uses) - min(uses) <= 1
+    assert len(augment.TRAIN_TEMPLATES["presenter"]) == len(augment.TRAIN_TEMPLATES["recorder"])
+
+
 def test_a_recital_stays_bounded_however_many_meetings_a_month_has():
     calendar = augment.month_calendar(weekly_notes())
     january = augment.opening(dt.date(2023, 1, 3), calendar)
