@@ -349,7 +349,8 @@ def asked_wordings(dates: list[dt.date], forms: list[Any], per_fact: int, rng: r
     """(template index, date form) of each meeting's questions, the same for every field of that
     meeting (presenter and recorder questions are then minimal pairs). Template indexes take turns
     across meetings in a shuffled order, so that every wording is used about equally often and
-    none belongs to one meeting; a meeting's date forms are distinct while there are enough."""
+    none belongs to one meeting (a field with fewer templates wraps around: four of the topic's 12
+    come twice as often); a meeting's date forms are distinct while there are enough."""
     shapes = len(TRAIN_TEMPLATES["presenter"])
     order = rng.sample(range(shapes), shapes)
     asked, turn = {}, 0
