@@ -353,15 +353,10 @@ def asked_wordings(dates: list[dt.date], forms: list[Any], per_fact: int, rng: r
     come twice as often); a meeting's date forms are distinct while there are enough."""
     shapes = len(TRAIN_TEMPLATES["presenter"])
     order = rng.sample(range(shapes), shapes)
-    asked, turn = {}, 0
-    for date in dates:
-        picked = []
-        for i in range(per_fact):
-            if i % shapes == 0:
-                chosen_forms = rng.sample(forms, len(forms))
-            picked.append((order[turn % shapes], chosen_forms[i % len(forms)]))
-            turn += 1
-        asked[date] = picked
+    asked = {}
+    for n, date in enumerate(dates):
+        chosen_forms = rng.sample(forms, len(forms))
+        asked[date] = [(order[(n * per_fact + i) % shapes], chosen_forms[i % len(forms)]) for i in range(per_fact)]
     return asked
 
 
