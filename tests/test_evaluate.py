@@ -102,6 +102,34 @@ def test_batched_and_one_by_one_generation_give_the_same_answers(tiny_model):
     assert any(answer for answer in batched.answers)
 
 
+def test_questions_after_the_same_note_share_its_prefill_and_get_the_answers_they_get_alone(tiny_model):
+    from labtune.chat import conversation_prompt_ids
+    from labtune.evaluation import SHARED_PREFIX_MIN, ask, load_model, prompt_batches
+
+    model, tokenizer = load_model(tiny_model)
+    note = ("Lab meeting notes:\n\nLab meeting 4/14/2023. Presenter: Lena Fischer. Recorder: Daniel Brooks. "
+            "Topic: zebrafish fin regeneration and the imaging pipeline; action items for the protein assay.\n\n")
+    other = "Lab notes, January:\n\n" + note.replace("Lena Fischer", "Maya Okafor").replace("4/14", "1/13")
+    questions = [note + "Who presented?", note + "Who recorded the notes of this lab meeting on 4/14/2023?",
+                 note + "Topic?", "Who presented at the lab meeting on 5/12/2023?", other + "Who presented?",
+                 other + "What were the action items of the lab meeting on 1/13/2023?"]
+    rendered = [conversation_prompt_ids(tokenizer, [{"role": "user", "content": q}]) for q in questions]
+    assert _common_prefix_len(rendered[0], rendered[2]) >= SHARED_PREFIX_MIN
+    # one batch: the two notes' questions in a group each, the lone question on its own (the tiny
+    # model's Vicuna system prompt, which all share, is computed once per group)
+    assert sorted(sorted(g) for g in prompt_batches(rendered, 8)[0]) == [[0, 1, 2], [3], [4, 5]]
+    # a group split across batches of three
+    assert [sum(len(g) for g in b) for b in prompt_batches(rendered, 3)] == [3, 3]
+    single = ask(model, tokenizer, questions, max_new_tokens=12, batch_size=1)
+    assert ask(model, tokenizer, questions, max_new_tokens=12, batch_size=8) == single
+    assert ask(model, tokenizer, questions, max_new_tokens=12, batch_size=3) == single
+    assert any(answer for answer in single.answers)
+
+
+def _common_prefix_len(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
 @pytest.fixture(scope="module")
 def evaluated(tmp_path_factory):
     """The tiny pipeline with a held-out split, a prompt file and retention questions."""
