@@ -10,7 +10,6 @@ files (JSONL of `{question_id, category, turns}`) load too, their category as th
 from __future__ import annotations
 
 import inspect
-
 import json
 import math
 import re
