@@ -104,7 +104,7 @@ def test_batched_and_one_by_one_generation_give_the_same_answers(tiny_model):
 
 def test_questions_after_the_same_note_share_its_prefill_and_get_the_answers_they_get_alone(tiny_model):
     from labtune.chat import conversation_prompt_ids
-    from labtune.evaluation import SHARED_PREFIX_MIN, ask, load_model, prompt_batches
+    from labtune.evaluation import SHARED_PREFIX_MIN, _common_prefix, ask, load_model, prompt_batches
 
     model, tokenizer = load_model(tiny_model)
     note = ("Lab meeting notes:\n\nLab meeting 4/14/2023. Presenter: Lena Fischer. Recorder: Daniel Brooks. "
@@ -114,7 +114,7 @@ def test_questions_after_the_same_note_share_its_prefill_and_get_the_answers_the
                  note + "Topic?", "Who presented at the lab meeting on 5/12/2023?", other + "Who presented?",
                  other + "What were the action items of the lab meeting on 1/13/2023?"]
     rendered = [conversation_prompt_ids(tokenizer, [{"role": "user", "content": q}]) for q in questions]
-    assert _common_prefix_len(rendered[0], rendered[2]) >= SHARED_PREFIX_MIN
+    assert _common_prefix(rendered[0], rendered[2]) >= SHARED_PREFIX_MIN
     # one batch: the two notes' questions in a group each, the lone question on its own (the tiny
     # model's Vicuna system prompt, which all share, is computed once per group)
     assert sorted(sorted(g) for g in prompt_batches(rendered, 8)[0]) == [[0, 1, 2], [3], [4, 5]]
@@ -125,9 +125,6 @@ def test_questions_after_the_same_note_share_its_prefill_and_get_the_answers_the
     assert ask(model, tokenizer, questions, max_new_tokens=12, batch_size=3) == single
     assert any(answer for answer in single.answers)
 
-
-def _common_prefix_len(a: list[int], b: list[int]) -> int:
-    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
 @pytest.fixture(scope="module")
