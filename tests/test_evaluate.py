@@ -126,7 +126,6 @@ def test_questions_after_the_same_note_share_its_prefill_and_get_the_answers_the
     assert any(answer for answer in single.answers)
 
 
-
 @pytest.fixture(scope="module")
 def evaluated(tmp_path_factory):
     """The tiny pipeline with a held-out split, a prompt file and retention questions."""
