@@ -246,6 +246,89 @@ def _padded(rows: list[list[int]], pad_id: int) -> tuple[Any, Any]:
             torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows]))
 
 
+def _reserved_cache(model: Any, capacity: int) -> Any:
+    """A key/value cache whose full-attention layers write into tensors sized for the whole answer
+    up front: transformers' DynamicCache grows by concatenation, copying every layer's cache at
+    every token (a third of decoding time on a CPU). None where this transformers lacks the layer
+    API (the model then makes its own cache)."""
+    try:
+        from transformers.cache_utils import DynamicCache, DynamicLayer
+    except ImportError:
+        return None
+
+    class ReservedLayer(DynamicLayer):
+        def update(self, key_states: Any, value_states: Any, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+                self.length, self.key_room, self.value_room = 0, None, None
+            end = self.length + key_states.shape[-2]
+            if self.key_room is None or end > self.key_room.shape[-2]:
+                room = max(end, self.length + capacity)
+                self.key_room = _grown(self.key_room, key_states, self.length, room)
+                self.value_room = _grown(self.value_room, value_states, self.length, room)
+            self.key_room[..., self.length:end, :] = key_states
+            self.value_room[..., self.length:end, :] = value_states
+            self.length = end
+            self.keys, self.values = self.key_room[..., :end, :], self.value_room[..., :end, :]
+            return self.keys, self.values
+
+        def batch_select_indices(self, indices: Any) -> None:
+            if self.get_seq_length() > 0:
+                self.key_room, self.value_room = self.key_room[indices], self.value_room[indices]
+                self.keys, self.values = self.key_room[..., :self.length, :], self.value_room[..., :self.length, :]
+
+    cache = DynamicCache(config=model.config)
+    if not cache.layers:
+        return None
+    cache.layers = [ReservedLayer() if type(layer) is DynamicLayer else layer for layer in cache.layers]
+    return cache
+
+
+def _grown(room: Any, states: Any, length: int, size: int) -> Any:
+    grown = states.new_empty((*states.shape[:-2], size, states.shape[-1]))
+    if room is not None:
+        grown[..., :length, :] = room[..., :length, :]
+    return grown
+
+
+def _decode(model: Any, cache_name: str, input_ids: Any, attention_mask: Any, cache: Any, max_new_tokens: int,
+            stops: list[int]) -> list[list[int]]:
+    """Greedy decoding from a prompt batch (its cache, if any, holding what came before input_ids).
+    Rows that have produced an end-of-turn token leave the batch, their cache rows dropped, once
+    they are a quarter of it (each drop copies the cache): a batch then costs the rows still
+    answering, not every row until the longest answer ends."""
+    import torch
+
+    answers: list[list[int]] = [[] for _ in range(input_ids.shape[0])]
+    rows = torch.arange(input_ids.shape[0])
+    # positions count real tokens only, so a row reads as its prompt alone would
+    positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, -input_ids.shape[1]:]
+    stop_ids = torch.tensor(stops)
+    with torch.no_grad():
+        output = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True,
+                       logits_to_keep=1, **{cache_name: cache})
+        position = positions[:, -1]
+        going = torch.ones(len(rows), dtype=torch.bool)
+        for step in range(max_new_tokens):
+            token = output.logits[:, -1].argmax(-1)
+            for row, t in zip(rows[going].tolist(), token[going].tolist()):
+                answers[row].append(t)
+            going &= ~torch.isin(token, stop_ids)
+            if step == max_new_tokens - 1 or not going.any():
+                break
+            cache = output[cache_name]
+            if 4 * int((~going).sum()) >= len(rows):
+                keep = going.nonzero().squeeze(1)
+                cache.batch_select_indices(keep)
+                rows, token, attention_mask, position, going = (rows[keep], token[keep], attention_mask[keep],
+                                                                position[keep], going[keep])
+            attention_mask = torch.cat([attention_mask, attention_mask.new_ones((len(rows), 1))], dim=1)
+            position = position + 1
+            output = model(input_ids=token[:, None], attention_mask=attention_mask, position_ids=position[:, None],
+                           use_cache=True, **{cache_name: cache})
+    return answers
+
+
 def _generate_batch(model: Any, groups: list[list[list[int]]], max_new_tokens: int, pad_id: int,
                     stops: list[int]) -> list[list[int]]:
     """Greedy continuations of the prompts of one batch, in order, groups flattened. A group's
@@ -255,30 +338,26 @@ def _generate_batch(model: Any, groups: list[list[list[int]]], max_new_tokens: i
     (prompts x longest prompt) to (groups x longest opening + prompts x longest rest)."""
     import torch
 
-    kwargs = {"max_new_tokens": max_new_tokens, "do_sample": False, "num_beams": 1, "eos_token_id": stops,
-              "pad_token_id": pad_id, "use_cache": True}  # models saved while training say use_cache: false
+    # transformers 5.x renamed past_key_values to cache (the old name still works, with a warning)
+    cache_name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     prompts = [p for group in groups for p in group]
     if all(len(group) == 1 for group in groups):
         input_ids, attention_mask = _padded(prompts, pad_id)
-        with torch.no_grad():
-            output = model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-        return output[:, input_ids.shape[1]:].tolist()
+        cache = _reserved_cache(model, input_ids.shape[1] + max_new_tokens)
+        return _decode(model, cache_name, input_ids, attention_mask, cache, max_new_tokens, stops)
     # an opening never takes a prompt's last token: the first answer token is predicted from it
     openings = [min(min(_common_prefix(group[0], p) for p in group), min(len(p) for p in group) - 1)
                 for group in groups]
     heads, head_mask = _padded([group[0][:n] for group, n in zip(groups, openings)], pad_id)
     rests, rest_mask = _padded([p[n:] for group, n in zip(groups, openings) for p in group], pad_id)
     member_of = torch.tensor([g for g, group in enumerate(groups) for _ in group])
-    # transformers 5.x renamed past_key_values to cache (the old name still works, with a warning)
-    cache_name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    cache = _reserved_cache(model, heads.shape[1] + rests.shape[1] + max_new_tokens)
     with torch.no_grad():
         cache = model(input_ids=heads, attention_mask=head_mask, position_ids=(head_mask.cumsum(-1) - 1).clamp(min=0),
-                      use_cache=True, logits_to_keep=1)[cache_name]
-        cache.batch_select_indices(member_of)
-        input_ids = torch.cat([heads[member_of], rests], dim=1)
-        attention_mask = torch.cat([head_mask[member_of], rest_mask], dim=1)
-        output = model.generate(input_ids=input_ids, attention_mask=attention_mask, **{cache_name: cache}, **kwargs)
-    return output[:, input_ids.shape[1]:].tolist()
+                      use_cache=True, logits_to_keep=1, **{cache_name: cache})[cache_name]
+    cache.batch_select_indices(member_of)
+    attention_mask = torch.cat([head_mask[member_of], rest_mask], dim=1)
+    return _decode(model, cache_name, rests, attention_mask, cache, max_new_tokens, stops)
 
 
 def generate(model: Any, tokenizer: Any, conversations: list[list[dict[str, str]]], max_new_tokens: int, batch_size: int,

@@ -126,6 +126,35 @@ def test_questions_after_the_same_note_share_its_prefill_and_get_the_answers_the
     assert any(answer for answer in single.answers)
 
 
+def test_answers_that_end_leave_the_batch_and_the_others_decode_as_transformers_generate_does(tiny_model):
+    from labtune.chat import conversation_prompt_ids
+    from labtune.evaluation import _generate_batch, _padded, load_model
+
+    model, tokenizer = load_model(tiny_model)
+    questions = ["Who presented at the lab meeting on 4/14/2023?", "Topic?", "Who recorded the notes on 1/13/2023?",
+                 "What were the action items of the lab meeting on 5/12/2023?", "Name a planet.", "Write a haiku.",
+                 "Who presented at the lab meeting on 7/7/2023?", "What is a cell?"]
+    rendered = [[*conversation_prompt_ids(tokenizer, [{"role": "user", "content": q}])] for q in questions]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    alone = [[r] for r in rendered]
+    unstopped = _generate_batch(model, alone, 16, pad, [-1])
+
+    def cut(row: list[int], stops: list[int]) -> list[int]:
+        return next((row[: i + 1] for i, t in enumerate(row) if t in stops), row)
+
+    # two stop tokens that end the answers at the most different steps: rows leave one by one
+    seen = sorted({t for row in unstopped for t in row})
+    stops = max(([a, b] for a in seen for b in seen if a < b),
+                key=lambda pair: len({len(cut(row, pair)) for row in unstopped}))
+    ours = _generate_batch(model, alone, 16, pad, stops)
+    input_ids, attention_mask = _padded(rendered, pad)
+    theirs = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=16, do_sample=False,
+                            eos_token_id=stops, pad_token_id=pad, use_cache=True)[:, input_ids.shape[1]:].tolist()
+    assert len({len(cut(row, stops)) for row in ours}) >= 3
+    assert sum(1 for row in ours if len(cut(row, stops)) <= 8) >= 2  # a quarter gone by half-way: the cache is cut down
+    assert [cut(row, stops) for row in ours] == [cut(row, stops) for row in theirs]
+
+
 @pytest.fixture(scope="module")
 def evaluated(tmp_path_factory):
     """The tiny pipeline with a held-out split, a prompt file and retention questions."""
