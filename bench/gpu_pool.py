@@ -111,7 +111,7 @@ def main() -> None:
     recipe.write_text(recipe_text(work / "model", work / "store", args.epochs, args.batch))
     print(f"model: random LLaMA, {params / 1e9:.2f}B parameters, bf16 ({time.time() - started:.0f} s)", flush=True)
 
-    from labtune import stack
+    from labtune.ops import stack
 
     stack_started = time.time()
     status = stack.up(str(recipe), port=4317, s3_port=None, say=lambda line: print(line, flush=True))

@@ -28,9 +28,9 @@ AXES = ("recipe", "recall", "paraphrase", "reverse", "absent", "absent_trained",
 
 def measure(recipe_path: str, overrides: list[str], store_uri: str) -> dict:
     from labtune.recipe import load_recipe
-    from labtune.stage import fetch
+    from labtune.store.outputs import fetch
     from labtune.stages import run_until
-    from labtune.store import open_store
+    from labtune.store.backends import open_store
 
     recipe = load_recipe(recipe_path, [*overrides, f"store.uri={store_uri}"])
     store = open_store(recipe.store.settings())

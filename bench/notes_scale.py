@@ -55,10 +55,10 @@ def measure(source: str, work: Path, settings, change) -> tuple[float, float, fl
     import json
 
     from labtune.recipe import load_recipe
-    from labtune.stage import fetch
+    from labtune.store.outputs import fetch
     from labtune.stages.data import build_data
-    from labtune.store import open_store
-    from labtune.watch import fingerprint, note_listing
+    from labtune.store.backends import open_store
+    from labtune.data.watch import fingerprint, note_listing
 
     started = time.time()
     fingerprint(note_listing(source, settings))
@@ -101,13 +101,13 @@ def main() -> None:
                             ("AWS_DEFAULT_REGION", "us-east-1")):
             os.environ.setdefault(name, value)  # moto accepts any credentials
 
-        from labtune import local_s3
+        from labtune.store import local_s3
 
         port = random.randint(20000, 40000)
         moto = local_s3.start(port, work / "s3", log_path=work / "s3.log")
         endpoint = f"http://127.0.0.1:{port}"
         boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket="notes")
-    from labtune.store import StoreSettings, open_store
+    from labtune.store.backends import StoreSettings, open_store
 
     print(f"{'source':<8} {'files':>6} {'fingerprint s':>14} {'unchanged s':>12} {'data stage s':>13} "
           f"{'1 changed s':>12} {'ms/file':>8}")

@@ -56,7 +56,7 @@ def make_model(work: Path) -> tuple[Path, str]:
 def prepare(work: Path, args: argparse.Namespace):
     """labtune's data and tokenize stages on the lab notes + dummy conversations."""
     from labtune.recipe import recipe_from_dict
-    from labtune.store import open_store
+    from labtune.store.backends import open_store
     from labtune.stages.data import build_data
     from labtune.stages.tokenize import build_tokenize
     from labtune.stages.weights import build_weights
@@ -85,7 +85,7 @@ def subset(store, tokens_uri: str, count: int) -> str:
     """`count` training examples drawn at random, committed to the store as a tokenize output of its own."""
     from datasets import load_from_disk
 
-    from labtune.stage import commit, fetch
+    from labtune.store.outputs import commit, fetch
 
     source = fetch(store, tokens_uri)
     chosen = load_from_disk(str(source / "train")).shuffle(seed=0).select(range(count))  # notes and ShareGPT mixed
@@ -101,7 +101,7 @@ def subset(store, tokens_uri: str, count: int) -> str:
 
 
 def run_labtune(recipe, store, model_uri: str, tokens_uri: str) -> dict:
-    from labtune.stage import fetch
+    from labtune.store.outputs import fetch
     from labtune.stages.train import build_train
 
     result = build_train(recipe, store, model_uri, tokens_uri, log=lambda line: None)
@@ -114,7 +114,7 @@ def run_baseline(recipe, model_dir: Path, subset_dir: Path, work: Path) -> dict:
     from datasets import load_from_disk
     from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
 
-    from labtune.chat import IGNORE_INDEX
+    from labtune.data.chat import IGNORE_INDEX
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

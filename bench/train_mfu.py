@@ -7,11 +7,11 @@
 Builds a random LLaMA of the shape (1b: TinyLlama-1.1B, hidden 2048, 22 layers, 32 heads, 4 KV
 heads, vocab 32000; 3b: Llama-3.2-3B, 3072, 28, 24, 8, 128256, tied; 8b: Llama-3.1-8B, 4096, 32,
 32, 8, 128256) and a synthetic tokenized data set of full-length sequences, then runs
-`torchrun -m labtune.train_worker` with bf16 mixed precision and FSDP2, and otherwise a recipe's
+`torchrun -m labtune.training.worker` with bf16 mixed precision and FSDP2, and otherwise a recipe's
 default settings unless told: torch_compile auto, gradient_checkpointing auto (resolved by the
-train stage's memory plan, labtune/memory.py, printed with its estimate beside the measured peak).
+train stage's memory plan, labtune/training/memory.py, printed with its estimate beside the measured peak).
 Reports the median over the steps after warm-up of what the worker logs: tokens/s and MFU from
-synchronized wall time (labtune/throughput.py: 6 x matmul parameters + 12 x layers x hidden x
+synchronized wall time (labtune/training/throughput.py: 6 x matmul parameters + 12 x layers x hidden x
 length FLOPs per token, over the device's dense bf16 peak from its name), and the peak GPU memory
 per rank. Needs CUDA.
 """
@@ -47,7 +47,7 @@ def build_model(model_dir: Path, shape: dict, seq: int) -> int:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from labtune.tiny import make_tiny_llama
+    from labtune.models.tiny import make_tiny_llama
 
     make_tiny_llama(model_dir)  # the tokenizer files; the weights are replaced below
     config = LlamaConfig(**shape, max_position_embeddings=seq, bos_token_id=1, eos_token_id=2)
@@ -97,8 +97,8 @@ def main() -> None:
     shape = dict(SHAPES[args.shape], **({"num_hidden_layers": args.layers} if args.layers else {}))
     params = build(work, shape, args.seq, args.steps * args.batch * args.nproc)
     from labtune.recipe import TrainConfig
-    from labtune.store import StoreSettings
-    from labtune.worker_config import WorkerConfig
+    from labtune.store.backends import StoreSettings
+    from labtune.training.worker_config import WorkerConfig
 
     settings = {}
     if args.checkpointing != "default":
@@ -110,7 +110,7 @@ def main() -> None:
     train = TrainConfig(num_train_epochs=1, per_device_train_batch_size=args.batch, learning_rate=1e-4, warmup_ratio=0.0,
                         lr_scheduler_type="constant", bf16=True, save_strategy="no", seed=0, **settings)
     # what the train stage does before it launches: resolve auto checkpointing, or fail with the numbers
-    from labtune import memory
+    from labtune.training import memory
 
     dev = memory.devices(True, args.nproc, None)
     train, plan = memory.plan(train, args.nproc, args.nproc, memory.Shape.of_model_dir(work / "model", train),
@@ -121,7 +121,7 @@ def main() -> None:
                  checkpoint_dir=str(work / "checkpoints"), store=StoreSettings(str(work / "store")),
                  train=train).write(work / "config.json")
     command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.nproc}", "--master_port=29533",
-               "-m", "labtune.train_worker", "--config", str(work / "config.json")]
+               "-m", "labtune.training.worker", "--config", str(work / "config.json")]
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     records = []
     with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) as proc:

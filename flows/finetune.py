@@ -19,13 +19,13 @@ from prefect.states import Failed
 from flows.train import train as train_flow
 from flows.watch import changes_markdown
 from labtune.errors import RunFailure, one_line
-from labtune.housekeeping import record_run, usage_markdown
+from labtune.store.housekeeping import record_run, usage_markdown
 from labtune.recipe import Recipe, load_recipe
-from labtune.stage import StageResult, output_prefix, read_manifest
+from labtune.store.outputs import StageResult, output_prefix, read_manifest
 from labtune.stages.evaluate import evaluate_key
 from labtune.stages.preflight import preflight
 from labtune.stages.train import train_key
-from labtune.store import open_store
+from labtune.store.backends import open_store
 from tasks.data import data_task
 from tasks.delta import delta_task
 from tasks.evaluate import evaluate_task

@@ -14,10 +14,10 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from flows.finetune import finetune
-from labtune import evaluation
+from labtune.evaluation import comparison
 from labtune.recipe import grid_variants, load_recipe
 from labtune.stages.evaluate import read_run
-from labtune.store import open_store
+from labtune.store.backends import open_store
 
 
 @flow(name="sweep", log_prints=True)
@@ -33,9 +33,9 @@ def sweep(recipe_path: str, grid: dict[str, list[Any]], overrides: list[str] | N
         stages = finetune(recipe_path, variant_overrides)
         run = read_run(open_store(recipe.store.settings()), stages["evaluate"]["uri"])
         runs.append({**run, "variant": variant})
-    labels, table = evaluation.comparison_table(runs)
+    labels, table = comparison.comparison_table(runs)
     columns = ["question", "expected", "base", *labels]
-    markdown = evaluation.markdown_table(columns, table)
+    markdown = comparison.markdown_table(columns, table)
     totals = [f"- {label}: {run['summary']['tuned_correct']}/{run['summary']['total']} correct (`{run['uri']}`)"
               for label, run in zip(labels, runs)]
     create_table_artifact(key="comparison", table=[{c: row.get(c) for c in columns} for row in table],

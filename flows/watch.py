@@ -15,10 +15,10 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.events import emit_event
 
-from labtune import watch
+from labtune.data import watch
 from labtune.errors import LabtuneError
 from labtune.recipe import load_recipe
-from labtune.store import open_store
+from labtune.store.backends import open_store
 
 EVENT = "labtune.labnotes.updated"
 

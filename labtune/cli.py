@@ -106,7 +106,7 @@ def _short(text: Any, width: int = 44) -> str:
 
 
 def _settings(endpoint_url: str | None):
-    from labtune.store import StoreSettings
+    from labtune.store.backends import StoreSettings
 
     return StoreSettings("", endpoint_url=endpoint_url)
 
@@ -138,11 +138,11 @@ def run(recipe: Path = Recipe, overrides: Optional[list[str]] = Overrides, as_js
     """Run the whole finetune flow, tracked by Prefect (starts a local server if none answers)."""
     from labtune.console import run_console
     from labtune.recipe import load_recipe
-    from labtune.server import ensure_api, using_api
-    from labtune.evaluation import expected_text
+    from labtune.ops.server import ensure_api, using_api
+    from labtune.evaluation.comparison import expected_text
     from labtune.stages.evaluate import COLUMNS, read_evaluation
     from labtune.stages.preflight import preflight
-    from labtune.store import open_store
+    from labtune.store.backends import open_store
 
     started = time.time()
     overrides = overrides or []
@@ -211,7 +211,7 @@ def _stage(stage: str, recipe: Path, overrides: list[str] | None, as_json: bool,
     from labtune.recipe import load_recipe
     from labtune.stages import run_until
     from labtune.stages.train import progress_bar
-    from labtune.store import open_store
+    from labtune.store.backends import open_store
 
     config = load_recipe(recipe, overrides or [])
     store = open_store(config.store.settings())
@@ -398,7 +398,7 @@ def ask(model: str = ModelArg, question: list[str] = typer.Argument(..., help="o
         max_new_tokens: str = MaxNew, chat_template: ChatTemplate = Template, endpoint_url: Optional[str] = Endpoint,
         as_json: bool = Json) -> None:
     """Greedy answers from a model to one or more questions (with --notes, the notes retrieved into the prompt)."""
-    from labtune import evaluation
+    from labtune.evaluation import generation
     from labtune.tools import answer_budget_for_model, model_folder, token_limit
 
     if max_new_tokens != "auto":
@@ -406,7 +406,7 @@ def ask(model: str = ModelArg, question: list[str] = typer.Argument(..., help="o
 
     prompts = list(question)
     if notes is not None:
-        from labtune.retrieval import NotesIndex, note_documents
+        from labtune.evaluation.retrieval import NotesIndex, note_documents
 
         if not notes.is_dir():
             raise LabtuneError(f"{notes}: lab-notes folder not found")
@@ -414,8 +414,8 @@ def ask(model: str = ModelArg, question: list[str] = typer.Argument(..., help="o
         prompts = [index.prompt(q, top_k) for q in question]
     folder = model_folder(model, _settings(endpoint_url), _err)
     budget = answer_budget_for_model(folder, max_new_tokens, _settings(endpoint_url), _err)
-    loaded, tokenizer = evaluation.load_model(folder)
-    generated = evaluation.ask(loaded, tokenizer, prompts, budget, batch_size, chat_template.value, system_prompt)
+    loaded, tokenizer = generation.load_model(folder)
+    generated = generation.ask(loaded, tokenizer, prompts, budget, batch_size, chat_template.value, system_prompt)
     for text, cut in zip(question, generated.truncated):
         if cut:
             _err(f"ask: the answer to {_short(text, 60)!r} hit --max-new-tokens={budget}; raise it")
@@ -429,14 +429,14 @@ def ask(model: str = ModelArg, question: list[str] = typer.Argument(..., help="o
 def chat(model: str = ModelArg, max_new_tokens: str = MaxNew, chat_template: ChatTemplate = Template,
          endpoint_url: Optional[str] = Endpoint) -> None:
     """Talk with a model on stdin/stdout; /reset forgets the conversation, /exit leaves."""
-    from labtune import evaluation
+    from labtune.evaluation import generation
     from labtune.tools import answer_budget_for_model, model_folder, token_limit
 
     if max_new_tokens != "auto":
         token_limit(max_new_tokens)  # a bad limit fails before the model loads
     folder = model_folder(model, _settings(endpoint_url), _err)
     max_new_tokens = answer_budget_for_model(folder, max_new_tokens, _settings(endpoint_url), _err)
-    loaded, tokenizer = evaluation.load_model(folder)
+    loaded, tokenizer = generation.load_model(folder)
     conversation: list[dict[str, str]] = []
     interactive = sys.stdin.isatty()
     if interactive:
@@ -453,7 +453,7 @@ def chat(model: str = ModelArg, max_new_tokens: str = MaxNew, chat_template: Cha
         if not line.strip():
             continue
         conversation.append({"role": "user", "content": line.strip()})
-        answer = evaluation.generate(loaded, tokenizer, [conversation], max_new_tokens, 1, chat_template.value)[0][0]
+        answer = generation.generate(loaded, tokenizer, [conversation], max_new_tokens, 1, chat_template.value)[0][0]
         conversation.append({"role": "assistant", "content": answer})
         print(answer, flush=True)
 
@@ -462,18 +462,18 @@ def chat(model: str = ModelArg, max_new_tokens: str = MaxNew, chat_template: Cha
 def compare(runs: list[str] = typer.Argument(..., metavar="RUN_URI...", help="evaluate stage outputs (folder or s3://)"),
             endpoint_url: Optional[str] = Endpoint, as_json: bool = Json) -> None:
     """Evaluation outputs side by side, question by question."""
-    from labtune import evaluation
-    from labtune.stage import fetch_output
+    from labtune.evaluation import comparison
+    from labtune.store.outputs import fetch_output
     from labtune.stages.evaluate import run_from_folder
 
     loaded = [run_from_folder(fetch_output(uri, _settings(endpoint_url), log=_err), uri) for uri in runs]
-    labels, table = evaluation.comparison_table(loaded)
+    labels, table = comparison.comparison_table(loaded)
     if as_json:
         print(json.dumps({"columns": labels, "rows": table, "runs": [{"uri": r["uri"], "label": label,
                           "tuned_correct": r["summary"]["tuned_correct"], "total": r["summary"]["total"]}
                                                                   for r, label in zip(loaded, labels)]}, ensure_ascii=False))
         return
-    print(evaluation.markdown_table(["question", "expected", "base", *labels], table))
+    print(comparison.markdown_table(["question", "expected", "base", *labels], table))
     print()
     for one, label in zip(loaded, labels):
         print(f"- {label}: {one['summary']['tuned_correct']}/{one['summary']['total']} correct ({one['uri']})")
@@ -499,7 +499,7 @@ def sweep(recipe: Path = Recipe, overrides: Optional[list[str]] = Overrides,
           as_json: bool = Json, port: int = Port) -> None:
     """Run a recipe over a grid of overrides and compare the runs (shared stages run once)."""
     from labtune.recipe import grid_variants, load_recipe
-    from labtune.server import ensure_api, using_api
+    from labtune.ops.server import ensure_api, using_api
 
     values = parse_grid(grid)
     for variant in grid_variants(values):  # a bad recipe, key or value fails here, before Prefect is contacted
@@ -518,9 +518,9 @@ def sweep(recipe: Path = Recipe, overrides: Optional[list[str]] = Overrides,
 @app.command(epilog=example("labtune deploy examples/labnotes-smollm2.yaml"))
 def deploy(recipe: Path = Recipe, port: int = Port) -> None:
     """Create the work pools and register the deployments (deployments/prefect.yaml) for a recipe."""
-    from labtune import stack
+    from labtune.ops import stack
     from labtune.recipe import load_recipe
-    from labtune.server import ensure_api
+    from labtune.ops.server import ensure_api
 
     load_recipe(recipe)  # a bad recipe fails here, before Prefect is contacted
     url = ensure_api(port, say=_err)
@@ -533,7 +533,7 @@ def stack_up(recipe: Optional[str] = typer.Option(None, "--recipe", help="deploy
              port: int = Port, s3_port: int = typer.Option(9000, "--s3-port", min=1, max=65535, help="port of the local S3 endpoint (moto)"),
              no_s3: bool = typer.Option(False, "--no-s3", help="no local S3 endpoint (MinIO or AWS instead)")) -> None:
     """Start the Prefect server, a local S3 endpoint, the work pools, their workers and the deployments."""
-    from labtune import stack
+    from labtune.ops import stack
 
     if recipe:
         from labtune.recipe import load_recipe
@@ -545,7 +545,7 @@ def stack_up(recipe: Optional[str] = typer.Option(None, "--recipe", help="deploy
 @stack_app.command("down", epilog=example("labtune stack down"))
 def stack_down() -> None:
     """Stop what `stack up` started (workers first, then the server and the S3 endpoint)."""
-    from labtune import stack
+    from labtune.ops import stack
 
     if not stack.down(say=print):
         print("nothing from the labtune stack was running")
@@ -554,7 +554,7 @@ def stack_down() -> None:
 @stack_app.command("status", epilog=example("labtune stack status"))
 def stack_status(port: int = Port) -> None:
     """The stack's processes and the server's health, as JSON."""
-    from labtune import stack
+    from labtune.ops import stack
 
     print(json.dumps(stack.status(port), indent=2))
 
@@ -562,7 +562,7 @@ def stack_status(port: int = Port) -> None:
 @server_app.command("start", epilog=example("labtune server start --port 4200"))
 def server_start(port: int = Port) -> None:
     """Start a local Prefect server in the background (its UI at http://127.0.0.1:PORT)."""
-    from labtune import server
+    from labtune.ops import server
 
     url, started = server.start(port, say=_err)
     print(f"Prefect server {'started' if started else 'already running'}: UI {url.removesuffix('/api')}, "
@@ -572,7 +572,7 @@ def server_start(port: int = Port) -> None:
 @server_app.command("stop", epilog=example("labtune server stop"))
 def server_stop() -> None:
     """Stop the Prefect server labtune started."""
-    from labtune import server
+    from labtune.ops import server
 
     print("Prefect server stopped" if server.stop() else "no Prefect server started by labtune is running")
 
@@ -580,7 +580,7 @@ def server_stop() -> None:
 @server_app.command("status", epilog=example("labtune server status"))
 def server_status(port: int = Port) -> None:
     """The server's URL and health, as JSON."""
-    from labtune import server
+    from labtune.ops import server
 
     print(json.dumps(server.status(port), indent=2))
 
@@ -601,7 +601,7 @@ def _age(seconds: float | None) -> str:
 
 def _existing_store(store_uri: str, endpoint_url: str | None):
     """The store at store_uri; a local folder that does not exist is a mistyped path, not an empty store."""
-    from labtune.store import open_store
+    from labtune.store.backends import open_store
 
     if "://" not in store_uri:
         folder = Path(store_uri).expanduser()
@@ -616,7 +616,7 @@ def store_ls(store_uri: str = StoreUri, recipe: Optional[str] = typer.Option(Non
              endpoint_url: Optional[str] = Endpoint, as_json: bool = Json) -> None:
     """Every stage output and training's checkpoints: size, age, the runs that use it, and whether
     the latest run of a deployment (or of the CLI) still needs it."""
-    from labtune.housekeeping import inventory
+    from labtune.store.housekeeping import inventory
 
     store = _existing_store(store_uri, endpoint_url)
     now = time.time()
@@ -639,7 +639,7 @@ def store_gc(store_uri: str = StoreUri, keep_last: int = typer.Option(..., "--ke
              endpoint_url: Optional[str] = Endpoint, as_json: bool = Json) -> None:
     """Delete the outputs no kept run needs (manifest first), and the checkpoints of finished
     trainings. Never what a run in progress reads or a stage is writing."""
-    from labtune.housekeeping import collect, usage_by_stage
+    from labtune.store.housekeeping import collect, usage_by_stage
 
     store = _existing_store(store_uri, endpoint_url)
     before = sum(usage_by_stage(store).values())

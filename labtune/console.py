@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from labtune.errors import one_line
-from labtune.store import labtune_home
+from labtune.store.backends import labtune_home
 
 
 class TerminalHandler(logging.Handler):

@@ -15,8 +15,8 @@ from typing import Any, Literal
 import yaml
 
 from labtune.errors import LabtuneError, yaml_error
-from labtune.evaluation import Prompt
-from labtune.store import StoreSettings
+from labtune.evaluation.prompts import Prompt
+from labtune.store.backends import StoreSettings
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
@@ -54,7 +54,7 @@ class DataSource(_Strict):
 
 
 class AugmentConfig(_Strict):
-    """Facts in many forms (labtune/augment.py): each lab-note fact asked in many phrasings and
+    """Facts in many forms (labtune/data/augment.py): each lab-note fact asked in many phrasings and
     date forms, reverse questions, summaries, and dates with no meeting; held-out phrasings and date
     forms build the evaluation's `paraphrase`, `reverse` and `absent` prompts."""
 
@@ -101,7 +101,7 @@ class DataConfig(_Strict):
     # how a date such as 03/04/2023 is read (a year first is always year-month-day); a note whose
     # date reads otherwise under the other order is named in the data report
     date_order: Literal["MDY", "DMY"] = "MDY"
-    # a lab's own words for the note fields, added to labtune.notes.FIELD_WORDS ({presenter: [Vortrag]})
+    # a lab's own words for the note fields, added to labtune.data.notes.FIELD_WORDS ({presenter: [Vortrag]})
     field_names: dict[Literal["presenter", "recorder", "topic", "attendees", "action_items", "decisions", "agenda",
                               "date"], list[str]] = Field(
         default_factory=dict)
@@ -182,7 +182,7 @@ class TrainConfig(_Strict):
     freeze_embeddings: bool = False
     freeze_layers: int = Field(default=0, ge=0)
     # The frozen layers' output computed once per example before training, not once per epoch
-    # (labtune/frozen_prefix.py): the same losses and gradients; one unsharded process only.
+    # (labtune/training/frozen_prefix.py): the same losses and gradients; one unsharded process only.
     cache_frozen_layers: bool = True
     # Short examples packed into rows of up to packing_length tokens (default data.model_max_length),
     # each attending only to itself (position ids restart per example); per_device_train_batch_size

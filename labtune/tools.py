@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from labtune.errors import LabtuneError
-from labtune.stage import Log, ManifestError, default_log, fetch_output, publish
-from labtune.store import StoreSettings, sha256_files
+from labtune.store.outputs import Log, ManifestError, default_log, fetch_output, publish
+from labtune.store.backends import StoreSettings, sha256_files
 
 MERGE_KINDS = {"merge-delta": "delta", "make-delta": "target", "merge-lora": "adapter"}
 
@@ -23,7 +23,7 @@ def import_model(source: str, out: str, dtype: str | None, gguf_file: str | None
                  log: Log = default_log) -> tuple[str, bool]:
     """Any model source (folder, s3://, hf://, GGUF, Meta checkpoint) -> HF safetensors in OUT."""
     from labtune.recipe import ModelSource
-    from labtune.sources import WeightsError, materialize, source_identity
+    from labtune.models.sources import WeightsError, materialize, source_identity
 
     try:
         model = ModelSource(source=source, dtype=dtype, gguf_file=gguf_file)
@@ -44,10 +44,10 @@ def merge_models(kind: str, base: str, other: str, out: str, max_shard_size: str
                  log: Log = default_log) -> tuple[str, bool, str]:
     """merge-delta: OUT = BASE + DELTA; make-delta: OUT = TARGET - BASE; merge-lora: BASE with a
     PEFT adapter folded in. Returns (uri, already_there, a note on what was done)."""
-    from labtune import merge
+    from labtune.models import merge
     from labtune.recipe import ModelSource
-    from labtune.sources import local_source, source_identity
-    from labtune.tensorfiles import CheckpointError, parse_size
+    from labtune.models.sources import local_source, source_identity
+    from labtune.models.tensorfiles import CheckpointError, parse_size
 
     second = MERGE_KINDS[kind]
     sources = {"base": base, second: other}
@@ -102,8 +102,8 @@ def convert_data(sources: list[dict[str, str]], out: str, options: dict[str, Any
                  log: Log = default_log) -> tuple[str, bool, dict[str, int]]:
     """Any mix of data sources -> cleaned ShareGPT JSON (train.json, eval.json), report.json and
     report.md in OUT. `options` are DataConfig's (eval_fraction, qa_pairs, ...)."""
-    from labtune.conversations import convert
-    from labtune.notes import note_files
+    from labtune.data.conversations import convert
+    from labtune.data.notes import note_files
     from pydantic import ValidationError
 
     from labtune.recipe import DataConfig
@@ -144,7 +144,7 @@ def convert_data(sources: list[dict[str, str]], out: str, options: dict[str, Any
 
 def require_tokenizer(model: Path, what: str) -> list[Path]:
     """The tokenizer files of a model folder; none is an error naming the folder."""
-    from labtune.merge import TOKENIZER_FILES
+    from labtune.models.merge import TOKENIZER_FILES
 
     found = [model / name for name in TOKENIZER_FILES if (model / name).is_file()]
     if not found:
@@ -212,7 +212,7 @@ def answer_budget_for_model(folder: Path, setting: str, settings: StoreSettings 
                             log: Log = default_log) -> int:
     """`--max-new-tokens` as a number: a number as given; auto, for a train stage's output, by the
     evaluate stage's rule (its training data's longest answer plus the margin), else the default."""
-    from labtune import evaluation
+    from labtune.evaluation import generation
 
     if setting != "auto":
         return token_limit(setting)
@@ -222,7 +222,7 @@ def answer_budget_for_model(folder: Path, setting: str, settings: StoreSettings 
         manifest = {}
     tokens = manifest.get("inputs", {}).get("tokens") if manifest.get("stage") == "train" else None
     if not tokens:
-        return evaluation.DEFAULT_MAX_NEW_TOKENS
+        return generation.DEFAULT_MAX_NEW_TOKENS
     from labtune.stages.evaluate import training_longest_answer
 
-    return evaluation.auto_max_new_tokens(training_longest_answer(fetch_output(tokens, settings, log)))
+    return generation.auto_max_new_tokens(training_longest_answer(fetch_output(tokens, settings, log)))

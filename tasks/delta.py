@@ -6,9 +6,9 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from labtune.recipe import Recipe
-from labtune.stage import StageResult
+from labtune.store.outputs import StageResult
 from labtune.stages.delta import build_delta
-from labtune.store import open_store
+from labtune.store.backends import open_store
 from tasks import retry_transient, run_log
 
 

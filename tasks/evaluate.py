@@ -10,12 +10,12 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from labtune import evaluation
+from labtune.evaluation import comparison
 from labtune.recipe import Recipe
-from labtune.stage import StageResult
+from labtune.store.outputs import StageResult
 from labtune.stages.evaluate import COLUMNS, build_evaluate, read_evaluation, summary_markdown
 from labtune.stages.train import progress_bar
-from labtune.store import open_store
+from labtune.store.backends import open_store
 from tasks import retry_transient, run_log
 
 
@@ -49,7 +49,7 @@ def evaluation_table(rows: list[dict], columns: list[tuple[str, str]]) -> list[d
     question_width, expected_width, answer_width = CELL_WIDTHS[min(max(len(columns), 1), 4)]
     table = []
     for r in rows:
-        expected = wrapped(evaluation.expected_text(r), expected_width)
+        expected = wrapped(comparison.expected_text(r), expected_width)
         if r.get("tags"):
             expected += "  \n" + wrapped("(" + ", ".join(r["tags"]) + ")", expected_width)
         table.append({"question": wrapped(r["question"], question_width), "expected": expected,

@@ -10,9 +10,9 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from labtune.recipe import Recipe
-from labtune.stage import StageResult, fetch
+from labtune.store.outputs import StageResult, fetch
 from labtune.stages.tokenize import build_tokenize, report_markdown
-from labtune.store import open_store
+from labtune.store.backends import open_store
 from tasks import retry_transient, run_log
 
 

@@ -13,9 +13,9 @@ from prefect.cache_policies import NO_CACHE
 
 from labtune.plots import png_markdown
 from labtune.recipe import Recipe
-from labtune.stage import StageResult, fetch
+from labtune.store.outputs import StageResult, fetch
 from labtune.stages.train import artifact_link, build_train, progress_bar
-from labtune.store import open_store
+from labtune.store.backends import open_store
 from tasks import ServerTolerant, retry_transient, run_log
 
 

@@ -79,7 +79,7 @@ class RestartableS3:
         self.proc = None
 
     def start(self) -> None:
-        from labtune import local_s3
+        from labtune.store import local_s3
 
         self.proc = local_s3.start(self.port, self.state_dir)
 
@@ -103,7 +103,7 @@ def restartable_s3(tmp_path: Path):
 @pytest.fixture(scope="session")
 def prefect_api(session_home: Path):
     """A real Prefect server (labtune's own launcher) for the whole session."""
-    from labtune import server
+    from labtune.ops import server
 
     port = free_port()
     started = time.time()
@@ -121,7 +121,7 @@ def prefect_api(session_home: Path):
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from labtune.tiny import make_tiny_llama
+    from labtune.models.tiny import make_tiny_llama
 
     return make_tiny_llama(tmp_path_factory.mktemp("tiny-model"))
 
@@ -140,7 +140,7 @@ def tiny_stage_inputs(root: Path, overrides: list[str] | tuple[str, ...] = ()):
     from labtune.stages.data import build_data
     from labtune.stages.tokenize import build_tokenize
     from labtune.stages.weights import build_weights
-    from labtune.store import LocalStore
+    from labtune.store.backends import LocalStore
 
     recipe = load_recipe(TINY_RECIPE, [*overrides, f"store.uri={root / 'store'}"])
     store = LocalStore(root / "store")

@@ -145,7 +145,7 @@ def test_a_failure_at_run_time_exits_1(tmp_path):
 
 @pytest.mark.parametrize("link", ["file", "folder"])
 def test_notes_linked_from_outside_the_folder_are_refused_by_the_data_stage_and_the_watcher(tmp_path, link):
-    from labtune.watch import note_listing
+    from labtune.data.watch import note_listing
 
     notes = tmp_path / "notes"
     shutil.copytree(REPO / "examples" / "labnotes", notes)
@@ -164,7 +164,7 @@ def test_notes_linked_from_outside_the_folder_are_refused_by_the_data_stage_and_
 
 
 def test_links_that_stay_inside_the_notes_folder_are_read(tmp_path):
-    from labtune.notes import note_files
+    from labtune.data.notes import note_files
 
     notes = tmp_path / "notes"
     (notes / "2023").mkdir(parents=True)

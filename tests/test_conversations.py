@@ -5,8 +5,8 @@ import json
 import pytest
 
 from conftest import REPO, SHARED_DATA, run_cli
-from labtune.conversations import DataError, SourceReport, clean, load_alpaca, load_lab_notes, load_messages
-from labtune.notes import parse_fields, qa_pairs, read_note
+from labtune.data.conversations import DataError, SourceReport, clean, load_alpaca, load_lab_notes, load_messages
+from labtune.data.notes import parse_fields, qa_pairs, read_note
 
 NOTES = REPO / "examples" / "labnotes"
 

@@ -6,13 +6,13 @@ import json
 import pytest
 
 from conftest import REPO, SHARED_DATA, TINY_RECIPE
-from labtune.chat import IGNORE_INDEX, encode_conversation, prompt_ids
+from labtune.data.chat import IGNORE_INDEX, encode_conversation, prompt_ids
 from labtune.recipe import load_recipe
-from labtune.stage import fetch
-from labtune.store import LocalStore
-from labtune.conversations import DataError, SourceReport, load_alpaca, load_sharegpt
-from labtune.conversations import load_lab_notes as _load_lab_notes
-from labtune.notes import QA_FIELDS, parse_date, qa_pairs, read_note
+from labtune.store.outputs import fetch
+from labtune.store.backends import LocalStore
+from labtune.data.conversations import DataError, SourceReport, load_alpaca, load_sharegpt
+from labtune.data.conversations import load_lab_notes as _load_lab_notes
+from labtune.data.notes import QA_FIELDS, parse_date, qa_pairs, read_note
 from labtune.stages.data import build_data
 
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from labtune.merge import DeltaError, apply_delta, make_delta, merge_lora
-from labtune.tensorfiles import Checkpoint, CheckpointError
+from labtune.models.merge import DeltaError, apply_delta, make_delta, merge_lora
+from labtune.models.tensorfiles import Checkpoint, CheckpointError
 
 
 def _model_dir(path: Path, tensors: dict, vocab: int, shards: int = 1) -> Path:
@@ -207,7 +207,7 @@ def test_lora_on_the_wrong_base_is_refused(tmp_path, tiny_model):
     peft_model = _peft_model(tiny_model, r=4, lora_alpha=8, target_modules=["q_proj"])
     peft_model.save_pretrained(tmp_path / "adapter")
     wrong = tmp_path / "wrong"
-    from labtune.tiny import make_tiny_llama
+    from labtune.models.tiny import make_tiny_llama
 
     make_tiny_llama(wrong, {"hidden_size": 32})
     with pytest.raises(DeltaError, match=r"tensor model.layers.0.self_attn.q_proj.weight: base shape \(32, 32\)"):
@@ -231,8 +231,8 @@ def _stage_recipe(tmp_path, *overrides):
 
 
 def test_delta_stage_merges_a_lora_adapter_and_caches_it(tmp_path, tiny_model):
-    from labtune.stage import fetch, read_manifest
-    from labtune.store import LocalStore
+    from labtune.store.outputs import fetch, read_manifest
+    from labtune.store.backends import LocalStore
     from labtune.stages.delta import build_delta
     from labtune.stages.weights import build_weights
 
@@ -251,8 +251,8 @@ def test_delta_stage_merges_a_lora_adapter_and_caches_it(tmp_path, tiny_model):
 
 
 def test_delta_stage_on_a_corrupted_base_output_fails_and_writes_no_manifest(tmp_path, tiny_model):
-    from labtune.stage import ManifestError
-    from labtune.store import LocalStore
+    from labtune.store.outputs import ManifestError
+    from labtune.store.backends import LocalStore
     from labtune.stages.delta import build_delta
     from labtune.stages.weights import build_weights
 

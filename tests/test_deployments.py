@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, TINY_RECIPE
-from labtune.store import LocalStore, StoreError
-from labtune.watch import UnsafePathError, changes, fingerprint, note_listing, safe_relative
+from labtune.store.backends import LocalStore, StoreError
+from labtune.data.watch import UnsafePathError, changes, fingerprint, note_listing, safe_relative
 
 
 @pytest.mark.parametrize("name", ["../secrets.md", "/etc/passwd", "a/../../b.md", "a\\b.md", "", "a//b.md"])
@@ -96,7 +96,7 @@ def deployed(prefect_api, s3_endpoint, tmp_path_factory):
 
     import boto3
 
-    from labtune import stack
+    from labtune.ops import stack
 
     root = tmp_path_factory.mktemp("deployed")
     notes = root / "labnotes"
@@ -250,7 +250,7 @@ def test_a_worker_that_dies_mid_training_is_crashed_and_a_rerun_resumes_from_its
     import os
     import signal
 
-    from labtune import stack
+    from labtune.ops import stack
 
     api, _, _, store = deployed
     parameters = {"overrides": ["train.num_train_epochs=4", "train.seed=11"]}  # a training no other test ran

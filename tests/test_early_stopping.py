@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from labtune.early_stopping import LOSS_GAIN, StoppableSchedule, Stopping, eval_due
+from labtune.training.early_stopping import LOSS_GAIN, StoppableSchedule, Stopping, eval_due
 from labtune.recipe import TrainConfig
 
 

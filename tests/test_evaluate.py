@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 
 from conftest import SHARED_DATA, TINY_RECIPE, run_cli
-from labtune.evaluation import Prompt, PromptError, accuracy, load_prompts, mean_loss, recipe_differences, score
+from labtune.evaluation.prompts import Prompt, PromptError, accuracy, load_prompts, score
+from labtune.evaluation.generation import mean_loss
+from labtune.evaluation.comparison import recipe_differences
 
 
 @pytest.mark.parametrize("prompt, answer, expected", [
@@ -73,7 +75,7 @@ def test_recipe_differences_name_what_changed():
 def test_perplexity_of_a_model_with_uniform_predictions_is_the_vocabulary_size(tiny_model):
     import torch
 
-    from labtune.evaluation import load_model
+    from labtune.evaluation.generation import load_model
 
     model, _ = load_model(tiny_model)
     with torch.no_grad():
@@ -88,7 +90,7 @@ def test_perplexity_of_a_model_with_uniform_predictions_is_the_vocabulary_size(t
 
 
 def test_batched_and_one_by_one_generation_give_the_same_answers(tiny_model):
-    from labtune.evaluation import ask, load_model
+    from labtune.evaluation.generation import ask, load_model
 
     model, tokenizer = load_model(tiny_model)
     questions = ["Who presented at the lab meeting on 4/14/2023?", "Topic?",
@@ -103,8 +105,8 @@ def test_batched_and_one_by_one_generation_give_the_same_answers(tiny_model):
 
 
 def test_questions_after_the_same_note_share_its_prefill_and_get_the_answers_they_get_alone(tiny_model):
-    from labtune.chat import conversation_prompt_ids
-    from labtune.evaluation import SHARED_PREFIX_MIN, _common_prefix, ask, load_model, prompt_batches
+    from labtune.data.chat import conversation_prompt_ids
+    from labtune.evaluation.generation import SHARED_PREFIX_MIN, _common_prefix, ask, load_model, prompt_batches
 
     model, tokenizer = load_model(tiny_model)
     note = ("Lab meeting notes:\n\nLab meeting 4/14/2023. Presenter: Lena Fischer. Recorder: Daniel Brooks. "
@@ -127,8 +129,8 @@ def test_questions_after_the_same_note_share_its_prefill_and_get_the_answers_the
 
 
 def test_answers_that_end_leave_the_batch_and_the_others_decode_as_transformers_generate_does(tiny_model):
-    from labtune.chat import conversation_prompt_ids
-    from labtune.evaluation import _generate_batch, _padded, load_model
+    from labtune.data.chat import conversation_prompt_ids
+    from labtune.evaluation.generation import _generate_batch, _padded, load_model
 
     model, tokenizer = load_model(tiny_model)
     questions = ["Who presented at the lab meeting on 4/14/2023?", "Topic?", "Who recorded the notes on 1/13/2023?",
@@ -159,7 +161,7 @@ def test_answers_that_end_leave_the_batch_and_the_others_decode_as_transformers_
 def evaluated(tmp_path_factory):
     """The tiny pipeline with a held-out split, a prompt file and retention questions."""
     from labtune.recipe import load_recipe
-    from labtune.store import LocalStore
+    from labtune.store.backends import LocalStore
     from labtune.stages.data import build_data
     from labtune.stages.evaluate import build_evaluate
     from labtune.stages.tokenize import build_tokenize
@@ -222,7 +224,7 @@ def test_ask_and_chat_on_a_model_in_the_store_and_refuse_an_incomplete_one(evalu
     assert [a["question"] for a in answers] == ["Who presented at the lab meeting on 4/14/2023?", "Topic?"]
     # without a limit: the train stage's own data sets it, as in evaluation; the tiny model never
     # ends its turn, so the answer is cut there, and said so
-    from labtune.evaluation import auto_max_new_tokens
+    from labtune.evaluation.generation import auto_max_new_tokens
     from labtune.stages.evaluate import training_longest_answer
 
     budget = auto_max_new_tokens(training_longest_answer(Path(uris["tokens"])))
@@ -256,7 +258,7 @@ def test_auto_answer_budget_is_the_longest_training_answer_plus_the_margin(evalu
     from datasets import load_from_disk
     from transformers import AutoTokenizer
 
-    from labtune.evaluation import auto_max_new_tokens
+    from labtune.evaluation.generation import auto_max_new_tokens
     from labtune.stages.evaluate import training_longest_answer
 
     recipe, _, uris = evaluated
@@ -306,8 +308,8 @@ def test_answers_cut_at_the_token_limit_are_counted_and_warned_about(evaluated):
 def test_an_answer_that_ends_its_turn_is_not_counted_as_cut(tiny_model):
     import torch
 
-    from labtune.chat import stop_token_ids
-    from labtune.evaluation import ask, load_model
+    from labtune.data.chat import stop_token_ids
+    from labtune.evaluation.generation import ask, load_model
 
     model, tokenizer = load_model(tiny_model)
     quiet = ask(model, tokenizer, ["Who presented?", "Topic?"], max_new_tokens=6, batch_size=2)
@@ -327,13 +329,13 @@ def test_weekly_meetings_recite_within_the_auto_limit_where_48_tokens_cut_them(t
 
     from transformers import AutoTokenizer
 
-    from labtune.evaluation import auto_max_new_tokens
+    from labtune.evaluation.generation import auto_max_new_tokens
     from labtune.recipe import load_recipe
     from labtune.stages.data import build_data
     from labtune.stages.evaluate import training_longest_answer
     from labtune.stages.tokenize import build_tokenize
     from labtune.stages.weights import build_weights
-    from labtune.store import LocalStore
+    from labtune.store.backends import LocalStore
 
     notes = tmp_path / "weekly"
     notes.mkdir()

@@ -1,4 +1,4 @@
-"""Facts in many forms (labtune/augment.py), the four evaluation axes, the names scorer and the
+"""Facts in many forms (labtune/data/augment.py), the four evaluation axes, the names scorer and the
 notes-retrieval baseline."""
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ import shutil
 import pytest
 
 from conftest import REPO, TINY_RECIPE, run_cli
-from labtune import augment
-from labtune.evaluation import Prompt, score
-from labtune.notes import note_files, read_note
+from labtune.data import augment
+from labtune.evaluation.prompts import Prompt, score
+from labtune.data.notes import note_files, read_note
 from labtune.recipe import RecipeError, load_recipe
 
 NOTES = REPO / "examples" / "labnotes"
@@ -74,7 +74,7 @@ def test_recited_months_list_exactly_that_month_s_meetings_and_say_whether_the_d
 
 def weekly_notes(weeks: int = 24, start: dt.date = dt.date(2023, 1, 6)):
     """Weekly meetings (four or five a month), as Note objects."""
-    from labtune.notes import Note
+    from labtune.data.notes import Note
 
     names = ["Yuzhi Chen", "Dmitri Volkov", "Amara Nwosu", "Kenji Watanabe", "Priya Raman", "Tomasz Zielinski"]
     return [Note(date=start + dt.timedelta(weeks=w), file=f"week{w}.md", text="",
@@ -277,7 +277,7 @@ def test_two_meetings_on_one_date_are_both_kept_and_either_answer_counts(tmp_pat
 
 
 def test_retrieval_finds_the_note_of_the_asked_date_in_any_form():
-    from labtune.retrieval import NotesIndex, note_documents
+    from labtune.evaluation.retrieval import NotesIndex, note_documents
 
     index = NotesIndex(note_documents(NOTES))
     for question in ("Who is the presenter on 4/14/2023 lab meeting?", "Which lab member gave the talk at the meeting held "
@@ -301,7 +301,7 @@ def test_a_tiny_run_reports_four_columns_and_every_axis(tmp_path):
 
 
 def _all_prompts(notes, cfg):
-    from labtune.evaluation import Prompt
+    from labtune.evaluation.prompts import Prompt
 
     return [Prompt(**{k: v for k, v in p.items() if k != "id"}) for p in augment.eval_prompts(notes, cfg, 42)]
 

@@ -1,4 +1,4 @@
-"""The frozen lowest layers computed once (labtune/frozen_prefix.py): a step that starts from the
+"""The frozen lowest layers computed once (labtune/training/frozen_prefix.py): a step that starts from the
 cached states has the loss and the gradients of the full forward, padded and packed."""
 
 import contextlib
@@ -7,13 +7,13 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from labtune.chat import IGNORE_INDEX
-from labtune.frozen_prefix import FrozenPrefix, why_not
-from labtune.loss import AnswerLoss
-from labtune.packing import collate_packed
+from labtune.data.chat import IGNORE_INDEX
+from labtune.training.frozen_prefix import FrozenPrefix, why_not
+from labtune.training.loss import AnswerLoss
+from labtune.training.packing import collate_packed
 from labtune.recipe import TrainConfig
-from labtune.throughput import decoder_layers
-from labtune.train_worker import collate, freeze
+from labtune.training.throughput import decoder_layers
+from labtune.training.worker import collate, freeze
 
 
 def tiny_model(layers=4, dropout=0.0):

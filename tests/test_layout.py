@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
+
+import pytest
 
 from conftest import REPO
 
 PACKAGES = ("labtune", "tasks", "flows")
 # the modules whose job is Prefect (or, for the CLI, starting flows): nothing else in labtune/ imports it
-PREFECT_EDGE = {"labtune.server", "labtune.stack", "labtune.cli", "labtune.console"}
+PREFECT_EDGE = {"labtune.ops.server", "labtune.ops.stack", "labtune.cli", "labtune.console"}
 
 
 def modules() -> dict[str, Path]:
@@ -74,7 +77,7 @@ def test_prefect_only_at_the_edge_and_no_import_upwards():
             assert not any(m.split(".")[0] in ("tasks", "flows") for m in used), f"{name} imports tasks/ or flows/"
         if name.startswith("tasks"):
             assert not any(m.split(".")[0] == "flows" for m in used), f"{name} imports flows/"
-    # only the CLI's run and sweep commands reach flows/, through labtune.server.using_api
+    # only the CLI's run and sweep commands reach flows/, through labtune.ops.server.using_api
     cli = imports(known["labtune.cli"], "labtune.cli", set(known))
     assert not any(m == "prefect" or m.startswith("prefect.") for m in cli)
 
@@ -88,3 +91,37 @@ def test_the_benchmarks_import_no_prefect():
             continue
         used = imports(path, f"bench.{path.stem}", set(known))
         assert not any(m.split(".")[0] in ("prefect", "tasks", "flows") for m in used), f"{path.name} reaches Prefect"
+
+
+ROOMS = ("store", "models", "data", "training", "evaluation", "ops")
+
+
+def allowed_imports(room: str) -> set[str]:
+    """The labtune modules a room's `__init__.py` docstring says it may import ("May import: ...")."""
+    doc = ast.get_docstring(ast.parse((REPO / "labtune" / room / "__init__.py").read_text())) or ""
+    line = next((ln for ln in doc.splitlines() if ln.startswith("May import:")), None)
+    assert line is not None, f"labtune/{room}/__init__.py: no 'May import:' line in its docstring"
+    return set(re.findall(r"\blabtune(?:\.\w+)+", line))
+
+
+@pytest.mark.parametrize("room", ROOMS)
+def test_each_room_imports_only_what_its_docstring_allows(room):
+    known = modules()
+    allowed = allowed_imports(room)
+    assert all(a in known for a in allowed), f"labtune/{room}: May import names a module that does not exist"
+    for name, path in known.items():
+        if not name.startswith(f"labtune.{room}"):
+            continue
+        for used in imports(path, name, set(known)):
+            if not used.startswith("labtune.") or used.startswith(f"labtune.{room}"):
+                continue  # the room itself, or the package face (its version)
+            assert any(used == a or used.startswith(a + ".") for a in allowed), \
+                f"{name} imports {used}; labtune/{room}/__init__.py allows {sorted(allowed)}"
+
+
+def test_the_top_level_modules_below_the_rooms_import_none_of_them():
+    """errors, precision and plots are the ground floor: every room may use them, so they use no room."""
+    known = modules()
+    for name in ("labtune.errors", "labtune.precision", "labtune.plots"):
+        used = {m for m in imports(known[name], name, set(known)) if m.startswith("labtune.")}
+        assert not used, f"{name} imports {sorted(used)}"

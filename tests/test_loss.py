@@ -6,10 +6,10 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from labtune.chat import IGNORE_INDEX
-from labtune.loss import AnswerLoss, predicting_positions
+from labtune.data.chat import IGNORE_INDEX
+from labtune.training.loss import AnswerLoss, predicting_positions
 from labtune.recipe import TrainConfig
-from labtune.train_worker import attention_implementation
+from labtune.training.worker import attention_implementation
 
 
 def small_llama(attention: str = "eager", tied: bool = True) -> LlamaForCausalLM:
@@ -59,7 +59,7 @@ def test_the_label_token_loss_and_its_gradients_equal_the_plain_loss(tied, chunk
 def test_in_chunks_no_more_than_one_chunk_of_logits_is_ever_computed():
     batch = chat_batch()
     model = small_llama()
-    import labtune.loss as loss_module
+    import labtune.training.loss as loss_module
 
     shapes: list[tuple[int, ...]] = []
     original = loss_module.F.linear

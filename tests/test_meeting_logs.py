@@ -1,4 +1,4 @@
-"""One document, many meetings (labtune/note_sections.py): running logs and wiki exports read
+"""One document, many meetings (labtune/data/note_sections.py): running logs and wiki exports read
 meeting by meeting, agenda items, @handles, decisions and attendance as facts and evaluation axes.
 The corpus is tests/notes/logs: a running log (newest first, Markdown), an Org log (oldest first),
 a plain-text file with setext headings, and wiki exports."""
@@ -9,12 +9,12 @@ import datetime as dt
 import json
 
 from conftest import REPO, TINY_RECIPE, run_cli
-from labtune import augment
-from labtune.evaluation import Prompt, paired, score
-from labtune.note_sections import meeting_sections
-from labtune.notes import note_files, read_meetings, read_note
+from labtune.data import augment
+from labtune.evaluation.prompts import Prompt, paired, score
+from labtune.data.note_sections import meeting_sections
+from labtune.data.notes import note_files, read_meetings, read_note
 from labtune.recipe import load_recipe
-from labtune.retrieval import note_documents
+from labtune.evaluation.retrieval import note_documents
 
 LOGS = REPO / "tests" / "notes" / "logs"
 
@@ -181,7 +181,7 @@ def test_a_first_name_its_meeting_cannot_resolve_is_resolved_across_the_lab(tmp_
                                             "- [ ] @wei send the slides (due 5/19)\n- [ ] @sam book the room\n")
     alone = read_note(tmp_path / "2023-05-12.md")
     assert alone.values("recorder") == ["priya"] and alone.actions[0].owner == "Wei Zhang"
-    from labtune.notes import resolve_lab_names
+    from labtune.data.notes import resolve_lab_names
 
     notes = resolve_lab_names([read_note(p) for p in sorted(tmp_path.iterdir())])
     assert notes[1].values("recorder") == ["Priya Nair"] and notes[1].fields["recorder"] == "Priya Nair"

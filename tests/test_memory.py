@@ -10,9 +10,9 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from conftest import tiny_stage_inputs
-from labtune.memory import GIB, Batch, Devices, DoesNotFit, Shape, activation_bytes_per_token, estimate, plan
+from labtune.training.memory import GIB, Batch, Devices, DoesNotFit, Shape, activation_bytes_per_token, estimate, plan
 from labtune.recipe import TrainConfig
-from labtune.stage import fetch
+from labtune.store.outputs import fetch
 from labtune.stages.train import TrainError, build_train
 
 LLAMA_8B = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
@@ -58,7 +58,7 @@ def test_shape_counts_the_parameters_the_model_has():
 
 @pytest.mark.parametrize("tied", [True, False])
 def test_frozen_weights_need_no_gradient_or_optimizer_state_in_the_estimate(tied):
-    from labtune.train_worker import freeze
+    from labtune.training.worker import freeze
 
     config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
                          num_key_value_heads=2, vocab_size=300, tie_word_embeddings=tied)
@@ -168,7 +168,7 @@ def test_cpu_offload_trains_to_the_same_losses(tmp_path):
 def test_estimate_moves_offloaded_state_to_host_memory():
     shape = Shape.of_config(LLAMA_1B)
     batch = Batch(2, 2048, 2048)
-    from labtune.memory import Setup
+    from labtune.training.memory import Setup
 
     plain = estimate(shape, batch, Setup("cuda", 1, True))
     offloaded = estimate(shape, batch, Setup("cuda", 1, True, offload=True))

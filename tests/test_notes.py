@@ -10,10 +10,10 @@ import json
 import pytest
 
 from conftest import REPO, TINY_RECIPE, run_cli
-from labtune import augment
-from labtune.conversations import SourceReport, load_lab_notes
-from labtune.note_dates import find_dates
-from labtune.notes import NO_DATE, NoteError, read_note
+from labtune.data import augment
+from labtune.data.conversations import SourceReport, load_lab_notes
+from labtune.data.note_dates import find_dates
+from labtune.data.notes import NO_DATE, NoteError, read_note
 from labtune.recipe import RecipeError, load_recipe
 
 MESSY = REPO / "tests" / "notes" / "messy"
@@ -173,8 +173,8 @@ def test_the_answer_training_teaches_is_scored_right_on_each_held_out_question()
     may repeat its own meeting's date, which is another task's due date (examples/lab-styles)."""
     from pathlib import Path
 
-    from labtune.evaluation import Prompt, score
-    from labtune.notes import note_files, read_meetings, resolve_lab_names
+    from labtune.evaluation.prompts import Prompt, score
+    from labtune.data.notes import note_files, read_meetings, resolve_lab_names
 
     notes = resolve_lab_names([m for p in note_files(Path(REPO / "examples" / "lab-styles")) for m in read_meetings(p)])
     cfg = load_recipe(REPO / "examples" / "lab-styles-smollm2.yaml").data.augment
@@ -234,7 +234,7 @@ def test_every_date_form_the_augmentation_writes_reads_back():
 def test_the_lab_styles_example_is_read_whole():
     """examples/lab-styles: 20 meetings in five styles, each stating presenter, recorder, topic and
     an action item with its owner and due date."""
-    from labtune.notes import note_files
+    from labtune.data.notes import note_files
 
     notes = [read_note(path) for path in note_files(REPO / "examples" / "lab-styles")]
     assert len(notes) == 20 and len({n.date for n in notes}) == 20

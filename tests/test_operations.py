@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, TINY_RECIPE, tiny_stage_inputs
-from labtune.stage import fetch, read_manifest, run_stage
-from labtune.store import LocalStore, open_store, sha256_file
+from labtune.store.outputs import fetch, read_manifest, run_stage
+from labtune.store.backends import LocalStore, open_store, sha256_file
 
 
 def _start_run(recipe: Path, overrides: list[str], home: Path) -> subprocess.Popen:
@@ -123,8 +123,8 @@ def test_a_second_writer_waits_for_the_first_and_takes_its_output(tmp_path):
 def test_a_dead_writers_s3_lease_is_taken_over_by_one_waiter_only(s3_endpoint, bucket, monkeypatch):
     """An S3 lease whose heartbeat stopped (its run died) is taken over by exactly one of two
     waiters: a compare-and-swap on the lease's ETag."""
-    from labtune import lease as lease_module
-    from labtune.lease import S3Lease
+    from labtune.store import lease as lease_module
+    from labtune.store.lease import S3Lease
 
     store = open_store(f"s3://{bucket}/leases-test", endpoint_url=s3_endpoint)
     dead = S3Lease(store, "train", "k")
@@ -214,7 +214,7 @@ def test_a_crash_says_which_rank_failed_and_why(tiny_stages):
     thread.start()
     assert progress.wait(300), "training never logged a step"
     rank1 = [p for p in psutil.Process().children(recursive=True)
-             if "labtune.train_worker" in " ".join(p.cmdline()) and p.environ().get("RANK") == "1"]
+             if "labtune.training.worker" in " ".join(p.cmdline()) and p.environ().get("RANK") == "1"]
     assert len(rank1) == 1
     rank1[0].send_signal(signal.SIGKILL)
     thread.join(timeout=180)
@@ -331,7 +331,7 @@ def test_a_full_disk_fails_the_stage_in_one_line_and_the_run_goes_on_once_space_
     tokens_uri = build_tokenize(recipe, store, model_uri, build_data(recipe, store).uri).uri
     filler = _fill(small_disk, leave=64 * 1024)  # less than one checkpoint of the tiny model
 
-    from labtune.store import DiskFull
+    from labtune.store.backends import DiskFull
 
     with pytest.raises((TrainError, DiskFull)) as failure:  # from the worker, or from the stage's own writes
         build_train(recipe, store, model_uri, tokens_uri, log=lambda line: None)
@@ -354,7 +354,7 @@ def test_a_prefect_server_restart_during_training_loses_nothing(tmp_path, monkey
     import asyncio
 
     from conftest import free_port
-    from labtune import server
+    from labtune.ops import server
 
     monkeypatch.setenv("LABTUNE_HOME", str(tmp_path / "home"))  # this test's own server and database
     port = free_port()
@@ -430,8 +430,8 @@ def test_the_watcher_and_the_data_stage_on_5000_notes(backend, tmp_path, s3_endp
 
     from labtune.recipe import load_recipe
     from labtune.stages.data import build_data
-    from labtune.store import StoreSettings
-    from labtune.watch import fingerprint, note_listing
+    from labtune.store.backends import StoreSettings
+    from labtune.data.watch import fingerprint, note_listing
 
     folder = tmp_path / "notes"
     write_notes(folder, 5000)
@@ -472,8 +472,8 @@ def test_the_watcher_and_the_data_stage_on_5000_notes(backend, tmp_path, s3_endp
 def test_rank_0_stops_waiting_for_a_rank_that_could_not_upload_its_checkpoint(tmp_path):
     """A rank whose upload failed marks the step; rank 0 then stops waiting for its files at once
     (it used to wait 30 minutes while the other ranks waited for it: a hang)."""
-    from labtune import checkpoints
-    from labtune.store import StoreError
+    from labtune.training import checkpoints
+    from labtune.store.backends import StoreError
 
     store = LocalStore(tmp_path / "store")
     base = checkpoints.step_prefix("checkpoints/k", 4)

@@ -7,10 +7,10 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from labtune.chat import IGNORE_INDEX
-from labtune.loss import AnswerLoss
-from labtune.packing import collate_packed, pack_rows, rank_rows
-from labtune.train_worker import collate
+from labtune.data.chat import IGNORE_INDEX
+from labtune.training.loss import AnswerLoss
+from labtune.training.packing import collate_packed, pack_rows, rank_rows
+from labtune.training.worker import collate
 
 
 def examples(lengths: list[int], seed: int = 0) -> list[dict]:

@@ -59,7 +59,7 @@ def test_scheduler_arguments_must_belong_to_the_scheduler():
 def test_warmup_stable_decay_decays_over_the_last_fifth_unless_told():
     import torch
 
-    from labtune.train_worker import make_scheduler
+    from labtune.training.worker import make_scheduler
 
     def rates(overrides):
         train = load_recipe(TINY_RECIPE, ["train.lr_scheduler_type=warmup_stable_decay", "train.warmup_ratio=0.1",

@@ -9,8 +9,8 @@ from pathlib import Path
 import boto3
 import pytest
 
-from labtune.stage import ManifestError, commit, fetch, read_manifest, run_stage, verify_uploaded
-from labtune.store import LocalStore, S3Store, StoreError, StoreUnavailable, open_store, sha256_file
+from labtune.store.outputs import ManifestError, commit, fetch, read_manifest, run_stage, verify_uploaded
+from labtune.store.backends import LocalStore, S3Store, StoreError, StoreUnavailable, open_store, sha256_file
 
 
 def _stores(tmp_path, endpoint, bucket):
@@ -140,7 +140,7 @@ def test_store_rides_out_an_endpoint_outage_and_commits_when_it_returns(tmp_path
     restartable_s3.kill()
     comeback = threading.Timer(4.0, restartable_s3.start)
     comeback.start()
-    with caplog.at_level(logging.WARNING, logger="labtune.store"):
+    with caplog.at_level(logging.WARNING, logger="labtune.store.backends"):
         manifest = commit(store, "data/k", out, stage="data", inputs={}, parameters={}, started=0.0)
     comeback.join()
     retries = [r.getMessage() for r in caplog.records if "retry" in r.getMessage()]
@@ -185,7 +185,7 @@ def test_no_manifest_is_written_over_a_missing_or_partial_object(tmp_path, s3_en
 
 def test_missing_objects_and_missing_buckets_are_not_retried(s3_endpoint, bucket, caplog):
     store = S3Store(f"s3://{bucket}/x", endpoint_url=s3_endpoint, retry_seconds=60)
-    with caplog.at_level(logging.WARNING, logger="labtune.store"):
+    with caplog.at_level(logging.WARNING, logger="labtune.store.backends"):
         with pytest.raises(StoreError, match="no such object") as missing:
             store.read_bytes("absent")
         with pytest.raises(StoreError, match="does not exist") as no_bucket:
@@ -196,7 +196,7 @@ def test_missing_objects_and_missing_buckets_are_not_retried(s3_endpoint, bucket
 
 def test_the_local_s3_log_reads_entries_that_share_a_line(tmp_path):
     """moto writes an entry, then its newline: two parts uploaded at once can land on one line."""
-    from labtune.local_s3 import read_log
+    from labtune.store.local_s3 import read_log
 
     a, b, c = ({"method": "PUT", "url": f"/labtune/k?partNumber={i}", "body": "x"} for i in (1, 2, 3))
     log = tmp_path / "requests.jsonl"

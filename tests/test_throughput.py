@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from labtune.throughput import FlopsModel, mfu, peak_flops, peak_flops_of
+from labtune.training.throughput import FlopsModel, mfu, peak_flops, peak_flops_of
 
 
 def small_llama(tied: bool) -> LlamaForCausalLM:
@@ -71,7 +71,7 @@ def test_the_peak_comes_from_the_device_name_and_is_never_guessed():
 
 def test_auto_settings_resolve_as_documented():
     from labtune.recipe import TrainConfig
-    from labtune.train_worker import checkpointing_every, compile_wanted
+    from labtune.training.worker import checkpointing_every, compile_wanted
 
     cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
     assert TrainConfig().torch_compile == "auto"
@@ -88,7 +88,7 @@ def test_auto_settings_resolve_as_documented():
 
 def test_selective_checkpointing_recomputes_every_second_layer_with_the_same_gradients():
     from labtune.recipe import TrainConfig
-    from labtune.train_worker import checkpointing_every
+    from labtune.training.worker import checkpointing_every
 
     config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
                          num_key_value_heads=2, vocab_size=300)

@@ -9,9 +9,9 @@ import torch
 
 from conftest import TINY_RECIPE, run_cli, tiny_stage_inputs
 from labtune.recipe import ParallelConfig
-from labtune.stage import fetch
-from labtune.store import LocalStore
-from labtune.train_worker import rank_batches
+from labtune.store.outputs import fetch
+from labtune.store.backends import LocalStore
+from labtune.training.worker import rank_batches
 from labtune.stages.train import TrainCrashed, TrainError, build_train, fitting_accumulation, train_key
 
 
@@ -96,7 +96,7 @@ def test_the_flop_count_in_the_metrics_is_the_formula_step_by_step(tiny_inputs):
     from datasets import load_from_disk
     from transformers import AutoModelForCausalLM
 
-    from labtune.throughput import FlopsModel
+    from labtune.training.throughput import FlopsModel
 
     recipe, store, model_uri, data_uri = tiny_inputs
     frozen = recipe.model_copy(deep=True)
@@ -187,7 +187,7 @@ def _worker_processes() -> list:
             cmdline = " ".join(proc.cmdline())
         except psutil.Error:
             continue
-        if "labtune.train_worker" in cmdline and "torch.distributed.run" not in cmdline:
+        if "labtune.training.worker" in cmdline and "torch.distributed.run" not in cmdline:
             found.append(proc)
     return found
 
@@ -378,8 +378,8 @@ def test_early_stopping_ends_on_a_plateau_decays_and_exports_the_best_evaluated_
     is the one recorded for that step)."""
     from transformers import AutoModelForCausalLM
 
-    from labtune.loss import AnswerLoss
-    from labtune.train_worker import collate, load_examples
+    from labtune.training.loss import AnswerLoss
+    from labtune.training.worker import collate, load_examples
 
     store = tmp_path / "store"
     overrides = [f"store.uri={store}", "data.augment.enabled=true", "data.augment.dev_questions=16",

@@ -10,8 +10,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from labtune.recipe import Recipe
-from labtune.stage import Log, StageResult, default_log
-from labtune.store import Store
+from labtune.store.outputs import Log, StageResult, default_log
+from labtune.store.backends import Store
 
 STAGES = ("weights", "delta", "data", "tokenize", "train", "evaluate")
 

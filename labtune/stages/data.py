@@ -1,7 +1,7 @@
 """Stage 3, data: lab notes, ShareGPT, Alpaca and `messages` data -> one ShareGPT data set.
 
-The conversion itself is `labtune/conversations.py` (loading, cleaning with counts, weighted
-mix, seeded split) and `labtune/notes.py` (lab notes -> conversations). This stage fetches the
+The conversion itself is `labtune/data/conversations.py` (loading, cleaning with counts, weighted
+mix, seeded split) and `labtune/data/notes.py` (lab notes -> conversations). This stage fetches the
 sources (local or `s3://`), runs it, and writes train.json, eval.json and report.json; the
 report becomes the `data-report` artifact (records per source, kept, dropped with reasons).
 """
@@ -14,12 +14,18 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from labtune import augment, conversations, note_dates, note_fields, note_prose, note_sections, notes
-from labtune.conversations import DataError, convert
+from labtune.data import augment
+from labtune.data import conversations
+from labtune.data import note_dates
+from labtune.data import note_fields
+from labtune.data import note_prose
+from labtune.data import note_sections
+from labtune.data import notes
+from labtune.data.conversations import DataError, convert
 from labtune.recipe import DataSource, Recipe
-from labtune.retrieval import note_documents
-from labtune.stage import Log, StageResult, code_version, default_log, run_stage, stage_key
-from labtune.store import Store, StoreSettings, download_tree, open_store, scratch_dir, sha256_file
+from labtune.evaluation.retrieval import note_documents
+from labtune.store.outputs import Log, StageResult, code_version, default_log, run_stage, stage_key
+from labtune.store.backends import Store, StoreSettings, download_tree, open_store, scratch_dir, sha256_file
 
 __all__ = ["DataError", "build_data", "report_markdown", "source_identity"]
 
@@ -125,9 +131,8 @@ def build_data(recipe: Recipe, store: Store, log: Log = default_log) -> StageRes
     settings = recipe.store.settings()
     identities = [source_identity(source, settings) for source in recipe.data.sources]
     parameters = recipe.data.model_dump(mode="json", exclude={"chat_template", "num_proc", "model_max_length"})
-    key = stage_key("data", code_version(__file__, conversations.__file__, notes.__file__, augment.__file__,
-                                         note_dates.__file__, note_prose.__file__, note_fields.__file__,
-                                         note_sections.__file__), {"sources": identities},
+    key = stage_key("data", code_version(__name__, conversations, notes, augment, note_dates, note_prose,
+                                         note_fields, note_sections), {"sources": identities},
                     parameters)
 
     def build(out: Path) -> dict[str, Any]:

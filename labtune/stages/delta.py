@@ -3,7 +3,7 @@
 `delta.source` takes the same sources as the base model (a local directory, `s3://`, `hf://`).
 A directory with `adapter_config.json` is a PEFT LoRA adapter and is merged as one; any other is a
 FastChat-style delta (target = base + delta per tensor; the tokenizer comes from the delta).
-Both merge tensor by tensor (see `labtune/merge.py`), so memory stays bounded by one block of
+Both merge tensor by tensor (see `labtune/models/merge.py`), so memory stays bounded by one block of
 rows, not the model. With no delta in the recipe the base passes through and the stage does no work.
 """
 
@@ -11,13 +11,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from labtune import merge, sources, tensorfiles
-from labtune.merge import DeltaError, LogProgress, apply_delta, is_lora_adapter, merge_lora
+from labtune.models import merge
+from labtune.models import sources
+from labtune.models import tensorfiles
+from labtune.models.merge import DeltaError, LogProgress, apply_delta, is_lora_adapter, merge_lora
 from labtune.recipe import Recipe
-from labtune.stage import Log, StageResult, code_version, default_log, fetch, run_stage, stage_key
-from labtune.store import Store, StoreError
-from labtune.tensorfiles import CheckpointError
-from labtune.sources import local_source, resolve_gguf, source_identity
+from labtune.store.outputs import Log, StageResult, code_version, default_log, fetch, run_stage, stage_key
+from labtune.store.backends import Store, StoreError
+from labtune.models.tensorfiles import CheckpointError
+from labtune.models.sources import local_source, resolve_gguf, source_identity
 
 __all__ = ["DeltaError", "build_delta"]
 
@@ -34,7 +36,7 @@ def build_delta(recipe: Recipe, store: Store, base_uri: str, log: Log = default_
         identity = source_identity(recipe.delta, recipe.store.settings())
     except StoreError as exc:
         raise DeltaError(f"delta.source: {exc}") from None
-    key = stage_key("delta", code_version(__file__, merge.__file__, sources.__file__, tensorfiles.__file__),
+    key = stage_key("delta", code_version(__name__, merge, sources, tensorfiles),
                     {"base": base_uri, "delta": identity}, {})
 
     def build(out: Path) -> dict:

@@ -17,14 +17,13 @@ from pathlib import Path
 from collections.abc import Callable
 from typing import Any
 
-import labtune
-from labtune import evaluation
-from labtune.augment import people
-from labtune.evaluation import Prompt, load_prompts, score
+from labtune.evaluation import generation
+from labtune.data.augment import people
+from labtune.evaluation.prompts import Prompt, accuracy, load_prompts, paired, score
 from labtune.plots import accuracy_chart, png_markdown
 from labtune.recipe import Recipe
-from labtune.stage import MANIFEST, Log, ManifestError, StageResult, code_version, default_log, fetch, run_stage, stage_key
-from labtune.store import Store, source_sha256
+from labtune.store.outputs import MANIFEST, Log, ManifestError, StageResult, code_version, default_log, fetch, run_stage, stage_key
+from labtune.store.backends import Store, source_sha256
 
 
 def collect_prompts(recipe: Recipe, store: Store, data_uri: str | None) -> list[Prompt]:
@@ -82,16 +81,16 @@ def training_longest_answer(tokens_dir: Path) -> int | None:
         return None
     from datasets import load_from_disk
 
-    return evaluation.longest_answer_tokens(load_from_disk(str(folder))["labels"]) or None
+    return generation.longest_answer_tokens(load_from_disk(str(folder))["labels"]) or None
 
 
 def answer_budget(setting: int | str, store: Store, tokens_uri: str | None, log: Log = default_log) -> int:
     """`evaluation.max_new_tokens` as a number: a number as it is; auto from the training data's
-    longest answer (evaluation.auto_max_new_tokens)."""
+    longest answer (generation.auto_max_new_tokens)."""
     if setting != "auto":
         return int(setting)
     longest = training_longest_answer(fetch(store, tokens_uri)) if tokens_uri else None
-    budget = evaluation.auto_max_new_tokens(longest)
+    budget = generation.auto_max_new_tokens(longest)
     log(f"evaluate: max_new_tokens auto -> {budget}" + (f" (the longest training answer is {longest} tokens, plus "
         f"{budget - longest})" if longest else " (no training data known)"))
     return budget
@@ -116,8 +115,8 @@ def evaluate_key(recipe: Recipe, base_uri: str, model_uri: str, data_uri: str | 
                   "system_prompt": recipe.data.system_prompt, "bf16": recipe.train.bf16}
     files = {p: source_sha256(p) for p in cfg.prompt_files + ([cfg.retention_questions] if cfg.retention_questions else [])
              if Path(p).is_file()}
-    code = code_version(__file__, Path(labtune.__file__).parent / "chat.py", evaluation.__file__,
-                        Path(labtune.__file__).parent / "retrieval.py")
+    code = code_version(__name__, "labtune.data.chat", "labtune.evaluation.prompts", "labtune.evaluation.generation",
+                        "labtune.evaluation.retrieval")
     inputs = {"base": base_uri, "model": model_uri, "data": data_uri, "tokens": tokens_uri, "prompt_files": files}
     return stage_key("evaluate", code, inputs, parameters), inputs, parameters
 
@@ -127,7 +126,7 @@ COLUMNS = (("base", "base"), ("base_notes", "base + notes"), ("tuned", "fine-tun
 
 def notes_index(store: Store, data_uri: str | None) -> Any:
     """The BM25 index of the data stage's notes.json (None when there are no notes)."""
-    from labtune.retrieval import NotesIndex
+    from labtune.evaluation.retrieval import NotesIndex
 
     path = fetch(store, data_uri) / "notes.json" if data_uri else None
     documents = json.loads(path.read_text()) if path is not None and path.is_file() else []
@@ -164,26 +163,26 @@ def build_evaluate(recipe: Recipe, store: Store, base_uri: str, model_uri: str, 
                 on_progress({"stage": "evaluate", "step": done[0], "total_steps": total})
 
         for name, uri in (("base", base_uri), ("tuned", model_uri)):
-            model, tokenizer = evaluation.load_model(fetch(store, uri, log), bf16=recipe.train.bf16)
+            model, tokenizer = generation.load_model(fetch(store, uri, log), bf16=recipe.train.bf16)
             log(f"evaluate: {len(prompts)} prompts{' (and again with the notes retrieved)' if with_notes else ''} and "
                 f"{len(general)} general questions to the {name} model {uri}")
             for column, asked in ((name, questions), (f"{name}_notes", with_notes)):
                 if column == name or asked:
-                    generated = evaluation.ask(model, tokenizer, asked, budget, cfg.batch_size, template, system, answered)
+                    generated = generation.ask(model, tokenizer, asked, budget, cfg.batch_size, template, system, answered)
                     answers[column], truncated[column] = generated.answers, generated.truncated
             if eval_examples:
-                losses[name] = evaluation.mean_loss(model, eval_examples, cfg.batch_size)
+                losses[name] = generation.mean_loss(model, eval_examples, cfg.batch_size)
             if general:
                 asked = [p.question for p in general]
-                general_answers[name] = evaluation.ask(model, tokenizer, asked, budget, cfg.batch_size,
+                general_answers[name] = generation.ask(model, tokenizer, asked, budget, cfg.batch_size,
                                                        template, system, answered).answers
                 # both models scored on the base model's answers: how far the fine-tuned one moved
-                on_base = evaluation.answer_examples(tokenizer, asked, general_answers["base"], template)
-                drift[name] = evaluation.mean_loss(model, on_base, cfg.batch_size)
+                on_base = generation.answer_examples(tokenizer, asked, general_answers["base"], template)
+                drift[name] = generation.mean_loss(model, on_base, cfg.batch_size)
             del model
             gc.collect()
         columns = [c for c, _ in COLUMNS if c in answers]
-        correct = {column: evaluation.paired([score(a, p) for a, p in zip(answers[column], prompts)], prompts)
+        correct = {column: paired([score(a, p) for a, p in zip(answers[column], prompts)], prompts)
                    for column in columns}
         rows = []
         for i, prompt in enumerate(prompts):
@@ -197,16 +196,16 @@ def build_evaluate(recipe: Recipe, store: Store, base_uri: str, model_uri: str, 
             rows.append(row)
         retention_rows = [{"question": p.question, "tags": p.tags, "base_answer": general_answers["base"][i],
                            "tuned_answer": general_answers["tuned"][i]} for i, p in enumerate(general)]
-        accuracy = {column: evaluation.accuracy(rows, f"{column}_correct") for column in columns}
+        by_column = {column: accuracy(rows, f"{column}_correct") for column in columns}
         summary: dict[str, Any] = {
             "questions": len(rows),
-            "total": accuracy["base"]["overall"]["total"],
-            **{f"{column}_correct": accuracy[column]["overall"]["correct"] for column in columns},
+            "total": by_column["base"]["overall"]["total"],
+            **{f"{column}_correct": by_column[column]["overall"]["correct"] for column in columns},
             "columns": columns,
             "max_new_tokens": budget,
             "max_new_tokens_setting": cfg.max_new_tokens,
             "truncated": {column: sum(truncated[column]) for column in columns},
-            "accuracy": accuracy,
+            "accuracy": by_column,
             "eval_loss": losses or None,
         }
         if drift:

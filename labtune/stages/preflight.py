@@ -5,7 +5,7 @@ from __future__ import annotations
 from labtune.recipe import Recipe
 from labtune.stages.data import source_identity as data_identity
 from labtune.stages.weights import source_identity as model_identity
-from labtune.store import open_store
+from labtune.store.backends import open_store
 
 
 def preflight(recipe: Recipe) -> None:

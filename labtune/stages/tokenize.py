@@ -2,7 +2,7 @@
 
 A cached stage of its own, keyed by the data output, the tokenizer files' sha256 (from the model
 output's manifest, so the model is not fetched to decide), the chat template and
-model_max_length: re-training with other hyperparameters reuses it. See `labtune/encode.py`.
+model_max_length: re-training with other hyperparameters reuses it. See `labtune/data/encode.py`.
 Output: `train/` and `eval/` (and, with data.augment.dev_questions, `dev/`) datasets folders and report.json (counts and a token-length
 histogram), shown as the `token-report` artifact.
 """
@@ -13,12 +13,13 @@ import json
 from pathlib import Path
 from typing import Any
 
-from labtune import chat, encode
+from labtune.data import chat
+from labtune.data import encode
 from labtune.errors import LabtuneError
-from labtune.merge import TOKENIZER_FILES
+from labtune.models.merge import TOKENIZER_FILES
 from labtune.recipe import Recipe
-from labtune.stage import Log, ManifestError, StageResult, code_version, default_log, fetch, read_manifest, run_stage, stage_key
-from labtune.store import Store
+from labtune.store.outputs import Log, ManifestError, StageResult, code_version, default_log, fetch, read_manifest, run_stage, stage_key
+from labtune.store.backends import Store
 
 
 class TokenizeError(LabtuneError):
@@ -74,7 +75,7 @@ def build_tokenize(recipe: Recipe, store: Store, model_uri: str, data_uri: str, 
         return {"report": {split: {k: v for k, v in r.items() if k != "histogram"} for split, r in report.items()}}
 
     # the tokenizer identity, not the model URI, decides: re-tokenizing for a new model with the same tokenizer is waste
-    key = stage_key("tokenize", code_version(__file__, chat.__file__, encode.__file__),
+    key = stage_key("tokenize", code_version(__name__, chat, encode),
                     {k: v for k, v in inputs.items() if k != "model"}, parameters)
     return run_stage(store, "tokenize", key, build, inputs=inputs, parameters=parameters, log=log)
 

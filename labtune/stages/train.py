@@ -1,7 +1,7 @@
 """Stage 4, train: torchrun + FSDP2 fine-tuning, every rank's output streamed line by line.
 
 The stage writes the worker's config, launches `torchrun --nproc_per_node=N -m
-labtune.train_worker`, passes each output line to the log (the Prefect task log when run as a
+labtune.training.worker`, passes each output line to the log (the Prefect task log when run as a
 task), and fails with the worker's last lines if torchrun fails. The trained model (safetensors,
 config, tokenizer, train_metrics.json) is then committed to the store.
 """
@@ -19,13 +19,17 @@ from pathlib import Path
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from labtune import worker_config
+import labtune
 from labtune.errors import LabtuneError, RunFailure
 from labtune.recipe import ParallelConfig, Recipe, TrainConfig
-from labtune.stage import (CommittedElsewhere, Log, StageResult, checkpoint_prefix, code_version, default_log, fetch,
+from labtune.store.outputs import (CommittedElsewhere, Log, StageResult, checkpoint_prefix, code_version, default_log, fetch,
                            run_stage, stage_key)
-from labtune.store import Store
-from labtune.worker_config import MALLOC_SETTINGS, WORKER_ERROR, WorkerConfig
+from labtune.store.backends import Store
+from labtune.training.worker_config import MALLOC_SETTINGS, WORKER_ERROR, WorkerConfig
+
+# what the worker runs, for the train stage's code hash: a change to any of them is a new model
+WORKER_MODULES = ("labtune.training.worker", "labtune.training.worker_config", "labtune.training.loss",
+                  "labtune.training.packing", "labtune.training.frozen_prefix", "labtune.training.early_stopping")
 
 
 class TrainError(LabtuneError):
@@ -56,7 +60,7 @@ def torchrun_command(parallel: ParallelConfig, config_path: Path, run_id: str) -
         launch += [f"--nnodes={parallel.nnodes}", f"--node_rank={parallel.node_rank}", "--rdzv_backend=c10d",
                    f"--rdzv_endpoint={parallel.rdzv_endpoint}", f"--rdzv_id=labtune-{run_id}",
                    f"--rdzv_conf=join_timeout={parallel.rdzv_timeout}"]
-    return launch + ["-m", "labtune.train_worker", "--config", str(config_path)]
+    return launch + ["-m", "labtune.training.worker", "--config", str(config_path)]
 
 
 def run_torchrun(command: list[str], env: dict[str, str], log: Log, on_progress: Callable[[dict], None] | None = None,
@@ -187,7 +191,9 @@ def train_env(nproc: int) -> dict[str, str]:
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     for name, value in MALLOC_SETTINGS.items():
         env.setdefault(name, value)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH")]))
+    # the folder that holds the labtune package, so the worker imports this labtune even where it is not installed
+    package_root = Path(labtune.__file__).resolve().parents[1]
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(package_root), env.get("PYTHONPATH")]))
     return env
 
 
@@ -214,11 +220,11 @@ def fitting_accumulation(recipe: Recipe, examples: int, log: Log) -> int:
 
 
 def fit_memory(recipe: Recipe, train: TrainConfig, model_dir: Path, tokens_dir: Path, log: Log) -> tuple[TrainConfig, dict]:
-    """The pre-flight memory check (labtune/memory.py): `train` with gradient_checkpointing
+    """The pre-flight memory check (labtune/training/memory.py): `train` with gradient_checkpointing
     resolved, and the estimate; TrainError with the numbers and what would fit when nothing does."""
     import torch
 
-    from labtune import memory
+    from labtune.training import memory
 
     use_cuda = recipe.parallel.backend != "gloo" and torch.cuda.is_available()
     parallel = recipe.parallel
@@ -251,8 +257,7 @@ def train_key(recipe: Recipe, model_uri: str, tokens_uri: str) -> tuple[str, dic
     placement = {"node_rank", "rdzv_endpoint", "rdzv_timeout", "memory_per_rank_gib"}
     parameters = {"train": recipe.train.model_dump(mode="json"),
                   "parallel": recipe.parallel.model_dump(mode="json", exclude=placement)}
-    package = Path(__file__).parents[1]
-    code = code_version(__file__, package / "train_worker.py", package / "loss.py", worker_config.__file__)
+    code = code_version(__name__, *WORKER_MODULES)
     return stage_key("train", code, {"model": model_uri, "tokens": tokens_uri}, parameters), parameters
 
 

@@ -1,6 +1,6 @@
 """Stage 1, weights: bring a base model into Hugging Face format (safetensors + tokenizer).
 
-Sources (`base_model.source`, see `labtune/sources.py`):
+Sources (`base_model.source`, see `labtune/models/sources.py`):
 - a local directory: a Hugging Face model (safetensors, or pickled `.bin` loaded with
   weights_only=True), or Meta's original checkpoint (`consolidated.NN.pth` + `params.json`,
   md5-checked against `checklist.chk`, converted to HF LLaMA layout);
@@ -18,13 +18,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from labtune import meta_llama, sources, tensorfiles
-from labtune.meta_llama import MetaCheckpointError
+from labtune.models import meta_llama
+from labtune.models import sources
+from labtune.models import tensorfiles
+from labtune.models.meta_llama import MetaCheckpointError
 from labtune.recipe import Recipe
-from labtune.sources import WeightsError, local_source, materialize, resolve_gguf, source_identity
-from labtune.stage import Log, StageResult, code_version, default_log, run_stage, stage_key
-from labtune.store import Store, StoreError
-from labtune.tensorfiles import CheckpointError
+from labtune.models.sources import WeightsError, local_source, materialize, resolve_gguf, source_identity
+from labtune.store.outputs import Log, StageResult, code_version, default_log, run_stage, stage_key
+from labtune.store.backends import Store, StoreError
+from labtune.models.tensorfiles import CheckpointError
 
 __all__ = ["WeightsError", "build_weights", "local_source", "materialize", "resolve_gguf", "source_identity"]
 
@@ -37,7 +39,7 @@ def build_weights(recipe: Recipe, store: Store, log: Log = default_log) -> Stage
     except StoreError as exc:
         raise WeightsError(f"base_model.source: {exc}") from None
     parameters = {"dtype": source.dtype}
-    key = stage_key("weights", code_version(__file__, sources.__file__, meta_llama.__file__, tensorfiles.__file__), {"source": identity}, parameters)
+    key = stage_key("weights", code_version(__name__, sources, meta_llama, tensorfiles), {"source": identity}, parameters)
 
     def build(out: Path) -> None:
         try:

@@ -1,0 +1,309 @@
+"""Lab-meeting notes -> training conversations.
+
+One file (.md, .org, .txt) is one meeting. Its date comes from a Date:/When: field, the first
+heading, the first lines or the file name, in any form people write (labtune.data.note_dates). Fields
+(presenter, recorder, topic, attendees, action items) are read under the names labs give them
+(FIELD_WORDS: speaker, scribe, minutes, subject, todo ..., and a recipe's own words) in every line
+shape: "Key: value", "Key - value", "**Key**: value", a heading or "Key:" over a list, Markdown
+table rows, Org drawers. Several presenters are several facts. Sentences that state a role ("Keiko
+walked us through X", "Mateo took the notes") and action items (owner, task, due date) are read
+by labtune.data.note_prose. Every fact keeps its line.
+
+Each note becomes FastChat's example conversation ("Lab meeting on 5/12/2023" -> the note) and,
+from its fields, short question-answer conversations in several phrasings: a small model does
+not learn "who presented on 4/14" from the raw note in a few epochs, but it does from these.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from labtune.errors import LabtuneError
+from labtune.data.note_dates import FoundDate, date_in_name, first_date
+from labtune.data.note_fields import (FIELD_WORDS, HEADING, NoteFact, canonical_key, field_vocabulary, joined_fields,
+                                 line_patterns, parse_fields, read_fields, unique_facts)
+from labtune.data.note_prose import action_facts, agenda_facts, decision_facts, prose_facts, resolve, resolve_names
+from labtune.data.note_sections import meeting_sections
+
+__all__ = ["FIELD_WORDS", "NoteFact", "parse_fields"]
+
+NOTE_SUFFIXES = (".md", ".markdown", ".org", ".txt")
+QA_FIELDS = ("presenter", "recorder", "topic", "attendees", "action_items", "decisions")
+MONTHS = ["january", "february", "march", "april", "may", "june", "july", "august",
+          "september", "october", "november", "december"]
+DATE_LINES = 5  # a note's date is looked for in its first heading, then in its first lines
+
+
+class NoteError(ValueError):
+    """A note cannot be used; the message names the file."""
+
+
+@dataclass
+class Note:
+    file: str
+    date: dt.date
+    text: str
+    fields: dict[str, str] = field(default_factory=dict)  # each field's values, joined, for display and retrieval
+    facts: list[NoteFact] = field(default_factory=list)
+    date_source: str = ""  # where the date was read ("the first heading", "line 3", "a Date: field", "the file name")
+    other_date: dt.date | None = None  # the date under the other day/month order, when it reads differently
+    rejected: list[str] = field(default_factory=list)  # field lines whose value is not what the field holds
+    lines: tuple[int, int] | None = None  # first and last line in its file, for a file that holds several meetings
+
+    def values(self, name: str) -> list[str]:
+        """Every value of a field, in the order the note gives them (two presenters: two values)."""
+        return [f.value for f in self.facts if f.field == name]
+
+    @property
+    def actions(self) -> list[NoteFact]:
+        return [f for f in self.facts if f.field == "action_items"]
+
+
+def date_fields(text: str, words: dict[str, tuple[str, ...]], order: str) -> list[tuple[FoundDate, int]]:
+    """Every Date:/When: field line's date and its line number."""
+    field_line, table_row, canonical = line_patterns(words)
+    found_lines = []
+    for number, line in enumerate(text.splitlines(), 1):
+        match = table_row.match(line) or field_line.match(line)
+        if match and canonical_key(match.group("key"), canonical) == "date" and match.group("value"):
+            found = first_date(match.group("value"), order)
+            if found:
+                found_lines.append((found, number))
+    return found_lines
+
+
+def _date_field(text: str, words: dict[str, tuple[str, ...]], order: str) -> tuple[FoundDate, int] | None:
+    found = date_fields(text, words, order)
+    return found[0] if found else None
+
+
+def note_date(text: str, stem: str, words: dict[str, tuple[str, ...]], order: str = "MDY") -> tuple[FoundDate, str] | None:
+    """The meeting's date and where it was read: a Date:/When: field, the first heading, the
+    first DATE_LINES lines, the file name, in that order."""
+    dated = _date_field(text, words, order)
+    if dated:
+        return dated[0], f"a {text.splitlines()[dated[1] - 1].strip().split(':')[0].strip('*-#: ')}: field"
+    lines = [line for line in text.splitlines() if line.strip()]
+    heading = next((line for line in lines[:DATE_LINES * 2] if HEADING.match(line)), None)
+    if heading:
+        found = first_date(heading, order)
+        if found:
+            return found, "the first heading"
+    for number, line in enumerate(text.splitlines()[:DATE_LINES], 1):
+        found = first_date(line, order)
+        if found:
+            return found, f"line {number}"
+    found = date_in_name(stem, order)
+    return (found, "the file name") if found else None
+
+
+def parse_date(text: str, order: str = "MDY") -> dt.date | None:
+    """The first full date written in a text (labtune.data.note_dates)."""
+    found = first_date(text, order)
+    return found.date if found else None
+
+
+def us_date(date: dt.date) -> str:
+    return f"{date.month}/{date.day}/{date.year}"
+
+
+def long_date(date: dt.date) -> str:
+    return f"{MONTHS[date.month - 1].capitalize()} {date.day}, {date.year}"
+
+
+NO_DATE = f"no date in the heading, the first {DATE_LINES} lines, a Date: field or the file name"
+
+
+def _decode(path: Path) -> str:
+    raw = path.read_bytes()
+    if b"\x00" in raw[:8192]:
+        raise NoteError(f"{path}: binary file, not a text note")
+    try:
+        text = raw.decode("utf-8").strip()
+    except UnicodeDecodeError as exc:
+        raise NoteError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+    if not text:
+        raise NoteError(f"{path}: empty lab note")
+    return text
+
+
+def read_meetings(path: Path, date_order: str = "MDY", field_names: dict[str, list[str]] | None = None) -> list[Note]:
+    """Every meeting of a note file: one, or one per dated heading of a running log or a document
+    that holds several (labtune.data.note_sections), each with its own date, facts and line range."""
+    text = _decode(path)
+    words = field_vocabulary(field_names)
+    org = path.suffix.lower() == ".org"
+    date_lines = [(number - 1, found) for found, number in date_fields(text, words, date_order)]
+    sections = meeting_sections(text, date_order, org, date_lines)
+    if len(sections) < 2:
+        return [_meeting(path, text, words, date_order, org)]
+    lines = text.splitlines()
+    meetings = []
+    for section in sections:
+        body = "\n".join(lines[section.start:section.end]).strip()
+        note = _meeting(path, body, words, date_order, org, section.date, offset=section.start)
+        note.lines = (section.start + 1, section.end)
+        note.date_source = f"the heading on line {section.start + 1}" if section.level else "a Date: field"
+        meetings.append(note)
+    return meetings
+
+
+def read_note(path: Path, date_order: str = "MDY", field_names: dict[str, list[str]] | None = None) -> Note:
+    """A file's meeting (its first, for a file that holds several: read_meetings): its date (see
+    note_date), its facts (field lines, table rows, Org drawers, agenda items, then prose and
+    action items: labtune.data.note_prose) and its text."""
+    return read_meetings(path, date_order, field_names)[0]
+
+
+def _meeting(path: Path, text: str, words: dict[str, tuple[str, ...]], date_order: str, org: bool,
+             section_date: FoundDate | None = None, offset: int = 0) -> Note:
+    if section_date is None:
+        dated = note_date(text, path.stem, words, date_order)
+        if dated is None:
+            raise NoteError(f"{path}: {NO_DATE}")
+        found, source = dated
+        named = date_in_name(path.stem, date_order)
+        if found.other_reading and named and named.date == found.date and not named.other_reading:
+            found = FoundDate(found.date, found.text)  # the file name says which order was meant
+    else:
+        found, source = section_date, ""
+    facts, rejected = read_fields(text, org=org, words=words)
+    facts = resolve_names(facts)
+    facts += agenda_facts(facts)
+    facts = unique_facts(facts + prose_facts(text, facts, words))
+    facts = [f for f in facts if f.field not in ("action_items", "agenda")] + action_facts(text, facts, found.date, words)
+    facts += decision_facts(text, facts)
+    for fact in facts:
+        fact.line += offset
+    if offset:  # "line 3: ..." of a section is that line of the file
+        rejected = [re.sub(r"^line (\d+)", lambda m: f"line {int(m.group(1)) + offset}", r) for r in rejected]
+    return Note(path.name, found.date, text, joined_fields(facts), facts, source, found.other_reading, rejected)
+
+
+def resolve_lab_names(notes: list[Note]) -> list[Note]:
+    """A first name or handle its own meeting could not resolve ("@hiro" where the attendees do
+    not list him) as the one full name the whole lab's notes give it, when exactly one does."""
+    known = sorted({v for n in notes for f in n.facts for v in (f.value, f.owner or "")
+                    if f.field in ("attendees", "presenter", "recorder", "action_items") and len(v.split()) > 1
+                    and (f.field != "action_items" or v == f.owner)})
+    for note in notes:
+        changed = False
+        for fact in note.facts:
+            if fact.field in ("presenter", "recorder") and len(fact.value.split()) == 1:
+                resolved = resolve(fact.value, known)
+                changed |= resolved != fact.value
+                fact.value = resolved
+            if fact.owner and len(fact.owner.split()) == 1:
+                resolved = resolve(fact.owner, known)
+                changed |= resolved != fact.owner
+                fact.owner = resolved
+        if changed:
+            note.fields = joined_fields(note.facts)
+    return notes
+
+
+def _conv(conv_id: str, question: str, answer: str, fact: dict[str, str] | None = None) -> dict[str, Any]:
+    record: dict[str, Any] = {"id": conv_id, "conversations": [{"from": "human", "value": question},
+                                                              {"from": "gpt", "value": answer}]}
+    if fact:
+        record["fact"] = fact  # what the answer must contain; the data stage turns held-out ones into eval prompts
+    return record
+
+
+def _sentence(text: str) -> str:
+    return f"{text[0].upper()}{text[1:]}." if text else text
+
+
+def qa_facts(note: Note, fields: tuple[str, ...] = QA_FIELDS) -> list[tuple[str, str, str, str]]:
+    """(question, answer, field, value) about a note's fields. Answers are short, so the loss falls
+    on the facts rather than on words copied from the question."""
+    date, f = note.date, note.fields
+    us, iso, long = us_date(date), date.isoformat(), long_date(date)
+    items: list[tuple[str, str, str, str]] = []
+    if "presenter" in fields and "presenter" in f:
+        who = f["presenter"]
+        items += [(f"Who presented at the lab meeting on {us}?", f"{who} presented.", "presenter", who),
+                  (f"Who is the presenter on {us} lab meeting?", f"{who}.", "presenter", who),
+                  (f"Who was the presenter at the {long} lab meeting?", f"The presenter was {who}.", "presenter", who),
+                  (f"Who presented at the lab meeting on {long}?", f"{who} presented.", "presenter", who)]
+    if "recorder" in fields and "recorder" in f:
+        who = f["recorder"]
+        items += [(f"Who recorded the notes of the {iso} lab meeting?", f"{who} recorded the notes.", "recorder", who),
+                  (f"Who recorded the notes of the {us} meeting?", f"{who}.", "recorder", who)]
+    if "topic" in fields and "topic" in f:
+        items += [(f"What was the topic of the lab meeting on {us}?", _sentence(f["topic"]), "topic", f["topic"]),
+                  (f"What was discussed at the {long} lab meeting?", _sentence(f["topic"]), "topic", f["topic"])]
+    if "attendees" in fields and "attendees" in f:
+        items.append((f"Who attended the lab meeting on {us}?", _sentence(f["attendees"]), "attendees", f["attendees"]))
+    if "action_items" in fields and "action_items" in f:
+        items.append((f"What were the action items from the {long} lab meeting?", _sentence(f["action_items"]),
+                      "action_items", f["action_items"]))
+    if "decisions" in fields and "decisions" in f:
+        items.append((f"What did the lab decide at the {us} meeting?", _sentence(f["decisions"]), "decisions",
+                      f["decisions"]))
+    return items
+
+
+def qa_pairs(note: Note, fields: tuple[str, ...] = QA_FIELDS) -> list[tuple[str, str]]:
+    """Question-answer pairs about a note's fields (see qa_facts)."""
+    return [(question, answer) for question, answer, _, _ in qa_facts(note, fields)]
+
+
+def note_conversations(note: Note, qa: bool = True, whole_note: bool = True, note_id: str | None = None,
+                       fields: tuple[str, ...] = QA_FIELDS) -> list[dict[str, Any]]:
+    """FastChat's conversation for the note (date prompt -> note) and its question-answer pairs."""
+    base_id = note_id or f"labnote_{note.date.isoformat()}"
+    conversations = [_conv(base_id, f"Lab meeting on {us_date(note.date)}", note.text)] if whole_note else []
+    if qa:
+        conversations += [_conv(f"{base_id}_qa{i}", q, a, {"field": field, "value": value, "date": note.date.isoformat()})
+                          for i, (q, a, field, value) in enumerate(qa_facts(note, fields))]
+    return conversations
+
+
+class UnsafePathError(LabtuneError, ValueError):
+    """A note name, link or key would lead outside its notes folder or prefix."""
+
+
+def safe_relative(name: str, where: str) -> str:
+    """name as a relative POSIX path that stays inside its folder or prefix: no absolute paths, no
+    `..`, no backslashes, no empty parts."""
+    path = PurePosixPath(name)
+    if not name or name.startswith(("/", "\\")) or "\\" in name or path.is_absolute() or any(
+            part in ("..", "") for part in name.split("/")):
+        raise UnsafePathError(f"{where}: {name!r} escapes its folder (absolute path or '..')")
+    return path.as_posix()
+
+
+def note_files(folder: Path) -> list[Path]:
+    """Every note file (.md, .markdown, .org, .txt) in a folder and its sub-folders, sorted; the one
+    listing the data stage and the watcher share. A symbolic link (to a file or a folder) that
+    leads outside the folder is refused, naming it; links that stay inside are read where they
+    point to, once. Hidden files and folders (a dot first) are not notes."""
+    root = folder.resolve()
+    found: list[Path] = []
+    for directory, subdirs, files in os.walk(folder, followlinks=False):
+        here = Path(directory)
+        for name in sorted(subdirs):
+            if (here / name).is_symlink():
+                _inside(here / name, folder, root)  # links inside are walked at their real place
+        subdirs[:] = sorted(d for d in subdirs if not d.startswith(".") and not (here / d).is_symlink())
+        for name in files:
+            path = here / name
+            if name.startswith(".") or path.suffix.lower() not in NOTE_SUFFIXES:
+                continue
+            if path.is_symlink():
+                _inside(path, folder, root)
+            if path.is_file():
+                found.append(path)
+    return sorted(found)
+
+
+def _inside(link: Path, folder: Path, root: Path) -> None:
+    target = link.resolve()
+    if not target.is_relative_to(root):
+        raise UnsafePathError(f"{folder}: {link.relative_to(folder)} links outside the notes folder (to {target})")

@@ -1,0 +1,71 @@
+"""The notes-retrieval baseline: the most relevant notes put in the prompt, BM25 by bm25s.
+
+Retrieval of the source text beats plain fine-tuning for new knowledge unless fine-tuning sees many
+variations of each fact (Ovadia et al. 2024), so a lab sees both on its own notes. Each note is
+indexed with its text and its date written in every form people use, so "April 14th 2023" finds
+the note headed "4/14/2023". bm25s (sparse-matrix BM25, numpy only) is a well-kept library for
+exactly this.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+from typing import Any
+
+from labtune.data.augment import HELDOUT_DATE_FORMS, TRAIN_DATE_FORMS
+
+PROMPT = "Lab meeting notes:\n\n{notes}\n\nAnswer from the notes above. {question}"
+
+
+def note_documents(folder: Path, date_order: str = "MDY", field_names: dict[str, list[str]] | None = None
+                   ) -> list[dict[str, Any]]:
+    """{file, date, text, fields} of every meeting of the readable notes in a folder (the safe listing of labtune.data.notes)."""
+    from labtune.data.notes import NoteError, note_files, read_meetings
+
+    documents = []
+    for path in note_files(folder):
+        try:
+            meetings = read_meetings(path, date_order, field_names)
+        except NoteError:
+            continue
+        for note in meetings:  # a running log is one document per meeting
+            where = path.relative_to(folder).as_posix()
+            documents.append({"file": f"{where}:{note.lines[0]}-{note.lines[1]}" if note.lines else where,
+                              "date": note.date.isoformat(), "text": note.text, "fields": note.fields})
+    return documents
+
+
+class NotesIndex:
+    def __init__(self, documents: list[dict[str, Any]]):
+        import bm25s
+
+        self.documents = documents
+        self._bm25s = bm25s
+        self.retriever = bm25s.BM25()
+        corpus = [self._indexed(d) for d in documents]
+        self.retriever.index(bm25s.tokenize(corpus, stopwords="en", show_progress=False), show_progress=False)
+
+    @staticmethod
+    def _indexed(document: dict[str, Any]) -> str:
+        date = dt.date.fromisoformat(document["date"])
+        forms = [form(date) for form in (*TRAIN_DATE_FORMS.values(), *HELDOUT_DATE_FORMS.values())]
+        return document["text"] + "\n" + " ".join(forms)
+
+    def search(self, question: str, k: int) -> list[dict[str, Any]]:
+        if not self.documents:
+            return []
+        tokens = self._bm25s.tokenize([question], stopwords="en", show_progress=False)
+        found, scores = self.retriever.retrieve(tokens, k=min(k, len(self.documents)), show_progress=False)
+        return [self.documents[int(i)] for i, score in zip(found[0], scores[0]) if score > 0]
+
+    def prompt(self, question: str, k: int, max_chars: int = 6000) -> str:
+        """The question with the k most relevant notes before it (cut to max_chars in all)."""
+        notes, used = [], 0
+        for document in self.search(question, k):
+            text = document["text"][: max(0, max_chars - used)]
+            if not text:
+                break
+            notes.append(text)
+            used += len(text)
+        return PROMPT.format(notes="\n\n---\n\n".join(notes) or "(none found)", question=question)

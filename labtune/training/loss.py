@@ -1,0 +1,127 @@
+"""The training loss, computed only where there is something to learn. Imports only torch.
+
+A chat example's labels mask the system and user turns, so most positions carry no loss; the
+output layer (hidden x vocabulary) is still the largest matmul of a small model. `AnswerLoss`
+puts a pre-hook on the model's output embeddings that keeps only the hidden states whose next
+token is a label, so the logits, their softmax and the output layer's backward cover the answer
+tokens alone.
+
+When those logits would still be large (more than LOGITS_PER_CHUNK elements in fp32: long
+answers, pretraining-style data, a 128K vocabulary), they are never materialised whole: a forward
+hook on the output layer computes the cross-entropy chunk by chunk, each chunk under activation
+checkpointing, so at most one chunk of logits exists at a time, forward or backward; the output
+layer itself then sees no rows. This runs inside the model's own forward, where FSDP2 has the
+output layer's weight gathered, and the loss leaves through the model's output, so FSDP2's
+backward hooks fire as for plain logits.
+
+Either way the loss is transformers' causal-LM loss (cross-entropy in fp32, summed over label
+tokens, divided by the step's label count): tests/test_loss.py holds both paths to 1e-5 with
+their gradients.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from labtune.data.chat import IGNORE_INDEX
+
+LOGITS_PER_CHUNK = 1 << 24  # 64 MiB of fp32 logits: 341 rows of Llama 3's 128,256-token vocabulary
+
+
+def predicting_positions(labels: torch.Tensor) -> torch.Tensor:
+    """Where the model's output is scored: position t predicts the label at t + 1."""
+    keep = torch.zeros_like(labels, dtype=torch.bool)
+    keep[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+    return keep
+
+
+def _chunk_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(F.linear(hidden, weight, bias).float(), targets, reduction="sum")
+
+
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What the model is called with: a packed batch (labtune/training/packing.py) passes its position ids
+    and no attention mask (nor a cache), so transformers masks each example off from the others. A
+    batch with `inputs_embeds` starts past the frozen layers (labtune/training/frozen_prefix.py)."""
+    start = {"inputs_embeds": batch["inputs_embeds"]} if "inputs_embeds" in batch else {"input_ids": batch["input_ids"]}
+    if "position_ids" in batch:
+        return {**start, "position_ids": batch["position_ids"], "use_cache": False}
+    return {**start, "attention_mask": batch["attention_mask"]}
+
+
+class AnswerLoss:
+    """Installed once on a causal LM (plain, PEFT-wrapped or FSDP2-sharded: parameter names and
+    sharding are untouched, only the output layer's input and output are replaced while a loss is
+    computed). `chunk_rows`: label tokens per chunk; by default LOGITS_PER_CHUNK / vocabulary."""
+
+    def __init__(self, model: torch.nn.Module, chunk_rows: int | None = None):
+        head = model.get_output_embeddings()
+        if head is None:
+            raise ValueError(f"{type(model).__name__} has no output embeddings to compute a loss on")
+        self.chunk_rows = chunk_rows or max(1, LOGITS_PER_CHUNK // head.weight.shape[0])
+        self._keep: torch.Tensor | None = None
+        self._targets: torch.Tensor | None = None
+        self._hidden: torch.Tensor | None = None
+        self._handles = [head.register_forward_pre_hook(self._narrow), head.register_forward_hook(self._chunked)]
+
+    def _narrow(self, module: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+        if self._keep is None:
+            return None
+        hidden = args[0][self._keep]
+        if hidden.shape[0] <= self.chunk_rows:
+            return (hidden, *args[1:])
+        self._hidden = hidden
+        return (hidden[:0], *args[1:])  # the forward hook computes the loss in chunks instead
+
+    def _chunked(self, module: torch.nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor | None:
+        if self._hidden is None:
+            return None
+        hidden, self._hidden = self._hidden, None
+        total = hidden.new_zeros((), dtype=torch.float32)
+        for start in range(0, hidden.shape[0], self.chunk_rows):
+            rows = slice(start, start + self.chunk_rows)
+            total = total + checkpoint(_chunk_loss, hidden[rows], module.weight, module.bias, self._targets[rows],
+                                       use_reentrant=False)
+        return total
+
+    def __call__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor], num_items: torch.Tensor | float) -> torch.Tensor:
+        """Summed token cross-entropy over the batch's label tokens, divided by num_items (the
+        step's label count over every micro-batch and rank)."""
+        labels = batch["labels"]
+        targets = labels[:, 1:][labels[:, 1:] != IGNORE_INDEX]
+        self._keep, self._targets = predicting_positions(labels), targets
+        try:
+            out = model(**model_inputs(batch)).logits
+        finally:
+            self._keep = self._targets = self._hidden = None
+        if out.dim() == 0:  # the chunked path: already the summed loss
+            return out / num_items
+        return F.cross_entropy(out.float(), targets, reduction="sum") / num_items
+
+    @torch.no_grad()
+    def exact(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per row, whether greedy decoding would write its answer token for token: every label is
+        the argmax given the labels before it (teacher forcing, one forward pass); and the summed
+        cross-entropy of the labels."""
+        labels = batch["labels"]
+        keep = predicting_positions(labels)
+        targets = labels[:, 1:][labels[:, 1:] != IGNORE_INDEX]
+        chunk_rows, self.chunk_rows = self.chunk_rows, max(self.chunk_rows, int(keep.sum()))  # the logits themselves
+        self._keep, self._targets = keep, targets
+        try:
+            logits = model(**model_inputs(batch)).logits
+        finally:
+            self._keep = self._targets = self._hidden = None
+            self.chunk_rows = chunk_rows
+        wrong = (logits.argmax(-1) != targets).to(torch.int32)
+        rows = keep.nonzero()[:, 0]
+        misses = torch.zeros(labels.shape[0], dtype=torch.int32, device=labels.device).index_add_(0, rows, wrong)
+        return (misses == 0) & keep.any(dim=1), F.cross_entropy(logits.float(), targets, reduction="sum")
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
