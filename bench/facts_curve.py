@@ -56,7 +56,6 @@ def main() -> None:
     from labtune.store.outputs import fetch
     from labtune.stages import run_until
     from labtune.stages.evaluate import answer_budget, collect_prompts
-    from labtune.store.backends import open_store
     from labtune.training.loss import AnswerLoss
     from labtune.training.packing import collate_packed, rank_rows
     from labtune.training.throughput import FlopsModel
@@ -64,7 +63,7 @@ def main() -> None:
                                       micro_batches_per_epoch, param_groups, rank_batches)
 
     recipe = load_recipe(args.recipe, [*args.overrides, f"store.uri={args.store}"])
-    store = open_store(recipe.store.settings())
+    store = recipe.store.open()
     quiet = lambda message: None  # noqa: E731
     data_uri = run_until("data", recipe, store, log=quiet).uri
     model_uri = run_until("delta", recipe, store, log=quiet).uri

@@ -30,10 +30,9 @@ def measure(recipe_path: str, overrides: list[str], store_uri: str) -> dict:
     from labtune.recipe import load_recipe
     from labtune.store.outputs import fetch
     from labtune.stages import run_until
-    from labtune.store.backends import open_store
 
     recipe = load_recipe(recipe_path, [*overrides, f"store.uri={store_uri}"])
-    store = open_store(recipe.store.settings())
+    store = recipe.store.open()
     quiet = lambda line: None  # noqa: E731
     run_until("tokenize", recipe, store, log=quiet)
     started = time.perf_counter()

@@ -56,7 +56,6 @@ def make_model(work: Path) -> tuple[Path, str]:
 def prepare(work: Path, args: argparse.Namespace):
     """labtune's data and tokenize stages on the lab notes + dummy conversations."""
     from labtune.recipe import recipe_from_dict
-    from labtune.store.backends import open_store
     from labtune.stages.data import build_data
     from labtune.stages.tokenize import build_tokenize
     from labtune.stages.weights import build_weights
@@ -75,7 +74,7 @@ def prepare(work: Path, args: argparse.Namespace):
         "parallel": {"nproc_per_node": 1},
         "store": {"uri": str(work / "store")},
     }, "bench/train.py")
-    store = open_store(recipe.store.settings())
+    store = recipe.store.open()
     model_uri = build_weights(recipe, store).uri
     tokens_uri = build_tokenize(recipe, store, model_uri, build_data(recipe, store).uri).uri
     return recipe, store, model_uri, tokens_uri, tokenizer_name

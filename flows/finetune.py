@@ -21,11 +21,9 @@ from flows.watch import changes_markdown
 from labtune.errors import RunFailure, one_line
 from labtune.store.housekeeping import record_run, usage_markdown
 from labtune.recipe import Recipe, load_recipe
-from labtune.store.outputs import StageResult, output_prefix, read_manifest
-from labtune.stages.evaluate import evaluate_key
+from labtune.store.outputs import StageResult, read_manifest
+from labtune.stages import GRAPH, input_uris, output_uri
 from labtune.stages.preflight import preflight
-from labtune.stages.train import train_key
-from labtune.store.backends import open_store
 from tasks.data import data_task
 from tasks.delta import delta_task
 from tasks.evaluate import evaluate_task
@@ -89,7 +87,7 @@ def finetune(recipe_path: str, overrides: list[str] | None = None, notes_fingerp
         logger.info(f"triggered by lab notes fingerprint {notes_fingerprint}")
         create_markdown_artifact(key="lab-notes-changes", markdown=changes_markdown(
             {"fingerprint": notes_fingerprint, **(notes_changes or {})}), description="The lab-notes change this run trains on")
-    store = open_store(recipe.store.settings())
+    store = recipe.store.open()
     run_id = str(flow_run.id or f"local-{int(time.time())}")
     # the run's record in the store: which outputs it uses, so `labtune store gc` keeps them
     record_run(store, run_id, name=flow_run.name, recipe=recipe.name, recipe_path=recipe_path, state="running",
@@ -111,32 +109,25 @@ def finetune(recipe_path: str, overrides: list[str] | None = None, notes_fingerp
 
 
 def run_stages(recipe: Recipe, recipe_path: str, overrides: list[str], store, done) -> dict[str, dict]:
-    """The six stages in order; done(result) after each."""
-    weights = weights_task(recipe)
-    done(weights)
-    target = delta_task(recipe, weights.uri)
-    done(target)
-    data = data_task(recipe)
-    done(data)
-    tokens = tokenize_task(recipe, target.uri, data.uri)
-    done(tokens)
-    # train and evaluate are flows of their own, so that deployments can run them on the GPU work pool
-    if recipe.deployments.train:
-        key, _ = train_key(recipe, target.uri, tokens.uri)
-        trained = remote_stage(recipe.deployments.train, "train", {"recipe_path": recipe_path, "model_uri": target.uri,
-                               "tokens_uri": tokens.uri, "overrides": overrides or []}, store.uri_for(output_prefix("train", key)), store)
-    else:
-        trained = StageResult(**train_flow(recipe_path, target.uri, tokens.uri, overrides or []))
-    done(trained)
-    if recipe.deployments.evaluate:
-        key, _, _ = evaluate_key(recipe, target.uri, trained.uri, data.uri, tokens.uri)
-        evaluation = remote_stage(recipe.deployments.evaluate, "evaluate", {
-            "recipe_path": recipe_path, "base_uri": target.uri, "model_uri": trained.uri, "data_uri": data.uri,
-            "tokens_uri": tokens.uri, "overrides": overrides or []}, store.uri_for(output_prefix("evaluate", key)), store)
-    else:
-        evaluation = evaluate_task(recipe, target.uri, trained.uri, data.uri, tokens.uri)
-    done(evaluation)
-    return {r.stage: r.to_dict() for r in (weights, target, data, tokens, trained, evaluation)}
+    """The stages in the order of labtune.stages.GRAPH, each given its inputs' URIs; done(result)
+    after each. Train and evaluate are flows of their own, so that a deployment can run them on
+    the GPU work pool: with `deployments.<stage>` set, the stage runs there and this flow waits
+    for its output's manifest."""
+    local = {"weights": weights_task, "delta": delta_task, "data": data_task, "tokenize": tokenize_task,
+             "train": lambda recipe, **uris: StageResult(**train_flow(recipe_path, overrides=overrides, **uris)),
+             "evaluate": evaluate_task}
+    outputs: dict[str, StageResult] = {}
+    for stage in GRAPH:
+        uris = input_uris(stage.name, {name: result.uri for name, result in outputs.items()})
+        deployment = getattr(recipe.deployments, stage.name, None)
+        if deployment:
+            outputs[stage.name] = remote_stage(deployment, stage.name, {"recipe_path": recipe_path, **uris,
+                                                                        "overrides": overrides},
+                                               output_uri(stage.name, recipe, store, uris), store)
+        else:
+            outputs[stage.name] = local[stage.name](recipe, **uris)
+        done(outputs[stage.name])
+    return {name: result.to_dict() for name, result in outputs.items()}
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ from flows.finetune import finetune
 from labtune.evaluation import comparison
 from labtune.recipe import grid_variants, load_recipe
 from labtune.stages.evaluate import read_run
-from labtune.store.backends import open_store
 
 
 @flow(name="sweep", log_prints=True)
@@ -31,7 +30,7 @@ def sweep(recipe_path: str, grid: dict[str, list[Any]], overrides: list[str] | N
         logger.info(f"sweep: variant {variant}")
         recipe = load_recipe(recipe_path, variant_overrides)
         stages = finetune(recipe_path, variant_overrides)
-        run = read_run(open_store(recipe.store.settings()), stages["evaluate"]["uri"])
+        run = read_run(recipe.store.open(), stages["evaluate"]["uri"])
         runs.append({**run, "variant": variant})
     labels, table = comparison.comparison_table(runs)
     columns = ["question", "expected", "base", *labels]

@@ -18,7 +18,6 @@ from prefect.events import emit_event
 from labtune.data import watch
 from labtune.errors import LabtuneError
 from labtune.recipe import load_recipe
-from labtune.store.backends import open_store
 
 EVENT = "labtune.labnotes.updated"
 
@@ -39,7 +38,7 @@ def watch_lab_notes(recipe_path: str, overrides: list[str] | None = None) -> dic
     """Emit `labtune.labnotes.updated` when the lab notes differ from the last fingerprint seen."""
     logger = get_run_logger()
     recipe = load_recipe(recipe_path, overrides or [])
-    store = open_store(recipe.store.settings())
+    store = recipe.store.open()
     state = notes_state(recipe)
     resource = "labtune.labnotes." + watch.source_id("|".join(state["sources"]))
     previous = watch.load_state(store, resource) or {"fingerprint": None, "listings": {}}

@@ -140,9 +140,8 @@ def run(recipe: Path = Recipe, overrides: Optional[list[str]] = Overrides, as_js
     from labtune.recipe import load_recipe
     from labtune.ops.server import ensure_api, using_api
     from labtune.evaluation.comparison import expected_text
-    from labtune.stages.evaluate import COLUMNS, read_evaluation
+    from labtune.stages.evaluate import columns_of, read_evaluation
     from labtune.stages.preflight import preflight
-    from labtune.store.backends import open_store
 
     started = time.time()
     overrides = overrides or []
@@ -159,8 +158,8 @@ def run(recipe: Path = Recipe, overrides: Optional[list[str]] = Overrides, as_js
         stages = state.result()
     flow_run = {"id": str(state.state_details.flow_run_id),
                 "url": f"{url.removesuffix('/api')}/runs/flow-run/{state.state_details.flow_run_id}"}
-    summary, rows = read_evaluation(open_store(config.store.settings()), stages["evaluate"]["uri"])
-    columns = [(c, label) for c, label in COLUMNS if c in summary.get("columns", ["base", "tuned"])]
+    summary, rows = read_evaluation(config.store.open(), stages["evaluate"]["uri"])
+    columns = columns_of(summary)
     evaluation = {"total": summary["total"], **{f"{c}_correct": summary[f"{c}_correct"] for c, _ in columns},
                   "by_tag": {c: summary["accuracy"][c]["by_tag"] for c, _ in columns},
                   "max_new_tokens": summary.get("max_new_tokens"), "truncated": summary.get("truncated")}
@@ -211,10 +210,9 @@ def _stage(stage: str, recipe: Path, overrides: list[str] | None, as_json: bool,
     from labtune.recipe import load_recipe
     from labtune.stages import run_until
     from labtune.stages.train import progress_bar
-    from labtune.store.backends import open_store
 
     config = load_recipe(recipe, overrides or [])
-    store = open_store(config.store.settings())
+    store = config.store.open()
     store.check()
     from tqdm import tqdm
 

@@ -16,7 +16,7 @@ import yaml
 
 from labtune.errors import LabtuneError, yaml_error
 from labtune.evaluation.prompts import Prompt
-from labtune.store.backends import StoreSettings
+from labtune.store.backends import Store, StoreSettings, open_store
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
@@ -342,6 +342,10 @@ class StoreConfig(_Strict):
 
     def settings(self) -> StoreSettings:
         return StoreSettings(self.uri, self.endpoint_url, self.region, self.retry_seconds)
+
+    def open(self) -> Store:
+        """The store this recipe writes to."""
+        return open_store(self.settings())
 
 
 class Recipe(_Strict):

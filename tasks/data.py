@@ -10,13 +10,12 @@ from prefect.cache_policies import NO_CACHE
 from labtune.recipe import Recipe
 from labtune.store.outputs import StageResult, read_manifest
 from labtune.stages.data import build_data, report_markdown
-from labtune.store.backends import open_store
 from tasks import retry_transient, run_log
 
 
 @task(name="data", retries=2, retry_delay_seconds=10, retry_condition_fn=retry_transient, cache_policy=NO_CACHE)
 def data_task(recipe: Recipe) -> StageResult:
-    store = open_store(recipe.store.settings())
+    store = recipe.store.open()
     with run_log() as logger:
         result = build_data(recipe, store, log=logger.info)
     manifest = read_manifest(store, store.key_for(result.uri)) or {}

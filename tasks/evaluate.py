@@ -13,9 +13,8 @@ from prefect.cache_policies import NO_CACHE
 from labtune.evaluation import comparison
 from labtune.recipe import Recipe
 from labtune.store.outputs import StageResult
-from labtune.stages.evaluate import COLUMNS, build_evaluate, read_evaluation, summary_markdown
+from labtune.stages.evaluate import build_evaluate, columns_of, read_evaluation, summary_markdown
 from labtune.stages.train import progress_bar
-from labtune.store.backends import open_store
 from tasks import retry_transient, run_log
 
 
@@ -60,7 +59,7 @@ def evaluation_table(rows: list[dict], columns: list[tuple[str, str]]) -> list[d
 @task(name="evaluate", retries=2, retry_delay_seconds=10, retry_condition_fn=retry_transient, cache_policy=NO_CACHE)
 def evaluate_task(recipe: Recipe, base_uri: str, model_uri: str, data_uri: str | None = None,
                   tokens_uri: str | None = None) -> StageResult:
-    store = open_store(recipe.store.settings())
+    store = recipe.store.open()
     with run_log() as logger, progress_bar() as bar:
         def on_progress(record: dict) -> None:
             logger.info("progress " + json.dumps(record))
@@ -69,7 +68,7 @@ def evaluate_task(recipe: Recipe, base_uri: str, model_uri: str, data_uri: str |
         result = build_evaluate(recipe, store, base_uri, model_uri, log=logger.info, data_uri=data_uri,
                                 tokens_uri=tokens_uri, on_progress=on_progress)
     summary, rows = read_evaluation(store, result.uri)
-    columns = [(c, label) for c, label in COLUMNS if c in summary.get("columns", ["base", "tuned"])]
+    columns = columns_of(summary)
     create_table_artifact(
         key="evaluation",
         table=evaluation_table(rows, columns),

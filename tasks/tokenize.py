@@ -12,13 +12,12 @@ from prefect.cache_policies import NO_CACHE
 from labtune.recipe import Recipe
 from labtune.store.outputs import StageResult, fetch
 from labtune.stages.tokenize import build_tokenize, report_markdown
-from labtune.store.backends import open_store
 from tasks import retry_transient, run_log
 
 
 @task(name="tokenize", retries=1, retry_delay_seconds=10, retry_condition_fn=retry_transient, cache_policy=NO_CACHE)
 def tokenize_task(recipe: Recipe, model_uri: str, data_uri: str) -> StageResult:
-    store = open_store(recipe.store.settings())
+    store = recipe.store.open()
     with run_log() as logger:
         result = build_tokenize(recipe, store, model_uri, data_uri, log=logger.info)
     report = json.loads((fetch(store, result.uri) / "report.json").read_text())

@@ -15,7 +15,6 @@ from labtune.plots import png_markdown
 from labtune.recipe import Recipe
 from labtune.store.outputs import StageResult, fetch
 from labtune.stages.train import artifact_link, build_train, progress_bar
-from labtune.store.backends import open_store
 from tasks import ServerTolerant, retry_transient, run_log
 
 
@@ -42,7 +41,7 @@ def train_task(recipe: Recipe, model_uri: str, tokens_uri: str) -> StageResult:
         ui(create_link_artifact, key="train-checkpoint", link=artifact_link(record["uri"]),
            link_text=f"checkpoint at step {record['step']}", description=f"Checkpoint at optimizer step {record['step']} (resumable)")
 
-    store = open_store(recipe.store.settings())
+    store = recipe.store.open()
     with run_log() as logger, progress_bar() as bar:
         shown = [-1]
         ui = ServerTolerant(logger)  # a Prefect server restarting mid-training does not stop it

@@ -8,11 +8,10 @@ from prefect.cache_policies import NO_CACHE
 from labtune.recipe import Recipe
 from labtune.store.outputs import StageResult
 from labtune.stages.weights import build_weights
-from labtune.store.backends import open_store
 from tasks import retry_transient, run_log
 
 
 @task(name="weights", retries=2, retry_delay_seconds=10, retry_condition_fn=retry_transient, cache_policy=NO_CACHE)
 def weights_task(recipe: Recipe) -> StageResult:
     with run_log() as logger:
-        return build_weights(recipe, open_store(recipe.store.settings()), log=logger.info)
+        return build_weights(recipe, recipe.store.open(), log=logger.info)

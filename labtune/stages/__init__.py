@@ -1,19 +1,59 @@
 """The six stages, Prefect-free: weights -> delta -> data -> tokenize -> train -> evaluate.
 
-Each module holds its stage's `build_*` function (key, inputs, the work, the report); `tasks/`
-wraps each in a Prefect task and `flows/finetune.py` chains them. `run_until` chains them here
-without Prefect, for the command line's one-stage commands and the benchmarks.
+Each module holds its stage's `build_<stage>` function (key, inputs, the work, the report);
+`tasks/` wraps each in a Prefect task. `GRAPH` below is the one description of how they chain:
+the finetune flow, `run_until` (the command line's one-stage commands, the benchmarks) and remote
+dispatch to a deployment all read it.
 """
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from labtune.recipe import Recipe
-from labtune.store.outputs import Log, StageResult, default_log
 from labtune.store.backends import Store
+from labtune.store.outputs import Log, StageResult, default_log, output_prefix
 
-STAGES = ("weights", "delta", "data", "tokenize", "train", "evaluate")
+
+@dataclass(frozen=True)
+class Stage:
+    """A stage: its name (its module in labtune.stages, its `build_<name>`) and its inputs, each
+    an upstream stage and the builder's parameter that takes that stage's output URI."""
+
+    name: str
+    inputs: tuple[tuple[str, str], ...] = ()
+    reports_progress: bool = False
+
+    def builder(self) -> Callable[..., StageResult]:
+        return getattr(importlib.import_module(f"labtune.stages.{self.name}"), f"build_{self.name}")
+
+
+GRAPH = (
+    Stage("weights"),
+    Stage("delta", (("weights", "base_uri"),)),
+    Stage("data"),
+    Stage("tokenize", (("delta", "model_uri"), ("data", "data_uri"))),
+    Stage("train", (("delta", "model_uri"), ("tokenize", "tokens_uri")), reports_progress=True),
+    Stage("evaluate", (("delta", "base_uri"), ("train", "model_uri"), ("data", "data_uri"), ("tokenize", "tokens_uri")),
+          reports_progress=True),
+)
+STAGES = tuple(stage.name for stage in GRAPH)
+BY_NAME = {stage.name: stage for stage in GRAPH}
+
+
+def input_uris(stage: str, outputs: dict[str, str]) -> dict[str, str]:
+    """The builder's URI arguments for `stage`, from the output URIs of the stages before it."""
+    return {parameter: outputs[upstream] for upstream, parameter in BY_NAME[stage].inputs}
+
+
+def output_uri(stage: str, recipe: Recipe, store: Store, uris: dict[str, str]) -> str:
+    """Where `stage`'s output is or will be, from its key (for train and evaluate, the stages a
+    deployment may run elsewhere: the flow waits for that URI's manifest)."""
+    module = importlib.import_module(f"labtune.stages.{stage}")
+    key = getattr(module, f"{stage}_key")(recipe, **uris)[0]
+    return store.uri_for(output_prefix(stage, key))
 
 
 def run_until(stage: str, recipe: Recipe, store: Store, given: dict[str, str] | None = None, log: Log = default_log,
@@ -21,37 +61,18 @@ def run_until(stage: str, recipe: Recipe, store: Store, given: dict[str, str] | 
     """Run `stage` and whatever it needs before it (cached stages cost a manifest read). `given`
     maps an upstream stage (`weights`, `delta`, `data`, `tokenize`, `train`) to an output URI that
     is used instead of computing that stage."""
-    from labtune.stages.data import build_data
-    from labtune.stages.delta import build_delta
-    from labtune.stages.evaluate import build_evaluate
-    from labtune.stages.tokenize import build_tokenize
-    from labtune.stages.train import build_train
-    from labtune.stages.weights import build_weights
-
-    given = {k: v for k, v in (given or {}).items() if v}
+    if stage not in BY_NAME:
+        raise ValueError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
+    outputs = {k: v for k, v in (given or {}).items() if v}
     done: dict[str, StageResult] = {}
 
-    def uri(name: str) -> str:
-        if name in given:
-            return given[name]
-        if name not in done:
-            done[name] = build(name)
-        return done[name].uri
-
     def build(name: str) -> StageResult:
-        if name == "weights":
-            return build_weights(recipe, store, log)
-        if name == "delta":
-            return build_delta(recipe, store, uri("weights"), log)
-        if name == "data":
-            return build_data(recipe, store, log)
-        if name == "tokenize":
-            return build_tokenize(recipe, store, uri("delta"), uri("data"), log)
-        if name == "train":
-            return build_train(recipe, store, uri("delta"), uri("tokenize"), log, on_progress=on_progress)
-        return build_evaluate(recipe, store, uri("delta"), uri("train"), log, data_uri=uri("data"),
-                              tokens_uri=uri("tokenize"), on_progress=on_progress)
+        spec = BY_NAME[name]
+        for upstream, _ in spec.inputs:
+            if upstream not in outputs:
+                done[upstream] = build(upstream)
+                outputs[upstream] = done[upstream].uri
+        extra = {"on_progress": on_progress} if spec.reports_progress else {}
+        return spec.builder()(recipe, store, log=log, **input_uris(name, outputs), **extra)
 
-    if stage not in STAGES:
-        raise ValueError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
     return build(stage)

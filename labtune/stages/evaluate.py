@@ -124,6 +124,12 @@ def evaluate_key(recipe: Recipe, base_uri: str, model_uri: str, data_uri: str | 
 COLUMNS = (("base", "base"), ("base_notes", "base + notes"), ("tuned", "fine-tuned"), ("tuned_notes", "fine-tuned + notes"))
 
 
+def columns_of(summary: dict[str, Any]) -> list[tuple[str, str]]:
+    """The (column, label) pairs an evaluation summary holds, in table order (a summary written
+    before the retrieval columns holds base and fine-tuned only)."""
+    return [(c, label) for c, label in COLUMNS if c in summary.get("columns", ["base", "tuned"])]
+
+
 def notes_index(store: Store, data_uri: str | None) -> Any:
     """The BM25 index of the data stage's notes.json (None when there are no notes)."""
     from labtune.evaluation.retrieval import NotesIndex
@@ -262,7 +268,7 @@ def run_from_folder(directory: Path, uri: str) -> dict[str, Any]:
 def summary_markdown(summary: dict[str, Any], uri: str) -> str:
     """Accuracy overall and per tag (the axes recall, paraphrase, reverse, absent among them) for
     each column (base, base + notes, fine-tuned, fine-tuned + notes), then loss and retention."""
-    columns = [(c, label) for c, label in COLUMNS if c in summary.get("columns", ["base", "tuned"])]
+    columns = columns_of(summary)
     accuracy = summary["accuracy"]
     lines = ["# Evaluation", "", png_markdown("accuracy by question type", accuracy_chart(summary, columns)), "",
              "| | " + " | ".join(label for _, label in columns) + " |", "|---|" + "---|" * len(columns)]

@@ -5,13 +5,12 @@ from __future__ import annotations
 from labtune.recipe import Recipe
 from labtune.stages.data import source_identity as data_identity
 from labtune.stages.weights import source_identity as model_identity
-from labtune.store.backends import open_store
 
 
 def preflight(recipe: Recipe) -> None:
     """The store is reachable, the base model and delta sources exist, every data source exists
     (and a lab-notes folder has no link leading out of it)."""
-    open_store(recipe.store.settings()).check()
+    recipe.store.open().check()
     settings = recipe.store.settings()
     for model in filter(None, (recipe.base_model, recipe.delta)):
         if not model.source.startswith("tiny://"):
