@@ -59,8 +59,9 @@ def main() -> None:
     from labtune.training.loss import AnswerLoss
     from labtune.training.packing import collate_packed, rank_rows
     from labtune.training.throughput import FlopsModel
-    from labtune.training.worker import (attention_implementation, collate, freeze, load_examples, make_scheduler,
-                                      micro_batches_per_epoch, param_groups, rank_batches)
+    from labtune.training.model import attention_implementation, freeze, param_groups
+    from labtune.training.batches import collate, load_examples, micro_batches_per_epoch, rank_batches
+    from labtune.training.worker import make_scheduler
 
     recipe = load_recipe(args.recipe, [*args.overrides, f"store.uri={args.store}"])
     store = recipe.store.open()

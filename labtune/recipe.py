@@ -476,8 +476,14 @@ class UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+# recipes parsed in this process, by file, text, overrides and environment: `labtune run`, the
+# finetune flow and its train subflow read one recipe once
+_PARSED: dict[tuple[Any, ...], Recipe] = {}
+
+
 def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> Recipe:
-    """Read, override and validate a recipe; any problem raises a one-line RecipeError."""
+    """Read, override and validate a recipe; any problem raises a one-line RecipeError. The same
+    file, text and overrides give the same object within a process (do not change it in place)."""
     recipe_path = Path(path)
     if not recipe_path.is_file():
         raise RecipeError(f"{recipe_path}: recipe file not found")
@@ -485,13 +491,21 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> 
         text = recipe_path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
         raise RecipeError(f"{recipe_path}: not UTF-8 text (byte {exc.start}); save the recipe as UTF-8") from None
+    seen = (str(recipe_path.resolve()), text, tuple(overrides or []),
+            tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith(("LABTUNE", "AWS")) or k == "HOME")))
+    if seen not in _PARSED:
+        _PARSED[seen] = _parse_recipe(recipe_path, text, overrides or [])
+    return _PARSED[seen]
+
+
+def _parse_recipe(recipe_path: Path, text: str, overrides: list[str]) -> Recipe:
     try:
         raw = yaml.load(text, Loader=UniqueKeyLoader) or {}
     except yaml.YAMLError as exc:
         raise RecipeError(yaml_error(recipe_path, exc)) from None
     if not isinstance(raw, dict):
         raise RecipeError(f"{recipe_path}: the top level must be a mapping")
-    raw = apply_overrides(raw, overrides or [])
+    raw = apply_overrides(raw, overrides)
     raw["recipe_dir"] = str(recipe_path.resolve().parent)
     return recipe_from_dict(raw, str(recipe_path))
 

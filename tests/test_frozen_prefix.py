@@ -13,7 +13,8 @@ from labtune.training.loss import AnswerLoss
 from labtune.training.packing import collate_packed
 from labtune.recipe import TrainConfig
 from labtune.training.throughput import decoder_layers
-from labtune.training.worker import collate, freeze
+from labtune.training.batches import collate
+from labtune.training.model import freeze
 
 
 def tiny_model(layers=4, dropout=0.0):

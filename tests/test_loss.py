@@ -9,7 +9,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from labtune.data.chat import IGNORE_INDEX
 from labtune.training.loss import AnswerLoss, predicting_positions
 from labtune.recipe import TrainConfig
-from labtune.training.worker import attention_implementation
+from labtune.training.model import attention_implementation
 
 
 def small_llama(attention: str = "eager", tied: bool = True) -> LlamaForCausalLM:

@@ -58,7 +58,7 @@ def test_shape_counts_the_parameters_the_model_has():
 
 @pytest.mark.parametrize("tied", [True, False])
 def test_frozen_weights_need_no_gradient_or_optimizer_state_in_the_estimate(tied):
-    from labtune.training.worker import freeze
+    from labtune.training.model import freeze
 
     config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
                          num_key_value_heads=2, vocab_size=300, tie_word_embeddings=tied)

@@ -71,14 +71,15 @@ def test_the_peak_comes_from_the_device_name_and_is_never_guessed():
 
 def test_auto_settings_resolve_as_documented():
     from labtune.recipe import TrainConfig
-    from labtune.training.worker import checkpointing_every, compile_wanted
+    from labtune.training.model import checkpointing_every, compile_wanted
+    from labtune.training.worker_config import WorkerError
 
     cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
     assert TrainConfig().torch_compile == "auto"
     assert not compile_wanted(TrainConfig(), cpu) and compile_wanted(TrainConfig(), gpu)
     assert compile_wanted(TrainConfig(torch_compile=True), cpu) and not compile_wanted(TrainConfig(torch_compile=False), gpu)
     assert TrainConfig().gradient_checkpointing == "auto"  # resolved by the train stage's memory plan (test_memory.py)
-    with pytest.raises(SystemExit, match="unresolved"):
+    with pytest.raises(WorkerError, match="unresolved"):
         checkpointing_every(TrainConfig())
     assert checkpointing_every(TrainConfig(gradient_checkpointing=False)) == 0
     assert checkpointing_every(TrainConfig(gradient_checkpointing=True)) == 1  # FastChat's meaning: every layer
@@ -88,7 +89,7 @@ def test_auto_settings_resolve_as_documented():
 
 def test_selective_checkpointing_recomputes_every_second_layer_with_the_same_gradients():
     from labtune.recipe import TrainConfig
-    from labtune.training.worker import checkpointing_every
+    from labtune.training.model import checkpointing_every
 
     config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
                          num_key_value_heads=2, vocab_size=300)

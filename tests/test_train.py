@@ -11,7 +11,7 @@ from conftest import TINY_RECIPE, run_cli, tiny_stage_inputs
 from labtune.recipe import ParallelConfig
 from labtune.store.outputs import fetch
 from labtune.store.backends import LocalStore
-from labtune.training.worker import rank_batches
+from labtune.training.batches import rank_batches
 from labtune.stages.train import TrainCrashed, TrainError, build_train, fitting_accumulation, train_key
 
 
@@ -379,7 +379,7 @@ def test_early_stopping_ends_on_a_plateau_decays_and_exports_the_best_evaluated_
     from transformers import AutoModelForCausalLM
 
     from labtune.training.loss import AnswerLoss
-    from labtune.training.worker import collate, load_examples
+    from labtune.training.batches import collate, load_examples
 
     store = tmp_path / "store"
     overrides = [f"store.uri={store}", "data.augment.enabled=true", "data.augment.dev_questions=16",

@@ -7,9 +7,16 @@ from labtune.stages.data import source_identity as data_identity
 from labtune.stages.weights import source_identity as model_identity
 
 
+# recipes checked in this process (load_recipe gives one object per recipe): `labtune run` checks
+# before it starts Prefect, and the finetune flow it starts does not check again
+_CHECKED: list[Recipe] = []
+
+
 def preflight(recipe: Recipe) -> None:
     """The store is reachable, the base model and delta sources exist, every data source exists
     (and a lab-notes folder has no link leading out of it)."""
+    if any(checked is recipe for checked in _CHECKED):
+        return
     recipe.store.open().check()
     settings = recipe.store.settings()
     for model in filter(None, (recipe.base_model, recipe.delta)):
@@ -17,3 +24,4 @@ def preflight(recipe: Recipe) -> None:
             model_identity(model, settings)
     for source in recipe.data.sources:
         data_identity(source, settings)
+    _CHECKED.append(recipe)

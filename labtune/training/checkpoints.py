@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from labtune.store.outputs import verify_uploaded
+from labtune.training.worker_config import WorkerError
 from labtune.store.backends import Store, StoreError, StoreSettings, is_disk_full, open_store, sha256_file
 
 MANIFEST = "manifest.json"
@@ -180,7 +181,7 @@ class BackgroundUploader:
         """A checkpoint that could not be stored for want of space ends the training: every later
         one would fail too, and the final model after it."""
         if self.fatal:
-            raise SystemExit(self.fatal)
+            raise WorkerError(self.fatal)
 
     def wait(self) -> None:
         if self.thread is not None:

@@ -86,7 +86,7 @@ class Shape:
         if train is not None and train.lora:
             shape = replace(shape, trainable=lora_trainable(shape, train))
         elif train is not None and (getattr(train, "freeze_layers", 0) or getattr(train, "freeze_embeddings", False)):
-            # frozen weights get no gradient and no optimizer state (train_worker.freeze)
+            # frozen weights get no gradient and no optimizer state (training.model.freeze)
             embeddings = config.vocab_size * config.hidden_size
             frozen = embeddings + layer_params * min(train.freeze_layers, len(layers))
             shape = replace(shape, trainable=total - frozen)
@@ -104,7 +104,7 @@ class Batch:
 
 @dataclass(frozen=True)
 class Setup:
-    """How the worker will run (train_worker.setup decides the same way)."""
+    """How the worker will run (training.model.build_model decides the same way)."""
 
     device: str  # "cuda" or "cpu"
     world: int
@@ -116,7 +116,7 @@ class Setup:
 
     @property
     def sharded(self) -> bool:
-        # one CPU process trains unsharded; bf16 on it is autocast (train_worker.setup)
+        # one CPU process trains unsharded; bf16 on it is autocast (training.model.build_model)
         return not (self.world == 1 and (self.device == "cpu" or not self.bf16)) or (self.offload and self.device == "cuda")
 
     @property

@@ -21,13 +21,9 @@ import contextlib
 import json
 import math
 import os
-import random
-import shutil
 import sys
 import time
 import traceback
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,163 +31,17 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from labtune.training import early_stopping
-from labtune.training import frozen_prefix
-from labtune.training import packing
 from labtune.data.chat import IGNORE_INDEX
+from labtune.recipe import WSD_DECAY_FRACTION, TrainConfig
+from labtune.training import early_stopping, frozen_prefix, packing
+from labtune.training.batches import collate, load_examples, micro_batches_per_epoch, rank_batches
+from labtune.training.distributed import init_distributed, log
 from labtune.training.frozen_prefix import FrozenPrefix
 from labtune.training.loss import AnswerLoss
-from labtune.training.throughput import FlopsModel, describe, mfu, peak_flops, peak_memory_gib, synchronize
-from labtune.precision import bf16_forced_off, native_bf16
-from labtune.recipe import WSD_DECAY_FRACTION, TrainConfig
-from labtune.training.worker_config import WORKER_ERROR, WorkerConfig
-
-
-@contextmanager
-def writing(path: Path, needed: int) -> Iterator[None]:
-    """A full disk while writing `needed` bytes under path: one line naming both, as the error."""
-    from labtune.store.backends import disk_full, is_disk_full
-
-    try:
-        yield
-    except (KeyboardInterrupt, SystemExit):
-        raise
-    except BaseException as exc:  # torch.distributed.checkpoint's CheckpointException is a BaseException
-        # torch's zip writer reports a short write as "unexpected pos": a full disk all the same
-        if is_disk_full(exc) or _free_bytes(path) < needed:
-            raise SystemExit(str(disk_full(path, needed))) from None
-        raise
-
-
-def _free_bytes(path: Path) -> int:
-    probe = Path(path)
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    return shutil.disk_usage(probe).free
-
-
-def tensor_bytes(state: Any) -> int:
-    """Bytes of the tensors (this rank's shards) in a nested state dict."""
-    if isinstance(state, torch.Tensor):
-        local = state.to_local() if hasattr(state, "to_local") else state
-        return local.numel() * local.element_size()
-    if isinstance(state, dict):
-        return sum(tensor_bytes(v) for v in state.values())
-    if isinstance(state, (list, tuple)):
-        return sum(tensor_bytes(v) for v in state)
-    return 0
-
-
-def log(message: str) -> None:
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(message, flush=True)
-
-
-def load_examples(train_dir: str) -> tuple[Any, list[int]]:
-    """The tokenize stage's examples (input_ids, labels, length), memory-mapped Arrow."""
-    from datasets import load_from_disk
-
-    dataset = load_from_disk(train_dir)
-    lengths = list(dataset["length"])
-    # numpy rows straight from Arrow: no Python list of ints per token on the step's critical path
-    return dataset.with_format("numpy", columns=["input_ids", "labels"]), lengths
-
-
-def collate(batch: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest example of the batch (not to model_max_length)."""
-    width = max(len(example["input_ids"]) for example in batch)
-    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
-    attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
-    for row, example in enumerate(batch):
-        n = len(example["input_ids"])
-        input_ids[row, :n] = torch.as_tensor(example["input_ids"])
-        labels[row, :n] = torch.as_tensor(example["labels"])
-        attention_mask[row, :n] = 1
-    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
-
-
-def rank_batches(lengths: list[int], epoch: int, seed: int, rank: int, world: int, batch_size: int,
-                 group_size: int = 16) -> list[list[int]]:
-    """This rank's micro-batches for one epoch. Every rank gets the same number of batches
-    (the shuffled order wraps around), so collectives never desynchronise, whatever the data size.
-    Within each window of group_size steps, examples are sorted by length so that a batch holds
-    examples of similar length and little compute goes to padding."""
-    n_examples = len(lengths)
-    rng = random.Random(seed + epoch)
-    order = list(range(n_examples))
-    rng.shuffle(order)
-    per_step = world * batch_size
-    steps = math.ceil(n_examples / per_step)
-    order = (order * math.ceil(steps * per_step / n_examples))[: steps * per_step]
-    window = per_step * group_size
-    grouped = []
-    for start in range(0, len(order), window):
-        grouped += sorted(order[start : start + window], key=lambda i: lengths[i])
-    steps_order = [grouped[i : i + per_step] for i in range(0, len(grouped), per_step)]
-    rng.shuffle(steps_order)
-    return [step[rank::world] for step in steps_order]
-
-
-def layer_classes(model: torch.nn.Module, names: str | None) -> tuple[type, ...]:
-    wanted = {n.strip() for n in (names or "").split(",") if n.strip()} or set(getattr(model, "_no_split_modules", None) or [])
-    classes = {type(m) for m in model.modules() if type(m).__name__ in wanted}
-    if not classes:
-        raise SystemExit(f"fsdp_transformer_layer_cls_to_wrap: no module of class {sorted(wanted)} in {type(model).__name__}")
-    return tuple(classes)
-
-
-def attention_implementation(train: TrainConfig, device: torch.device) -> str:
-    """`auto`: PyTorch's SDPA on a GPU; on a CPU the plain matmul-softmax ("eager"), which gives
-    the same losses (fp32, 1e-6) and is faster there: SDPA's CPU kernel allocates and zeroes
-    buffers for every call (a demo step, 4 x 55 tokens: 0.52 s against 0.57 s; 2 x 512: 1.7 s
-    against 2.1 s)."""
-    if train.attn_implementation != "auto":
-        return train.attn_implementation
-    return "sdpa" if device.type == "cuda" else "eager"
-
-
-def offloaded(train: TrainConfig) -> bool:
-    """`fsdp: ... offload`: parameters, gradients and optimizer state live in host memory (FSDP2's
-    CPUOffloadPolicy); each layer's parameters are copied to the GPU for its forward and backward,
-    and the optimizer steps on the CPU."""
-    return "offload" in train.fsdp.split()
-
-
-def shard_model(model: torch.nn.Module, mesh: Any, train: TrainConfig, device: torch.device) -> None:
-    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
-
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if train.bf16 else MixedPrecisionPolicy()
-    offload = CPUOffloadPolicy(pin_memory=device.type == "cuda") if offloaded(train) else OffloadPolicy()
-    reshard = "shard_grad_op" not in train.fsdp.split()
-    classes = layer_classes(model, train.fsdp_transformer_layer_cls_to_wrap)
-    for module in model.modules():
-        if isinstance(module, classes):
-            fully_shard(module, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard, offload_policy=offload)
-    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard, offload_policy=offload)
-
-
-def buffers_to(model: torch.nn.Module, device: torch.device) -> None:
-    """Buffers (rotary frequencies) on the compute device while the offloaded parameters stay on the CPU."""
-    for module in model.modules():
-        for name, buffer in list(module.named_buffers(recurse=False)):
-            if buffer is not None and buffer.device != device:
-                module.register_buffer(name, buffer.to(device), persistent=name not in module._non_persistent_buffers_set)
-
-
-def sharding_report(model: torch.nn.Module, world: int) -> dict[str, Any]:
-    local = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in model.parameters())
-    full = sum(p.numel() for p in model.parameters())
-    gathered: list[Any] = [None] * world
-    dist.all_gather_object(gathered, local)
-    return {"world_size": world, "full_numel": full, "local_numel_per_rank": gathered,
-            "dtensor_params": all(hasattr(p, "to_local") for p in model.parameters())}
-
-
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+from labtune.training.model import build_model, export_model, param_groups
+from labtune.training.saving import CheckpointRunner, writing
+from labtune.training.throughput import FlopsModel, describe, mfu, peak_memory_gib, synchronize
+from labtune.training.worker_config import WORKER_ERROR, WorkerConfig, WorkerError
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, train: TrainConfig, total_updates: int) -> Any:
@@ -204,202 +54,6 @@ def make_scheduler(optimizer: torch.optim.Optimizer, train: TrainConfig, total_u
         kwargs.setdefault("num_decay_steps", max(1, math.ceil(WSD_DECAY_FRACTION * total_updates)))
     return get_scheduler(train.lr_scheduler_type, optimizer, num_warmup_steps=math.ceil(train.warmup_ratio * total_updates),
                          num_training_steps=total_updates, scheduler_specific_kwargs=kwargs)
-
-
-class CheckpointRunner:
-    """Sharded checkpoints with torch.distributed.checkpoint: written to this node's disk at every
-    save_steps, uploaded to the store by a background thread while training continues, and
-    resumed from at start (the newest complete one of this run)."""
-
-    def __init__(self, cfg: WorkerConfig, rank: int, world: int, local_rank: int):
-        self.cfg, self.rank, self.world, self.local_rank = cfg, rank, world, local_rank
-        self.enabled = cfg.checkpoints_enabled
-        self.prefix = cfg.checkpoint_prefix or ""
-        self.local_root = Path(cfg.checkpoint_dir)
-        self.uploader = None
-        if self.enabled:
-            from labtune.training.checkpoints import BackgroundUploader
-
-            self.uploader = BackgroundUploader(cfg.store, self.prefix, rank, world, cfg.train.save_total_limit, log)
-
-    def _store(self):
-        from labtune.store.backends import open_store
-
-        return open_store(self.cfg.store)
-
-    def options(self) -> Any:
-        """A LoRA run's checkpoints hold the adapter and its optimizer state, not the frozen base
-        (which the run loads from the model stage anyway)."""
-        from torch.distributed.checkpoint.state_dict import StateDictOptions
-
-        lora = self.cfg.train.lora
-        return StateDictOptions(ignore_frozen_params=lora, strict=not lora)
-
-    def due(self, step: int, total: int) -> bool:
-        return self.enabled and step < total and step % self.cfg.train.save_steps == 0
-
-    def save(self, step: int, epoch: int, model: torch.nn.Module, optimizer: Any, scheduler: Any,
-             history: list[dict[str, Any]], extra: dict[str, Any] | None = None) -> None:
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict
-
-        assert self.uploader is not None
-        self.uploader.wait()  # one checkpoint in flight at a time bounds the disk it takes
-        self.uploader.raise_fatal()
-        started = time.time()
-        local = self.local_root / f"step-{step:07d}"
-        model_state, optim_state = get_state_dict(model, optimizer, options=self.options())
-        rng = {"python": random.getstate(), "torch": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state()
-        with writing(local, tensor_bytes(model_state) + tensor_bytes(optim_state)):
-            local.mkdir(parents=True, exist_ok=True)
-            dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(local))
-            torch.save(rng, local / f"rng-rank{self.rank}.pt")
-        files = sorted(local.glob(f"__{self.rank}_*.distcp")) + [local / f"rng-rank{self.rank}.pt"]
-        if self.rank == 0:
-            state = {"step": step, "epoch": epoch, "world_size": self.world, "scheduler": scheduler.state_dict(),
-                     "history": history, **(extra or {})}
-            (local / "trainer_state.json").write_text(json.dumps(state))
-            files += [local / ".metadata", local / "trainer_state.json"]
-        log(f"checkpoint step {step}: written locally in {time.time() - started:.1f}s, uploading in the background")
-        self.uploader.start(step, local, files, {"epoch": epoch})
-
-    def resume(self, model: torch.nn.Module, optimizer: Any, scheduler: Any) -> dict[str, Any] | None:
-        """Load the newest complete checkpoint of this run, if any; returns its trainer state."""
-        if not self.enabled:
-            return None
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
-        from labtune.training import checkpoints
-
-        found: list[Any] = [None]
-        if self.rank == 0:  # one decision, broadcast, so every node resumes from the same step
-            found[0] = checkpoints.download_newest_whole(self._store(), self.prefix,
-                                                         lambda s: self.local_root / f"resume-{s:07d}", log)
-        dist.broadcast_object_list(found, src=0)
-        step = found[0]
-        if step is None:
-            return None
-        local = self.local_root / f"resume-{step:07d}"
-        if self.local_rank == 0 and self.rank != 0:  # another node: its own copy of the step rank 0 verified
-            shutil.rmtree(local, ignore_errors=True)
-            checkpoints.download(self._store(), self.prefix, step, local)
-        dist.barrier()
-        model_state, optim_state = get_state_dict(model, optimizer, options=self.options())
-        state = {"model": model_state, "optim": optim_state}
-        dcp.load(state, checkpoint_id=str(local))
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
-                       options=self.options())
-        trainer_state = json.loads((local / "trainer_state.json").read_text())
-        scheduler.load_state_dict(trainer_state["scheduler"])
-        rng_file = local / f"rng-rank{self.rank}.pt"
-        if rng_file.is_file():
-            rng = torch.load(rng_file, weights_only=True)
-            random.setstate(rng["python"])
-            torch.set_rng_state(rng["torch"])
-            if "cuda" in rng and torch.cuda.is_available():
-                torch.cuda.set_rng_state(rng["cuda"])
-        dist.barrier()
-        if self.local_rank == 0:
-            shutil.rmtree(local, ignore_errors=True)
-        uri = f"{self.cfg.store.uri.rstrip('/')}/{self.prefix}/step-{step:07d}"
-        log(f"resumed from checkpoint step {step} ({uri})")
-        return trainer_state
-
-    def finish(self) -> None:
-        if self.uploader is not None:
-            self.uploader.wait()
-            self.uploader.raise_fatal()
-
-    def committed(self) -> list[str]:
-        return list(self.uploader.committed) if self.uploader is not None else []
-
-
-def apply_lora(model: torch.nn.Module, train: TrainConfig) -> Any:
-    """peft's LoraConfig from the recipe; every target module name must exist in the model."""
-    from peft import LoraConfig
-
-    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-    missing = sorted(set(train.lora_target_modules) - names)
-    if missing:
-        raise SystemExit(f"lora_target_modules: no module named {missing} in {type(model).__name__}")
-    return LoraConfig(r=train.lora_r, lora_alpha=train.lora_alpha, lora_dropout=train.lora_dropout,
-                      target_modules=list(train.lora_target_modules), bias="none", task_type="CAUSAL_LM")
-
-
-def freeze(model: torch.nn.Module, train: TrainConfig) -> str | None:
-    """train.freeze_embeddings / freeze_layers: those weights keep their values and get no
-    gradient (and no optimizer state); returns what was frozen, for the log."""
-    from labtune.training.throughput import decoder_layers
-
-    if not (train.freeze_embeddings or train.freeze_layers):
-        return None
-    frozen = []
-    if train.freeze_embeddings or train.freeze_layers:
-        model.get_input_embeddings().weight.requires_grad_(False)
-        frozen.append("the input embeddings" + (" (and the tied output layer)" if model.config.tie_word_embeddings else ""))
-    layers = decoder_layers(model)
-    if train.freeze_layers > len(layers):
-        raise SystemExit(f"freeze_layers {train.freeze_layers}: the model has {len(layers)} decoder layers")
-    for layer in layers[: train.freeze_layers]:
-        layer.requires_grad_(False)
-    if train.freeze_layers:
-        frozen.append(f"decoder layers 0-{train.freeze_layers - 1} of {len(layers)}")
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return f"frozen: {' and '.join(frozen)}; {trainable:,} of {sum(p.numel() for p in model.parameters()):,} parameters train"
-
-
-def compile_wanted(train: TrainConfig, device: torch.device) -> bool:
-    """`auto`: on a GPU, where compiled layers are measured faster; not on a CPU, where inductor
-    spends minutes building C++ for a run that is over in minutes."""
-    return device.type == "cuda" if train.torch_compile == "auto" else bool(train.torch_compile)
-
-
-def checkpointing_every(train: TrainConfig) -> int:
-    """Every how many decoder layers activations are recomputed; 0 for none. `true` means every
-    layer, as in FastChat; `selective` every gradient_checkpointing_every_n_layers-th layer.
-    `auto` is resolved by the train stage's memory estimate (labtune/training/memory.py) before launch."""
-    if train.gradient_checkpointing == "auto":
-        raise SystemExit("gradient_checkpointing 'auto' reached the worker unresolved: the train stage "
-                         "(labtune.stages.train.fit_memory) resolves it")
-    if train.gradient_checkpointing == "selective":
-        return train.gradient_checkpointing_every_n_layers
-    return 1 if train.gradient_checkpointing else 0
-
-
-def compile_layers(model: torch.nn.Module, train: TrainConfig) -> None:
-    """torch.compile each decoder layer (as torchtune does): the layers share one compiled graph and
-    FSDP2's collectives stay between them, outside the graphs."""
-    classes = layer_classes(model, train.fsdp_transformer_layer_cls_to_wrap)
-    for module in model.modules():
-        if isinstance(module, classes):
-            module.compile()
-
-
-def export_model(state: dict[str, torch.Tensor], base_config: Any, save_dtype: torch.dtype, lora_config: Any,
-                 out_dir: Path) -> None:
-    """Rank 0: the gathered full state dict saved as a plain transformers model (sharded
-    safetensors + config). A LoRA run's adapter is saved under adapter/ and merged into the
-    base weights in float32 before the cast, so the output loads without peft."""
-    from transformers import AutoModelForCausalLM
-
-    final = AutoModelForCausalLM.from_config(base_config, dtype=torch.float32)
-    if lora_config is not None:
-        from peft import get_peft_model
-
-        final = get_peft_model(final, lora_config)
-    missing, unexpected = final.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
-    if unexpected or [k for k in missing if not k.endswith("lm_head.weight")]:
-        raise SystemExit(f"final state dict does not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    if lora_config is not None:
-        final.save_pretrained(out_dir / "adapter")
-        final = final.merge_and_unload()
-    final.to(save_dtype)
-    final.config.use_cache = True
-    final.generation_config.use_cache = True  # from_config copied the training config's False: generation would run without its KV cache
-    final.save_pretrained(out_dir, max_shard_size="2GB")
 
 
 @dataclass
@@ -470,118 +124,56 @@ class Run:
 
 
 def setup(cfg: WorkerConfig) -> Run:
-    """Process group and device, the examples, the model (LoRA, checkpointing, compile), FSDP2
-    sharding, the optimizer and the schedule."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """Process group and device, the examples, the model (build_model), the optimizer and the
+    schedule."""
+    from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
     train = cfg.train
-    use_cuda = torch.cuda.is_available() and cfg.backend != "gloo"
-    backend = "nccl" if use_cuda else "gloo"
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
-    if use_cuda:
-        torch.cuda.set_device(device)
-        if train.tf32:
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
-    dist.init_process_group(backend=backend)
-    mesh = init_device_mesh(device.type, (world,))
+    place = init_distributed(cfg.backend, train)
     torch.manual_seed(train.seed)
-
-    model_dir = Path(cfg.model_dir)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(Path(cfg.model_dir))
     examples, lengths = load_examples(cfg.train_dir)
     if not lengths:
-        raise SystemExit(f"{cfg.train_dir}: no training examples")
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    log(f"world_size={world} backend={backend} device={device.type} examples={len(lengths)}")
-    if train.bf16 and device.type == "cpu" and not native_bf16():
-        # emulated bf16 is several times slower than fp32: the recipe asked for speed, not for bf16 numerics
-        why = "LABTUNE_NO_NATIVE_BF16 is set" if bf16_forced_off() else \
-            f"this CPU has no native bf16 ({torch.backends.cpu.get_cpu_capability()}, no AVX512-BF16 or AMX)"
-        log(f"{why}: training in fp32 instead")
-        train = train.model_copy(update={"bf16": False})
-    attention = attention_implementation(train, device)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation=attention)
-    save_dtype = model.config.dtype if isinstance(model.config.dtype, torch.dtype) else torch.float32
-    model.config.use_cache = False
-    base_config = model.config
-    frozen = freeze(model, train)
-    if frozen:
-        log(frozen)
-    lora_config = apply_lora(model, train) if train.lora else None
-    if lora_config is not None:
-        from peft import get_peft_model
-
-        model = get_peft_model(model, lora_config)
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        log(f"lora: r={lora_config.r} alpha={lora_config.lora_alpha} on {sorted(lora_config.target_modules)}: "
-            f"{trainable:,} trainable parameters of {sum(p.numel() for p in model.parameters()):,}")
-    every = checkpointing_every(train)
-    if every:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False},
-                                              every_n_layers=every)
-    offload = offloaded(train) and device.type == "cuda"
-    if not offload:
-        model.to(device)  # offloaded: the parameters stay in host memory, sharded there below
-    flops_model = FlopsModel.of(model)  # before sharding: full sizes
-    peak = peak_flops(device)
-    compiled = compile_wanted(train, device)
-    if compiled:
-        compile_layers(model, train)
-    log(f"torch_compile={train.torch_compile!r}: {'each decoder layer compiled' if compiled else 'eager'}; "
-        f"gradient_checkpointing={train.gradient_checkpointing!r}: "
-        f"{f'every {every} decoder layer(s) recomputed' if every else 'no recomputation'}")
-    autocast = world == 1 and device.type == "cpu" and train.bf16
-    if world == 1 and (device.type == "cpu" or not train.bf16) and not offload:
-        # one process: FSDP2 would copy every parameter in and out of its flat buffers around each
-        # layer for nothing (32 demo steps: 67 s sharded, 46 s not); bf16 on one CPU is autocast
-        # (fp32 weights and optimizer, bf16 matmuls: 2x faster with AVX512-BF16)
-        log(f"one process in {'bf16 autocast' if autocast else 'fp32'}: the model is not sharded")
-        sharded = False
-    else:
-        sharded = True
-        shard_model(model, mesh, train, device)
-        if offload:
-            buffers_to(model, device)
-            log("fsdp offload: parameters, gradients and optimizer state in host memory; the optimizer steps on the CPU")
-    sharding = sharding_report(model, world)
-    if sharding["dtensor_params"]:
-        log(f"fsdp2: {sharding['full_numel']:,} parameters, local shard per rank {sharding['local_numel_per_rank']}")
+        raise WorkerError(f"{cfg.train_dir}: no training examples")
+    log(f"world_size={place.world} backend={place.backend} device={place.device.type} examples={len(lengths)}")
+    built = build_model(Path(cfg.model_dir), train, place)
+    train = built.train  # fp32 where the CPU has no native bf16
 
     bs, gas = train.per_device_train_batch_size, train.gradient_accumulation_steps
-    micro_per_epoch = micro_batches_per_epoch(train, lengths, world)
-    updates_per_epoch = math.ceil(micro_per_epoch / gas)
+    updates_per_epoch = math.ceil(micro_batches_per_epoch(train, lengths, place.world) / gas)
     total_updates = max(1, math.ceil(train.num_train_epochs * updates_per_epoch))
-    optimizer = torch.optim.AdamW(param_groups(model, train.weight_decay), lr=train.learning_rate, betas=(0.9, 0.999),
-                                  eps=1e-8, fused=True)  # one kernel for all updates: 4x faster than the per-tensor loop on CPU too
+    optimizer = torch.optim.AdamW(param_groups(built.model, train.weight_decay), lr=train.learning_rate,
+                                  betas=(0.9, 0.999), eps=1e-8, fused=True)  # one kernel for all updates: 4x faster on CPU too
     schedule = None
     if train.eval_strategy != "no" and train.lr_scheduler_type == "warmup_stable_decay":
         scheduler, schedule = early_stopping.stoppable_scheduler(optimizer, train, total_updates)
     else:
         scheduler = make_scheduler(optimizer, train, total_updates)
     rows = f"packed rows of up to {train.packing_length} tokens" if train.packing else "examples"
-    log(f"training: {total_updates} optimizer steps ({updates_per_epoch} per epoch), "
-        f"micro-batch {bs} {rows} x accumulation {gas} x world {world}, {attention} attention, logits on label tokens only"
+    log(f"training: {total_updates} optimizer steps ({updates_per_epoch} per epoch), micro-batch {bs} {rows} x "
+        f"accumulation {gas} x world {place.world}, {built.attention} attention, logits on label tokens only"
         + ("; fewer if early stopping ends it (dev questions: train.eval_strategy)" if train.eval_strategy != "no" else ""))
-    log(f"throughput: synchronized wall time at each logged step; FLOPs per token 6 x {flops_model.trained:,} trained "
-        f"+ 4 x {flops_model.frozen:,} frozen + 2 x {flops_model.inert:,} frozen below them matmul parameters "
-        f"+ 12 x layers x hidden x length (docs/training.md); {describe(peak, device)}")
-    run = Run(cfg, rank, world, local_rank, device, tokenizer, examples, lengths, pad_id, model, base_config, save_dtype,
-              lora_config, sharding, optimizer, scheduler, updates_per_epoch, total_updates, autocast, AnswerLoss(model),
-              flops_model, peak, schedule=schedule)
+    flops = built.flops_model
+    log(f"throughput: synchronized wall time at each logged step; FLOPs per token 6 x {flops.trained:,} trained "
+        f"+ 4 x {flops.frozen:,} frozen + 2 x {flops.inert:,} frozen below them matmul parameters "
+        f"+ 12 x layers x hidden x length (docs/training.md); {describe(built.peak, place.device)}")
+    run = Run(cfg=cfg, rank=place.rank, world=place.world,
+              local_rank=place.local_rank, device=place.device, tokenizer=tokenizer, examples=examples, lengths=lengths,
+              pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+              model=built.model, base_config=built.base_config, save_dtype=built.save_dtype,
+              lora_config=built.lora_config, sharding=built.sharding, optimizer=optimizer, scheduler=scheduler,
+              updates_per_epoch=updates_per_epoch, total_updates=total_updates, autocast=built.autocast,
+              loss=AnswerLoss(built.model), flops_model=flops, peak=built.peak, schedule=schedule)
     if train.eval_strategy != "no":
         if not cfg.dev_dir or not Path(cfg.dev_dir).is_dir():
-            raise SystemExit("train.eval_strategy: the tokenize stage has no dev questions (data.augment.dev_questions)")
+            raise WorkerError("train.eval_strategy: the tokenize stage has no dev questions (data.augment.dev_questions)")
         run.dev = load_examples(cfg.dev_dir)[0]
         run.stopping = early_stopping.Stopping(train.early_stopping_patience, train.early_stopping_threshold)
     if train.cache_frozen_layers and (train.freeze_layers or train.freeze_embeddings):
-        cache_frozen_prefix(run, sharded)
+        cache_frozen_prefix(run, built.sharded)
     return run
 
 
@@ -609,15 +201,6 @@ def cache_frozen_prefix(run: Run, sharded: bool) -> None:
     log(f"frozen layers 0-{depth - 1} computed once for the {len(run.lengths)} examples"
         f"{f' and {len(dev_lengths)} dev questions' if dev_lengths else ''} in {time.time() - started:.1f}s "
         f"({kept / 2**20:.0f} MiB kept); each step starts at layer {depth} (train.cache_frozen_layers)")
-
-
-def micro_batches_per_epoch(train: TrainConfig, lengths: list[int], world: int) -> int:
-    """Micro-batches per rank and epoch: of examples, or with packing of the rows the first
-    epoch's order packs into (every epoch is held to that many)."""
-    per_step = world * train.per_device_train_batch_size
-    if train.packing:
-        return math.ceil(len(packing.pack_rows(lengths, 0, train.seed, int(train.packing_length))) / per_step)
-    return math.ceil(len(lengths) / per_step)
 
 
 def epoch_batches(run: Run, epoch: int) -> list[Any]:
@@ -883,11 +466,9 @@ def main() -> None:
     rank = os.environ.get("RANK", "0")
     try:
         train(WorkerConfig.read(Path(args.config)))
-    except SystemExit as exc:
-        if isinstance(exc.code, str):
-            print(f"{WORKER_ERROR} (rank {rank}): {exc.code}", flush=True)
-            leave(1)
-        raise
+    except WorkerError as exc:
+        print(f"{WORKER_ERROR} (rank {rank}): {exc}", flush=True)
+        leave(1)
     except KeyboardInterrupt:
         raise
     except BaseException as exc:  # Exception, and torch.distributed.checkpoint's CheckpointException

@@ -18,6 +18,11 @@ from labtune.store.backends import StoreSettings
 # rather than torchrun's own ChildFailedError banner.
 WORKER_ERROR = "labtune worker error"
 
+
+class WorkerError(Exception):
+    """A problem a person can act on (a setting, the data, the model, a full disk): the worker
+    prints it as one `WORKER_ERROR` line, which the train stage raises as its one-line TrainError."""
+
 # glibc's malloc hands every large tensor back to the kernel when it is freed, so the next step's
 # tensors of the same sizes fault their pages in again (autocast's bf16 weight copies, fresh
 # gradients). Keeping freed memory in the process instead took a demo step on 2 CPU cores from
