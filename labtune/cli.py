@@ -358,18 +358,18 @@ def convert(notes: list[str] = typer.Option([], "--notes", metavar="DIR", help="
 
 
 @app.command("tokenize-files", epilog=example("labtune tokenize-files --data /tmp/data --model /tmp/smollm2 --out /tmp/tokens"))
-def tokenize_files(data_path: str = typer.Option(..., "--data", help="a ShareGPT JSON file, or a folder with train.json"),
-                   model: str = typer.Option(..., "--model", help="a model folder (its tokenizer is used)"),
-                   out: str = typer.Option(..., "--out", help="output folder or s3:// prefix"),
-                   max_length: int = typer.Option(2048, "--max-length", min=8, help="model_max_length"),
-                   chat_template: ChatTemplate = Template,
-                   num_proc: Optional[int] = typer.Option(None, "--num-proc", min=1, help="tokenizer processes (default: by data size)"),
-                   as_json: bool = Json) -> None:
+def tokenize_files_command(data_path: str = typer.Option(..., "--data", help="a ShareGPT JSON file, or a folder with train.json"),
+        model: str = typer.Option(..., "--model", help="a model folder (its tokenizer is used)"),
+        out: str = typer.Option(..., "--out", help="output folder or s3:// prefix"),
+        max_length: int = typer.Option(2048, "--max-length", min=8, help="model_max_length"),
+        chat_template: ChatTemplate = Template,
+        num_proc: Optional[int] = typer.Option(None, "--num-proc", min=1, help="tokenizer processes (default: by data size)"),
+        as_json: bool = Json) -> None:
     """Tokenize and loss-mask a ShareGPT data set for a model's tokenizer (no recipe needed)."""
-    from labtune.tools import tokenize_files_tool
+    from labtune.tools import tokenize_dataset
 
     started = time.time()
-    uri, existed = tokenize_files_tool(data_path, model, out, max_length, chat_template.value, num_proc, _err)
+    uri, existed = tokenize_dataset(data_path, model, out, max_length, chat_template.value, num_proc, _err)
     _finish(as_json, uri, existed, started)
 
 

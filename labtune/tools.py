@@ -23,13 +23,13 @@ def import_model(source: str, out: str, dtype: str | None, gguf_file: str | None
                  log: Log = default_log) -> tuple[str, bool]:
     """Any model source (folder, s3://, hf://, GGUF, Meta checkpoint) -> HF safetensors in OUT."""
     from labtune.recipe import ModelSource
-    from labtune.models.sources import WeightsError, materialize, source_identity
+    from labtune.models.sources import WeightsError, materialize, model_identity
 
     try:
         model = ModelSource(source=source, dtype=dtype, gguf_file=gguf_file)
     except ValueError as exc:
         raise WeightsError(f"{source}: {str(exc).splitlines()[-1].strip()}") from None
-    identity = source_identity(model, settings)
+    identity = model_identity(model, settings)
 
     def build(folder: Path) -> dict[str, str]:
         materialize(model, folder, settings, log)
@@ -46,12 +46,12 @@ def merge_models(kind: str, base: str, other: str, out: str, max_shard_size: str
     PEFT adapter folded in. Returns (uri, already_there, a note on what was done)."""
     from labtune.models import merge
     from labtune.recipe import ModelSource
-    from labtune.models.sources import local_source, source_identity
+    from labtune.models.sources import local_source, model_identity
     from labtune.models.tensorfiles import CheckpointError, parse_size
 
     second = MERGE_KINDS[kind]
     sources = {"base": base, second: other}
-    identities = {name: source_identity(ModelSource(source=uri), settings) for name, uri in sources.items()}
+    identities = {name: model_identity(ModelSource(source=uri), settings) for name, uri in sources.items()}
     try:
         shard_bytes = parse_size(max_shard_size)
     except ValueError as exc:
@@ -153,7 +153,7 @@ def require_tokenizer(model: Path, what: str) -> list[Path]:
     return found
 
 
-def tokenize_files_tool(data: str, model: str, out: str, max_length: int, chat_template: str, num_proc: int | None,
+def tokenize_dataset(data: str, model: str, out: str, max_length: int, chat_template: str, num_proc: int | None,
                         log: Log = default_log) -> tuple[str, bool]:
     """A ShareGPT JSON file, or a folder with train.json (and eval.json), tokenized and loss-masked
     for MODEL's tokenizer into OUT."""

@@ -6,5 +6,5 @@
 - `chat`: chat templates and the loss mask; `encode`: tokenized, loss-masked examples;
 - `words`: whole-word matching, shared with the scorer; `watch`: fingerprints of a notes folder.
 
-May import: labtune.errors, labtune.store.
+May import: labtune.errors, labtune.store, labtune.recipe (its types, for type hints only).
 """

@@ -25,10 +25,13 @@ import datetime as dt
 import random
 import re
 from collections import defaultdict
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from labtune.data.notes import MONTHS, Note
 from labtune.data.words import mentions
+
+if TYPE_CHECKING:
+    from labtune.recipe import AugmentConfig
 
 FIELDS = ("presenter", "recorder", "topic")
 NAME_FIELDS = ("presenter", "recorder")
@@ -319,12 +322,12 @@ def absent_dates(notes: list[Note], count: int, seed: int, avoid: set[dt.date] =
     return sorted(rng.sample(candidates, min(count, len(candidates))))
 
 
-def eval_absent_dates(notes: list[Note], cfg: Any, seed: int) -> list[dt.date]:
+def eval_absent_dates(notes: list[Note], cfg: AugmentConfig, seed: int) -> list[dt.date]:
     """The evaluation's no-meeting dates, chosen first so that training never shows one."""
     return absent_dates(notes, cfg.eval_absent_dates, seed + 2)
 
 
-def training_absent_dates(notes: list[Note], cfg: Any, seed: int) -> list[dt.date]:
+def training_absent_dates(notes: list[Note], cfg: AugmentConfig, seed: int) -> list[dt.date]:
     """`absent_ratio` no-meeting dates per meeting date, any day within `absent_within_days` of a meeting
     (the day before, the same weekday a week later) except the evaluation's."""
     span = tuple(off for off in range(-cfg.absent_within_days, cfg.absent_within_days + 1) if off)
@@ -361,7 +364,7 @@ def asked_wordings(dates: list[dt.date], forms: list[Any], per_fact: int, rng: r
     return asked
 
 
-def training_conversations(notes: list[Note], cfg: Any, seed: int, actions: bool = False, *, decisions: bool = False,
+def training_conversations(notes: list[Note], cfg: AugmentConfig, seed: int, actions: bool = False, *, decisions: bool = False,
                            attendance_questions: bool = False, fields: tuple[str, ...] = FIELDS) -> list[dict[str, Any]]:
     """Training conversations for every fact, in TRAIN templates and date forms only, action items
     (owner and due date) among them with `actions`, each meeting's decisions with `decisions`, and
@@ -494,7 +497,7 @@ def _slug(text: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in text.lower())
 
 
-def eval_prompts(notes: list[Note], cfg: Any, seed: int, training: list[dict[str, Any]] | None = None,
+def eval_prompts(notes: list[Note], cfg: AugmentConfig, seed: int, training: list[dict[str, Any]] | None = None,
                  actions: bool = False, seen: str = "", *, decisions: bool = False,
                  attendance_questions: bool = False, fields: tuple[str, ...] = FIELDS) -> list[dict[str, Any]]:
     """Evaluation prompts on these axes, each a tag beside the field: `recall` (trained templates
@@ -611,7 +614,7 @@ def eval_prompts(notes: list[Note], cfg: Any, seed: int, training: list[dict[str
     return prompts
 
 
-def dev_conversations(notes: list[Note], cfg: Any, seed: int, prompts: list[dict[str, Any]], actions: bool = False,
+def dev_conversations(notes: list[Note], cfg: AugmentConfig, seed: int, prompts: list[dict[str, Any]], actions: bool = False,
                       seen: str = "", *, fields: tuple[str, ...] = FIELDS) -> list[dict[str, Any]]:
     """`cfg.dev_questions` conversations for early stopping (train.eval_strategy): trained facts
     asked in HELD-OUT templates and date forms, never in the words of an evaluation prompt, and

@@ -20,12 +20,15 @@ import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 from labtune.data import augment as many_forms
 from labtune.errors import LabtuneError
-from labtune.data.notes import (NO_DATE, QA_FIELDS, NoteError, note_conversations, note_files, read_meetings,
-                           resolve_lab_names)
+from labtune.data.notes import (NO_DATE, QA_FIELDS, Note, NoteError, note_conversations, note_files, read_meetings,
+                                resolve_lab_names)
+
+if TYPE_CHECKING:
+    from labtune.recipe import AugmentConfig, DataConfig
 
 ROLE = {"human": "human", "user": "human", "gpt": "gpt", "assistant": "gpt", "chatgpt": "gpt", "bard": "gpt",
         "bing": "gpt", "model": "gpt", "system": "system"}
@@ -192,7 +195,7 @@ def load_messages(path: Path) -> list[dict[str, Any]]:
 
 
 def load_lab_notes(folder: Path, report: SourceReport, *, qa: bool = True, whole_note: bool = True,
-                   qa_fields: tuple[str, ...] = QA_FIELDS, undated: str = "skip", augment: Any = None,
+                   qa_fields: tuple[str, ...] = QA_FIELDS, undated: str = "skip", augment: AugmentConfig | None = None,
                    seed: int = 42, log=print, date_order: str = "MDY",
                    field_names: dict[str, list[str]] | None = None) -> list[dict[str, Any]]:
     """Every note of a folder as conversations. Binary or undecodable files are skipped and
@@ -250,7 +253,7 @@ def load_lab_notes(folder: Path, report: SourceReport, *, qa: bool = True, whole
     return records
 
 
-def note_summary(note: Any, relative: str, date_order: str) -> dict[str, Any]:
+def note_summary(note: Note, relative: str, date_order: str) -> dict[str, Any]:
     """One note in the data report: its date, where it was read, its facts per field, and flags."""
     counts = collections.Counter(f.field for f in note.facts)
     flags = list(note.rejected)
@@ -346,7 +349,7 @@ def mix_and_split(per_source: list[list[dict[str, Any]]], reports: list[SourceRe
 LOADERS = {"sharegpt": load_sharegpt, "alpaca": load_alpaca, "messages": load_messages}
 
 
-def convert(config: Any, paths: list[Path], log=print) -> tuple[list, list, list[SourceReport]]:
+def convert(config: DataConfig, paths: list[Path], log=print) -> tuple[list, list, list[SourceReport]]:
     """Load, clean, mix and split every source of a DataConfig (paths are local copies of
     config.sources); returns (train, eval, one report per source)."""
     per_source, reports = [], []

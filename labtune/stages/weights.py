@@ -23,19 +23,19 @@ from labtune.models import sources
 from labtune.models import tensorfiles
 from labtune.models.meta_llama import MetaCheckpointError
 from labtune.recipe import Recipe
-from labtune.models.sources import WeightsError, local_source, materialize, resolve_gguf, source_identity
+from labtune.models.sources import WeightsError, local_source, materialize, resolve_gguf, model_identity
 from labtune.store.outputs import Log, StageResult, code_version, default_log, run_stage, stage_key
 from labtune.store.backends import Store, StoreError
 from labtune.models.tensorfiles import CheckpointError
 
-__all__ = ["WeightsError", "build_weights", "local_source", "materialize", "resolve_gguf", "source_identity"]
+__all__ = ["WeightsError", "build_weights", "local_source", "materialize", "resolve_gguf", "model_identity"]
 
 
 def build_weights(recipe: Recipe, store: Store, log: Log = default_log) -> StageResult:
     """The base model in HF format in the store (cached by the source's identity)."""
     source = recipe.base_model
     try:
-        identity = source_identity(source, recipe.store.settings())
+        identity = model_identity(source, recipe.store.settings())
     except StoreError as exc:
         raise WeightsError(f"base_model.source: {exc}") from None
     parameters = {"dtype": source.dtype}

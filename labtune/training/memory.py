@@ -31,9 +31,13 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from labtune.recipe import TrainConfig
 
 GIB = 2**30
 CPU_RUNTIME = 0.5 * GIB  # a CPU worker before its first tensor: Python, torch, transformers, datasets, gloo
@@ -59,13 +63,13 @@ class Shape:
     root_params: int  # everything outside the decoder layers: embeddings, final norm, output layer
 
     @classmethod
-    def of_model_dir(cls, model_dir: str | Path, train: Any = None) -> "Shape":
+    def of_model_dir(cls, model_dir: str | Path, train: TrainConfig | None = None) -> "Shape":
         from transformers import AutoConfig
 
         return cls.of_config(AutoConfig.from_pretrained(model_dir), train)
 
     @classmethod
-    def of_config(cls, config: Any, train: Any = None) -> "Shape":
+    def of_config(cls, config: Any, train: TrainConfig | None = None) -> "Shape":
         """`train`: the recipe's TrainConfig; with `lora: true` only the adapters are trainable, with
         freeze_layers / freeze_embeddings only what is not frozen."""
         import torch
@@ -279,7 +283,7 @@ def data_limits(tokens_dir: str | Path) -> tuple[int, int]:
     return int(report["max_length"]), int(per_example.max(initial=0))
 
 
-def checkpointing_modes(train: Any) -> list[int]:
+def checkpointing_modes(train: TrainConfig) -> list[int]:
     """Every n-th layer recomputed, from the least recomputation: none, selective, all."""
     if train.gradient_checkpointing == "auto":
         return sorted({0, train.gradient_checkpointing_every_n_layers, 1}, key=lambda n: (n != 0, -n))
@@ -288,7 +292,7 @@ def checkpointing_modes(train: Any) -> list[int]:
     return [1 if train.gradient_checkpointing else 0]
 
 
-def setup_of(train: Any, world: int, kind: str, every: int) -> Setup:
+def setup_of(train: TrainConfig, world: int, kind: str, every: int) -> Setup:
     attention = train.attn_implementation if train.attn_implementation != "auto" else ("sdpa" if kind == "cuda" else "eager")
     return Setup(device=kind, world=world, bf16=train.bf16, every=every, offload="offload" in train.fsdp.split(),
                  attention=attention, lora=train.lora)
@@ -304,7 +308,8 @@ class DoesNotFit(ValueError):
     """The run would run out of memory; the message has the numbers and what would fit."""
 
 
-def plan(train: Any, world: int, processes: int, shape: Shape, rows_of: Any, dev: Devices) -> tuple[Any, Estimate]:
+def plan(train: TrainConfig, world: int, processes: int, shape: Shape, rows_of: Callable[[int], Any], dev: Devices
+         ) -> tuple[TrainConfig, Estimate]:
     """`train` with gradient_checkpointing resolved (auto: the least recomputation that fits) and
     its estimate; DoesNotFit, naming the numbers and the changes that would fit, when it cannot.
     `rows_of(n)`: the worst Batch of n rows."""
@@ -334,11 +339,11 @@ def plan(train: Any, world: int, processes: int, shape: Shape, rows_of: Any, dev
                      "(estimates: docs/training.md, Memory; parallel.memory_per_rank_gib overrides the device's size)")
 
 
-def alternatives(train: Any, world: int, processes: int, shape: Shape, rows_of: Any, dev: Devices, every: int) -> list[str]:
+def alternatives(train: TrainConfig, world: int, processes: int, shape: Shape, rows_of: Callable[[int], Any], dev: Devices, every: int) -> list[str]:
     """The single changes that would fit, as overrides, each with its estimate per rank."""
     found: list[str] = []
 
-    def attempt(label: str, changed: Any, new_world: int = world, new_processes: int = processes,
+    def attempt(label: str, changed: TrainConfig, new_world: int = world, new_processes: int = processes,
                 new_shape: Shape = shape) -> bool:
         est = estimate(new_shape, rows_of(changed.per_device_train_batch_size),
                        setup_of(changed, new_world, dev.kind, every_of(changed, every)))
@@ -373,13 +378,13 @@ def alternatives(train: Any, world: int, processes: int, shape: Shape, rows_of: 
     return found
 
 
-def every_of(train: Any, fallback: int) -> int:
+def every_of(train: TrainConfig, fallback: int) -> int:
     if train.gradient_checkpointing == "auto":
         return fallback
     return checkpointing_modes(train)[0]
 
 
-def lora_trainable(shape: Shape, train: Any) -> int:
+def lora_trainable(shape: Shape, train: TrainConfig) -> int:
     """LoRA's trainable parameters for the recipe's targets, from the layer shapes: q/o are hidden x
     hidden, k/v hidden x kv, gate/up/down hidden x intermediate."""
     sizes = {"q_proj": (shape.hidden, shape.hidden), "o_proj": (shape.hidden, shape.hidden),
