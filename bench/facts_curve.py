@@ -53,14 +53,14 @@ def main() -> None:
     from labtune.evaluation import generation
     from labtune.evaluation.prompts import accuracy, score
     from labtune.recipe import load_recipe
-    from labtune.store.outputs import fetch
     from labtune.stages import run_until
     from labtune.stages.evaluate import answer_budget, collect_prompts
+    from labtune.store.outputs import fetch
+    from labtune.training.batches import collate, load_examples, micro_batches_per_epoch, rank_batches
     from labtune.training.loss import AnswerLoss
+    from labtune.training.model import attention_implementation, freeze, param_groups
     from labtune.training.packing import collate_packed, rank_rows
     from labtune.training.throughput import FlopsModel
-    from labtune.training.model import attention_implementation, freeze, param_groups
-    from labtune.training.batches import collate, load_examples, micro_batches_per_epoch, rank_batches
     from labtune.training.worker import make_scheduler
 
     recipe = load_recipe(args.recipe, [*args.overrides, f"store.uri={args.store}"])

@@ -28,8 +28,8 @@ AXES = ("recipe", "recall", "paraphrase", "reverse", "absent", "absent_trained",
 
 def measure(recipe_path: str, overrides: list[str], store_uri: str) -> dict:
     from labtune.recipe import load_recipe
-    from labtune.store.outputs import fetch
     from labtune.stages import run_until
+    from labtune.store.outputs import fetch
 
     recipe = load_recipe(recipe_path, [*overrides, f"store.uri={store_uri}"])
     store = recipe.store.open()

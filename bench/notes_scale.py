@@ -54,11 +54,11 @@ def measure(source: str, work: Path, settings, change) -> tuple[float, float, fl
     changed s, meetings converted). `change()` edits one note."""
     import json
 
+    from labtune.data.watch import fingerprint, note_listing
     from labtune.recipe import load_recipe
-    from labtune.store.outputs import fetch
     from labtune.stages.data import build_data
     from labtune.store.backends import open_store
-    from labtune.data.watch import fingerprint, note_listing
+    from labtune.store.outputs import fetch
 
     started = time.time()
     fingerprint(note_listing(source, settings))

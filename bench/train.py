@@ -37,9 +37,8 @@ DUMMY = REPO.parent / "shared" / "data" / "fastchat_dummy_conversation.json"
 def make_model(work: Path) -> tuple[Path, str]:
     """A random LLaMA saved with a real chat tokenizer."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from data import load_tokenizer  # bench/data.py
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     tokenizer, tokenizer_name = load_tokenizer(work)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=256, intermediate_size=688, num_hidden_layers=4,
@@ -100,8 +99,8 @@ def subset(store, tokens_uri: str, count: int) -> str:
 
 
 def run_labtune(recipe, store, model_uri: str, tokens_uri: str) -> dict:
-    from labtune.store.outputs import fetch
     from labtune.stages.train import build_train
+    from labtune.store.outputs import fetch
 
     result = build_train(recipe, store, model_uri, tokens_uri, log=lambda line: None)
     return json.loads((fetch(store, result.uri) / "train_metrics.json").read_text())

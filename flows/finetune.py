@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import sys
-
 import time
 from typing import Any
 
@@ -19,11 +18,11 @@ from prefect.states import Failed
 from flows.train import train as train_flow
 from flows.watch import changes_markdown
 from labtune.errors import RunFailure, one_line
-from labtune.store.housekeeping import record_run, usage_markdown
 from labtune.recipe import Recipe, load_recipe
-from labtune.store.outputs import StageResult, read_manifest
 from labtune.stages import GRAPH, input_uris, output_uri
 from labtune.stages.preflight import preflight
+from labtune.store.housekeeping import record_run, usage_markdown
+from labtune.store.outputs import StageResult, read_manifest
 from tasks.data import data_task
 from tasks.delta import delta_task
 from tasks.evaluate import evaluate_task
@@ -50,8 +49,13 @@ def run_for_same_notes(recipe_path: str, overrides: list[str], fingerprint: str)
     """The name of another finetune run, running or completed, for the same recipe, overrides and
     notes fingerprint: at most one training per fingerprint and recipe."""
     from prefect import get_client
-    from prefect.client.schemas.filters import (FlowFilter, FlowFilterName, FlowRunFilter, FlowRunFilterState,
-                                                FlowRunFilterStateType)
+    from prefect.client.schemas.filters import (
+        FlowFilter,
+        FlowFilterName,
+        FlowRunFilter,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+    )
     from prefect.client.schemas.objects import StateType
     from prefect.runtime import flow_run
 

@@ -137,9 +137,9 @@ def _main(version: bool = typer.Option(False, "--version", callback=_version, is
 def run(recipe: Path = Recipe, overrides: Optional[list[str]] = Overrides, as_json: bool = Json, port: int = Port) -> None:
     """Run the whole finetune flow, tracked by Prefect (starts a local server if none answers)."""
     from labtune.console import run_console
-    from labtune.recipe import load_recipe
-    from labtune.ops.server import ensure_api, using_api
     from labtune.evaluation.comparison import expected_text
+    from labtune.ops.server import ensure_api, using_api
+    from labtune.recipe import load_recipe
     from labtune.stages.evaluate import columns_of, read_evaluation
     from labtune.stages.preflight import preflight
 
@@ -461,8 +461,8 @@ def compare(runs: list[str] = typer.Argument(..., metavar="RUN_URI...", help="ev
             endpoint_url: Optional[str] = Endpoint, as_json: bool = Json) -> None:
     """Evaluation outputs side by side, question by question."""
     from labtune.evaluation import comparison
-    from labtune.store.outputs import fetch_output
     from labtune.stages.evaluate import run_from_folder
+    from labtune.store.outputs import fetch_output
 
     loaded = [run_from_folder(fetch_output(uri, _settings(endpoint_url), log=_err), uri) for uri in runs]
     labels, table = comparison.comparison_table(loaded)
@@ -496,15 +496,14 @@ def sweep(recipe: Path = Recipe, overrides: Optional[list[str]] = Overrides,
                                          help="a recipe key and its values (repeat for a grid)"),
           as_json: bool = Json, port: int = Port) -> None:
     """Run a recipe over a grid of overrides and compare the runs (shared stages run once)."""
-    from labtune.recipe import grid_variants, load_recipe
     from labtune.ops.server import ensure_api, using_api
+    from labtune.recipe import grid_variants, load_recipe
 
     values = parse_grid(grid)
     for variant in grid_variants(values):  # a bad recipe, key or value fails here, before Prefect is contacted
         load_recipe(recipe, list(overrides or []) + [f"{key}={value}" for key, value in variant.items()])
     url = ensure_api(port, say=_err)
     from flows.sweep import sweep as sweep_flow
-
     from labtune.console import run_console
 
     with using_api(url), run_console("sweep") as log_path:
@@ -517,8 +516,8 @@ def sweep(recipe: Path = Recipe, overrides: Optional[list[str]] = Overrides,
 def deploy(recipe: Path = Recipe, port: int = Port) -> None:
     """Create the work pools and register the deployments (deployments/prefect.yaml) for a recipe."""
     from labtune.ops import stack
-    from labtune.recipe import load_recipe
     from labtune.ops.server import ensure_api
+    from labtune.recipe import load_recipe
 
     load_recipe(recipe)  # a bad recipe fails here, before Prefect is contacted
     url = ensure_api(port, say=_err)

@@ -13,11 +13,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from labtune.errors import LabtuneError, yaml_error
 from labtune.evaluation.prompts import Prompt
 from labtune.store.backends import Store, StoreSettings, open_store
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class RecipeError(LabtuneError, ValueError):

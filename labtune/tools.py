@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from labtune.errors import LabtuneError
-from labtune.store.outputs import Log, ManifestError, default_log, fetch_output, publish
 from labtune.store.backends import StoreSettings, sha256_files
+from labtune.store.outputs import Log, ManifestError, default_log, fetch_output, publish
 
 MERGE_KINDS = {"merge-delta": "delta", "make-delta": "target", "merge-lora": "adapter"}
 
@@ -22,8 +22,8 @@ MERGE_KINDS = {"merge-delta": "delta", "make-delta": "target", "merge-lora": "ad
 def import_model(source: str, out: str, dtype: str | None, gguf_file: str | None, settings: StoreSettings,
                  log: Log = default_log) -> tuple[str, bool]:
     """Any model source (folder, s3://, hf://, GGUF, Meta checkpoint) -> HF safetensors in OUT."""
-    from labtune.recipe import ModelSource
     from labtune.models.sources import WeightsError, materialize, model_identity
+    from labtune.recipe import ModelSource
 
     try:
         model = ModelSource(source=source, dtype=dtype, gguf_file=gguf_file)
@@ -45,9 +45,9 @@ def merge_models(kind: str, base: str, other: str, out: str, max_shard_size: str
     """merge-delta: OUT = BASE + DELTA; make-delta: OUT = TARGET - BASE; merge-lora: BASE with a
     PEFT adapter folded in. Returns (uri, already_there, a note on what was done)."""
     from labtune.models import merge
-    from labtune.recipe import ModelSource
     from labtune.models.sources import local_source, model_identity
     from labtune.models.tensorfiles import CheckpointError, parse_size
+    from labtune.recipe import ModelSource
 
     second = MERGE_KINDS[kind]
     sources = {"base": base, second: other}
@@ -102,10 +102,10 @@ def convert_data(sources: list[dict[str, str]], out: str, options: dict[str, Any
                  log: Log = default_log) -> tuple[str, bool, dict[str, int]]:
     """Any mix of data sources -> cleaned ShareGPT JSON (train.json, eval.json), report.json and
     report.md in OUT. `options` are DataConfig's (eval_fraction, qa_pairs, ...)."""
-    from labtune.data.conversations import convert
-    from labtune.data.notes import note_files
     from pydantic import ValidationError
 
+    from labtune.data.conversations import convert
+    from labtune.data.notes import note_files
     from labtune.recipe import DataConfig
     from labtune.stages.data import notes_line, read_facts_with_counts, report_markdown
 

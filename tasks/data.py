@@ -8,8 +8,8 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from labtune.recipe import Recipe
-from labtune.store.outputs import StageResult, read_manifest
 from labtune.stages.data import build_data, report_markdown
+from labtune.store.outputs import StageResult, read_manifest
 from tasks import retry_transient, run_log
 
 

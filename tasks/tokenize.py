@@ -10,8 +10,8 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from labtune.recipe import Recipe
-from labtune.store.outputs import StageResult, fetch
 from labtune.stages.tokenize import build_tokenize, report_markdown
+from labtune.store.outputs import StageResult, fetch
 from tasks import retry_transient, run_log
 
 

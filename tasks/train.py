@@ -7,14 +7,19 @@ from __future__ import annotations
 import json
 
 from prefect import task
-from prefect.artifacts import (create_link_artifact, create_markdown_artifact, create_progress_artifact,
-                               create_table_artifact, update_progress_artifact)
+from prefect.artifacts import (
+    create_link_artifact,
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
 from prefect.cache_policies import NO_CACHE
 
 from labtune.plots import png_markdown
 from labtune.recipe import Recipe
-from labtune.store.outputs import StageResult, fetch
 from labtune.stages.train import artifact_link, build_train, progress_bar
+from labtune.store.outputs import StageResult, fetch
 from tasks import ServerTolerant, retry_transient, run_log
 
 

@@ -6,8 +6,8 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from labtune.recipe import Recipe
-from labtune.store.outputs import StageResult
 from labtune.stages.weights import build_weights
+from labtune.store.outputs import StageResult
 from tasks import retry_transient, run_log
 
 

@@ -11,7 +11,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import REPO, TINY_RECIPE, free_port, run_cli
 
 USAGE, FAILURE = 2, 1

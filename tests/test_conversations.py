@@ -3,8 +3,8 @@
 import json
 
 import pytest
-
 from conftest import REPO, SHARED_DATA, run_cli
+
 from labtune.data.conversations import DataError, SourceReport, clean, load_alpaca, load_lab_notes, load_messages
 from labtune.data.notes import parse_fields, qa_pairs, read_note
 

@@ -4,16 +4,16 @@ import datetime as dt
 import json
 
 import pytest
-
 from conftest import REPO, SHARED_DATA, TINY_RECIPE
+
 from labtune.data.chat import IGNORE_INDEX, encode_conversation, prompt_ids
-from labtune.recipe import load_recipe
-from labtune.store.outputs import fetch
-from labtune.store.backends import LocalStore
 from labtune.data.conversations import DataError, SourceReport, load_alpaca, load_sharegpt
 from labtune.data.conversations import load_lab_notes as _load_lab_notes
 from labtune.data.notes import QA_FIELDS, parse_date, qa_pairs, read_note
+from labtune.recipe import load_recipe
 from labtune.stages.data import build_data
+from labtune.store.backends import LocalStore
+from labtune.store.outputs import fetch
 
 
 def load_lab_notes(folder, qa_pairs=True, whole_note=True, undated="skip"):

@@ -231,10 +231,10 @@ def _stage_recipe(tmp_path, *overrides):
 
 
 def test_delta_stage_merges_a_lora_adapter_and_caches_it(tmp_path, tiny_model):
-    from labtune.store.outputs import fetch, read_manifest
-    from labtune.store.backends import LocalStore
     from labtune.stages.delta import build_delta
     from labtune.stages.weights import build_weights
+    from labtune.store.backends import LocalStore
+    from labtune.store.outputs import fetch, read_manifest
 
     peft_model = _peft_model(tiny_model, r=4, lora_alpha=8, target_modules=["q_proj", "o_proj"])
     peft_model.save_pretrained(tmp_path / "adapter")
@@ -251,10 +251,10 @@ def test_delta_stage_merges_a_lora_adapter_and_caches_it(tmp_path, tiny_model):
 
 
 def test_delta_stage_on_a_corrupted_base_output_fails_and_writes_no_manifest(tmp_path, tiny_model):
-    from labtune.store.outputs import ManifestError
-    from labtune.store.backends import LocalStore
     from labtune.stages.delta import build_delta
     from labtune.stages.weights import build_weights
+    from labtune.store.backends import LocalStore
+    from labtune.store.outputs import ManifestError
 
     delta = _model_dir(tmp_path / "delta", {n: torch.zeros_like(t) for n, t in load_file(tiny_model / "model.safetensors").items()}, 2)
     recipe = _stage_recipe(tmp_path, f"base_model.source={tiny_model}", f"delta.source={delta}")

@@ -10,10 +10,10 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, TINY_RECIPE
-from labtune.store.backends import LocalStore, StoreError
+
 from labtune.data.watch import UnsafePathError, changes, fingerprint, note_listing, safe_relative
+from labtune.store.backends import LocalStore, StoreError
 
 
 @pytest.mark.parametrize("name", ["../secrets.md", "/etc/passwd", "a/../../b.md", "a\\b.md", "", "a//b.md"])

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from labtune.training.early_stopping import LOSS_GAIN, StoppableSchedule, Stopping, eval_due
 from labtune.recipe import TrainConfig
+from labtune.training.early_stopping import LOSS_GAIN, StoppableSchedule, Stopping, eval_due
 
 
 def test_nothing_answered_yet_is_no_plateau_while_the_dev_loss_falls():

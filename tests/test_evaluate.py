@@ -6,11 +6,11 @@ import math
 from pathlib import Path
 
 import pytest
-
 from conftest import SHARED_DATA, TINY_RECIPE, run_cli
-from labtune.evaluation.prompts import Prompt, PromptError, accuracy, load_prompts, score
-from labtune.evaluation.generation import mean_loss
+
 from labtune.evaluation.comparison import recipe_differences
+from labtune.evaluation.generation import mean_loss
+from labtune.evaluation.prompts import Prompt, PromptError, accuracy, load_prompts, score
 
 
 @pytest.mark.parametrize("prompt, answer, expected", [
@@ -161,12 +161,12 @@ def test_answers_that_end_leave_the_batch_and_the_others_decode_as_transformers_
 def evaluated(tmp_path_factory):
     """The tiny pipeline with a held-out split, a prompt file and retention questions."""
     from labtune.recipe import load_recipe
-    from labtune.store.backends import LocalStore
     from labtune.stages.data import build_data
     from labtune.stages.evaluate import build_evaluate
     from labtune.stages.tokenize import build_tokenize
     from labtune.stages.train import build_train
     from labtune.stages.weights import build_weights
+    from labtune.store.backends import LocalStore
 
     root = tmp_path_factory.mktemp("evaluate")
     prompts = root / "lab.yaml"

@@ -9,11 +9,11 @@ import re
 import shutil
 
 import pytest
-
 from conftest import REPO, TINY_RECIPE, run_cli
-from labtune.data import augment
-from labtune.evaluation.prompts import Prompt, score
+
+from labtune.data import augment, heldout, wordings
 from labtune.data.notes import note_files, read_note
+from labtune.evaluation.prompts import Prompt, score
 from labtune.recipe import RecipeError, load_recipe
 
 NOTES = REPO / "examples" / "labnotes"
@@ -28,7 +28,7 @@ def test_augmentation_is_deterministic_and_seeded():
     notes = sample_notes()
     first = augment.training_conversations(notes, cfg, 42)
     assert first == augment.training_conversations(notes, cfg, 42)
-    assert augment.eval_prompts(notes, cfg, 42) == augment.eval_prompts(notes, cfg, 42)
+    assert heldout.eval_prompts(notes, cfg, 42) == heldout.eval_prompts(notes, cfg, 42)
     assert first != augment.training_conversations(notes, cfg, 7)
     counts = {(f["date"], f["field"]): f["examples"] for f in augment.fact_counts(first) if f["kind"] == "recall"}
     assert len(counts) == 3 * len({n.date for n in notes}) and set(counts.values()) == {cfg.questions_per_fact}
@@ -69,7 +69,7 @@ def test_recited_months_list_exactly_that_month_s_meetings_and_say_whether_the_d
     plain = load_recipe(TINY_RECIPE).data.augment
     assert "meetings:" not in json.dumps(augment.training_conversations(notes, plain, 42))
     # the evaluation asks the same questions either way
-    assert augment.eval_prompts(notes, cfg, 42) == augment.eval_prompts(notes, plain, 42)
+    assert heldout.eval_prompts(notes, cfg, 42) == heldout.eval_prompts(notes, plain, 42)
 
 
 def weekly_notes(weeks: int = 24, start: dt.date = dt.date(2023, 1, 6)):
@@ -92,14 +92,14 @@ def test_a_meetings_presenter_and_recorder_are_asked_in_minimal_pairs():
         asked.setdefault((r["fact"]["date"], r["fact"]["field"]), []).append(r["conversations"][0]["value"])
 
     def shape(field, question):
-        return next(i for i, t in enumerate(augment.TRAIN_TEMPLATES[field])
+        return next(i for i, t in enumerate(wordings.TRAIN_TEMPLATES[field])
                     if re.fullmatch(re.escape(t).replace(re.escape("{d}"), "(.+)"), question))
 
     def date_of(field, question):
-        template = augment.TRAIN_TEMPLATES[field][shape(field, question)]
+        template = wordings.TRAIN_TEMPLATES[field][shape(field, question)]
         return re.fullmatch(re.escape(template).replace(re.escape("{d}"), "(.+)"), question).group(1)
 
-    uses = [0] * len(augment.TRAIN_TEMPLATES["presenter"])
+    uses = [0] * len(wordings.TRAIN_TEMPLATES["presenter"])
     for (date, field), questions in asked.items():
         if field != "presenter":
             continue
@@ -110,7 +110,7 @@ def test_a_meetings_presenter_and_recorder_are_asked_in_minimal_pairs():
         for q in questions:
             uses[shape("presenter", q)] += 1
     assert sum(uses) == 24 * 4 and max(uses) - min(uses) <= 1
-    assert len(augment.TRAIN_TEMPLATES["presenter"]) == len(augment.TRAIN_TEMPLATES["recorder"])
+    assert len(wordings.TRAIN_TEMPLATES["presenter"]) == len(wordings.TRAIN_TEMPLATES["recorder"])
 
 
 def test_a_recital_stays_bounded_however_many_meetings_a_month_has():
@@ -129,9 +129,9 @@ def test_no_meeting_questions_cover_every_training_template_of_every_field():
                                     "data.augment.absent_questions=1"]).data.augment
     records = augment.training_conversations(notes, cfg, 42)
     absent = [r for r in records if r["fact"]["kind"] == "absent"]
-    asked = {(r["fact"]["field"], t) for r in absent for t in augment.TRAIN_TEMPLATES[r["fact"]["field"]]
+    asked = {(r["fact"]["field"], t) for r in absent for t in wordings.TRAIN_TEMPLATES[r["fact"]["field"]]
              if re.fullmatch(re.escape(t).replace(re.escape("{d}"), ".+"), r["conversations"][0]["value"])}
-    assert asked == {(f, t) for f in augment.FIELDS for t in augment.TRAIN_TEMPLATES[f]}
+    assert asked == {(f, t) for f in augment.FIELDS for t in wordings.TRAIN_TEMPLATES[f]}
     by_field = {f: sum(1 for r in absent if r["fact"]["field"] == f) for f in augment.FIELDS}
     assert max(by_field.values()) - min(by_field.values()) <= 1  # in proportion to the real questions
 
@@ -139,12 +139,12 @@ def test_no_meeting_questions_cover_every_training_template_of_every_field():
 def test_no_meeting_dates_are_asked_in_trained_and_held_out_wordings():
     notes = weekly_notes()
     cfg = load_recipe(TINY_RECIPE, ["data.augment.eval_absent_dates=8"]).data.augment
-    prompts = augment.eval_prompts(notes, cfg, 42)
+    prompts = heldout.eval_prompts(notes, cfg, 42)
     held = [p for p in prompts if "absent" in p["tags"]]
     trained = [p for p in prompts if "absent_trained" in p["tags"]]
     assert len(held) == len(trained) == 8
     assert {p["id"].rsplit("_", 1)[1] for p in held} == {p["id"].rsplit("_", 1)[1] for p in trained}
-    stems = [t.split("{d}")[0] for ts in augment.TRAIN_TEMPLATES.values() for t in ts]
+    stems = [t.split("{d}")[0] for ts in wordings.TRAIN_TEMPLATES.values() for t in ts]
     assert all(any(p["question"].startswith(s) for s in stems) for p in trained)
     assert not any(s and p["question"].startswith(s) for p in held for s in stems if len(s) > 12)
     training = json.dumps(augment.training_conversations(notes, cfg, 42))
@@ -167,7 +167,7 @@ def test_absent_dates_never_fall_on_a_meeting_and_eval_ones_are_never_trained():
     notes = sample_notes()
     meetings = {n.date for n in notes}
     trained = set(augment.training_absent_dates(notes, cfg, 42))
-    asked = {dt.date.fromisoformat(p["id"].split("_", 1)[1]) for p in augment.eval_prompts(notes, cfg, 42)
+    asked = {dt.date.fromisoformat(p["id"].split("_", 1)[1]) for p in heldout.eval_prompts(notes, cfg, 42)
              if "absent" in p["tags"]}
     assert trained and asked and not (trained | asked) & meetings and not trained & asked
 
@@ -196,7 +196,7 @@ def test_each_no_meeting_date_is_asked_about_every_field_in_turn_within_two_week
 def test_the_yearless_date_form_is_trained_only_when_no_two_meetings_share_a_month_and_day(tmp_path):
     notes = sample_notes()
     forms = augment.train_date_forms(notes)
-    assert augment.YEARLESS_FORM in forms and len(forms) == len(augment.TRAIN_DATE_FORMS) + 1
+    assert augment.YEARLESS_FORM in forms and len(forms) == len(wordings.TRAIN_DATE_FORMS) + 1
     folder = tmp_path / "notes"
     shutil.copytree(NOTES, folder)
     (folder / "next-year.md").write_text("# Lab meeting 4/14/2024\n\n- Presenter: Maya Okafor\n")
@@ -217,7 +217,7 @@ def test_no_held_out_template_or_date_form_reaches_a_training_example(tmp_path):
     train = json.loads((store / "data" / out.rsplit("/", 1)[1] / "train.json").read_text())
     prompts = json.loads((store / "data" / out.rsplit("/", 1)[1] / "eval_prompts.json").read_text())
     training_text = "\n".join(turn["value"] for record in train for turn in record["conversations"])
-    forbidden = augment.heldout_renderings(sample_notes())
+    forbidden = heldout.heldout_renderings(sample_notes())
     assert len(forbidden) > 40
     for text in forbidden:
         assert text not in training_text, text
@@ -270,7 +270,7 @@ def test_two_meetings_on_one_date_are_both_kept_and_either_answer_counts(tmp_pat
     assert len(answers) == 1
     assert set(answers.pop().rstrip(".").removeprefix("On 4/14/2023 the presenter was ").split(" and ")) == \
         {"Lena Fischer", "Arjun Mehta"}
-    prompt = next(p for p in augment.eval_prompts(parsed, cfg, 42) if p["id"] == "paraphrase_2023-04-14_presenter")
+    prompt = next(p for p in heldout.eval_prompts(parsed, cfg, 42) if p["id"] == "paraphrase_2023-04-14_presenter")
     assert set(prompt["expected"]) == {"Lena Fischer", "Arjun Mehta"}
     question = Prompt(**{k: v for k, v in prompt.items() if k != "id"})
     assert score("Arjun Mehta.", question) and score("Lena Fischer.", question)
@@ -303,7 +303,7 @@ def test_a_tiny_run_reports_four_columns_and_every_axis(tmp_path):
 def _all_prompts(notes, cfg):
     from labtune.evaluation.prompts import Prompt
 
-    return [Prompt(**{k: v for k, v in p.items() if k != "id"}) for p in augment.eval_prompts(notes, cfg, 42)]
+    return [Prompt(**{k: v for k, v in p.items() if k != "id"}) for p in heldout.eval_prompts(notes, cfg, 42)]
 
 
 def test_an_answer_that_knows_nothing_scores_nothing():
@@ -353,16 +353,16 @@ def test_held_out_forms_stay_held_out_when_whole_notes_train(tmp_path):
     text = "\n".join(turn["value"] for record in train for turn in record["conversations"])
     assert "Friday, April 14, 2023" in text  # the note says it ...
     rendered = [form(dt.date.fromisoformat(p["id"].rsplit("_", 2)[-2])) for p in prompts if "paraphrase" in p["tags"]
-                for form in augment.HELDOUT_DATE_FORMS.values()
+                for form in wordings.HELDOUT_DATE_FORMS.values()
                 if form(dt.date.fromisoformat(p["id"].rsplit("_", 2)[-2])) in p["question"]]
     assert rendered and not [r for r in rendered if r in text]  # ... so no held-out question asks it that way
     assert not [p for p in prompts if "Friday, April 14, 2023" in p["question"] or "2023/04/28" in p["question"]]
     # a note that wrote the day in every held-out form leaves that day no held-out question
     day = dt.date(2023, 4, 14)
-    seen = " ".join(form(day) for form in augment.HELDOUT_DATE_FORMS.values())
+    seen = " ".join(form(day) for form in wordings.HELDOUT_DATE_FORMS.values())
     cfg = load_recipe(TINY_RECIPE, ["data.augment.enabled=true"]).data.augment
-    asked = augment.eval_prompts(sample_notes(), cfg, 42, seen=seen)
+    asked = heldout.eval_prompts(sample_notes(), cfg, 42, seen=seen)
     assert not [p for p in asked if p["id"].startswith("paraphrase_2023-04-14")]
-    assert [p for p in augment.eval_prompts(sample_notes(), cfg, 42) if p["id"].startswith("paraphrase_2023-04-14")]
+    assert [p for p in heldout.eval_prompts(sample_notes(), cfg, 42) if p["id"].startswith("paraphrase_2023-04-14")]
     absent = [dt.date.fromisoformat(p["id"].rsplit("_", 1)[1]) for p in prompts if "absent" in p["tags"]]
-    assert absent and not [d for d in absent for form in augment.HELDOUT_DATE_FORMS.values() if form(d) in text]
+    assert absent and not [d for d in absent for form in wordings.HELDOUT_DATE_FORMS.values() if form(d) in text]

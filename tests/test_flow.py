@@ -14,8 +14,8 @@ from pathlib import Path
 
 import boto3
 import pytest
-
 from conftest import REPO, TINY_RECIPE, run_cli
+
 from labtune.store.backends import sha256_file
 
 STAGES = ["weights", "delta", "data", "tokenize", "train", "evaluate"]
@@ -30,8 +30,13 @@ def _run(*overrides: str) -> dict:
 async def _task_runs_and_artifacts(api_url: str, flow_run_id: str):
     """The flow run's task runs, its subflow runs, and the artifacts of all of them."""
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import (ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter, FlowRunFilterId,
-                                                FlowRunFilterParentFlowRunId)
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterFlowRunId,
+        FlowRunFilter,
+        FlowRunFilterId,
+        FlowRunFilterParentFlowRunId,
+    )
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     # prefect was imported before the fixture set PREFECT_API_URL, so name the server explicitly

@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import TINY_RECIPE, free_port, run_cli
 from test_cli import USAGE, one_line_error
 
@@ -173,15 +172,14 @@ def test_a_server_that_dies_at_start_is_never_recorded(tmp_path):
 
 def _on_a_terminal(args: list[str], timeout: float = 600) -> str:
     """Run the CLI with stdout and stderr on a pseudo-terminal, as a person at a shell; its output."""
+    import fcntl
     import pty
+    import struct
     import subprocess
     import sys
+    import termios
 
     from conftest import REPO
-
-    import fcntl
-    import struct
-    import termios
 
     leader, follower = pty.openpty()
     fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))  # a new pty is 0 columns wide

@@ -8,13 +8,13 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from labtune.data.chat import IGNORE_INDEX
+from labtune.recipe import TrainConfig
+from labtune.training.batches import collate
 from labtune.training.frozen_prefix import FrozenPrefix, why_not
 from labtune.training.loss import AnswerLoss
-from labtune.training.packing import collate_packed
-from labtune.recipe import TrainConfig
-from labtune.training.throughput import decoder_layers
-from labtune.training.batches import collate
 from labtune.training.model import freeze
+from labtune.training.packing import collate_packed
+from labtune.training.throughput import decoder_layers
 
 
 def tiny_model(layers=4, dropout=0.0):

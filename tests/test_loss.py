@@ -7,8 +7,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from labtune.data.chat import IGNORE_INDEX
-from labtune.training.loss import AnswerLoss, predicting_positions
 from labtune.recipe import TrainConfig
+from labtune.training.loss import AnswerLoss, predicting_positions
 from labtune.training.model import attention_implementation
 
 

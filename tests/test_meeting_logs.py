@@ -9,12 +9,13 @@ import datetime as dt
 import json
 
 from conftest import REPO, TINY_RECIPE, run_cli
-from labtune.data import augment
-from labtune.evaluation.prompts import Prompt, paired, score
+
+from labtune.data import augment, heldout
 from labtune.data.note_sections import meeting_sections
 from labtune.data.notes import note_files, read_meetings, read_note
-from labtune.recipe import load_recipe
+from labtune.evaluation.prompts import Prompt, paired, score
 from labtune.evaluation.retrieval import note_documents
+from labtune.recipe import load_recipe
 
 LOGS = REPO / "tests" / "notes" / "logs"
 
@@ -114,7 +115,7 @@ def test_decisions_and_attendance_train_and_are_asked_on_their_own_axes():
     assert f"{there} Mei Chen was not at the lab meeting." in replies  # a member of the lab, not listed that day
     about = [r["conversations"][0]["value"] for r in training if "_decision_batch_size" in r["id"]]
     assert about and all("batch size" in q for q in about)
-    prompts = augment.eval_prompts(notes, cfg, 42, training, True, decisions=True, attendance_questions=True)
+    prompts = heldout.eval_prompts(notes, cfg, 42, training, True, decisions=True, attendance_questions=True)
     decision = [p for p in prompts if "decision" in p["tags"]]
     attendance = [p for p in prompts if "attendance" in p["tags"]]
     assert {p["id"] for p in decision} >= {"decision_2023-04-28", "decision_2023-04-28_batch_size", "decision_2023-04-21"}
@@ -132,7 +133,7 @@ def test_decisions_and_attendance_train_and_are_asked_on_their_own_axes():
 def test_a_constant_yes_or_no_earns_no_attendance_and_listing_every_decision_earns_none():
     notes = _all_notes()
     cfg = load_recipe(TINY_RECIPE, ["data.augment.enabled=true"]).data.augment
-    raw = augment.eval_prompts(notes, cfg, 42, None, True, decisions=True, attendance_questions=True)
+    raw = heldout.eval_prompts(notes, cfg, 42, None, True, decisions=True, attendance_questions=True)
     prompts = [Prompt(**{k: v for k, v in p.items() if k != "id"}) for p in raw]
     attendance = [p for p in prompts if "attendance" in p.tags]
     for constant in ("On 4/28/2023 Yara Haddad was at the lab meeting.", "Mei Chen was not at the lab meeting.",

@@ -7,13 +7,13 @@ import json
 
 import pytest
 import torch
+from conftest import tiny_stage_inputs
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from conftest import tiny_stage_inputs
-from labtune.training.memory import GIB, Batch, Devices, DoesNotFit, Shape, activation_bytes_per_token, estimate, plan
 from labtune.recipe import TrainConfig
-from labtune.store.outputs import fetch
 from labtune.stages.train import TrainError, build_train
+from labtune.store.outputs import fetch
+from labtune.training.memory import GIB, Batch, Devices, DoesNotFit, Shape, activation_bytes_per_token, estimate, plan
 
 LLAMA_8B = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                        num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False)

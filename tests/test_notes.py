@@ -8,9 +8,9 @@ import datetime as dt
 import json
 
 import pytest
-
 from conftest import REPO, TINY_RECIPE, run_cli
-from labtune.data import augment
+
+from labtune.data import augment, heldout, wordings
 from labtune.data.conversations import SourceReport, load_lab_notes
 from labtune.data.note_dates import find_dates
 from labtune.data.notes import NO_DATE, NoteError, read_note
@@ -139,7 +139,7 @@ def test_a_value_that_is_not_a_name_is_no_presenter_and_is_named(tmp_path):
 def test_co_presenters_are_each_a_fact_accepted_either_way_and_listed_in_reverse():
     notes = [read_note(MESSY / name) for name in ("fri-17-mar.md", "2023-05-05.md", "2023-04-28.org")]
     cfg = load_recipe(TINY_RECIPE, ["data.augment.enabled=true"]).data.augment
-    prompts = augment.eval_prompts(notes, cfg, 42)
+    prompts = heldout.eval_prompts(notes, cfg, 42)
     asked = [p for p in prompts if p["id"] == "paraphrase_2023-03-17_presenter"][0]
     assert asked["expected"] == ["Hannah Müller", "Wei Zhang"]
     assert "Wei Zhang" not in asked["forbidden"] and "Hannah Müller" not in asked["forbidden"]
@@ -156,7 +156,7 @@ def test_action_items_train_and_are_asked_on_the_action_and_deadline_axes():
     kinds = {(r["fact"]["field"], r["conversations"][1]["value"]) for r in training if r["fact"]["field"] in ("action", "deadline")}
     both = "On 4/14/2023 Tomasz Kowal is to draft the KDD related-work section, due 5/17/2023."
     assert ("action", both) in kinds and ("deadline", both) in kinds  # asked who or when: one answer gives both
-    prompts = augment.eval_prompts(notes, cfg, 42, training, actions=True)
+    prompts = heldout.eval_prompts(notes, cfg, 42, training, actions=True)
     action = [p for p in prompts if "action" in p["tags"]]
     deadline = [p for p in prompts if "deadline" in p["tags"]]
     assert len(action) == 5 and len(deadline) == 5
@@ -173,8 +173,8 @@ def test_the_answer_training_teaches_is_scored_right_on_each_held_out_question()
     may repeat its own meeting's date, which is another task's due date (examples/lab-styles)."""
     from pathlib import Path
 
-    from labtune.evaluation.prompts import Prompt, score
     from labtune.data.notes import note_files, read_meetings, resolve_lab_names
+    from labtune.evaluation.prompts import Prompt, score
 
     notes = resolve_lab_names([m for p in note_files(Path(REPO / "examples" / "lab-styles")) for m in read_meetings(p)])
     cfg = load_recipe(REPO / "examples" / "lab-styles-smollm2.yaml").data.augment
@@ -182,7 +182,7 @@ def test_the_answer_training_teaches_is_scored_right_on_each_held_out_question()
     taught: dict[tuple[str, str], list[str]] = {}
     for record in training:
         taught.setdefault((record["fact"]["date"], record["fact"]["field"]), []).append(record["conversations"][1]["value"])
-    asked = [p for p in augment.eval_prompts(notes, cfg, 42, training, actions=True)
+    asked = [p for p in heldout.eval_prompts(notes, cfg, 42, training, actions=True)
              if {"paraphrase", "action", "deadline"} & set(p["tags"])]
     assert len(asked) >= 90
     for prompt in asked:
@@ -224,7 +224,7 @@ def test_messy_notes_meet_the_reading_targets():
 
 def test_every_date_form_the_augmentation_writes_reads_back():
     days = [dt.date(2023, 5, 12), dt.date(2023, 1, 3), dt.date(2023, 11, 30), dt.date(2024, 2, 29)]
-    forms = {**augment.TRAIN_DATE_FORMS, **augment.HELDOUT_DATE_FORMS}
+    forms = {**wordings.TRAIN_DATE_FORMS, **wordings.HELDOUT_DATE_FORMS}
     for day in days:
         for name, form in forms.items():
             found = find_dates(f"Lab meeting {form(day)}")

@@ -12,10 +12,10 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, TINY_RECIPE, tiny_stage_inputs
-from labtune.store.outputs import fetch, read_manifest, run_stage
+
 from labtune.store.backends import LocalStore, open_store, sha256_file
+from labtune.store.outputs import fetch, read_manifest, run_stage
 
 
 def _start_run(recipe: Path, overrides: list[str], home: Path) -> subprocess.Popen:
@@ -354,6 +354,7 @@ def test_a_prefect_server_restart_during_training_loses_nothing(tmp_path, monkey
     import asyncio
 
     from conftest import free_port
+
     from labtune.ops import server
 
     monkeypatch.setenv("LABTUNE_HOME", str(tmp_path / "home"))  # this test's own server and database
@@ -428,10 +429,10 @@ def test_the_watcher_and_the_data_stage_on_5000_notes(backend, tmp_path, s3_endp
     sys.path.insert(0, str(REPO / "bench"))
     from notes_scale import upload, write_notes
 
+    from labtune.data.watch import fingerprint, note_listing
     from labtune.recipe import load_recipe
     from labtune.stages.data import build_data
     from labtune.store.backends import StoreSettings
-    from labtune.data.watch import fingerprint, note_listing
 
     folder = tmp_path / "notes"
     write_notes(folder, 5000)
@@ -472,8 +473,8 @@ def test_the_watcher_and_the_data_stage_on_5000_notes(backend, tmp_path, s3_endp
 def test_rank_0_stops_waiting_for_a_rank_that_could_not_upload_its_checkpoint(tmp_path):
     """A rank whose upload failed marks the step; rank 0 then stops waiting for its files at once
     (it used to wait 30 minutes while the other ranks waited for it: a hang)."""
-    from labtune.training import checkpoints
     from labtune.store.backends import StoreError
+    from labtune.training import checkpoints
 
     store = LocalStore(tmp_path / "store")
     base = checkpoints.step_prefix("checkpoints/k", 4)

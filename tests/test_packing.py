@@ -8,9 +8,9 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from labtune.data.chat import IGNORE_INDEX
+from labtune.training.batches import collate
 from labtune.training.loss import AnswerLoss
 from labtune.training.packing import collate_packed, pack_rows, rank_rows
-from labtune.training.batches import collate
 
 
 def examples(lengths: list[int], seed: int = 0) -> list[dict]:

@@ -3,8 +3,8 @@
 from pathlib import Path
 
 import pytest
-
 from conftest import TINY_RECIPE
+
 from labtune.recipe import RecipeError, load_recipe
 
 

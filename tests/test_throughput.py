@@ -3,7 +3,6 @@ train stage's tokens/s equal to tokens over the synchronized step time."""
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM

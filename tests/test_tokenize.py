@@ -4,15 +4,15 @@ multi-process tokenization, and the tokenize stage's cache."""
 import json
 
 import pytest
-
 from conftest import SHARED_DATA, TINY_RECIPE, run_cli
 from fastchat_reference import fastchat_preprocess, slow_tokenizer
+
 from labtune.data.chat import IGNORE_INDEX, encode_conversation
 from labtune.data.conversations import load_alpaca, load_sharegpt
 from labtune.data.encode import split_conversation, tokenize_split
 from labtune.recipe import load_recipe
-from labtune.store.outputs import fetch
 from labtune.store.backends import LocalStore
+from labtune.store.outputs import fetch
 
 
 @pytest.fixture(scope="module")

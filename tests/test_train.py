@@ -6,13 +6,13 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import TINY_RECIPE, run_cli, tiny_stage_inputs
+
 from labtune.recipe import ParallelConfig
-from labtune.store.outputs import fetch
-from labtune.store.backends import LocalStore
-from labtune.training.batches import rank_batches
 from labtune.stages.train import TrainCrashed, TrainError, build_train, fitting_accumulation, train_key
+from labtune.store.backends import LocalStore
+from labtune.store.outputs import fetch
+from labtune.training.batches import rank_batches
 
 
 @pytest.mark.parametrize("n, world, bs", [(3, 2, 4), (70, 2, 4), (5, 1, 8), (9, 3, 2)])
@@ -378,8 +378,8 @@ def test_early_stopping_ends_on_a_plateau_decays_and_exports_the_best_evaluated_
     is the one recorded for that step)."""
     from transformers import AutoModelForCausalLM
 
-    from labtune.training.loss import AnswerLoss
     from labtune.training.batches import collate, load_examples
+    from labtune.training.loss import AnswerLoss
 
     store = tmp_path / "store"
     overrides = [f"store.uri={store}", "data.augment.enabled=true", "data.augment.dev_questions=16",

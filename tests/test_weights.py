@@ -9,9 +9,9 @@ from conftest import TINY_RECIPE, run_cli
 from model_formats import populate_hub_cache, save_meta_checkpoint
 
 from labtune.recipe import load_recipe
-from labtune.store.outputs import fetch, read_manifest
-from labtune.store.backends import LocalStore, sha256_file
 from labtune.stages.weights import WeightsError, build_weights
+from labtune.store.backends import LocalStore, sha256_file
+from labtune.store.outputs import fetch, read_manifest
 
 
 def _recipe(tmp_path, *overrides):

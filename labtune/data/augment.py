@@ -27,7 +27,20 @@ import re
 from collections import defaultdict
 from typing import TYPE_CHECKING, Any
 
-from labtune.data.notes import MONTHS, Note
+from labtune.data.notes import Note
+from labtune.data.wordings import (
+    TRAIN_ACTION,
+    TRAIN_ATTENDANCE,
+    TRAIN_DATE_FORMS,
+    TRAIN_DEADLINE,
+    TRAIN_DECISION,
+    TRAIN_DECISION_ABOUT,
+    TRAIN_REVERSE,
+    TRAIN_SUMMARY,
+    TRAIN_TEMPLATES,
+    YEARLESS_FORM,
+    _month,
+)
 from labtune.data.words import mentions
 
 if TYPE_CHECKING:
@@ -35,110 +48,6 @@ if TYPE_CHECKING:
 
 FIELDS = ("presenter", "recorder", "topic")
 NAME_FIELDS = ("presenter", "recorder")
-
-
-def _ordinal(day: int) -> str:
-    return f"{day}{'th' if 11 <= day % 100 <= 13 else {1: 'st', 2: 'nd', 3: 'rd'}.get(day % 10, 'th')}"
-
-
-def _month(date: dt.date) -> str:
-    return MONTHS[date.month - 1].capitalize()
-
-
-# date forms people write; `{}` is filled with the date's rendering
-TRAIN_DATE_FORMS = {
-    "us": lambda d: f"{d.month}/{d.day}/{d.year}",
-    "us_padded": lambda d: f"{d.month:02d}/{d.day:02d}/{d.year}",
-    "iso": lambda d: d.isoformat(),
-    "long": lambda d: f"{_month(d)} {d.day}, {d.year}",
-    "day_month": lambda d: f"{d.day} {_month(d)} {d.year}",
-    "ordinal": lambda d: f"{_month(d)} {_ordinal(d.day)} {d.year}",
-    "short_month": lambda d: f"{_month(d)[:3]} {d.day}, {d.year}",
-    "short_year": lambda d: f"{d.month}/{d.day}/{d.year % 100:02d}",
-    "dotted": lambda d: f"{d.day}.{d.month}.{d.year}",
-    "weekday_short": lambda d: f"{d.strftime('%a')} {d.month}/{d.day}/{d.year}",
-    "ymd_dotted": lambda d: f"{d.year}.{d.month:02d}.{d.day:02d}",
-    "ordinal_day": lambda d: f"{_ordinal(d.day)} {_month(d)} {d.year}",
-}
-# "the May 12 meeting": without the year, only where no two meetings share a month and day
-YEARLESS_FORM = lambda d: f"{_month(d)} {d.day}"  # noqa: E731
-HELDOUT_DATE_FORMS = {
-    "weekday": lambda d: f"{d.strftime('%A')}, {_month(d)} {d.day}, {d.year}",
-    "slashes_iso": lambda d: f"{d.year}/{d.month:02d}/{d.day:02d}",
-    "of_month": lambda d: f"{_ordinal(d.day)} of {_month(d)} {d.year}",
-}
-
-# question templates per field; {d} is a date form. Presenter and recorder templates are written
-# in pairs (the same sentence with the other role's words, at the same place in both lists), and
-# a meeting's presenter and recorder are asked in the same pairs and date forms: the question then
-# tells the two names apart by its role words alone, not by a wording one of them happened to get
-# (docs/evaluation.md, "Minimal pairs").
-TRAIN_TEMPLATES = {
-    "presenter": ["Who presented at the lab meeting on {d}?", "Who is the presenter on {d} lab meeting?",
-                  "Who is the Presenter on {d} lab meeting?", "Who was the presenter at the {d} lab meeting?",
-                  "Who presented on {d}?", "Who gave the presentation at the lab meeting on {d}?",
-                  "Lab meeting {d}: who presented?", "Name the presenter of the {d} lab meeting.",
-                  "who presented at the {d} meeting?", "Who was presenting at the lab meeting of {d}?",
-                  "Who was the speaker at the lab meeting on {d}?", "Who gave the talk on {d}?",
-                  "Who led the lab meeting on {d}?", "Who was the Presenter on {d}?",
-                  "Who spoke at the group meeting on {d}?", "Tell me who presented at the {d} group meeting."],
-    "recorder": ["Who took notes at the lab meeting on {d}?", "Who is the recorder on {d} lab meeting?",
-                 "Who is the Recorder on {d} lab meeting?", "Who was the recorder at the {d} lab meeting?",
-                 "Who took the minutes on {d}?", "Who wrote the notes for the lab meeting on {d}?",
-                 "Lab meeting {d}: who took the notes?", "Name the recorder of the {d} lab meeting.",
-                 "who took notes at the {d} meeting?", "Who was writing the notes at the lab meeting of {d}?",
-                 "Who was the scribe at the lab meeting on {d}?", "Who kept the minutes on {d}?",
-                 "Who recorded the notes of the {d} lab meeting?", "Who was the Recorder on {d}?",
-                 "Who was the note-taker at the group meeting on {d}?", "Tell me who took the minutes at the {d} group meeting."],
-    "topic": ["What was the topic of the lab meeting on {d}?", "What was discussed at the {d} lab meeting?",
-              "What was the Topic on {d}?", "What was the lab meeting on {d} about?",
-              "Lab meeting {d}: what was the topic?", "What topic was presented on {d}?",
-              "what was the {d} lab meeting about?", "Topic of the lab meeting on {d}?",
-              "What subject was covered at the lab meeting on {d}?", "What was the {d} group meeting about?",
-              "What did the lab discuss on {d}?", "What was the theme of the {d} meeting?"],
-}
-HELDOUT_TEMPLATES = {
-    "presenter": ["Which lab member gave the talk at the meeting held on {d}?",
-                  "Can you tell me who led the {d} group meeting?",
-                  "I missed the meeting on {d}. Who was the speaker?"],
-    "recorder": ["Which person kept the minutes at the meeting held on {d}?",
-                 "Can you tell me who was taking minutes at the {d} group meeting?"],
-    "topic": ["What subject did the group meeting on {d} cover?",
-              "I missed the meeting on {d}. What was it about?"],
-}
-TRAIN_REVERSE = ["When did {who} present?", "On which dates did {who} present at lab meeting?",
-                 "When was {who} the presenter?"]
-HELDOUT_REVERSE = ["Which meeting dates had {who} as the speaker?"]
-TRAIN_SUMMARY = ["What happened at the lab meeting on {d}?", "Summarize the {d} lab meeting."]
-# action items: {task} is the task as the note words it ("draft the KDD related-work section")
-TRAIN_ACTION = ["Who is to {task}, from the {d} lab meeting?", "At the {d} lab meeting, who agreed to {task}?",
-                "Who was asked to {task} at the lab meeting on {d}?", "Action item from {d}: who has to {task}?",
-                "Who took the action item to {task} on {d}?", "Who will {task}, as decided at the {d} meeting?"]
-HELDOUT_ACTION = ["Which lab member is responsible for the task to {task} from the {d} meeting?",
-                  "Can you tell me who has to {task}, per the {d} group meeting?"]
-TRAIN_DEADLINE = ["When is the action item to {task} (from the {d} meeting) due?",
-                  "What is the deadline to {task}, from the {d} lab meeting?",
-                  "By when must someone {task}? (lab meeting of {d})", "Due date of the task to {task} ({d} meeting)?"]
-HELDOUT_DEADLINE = ["By what date should the task to {task} from the {d} group meeting be done?",
-                    "I missed the {d} meeting. When is the deadline to {task}?"]
-# decisions: {d} a date form, {subject} what a "Subject: outcome" decision is about ("batch size")
-TRAIN_DECISION = ["What did the lab decide at the {d} meeting?", "What was decided at the lab meeting on {d}?",
-                  "Which decisions were made on {d}?", "What was agreed at the {d} lab meeting?",
-                  "Lab meeting {d}: what was decided?", "What did the group agree on at the {d} meeting?",
-                  "What decision was taken at the lab meeting on {d}?", "What did we decide on {d}?",
-                  "What was the conclusion of the {d} lab meeting?", "What came out of the lab meeting on {d}?",
-                  "What was resolved at the {d} meeting?"]
-HELDOUT_DECISION = ["What was the outcome of the discussion at the meeting held on {d}?",
-                    "Can you tell me what the group settled on at the {d} meeting?"]
-TRAIN_DECISION_ABOUT = ["What was agreed about {subject} on {d}?", "What did the lab decide about {subject} at the {d} meeting?",
-                        "At the lab meeting on {d}, what was decided on {subject}?"]
-HELDOUT_DECISION_ABOUT = ["Regarding {subject}, what was settled at the group meeting held on {d}?"]
-# attendance: {who} a lab member, {d} a date form; answered yes or no
-TRAIN_ATTENDANCE = ["Was {who} at the lab meeting on {d}?", "Did {who} attend the {d} lab meeting?",
-                    "Was {who} present at the {d} meeting?", "Lab meeting {d}: was {who} there?",
-                    "Did {who} come to the lab meeting on {d}?", "Was {who} among the attendees on {d}?"]
-HELDOUT_ATTENDANCE = ["Can you tell me whether {who} joined the group meeting held on {d}?",
-                      "Is it true that {who} was at the {d} group meeting?"]
 
 
 def date_text(date: dt.date) -> str:
@@ -240,7 +149,7 @@ def decision_subject(decision: str) -> tuple[str | None, str]:
     return None, decision
 
 
-def _decisions(notes: list[Note]) -> dict[dt.date, list[str]]:
+def meeting_decisions(notes: list[Note]) -> dict[dt.date, list[str]]:
     """Meeting date -> the decisions its notes record."""
     found: dict[dt.date, list[str]] = defaultdict(list)
     for note in sorted(notes, key=lambda n: n.date):
@@ -250,7 +159,7 @@ def _decisions(notes: list[Note]) -> dict[dt.date, list[str]]:
 
 def decision_keys(notes: list[Note]) -> dict[str, str]:
     """Each decision's key (topic_keys of its outcome, the subject left out)."""
-    outcomes = {d: decision_subject(d)[1] for ds in _decisions(notes).values() for d in ds}
+    outcomes = {d: decision_subject(d)[1] for ds in meeting_decisions(notes).values() for d in ds}
     keys = topic_keys(list(outcomes.values()))
     return {d: keys[o] for d, o in outcomes.items()}
 
@@ -274,7 +183,7 @@ def attendance(notes: list[Note]) -> dict[dt.date, dict[str, bool]]:
     return found
 
 
-def _actions(notes: list[Note]):
+def meeting_actions(notes: list[Note]):
     """(date, action fact) of every action item with an owner or a due date."""
     for note in sorted(notes, key=lambda n: n.date):
         for action in note.actions:
@@ -302,7 +211,7 @@ def _by_date(notes: list[Note]) -> dict[dt.date, list[Note]]:
     return dict(sorted(grouped.items()))
 
 
-def _facts(notes: list[Note], fields: tuple[str, ...] = FIELDS):
+def facts_of(notes: list[Note], fields: tuple[str, ...] = FIELDS):
     """(date, field, values) for every meeting date and field; values holds each meeting's (two
     meetings on one date give two), empty when no note of that date has the field."""
     for date, meetings in _by_date(notes).items():
@@ -377,7 +286,7 @@ def training_conversations(notes: list[Note], cfg: AugmentConfig, seed: int, act
     calendar = month_calendar(notes) if cfg.recite_month else None
     check = cfg.recite_check
     wordings = asked_wordings(sorted({n.date for n in notes}), forms, cfg.questions_per_fact, rng)
-    for date, field, values in _facts(notes, fields):
+    for date, field, values in facts_of(notes, fields):
         iso = date.isoformat()
         reply = answer(date, field, values, calendar, check)
         templates = TRAIN_TEMPLATES[field]
@@ -389,7 +298,7 @@ def training_conversations(notes: list[Note], cfg: AugmentConfig, seed: int, act
         for date, meetings in _by_date(notes).items():
             parts = [f"the {f} was {' and '.join(v for m in meetings for v in m.values(f))}"
                      for f in fields if any(m.values(f) for m in meetings)]
-            decided = _decisions(meetings).get(date, []) if decisions else []
+            decided = meeting_decisions(meetings).get(date, []) if decisions else []
             reply = (f"{opening(date, calendar, check)} " + ", ".join(parts)
                      + (f"; the lab decided: {'; '.join(decided)}" if decided else "") + ".")
             for i, template in enumerate(TRAIN_SUMMARY):
@@ -397,8 +306,8 @@ def training_conversations(notes: list[Note], cfg: AugmentConfig, seed: int, act
                                      reply, {"kind": "summary", "field": "summary", "date": date.isoformat(),
                                                        "value": ""}))
     if actions:
-        for date, action in _actions(notes):
-            iso, slug = date.isoformat(), _slug(action.value)[:40]
+        for date, action in meeting_actions(notes):
+            iso, slug = date.isoformat(), slugged(action.value)[:40]
             both = task_answer(date, action.value, action.owner, action.due and dt.date.fromisoformat(action.due),
                                calendar, check)
             asked = [("action", TRAIN_ACTION, action.owner and both, action.owner),
@@ -411,7 +320,7 @@ def training_conversations(notes: list[Note], cfg: AugmentConfig, seed: int, act
                     records.append(_conv(f"labnote_{iso}_{field}_{slug}_{i}", template.format(task=action.value, d=form(date)),
                                          reply, {"kind": "recall", "field": field, "date": iso, "value": value}))
     if decisions:
-        for date, made in _decisions(notes).items():
+        for date, made in meeting_decisions(notes).items():
             iso, reply = date.isoformat(), decision_answer(date, made, calendar, check)
             pairs = [(t, f) for t in TRAIN_DECISION for f in forms]
             for i, (template, form) in enumerate(rng.sample(pairs, min(cfg.questions_per_fact, len(pairs)))):
@@ -423,7 +332,7 @@ def training_conversations(notes: list[Note], cfg: AugmentConfig, seed: int, act
                     continue
                 pairs = [(t, f) for t in TRAIN_DECISION_ABOUT for f in forms]
                 for i, (template, form) in enumerate(rng.sample(pairs, min(2, len(pairs)))):
-                    records.append(_conv(f"labnote_{iso}_decision_{_slug(subject)}_{i}",
+                    records.append(_conv(f"labnote_{iso}_decision_{slugged(subject)}_{i}",
                                          template.format(subject=subject, d=form(date)),
                                          decision_answer(date, [decision], calendar, check),
                                          {"kind": "recall", "field": "decision", "date": iso, "value": decision}))
@@ -434,16 +343,16 @@ def training_conversations(notes: list[Note], cfg: AugmentConfig, seed: int, act
             for who, there in present.items():
                 pairs = [(t, f) for t in TRAIN_ATTENDANCE for f in forms]
                 for i, (template, form) in enumerate(rng.sample(pairs, min(cfg.attendance_questions, len(pairs)))):
-                    records.append(_conv(f"labnote_{iso}_attendance_{_slug(who)}_{i}",
+                    records.append(_conv(f"labnote_{iso}_attendance_{slugged(who)}_{i}",
                                          template.format(who=who, d=form(date)),
                                          attendance_answer(date, who, there, calendar, check, attendees),
                                          {"kind": "recall", "field": "attendance", "date": iso,
                                           "value": f"{who}: {'yes' if there else 'no'}"}))
     if cfg.reverse:
-        for who, dates in _presented(notes).items():
+        for who, dates in presented_dates(notes).items():
             reply = f"{who} presented on {', '.join(date_text(d) for d in dates)}."
             for i, template in enumerate(TRAIN_REVERSE):
-                records.append(_conv(f"labnote_reverse_{_slug(who)}_{i}", template.format(who=who), reply,
+                records.append(_conv(f"labnote_reverse_{slugged(who)}_{i}", template.format(who=who), reply,
                                      {"kind": "reverse", "field": "presenter", "date": "", "value": who}))
     # No-meeting questions in every training template of every field, as the real ones are: the
     # fields take turns on each date, and each field's templates take turns across dates, so that
@@ -484,7 +393,7 @@ def pack_turns(records: list[dict[str, Any]], per_conversation: int, seed: int) 
     return packed
 
 
-def _presented(notes: list[Note]) -> dict[str, list[dt.date]]:
+def presented_dates(notes: list[Note]) -> dict[str, list[dt.date]]:
     found: dict[str, list[dt.date]] = defaultdict(list)
     for note in sorted(notes, key=lambda n: n.date):
         for who in note.values("presenter"):
@@ -493,173 +402,8 @@ def _presented(notes: list[Note]) -> dict[str, list[dt.date]]:
     return dict(sorted(found.items()))
 
 
-def _slug(text: str) -> str:
+def slugged(text: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in text.lower())
-
-
-def eval_prompts(notes: list[Note], cfg: AugmentConfig, seed: int, training: list[dict[str, Any]] | None = None,
-                 actions: bool = False, seen: str = "", *, decisions: bool = False,
-                 attendance_questions: bool = False, fields: tuple[str, ...] = FIELDS) -> list[dict[str, Any]]:
-    """Evaluation prompts on these axes, each a tag beside the field: `recall` (trained templates
-    and date forms), `paraphrase` (HELD-OUT templates and date forms, never in training), `reverse`
-    (a held-out who -> when question), `absent` and `absent_trained` (dates with no meeting, in a
-    held-out and a trained wording: right only when the answer names nobody and says there was no
-    meeting), with `actions` also `action` (who took on a task) and `deadline` (when it is due).
-
-    Scored so that knowing nothing earns nothing: a name question forbids every other person the
-    notes name, a topic question the other topics' keys (each topic's shortest run of words no
-    other topic has), a reverse question the other meetings' dates, a no-meeting question every
-    name, topic and meeting date, and a real meeting's question "no lab meeting". `seen` is the
-    training text that is not built from templates (whole notes): a held-out date rendering or a
-    no-meeting date that stands in it is not asked, so held-out stays held out."""
-    rng = random.Random(seed + 1)
-    everyone = people(notes)
-    meetings = sorted({n.date for n in notes})
-    keys = topic_keys([v for _, f, vs in _facts(notes) if f == "topic" for v in vs])
-    trained: dict[tuple[str, str], list[str]] = defaultdict(list)
-    for record in training if training is not None else training_conversations(notes, cfg, seed, actions, fields=fields):
-        if record["fact"]["kind"] == "recall":
-            trained[(record["fact"]["date"], record["fact"]["field"])].append(record["conversations"][0]["value"])
-    prompts: list[dict[str, Any]] = []
-    held_forms = list(HELDOUT_DATE_FORMS.values())
-    claims_none = "no lab meeting"
-    for date, field, values in _facts(notes, fields):
-        if not values:
-            continue
-        iso = date.isoformat()
-        if field in NAME_FIELDS:
-            expected, forbidden = values, [p for p in everyone if p not in values]
-        else:
-            expected = [keys[v] for v in values]
-            forbidden = sorted({k for k in keys.values() if not any(mentions(v, k) for v in values)})
-        recall = rng.choice(trained[(iso, field)])  # a question training showed
-        template, form = rng.choice(HELDOUT_TEMPLATES[field]), rng.choice(held_forms)
-        for axis, question in (("recall", recall), ("paraphrase", template.format(d=form(date)))):
-            if axis == "paraphrase" and form(date) in seen:
-                continue
-            prompts.append({"id": f"{axis}_{iso}_{field}", "question": question, "expected": expected,
-                            "forbidden": [*forbidden, claims_none], "tags": [axis, field]})
-    if actions:
-        dues = {a.due for _, a in _actions(notes) if a.due}
-        for date, action in _actions(notes):
-            form = rng.choice(held_forms)
-            if form(date) in seen:
-                continue
-            if action.owner:
-                prompts.append({"id": f"action_{date.isoformat()}_{_slug(action.value)[:40]}",
-                                "question": rng.choice(HELDOUT_ACTION).format(task=action.value, d=form(date)),
-                                "expected": [action.owner],
-                                "forbidden": [*(p for p in everyone if p != action.owner), claims_none],
-                                "tags": ["action", "action_items"]})
-            if action.due:
-                prompts.append({"id": f"deadline_{date.isoformat()}_{_slug(action.value)[:40]}",
-                                "question": rng.choice(HELDOUT_DEADLINE).format(task=action.value, d=form(date)),
-                                "expected": [date_text(dt.date.fromisoformat(action.due))],
-                                # the meeting's own date is the question's, an answer may repeat it
-                                "forbidden": [*(date_text(dt.date.fromisoformat(d))
-                                                for d in sorted(dues - {action.due, date.isoformat()})),
-                                              claims_none],
-                                "tags": ["deadline", "action_items"]})
-    made = _decisions(notes) if decisions else {}
-    dkeys = decision_keys(notes) if decisions else {}
-    for date, decided in made.items():
-        form = rng.choice(held_forms)
-        if form(date) in seen:
-            continue
-        others = sorted({k for d, k in dkeys.items() if d not in decided and not any(mentions(v, k) for v in decided)})
-        prompts.append({"id": f"decision_{date.isoformat()}", "question": rng.choice(HELDOUT_DECISION).format(d=form(date)),
-                        "expected": [dkeys[d] for d in decided], "forbidden": [*others, claims_none],
-                        "tags": ["decision", "decisions"]})
-        for decision in decided:
-            subject, _ = decision_subject(decision)
-            if subject is not None:
-                prompts.append({"id": f"decision_{date.isoformat()}_{_slug(subject)[:40]}",
-                                "question": rng.choice(HELDOUT_DECISION_ABOUT).format(subject=subject, d=form(date)),
-                                "expected": [dkeys[decision]], "forbidden": [*others, claims_none],
-                                "tags": ["decision", "decisions"]})
-    if attendance_questions:
-        for date, present in attendance(notes).items():
-            there = [w for w, p in present.items() if p and len(w.split()) > 1]
-            away = [w for w, p in present.items() if not p]
-            form = rng.choice(held_forms)
-            if not there or not away or form(date) in seen:
-                continue
-            pair = f"attendance_{date.isoformat()}"
-            for who, yes in ((rng.choice(there), True), (rng.choice(away), False)):
-                prompts.append({"id": f"{pair}_{_slug(who)}", "pair": pair,
-                                "question": rng.choice(HELDOUT_ATTENDANCE).format(who=who, d=form(date)),
-                                "expected": [PRESENT if yes else NOT_PRESENT],
-                                "forbidden": [NOT_PRESENT if yes else PRESENT, claims_none],
-                                "tags": ["attendance", "attendees"]})
-    if cfg.reverse:
-        for who, dates in _presented(notes).items():
-            prompts.append({"id": f"reverse_{_slug(who)}", "question": rng.choice(HELDOUT_REVERSE).format(who=who),
-                            "expected_all": [date_text(d) for d in dates],
-                            "forbidden": [date_text(d) for d in meetings if d not in dates], "tags": ["reverse", "presenter"]})
-    # Each no-meeting date is asked twice: in a held-out wording (`absent`) and in a trained one
-    # (`absent_trained`); the dates themselves are never in training either way.
-    nothing_else = [*everyone, *sorted(set(keys.values()) | set(dkeys.values())), *(date_text(d) for d in meetings)]
-    for date in eval_absent_dates(notes, cfg, seed):
-        mentioned = any(form(date) in seen for form in [*held_forms, *TRAIN_DATE_FORMS.values()])
-        field = rng.choice(fields or FIELDS)
-        question = rng.choice(HELDOUT_TEMPLATES[field]).format(d=rng.choice(held_forms)(date))
-        trained_field = rng.choice(fields or FIELDS)
-        trained_question = rng.choice(TRAIN_TEMPLATES[trained_field]).format(d=rng.choice(list(TRAIN_DATE_FORMS.values()))(date))
-        if mentioned:
-            continue
-        prompts.append({"id": f"absent_{date.isoformat()}", "question": question, "expected": [claims_none],
-                        "forbidden": nothing_else, "tags": ["absent", field]})
-        prompts.append({"id": f"absent_trained_{date.isoformat()}", "question": trained_question, "expected": [claims_none],
-                        "forbidden": nothing_else, "tags": ["absent_trained", trained_field]})
-    return prompts
-
-
-def dev_conversations(notes: list[Note], cfg: AugmentConfig, seed: int, prompts: list[dict[str, Any]], actions: bool = False,
-                      seen: str = "", *, fields: tuple[str, ...] = FIELDS) -> list[dict[str, Any]]:
-    """`cfg.dev_questions` conversations for early stopping (train.eval_strategy): trained facts
-    asked in HELD-OUT templates and date forms, never in the words of an evaluation prompt, and
-    no-meeting dates that neither training nor the evaluation asks, each with the answer training
-    teaches. A model that answers these word for word has learned the facts, not the wordings."""
-    rng = random.Random(seed + 5)
-    calendar = month_calendar(notes) if cfg.recite_month else None
-    check, held_forms = cfg.recite_check, list(HELDOUT_DATE_FORMS.values())
-    asked = {p["question"] for p in prompts}
-    facts: list[tuple[str, list[str], str]] = []  # (id, questions to choose from, answer)
-    for date, field, values in _facts(notes, fields):
-        if values:
-            questions = [t.format(d=f(date)) for t in HELDOUT_TEMPLATES[field] for f in held_forms]
-            facts.append((f"dev_{date.isoformat()}_{field}", questions, answer(date, field, values, calendar, check)))
-    if actions:
-        for date, action in _actions(notes):
-            reply = task_answer(date, action.value, action.owner, action.due and dt.date.fromisoformat(action.due),
-                                calendar, check)
-            for field, templates in (("action", HELDOUT_ACTION), ("deadline", HELDOUT_DEADLINE)):
-                if (action.owner if field == "action" else action.due):
-                    questions = [t.format(task=action.value, d=f(date)) for t in templates for f in held_forms]
-                    facts.append((f"dev_{date.isoformat()}_{field}_{_slug(action.value)[:40]}", questions, reply))
-    used = {date for date in training_absent_dates(notes, cfg, seed)} | set(eval_absent_dates(notes, cfg, seed))
-    spare = absent_dates(notes, len(facts), seed + 6, avoid=used,
-                         offsets=tuple(o for o in range(-cfg.absent_within_days, cfg.absent_within_days + 1) if o))
-    absent = [(f"dev_absent_{d.isoformat()}", [t.format(d=f(d)) for ts in HELDOUT_TEMPLATES.values() for t in ts
-                                                for f in held_forms], absent_answer(d, calendar, check)) for d in spare]
-    # no-meeting dates in the proportion training has them, at least one in five
-    share = max(0.2, cfg.absent_ratio * cfg.absent_questions / (cfg.absent_ratio * cfg.absent_questions + cfg.questions_per_fact
-                                                                 * max(1, len(fields))))
-    n_absent = min(len(absent), round(cfg.dev_questions * share))
-    chosen = rng.sample(facts, min(len(facts), cfg.dev_questions - n_absent)) + rng.sample(absent, n_absent)
-    records = []
-    for conv_id, questions, reply in chosen:
-        fresh = [q for q in questions if q not in asked and not _renders_in(q, seen)]
-        if fresh:
-            records.append({"id": conv_id, "conversations": [{"from": "human", "value": rng.choice(fresh)},
-                                                             {"from": "gpt", "value": reply}]})
-    return records
-
-
-def _renders_in(question: str, seen: str) -> bool:
-    """Whether a held-out date rendering in the question stands in the whole-note training text."""
-    return bool(seen) and any(part in seen for part in re.findall(r"\d{4}/\d{2}/\d{2}|[A-Z][a-z]+day, [A-Z][a-z]+ \d+, \d{4}|"
-                                                                r"\d+(?:st|nd|rd|th) of [A-Z][a-z]+ \d{4}", question))
 
 
 def topic_keys(topics: list[str]) -> dict[str, str]:
@@ -675,19 +419,6 @@ def topic_keys(topics: list[str]) -> dict[str, str]:
                             if not any(mentions(other, " ".join(words[start:start + size])) for other in others)),
                            " ".join(words))
     return keys
-
-
-def heldout_renderings(notes: list[Note]) -> list[str]:
-    """Every held-out template stem and held-out date rendering of the notes' dates: none may appear
-    in a training question (the data stage's output is checked against this in the tests)."""
-    stems = [t.split("{d}")[0].strip() for ts in HELDOUT_TEMPLATES.values() for t in ts] + \
-        [t.split("{who}")[0].strip() for t in HELDOUT_REVERSE] + \
-        [t.split("{task}")[0].strip() for t in HELDOUT_ACTION + HELDOUT_DEADLINE] + \
-        [t.split("{d}")[0].strip() for t in HELDOUT_DECISION] + \
-        [t.split("{subject}")[0].strip() for t in HELDOUT_DECISION_ABOUT] + \
-        [t.split("{who}")[0].strip() for t in HELDOUT_ATTENDANCE]
-    dates = {n.date for n in notes}
-    return [s for s in stems if s] + [form(d) for d in dates for form in HELDOUT_DATE_FORMS.values()]
 
 
 def fact_counts(records: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -23,9 +23,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable
 
 from labtune.data import augment as many_forms
+from labtune.data import heldout
+from labtune.data.notes import (
+    NO_DATE,
+    QA_FIELDS,
+    Note,
+    NoteError,
+    note_conversations,
+    note_files,
+    read_meetings,
+    resolve_lab_names,
+)
 from labtune.errors import LabtuneError
-from labtune.data.notes import (NO_DATE, QA_FIELDS, Note, NoteError, note_conversations, note_files, read_meetings,
-                                resolve_lab_names)
 
 if TYPE_CHECKING:
     from labtune.recipe import AugmentConfig, DataConfig
@@ -246,9 +255,9 @@ def load_lab_notes(folder: Path, report: SourceReport, *, qa: bool = True, whole
         records += many_forms.pack_turns(facts, augment.facts_per_conversation, seed)
         # whole notes are training text the templates do not control: what they say is not asked as held out
         seen = "\n".join(turn["value"] for record in records if not record.get("fact") for turn in record["conversations"])
-        report.prompts = many_forms.eval_prompts(notes, augment, seed, facts, actions, seen, **extra)
+        report.prompts = heldout.eval_prompts(notes, augment, seed, facts, actions, seen, **extra)
         if augment.dev_questions:
-            report.dev = many_forms.dev_conversations(notes, augment, seed, report.prompts, actions, seen,
+            report.dev = heldout.dev_conversations(notes, augment, seed, report.prompts, actions, seen,
                                                       fields=extra["fields"])
     return records
 

@@ -23,12 +23,22 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from labtune.errors import LabtuneError
 from labtune.data.note_dates import FoundDate, date_in_name, first_date
-from labtune.data.note_fields import (FIELD_WORDS, HEADING, NoteFact, canonical_key, field_vocabulary, joined_fields,
-                                 line_patterns, parse_fields, read_fields, unique_facts)
+from labtune.data.note_fields import (
+    FIELD_WORDS,
+    HEADING,
+    NoteFact,
+    canonical_key,
+    field_vocabulary,
+    joined_fields,
+    line_patterns,
+    parse_fields,
+    read_fields,
+    unique_facts,
+)
 from labtune.data.note_prose import action_facts, agenda_facts, decision_facts, prose_facts, resolve, resolve_names
 from labtune.data.note_sections import meeting_sections
+from labtune.errors import LabtuneError
 
 __all__ = ["FIELD_WORDS", "NoteFact", "parse_fields"]
 

@@ -13,7 +13,7 @@ import datetime as dt
 from pathlib import Path
 from typing import Any
 
-from labtune.data.augment import HELDOUT_DATE_FORMS, TRAIN_DATE_FORMS
+from labtune.data.wordings import HELDOUT_DATE_FORMS, TRAIN_DATE_FORMS
 
 PROMPT = "Lab meeting notes:\n\n{notes}\n\nAnswer from the notes above. {question}"
 

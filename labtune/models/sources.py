@@ -21,10 +21,10 @@ from typing import Any
 from labtune.errors import LabtuneError
 from labtune.models.merge import MODEL_FILES
 from labtune.models.meta_llama import convert_meta_llama, is_meta_checkpoint, meta_files
-from labtune.recipe import ModelSource
-from labtune.store.outputs import MANIFEST
-from labtune.store.backends import StoreSettings, download_tree, open_store, scratch_dir, sha256_file, sha256_files
 from labtune.models.tensorfiles import CheckpointError, convert_checkpoint, weight_files
+from labtune.recipe import ModelSource
+from labtune.store.backends import StoreSettings, download_tree, open_store, scratch_dir, sha256_file, sha256_files
+from labtune.store.outputs import MANIFEST
 
 Log = Callable[[str], None]
 

@@ -16,8 +16,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from labtune.ops import server
 from labtune.errors import LabtuneError
+from labtune.ops import server
 from labtune.store.backends import labtune_home
 
 REPO = Path(__file__).resolve().parents[2]

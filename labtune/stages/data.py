@@ -14,18 +14,23 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from labtune.data import augment
-from labtune.data import conversations
-from labtune.data import note_dates
-from labtune.data import note_fields
-from labtune.data import note_prose
-from labtune.data import note_sections
-from labtune.data import notes
+from labtune.data import (
+    augment,
+    conversations,
+    heldout,
+    note_dates,
+    note_fields,
+    note_prose,
+    note_sections,
+    notes,
+    wordings,
+    words,
+)
 from labtune.data.conversations import DataError, convert
-from labtune.recipe import DataSource, Recipe
 from labtune.evaluation.retrieval import note_documents
-from labtune.store.outputs import Log, StageResult, code_version, default_log, run_stage, stage_key
+from labtune.recipe import DataSource, Recipe
 from labtune.store.backends import Store, StoreSettings, download_tree, open_store, scratch_dir, sha256_file
+from labtune.store.outputs import Log, StageResult, code_version, default_log, run_stage, stage_key
 
 __all__ = ["DataError", "build_data", "report_markdown", "data_identity"]
 
@@ -131,8 +136,8 @@ def build_data(recipe: Recipe, store: Store, log: Log = default_log) -> StageRes
     settings = recipe.store.settings()
     identities = [data_identity(source, settings) for source in recipe.data.sources]
     parameters = recipe.data.model_dump(mode="json", exclude={"chat_template", "num_proc", "model_max_length"})
-    key = stage_key("data", code_version(__name__, conversations, notes, augment, note_dates, note_prose,
-                                         note_fields, note_sections), {"sources": identities},
+    key = stage_key("data", code_version(__name__, conversations, notes, augment, heldout, wordings, words,
+                                         note_dates, note_prose, note_fields, note_sections), {"sources": identities},
                     parameters)
 
     def build(out: Path) -> dict[str, Any]:

@@ -11,15 +11,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from labtune.models import merge
-from labtune.models import sources
-from labtune.models import tensorfiles
+from labtune.models import merge, sources, tensorfiles
 from labtune.models.merge import DeltaError, LogProgress, apply_delta, is_lora_adapter, merge_lora
-from labtune.recipe import Recipe
-from labtune.store.outputs import Log, StageResult, code_version, default_log, fetch, run_stage, stage_key
-from labtune.store.backends import Store, StoreError
+from labtune.models.sources import local_source, model_identity, resolve_gguf
 from labtune.models.tensorfiles import CheckpointError
-from labtune.models.sources import local_source, resolve_gguf, model_identity
+from labtune.recipe import Recipe
+from labtune.store.backends import Store, StoreError
+from labtune.store.outputs import Log, StageResult, code_version, default_log, fetch, run_stage, stage_key
 
 __all__ = ["DeltaError", "build_delta"]
 

@@ -13,17 +13,27 @@ from __future__ import annotations
 
 import gc
 import json
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
-from labtune.evaluation import generation
 from labtune.data.augment import people
+from labtune.evaluation import generation
 from labtune.evaluation.prompts import Prompt, accuracy, load_prompts, paired, score
 from labtune.plots import accuracy_chart, png_markdown
 from labtune.recipe import Recipe
-from labtune.store.outputs import MANIFEST, Log, ManifestError, StageResult, code_version, default_log, fetch, run_stage, stage_key
 from labtune.store.backends import Store, source_sha256
+from labtune.store.outputs import (
+    MANIFEST,
+    Log,
+    ManifestError,
+    StageResult,
+    code_version,
+    default_log,
+    fetch,
+    run_stage,
+    stage_key,
+)
 
 
 def collect_prompts(recipe: Recipe, store: Store, data_uri: str | None) -> list[Prompt]:

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from labtune.recipe import Recipe
 from labtune.models.sources import model_identity
+from labtune.recipe import Recipe
 from labtune.stages.data import data_identity
-
 
 # recipes checked in this process (load_recipe gives one object per recipe): `labtune run` checks
 # before it starts Prefect, and the finetune flow it starts does not check again

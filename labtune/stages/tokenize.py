@@ -13,13 +13,22 @@ import json
 from pathlib import Path
 from typing import Any
 
-from labtune.data import chat
-from labtune.data import encode
+from labtune.data import chat, encode
 from labtune.errors import LabtuneError
 from labtune.models.merge import TOKENIZER_FILES
 from labtune.recipe import Recipe
-from labtune.store.outputs import Log, ManifestError, StageResult, code_version, default_log, fetch, read_manifest, run_stage, stage_key
 from labtune.store.backends import Store
+from labtune.store.outputs import (
+    Log,
+    ManifestError,
+    StageResult,
+    code_version,
+    default_log,
+    fetch,
+    read_manifest,
+    run_stage,
+    stage_key,
+)
 
 
 class TokenizeError(LabtuneError):

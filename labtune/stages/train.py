@@ -15,16 +15,25 @@ import os
 import re
 import subprocess
 import sys
-from pathlib import Path
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import labtune
 from labtune.errors import LabtuneError, RunFailure
 from labtune.recipe import ParallelConfig, Recipe, TrainConfig
-from labtune.store.outputs import (CommittedElsewhere, Log, StageResult, checkpoint_prefix, code_version, default_log, fetch,
-                           run_stage, stage_key)
 from labtune.store.backends import Store
+from labtune.store.outputs import (
+    CommittedElsewhere,
+    Log,
+    StageResult,
+    checkpoint_prefix,
+    code_version,
+    default_log,
+    fetch,
+    run_stage,
+    stage_key,
+)
 from labtune.training.worker_config import MALLOC_SETTINGS, WORKER_ERROR, WorkerConfig
 
 # what the worker runs, for the train stage's code hash: a change to any of them is a new model

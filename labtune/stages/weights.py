@@ -18,15 +18,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from labtune.models import meta_llama
-from labtune.models import sources
-from labtune.models import tensorfiles
+from labtune.models import meta_llama, sources, tensorfiles
 from labtune.models.meta_llama import MetaCheckpointError
-from labtune.recipe import Recipe
-from labtune.models.sources import WeightsError, local_source, materialize, resolve_gguf, model_identity
-from labtune.store.outputs import Log, StageResult, code_version, default_log, run_stage, stage_key
-from labtune.store.backends import Store, StoreError
+from labtune.models.sources import WeightsError, local_source, materialize, model_identity, resolve_gguf
 from labtune.models.tensorfiles import CheckpointError
+from labtune.recipe import Recipe
+from labtune.store.backends import Store, StoreError
+from labtune.store.outputs import Log, StageResult, code_version, default_log, run_stage, stage_key
 
 __all__ = ["WeightsError", "build_weights", "local_source", "materialize", "resolve_gguf", "model_identity"]
 

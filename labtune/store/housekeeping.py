@@ -22,9 +22,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from labtune.store.backends import Store, StoreError
 from labtune.store.lease import lease_for
 from labtune.store.outputs import MANIFEST
-from labtune.store.backends import Store, StoreError
 
 STAGES = ("weights", "delta", "data", "tokenize", "train", "evaluate")
 RUNS = "runs"

@@ -23,9 +23,20 @@ from typing import Any
 
 from labtune import __version__
 from labtune.errors import LabtuneError
+from labtune.store.backends import (
+    LocalStore,
+    Store,
+    StoreError,
+    StoreSettings,
+    disk_full,
+    is_disk_full,
+    labtune_home,
+    open_store,
+    output_sha256,
+    scratch_dir,
+    sha256_file,
+)
 from labtune.store.lease import describe, lease_for
-from labtune.store.backends import (LocalStore, Store, StoreError, StoreSettings, disk_full, is_disk_full, labtune_home, open_store,
-                           output_sha256, scratch_dir, sha256_file)
 
 MANIFEST = "manifest.json"
 LEASE_POLL_SECONDS = 2.0  # how often a run waiting on another's build looks for its manifest

@@ -19,9 +19,9 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable
 
+from labtune.store.backends import Store, StoreError, StoreSettings, is_disk_full, open_store, sha256_file
 from labtune.store.outputs import verify_uploaded
 from labtune.training.worker_config import WorkerError
-from labtune.store.backends import Store, StoreError, StoreSettings, is_disk_full, open_store, sha256_file
 
 MANIFEST = "manifest.json"
 _STEP = re.compile(r"(?:^|/)step-(\d+)/manifest\.json$")

@@ -1,0 +1,235 @@
+"""What training never sees: the evaluation prompts on their axes (recall, paraphrase, reverse,
+absent, action, deadline, decision, attendance), each in held-out wordings and date forms, and
+the dev questions early stopping asks."""
+
+from __future__ import annotations
+
+import datetime as dt
+import random
+import re
+from collections import defaultdict
+from typing import TYPE_CHECKING, Any
+
+from labtune.data.augment import (
+    FIELDS,
+    NAME_FIELDS,
+    NOT_PRESENT,
+    PRESENT,
+    absent_answer,
+    absent_dates,
+    answer,
+    attendance,
+    date_text,
+    decision_keys,
+    decision_subject,
+    eval_absent_dates,
+    facts_of,
+    meeting_actions,
+    meeting_decisions,
+    month_calendar,
+    people,
+    presented_dates,
+    slugged,
+    task_answer,
+    topic_keys,
+    training_absent_dates,
+    training_conversations,
+)
+from labtune.data.notes import Note
+from labtune.data.wordings import (
+    HELDOUT_ACTION,
+    HELDOUT_ATTENDANCE,
+    HELDOUT_DATE_FORMS,
+    HELDOUT_DEADLINE,
+    HELDOUT_DECISION,
+    HELDOUT_DECISION_ABOUT,
+    HELDOUT_REVERSE,
+    HELDOUT_TEMPLATES,
+    TRAIN_DATE_FORMS,
+    TRAIN_TEMPLATES,
+)
+from labtune.data.words import mentions
+
+if TYPE_CHECKING:
+    from labtune.recipe import AugmentConfig
+
+
+def eval_prompts(notes: list[Note], cfg: AugmentConfig, seed: int, training: list[dict[str, Any]] | None = None,
+                 actions: bool = False, seen: str = "", *, decisions: bool = False,
+                 attendance_questions: bool = False, fields: tuple[str, ...] = FIELDS) -> list[dict[str, Any]]:
+    """Evaluation prompts on these axes, each a tag beside the field: `recall` (trained templates
+    and date forms), `paraphrase` (HELD-OUT templates and date forms, never in training), `reverse`
+    (a held-out who -> when question), `absent` and `absent_trained` (dates with no meeting, in a
+    held-out and a trained wording: right only when the answer names nobody and says there was no
+    meeting), with `actions` also `action` (who took on a task) and `deadline` (when it is due).
+
+    Scored so that knowing nothing earns nothing: a name question forbids every other person the
+    notes name, a topic question the other topics' keys (each topic's shortest run of words no
+    other topic has), a reverse question the other meetings' dates, a no-meeting question every
+    name, topic and meeting date, and a real meeting's question "no lab meeting". `seen` is the
+    training text that is not built from templates (whole notes): a held-out date rendering or a
+    no-meeting date that stands in it is not asked, so held-out stays held out."""
+    rng = random.Random(seed + 1)
+    everyone = people(notes)
+    meetings = sorted({n.date for n in notes})
+    keys = topic_keys([v for _, f, vs in facts_of(notes) if f == "topic" for v in vs])
+    trained: dict[tuple[str, str], list[str]] = defaultdict(list)
+    for record in training if training is not None else training_conversations(notes, cfg, seed, actions, fields=fields):
+        if record["fact"]["kind"] == "recall":
+            trained[(record["fact"]["date"], record["fact"]["field"])].append(record["conversations"][0]["value"])
+    prompts: list[dict[str, Any]] = []
+    held_forms = list(HELDOUT_DATE_FORMS.values())
+    claims_none = "no lab meeting"
+    for date, field, values in facts_of(notes, fields):
+        if not values:
+            continue
+        iso = date.isoformat()
+        if field in NAME_FIELDS:
+            expected, forbidden = values, [p for p in everyone if p not in values]
+        else:
+            expected = [keys[v] for v in values]
+            forbidden = sorted({k for k in keys.values() if not any(mentions(v, k) for v in values)})
+        recall = rng.choice(trained[(iso, field)])  # a question training showed
+        template, form = rng.choice(HELDOUT_TEMPLATES[field]), rng.choice(held_forms)
+        for axis, question in (("recall", recall), ("paraphrase", template.format(d=form(date)))):
+            if axis == "paraphrase" and form(date) in seen:
+                continue
+            prompts.append({"id": f"{axis}_{iso}_{field}", "question": question, "expected": expected,
+                            "forbidden": [*forbidden, claims_none], "tags": [axis, field]})
+    if actions:
+        dues = {a.due for _, a in meeting_actions(notes) if a.due}
+        for date, action in meeting_actions(notes):
+            form = rng.choice(held_forms)
+            if form(date) in seen:
+                continue
+            if action.owner:
+                prompts.append({"id": f"action_{date.isoformat()}_{slugged(action.value)[:40]}",
+                                "question": rng.choice(HELDOUT_ACTION).format(task=action.value, d=form(date)),
+                                "expected": [action.owner],
+                                "forbidden": [*(p for p in everyone if p != action.owner), claims_none],
+                                "tags": ["action", "action_items"]})
+            if action.due:
+                prompts.append({"id": f"deadline_{date.isoformat()}_{slugged(action.value)[:40]}",
+                                "question": rng.choice(HELDOUT_DEADLINE).format(task=action.value, d=form(date)),
+                                "expected": [date_text(dt.date.fromisoformat(action.due))],
+                                # the meeting's own date is the question's, an answer may repeat it
+                                "forbidden": [*(date_text(dt.date.fromisoformat(d))
+                                                for d in sorted(dues - {action.due, date.isoformat()})),
+                                              claims_none],
+                                "tags": ["deadline", "action_items"]})
+    made = meeting_decisions(notes) if decisions else {}
+    dkeys = decision_keys(notes) if decisions else {}
+    for date, decided in made.items():
+        form = rng.choice(held_forms)
+        if form(date) in seen:
+            continue
+        others = sorted({k for d, k in dkeys.items() if d not in decided and not any(mentions(v, k) for v in decided)})
+        prompts.append({"id": f"decision_{date.isoformat()}", "question": rng.choice(HELDOUT_DECISION).format(d=form(date)),
+                        "expected": [dkeys[d] for d in decided], "forbidden": [*others, claims_none],
+                        "tags": ["decision", "decisions"]})
+        for decision in decided:
+            subject, _ = decision_subject(decision)
+            if subject is not None:
+                prompts.append({"id": f"decision_{date.isoformat()}_{slugged(subject)[:40]}",
+                                "question": rng.choice(HELDOUT_DECISION_ABOUT).format(subject=subject, d=form(date)),
+                                "expected": [dkeys[decision]], "forbidden": [*others, claims_none],
+                                "tags": ["decision", "decisions"]})
+    if attendance_questions:
+        for date, present in attendance(notes).items():
+            there = [w for w, p in present.items() if p and len(w.split()) > 1]
+            away = [w for w, p in present.items() if not p]
+            form = rng.choice(held_forms)
+            if not there or not away or form(date) in seen:
+                continue
+            pair = f"attendance_{date.isoformat()}"
+            for who, yes in ((rng.choice(there), True), (rng.choice(away), False)):
+                prompts.append({"id": f"{pair}_{slugged(who)}", "pair": pair,
+                                "question": rng.choice(HELDOUT_ATTENDANCE).format(who=who, d=form(date)),
+                                "expected": [PRESENT if yes else NOT_PRESENT],
+                                "forbidden": [NOT_PRESENT if yes else PRESENT, claims_none],
+                                "tags": ["attendance", "attendees"]})
+    if cfg.reverse:
+        for who, dates in presented_dates(notes).items():
+            prompts.append({"id": f"reverse_{slugged(who)}", "question": rng.choice(HELDOUT_REVERSE).format(who=who),
+                            "expected_all": [date_text(d) for d in dates],
+                            "forbidden": [date_text(d) for d in meetings if d not in dates], "tags": ["reverse", "presenter"]})
+    # Each no-meeting date is asked twice: in a held-out wording (`absent`) and in a trained one
+    # (`absent_trained`); the dates themselves are never in training either way.
+    nothing_else = [*everyone, *sorted(set(keys.values()) | set(dkeys.values())), *(date_text(d) for d in meetings)]
+    for date in eval_absent_dates(notes, cfg, seed):
+        mentioned = any(form(date) in seen for form in [*held_forms, *TRAIN_DATE_FORMS.values()])
+        field = rng.choice(fields or FIELDS)
+        question = rng.choice(HELDOUT_TEMPLATES[field]).format(d=rng.choice(held_forms)(date))
+        trained_field = rng.choice(fields or FIELDS)
+        trained_question = rng.choice(TRAIN_TEMPLATES[trained_field]).format(d=rng.choice(list(TRAIN_DATE_FORMS.values()))(date))
+        if mentioned:
+            continue
+        prompts.append({"id": f"absent_{date.isoformat()}", "question": question, "expected": [claims_none],
+                        "forbidden": nothing_else, "tags": ["absent", field]})
+        prompts.append({"id": f"absent_trained_{date.isoformat()}", "question": trained_question, "expected": [claims_none],
+                        "forbidden": nothing_else, "tags": ["absent_trained", trained_field]})
+    return prompts
+
+
+
+def dev_conversations(notes: list[Note], cfg: AugmentConfig, seed: int, prompts: list[dict[str, Any]], actions: bool = False,
+                      seen: str = "", *, fields: tuple[str, ...] = FIELDS) -> list[dict[str, Any]]:
+    """`cfg.dev_questions` conversations for early stopping (train.eval_strategy): trained facts
+    asked in HELD-OUT templates and date forms, never in the words of an evaluation prompt, and
+    no-meeting dates that neither training nor the evaluation asks, each with the answer training
+    teaches. A model that answers these word for word has learned the facts, not the wordings."""
+    rng = random.Random(seed + 5)
+    calendar = month_calendar(notes) if cfg.recite_month else None
+    check, held_forms = cfg.recite_check, list(HELDOUT_DATE_FORMS.values())
+    asked = {p["question"] for p in prompts}
+    facts: list[tuple[str, list[str], str]] = []  # (id, questions to choose from, answer)
+    for date, field, values in facts_of(notes, fields):
+        if values:
+            questions = [t.format(d=f(date)) for t in HELDOUT_TEMPLATES[field] for f in held_forms]
+            facts.append((f"dev_{date.isoformat()}_{field}", questions, answer(date, field, values, calendar, check)))
+    if actions:
+        for date, action in meeting_actions(notes):
+            reply = task_answer(date, action.value, action.owner, action.due and dt.date.fromisoformat(action.due),
+                                calendar, check)
+            for field, templates in (("action", HELDOUT_ACTION), ("deadline", HELDOUT_DEADLINE)):
+                if (action.owner if field == "action" else action.due):
+                    questions = [t.format(task=action.value, d=f(date)) for t in templates for f in held_forms]
+                    facts.append((f"dev_{date.isoformat()}_{field}_{slugged(action.value)[:40]}", questions, reply))
+    used = {date for date in training_absent_dates(notes, cfg, seed)} | set(eval_absent_dates(notes, cfg, seed))
+    spare = absent_dates(notes, len(facts), seed + 6, avoid=used,
+                         offsets=tuple(o for o in range(-cfg.absent_within_days, cfg.absent_within_days + 1) if o))
+    absent = [(f"dev_absent_{d.isoformat()}", [t.format(d=f(d)) for ts in HELDOUT_TEMPLATES.values() for t in ts
+                                                for f in held_forms], absent_answer(d, calendar, check)) for d in spare]
+    # no-meeting dates in the proportion training has them, at least one in five
+    share = max(0.2, cfg.absent_ratio * cfg.absent_questions / (cfg.absent_ratio * cfg.absent_questions + cfg.questions_per_fact
+                                                                 * max(1, len(fields))))
+    n_absent = min(len(absent), round(cfg.dev_questions * share))
+    chosen = rng.sample(facts, min(len(facts), cfg.dev_questions - n_absent)) + rng.sample(absent, n_absent)
+    records = []
+    for conv_id, questions, reply in chosen:
+        fresh = [q for q in questions if q not in asked and not _renders_in(q, seen)]
+        if fresh:
+            records.append({"id": conv_id, "conversations": [{"from": "human", "value": rng.choice(fresh)},
+                                                             {"from": "gpt", "value": reply}]})
+    return records
+
+
+
+def _renders_in(question: str, seen: str) -> bool:
+    """Whether a held-out date rendering in the question stands in the whole-note training text."""
+    return bool(seen) and any(part in seen for part in re.findall(r"\d{4}/\d{2}/\d{2}|[A-Z][a-z]+day, [A-Z][a-z]+ \d+, \d{4}|"
+                                                                r"\d+(?:st|nd|rd|th) of [A-Z][a-z]+ \d{4}", question))
+
+
+
+def heldout_renderings(notes: list[Note]) -> list[str]:
+    """Every held-out template stem and held-out date rendering of the notes' dates: none may appear
+    in a training question (the data stage's output is checked against this in the tests)."""
+    stems = [t.split("{d}")[0].strip() for ts in HELDOUT_TEMPLATES.values() for t in ts] + \
+        [t.split("{who}")[0].strip() for t in HELDOUT_REVERSE] + \
+        [t.split("{task}")[0].strip() for t in HELDOUT_ACTION + HELDOUT_DEADLINE] + \
+        [t.split("{d}")[0].strip() for t in HELDOUT_DECISION] + \
+        [t.split("{subject}")[0].strip() for t in HELDOUT_DECISION_ABOUT] + \
+        [t.split("{who}")[0].strip() for t in HELDOUT_ATTENDANCE]
+    dates = {n.date for n in notes}
+    return [s for s in stems if s] + [form(d) for d in dates for form in HELDOUT_DATE_FORMS.values()]
