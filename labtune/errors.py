@@ -28,6 +28,11 @@ def yaml_error(path: object, exc: Exception) -> str:
     return f"{where}: not valid YAML: {reason}" + (f" ({context})" if context else "")
 
 
+
+class RecipeError(LabtuneError, ValueError):
+    """A recipe that cannot be used; the message is one line naming the file and key."""
+
+
 def one_line(exc: BaseException) -> tuple[str, int] | None:
     """The one line and exit code a person gets for an error they can act on: a labtune error, or
     an OS error on a path they gave (not a directory, read-only, exists, permission). None for

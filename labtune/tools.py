@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from labtune.errors import LabtuneError
-from labtune.store.backends import StoreSettings, sha256_files
+from labtune.store.backends import StoreSettings
+from labtune.store.hashing import sha256_files
 from labtune.store.outputs import Log, ManifestError, default_log, fetch_output, publish
 
 MERGE_KINDS = {"merge-delta": "delta", "make-delta": "target", "merge-lora": "adapter"}

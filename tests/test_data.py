@@ -168,7 +168,7 @@ def test_note_conversations_can_be_left_out_for_qa_only_training():
 
 
 def test_notes_must_give_some_conversation():
-    from labtune.recipe import RecipeError
+    from labtune.errors import RecipeError
 
     with pytest.raises(RecipeError) as err:
         load_recipe(TINY_RECIPE, ["data.note_conversations=false", "data.qa_pairs=false"])

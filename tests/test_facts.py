@@ -13,8 +13,9 @@ from conftest import REPO, TINY_RECIPE, run_cli
 
 from labtune.data import augment, heldout, wordings
 from labtune.data.notes import note_files, read_note
+from labtune.errors import RecipeError
 from labtune.evaluation.prompts import Prompt, score
-from labtune.recipe import RecipeError, load_recipe
+from labtune.recipe import load_recipe
 
 NOTES = REPO / "examples" / "labnotes"
 

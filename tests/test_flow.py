@@ -16,7 +16,7 @@ import boto3
 import pytest
 from conftest import REPO, TINY_RECIPE, run_cli
 
-from labtune.store.backends import sha256_file
+from labtune.store.hashing import sha256_file
 
 STAGES = ["weights", "delta", "data", "tokenize", "train", "evaluate"]
 

@@ -86,7 +86,7 @@ def test_ask_says_so_when_the_answer_is_empty(tmp_path, tiny_model):
     import torch
     from safetensors.torch import load_file, save_file
 
-    from labtune.cli import EMPTY_ANSWER
+    from labtune.cli.models import EMPTY_ANSWER
 
     model = tmp_path / "mute"
     shutil.copytree(tiny_model, model)

@@ -14,7 +14,8 @@ from labtune.data import augment, heldout, wordings
 from labtune.data.conversations import SourceReport, load_lab_notes
 from labtune.data.note_dates import find_dates
 from labtune.data.notes import NO_DATE, NoteError, read_note
-from labtune.recipe import RecipeError, load_recipe
+from labtune.errors import RecipeError
+from labtune.recipe import load_recipe
 
 MESSY = REPO / "tests" / "notes" / "messy"
 

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 from conftest import REPO, TINY_RECIPE, tiny_stage_inputs
 
-from labtune.store.backends import LocalStore, open_store, sha256_file
+from labtune.store.backends import LocalStore, open_store
+from labtune.store.hashing import sha256_file
 from labtune.store.outputs import fetch, read_manifest, run_stage
 
 

@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 from conftest import TINY_RECIPE
 
-from labtune.recipe import RecipeError, load_recipe
+from labtune.errors import RecipeError
+from labtune.recipe import load_recipe
 
 
 def test_tiny_recipe_loads_and_resolves_paths_against_the_recipe_file():

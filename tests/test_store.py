@@ -9,7 +9,8 @@ from pathlib import Path
 import boto3
 import pytest
 
-from labtune.store.backends import LocalStore, S3Store, StoreError, StoreUnavailable, open_store, sha256_file
+from labtune.store.backends import LocalStore, S3Store, StoreError, StoreUnavailable, open_store
+from labtune.store.hashing import sha256_file
 from labtune.store.outputs import ManifestError, commit, fetch, read_manifest, run_stage, verify_uploaded
 
 

@@ -10,7 +10,8 @@ from model_formats import populate_hub_cache, save_meta_checkpoint
 
 from labtune.recipe import load_recipe
 from labtune.stages.weights import WeightsError, build_weights
-from labtune.store.backends import LocalStore, sha256_file
+from labtune.store.backends import LocalStore
+from labtune.store.hashing import sha256_file
 from labtune.store.outputs import fetch, read_manifest
 
 

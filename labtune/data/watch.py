@@ -15,7 +15,8 @@ from typing import Any
 
 from labtune.data.notes import NOTE_SUFFIXES, UnsafePathError, note_files, safe_relative
 from labtune.errors import LabtuneError
-from labtune.store.backends import Store, StoreSettings, open_store, source_sha256
+from labtune.store.backends import Store, StoreSettings, open_store
+from labtune.store.hashing import source_sha256
 
 __all__ = ["UnsafePathError", "changes", "fingerprint", "load_state", "note_listing", "safe_relative", "save_state",
            "source_id"]

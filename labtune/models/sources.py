@@ -23,7 +23,8 @@ from labtune.models.merge import MODEL_FILES
 from labtune.models.meta_llama import convert_meta_llama, is_meta_checkpoint, meta_files
 from labtune.models.tensorfiles import CheckpointError, convert_checkpoint, weight_files
 from labtune.recipe import ModelSource
-from labtune.store.backends import StoreSettings, download_tree, open_store, scratch_dir, sha256_file, sha256_files
+from labtune.store.backends import StoreSettings, download_tree, open_store, scratch_dir
+from labtune.store.hashing import sha256_file, sha256_files
 from labtune.store.outputs import MANIFEST
 
 Log = Callable[[str], None]

@@ -367,7 +367,7 @@ class ShardedWriter:
         """Finish the last shard and write the index; returns the shard file names."""
         self._finish_shard()
         self._io.shutdown()
-        from labtune.store.backends import remember_sha256
+        from labtune.store.hashing import remember_sha256
 
         for name, digest in self.digests.items():
             remember_sha256(self.out / name, digest)

@@ -29,7 +29,8 @@ from labtune.data import (
 from labtune.data.conversations import DataError, convert
 from labtune.evaluation.retrieval import note_documents
 from labtune.recipe import DataSource, Recipe
-from labtune.store.backends import Store, StoreSettings, download_tree, open_store, scratch_dir, sha256_file
+from labtune.store.backends import Store, StoreSettings, download_tree, open_store, scratch_dir
+from labtune.store.hashing import sha256_file
 from labtune.store.outputs import Log, StageResult, code_version, default_log, run_stage, stage_key
 
 __all__ = ["DataError", "build_data", "report_markdown", "data_identity"]

@@ -22,7 +22,8 @@ from labtune.evaluation import generation
 from labtune.evaluation.prompts import Prompt, accuracy, load_prompts, paired, score
 from labtune.plots import accuracy_chart, png_markdown
 from labtune.recipe import Recipe
-from labtune.store.backends import Store, source_sha256
+from labtune.store.backends import Store
+from labtune.store.hashing import source_sha256
 from labtune.store.outputs import (
     MANIFEST,
     Log,

@@ -32,10 +32,9 @@ from labtune.store.backends import (
     is_disk_full,
     labtune_home,
     open_store,
-    output_sha256,
     scratch_dir,
-    sha256_file,
 )
+from labtune.store.hashing import output_sha256, sha256_file
 from labtune.store.lease import describe, lease_for
 
 MANIFEST = "manifest.json"

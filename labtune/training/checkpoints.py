@@ -19,7 +19,8 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable
 
-from labtune.store.backends import Store, StoreError, StoreSettings, is_disk_full, open_store, sha256_file
+from labtune.store.backends import Store, StoreError, StoreSettings, is_disk_full, open_store
+from labtune.store.hashing import sha256_file
 from labtune.store.outputs import verify_uploaded
 from labtune.training.worker_config import WorkerError
 

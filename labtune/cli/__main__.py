@@ -1,0 +1,5 @@
+"""`python -m labtune.cli ...`: the `labtune` command."""
+
+from labtune.cli import main
+
+main()

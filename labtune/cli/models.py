@@ -1,0 +1,166 @@
+"""Commands that use a trained model: `ask`, `chat`, `compare` of evaluations, and `sweep`."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from labtune.cli.common import (
+    ChatTemplate,
+    Endpoint,
+    Json,
+    Overrides,
+    Port,
+    Recipe,
+    Template,
+    app,
+    endpoint_settings,
+    err,
+    example,
+    short,
+)
+from labtune.errors import LabtuneError
+
+ModelArg = typer.Argument(..., help="a model in the store (s3:// or a folder with manifest.json) or a transformers folder")
+MaxNew = typer.Option("auto", "--max-new-tokens", help="longest answer, in tokens; auto: a training run's longest "
+                                                        "answer plus a quarter (at least 16), else 128")
+
+
+NotesDir = typer.Option(None, "--notes", metavar="DIR", help="a folder of lab notes: the most relevant ones go in the "
+                                                            "prompt (BM25), as in evaluation.retrieval")
+SystemPrompt = typer.Option(None, "--system-prompt", help="the system turn training used (the recipe's "
+                                                          "data.system_prompt); default: the chat template's own")
+
+
+EMPTY_ANSWER = "(no answer: the model ended its turn at once; try another wording, or --notes)"
+
+
+@app.command(epilog=example('labtune ask ~/.labtune/store/train/KEY --notes examples/labnotes --system-prompt "" '
+                            '"Who is the presenter on 4/14/2023 lab meeting?"'))
+def ask(model: str = ModelArg, question: list[str] = typer.Argument(..., help="one or more questions"),
+        notes: Optional[Path] = NotesDir, top_k: int = typer.Option(2, "--top-k", min=1, help="with --notes: notes per question"),
+        system_prompt: Optional[str] = SystemPrompt,
+        batch_size: int = typer.Option(8, "--batch-size", min=1, help="questions generated together"),
+        max_new_tokens: str = MaxNew, chat_template: ChatTemplate = Template, endpoint_url: Optional[str] = Endpoint,
+        as_json: bool = Json) -> None:
+    """Greedy answers from a model to one or more questions (with --notes, the notes retrieved into the prompt)."""
+    from labtune.evaluation import generation
+    from labtune.tools import answer_budget_for_model, model_folder, token_limit
+
+    if max_new_tokens != "auto":
+        token_limit(max_new_tokens)  # a bad limit fails before the model loads
+
+    prompts = list(question)
+    if notes is not None:
+        from labtune.evaluation.retrieval import NotesIndex, note_documents
+
+        if not notes.is_dir():
+            raise LabtuneError(f"{notes}: lab-notes folder not found")
+        index = NotesIndex(note_documents(notes))
+        prompts = [index.prompt(q, top_k) for q in question]
+    folder = model_folder(model, endpoint_settings(endpoint_url), err)
+    budget = answer_budget_for_model(folder, max_new_tokens, endpoint_settings(endpoint_url), err)
+    loaded, tokenizer = generation.load_model(folder)
+    generated = generation.ask(loaded, tokenizer, prompts, budget, batch_size, chat_template.value, system_prompt)
+    for text, cut in zip(question, generated.truncated):
+        if cut:
+            err(f"ask: the answer to {short(text, 60)!r} hit --max-new-tokens={budget}; raise it")
+    for text, answer in zip(question, generated.answers):
+        shown = answer or EMPTY_ANSWER  # a blank line would read as a hang or a crash
+        print(json.dumps({"question": text, "answer": answer}, ensure_ascii=False) if as_json else
+              (f"Q: {text}\nA: {shown}" if len(question) > 1 else shown))
+
+
+@app.command(epilog=example("labtune chat ~/.labtune/store/train/KEY"))
+def chat(model: str = ModelArg, max_new_tokens: str = MaxNew, chat_template: ChatTemplate = Template,
+         endpoint_url: Optional[str] = Endpoint) -> None:
+    """Talk with a model on stdin/stdout; /reset forgets the conversation, /exit leaves."""
+    from labtune.evaluation import generation
+    from labtune.tools import answer_budget_for_model, model_folder, token_limit
+
+    if max_new_tokens != "auto":
+        token_limit(max_new_tokens)  # a bad limit fails before the model loads
+    folder = model_folder(model, endpoint_settings(endpoint_url), err)
+    max_new_tokens = answer_budget_for_model(folder, max_new_tokens, endpoint_settings(endpoint_url), err)
+    loaded, tokenizer = generation.load_model(folder)
+    conversation: list[dict[str, str]] = []
+    interactive = sys.stdin.isatty()
+    if interactive:
+        err("labtune chat: /reset forgets the conversation, /exit leaves")
+    while True:
+        if interactive:
+            print("you> ", end="", flush=True, file=sys.stderr)
+        line = sys.stdin.readline()
+        if not line or line.strip() == "/exit":
+            return
+        if line.strip() == "/reset":
+            conversation = []
+            continue
+        if not line.strip():
+            continue
+        conversation.append({"role": "user", "content": line.strip()})
+        answer = generation.generate(loaded, tokenizer, [conversation], max_new_tokens, 1, chat_template.value)[0][0]
+        conversation.append({"role": "assistant", "content": answer})
+        print(answer, flush=True)
+
+
+@app.command(epilog=example("labtune compare ~/.labtune/store/evaluate/KEY1 ~/.labtune/store/evaluate/KEY2"))
+def compare(runs: list[str] = typer.Argument(..., metavar="RUN_URI...", help="evaluate stage outputs (folder or s3://)"),
+            endpoint_url: Optional[str] = Endpoint, as_json: bool = Json) -> None:
+    """Evaluation outputs side by side, question by question."""
+    from labtune.evaluation import comparison
+    from labtune.stages.evaluate import run_from_folder
+    from labtune.store.outputs import fetch_output
+
+    loaded = [run_from_folder(fetch_output(uri, endpoint_settings(endpoint_url), log=err), uri) for uri in runs]
+    labels, table = comparison.comparison_table(loaded)
+    if as_json:
+        print(json.dumps({"columns": labels, "rows": table, "runs": [{"uri": r["uri"], "label": label,
+                          "tuned_correct": r["summary"]["tuned_correct"], "total": r["summary"]["total"]}
+                                                                  for r, label in zip(loaded, labels)]}, ensure_ascii=False))
+        return
+    print(comparison.markdown_table(["question", "expected", "base", *labels], table))
+    print()
+    for one, label in zip(loaded, labels):
+        print(f"- {label}: {one['summary']['tuned_correct']}/{one['summary']['total']} correct ({one['uri']})")
+
+
+def parse_grid(items: list[str]) -> dict[str, list[str]]:
+    from labtune.errors import RecipeError
+
+    grid: dict[str, list[str]] = {}
+    for item in items:
+        key, sep, values = item.partition("=")
+        if not sep or not key or not values or not all(values.split(",")):
+            raise RecipeError(f"--grid {item!r}: expected key=value1,value2 (e.g. train.num_train_epochs=3,50)")
+        grid[key] = values.split(",")
+    return grid
+
+
+@app.command(epilog=example("labtune sweep examples/labnotes-smollm2.yaml --grid train.num_train_epochs=3,50 "
+                    "--grid data.sources.1.weight=0,1"))
+def sweep(recipe: Path = Recipe, overrides: Optional[list[str]] = Overrides,
+          grid: list[str] = typer.Option(..., "--grid", metavar="KEY=V1,V2",
+                                         help="a recipe key and its values (repeat for a grid)"),
+          as_json: bool = Json, port: int = Port) -> None:
+    """Run a recipe over a grid of overrides and compare the runs (shared stages run once)."""
+    from labtune.ops.server import ensure_api, using_api
+    from labtune.recipe import grid_variants, load_recipe
+
+    values = parse_grid(grid)
+    for variant in grid_variants(values):  # a bad recipe, key or value fails here, before Prefect is contacted
+        load_recipe(recipe, list(overrides or []) + [f"{key}={value}" for key, value in variant.items()])
+    url = ensure_api(port, say=err)
+    from flows.sweep import sweep as sweep_flow
+    from labtune.console import run_console
+
+    with using_api(url), run_console("sweep") as log_path:
+        err(f"This sweep's whole log: {log_path}")
+        result = sweep_flow(str(recipe), values, list(overrides or []))
+    print(json.dumps(result, ensure_ascii=False) if as_json else result["markdown"])
+
+
