@@ -138,3 +138,18 @@ def test_docs_development_names_every_module():
         if path.name == "__init__.py" and path.parent.name not in ("stages", "cli") or (path.parent.name == "stages" and path.stem in stages):
             continue
         assert relative in text, f"docs/development.md does not name {relative}"
+
+
+MAX_MODULE_LINES, MAX_FUNCTION_LINES = 500, 60
+
+
+def test_no_module_over_500_lines_and_no_function_over_60_in_the_library():
+    """A newcomer reads a module in one sitting and a function on one screen."""
+    for path in sorted((REPO / "labtune").rglob("*.py")):
+        text = path.read_text()
+        where = path.relative_to(REPO)
+        assert len(text.splitlines()) <= MAX_MODULE_LINES, f"{where}: {len(text.splitlines())} lines"
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                length = node.end_lineno - node.lineno + 1
+                assert length <= MAX_FUNCTION_LINES, f"{where}:{node.lineno} {node.name}: {length} lines"

@@ -25,6 +25,7 @@ import datetime as dt
 import random
 import re
 from collections import defaultdict
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from labtune.data.notes import Note
@@ -273,6 +274,20 @@ def asked_wordings(dates: list[dt.date], forms: list[Any], per_fact: int, rng: r
     return asked
 
 
+@dataclass
+class Teaching:
+    """What every kind of training question draws on: one random stream (the kinds are made in a
+    fixed order, so a seed gives the same data), the notes, the date forms training uses, and the
+    answer's opening (the month recited when the recipe asks, checked against the calendar)."""
+
+    rng: random.Random
+    notes: list[Note]
+    cfg: AugmentConfig
+    forms: list[Any]
+    calendar: Calendar | None
+    check: bool
+
+
 def training_conversations(notes: list[Note], cfg: AugmentConfig, seed: int, actions: bool = False, *, decisions: bool = False,
                            attendance_questions: bool = False, fields: tuple[str, ...] = FIELDS) -> list[dict[str, Any]]:
     """Training conversations for every fact, in TRAIN templates and date forms only, action items
@@ -281,11 +296,28 @@ def training_conversations(notes: list[Note], cfg: AugmentConfig, seed: int, act
     `fields` are the ones of presenter, recorder and topic the recipe asks about (data.qa_fields).
     Each record carries `fact` ({kind, field, date, value}) for the data report's per-fact counts."""
     rng = random.Random(seed)
+    t = Teaching(rng, notes, cfg, train_date_forms(notes), month_calendar(notes) if cfg.recite_month else None,
+                 cfg.recite_check)
+    wordings = asked_wordings(sorted({n.date for n in notes}), t.forms, cfg.questions_per_fact, rng)
+    records = recall_records(t, wordings, fields)
+    if cfg.summaries and fields:
+        records += summary_records(t, fields, decisions)
+    if actions:
+        records += action_records(t)
+    if decisions:
+        records += decision_records(t)
+    if attendance_questions:
+        records += attendance_records(t)
+    if cfg.reverse:
+        records += reverse_records(t)
+    return records + absent_records(t, seed, fields)
+
+
+def recall_records(t: Teaching, wordings: dict[dt.date, list[tuple[int, Any]]], fields: tuple[str, ...]
+                   ) -> list[dict[str, Any]]:
+    """Every fact in the meeting's trained wordings (recall; a field the notes leave empty: missing)."""
+    notes, calendar, check = t.notes, t.calendar, t.check
     records: list[dict[str, Any]] = []
-    forms = train_date_forms(notes)
-    calendar = month_calendar(notes) if cfg.recite_month else None
-    check = cfg.recite_check
-    wordings = asked_wordings(sorted({n.date for n in notes}), forms, cfg.questions_per_fact, rng)
     for date, field, values in facts_of(notes, fields):
         iso = date.isoformat()
         reply = answer(date, field, values, calendar, check)
@@ -294,66 +326,107 @@ def training_conversations(notes: list[Note], cfg: AugmentConfig, seed: int, act
             records.append(_conv(f"labnote_{iso}_{field}_{i}", templates[shape % len(templates)].format(d=form(date)),
                                  reply, {"kind": "recall" if values else "missing", "field": field, "date": iso,
                                          "value": " | ".join(values)}))
-    if cfg.summaries and fields:
-        for date, meetings in _by_date(notes).items():
-            parts = [f"the {f} was {' and '.join(v for m in meetings for v in m.values(f))}"
-                     for f in fields if any(m.values(f) for m in meetings)]
-            decided = meeting_decisions(meetings).get(date, []) if decisions else []
-            reply = (f"{opening(date, calendar, check)} " + ", ".join(parts)
-                     + (f"; the lab decided: {'; '.join(decided)}" if decided else "") + ".")
-            for i, template in enumerate(TRAIN_SUMMARY):
-                records.append(_conv(f"labnote_{date.isoformat()}_summary_{i}", template.format(d=rng.choice(forms)(date)),
-                                     reply, {"kind": "summary", "field": "summary", "date": date.isoformat(),
-                                                       "value": ""}))
-    if actions:
-        for date, action in meeting_actions(notes):
-            iso, slug = date.isoformat(), slugged(action.value)[:40]
-            both = task_answer(date, action.value, action.owner, action.due and dt.date.fromisoformat(action.due),
-                               calendar, check)
-            asked = [("action", TRAIN_ACTION, action.owner and both, action.owner),
-                     ("deadline", TRAIN_DEADLINE, action.due and both, action.due)]
-            for field, templates, reply, value in asked:
-                if not reply:
-                    continue
-                pairs = [(t, f) for t in templates for f in forms]
-                for i, (template, form) in enumerate(rng.sample(pairs, min(cfg.questions_per_fact, len(pairs)))):
-                    records.append(_conv(f"labnote_{iso}_{field}_{slug}_{i}", template.format(task=action.value, d=form(date)),
-                                         reply, {"kind": "recall", "field": field, "date": iso, "value": value}))
-    if decisions:
-        for date, made in meeting_decisions(notes).items():
-            iso, reply = date.isoformat(), decision_answer(date, made, calendar, check)
-            pairs = [(t, f) for t in TRAIN_DECISION for f in forms]
+    return records
+
+
+def summary_records(t: Teaching, fields: tuple[str, ...], decisions: bool) -> list[dict[str, Any]]:
+    """A meeting's fields (and decisions) in one answer."""
+    notes = t.notes
+    rng, forms, calendar, check = t.rng, t.forms, t.calendar, t.check
+    records: list[dict[str, Any]] = []
+    for date, meetings in _by_date(notes).items():
+        parts = [f"the {f} was {' and '.join(v for m in meetings for v in m.values(f))}"
+                 for f in fields if any(m.values(f) for m in meetings)]
+        decided = meeting_decisions(meetings).get(date, []) if decisions else []
+        reply = (f"{opening(date, calendar, check)} " + ", ".join(parts)
+                 + (f"; the lab decided: {'; '.join(decided)}" if decided else "") + ".")
+        for i, template in enumerate(TRAIN_SUMMARY):
+            records.append(_conv(f"labnote_{date.isoformat()}_summary_{i}", template.format(d=rng.choice(forms)(date)),
+                                 reply, {"kind": "summary", "field": "summary", "date": date.isoformat(),
+                                                   "value": ""}))
+    return records
+
+
+def action_records(t: Teaching) -> list[dict[str, Any]]:
+    """Who took on each action item and when it is due."""
+    notes, cfg = t.notes, t.cfg
+    rng, forms, calendar, check = t.rng, t.forms, t.calendar, t.check
+    records: list[dict[str, Any]] = []
+    for date, action in meeting_actions(notes):
+        iso, slug = date.isoformat(), slugged(action.value)[:40]
+        both = task_answer(date, action.value, action.owner, action.due and dt.date.fromisoformat(action.due),
+                           calendar, check)
+        asked = [("action", TRAIN_ACTION, action.owner and both, action.owner),
+                 ("deadline", TRAIN_DEADLINE, action.due and both, action.due)]
+        for field, templates, reply, value in asked:
+            if not reply:
+                continue
+            pairs = [(t, f) for t in templates for f in forms]
             for i, (template, form) in enumerate(rng.sample(pairs, min(cfg.questions_per_fact, len(pairs)))):
-                records.append(_conv(f"labnote_{iso}_decision_{i}", template.format(d=form(date)), reply,
-                                     {"kind": "recall", "field": "decision", "date": iso, "value": " | ".join(made)}))
-            for decision in made:
-                subject, _ = decision_subject(decision)
-                if subject is None:
-                    continue
-                pairs = [(t, f) for t in TRAIN_DECISION_ABOUT for f in forms]
-                for i, (template, form) in enumerate(rng.sample(pairs, min(2, len(pairs)))):
-                    records.append(_conv(f"labnote_{iso}_decision_{slugged(subject)}_{i}",
-                                         template.format(subject=subject, d=form(date)),
-                                         decision_answer(date, [decision], calendar, check),
-                                         {"kind": "recall", "field": "decision", "date": iso, "value": decision}))
-    if attendance_questions:
-        for date, present in attendance(notes).items():
-            iso = date.isoformat()
-            attendees = [w for w, p in present.items() if p]
-            for who, there in present.items():
-                pairs = [(t, f) for t in TRAIN_ATTENDANCE for f in forms]
-                for i, (template, form) in enumerate(rng.sample(pairs, min(cfg.attendance_questions, len(pairs)))):
-                    records.append(_conv(f"labnote_{iso}_attendance_{slugged(who)}_{i}",
-                                         template.format(who=who, d=form(date)),
-                                         attendance_answer(date, who, there, calendar, check, attendees),
-                                         {"kind": "recall", "field": "attendance", "date": iso,
-                                          "value": f"{who}: {'yes' if there else 'no'}"}))
-    if cfg.reverse:
-        for who, dates in presented_dates(notes).items():
-            reply = f"{who} presented on {', '.join(date_text(d) for d in dates)}."
-            for i, template in enumerate(TRAIN_REVERSE):
-                records.append(_conv(f"labnote_reverse_{slugged(who)}_{i}", template.format(who=who), reply,
-                                     {"kind": "reverse", "field": "presenter", "date": "", "value": who}))
+                records.append(_conv(f"labnote_{iso}_{field}_{slug}_{i}", template.format(task=action.value, d=form(date)),
+                                     reply, {"kind": "recall", "field": field, "date": iso, "value": value}))
+    return records
+
+
+def decision_records(t: Teaching) -> list[dict[str, Any]]:
+    """What each meeting decided, and what it decided about each decision's subject."""
+    notes, cfg = t.notes, t.cfg
+    rng, forms, calendar, check = t.rng, t.forms, t.calendar, t.check
+    records: list[dict[str, Any]] = []
+    for date, made in meeting_decisions(notes).items():
+        iso, reply = date.isoformat(), decision_answer(date, made, calendar, check)
+        pairs = [(t, f) for t in TRAIN_DECISION for f in forms]
+        for i, (template, form) in enumerate(rng.sample(pairs, min(cfg.questions_per_fact, len(pairs)))):
+            records.append(_conv(f"labnote_{iso}_decision_{i}", template.format(d=form(date)), reply,
+                                 {"kind": "recall", "field": "decision", "date": iso, "value": " | ".join(made)}))
+        for decision in made:
+            subject, _ = decision_subject(decision)
+            if subject is None:
+                continue
+            pairs = [(t, f) for t in TRAIN_DECISION_ABOUT for f in forms]
+            for i, (template, form) in enumerate(rng.sample(pairs, min(2, len(pairs)))):
+                records.append(_conv(f"labnote_{iso}_decision_{slugged(subject)}_{i}",
+                                     template.format(subject=subject, d=form(date)),
+                                     decision_answer(date, [decision], calendar, check),
+                                     {"kind": "recall", "field": "decision", "date": iso, "value": decision}))
+    return records
+
+
+def attendance_records(t: Teaching) -> list[dict[str, Any]]:
+    """Every lab member's presence at every meeting that lists attendees."""
+    notes, cfg = t.notes, t.cfg
+    rng, forms, calendar, check = t.rng, t.forms, t.calendar, t.check
+    records: list[dict[str, Any]] = []
+    for date, present in attendance(notes).items():
+        iso = date.isoformat()
+        attendees = [w for w, p in present.items() if p]
+        for who, there in present.items():
+            pairs = [(t, f) for t in TRAIN_ATTENDANCE for f in forms]
+            for i, (template, form) in enumerate(rng.sample(pairs, min(cfg.attendance_questions, len(pairs)))):
+                records.append(_conv(f"labnote_{iso}_attendance_{slugged(who)}_{i}",
+                                     template.format(who=who, d=form(date)),
+                                     attendance_answer(date, who, there, calendar, check, attendees),
+                                     {"kind": "recall", "field": "attendance", "date": iso,
+                                      "value": f"{who}: {'yes' if there else 'no'}"}))
+    return records
+
+
+def reverse_records(t: Teaching) -> list[dict[str, Any]]:
+    """Who -> when: every date each person presented."""
+    notes = t.notes
+    records: list[dict[str, Any]] = []
+    for who, dates in presented_dates(notes).items():
+        reply = f"{who} presented on {', '.join(date_text(d) for d in dates)}."
+        for i, template in enumerate(TRAIN_REVERSE):
+            records.append(_conv(f"labnote_reverse_{slugged(who)}_{i}", template.format(who=who), reply,
+                                 {"kind": "reverse", "field": "presenter", "date": "", "value": who}))
+    return records
+
+
+def absent_records(t: Teaching, seed: int, fields: tuple[str, ...]) -> list[dict[str, Any]]:
+    """No-meeting dates asked in every training template of every field."""
+    notes, cfg, rng, calendar, check = t.notes, t.cfg, t.rng, t.calendar, t.check
+    records: list[dict[str, Any]] = []
     # No-meeting questions in every training template of every field, as the real ones are: the
     # fields take turns on each date, and each field's templates take turns across dates, so that
     # abstention is a property of the date, not of the wordings it happened to be trained in.

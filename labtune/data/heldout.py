@@ -8,6 +8,7 @@ import datetime as dt
 import random
 import re
 from collections import defaultdict
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from labtune.data.augment import (
@@ -54,6 +55,24 @@ if TYPE_CHECKING:
     from labtune.recipe import AugmentConfig
 
 
+CLAIMS_NONE = "no lab meeting"
+
+
+@dataclass
+class Asking:
+    """What every axis's prompts draw on: one random stream (the axes are asked in a fixed order,
+    so a seed gives the same prompts), the people, meetings and topic keys, the held-out date
+    forms, and the whole-note training text whose renderings are not asked."""
+
+    rng: random.Random
+    notes: list[Note]
+    seen: str
+    everyone: list[str]
+    meetings: list[dt.date]
+    keys: dict[str, str]
+    held_forms: list[Any]
+
+
 def eval_prompts(notes: list[Note], cfg: AugmentConfig, seed: int, training: list[dict[str, Any]] | None = None,
                  actions: bool = False, seen: str = "", *, decisions: bool = False,
                  attendance_questions: bool = False, fields: tuple[str, ...] = FIELDS) -> list[dict[str, Any]]:
@@ -69,107 +88,137 @@ def eval_prompts(notes: list[Note], cfg: AugmentConfig, seed: int, training: lis
     name, topic and meeting date, and a real meeting's question "no lab meeting". `seen` is the
     training text that is not built from templates (whole notes): a held-out date rendering or a
     no-meeting date that stands in it is not asked, so held-out stays held out."""
-    rng = random.Random(seed + 1)
-    everyone = people(notes)
-    meetings = sorted({n.date for n in notes})
-    keys = topic_keys([v for _, f, vs in facts_of(notes) if f == "topic" for v in vs])
+    ask = Asking(random.Random(seed + 1), notes, seen, people(notes), sorted({n.date for n in notes}),
+                 topic_keys([v for _, f, vs in facts_of(notes) if f == "topic" for v in vs]), list(HELDOUT_DATE_FORMS.values()))
     trained: dict[tuple[str, str], list[str]] = defaultdict(list)
     for record in training if training is not None else training_conversations(notes, cfg, seed, actions, fields=fields):
         if record["fact"]["kind"] == "recall":
             trained[(record["fact"]["date"], record["fact"]["field"])].append(record["conversations"][0]["value"])
-    prompts: list[dict[str, Any]] = []
-    held_forms = list(HELDOUT_DATE_FORMS.values())
-    claims_none = "no lab meeting"
-    for date, field, values in facts_of(notes, fields):
+    prompts = fact_prompts(ask, trained, fields)
+    if actions:
+        prompts += action_prompts(ask)
+    dkeys = decision_keys(notes) if decisions else {}
+    if decisions:
+        prompts += decision_prompts(ask, dkeys)
+    if attendance_questions:
+        prompts += attendance_prompts(ask)
+    if cfg.reverse:
+        prompts += [{"id": f"reverse_{slugged(who)}", "question": ask.rng.choice(HELDOUT_REVERSE).format(who=who),
+                     "expected_all": [date_text(d) for d in dates],
+                     "forbidden": [date_text(d) for d in ask.meetings if d not in dates], "tags": ["reverse", "presenter"]}
+                    for who, dates in presented_dates(notes).items()]
+    return prompts + absent_prompts(ask, cfg, seed, dkeys, fields)
+
+
+def fact_prompts(ask: Asking, trained: dict[tuple[str, str], list[str]], fields: tuple[str, ...]) -> list[dict[str, Any]]:
+    """`recall` (a question training showed) and `paraphrase` (a held-out template and date form) per fact."""
+    prompts = []
+    for date, field, values in facts_of(ask.notes, fields):
         if not values:
             continue
         iso = date.isoformat()
         if field in NAME_FIELDS:
-            expected, forbidden = values, [p for p in everyone if p not in values]
+            expected, forbidden = values, [p for p in ask.everyone if p not in values]
         else:
-            expected = [keys[v] for v in values]
-            forbidden = sorted({k for k in keys.values() if not any(mentions(v, k) for v in values)})
-        recall = rng.choice(trained[(iso, field)])  # a question training showed
-        template, form = rng.choice(HELDOUT_TEMPLATES[field]), rng.choice(held_forms)
+            expected = [ask.keys[v] for v in values]
+            forbidden = sorted({k for k in ask.keys.values() if not any(mentions(v, k) for v in values)})
+        recall = ask.rng.choice(trained[(iso, field)])
+        template, form = ask.rng.choice(HELDOUT_TEMPLATES[field]), ask.rng.choice(ask.held_forms)
         for axis, question in (("recall", recall), ("paraphrase", template.format(d=form(date)))):
-            if axis == "paraphrase" and form(date) in seen:
+            if axis == "paraphrase" and form(date) in ask.seen:
                 continue
             prompts.append({"id": f"{axis}_{iso}_{field}", "question": question, "expected": expected,
-                            "forbidden": [*forbidden, claims_none], "tags": [axis, field]})
-    if actions:
-        dues = {a.due for _, a in meeting_actions(notes) if a.due}
-        for date, action in meeting_actions(notes):
-            form = rng.choice(held_forms)
-            if form(date) in seen:
-                continue
-            if action.owner:
-                prompts.append({"id": f"action_{date.isoformat()}_{slugged(action.value)[:40]}",
-                                "question": rng.choice(HELDOUT_ACTION).format(task=action.value, d=form(date)),
-                                "expected": [action.owner],
-                                "forbidden": [*(p for p in everyone if p != action.owner), claims_none],
-                                "tags": ["action", "action_items"]})
-            if action.due:
-                prompts.append({"id": f"deadline_{date.isoformat()}_{slugged(action.value)[:40]}",
-                                "question": rng.choice(HELDOUT_DEADLINE).format(task=action.value, d=form(date)),
-                                "expected": [date_text(dt.date.fromisoformat(action.due))],
-                                # the meeting's own date is the question's, an answer may repeat it
-                                "forbidden": [*(date_text(dt.date.fromisoformat(d))
-                                                for d in sorted(dues - {action.due, date.isoformat()})),
-                                              claims_none],
-                                "tags": ["deadline", "action_items"]})
-    made = meeting_decisions(notes) if decisions else {}
-    dkeys = decision_keys(notes) if decisions else {}
-    for date, decided in made.items():
-        form = rng.choice(held_forms)
-        if form(date) in seen:
+                            "forbidden": [*forbidden, CLAIMS_NONE], "tags": [axis, field]})
+    return prompts
+
+
+def action_prompts(ask: Asking) -> list[dict[str, Any]]:
+    """`action` (who took on a task) and `deadline` (when it is due), in held-out wordings."""
+    prompts = []
+    dues = {a.due for _, a in meeting_actions(ask.notes) if a.due}
+    for date, action in meeting_actions(ask.notes):
+        form = ask.rng.choice(ask.held_forms)
+        if form(date) in ask.seen:
+            continue
+        if action.owner:
+            prompts.append({"id": f"action_{date.isoformat()}_{slugged(action.value)[:40]}",
+                            "question": ask.rng.choice(HELDOUT_ACTION).format(task=action.value, d=form(date)),
+                            "expected": [action.owner],
+                            "forbidden": [*(p for p in ask.everyone if p != action.owner), CLAIMS_NONE],
+                            "tags": ["action", "action_items"]})
+        if action.due:
+            prompts.append({"id": f"deadline_{date.isoformat()}_{slugged(action.value)[:40]}",
+                            "question": ask.rng.choice(HELDOUT_DEADLINE).format(task=action.value, d=form(date)),
+                            "expected": [date_text(dt.date.fromisoformat(action.due))],
+                            # the meeting's own date is the question's, an answer may repeat it
+                            "forbidden": [*(date_text(dt.date.fromisoformat(d))
+                                            for d in sorted(dues - {action.due, date.isoformat()})), CLAIMS_NONE],
+                            "tags": ["deadline", "action_items"]})
+    return prompts
+
+
+def decision_prompts(ask: Asking, dkeys: dict[str, str]) -> list[dict[str, Any]]:
+    """`decision`: what a meeting decided, and what it decided about a decision's subject."""
+    prompts = []
+    for date, decided in meeting_decisions(ask.notes).items():
+        form = ask.rng.choice(ask.held_forms)
+        if form(date) in ask.seen:
             continue
         others = sorted({k for d, k in dkeys.items() if d not in decided and not any(mentions(v, k) for v in decided)})
-        prompts.append({"id": f"decision_{date.isoformat()}", "question": rng.choice(HELDOUT_DECISION).format(d=form(date)),
-                        "expected": [dkeys[d] for d in decided], "forbidden": [*others, claims_none],
+        prompts.append({"id": f"decision_{date.isoformat()}",
+                        "question": ask.rng.choice(HELDOUT_DECISION).format(d=form(date)),
+                        "expected": [dkeys[d] for d in decided], "forbidden": [*others, CLAIMS_NONE],
                         "tags": ["decision", "decisions"]})
         for decision in decided:
             subject, _ = decision_subject(decision)
             if subject is not None:
                 prompts.append({"id": f"decision_{date.isoformat()}_{slugged(subject)[:40]}",
-                                "question": rng.choice(HELDOUT_DECISION_ABOUT).format(subject=subject, d=form(date)),
-                                "expected": [dkeys[decision]], "forbidden": [*others, claims_none],
+                                "question": ask.rng.choice(HELDOUT_DECISION_ABOUT).format(subject=subject, d=form(date)),
+                                "expected": [dkeys[decision]], "forbidden": [*others, CLAIMS_NONE],
                                 "tags": ["decision", "decisions"]})
-    if attendance_questions:
-        for date, present in attendance(notes).items():
-            there = [w for w, p in present.items() if p and len(w.split()) > 1]
-            away = [w for w, p in present.items() if not p]
-            form = rng.choice(held_forms)
-            if not there or not away or form(date) in seen:
-                continue
-            pair = f"attendance_{date.isoformat()}"
-            for who, yes in ((rng.choice(there), True), (rng.choice(away), False)):
-                prompts.append({"id": f"{pair}_{slugged(who)}", "pair": pair,
-                                "question": rng.choice(HELDOUT_ATTENDANCE).format(who=who, d=form(date)),
-                                "expected": [PRESENT if yes else NOT_PRESENT],
-                                "forbidden": [NOT_PRESENT if yes else PRESENT, claims_none],
-                                "tags": ["attendance", "attendees"]})
-    if cfg.reverse:
-        for who, dates in presented_dates(notes).items():
-            prompts.append({"id": f"reverse_{slugged(who)}", "question": rng.choice(HELDOUT_REVERSE).format(who=who),
-                            "expected_all": [date_text(d) for d in dates],
-                            "forbidden": [date_text(d) for d in meetings if d not in dates], "tags": ["reverse", "presenter"]})
-    # Each no-meeting date is asked twice: in a held-out wording (`absent`) and in a trained one
-    # (`absent_trained`); the dates themselves are never in training either way.
-    nothing_else = [*everyone, *sorted(set(keys.values()) | set(dkeys.values())), *(date_text(d) for d in meetings)]
-    for date in eval_absent_dates(notes, cfg, seed):
-        mentioned = any(form(date) in seen for form in [*held_forms, *TRAIN_DATE_FORMS.values()])
-        field = rng.choice(fields or FIELDS)
-        question = rng.choice(HELDOUT_TEMPLATES[field]).format(d=rng.choice(held_forms)(date))
-        trained_field = rng.choice(fields or FIELDS)
-        trained_question = rng.choice(TRAIN_TEMPLATES[trained_field]).format(d=rng.choice(list(TRAIN_DATE_FORMS.values()))(date))
-        if mentioned:
-            continue
-        prompts.append({"id": f"absent_{date.isoformat()}", "question": question, "expected": [claims_none],
-                        "forbidden": nothing_else, "tags": ["absent", field]})
-        prompts.append({"id": f"absent_trained_{date.isoformat()}", "question": trained_question, "expected": [claims_none],
-                        "forbidden": nothing_else, "tags": ["absent_trained", trained_field]})
     return prompts
 
+
+def attendance_prompts(ask: Asking) -> list[dict[str, Any]]:
+    """`attendance`: one member who was there and one who was not, scored as a pair."""
+    prompts = []
+    for date, present in attendance(ask.notes).items():
+        there = [w for w, p in present.items() if p and len(w.split()) > 1]
+        away = [w for w, p in present.items() if not p]
+        form = ask.rng.choice(ask.held_forms)
+        if not there or not away or form(date) in ask.seen:
+            continue
+        pair = f"attendance_{date.isoformat()}"
+        for who, yes in ((ask.rng.choice(there), True), (ask.rng.choice(away), False)):
+            prompts.append({"id": f"{pair}_{slugged(who)}", "pair": pair,
+                            "question": ask.rng.choice(HELDOUT_ATTENDANCE).format(who=who, d=form(date)),
+                            "expected": [PRESENT if yes else NOT_PRESENT],
+                            "forbidden": [NOT_PRESENT if yes else PRESENT, CLAIMS_NONE],
+                            "tags": ["attendance", "attendees"]})
+    return prompts
+
+
+def absent_prompts(ask: Asking, cfg: AugmentConfig, seed: int, dkeys: dict[str, str],
+                   fields: tuple[str, ...]) -> list[dict[str, Any]]:
+    """Each no-meeting date asked twice: in a held-out wording (`absent`) and in a trained one
+    (`absent_trained`); the dates themselves are never in training either way."""
+    prompts = []
+    nothing_else = [*ask.everyone, *sorted(set(ask.keys.values()) | set(dkeys.values())),
+                    *(date_text(d) for d in ask.meetings)]
+    for date in eval_absent_dates(ask.notes, cfg, seed):
+        mentioned = any(form(date) in ask.seen for form in [*ask.held_forms, *TRAIN_DATE_FORMS.values()])
+        field = ask.rng.choice(fields or FIELDS)
+        question = ask.rng.choice(HELDOUT_TEMPLATES[field]).format(d=ask.rng.choice(ask.held_forms)(date))
+        trained_field = ask.rng.choice(fields or FIELDS)
+        trained_question = ask.rng.choice(TRAIN_TEMPLATES[trained_field]).format(
+            d=ask.rng.choice(list(TRAIN_DATE_FORMS.values()))(date))
+        if mentioned:
+            continue
+        prompts.append({"id": f"absent_{date.isoformat()}", "question": question, "expected": [CLAIMS_NONE],
+                        "forbidden": nothing_else, "tags": ["absent", field]})
+        prompts.append({"id": f"absent_trained_{date.isoformat()}", "question": trained_question,
+                        "expected": [CLAIMS_NONE], "forbidden": nothing_else, "tags": ["absent_trained", trained_field]})
+    return prompts
 
 
 def dev_conversations(notes: list[Note], cfg: AugmentConfig, seed: int, prompts: list[dict[str, Any]], actions: bool = False,

@@ -20,7 +20,7 @@ import math
 import re
 import shutil
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from labtune.errors import LabtuneError
 from labtune.models.tensorfiles import (
@@ -256,6 +256,32 @@ def _pattern_value(patterns: dict, module: str, default: float) -> float:
 _LORA_KEY = re.compile(r"(?P<module>.+)\.(?P<kind>lora_A|lora_B|lora_embedding_A|lora_embedding_B)(\.weight)?")
 
 
+def _lora_updates(pairs: dict[str, dict[str, object]], replaced: dict[str, object], base: Any, config: dict[str, Any],
+                  adapter_dir: Path) -> dict[str, tuple[object, object, float, bool]]:
+    """{base weight: (A, B, scale, transposed)} for each LoRA pair, its shape checked against the base."""
+    updates: dict[str, tuple[object, object, float, bool]] = {}
+    for module, parts in pairs.items():
+        embedding = "lora_embedding_A" in parts or "lora_embedding_B" in parts
+        a = parts.get("lora_embedding_A" if embedding else "lora_A")
+        b = parts.get("lora_embedding_B" if embedding else "lora_B")
+        if a is None or b is None:
+            raise DeltaError(f"{adapter_dir}: module {module} has only half of its LoRA pair")
+        weight = f"{module}.weight"
+        if weight not in base.tensors:
+            raise DeltaError(f"{adapter_dir}: LoRA module {module} has no base tensor {weight} (wrong base?)")
+        rank = a.shape[0]
+        alpha = _pattern_value(config.get("alpha_pattern") or {}, module, config["lora_alpha"])
+        scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+        transposed = embedding or bool(config.get("fan_in_fan_out"))
+        delta_shape = (b.shape[0], a.shape[1])
+        expected = replaced[weight].shape if weight in replaced else base.tensors[weight].shape
+        if (delta_shape[::-1] if transposed else delta_shape) != tuple(expected):
+            raise DeltaError(f"tensor {weight}: base shape {tuple(expected)} does not fit LoRA update "
+                             f"{delta_shape[::-1] if transposed else delta_shape} (wrong base?)")
+        updates[weight] = (a, b, scale, transposed)
+    return updates
+
+
 def merge_lora(base_dir: str | Path, adapter_dir: str | Path, out: str | Path,
                max_shard_bytes: int = DEFAULT_SHARD_BYTES, progress: Progress | None = None) -> dict[str, int]:
     """Fold a PEFT LoRA adapter into the base; returns counts of merged and replaced tensors."""
@@ -277,26 +303,7 @@ def merge_lora(base_dir: str | Path, adapter_dir: str | Path, out: str | Path,
             else:
                 replaced[name.replace(".base_layer.", ".")] = adapter.read(key)
     with _weights(base_dir) as base:
-        updates: dict[str, tuple[object, object, float, bool]] = {}
-        for module, parts in pairs.items():
-            embedding = "lora_embedding_A" in parts or "lora_embedding_B" in parts
-            a = parts.get("lora_embedding_A" if embedding else "lora_A")
-            b = parts.get("lora_embedding_B" if embedding else "lora_B")
-            if a is None or b is None:
-                raise DeltaError(f"{adapter_dir}: module {module} has only half of its LoRA pair")
-            weight = f"{module}.weight"
-            if weight not in base.tensors:
-                raise DeltaError(f"{adapter_dir}: LoRA module {module} has no base tensor {weight} (wrong base?)")
-            rank = a.shape[0]
-            alpha = _pattern_value(config.get("alpha_pattern") or {}, module, config["lora_alpha"])
-            scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
-            transposed = embedding or bool(config.get("fan_in_fan_out"))
-            delta_shape = (b.shape[0], a.shape[1])
-            expected = replaced[weight].shape if weight in replaced else base.tensors[weight].shape
-            if (delta_shape[::-1] if transposed else delta_shape) != tuple(expected):
-                raise DeltaError(f"tensor {weight}: base shape {tuple(expected)} does not fit LoRA update "
-                                 f"{delta_shape[::-1] if transposed else delta_shape} (wrong base?)")
-            updates[weight] = (a, b, scale, transposed)
+        updates = _lora_updates(pairs, replaced, base, config, adapter_dir)
         for name, tensor in replaced.items():
             if name not in base.tensors:
                 raise DeltaError(f"{adapter_dir}: saved module weight {name} has no base tensor (wrong base?)")

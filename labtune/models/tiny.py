@@ -43,19 +43,10 @@ def _corpus(seed: int) -> list[str]:
     return lines
 
 
-def make_tiny_llama(out_dir: str | Path, spec: dict[str, int] | None = None) -> Path:
-    """Write a random LlamaForCausalLM (safetensors) and a LlamaTokenizer into out_dir."""
+def _train_tokenizer(out: Path, params: dict[str, int]) -> int:
+    """A SentencePiece BPE tokenizer trained as LLaMA's was, saved with its transformers config;
+    returns its vocabulary size."""
     import sentencepiece as spm
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-    from transformers.utils import logging as hf_logging
-
-    params = {**TINY_DEFAULTS, **(spec or {})}
-    unknown = set(params) - set(TINY_DEFAULTS)
-    if unknown:
-        raise ValueError(f"base_model.tiny: unknown key(s) {sorted(unknown)}; allowed: {sorted(TINY_DEFAULTS)}")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
 
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(_corpus(params["seed"])),
@@ -89,6 +80,23 @@ def make_tiny_llama(out_dir: str | Path, spec: dict[str, int] | None = None) -> 
     }, indent=2))
     (out / "special_tokens_map.json").write_text(json.dumps(
         {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}, indent=2))
+    return vocab_size
+
+
+def make_tiny_llama(out_dir: str | Path, spec: dict[str, int] | None = None) -> Path:
+    """Write a random LlamaForCausalLM (safetensors) and a LlamaTokenizer into out_dir."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    params = {**TINY_DEFAULTS, **(spec or {})}
+    unknown = set(params) - set(TINY_DEFAULTS)
+    if unknown:
+        raise ValueError(f"base_model.tiny: unknown key(s) {sorted(unknown)}; allowed: {sorted(TINY_DEFAULTS)}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    vocab_size = _train_tokenizer(out, params)
 
     torch.manual_seed(params["seed"])
     config = LlamaConfig(

@@ -14,6 +14,7 @@ from __future__ import annotations
 import gc
 import json
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ from labtune.data.augment import people
 from labtune.evaluation import generation
 from labtune.evaluation.prompts import Prompt, accuracy, load_prompts, paired, score
 from labtune.plots import accuracy_chart, png_markdown
-from labtune.recipe import Recipe
+from labtune.recipe import EvalConfig, Recipe
 from labtune.store.backends import Store
 from labtune.store.hashing import source_sha256
 from labtune.store.outputs import (
@@ -150,6 +151,91 @@ def notes_index(store: Store, data_uri: str | None) -> Any:
     return NotesIndex(documents) if documents else None
 
 
+@dataclass
+class Answers:
+    """What both models answered: per column (base, base_notes, tuned, tuned_notes) the answers and
+    which were cut at the token limit; the general questions' answers; eval loss and drift."""
+
+    answers: dict[str, list[str]] = field(default_factory=dict)
+    truncated: dict[str, list[bool]] = field(default_factory=dict)
+    general: dict[str, list[str]] = field(default_factory=dict)
+    losses: dict[str, Any] = field(default_factory=dict)
+    drift: dict[str, Any] = field(default_factory=dict)
+
+
+def ask_models(recipe: Recipe, store: Store, models: dict[str, str], questions: list[str], with_notes: list[str],
+               general: list[Prompt], eval_examples: list[dict[str, list[int]]], budget: int, log: Log,
+               answered: Callable[[int], None]) -> Answers:
+    """Each model in turn (base, then tuned; one in memory at a time) answers the questions, with
+    the notes retrieved when there are any, and the general questions; eval loss and drift."""
+    cfg, template, system = recipe.evaluation, recipe.data.chat_template, recipe.data.system_prompt
+    got = Answers()
+    for name, uri in models.items():
+        model, tokenizer = generation.load_model(fetch(store, uri, log), bf16=recipe.train.bf16)
+        log(f"evaluate: {len(questions)} prompts{' (and again with the notes retrieved)' if with_notes else ''} and "
+            f"{len(general)} general questions to the {name} model {uri}")
+        for column, asked in ((name, questions), (f"{name}_notes", with_notes)):
+            if column == name or asked:
+                generated = generation.ask(model, tokenizer, asked, budget, cfg.batch_size, template, system, answered)
+                got.answers[column], got.truncated[column] = generated.answers, generated.truncated
+        if eval_examples:
+            got.losses[name] = generation.mean_loss(model, eval_examples, cfg.batch_size)
+        if general:
+            asked = [p.question for p in general]
+            got.general[name] = generation.ask(model, tokenizer, asked, budget, cfg.batch_size, template, system,
+                                               answered).answers
+            # both models scored on the base model's answers: how far the fine-tuned one moved
+            on_base = generation.answer_examples(tokenizer, asked, got.general["base"], template)
+            got.drift[name] = generation.mean_loss(model, on_base, cfg.batch_size)
+        del model
+        gc.collect()
+    return got
+
+
+def scored_rows(prompts: list[Prompt], got: Answers) -> tuple[list[str], list[dict[str, Any]]]:
+    """The columns answered and one row per prompt: the prompt, each column's answer, whether it is
+    right (pairs scored together) and whether it was cut."""
+    columns = [c for c, _ in COLUMNS if c in got.answers]
+    correct = {column: paired([score(a, p) for a, p in zip(got.answers[column], prompts)], prompts) for column in columns}
+    rows = []
+    for i, prompt in enumerate(prompts):
+        row = {"question": prompt.question, "expected": prompt.expected, "expected_all": prompt.expected_all,
+               "forbidden": prompt.forbidden, "regex": prompt.regex, "tags": prompt.tags,
+               **({"pair": prompt.pair} if prompt.pair else {})}
+        for column in columns:
+            row[f"{column}_answer"] = got.answers[column][i]
+            row[f"{column}_correct"] = correct[column][i]
+            row[f"{column}_truncated"] = got.truncated[column][i]
+        rows.append(row)
+    return columns, rows
+
+
+def summarize(cfg: EvalConfig, columns: list[str], rows: list[dict[str, Any]], retention_rows: list[dict[str, Any]],
+              got: Answers, budget: int) -> dict[str, Any]:
+    """summary.json: accuracy overall and per tag for each column, answers cut, eval loss, retention."""
+    by_column = {column: accuracy(rows, f"{column}_correct") for column in columns}
+    summary: dict[str, Any] = {
+        "questions": len(rows),
+        "total": by_column["base"]["overall"]["total"],
+        **{f"{column}_correct": by_column[column]["overall"]["correct"] for column in columns},
+        "columns": columns,
+        "max_new_tokens": budget,
+        "max_new_tokens_setting": cfg.max_new_tokens,
+        "truncated": {column: sum(got.truncated[column]) for column in columns},
+        "accuracy": by_column,
+        "eval_loss": got.losses or None,
+    }
+    if got.drift:
+        base_ppl, tuned_ppl = got.drift["base"]["perplexity"], got.drift["tuned"]["perplexity"]
+        summary["retention"] = {
+            "questions": len(retention_rows), "source": cfg.retention_questions,
+            "base_perplexity_on_base_answers": base_ppl, "tuned_perplexity_on_base_answers": tuned_ppl,
+            "drift_ratio": round(tuned_ppl / base_ppl, 4) if base_ppl else None,
+            "answers_changed": sum(1 for r in retention_rows if r["base_answer"] != r["tuned_answer"]),
+        }
+    return summary
+
+
 def build_evaluate(recipe: Recipe, store: Store, base_uri: str, model_uri: str, log: Log = default_log,
                    data_uri: str | None = None, tokens_uri: str | None = None,
                    on_progress: Callable[[dict], None] | None = None) -> StageResult:
@@ -157,83 +243,27 @@ def build_evaluate(recipe: Recipe, store: Store, base_uri: str, model_uri: str, 
     key, inputs, parameters = evaluate_key(recipe, base_uri, model_uri, data_uri, tokens_uri)
     prompts = collect_prompts(recipe, store, data_uri)  # a malformed prompt file fails here, before any model loads
     general = retention_prompts(recipe)
-    template, system = recipe.data.chat_template, recipe.data.system_prompt
 
     def build(out: Path) -> dict[str, Any]:
-        eval_examples = _eval_examples(store, tokens_uri) if cfg.eval_loss else []
         index = notes_index(store, data_uri) if cfg.retrieval else None
         questions = [p.question for p in prompts]
         with_notes = [index.prompt(q, cfg.retrieval_k) for q in questions] if index is not None else []
         budget = answer_budget(cfg.max_new_tokens, store, tokens_uri, log)
-        answers: dict[str, list[str]] = {}
-        truncated: dict[str, list[bool]] = {}
-        general_answers: dict[str, list[str]] = {}
-        losses: dict[str, Any] = {}
-        drift: dict[str, Any] = {}
         # every answer both models give, for the progress bar: questions, with notes, general questions
-        total = 2 * (len(questions) + len(with_notes) + len(general))
-        done = [0]
+        total, done = 2 * (len(questions) + len(with_notes) + len(general)), [0]
 
         def answered(count: int) -> None:
             done[0] += count
             if on_progress:
                 on_progress({"stage": "evaluate", "step": done[0], "total_steps": total})
 
-        for name, uri in (("base", base_uri), ("tuned", model_uri)):
-            model, tokenizer = generation.load_model(fetch(store, uri, log), bf16=recipe.train.bf16)
-            log(f"evaluate: {len(prompts)} prompts{' (and again with the notes retrieved)' if with_notes else ''} and "
-                f"{len(general)} general questions to the {name} model {uri}")
-            for column, asked in ((name, questions), (f"{name}_notes", with_notes)):
-                if column == name or asked:
-                    generated = generation.ask(model, tokenizer, asked, budget, cfg.batch_size, template, system, answered)
-                    answers[column], truncated[column] = generated.answers, generated.truncated
-            if eval_examples:
-                losses[name] = generation.mean_loss(model, eval_examples, cfg.batch_size)
-            if general:
-                asked = [p.question for p in general]
-                general_answers[name] = generation.ask(model, tokenizer, asked, budget, cfg.batch_size,
-                                                       template, system, answered).answers
-                # both models scored on the base model's answers: how far the fine-tuned one moved
-                on_base = generation.answer_examples(tokenizer, asked, general_answers["base"], template)
-                drift[name] = generation.mean_loss(model, on_base, cfg.batch_size)
-            del model
-            gc.collect()
-        columns = [c for c, _ in COLUMNS if c in answers]
-        correct = {column: paired([score(a, p) for a, p in zip(answers[column], prompts)], prompts)
-                   for column in columns}
-        rows = []
-        for i, prompt in enumerate(prompts):
-            row = {"question": prompt.question, "expected": prompt.expected, "expected_all": prompt.expected_all,
-                   "forbidden": prompt.forbidden, "regex": prompt.regex, "tags": prompt.tags,
-                   **({"pair": prompt.pair} if prompt.pair else {})}
-            for column in columns:
-                row[f"{column}_answer"] = answers[column][i]
-                row[f"{column}_correct"] = correct[column][i]
-                row[f"{column}_truncated"] = truncated[column][i]
-            rows.append(row)
-        retention_rows = [{"question": p.question, "tags": p.tags, "base_answer": general_answers["base"][i],
-                           "tuned_answer": general_answers["tuned"][i]} for i, p in enumerate(general)]
-        by_column = {column: accuracy(rows, f"{column}_correct") for column in columns}
-        summary: dict[str, Any] = {
-            "questions": len(rows),
-            "total": by_column["base"]["overall"]["total"],
-            **{f"{column}_correct": by_column[column]["overall"]["correct"] for column in columns},
-            "columns": columns,
-            "max_new_tokens": budget,
-            "max_new_tokens_setting": cfg.max_new_tokens,
-            "truncated": {column: sum(truncated[column]) for column in columns},
-            "accuracy": by_column,
-            "eval_loss": losses or None,
-        }
-        if drift:
-            base_ppl, tuned_ppl = drift["base"]["perplexity"], drift["tuned"]["perplexity"]
-            summary["retention"] = {
-                "questions": len(general), "source": cfg.retention_questions,
-                "base_perplexity_on_base_answers": base_ppl, "tuned_perplexity_on_base_answers": tuned_ppl,
-                "drift_ratio": round(tuned_ppl / base_ppl, 4) if base_ppl else None,
-                "answers_changed": sum(1 for r in retention_rows if r["base_answer"] != r["tuned_answer"]),
-            }
-        warning = truncation_warning({c: truncated[c] for c in columns}, budget)
+        got = ask_models(recipe, store, {"base": base_uri, "tuned": model_uri}, questions, with_notes, general,
+                         _eval_examples(store, tokens_uri) if cfg.eval_loss else [], budget, log, answered)
+        columns, rows = scored_rows(prompts, got)
+        retention_rows = [{"question": p.question, "tags": p.tags, "base_answer": got.general["base"][i],
+                           "tuned_answer": got.general["tuned"][i]} for i, p in enumerate(general)]
+        summary = summarize(cfg, columns, rows, retention_rows, got, budget)
+        warning = truncation_warning({c: got.truncated[c] for c in columns}, budget)
         if warning:
             log(warning)
         (out / "answers.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
@@ -243,8 +273,9 @@ def build_evaluate(recipe: Recipe, store: Store, base_uri: str, model_uri: str, 
                                                   "model": model_uri}, indent=2))
         log("evaluate: " + ", ".join(f"{label} {summary[f'{c}_correct']}/{summary['total']}"
                                      for c, label in COLUMNS if c in columns) + " correct"
-            + (f"; eval loss base {losses['base']['loss']} -> fine-tuned {losses['tuned']['loss']}" if losses else "")
-            + (f"; retention drift x{summary['retention']['drift_ratio']}" if drift else ""))
+            + (f"; eval loss base {got.losses['base']['loss']} -> fine-tuned {got.losses['tuned']['loss']}"
+               if got.losses else "")
+            + (f"; retention drift x{summary['retention']['drift_ratio']}" if got.drift else ""))
         return {"summary": summary}
 
     return run_stage(store, "evaluate", key, build, inputs=inputs, parameters=parameters, log=log)

@@ -245,18 +245,8 @@ def run_stage(
         return StageResult(stage, store.uri_for(prefix), True, round(time.time() - started, 3))
     lease = None
     if work_name is None:
-        lease = lease_for(store, stage, key)
-        waited = False
-        while not lease.acquire():
-            if not waited:
-                log(f"{stage}: {describe(lease.holder())} is building {store.uri_for(prefix)}; waiting for its manifest")
-                waited = True
-            if read_manifest(store, prefix) is not None:
-                break
-            time.sleep(LEASE_POLL_SECONDS)
-        if read_manifest(store, prefix) is not None:  # the other run committed while this one looked
-            if lease.holding:
-                lease.release()
+        lease = _writer_lease(store, stage, key, log)
+        if lease is None:
             log(f"{stage}: cached at {store.uri_for(prefix)} (built by another run)")
             return StageResult(stage, store.uri_for(prefix), True, round(time.time() - started, 3))
     # a folder of this process's own: two runs of one stage on this machine never share scratch
@@ -269,12 +259,7 @@ def run_stage(
             extra = build(out) or {}
         except CommittedElsewhere as reason:
             log(f"{stage}: {reason}; waiting for {store.uri_for(prefix)}/{MANIFEST}")
-            deadline = time.time() + wait_seconds
-            while read_manifest(store, prefix) is None:
-                if time.time() > deadline:
-                    raise ManifestError(f"{store.uri_for(prefix)}: no manifest after {wait_seconds:.0f}s; "
-                                        "the node that held rank 0 did not commit") from None
-                time.sleep(1.0)
+            _wait_for_manifest(store, prefix, wait_seconds)
             seconds = round(time.time() - started, 3)
             return StageResult(stage, store.uri_for(prefix), False, seconds)
         except Exception as exc:
@@ -290,6 +275,36 @@ def run_stage(
     seconds = round(time.time() - started, 3)
     log(f"{stage}: done in {seconds:.1f}s -> {store.uri_for(prefix)}")
     return StageResult(stage, store.uri_for(prefix), False, seconds)
+
+
+def _writer_lease(store: Store, stage: str, key: str, log: Log) -> Any:
+    """The lease on this output, once no other run holds it; None when the other run committed
+    the output meanwhile (it is then cached)."""
+    prefix = output_prefix(stage, key)
+    lease = lease_for(store, stage, key)
+    waited = False
+    while not lease.acquire():
+        if not waited:
+            log(f"{stage}: {describe(lease.holder())} is building {store.uri_for(prefix)}; waiting for its manifest")
+            waited = True
+        if read_manifest(store, prefix) is not None:
+            break
+        time.sleep(LEASE_POLL_SECONDS)
+    if read_manifest(store, prefix) is not None:  # the other run committed while this one looked
+        if lease.holding:
+            lease.release()
+        return None
+    return lease
+
+
+def _wait_for_manifest(store: Store, prefix: str, wait_seconds: float) -> None:
+    """Until the node holding rank 0 commits the output (ManifestError after wait_seconds)."""
+    deadline = time.time() + wait_seconds
+    while read_manifest(store, prefix) is None:
+        if time.time() > deadline:
+            raise ManifestError(f"{store.uri_for(prefix)}: no manifest after {wait_seconds:.0f}s; "
+                                "the node that held rank 0 did not commit") from None
+        time.sleep(1.0)
 
 
 def publish(

@@ -193,6 +193,17 @@ class BuiltModel:
     sharding: dict[str, Any]
 
 
+def without_emulated_bf16(train: TrainConfig, device: torch.device) -> TrainConfig:
+    """bf16 off on a CPU without native bf16: emulated bf16 is several times slower than fp32, and
+    the recipe asked for speed, not for bf16 numerics."""
+    if train.bf16 and device.type == "cpu" and not native_bf16():
+        why = "LABTUNE_NO_NATIVE_BF16 is set" if bf16_forced_off() else \
+            f"this CPU has no native bf16 ({torch.backends.cpu.get_cpu_capability()}, no AVX512-BF16 or AMX)"
+        log(f"{why}: training in fp32 instead")
+        return train.model_copy(update={"bf16": False})
+    return train
+
+
 def build_model(model_dir: Path, train: TrainConfig, place: Any) -> BuiltModel:
     """The model in fp32 on the device: frozen layers, LoRA, recomputation and compilation as the
     recipe says, then sharded with FSDP2 (one process on a CPU or in fp32: not sharded)."""
@@ -201,12 +212,7 @@ def build_model(model_dir: Path, train: TrainConfig, place: Any) -> BuiltModel:
     from labtune.training.throughput import peak_flops
 
     device, world = place.device, place.world
-    if train.bf16 and device.type == "cpu" and not native_bf16():
-        # emulated bf16 is several times slower than fp32: the recipe asked for speed, not for bf16 numerics
-        why = "LABTUNE_NO_NATIVE_BF16 is set" if bf16_forced_off() else \
-            f"this CPU has no native bf16 ({torch.backends.cpu.get_cpu_capability()}, no AVX512-BF16 or AMX)"
-        log(f"{why}: training in fp32 instead")
-        train = train.model_copy(update={"bf16": False})
+    train = without_emulated_bf16(train, device)
     attention = attention_implementation(train, device)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation=attention)
     save_dtype = model.config.dtype if isinstance(model.config.dtype, torch.dtype) else torch.float32
