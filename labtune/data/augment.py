@@ -41,6 +41,7 @@ from labtune.data.wordings import (
     TRAIN_TEMPLATES,
     YEARLESS_FORM,
     _month,
+    asked_wordings,
 )
 from labtune.data.words import mentions
 
@@ -256,22 +257,6 @@ def train_date_forms(notes: list[Note]) -> list[Any]:
 def _conv(conv_id: str, question: str, reply: str, fact: dict[str, Any]) -> dict[str, Any]:
     return {"id": conv_id, "conversations": [{"from": "human", "value": question}, {"from": "gpt", "value": reply}],
             "fact": fact}
-
-
-def asked_wordings(dates: list[dt.date], forms: list[Any], per_fact: int, rng: random.Random
-                   ) -> dict[dt.date, list[tuple[int, Any]]]:
-    """(template index, date form) of each meeting's questions, the same for every field of that
-    meeting (presenter and recorder questions are then minimal pairs). Template indexes take turns
-    across meetings in a shuffled order, so that every wording is used about equally often and
-    none belongs to one meeting (a field with fewer templates wraps around: four of the topic's 12
-    come twice as often); a meeting's date forms are distinct while there are enough."""
-    shapes = len(TRAIN_TEMPLATES["presenter"])
-    order = rng.sample(range(shapes), shapes)
-    asked = {}
-    for n, date in enumerate(dates):
-        chosen_forms = rng.sample(forms, len(forms))
-        asked[date] = [(order[(n * per_fact + i) % shapes], chosen_forms[i % len(forms)]) for i in range(per_fact)]
-    return asked
 
 
 @dataclass

@@ -5,6 +5,8 @@ held-out wording or date form never trains)."""
 from __future__ import annotations
 
 import datetime as dt
+import random
+from typing import Any
 
 from labtune.data.notes import MONTHS
 
@@ -111,3 +113,19 @@ TRAIN_ATTENDANCE = ["Was {who} at the lab meeting on {d}?", "Did {who} attend th
                     "Did {who} come to the lab meeting on {d}?", "Was {who} among the attendees on {d}?"]
 HELDOUT_ATTENDANCE = ["Can you tell me whether {who} joined the group meeting held on {d}?",
                       "Is it true that {who} was at the {d} group meeting?"]
+
+
+def asked_wordings(dates: list[dt.date], forms: list[Any], per_fact: int, rng: random.Random
+                   ) -> dict[dt.date, list[tuple[int, Any]]]:
+    """(template index, date form) of each meeting's questions, the same for every field of that
+    meeting (presenter and recorder questions are then minimal pairs). Template indexes take turns
+    across meetings in a shuffled order, so that every wording is used about equally often and
+    none belongs to one meeting (a field with fewer templates wraps around: four of the topic's 12
+    come twice as often); a meeting's date forms are distinct while there are enough."""
+    shapes = len(TRAIN_TEMPLATES["presenter"])
+    order = rng.sample(range(shapes), shapes)
+    asked = {}
+    for n, date in enumerate(dates):
+        chosen_forms = rng.sample(forms, len(forms))
+        asked[date] = [(order[(n * per_fact + i) % shapes], chosen_forms[i % len(forms)]) for i in range(per_fact)]
+    return asked
