@@ -9,12 +9,12 @@ meeting's note retrieved (BM25, as `evaluation.retrieval`), batched. The baselin
 own `generate` on left-padded batches (every prompt in full, every row decoding until the batch's
 last answer ends); labtune's `generate` drops answers that have ended from the batch, with every
 prompt in full and with each note computed once for the questions that share it
-(`evaluation.prompt_batches`). All batch --batch prompts; prints the time of each, the ratios and
+(`evaluation.generation.prompt_batches`). All batch --batch prompts; prints the time of each, the ratios and
 how many answers equal the baseline's.
 
 Questions: the sample lab notes' presenter/recorder/topic questions and FastChat's Vicuna-bench
 questions (../shared/data), alternating, the first --questions of them. Both sides use labtune's
-`evaluation.ask` with the model's chat template, greedy, fp32, on this CPU. Prints generated
+`evaluation.generation.ask` with the model's chat template, greedy, fp32, on this CPU. Prints generated
 tokens/s of both, the ratio (target: at least 3x) and how many answers are identical.
 """
 
