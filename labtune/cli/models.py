@@ -1,4 +1,4 @@
-"""Commands that use a trained model: `ask`, `chat`, `compare` of evaluations, and `sweep`."""
+"""Commands that use a trained model: `ask`, `chat`, `export` (GGUF), `compare` of evaluations, and `sweep`."""
 
 from __future__ import annotations
 
@@ -106,6 +106,52 @@ def chat(model: str = ModelArg, max_new_tokens: str = MaxNew, chat_template: Cha
         answer = generation.generate(loaded, tokenizer, [conversation], max_new_tokens, 1, chat_template.value)[0][0]
         conversation.append({"role": "assistant", "content": answer})
         print(answer, flush=True)
+
+
+@app.command(epilog=example("labtune export ~/.labtune/store/train/KEY --to gguf --quant q8_0 --out ~/labnotes-gguf "
+                            "--evaluation ~/.labtune/store/evaluate/KEY",
+                            "Then: ollama create labnotes -f ~/labnotes-gguf/Modelfile; or llama-cli -m FILE.gguf -cnv"))
+def export(model: str = ModelArg, to: str = typer.Option("gguf", "--to", help="the format: gguf (llama.cpp, Ollama, LM Studio)"),
+           quant: str = typer.Option("q8_0", "--quant", help="f16, q8_0 (8-bit blocks, half the size) or f32"),
+           out: Path = typer.Option(..., "--out", help="the folder to write the .gguf, Modelfile and README.md into"),
+           name: Optional[str] = typer.Option(None, "--name", help="the model's name (default: the folder's)"),
+           evaluation: Optional[str] = typer.Option(None, "--evaluation", metavar="EVAL_URI",
+                                                    help="an evaluate output: its table goes into the model card"),
+           system_prompt: Optional[str] = SystemPrompt,
+           chat_template: Optional[ChatTemplate] = typer.Option(None, "--chat-template", help="the template training "
+                                                                "used (default: the model card's, else auto)"),
+           endpoint_url: Optional[str] = Endpoint, as_json: bool = Json) -> None:
+    """Write a model as GGUF, with an Ollama Modelfile and its model card beside it."""
+    import time
+
+    from labtune.models.card import card_header, card_of_folder, with_evaluation
+    from labtune.models.gguf_export import QUANTS, export_folder
+    from labtune.tools import model_folder
+
+    if to != "gguf":
+        raise LabtuneError(f"--to {to}: the one export format is gguf")
+    if quant not in QUANTS:
+        raise LabtuneError(f"--quant {quant}: expected one of {', '.join(QUANTS)}")
+    started = time.time()
+    folder = model_folder(model, endpoint_settings(endpoint_url), err)
+    card = card_of_folder(folder)
+    if evaluation is not None:
+        from labtune.stages.evaluate import columns_of, run_from_folder
+        from labtune.store.outputs import fetch_output
+
+        summary = run_from_folder(fetch_output(evaluation, endpoint_settings(endpoint_url), log=err), evaluation)["summary"]
+        card = with_evaluation(card, summary, columns_of(summary))
+    trained = card_header(card).get("labtune") or {}  # how training asked: the Modelfile asks the same way
+    written = export_folder(folder, out.expanduser(), quant, name or trained.get("name") or folder.name,
+                            trained.get("chat_template", "auto")
+                            if chat_template is None else chat_template.value,
+                            trained.get("system_prompt") if system_prompt is None else system_prompt, card)
+    seconds = round(time.time() - started, 1)
+    if as_json:
+        print(json.dumps({"out": str(out), **written, "seconds": seconds}))
+    else:
+        beside = ", ".join(f for f in written["files"] if not f.endswith(".gguf"))
+        print(f"{out / written['gguf']} ({written['bytes'] / 1e6:,.1f} MB) with {beside} in {seconds:.1f}s")
 
 
 @app.command(epilog=example("labtune compare ~/.labtune/store/evaluate/KEY1 ~/.labtune/store/evaluate/KEY2"))

@@ -6,5 +6,5 @@
 - `meta_llama`: Meta's original `consolidated.*.pth` checkpoints converted;
 - `tiny`: a tiny random LLaMA for tests and the embedded default.
 
-May import: labtune.errors, labtune.recipe, labtune.store.
+May import: labtune.errors, labtune.recipe, labtune.store, labtune.data (the chat template, for GGUF export).
 """

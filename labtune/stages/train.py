@@ -21,6 +21,7 @@ from typing import Any
 
 import labtune
 from labtune.errors import LabtuneError, RunFailure
+from labtune.models.card import base_license, model_card
 from labtune.recipe import ParallelConfig, Recipe, TrainConfig
 from labtune.store.backends import Store
 from labtune.store.outputs import (
@@ -31,6 +32,7 @@ from labtune.store.outputs import (
     code_version,
     default_log,
     fetch,
+    read_manifest,
     run_stage,
     stage_key,
 )
@@ -266,7 +268,7 @@ def train_key(recipe: Recipe, model_uri: str, tokens_uri: str) -> tuple[str, dic
     placement = {"node_rank", "rdzv_endpoint", "rdzv_timeout", "memory_per_rank_gib"}
     parameters = {"train": recipe.train.model_dump(mode="json"),
                   "parallel": recipe.parallel.model_dump(mode="json", exclude=placement)}
-    code = code_version(__name__, *WORKER_MODULES)
+    code = code_version(__name__, "labtune.models.card", *WORKER_MODULES)
     return stage_key("train", code, {"model": model_uri, "tokens": tokens_uri}, parameters), parameters
 
 
@@ -301,6 +303,7 @@ def build_train(recipe: Recipe, store: Store, model_uri: str, tokens_uri: str, l
         metrics = json.loads((out / "train_metrics.json").read_text())
         plot_loss(metrics["history"], out / "loss.png", title=f"{recipe.name}: training loss",
                   dev=(metrics.get("early_stopping") or {}).get("evaluations"))
+        write_model_card(out, recipe, store, model_dir, tokens_uri, parameters, metrics)
         return {"metrics": {k: metrics.get(k) for k in ("optimizer_steps", "examples", "train_seconds", "world_size",
                                                         "resumed_from_step", "checkpoints", "train_flops",
                                                         "train_label_tokens", "dev_flops")},
@@ -312,6 +315,18 @@ def build_train(recipe: Recipe, store: Store, model_uri: str, tokens_uri: str, l
     return run_stage(store, "train", key, build, inputs={"model": model_uri, "tokens": tokens_uri},
                      parameters=parameters, log=log,
                      work_name=f"train-{key}-node{recipe.parallel.node_rank}" if nodes > 1 else None)
+
+
+def write_model_card(out: Path, recipe: Recipe, store: Store, base_dir: Path, tokens_uri: str,
+                     parameters: dict[str, Any], metrics: dict[str, Any]) -> None:
+    """README.md in the model folder: base, data (the tokenize and data stages' reports), training.
+    The evaluation comes later: the evaluate stage's table goes into an export's card."""
+    tokens = read_manifest(store, store.key_for(tokens_uri)) or {}
+    data_uri = (tokens.get("inputs") or {}).get("data")
+    data = (read_manifest(store, store.key_for(data_uri)) or {}) if data_uri else {}
+    (out / "README.md").write_text(model_card(recipe.name, recipe.base_model.source, base_license(base_dir),
+                                              recipe.model_dump(mode="json"), parameters, metrics,
+                                              data.get("report"), tokens.get("report")))
 
 
 ESTIMATE_AFTER_STEPS = 5  # the first step also builds the graph and warms caches: it is not counted
