@@ -1,4 +1,4 @@
-"""The finetune flow: weights -> delta -> data -> tokenize -> train -> evaluate, passing only store URIs.
+"""The finetune flow: weights -> delta -> data -> tokenize -> train -> evaluate (-> export), passing only store URIs.
 
     python flows/finetune.py examples/tiny.yaml train.num_train_epochs=2
 """
@@ -26,6 +26,7 @@ from labtune.store.outputs import StageResult, read_manifest
 from tasks.data import data_task
 from tasks.delta import delta_task
 from tasks.evaluate import evaluate_task
+from tasks.export import export_task
 from tasks.tokenize import tokenize_task
 from tasks.weights import weights_task
 
@@ -112,16 +113,19 @@ def finetune(recipe_path: str, overrides: list[str] | None = None, notes_fingerp
     return stages
 
 
+# each stage's task, called with the recipe and its inputs' URIs (train runs as a subflow, below)
+TASKS = {"weights": weights_task, "delta": delta_task, "data": data_task, "tokenize": tokenize_task,
+         "evaluate": evaluate_task, "export": export_task}
+
+
 def run_stages(recipe: Recipe, recipe_path: str, overrides: list[str], store, done) -> dict[str, dict]:
     """The stages in the order of labtune.stages.GRAPH, each given its inputs' URIs; done(result)
     after each. Train and evaluate are flows of their own, so that a deployment can run them on
     the GPU work pool: with `deployments.<stage>` set, the stage runs there and this flow waits
     for its output's manifest."""
-    local = {"weights": weights_task, "delta": delta_task, "data": data_task, "tokenize": tokenize_task,
-             "train": lambda recipe, **uris: StageResult(**train_flow(recipe_path, overrides=overrides, **uris)),
-             "evaluate": evaluate_task}
+    local = {**TASKS, "train": lambda recipe, **uris: StageResult(**train_flow(recipe_path, overrides=overrides, **uris))}
     outputs: dict[str, StageResult] = {}
-    for stage in GRAPH:
+    for stage in (stage for stage in GRAPH if stage.wanted(recipe)):
         uris = input_uris(stage.name, {name: result.uri for name, result in outputs.items()})
         deployment = getattr(recipe.deployments, stage.name, None)
         if deployment:

@@ -327,6 +327,14 @@ class WatchConfig(_Strict):
     timezone: str = "UTC"
 
 
+class ExportConfig(_Strict):
+    """After evaluate: the fine-tuned model as one GGUF file (llama.cpp, Ollama, LM Studio), with an
+    Ollama Modelfile and the model card. Unset (the default): no export stage."""
+
+    gguf: Literal["f32", "f16", "q8_0"] | None = None
+    name: str | None = None  # the file's name before -QUANT.gguf; default: the recipe's name
+
+
 class StoreConfig(_Strict):
     """`uri` is a local directory or `s3://bucket/prefix`. Credentials never go here: boto3
     reads them from the environment, a profile or an instance role."""
@@ -354,6 +362,7 @@ class Recipe(_Strict):
     parallel: ParallelConfig = Field(default_factory=ParallelConfig)
     evaluation: EvalConfig = Field(default_factory=EvalConfig)
     store: StoreConfig = Field(default_factory=StoreConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
     deployments: DeploymentsConfig = Field(default_factory=DeploymentsConfig)
     watch: WatchConfig = Field(default_factory=WatchConfig)
     recipe_dir: str = Field(default=".", exclude=True)

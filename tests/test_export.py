@@ -133,3 +133,28 @@ def test_export_refuses_bad_input_in_one_line(tmp_path, tiny_model):
         (other / name).write_bytes((tiny_model / name).read_bytes())
     refused = run_cli("export", str(other), "--out", str(tmp_path / "o"))
     assert refused.returncode == 2 and "model_type 'gpt2'" in refused.stderr and "Traceback" not in refused.stderr
+
+
+def test_the_export_stage_runs_after_evaluate_and_its_card_holds_the_evaluation(tmp_path):
+    from labtune.errors import LabtuneError
+    from labtune.models.card import card_header
+    from labtune.recipe import load_recipe
+    from labtune.stages import GRAPH, run_until
+    from labtune.store.backends import LocalStore
+
+    overrides = [f"store.uri={tmp_path / 'store'}", "train.num_train_epochs=1", "evaluation.retrieval=false"]
+    plain = load_recipe(TINY_RECIPE, overrides)
+    assert [s.name for s in GRAPH if s.wanted(plain)] == ["weights", "delta", "data", "tokenize", "train", "evaluate"]
+    with pytest.raises(LabtuneError, match="export.gguf"):
+        run_until("export", plain, LocalStore(tmp_path / "store"), log=lambda line: None)
+    recipe = load_recipe(TINY_RECIPE, [*overrides, "export.gguf=q8_0", "export.name=labnotes"])
+    assert GRAPH[-1].name == "export" and GRAPH[-1].wanted(recipe)
+    store = LocalStore(tmp_path / "store")
+    exported = run_until("export", recipe, store, log=lambda line: None)
+    folder = Path(exported.uri)
+    assert sorted(p.name for p in folder.iterdir()) == ["Modelfile", "README.md", "labnotes-q8_0.gguf", "manifest.json"]
+    card = (folder / "README.md").read_text()
+    assert card_header(card)["labtune"]["name"] == recipe.name and "| all | " in card and "| fine-tuned |" in card
+    assert run_until("export", recipe, store, log=lambda line: None).cached
+    back, _ = _read_back(folder, "labnotes-q8_0.gguf")
+    assert back.config.vocab_size > 0

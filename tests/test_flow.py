@@ -237,3 +237,16 @@ def test_labtune_run_on_a_terminal_shows_bars_and_no_json_line_per_step(prefect_
     assert "optimizer steps, about" in out
     log = Path(re.search(r"whole log: (\S+)", out).group(1)).read_text()
     assert log.count("progress {") >= 2
+
+
+def test_every_stage_of_the_graph_has_a_task_taking_its_inputs():
+    import inspect
+
+    from flows.finetune import TASKS
+    from flows.train import train
+    from labtune.stages import GRAPH
+
+    for stage in GRAPH:
+        runner = train if stage.name == "train" else TASKS[stage.name]
+        parameters = inspect.signature(getattr(runner, "fn", runner)).parameters
+        assert all(name in parameters for _, name in stage.inputs), (stage.name, list(parameters))

@@ -153,3 +153,10 @@ def test_no_module_over_500_lines_and_no_function_over_60_in_the_library():
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 length = node.end_lineno - node.lineno + 1
                 assert length <= MAX_FUNCTION_LINES, f"{where}:{node.lineno} {node.name}: {length} lines"
+
+
+def test_the_store_knows_every_stage_output_folder_in_graph_order():
+    from labtune.stages import STAGES
+    from labtune.store.housekeeping import STAGES as OUTPUT_FOLDERS
+
+    assert OUTPUT_FOLDERS == STAGES

@@ -10,6 +10,7 @@ from typing import Any
 
 import yaml
 
+
 def base_license(base_dir: Path | None) -> str:
     """The license the base model's own card declares (its YAML header), else "other"."""
     card = base_dir / "README.md" if base_dir is not None else None

@@ -1,4 +1,4 @@
-"""The six stages, Prefect-free: weights -> delta -> data -> tokenize -> train -> evaluate.
+"""The stages, Prefect-free: weights -> delta -> data -> tokenize -> train -> evaluate (-> export).
 
 Each module holds its stage's `build_<stage>` function (key, inputs, the work, the report);
 `tasks/` wraps each in a Prefect task. `GRAPH` below is the one description of how they chain:
@@ -25,6 +25,7 @@ class Stage:
     name: str
     inputs: tuple[tuple[str, str], ...] = ()
     reports_progress: bool = False
+    wanted: Callable[[Recipe], bool] = lambda recipe: True  # a run leaves out a stage its recipe does not ask for
 
     def builder(self) -> Callable[..., StageResult]:
         return getattr(importlib.import_module(f"labtune.stages.{self.name}"), f"build_{self.name}")
@@ -38,6 +39,7 @@ GRAPH = (
     Stage("train", (("delta", "model_uri"), ("tokenize", "tokens_uri")), reports_progress=True),
     Stage("evaluate", (("delta", "base_uri"), ("train", "model_uri"), ("data", "data_uri"), ("tokenize", "tokens_uri")),
           reports_progress=True),
+    Stage("export", (("train", "model_uri"), ("evaluate", "evaluate_uri")), wanted=lambda recipe: recipe.export.gguf is not None),
 )
 STAGES = tuple(stage.name for stage in GRAPH)
 BY_NAME = {stage.name: stage for stage in GRAPH}

@@ -26,7 +26,9 @@ from labtune.store.backends import Store, StoreError
 from labtune.store.lease import lease_for
 from labtune.store.outputs import MANIFEST
 
-STAGES = ("weights", "delta", "data", "tokenize", "train", "evaluate")
+# the stages' output folders, in run order: labtune.stages.GRAPH names the stages, but the store may not
+# import it (tests/test_layout.py checks the two agree)
+STAGES = ("weights", "delta", "data", "tokenize", "train", "evaluate", "export")
 RUNS = "runs"
 STALE_RUN_HOURS = 72.0  # a run record still "running" after this long belonged to a process that died
 
