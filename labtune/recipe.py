@@ -159,6 +159,10 @@ class TrainConfig(_Strict):
     save_steps: int = Field(default=1200, ge=1)
     save_total_limit: int | None = Field(default=None, ge=1)
     logging_steps: int = Field(default=1, ge=1)
+    # experiment trackers (Hugging Face's report_to): none, or tensorboard and/or mlflow (docs/training.md;
+    # wandb: sync the TensorBoard folder). Neither changes the model: they are not part of the stage key.
+    report_to: list[Literal["none", "tensorboard", "mlflow"]] = Field(default_factory=lambda: ["none"])
+    logging_dir: str | None = None  # TensorBoard's folder; default ~/.labtune/tensorboard/RECIPE/TRAIN_KEY
     fsdp: str = "full_shard auto_wrap"
     fsdp_transformer_layer_cls_to_wrap: str | None = None
     max_grad_norm: float = Field(default=1.0, ge=0)
@@ -217,6 +221,18 @@ class TrainConfig(_Strict):
             raise ValueError(f"lr_scheduler_kwargs: {unknown} do not apply to lr_scheduler_type "
                              f"{self.lr_scheduler_type!r} (allowed: {sorted(allowed) or 'none'})")
         return self
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _trackers(cls, value: Any) -> Any:
+        """A single name is a list of one, as in transformers; wandb is not built in."""
+        value = [value] if isinstance(value, str) else value
+        if isinstance(value, list) and "wandb" in value:
+            raise ValueError("wandb is not built in: report to tensorboard and run `wandb sync --sync-tensorboard "
+                             "DIR` (docs/training.md)")
+        if isinstance(value, list) and "none" in value and len(value) > 1:
+            raise ValueError("none with other trackers: give none alone, or the trackers")
+        return value
 
     @field_validator("save_strategy", "eval_strategy", mode="before")
     @classmethod

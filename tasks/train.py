@@ -15,6 +15,7 @@ from prefect.artifacts import (
     update_progress_artifact,
 )
 from prefect.cache_policies import NO_CACHE
+from prefect.runtime import flow_run
 
 from labtune.plots import png_markdown
 from labtune.recipe import Recipe
@@ -62,7 +63,8 @@ def train_task(recipe: Recipe, model_uri: str, tokens_uri: str) -> StageResult:
 
         try:
             result = build_train(recipe, store, model_uri, tokens_uri, log=logger.info, on_progress=on_progress,
-                                 on_checkpoint=on_checkpoint)
+                                 on_checkpoint=on_checkpoint, run_tags={"prefect.flow_run_id": str(flow_run.id)}
+                                 if flow_run.id else None)
         finally:
             ui.close()
         model_dir = fetch(store, result.uri, logger.info)

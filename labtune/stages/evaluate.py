@@ -36,6 +36,7 @@ from labtune.store.outputs import (
     run_stage,
     stage_key,
 )
+from labtune.training.trackers import log_evaluation
 
 
 def collect_prompts(recipe: Recipe, store: Store, data_uri: str | None) -> list[Prompt]:
@@ -263,6 +264,9 @@ def build_evaluate(recipe: Recipe, store: Store, base_uri: str, model_uri: str, 
         retention_rows = [{"question": p.question, "tags": p.tags, "base_answer": got.general["base"][i],
                            "tuned_answer": got.general["tuned"][i]} for i, p in enumerate(general)]
         summary = summarize(cfg, columns, rows, retention_rows, got, budget)
+        trained = fetch(store, model_uri) / "train_metrics.json"
+        if trained.is_file():  # into the training run's TensorBoard folder and MLflow run (train.report_to)
+            log_evaluation(recipe.train.report_to, json.loads(trained.read_text()).get("tracked") or {}, summary)
         warning = truncation_warning({c: got.truncated[c] for c in columns}, budget)
         if warning:
             log(warning)

@@ -23,7 +23,7 @@ import labtune
 from labtune.errors import LabtuneError, RunFailure
 from labtune.models.card import base_license, model_card
 from labtune.recipe import ParallelConfig, Recipe, TrainConfig
-from labtune.store.backends import Store
+from labtune.store.backends import Store, labtune_home
 from labtune.store.outputs import (
     CommittedElsewhere,
     Log,
@@ -266,7 +266,7 @@ def train_key(recipe: Recipe, model_uri: str, tokens_uri: str) -> tuple[str, dic
     # node must compute the same key (its rendezvous id, its checkpoints) and a re-run with another
     # endpoint still resumes.
     placement = {"node_rank", "rdzv_endpoint", "rdzv_timeout", "memory_per_rank_gib"}
-    parameters = {"train": recipe.train.model_dump(mode="json"),
+    parameters = {"train": recipe.train.model_dump(mode="json", exclude={"report_to", "logging_dir"}),
                   "parallel": recipe.parallel.model_dump(mode="json", exclude=placement)}
     code = code_version(__name__, "labtune.models.card", *WORKER_MODULES)
     return stage_key("train", code, {"model": model_uri, "tokens": tokens_uri}, parameters), parameters
@@ -274,8 +274,9 @@ def train_key(recipe: Recipe, model_uri: str, tokens_uri: str) -> tuple[str, dic
 
 def build_train(recipe: Recipe, store: Store, model_uri: str, tokens_uri: str, log: Log = default_log,
                 on_progress: Callable[[dict], None] | None = None,
-                on_checkpoint: Callable[[dict], None] | None = None) -> StageResult:
-    """Fine-tune the model at model_uri on the tokenize stage's output at tokens_uri."""
+                on_checkpoint: Callable[[dict], None] | None = None, run_tags: dict[str, str] | None = None) -> StageResult:
+    """Fine-tune the model at model_uri on the tokenize stage's output at tokens_uri; run_tags go to
+    the experiment trackers (the Prefect flow-run id, when Prefect runs it)."""
     key, parameters = train_key(recipe, model_uri, tokens_uri)
 
     def build(out: Path) -> dict[str, Any]:
@@ -293,7 +294,9 @@ def build_train(recipe: Recipe, store: Store, model_uri: str, tokens_uri: str, l
                      checkpoint_dir=str(out.parent / "checkpoints"), checkpoint_prefix=checkpoint_prefix(key),
                      # the store this stage writes to (a test may pass its own), reached as the recipe says
                      store=recipe.store.settings().at(store.uri), backend=recipe.parallel.backend,
-                     train=train).write(config_path)
+                     train=train, logging_dir=recipe.train.logging_dir or str(labtune_home() / "tensorboard" / recipe.name / key),
+                     run_name=f"{recipe.name}-{key[:8]}",
+                     run_tags={"recipe": recipe.name, "train_key": key, **(run_tags or {})}).write(config_path)
         nproc = recipe.parallel.processes
         command = torchrun_command(recipe.parallel, config_path, key)
         log("launching: " + " ".join(command[1:]))

@@ -41,6 +41,7 @@ from labtune.training.loss import AnswerLoss
 from labtune.training.model import build_model, export_model, param_groups
 from labtune.training.saving import CheckpointRunner, writing
 from labtune.training.throughput import FlopsModel, describe, mfu, peak_memory_gib, synchronize
+from labtune.training.trackers import Trackers, step_metrics
 from labtune.training.worker_config import WORKER_ERROR, WorkerConfig, WorkerError
 
 
@@ -121,6 +122,7 @@ class Run:
     prefix_flops: float = 0.0  # what computing it cost
     dev_prefix: FrozenPrefix | None = None  # the same for the dev questions
     dev_prefix_flops: float = 0.0
+    trackers: Trackers | None = None  # rank 0's TensorBoard and MLflow writers (train.report_to)
 
 
 def setup(cfg: WorkerConfig) -> Run:
@@ -351,6 +353,8 @@ def log_step(run: Run, epoch: float, loss_sum: torch.Tensor, grad_norm: torch.Te
     }
     run.history.append(record)
     log("progress " + json.dumps(record))
+    if run.trackers is not None:
+        run.trackers.log(run.step, step_metrics(record))
 
 
 def export(run: Run, train_seconds: float, epochs_run: int, resumed_from: int | None, checkpoints: list[str]) -> None:
@@ -387,7 +391,11 @@ def export(run: Run, train_seconds: float, epochs_run: int, resumed_from: int | 
                    "frozen_prefix": {"layers": run.prefix.depth, "flops": run.prefix_flops,
                                      "tokens": sum(run.lengths)} if run.prefix else None,
                    "export_peak_memory_gib": export_peak,
-                   "checkpoints": checkpoints}
+                   "checkpoints": checkpoints,
+                   # where the trackers wrote, for the evaluate stage to add its summary to the same run
+                   "tracked": {"report_to": run.cfg.train.report_to, "step": run.step,
+                               "logging_dir": run.cfg.logging_dir if run.trackers and run.trackers.tensorboard else None,
+                               "mlflow_run_id": run.trackers.mlflow_run_id if run.trackers else None}}
         (out_dir / "train_metrics.json").write_text(json.dumps(metrics, indent=2))
         log(f"saved final model to {out_dir} after {run.step} steps in {train_seconds:.1f}s")
 
@@ -403,6 +411,8 @@ def train(cfg: WorkerConfig) -> None:
         if resumed["world_size"] != run.world:
             log(f"note: the checkpoint was written by {resumed['world_size']} ranks, this run has {run.world}: "
                 "the weights and optimizer are resharded; the data order from here differs from the original run's")
+    if run.rank == 0 and cfg.train.report_to != ["none"]:
+        run.trackers = Trackers(cfg.train.report_to, cfg.logging_dir, cfg.run_name, cfg.run_tags)
     run.flops_done += run.prefix_flops  # computed again after a resume: spent again
     run.dev_flops += run.dev_prefix_flops
 
@@ -445,6 +455,8 @@ def train(cfg: WorkerConfig) -> None:
     checkpointing.finish()
     synchronize(run.device)
     export(run, time.time() - started, epoch, resumed["step"] if resumed else None, checkpointing.committed())
+    if run.trackers is not None:
+        run.trackers.close()
     dist.barrier()
     dist.destroy_process_group()
 

@@ -43,6 +43,9 @@ class WorkerConfig(BaseModel):
     checkpoint_prefix: str | None = None  # None: this run keeps no checkpoints
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     train: TrainConfig  # the recipe's hyperparameters (accumulation fitted to the data)
+    logging_dir: str | None = None  # TensorBoard's folder (train.report_to)
+    run_name: str = "labtune"  # the tracker run's name and tags: the recipe, the stage key, the Prefect flow run
+    run_tags: dict[str, str] = {}
 
     def write(self, path: Path) -> None:
         path.write_text(self.model_dump_json(indent=2))
