@@ -481,7 +481,7 @@ def main() -> None:
     except WorkerError as exc:
         print(f"{WORKER_ERROR} (rank {rank}): {exc}", flush=True)
         leave(1)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemExit):
         raise
     except BaseException as exc:  # Exception, and torch.distributed.checkpoint's CheckpointException
         traceback.print_exc()

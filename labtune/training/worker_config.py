@@ -11,6 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
+from labtune.errors import LabtuneError
 from labtune.recipe import TrainConfig
 from labtune.store.backends import StoreSettings
 
@@ -19,9 +20,11 @@ from labtune.store.backends import StoreSettings
 WORKER_ERROR = "labtune worker error"
 
 
-class WorkerError(Exception):
-    """A problem a person can act on (a setting, the data, the model, a full disk): the worker
-    prints it as one `WORKER_ERROR` line, which the train stage raises as its one-line TrainError."""
+class WorkerError(LabtuneError):
+    """A problem a person can act on (a setting, the data, the model, a full disk, a missing
+    tracker package): the worker prints it as one `WORKER_ERROR` line, which the train stage raises
+    as its one-line TrainError; raised in the stage's own process (the evaluate stage's trackers),
+    it is that stage's one line."""
 
 # glibc's malloc hands every large tensor back to the kernel when it is freed, so the next step's
 # tensors of the same sizes fault their pages in again (autocast's bf16 weight copies, fresh
