@@ -119,10 +119,10 @@ TASKS = {"weights": weights_task, "delta": delta_task, "data": data_task, "token
 
 
 def run_stages(recipe: Recipe, recipe_path: str, overrides: list[str], store, done) -> dict[str, dict]:
-    """The stages in the order of labtune.stages.GRAPH, each given its inputs' URIs; done(result)
-    after each. Train and evaluate are flows of their own, so that a deployment can run them on
-    the GPU work pool: with `deployments.<stage>` set, the stage runs there and this flow waits
-    for its output's manifest."""
+    """The stages in the order of labtune.stages.GRAPH (those the recipe asks for), each given its
+    inputs' URIs; done(result) after each. Train runs as a subflow; train and evaluate also have
+    flows of their own, so that with `deployments.<stage>` set a deployment runs them on the GPU
+    work pool and this flow waits for the output's manifest."""
     local = {**TASKS, "train": lambda recipe, **uris: StageResult(**train_flow(recipe_path, overrides=overrides, **uris))}
     outputs: dict[str, StageResult] = {}
     for stage in (stage for stage in GRAPH if stage.wanted(recipe)):

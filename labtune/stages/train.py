@@ -23,7 +23,7 @@ import labtune
 from labtune.errors import LabtuneError, RunFailure
 from labtune.models.card import base_license, model_card
 from labtune.recipe import ParallelConfig, Recipe, TrainConfig
-from labtune.store.backends import Store, labtune_home
+from labtune.store.backends import Store, StoreError, labtune_home
 from labtune.store.outputs import (
     CommittedElsewhere,
     Log,
@@ -326,7 +326,10 @@ def write_model_card(out: Path, recipe: Recipe, store: Store, base_dir: Path, to
     The evaluation comes later: the evaluate stage's table goes into an export's card."""
     tokens = read_manifest(store, store.key_for(tokens_uri)) or {}
     data_uri = (tokens.get("inputs") or {}).get("data")
-    data = (read_manifest(store, store.key_for(data_uri)) or {}) if data_uri else {}
+    try:  # the data stage's report, where its output is in this store (a copied or moved store may lack it)
+        data = (read_manifest(store, store.key_for(data_uri)) or {}) if data_uri else {}
+    except StoreError:
+        data = {}
     (out / "README.md").write_text(model_card(recipe.name, recipe.base_model.source, base_license(base_dir),
                                               recipe.model_dump(mode="json"), parameters, metrics,
                                               data.get("report"), tokens.get("report")))
