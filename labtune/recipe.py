@@ -159,7 +159,7 @@ class TrainConfig(_Strict):
     save_steps: int = Field(default=1200, ge=1)
     save_total_limit: int | None = Field(default=None, ge=1)
     logging_steps: int = Field(default=1, ge=1)
-    # experiment trackers (Hugging Face's report_to): none, or tensorboard and/or mlflow (docs/training.md;
+    # experiment trackers (Hugging Face's report_to): none, or tensorboard and/or mlflow (docs/export.md;
     # wandb: sync the TensorBoard folder). Neither changes the model: they are not part of the stage key.
     report_to: list[Literal["none", "tensorboard", "mlflow"]] = Field(default_factory=lambda: ["none"])
     logging_dir: str | None = None  # TensorBoard's folder; default ~/.labtune/tensorboard/RECIPE/TRAIN_KEY
@@ -229,7 +229,7 @@ class TrainConfig(_Strict):
         value = [value] if isinstance(value, str) else value
         if isinstance(value, list) and "wandb" in value:
             raise ValueError("wandb is not built in: report to tensorboard and run `wandb sync --sync-tensorboard "
-                             "DIR` (docs/training.md)")
+                             "DIR` (docs/export.md)")
         if isinstance(value, list) and "none" in value and len(value) > 1:
             raise ValueError("none with other trackers: give none alone, or the trackers")
         return value
