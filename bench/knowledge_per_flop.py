@@ -5,7 +5,9 @@
 Runs each recipe's stages up to evaluate (weights, data and tokenize cached in --store; each
 recipe trains and is evaluated as `labtune run` would, without the Prefect server) and prints,
 for both and as a ratio: training FLOPs and label tokens (the worker's count), optimizer steps,
-train and evaluate seconds on this machine, and accuracy per axis of the fine-tuned model. The
+train and evaluate seconds on this machine, accuracy per axis of the fine-tuned model, and its
+general ability (general answers about the lab's meetings, base -> fine-tuned, and the
+perplexity ratio on general reference answers; evaluation.general.references=ALPACA.json names them). The
 FLOP ratio holds on any machine; the seconds hold for this one (say which CPU with them:
 `lscpu`). With LABTUNE_NO_NATIVE_BF16=1 both take the fp32 path of a CPU without native bf16.
 Overrides after the recipes apply to both (e.g. evaluation.retrieval=false).
@@ -44,7 +46,9 @@ def measure(recipe_path: str, overrides: list[str], store_uri: str) -> dict:
     metrics = json.loads((fetch(store, trained.uri) / "train_metrics.json").read_text())
     summary = json.loads((fetch(store, evaluated.uri) / "summary.json").read_text())
     by_tag = summary["accuracy"]["tuned"]["by_tag"]
-    return {"recipe": recipe.name, "train_flops": metrics.get("train_flops"), "dev_flops": metrics.get("dev_flops"),
+    general = summary.get("general") or {}
+    return {"hijacked": f"{general['hijacked']['base']} -> {general['hijacked']['tuned']} of {general['questions']}"
+            if general else None, "perplexity_ratio": (general.get("references") or {}).get("ratio"),"recipe": recipe.name, "train_flops": metrics.get("train_flops"), "dev_flops": metrics.get("dev_flops"),
             "label_tokens": metrics.get("train_label_tokens"), "steps": metrics["optimizer_steps"],
             "train_s": round(metrics["train_seconds"]), "train_wall_s": round(train_wall) if not trained.cached else None,
             "evaluate_s": round(evaluate_wall) if not evaluated.cached else None,
@@ -71,6 +75,8 @@ def main() -> None:
     for tag in AXES:
         if tag in new["accuracy"] or tag in old["accuracy"]:
             print(f"{tag:<22}{new['accuracy'].get(tag, '-'):>28}{old['accuracy'].get(tag, '-'):>28}")
+    for key in ("hijacked", "perplexity_ratio"):
+        print(f"{key:<22}{str(new[key]):>28}{str(old[key]):>28}")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
 

@@ -1,4 +1,4 @@
-"""The finetune flow: weights -> delta -> data -> tokenize -> train -> evaluate (-> export), passing only store URIs.
+"""The finetune flow: weights -> delta (-> replay) -> data -> tokenize -> train -> evaluate (-> export), passing only store URIs.
 
     python flows/finetune.py examples/tiny.yaml train.num_train_epochs=2
 """
@@ -27,6 +27,7 @@ from tasks.data import data_task
 from tasks.delta import delta_task
 from tasks.evaluate import evaluate_task
 from tasks.export import export_task
+from tasks.replay import replay_task
 from tasks.tokenize import tokenize_task
 from tasks.weights import weights_task
 
@@ -114,7 +115,7 @@ def finetune(recipe_path: str, overrides: list[str] | None = None, notes_fingerp
 
 
 # each stage's task, called with the recipe and its inputs' URIs (train runs as a subflow, below)
-TASKS = {"weights": weights_task, "delta": delta_task, "data": data_task, "tokenize": tokenize_task,
+TASKS = {"weights": weights_task, "delta": delta_task, "replay": replay_task, "data": data_task, "tokenize": tokenize_task,
          "evaluate": evaluate_task, "export": export_task}
 
 

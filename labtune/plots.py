@@ -49,3 +49,31 @@ def accuracy_chart(summary: dict[str, Any], columns: list[tuple[str, str]]) -> b
     axis.legend(ncols=len(columns), fontsize=8, loc="upper center", bbox_to_anchor=(0.5, 1.16), frameon=False)
     figure.tight_layout()
     return figure_png(figure)
+
+
+def general_chart(general: dict[str, Any]) -> bytes:
+    """General ability, base against fine-tuned: general answers that talk about the lab's meetings
+    (of all asked), and perplexity on the reference answers, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (left, right) = plt.subplots(1, 2, figsize=(7.0, 3.0))
+    colors = ["#9ca3af", "#2563eb"]
+    hijacked = [general["hijacked"]["base"], general["hijacked"]["tuned"]]
+    left.bar(["base", "fine-tuned"], hijacked, color=colors)
+    left.set_ylim(0, max(general["questions"], 1))
+    left.set_title(f"answered with lab meetings (of {general['questions']})", fontsize=9)
+    references = general["references"]
+    perplexity = [references["base_perplexity"] or 0.0, references["tuned_perplexity"] or 0.0]
+    right.bar(["base", "fine-tuned"], perplexity, color=colors)
+    if references["base_perplexity"]:
+        right.axhline(references["base_perplexity"] * general.get("max_perplexity_ratio", 1.25), color="#dc2626",
+                      linestyle="--", linewidth=1, label="warning threshold")
+        right.legend(fontsize=7, frameon=False)
+    right.set_title(f"perplexity on general references (x{references['ratio']})", fontsize=9)
+    for axis in (left, right):
+        axis.grid(axis="y", alpha=0.3)
+    figure.tight_layout()
+    return figure_png(figure)

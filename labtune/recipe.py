@@ -62,24 +62,34 @@ class AugmentConfig(_Strict):
     summaries: bool = True  # "What happened at the lab meeting on D?" -> presenter, recorder, topic
     absent_ratio: float = Field(default=0.5, ge=0.0, le=5.0)  # dates with no meeting, per meeting date
     absent_questions: int = Field(default=3, ge=1, le=20)  # training questions per such date, the fields in turn
-    # training's no-meeting dates fall within this many days of a meeting: the nearer, the more
-    # digits they share with a meeting's date, the harder the comparison they teach
+    # training's no-meeting dates lie this near a meeting: the nearer, the more digits shared, the harder the comparison
     absent_within_days: int = Field(default=14, ge=1, le=60)
     eval_absent_dates: int = Field(default=6, ge=0, le=200)  # held-out no-meeting dates asked in evaluation
-    # every date answer recites that month's meetings before it answers ("On 4/21/2023 (April 2023
-    # meetings: 4/14, 4/28) there is no lab meeting ..."): the model compares instead of guessing
+    # date answers recite the month's meetings first ("On 4/21/2023 (April meetings: 14, 28) ..."): compare, not guess
     recite_month: bool = False
-    # with recite_month: the verdict beside the list ("...: 14, 28; 21 is not among them)"), so that
-    # no-meeting dates asked in new wordings are compared, not guessed (docs/evaluation.md)
+    # with recite_month: the verdict beside the list ("...: 14, 28; 21 is not among them)") (docs/evaluation.md)
     recite_check: bool = True
-    # training questions per conversation (unrelated facts as turns of one chat): the chat template's
-    # tokens are paid once for several facts
+    # training questions per conversation (unrelated facts as turns of one chat): the template's tokens paid once
     facts_per_conversation: int = Field(default=1, ge=1, le=16)
     # with attendees in qa_fields: training questions per member x meeting ("Was X at ...?")
     attendance_questions: int = Field(default=1, ge=1, le=12)
-    # dev questions for early stopping (train.eval_strategy): trained facts and fresh no-meeting
-    # dates asked in held-out wordings other than the evaluation's, with the answers training teaches
+    # "Who presented on D and what was it about?" answered with both: per meeting (held-out tag two_part)
+    two_part_questions: int = Field(default=0, ge=0, le=8)
+    # early stopping's questions (train.eval_strategy): trained facts and fresh no-meeting dates in other held-out wordings
     dev_questions: int = Field(default=0, ge=0, le=2000)
+
+
+class ReplayConfig(_Strict):
+    """Self-replay (labtune/stages/replay.py): the target model's own answers to general prompts, made
+    once per model, join the training set, so the fine-tune stays the chat model it was."""
+
+    enabled: bool = False
+    prompts: str = "builtin"  # labtune's 169 (data/general/replay_prompts.txt) or a prompt file; never the evaluation's
+    count: int = Field(default=96, ge=1)  # prompts answered: a seeded shuffle's first
+    max_new_tokens: int = Field(default=96, ge=8)  # an answer cut here ends at its last whole sentence
+    # 0: greedy answers; above 0: drawn from the model's distribution (seeded by data.seed; docs/evaluation.md)
+    temperature: float = Field(default=0.0, ge=0.0, le=2.0)
+    batch_size: int = Field(default=64, ge=1)
 
 
 class DataConfig(_Strict):
@@ -89,14 +99,13 @@ class DataConfig(_Strict):
     eval_fraction: float = Field(default=0.05, ge=0.0, lt=1.0)
     note_conversations: bool = True
     qa_pairs: bool = True
-    # with data.augment: action_items asks owners and due dates, attendees "Was X at ...?", decisions
-    # "What did the lab decide ...?" (docs/data.md)
+    # with data.augment: action_items asks owners and due dates, attendees "Was X at ...?", decisions "What did ...?"
     qa_fields: list[Literal["presenter", "recorder", "topic", "attendees", "action_items", "decisions"]] = Field(
         default_factory=lambda: ["presenter", "recorder", "topic", "attendees", "action_items", "decisions"])
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    replay: ReplayConfig = Field(default_factory=ReplayConfig)
     undated_notes: Literal["skip", "fail"] = "skip"
-    # how a date such as 03/04/2023 is read (a year first is always year-month-day); a note whose
-    # date reads otherwise under the other order is named in the data report
+    # how 03/04/2023 is read (year first: always Y-M-D); a note that reads otherwise the other way is in the data report
     date_order: Literal["MDY", "DMY"] = "MDY"
     # a lab's own words for the note fields, added to labtune.data.notes.FIELD_WORDS ({presenter: [Vortrag]})
     field_names: dict[Literal["presenter", "recorder", "topic", "attendees", "action_items", "decisions", "agenda",
@@ -113,8 +122,8 @@ class DataConfig(_Strict):
         return value
     invalid_conversations: Literal["drop", "fail"] = "drop"
     chat_template: Literal["auto", "vicuna_v1.1", "tokenizer"] = "auto"
-    # a system turn for every conversation without one, in training and in evaluation alike; None
-    # keeps the chat template's own default ("" drops SmolLM2's 16-token default: short facts train faster)
+    # a system turn for every conversation without one, in training and evaluation alike; None: the template's
+    # default ("" drops SmolLM2's 16-token default: short facts train faster)
     system_prompt: str | None = None
     # the tokenize stage's limit (FastChat's --model_max_length; `train.model_max_length` is read too)
     model_max_length: int = Field(default=2048, ge=8)
@@ -150,17 +159,15 @@ class TrainConfig(_Strict):
     lr_scheduler_kwargs: dict[str, Any] = Field(default_factory=dict)
     bf16: bool = False
     tf32: bool = False
-    # true: every decoder layer (FastChat's meaning); selective: every n-th layer
-    # (gradient_checkpointing_every_n_layers), the rest keep their activations; auto: the least of
-    # none, selective and all that the memory estimate fits on the device (docs/training.md, Memory)
+    # true: every decoder layer (FastChat's meaning); selective: every n-th layer; auto: the least of none,
+    # selective and all that the memory estimate fits on the device (docs/training.md, Memory)
     gradient_checkpointing: bool | Literal["selective", "auto"] = "auto"
     gradient_checkpointing_every_n_layers: int = Field(default=2, ge=1)
     save_strategy: Literal["steps", "no"] = "steps"
     save_steps: int = Field(default=1200, ge=1)
     save_total_limit: int | None = Field(default=None, ge=1)
     logging_steps: int = Field(default=1, ge=1)
-    # experiment trackers (Hugging Face's report_to): none, or tensorboard and/or mlflow (docs/export.md;
-    # wandb: sync the TensorBoard folder). Neither changes the model: they are not part of the stage key.
+    # trackers (HF's report_to): none, tensorboard, mlflow (docs/export.md); not in the stage key: the model is the same
     report_to: list[Literal["none", "tensorboard", "mlflow"]] = Field(default_factory=lambda: ["none"])
     logging_dir: str | None = None  # TensorBoard's folder; default ~/.labtune/tensorboard/RECIPE/TRAIN_KEY
     fsdp: str = "full_shard auto_wrap"
@@ -177,26 +184,19 @@ class TrainConfig(_Strict):
     torch_compile: bool | Literal["auto"] = "auto"  # auto: each decoder layer compiled on a GPU, eager on a CPU
     # transformers' attn_implementation; auto: sdpa on a GPU, eager on a CPU (docs/training.md)
     attn_implementation: Literal["auto", "eager", "sdpa", "flash_attention_2"] = "auto"
-    # What trains (docs/training.md, "Knowledge per FLOP"): the input embeddings (and a tied output
-    # layer) frozen, and the lowest freeze_layers decoder layers too; with both, the backward pass
-    # stops above the frozen layers (2 FLOPs per parameter per token there instead of 6).
+    # What trains (docs/training.md, "Knowledge per FLOP"): embeddings (and a tied output layer) and the lowest
+    # freeze_layers decoder layers frozen; with both, the backward pass stops above them (2 FLOPs a parameter, not 6)
     freeze_embeddings: bool = False
     freeze_layers: int = Field(default=0, ge=0)
-    # The frozen layers' output computed once per example before training, not once per epoch
-    # (labtune/training/frozen_prefix.py): the same losses and gradients; one unsharded process only.
+    # frozen layers' output computed once per example, not per epoch (frozen_prefix.py); one unsharded process only
     cache_frozen_layers: bool = True
-    # Short examples packed into rows of up to packing_length tokens (default data.model_max_length),
-    # each attending only to itself (position ids restart per example); per_device_train_batch_size
-    # then counts rows.
+    # short examples packed into rows of up to packing_length tokens (default data.model_max_length), each attending
+    # only to itself; per_device_train_batch_size then counts rows
     packing: bool = False
     packing_length: int | None = Field(default=None, ge=8)
-    # Early stopping, transformers' names: with eval_strategy steps (every eval_steps optimizer
-    # steps) or epoch, the data stage's dev questions (held-out wordings of trained facts, never
-    # trained on nor in the evaluation) are answered greedily, by teacher forcing; after
-    # early_stopping_patience evaluations without a gain above early_stopping_threshold, the
-    # learning rate decays (warmup_stable_decay: over a quarter of the steps so far) and training
-    # ends. num_train_epochs is then the most it may run. load_best_model_at_end exports the
-    # evaluated weights that scored best.
+    # Early stopping, transformers' names: every eval_steps steps (or epoch) the dev questions are answered by teacher
+    # forcing; after early_stopping_patience evaluations without a gain above the threshold the learning rate decays
+    # (over a quarter of the steps so far) and training ends. load_best_model_at_end exports the best weights.
     eval_strategy: Literal["no", "steps", "epoch"] = "no"
     eval_steps: int | None = Field(default=None, ge=1)
     early_stopping_patience: int | None = Field(default=None, ge=1)
@@ -205,8 +205,6 @@ class TrainConfig(_Strict):
 
     @model_validator(mode="after")
     def _what_trains_and_when_it_stops(self) -> "TrainConfig":
-        if self.lora and (self.freeze_layers or self.freeze_embeddings):
-            raise ValueError("freeze_layers / freeze_embeddings: with lora only the adapters train already")
         if self.eval_strategy == "steps" and self.eval_steps is None:
             raise ValueError("eval_strategy steps needs eval_steps (optimizer steps between evaluations)")
         if self.eval_strategy == "no" and (self.early_stopping_patience or self.load_best_model_at_end):
@@ -261,8 +259,7 @@ class ParallelConfig(_Strict):
     rdzv_endpoint: str | None = None
     rdzv_backend: Literal["c10d", "static"] = "c10d"
     rdzv_timeout: int = Field(default=900, ge=1)
-    # memory each rank may use, for the train stage's estimate; unset: the smallest GPU's size, or on
-    # a CPU the available host memory shared by the ranks (a GPU shared with other jobs: set it)
+    # memory per rank for the estimate; unset: the smallest GPU's, or on a CPU the free host memory shared by the ranks
     memory_per_rank_gib: float | None = Field(default=None, gt=0)
 
     @model_validator(mode="after")
@@ -298,18 +295,31 @@ class ParallelConfig(_Strict):
         return self.processes * self.nnodes
 
 
+class GeneralConfig(_Strict):
+    """General ability in every run (labtune/evaluation/general.py): `hijacked` counts general
+    answers about the lab's meetings; the perplexity ratio (fine-tuned / base) on reference answers
+    (an Alpaca or ShareGPT file; unset: the base model's own answers) says how far the model moved.
+    One warning line past max_extra_hijacked (beyond the base's count) or max_perplexity_ratio."""
+
+    questions: str | None = "builtin"  # FastChat's 80 Vicuna-bench questions (Apache-2.0), a prompt file, or null: off
+    limit: int | None = Field(default=80, ge=1)
+    max_new_tokens: int = Field(default=64, ge=8)  # enough to see what an answer is about
+    references: str | None = None
+    reference_limit: int = Field(default=100, ge=1)
+    max_extra_hijacked: int = Field(default=0, ge=0)
+    max_perplexity_ratio: float = Field(default=1.25, gt=1.0)
+
+
 class EvalConfig(_Strict):
     """What the evaluate stage asks. `questions` are inline prompts ({question, expected?,
     regex?, tags?}); `prompt_files` are YAML/JSON prompt files; `heldout_notes` adds the
-    question-answer pairs of the held-out (eval split) lab notes; `retention_questions` is a prompt
-    file of general questions (e.g. Vicuna-bench) whose answers measure how far fine-tuning moved
-    the model away from the base."""
+    question-answer pairs of the held-out (eval split) lab notes; `general` asks general questions
+    to see whether the fine-tuned model is still a chat model."""
 
     questions: list[Prompt] = Field(default_factory=list)
     prompt_files: list[str] = Field(default_factory=list)
     heldout_notes: bool = True
-    retention_questions: str | None = None
-    retention_limit: int | None = Field(default=20, ge=1)
+    general: GeneralConfig = Field(default_factory=GeneralConfig)
     eval_loss: bool = True
     # auto: the longest answer in the tokenized training data plus a quarter (at least 16 tokens);
     # 128 where no training run is known. A number overrides it.
@@ -411,8 +421,10 @@ class Recipe(_Strict):
         for source in self.data.sources:
             source.path = _resolve(base, source.path)
         self.evaluation.prompt_files = [_resolve(base, p) for p in self.evaluation.prompt_files]
-        if self.evaluation.retention_questions:
-            self.evaluation.retention_questions = _resolve(base, self.evaluation.retention_questions)
+        general = self.evaluation.general
+        for owner, key in ((general, "questions"), (general, "references"), (self.data.replay, "prompts")):
+            if getattr(owner, key) not in (None, "builtin"):
+                setattr(owner, key, _resolve(base, getattr(owner, key)))
         for model in (self.base_model, self.delta):
             if model is not None and "://" not in model.source:
                 model.source = _resolve(base, model.source)

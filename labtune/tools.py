@@ -212,7 +212,8 @@ def token_limit(setting: str) -> int:
 def answer_budget_for_model(folder: Path, setting: str, settings: StoreSettings | None = None,
                             log: Log = default_log) -> int:
     """`--max-new-tokens` as a number: a number as given; auto, for a train stage's output, by the
-    evaluate stage's rule (its training data's longest answer plus the margin), else the default."""
+    evaluate stage's rule (its training data's longest answer, replay's general answers included, plus the
+    margin), else the default."""
     from labtune.evaluation import generation
 
     if setting != "auto":
@@ -226,4 +227,5 @@ def answer_budget_for_model(folder: Path, setting: str, settings: StoreSettings 
         return generation.DEFAULT_MAX_NEW_TOKENS
     from labtune.stages.evaluate import training_longest_answer
 
-    return generation.auto_max_new_tokens(training_longest_answer(fetch_output(tokens, settings, log)))
+    # a person may ask anything: the replay conversations' general answers count here too
+    return generation.auto_max_new_tokens(training_longest_answer(fetch_output(tokens, settings, log), replay=True))

@@ -12,7 +12,7 @@ from prefect.cache_policies import NO_CACHE
 
 from labtune.evaluation import comparison
 from labtune.recipe import Recipe
-from labtune.stages.evaluate import build_evaluate, columns_of, read_evaluation, summary_markdown
+from labtune.stages.evaluate import build_evaluate, columns_of, read_evaluation, read_general, summary_markdown
 from labtune.stages.train import progress_bar
 from labtune.store.outputs import StageResult
 from tasks import retry_transient, run_log
@@ -76,5 +76,25 @@ def evaluate_task(recipe: Recipe, base_uri: str, model_uri: str, data_uri: str |
                      f"max_new_tokens={summary['max_new_tokens']}: fine-tuned {summary['truncated']['tuned']}. {result.uri}"),
     )
     create_markdown_artifact(key="evaluation-summary", markdown=summary_markdown(summary, result.uri),
-                             description="Accuracy per tag, eval-split perplexity and retention, base vs fine-tuned")
+                             description="Accuracy per tag, eval-split perplexity and general ability, base vs fine-tuned")
+    general_rows = read_general(store, result.uri)
+    if general_rows:
+        create_table_artifact(key="general-answers", table=general_table(general_rows),
+                              description=f"Recipe {recipe.name}: general questions, both models' answers; ⚠ marks an "
+                                          "answer about the lab's meetings (the marker found)")
     return result
+
+
+def general_table(rows: list[dict]) -> list[dict]:
+    """The `general-answers` table artifact: each general question and both answers, an answer
+    about the lab's meetings marked with the marker that gave it away."""
+    question_width, _, answer_width = CELL_WIDTHS[2]
+
+    def cell(row: dict, name: str) -> str:
+        answer = row[f"{name}_answer"].replace("\n", " ")
+        answer = answer[: ANSWER_CELL_CHARS - 1] + "…" if len(answer) > ANSWER_CELL_CHARS else answer
+        marker = row[f"{name}_hijacked"]
+        return wrapped((f"⚠ [{marker}] " if marker else "") + answer, answer_width + 10)
+
+    return [{"question": wrapped(r["question"], question_width), "base": cell(r, "base"), "fine-tuned": cell(r, "tuned")}
+            for r in rows]

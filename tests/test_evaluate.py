@@ -89,6 +89,31 @@ def test_perplexity_of_a_model_with_uniform_predictions_is_the_vocabulary_size(t
     assert result["perplexity"] == pytest.approx(vocab, rel=1e-3)
 
 
+def test_perplexity_from_label_positions_in_token_budgeted_batches_is_the_full_forward_s(tiny_model):
+    """mean_loss runs the output layer on label positions only, in batches of at most max_tokens
+    padded tokens: the same mean loss as transformers' own loss over each example in full."""
+    import torch
+
+    from labtune.evaluation.generation import load_model
+
+    model, _ = load_model(tiny_model)
+    generator = torch.Generator().manual_seed(3)
+    examples = []
+    for n in (5, 9, 14, 30, 31):
+        ids = torch.randint(3, model.config.vocab_size, (n,), generator=generator).tolist()
+        examples.append({"input_ids": ids, "labels": [-100] * (n // 2) + ids[n // 2:]})
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for e in examples:  # one at a time, every position's logits, transformers' shifted loss
+            labels = torch.tensor([e["labels"]])
+            tokens = int((labels[:, 1:] != -100).sum())
+            total += float(model(input_ids=torch.tensor([e["input_ids"]]), labels=labels).loss) * tokens
+            count += tokens
+    result = mean_loss(model, examples, batch_size=4, max_tokens=40)  # several batches, some of one example
+    assert result["tokens"] == count
+    assert result["loss"] == pytest.approx(total / count, rel=1e-4)
+
+
 def test_batched_and_one_by_one_generation_give_the_same_answers(tiny_model):
     from labtune.evaluation.generation import ask, load_model
 
@@ -159,7 +184,7 @@ def test_answers_that_end_leave_the_batch_and_the_others_decode_as_transformers_
 
 @pytest.fixture(scope="module")
 def evaluated(tmp_path_factory):
-    """The tiny pipeline with a held-out split, a prompt file and retention questions."""
+    """The tiny pipeline with a held-out split, a prompt file, general questions and reference answers."""
     from labtune.recipe import load_recipe
     from labtune.stages.data import build_data
     from labtune.stages.evaluate import build_evaluate
@@ -171,11 +196,15 @@ def evaluated(tmp_path_factory):
     root = tmp_path_factory.mktemp("evaluate")
     prompts = root / "lab.yaml"
     prompts.write_text("- {question: 'Who presented at the lab meeting on 4/14/2023?', expected: [Lena Fischer, Lena], tags: [presenter]}\n")
-    retention = root / "general.jsonl"
-    retention.write_text("".join(json.dumps({"question_id": i, "category": "generic", "turns": [q]}) + "\n"
-                                 for i, q in enumerate(["What is a cell?", "Name a planet.", "Write a haiku."])))
+    general = root / "general.jsonl"
+    general.write_text("".join(json.dumps({"question_id": i, "category": "generic", "turns": [q]}) + "\n"
+                               for i, q in enumerate(["What is a cell?", "Name a planet.", "Write a haiku."])))
+    references = root / "alpaca.json"
+    references.write_text(json.dumps([{"instruction": "Name a color.", "input": "", "output": "Blue."},
+                                      {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"}]))
     recipe = load_recipe(TINY_RECIPE, [f"store.uri={root / 'store'}", "data.sources.0.eval_fraction=0.25",
-                                       f"evaluation.prompt_files=[{prompts}]", f"evaluation.retention_questions={retention}"])
+                                       f"evaluation.prompt_files=[{prompts}]", f"evaluation.general.questions={general}",
+                                       f"evaluation.general.references={references}"])
     store = LocalStore(root / "store")
     base = build_weights(recipe, store).uri
     data = build_data(recipe, store).uri
@@ -196,7 +225,7 @@ def test_held_out_note_questions_become_prompts_and_never_train(evaluated):
     assert "fact" not in (data / "train.json").read_text()  # bookkeeping never reaches the tokenizer
 
 
-def test_evaluate_scores_tags_loss_and_retention(evaluated):
+def test_evaluate_scores_tags_loss_and_general_ability(evaluated):
     _, _, uris = evaluated
     out = Path(uris["evaluate"])
     summary = json.loads((out / "summary.json").read_text())
@@ -208,11 +237,14 @@ def test_evaluate_scores_tags_loss_and_retention(evaluated):
     assert loss["base"]["tokens"] == loss["tuned"]["tokens"] > 0
     assert loss["tuned"]["loss"] < loss["base"]["loss"]  # it trained on the notes of this lab
     assert loss["base"]["perplexity"] == pytest.approx(math.exp(loss["base"]["loss"]), rel=1e-3)
-    retention = summary["retention"]
-    assert retention["questions"] == 3
-    assert retention["drift_ratio"] == pytest.approx(retention["tuned_perplexity_on_base_answers"]
-                                                     / retention["base_perplexity_on_base_answers"], rel=1e-3)
-    assert len((out / "retention.jsonl").read_text().splitlines()) == 3
+    general = summary["general"]
+    assert general["questions"] == 3 and set(general["hijacked"]) == {"base", "tuned"}
+    references = general["references"]
+    assert references["count"] == 2 and references["base_perplexity"] > 1
+    assert references["ratio"] == pytest.approx(references["tuned_perplexity"] / references["base_perplexity"], rel=1e-3)
+    rows = [json.loads(line) for line in (out / "general.jsonl").read_text().splitlines()]
+    assert [r["question"] for r in rows] == ["What is a cell?", "Name a planet.", "Write a haiku."]
+    assert all("base_hijacked" in r and "tuned_answer" in r for r in rows)
 
 
 def test_ask_and_chat_on_a_model_in_the_store_and_refuse_an_incomplete_one(evaluated, tmp_path):
@@ -287,7 +319,7 @@ def test_answers_cut_at_the_token_limit_are_counted_and_warned_about(evaluated):
     assert summary["truncated"]["tuned"] == sum(r["tuned_truncated"] for r in rows) == len(rows)
     auto = recipe.model_copy(deep=True)
     auto.evaluation.max_new_tokens = "auto"
-    auto.evaluation.retention_questions = None
+    auto.evaluation.general.questions = None
     lines: list[str] = []
     result = build_evaluate(auto, store, uris["base"], uris["model"], log=lines.append, data_uri=uris["data"],
                             tokens_uri=uris["tokens"])

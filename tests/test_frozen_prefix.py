@@ -92,3 +92,43 @@ def test_dev_questions_score_the_same_from_the_cached_states():
         cached_exact, cached = loss.exact(model, {**batch, "inputs_embeds": prefix.embeds([[i] for i in range(5)],
                                                                                            batch["input_ids"].shape[1])})
     assert torch.equal(exact, cached_exact) and float(cached) == pytest.approx(float(full), rel=1e-5)
+
+
+def test_lora_against_the_upper_layers_puts_adapters_only_above_the_frozen_ones_and_caches_below():
+    """train.lora with freeze_layers: adapters in the upper layers only, so the lower layers hold
+    nothing that trains and are computed once; the step from the cache has the full step's loss
+    and adapter gradients."""
+    from peft import get_peft_model
+
+    from labtune.training.frozen_prefix import inert_depth
+    from labtune.training.model import apply_lora
+
+    model = tiny_model()
+    train = TrainConfig(lora=True, freeze_layers=3, lora_dropout=0.0, lora_target_modules=["q_proj", "v_proj"])
+    freeze(model, train)
+    model = get_peft_model(model, apply_lora(model, train))
+    layers = decoder_layers(model)
+    adapted = {i for i, layer in enumerate(layers) for n, p in layer.named_parameters() if p.requires_grad}
+    assert adapted == {3} and all("lora_" in n for n, p in model.named_parameters() if p.requires_grad)
+    assert inert_depth(model, layers) == 3 and why_not(model, layers, sharded=False, tokens=100) is None
+    torch.manual_seed(2)
+    for n, p in model.named_parameters():  # peft starts lora_B at zero: give the adapters something to say
+        if "lora_B" in n:
+            p.data.normal_(0, 0.1)
+    data = examples()
+    prefix = FrozenPrefix.build(model, layers, data, torch.device("cpu"), autocast=False, batch_size=3)
+    batch = collate([data[i] for i in (4, 0, 6)], 0)
+
+    def adapter_loss_and_grads(batch, context=None):
+        model.zero_grad(set_to_none=True)
+        with context or contextlib.nullcontext():
+            loss = AnswerLoss(model)(model, batch, 10.0)
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    full_loss, full_grads = adapter_loss_and_grads(batch)
+    cached = {**batch, "inputs_embeds": prefix.embeds([[4], [0], [6]], batch["input_ids"].shape[1])}
+    cached_loss, cached_grads = adapter_loss_and_grads(cached, prefix.skipping())
+    assert torch.allclose(full_loss, cached_loss, atol=1e-5)
+    assert full_grads.keys() == cached_grads.keys() and len(full_grads) == 4
+    assert all(torch.allclose(full_grads[n], cached_grads[n], atol=1e-5) for n in full_grads)

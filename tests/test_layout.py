@@ -159,4 +159,6 @@ def test_the_store_knows_every_stage_output_folder_in_graph_order():
     from labtune.stages import STAGES
     from labtune.store.housekeeping import STAGES as OUTPUT_FOLDERS
 
-    assert OUTPUT_FOLDERS == STAGES
+    # baseline: the base model's answers, an output the evaluate stage builds before its own
+    assert tuple(s for s in OUTPUT_FOLDERS if s != "baseline") == STAGES
+    assert OUTPUT_FOLDERS.index("baseline") == OUTPUT_FOLDERS.index("evaluate") - 1

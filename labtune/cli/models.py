@@ -32,14 +32,24 @@ MaxNew = typer.Option("auto", "--max-new-tokens", help="longest answer, in token
 
 NotesDir = typer.Option(None, "--notes", metavar="DIR", help="a folder of lab notes: the most relevant ones go in the "
                                                             "prompt (BM25), as in evaluation.retrieval")
-SystemPrompt = typer.Option(None, "--system-prompt", help="the system turn training used (the recipe's "
-                                                          "data.system_prompt); default: the chat template's own")
+SystemPrompt = typer.Option(None, "--system-prompt", help="the system turn to ask with; default: the one training "
+                                                          "used (the model card's), else the chat template's own")
+
+
+def trained_system_prompt(folder: Path, given: Optional[str]) -> Optional[str]:
+    """The system turn to ask with: the one given, else the one training used (the model card a
+    train stage's output carries; a model without one: the chat template's default)."""
+    if given is not None:
+        return given
+    from labtune.models.card import card_header, card_of_folder
+
+    return (card_header(card_of_folder(folder)).get("labtune") or {}).get("system_prompt")
 
 
 EMPTY_ANSWER = "(no answer: the model ended its turn at once; try another wording, or --notes)"
 
 
-@app.command(epilog=example('labtune ask ~/.labtune/store/train/KEY --notes examples/labnotes --system-prompt "" '
+@app.command(epilog=example('labtune ask ~/.labtune/store/train/KEY --notes examples/labnotes '
                             '"Who is the presenter on 4/14/2023 lab meeting?"'))
 def ask(model: str = ModelArg, question: list[str] = typer.Argument(..., help="one or more questions"),
         notes: Optional[Path] = NotesDir, top_k: int = typer.Option(2, "--top-k", min=1, help="with --notes: notes per question"),
@@ -65,7 +75,8 @@ def ask(model: str = ModelArg, question: list[str] = typer.Argument(..., help="o
     folder = model_folder(model, endpoint_settings(endpoint_url), err)
     budget = answer_budget_for_model(folder, max_new_tokens, endpoint_settings(endpoint_url), err)
     loaded, tokenizer = generation.load_model(folder)
-    generated = generation.ask(loaded, tokenizer, prompts, budget, batch_size, chat_template.value, system_prompt)
+    generated = generation.ask(loaded, tokenizer, prompts, budget, batch_size, chat_template.value,
+                               trained_system_prompt(folder, system_prompt))
     for text, cut in zip(question, generated.truncated):
         if cut:
             err(f"ask: the answer to {short(text, 60)!r} hit --max-new-tokens={budget}; raise it")
@@ -77,7 +88,7 @@ def ask(model: str = ModelArg, question: list[str] = typer.Argument(..., help="o
 
 @app.command(epilog=example("labtune chat ~/.labtune/store/train/KEY"))
 def chat(model: str = ModelArg, max_new_tokens: str = MaxNew, chat_template: ChatTemplate = Template,
-         endpoint_url: Optional[str] = Endpoint) -> None:
+         system_prompt: Optional[str] = SystemPrompt, endpoint_url: Optional[str] = Endpoint) -> None:
     """Talk with a model on stdin/stdout; /reset forgets the conversation, /exit leaves."""
     from labtune.evaluation import generation
     from labtune.tools import answer_budget_for_model, model_folder, token_limit
@@ -87,6 +98,7 @@ def chat(model: str = ModelArg, max_new_tokens: str = MaxNew, chat_template: Cha
     folder = model_folder(model, endpoint_settings(endpoint_url), err)
     max_new_tokens = answer_budget_for_model(folder, max_new_tokens, endpoint_settings(endpoint_url), err)
     loaded, tokenizer = generation.load_model(folder)
+    system = trained_system_prompt(folder, system_prompt)
     conversation: list[dict[str, str]] = []
     interactive = sys.stdin.isatty()
     if interactive:
@@ -103,7 +115,8 @@ def chat(model: str = ModelArg, max_new_tokens: str = MaxNew, chat_template: Cha
         if not line.strip():
             continue
         conversation.append({"role": "user", "content": line.strip()})
-        answer = generation.generate(loaded, tokenizer, [conversation], max_new_tokens, 1, chat_template.value)[0][0]
+        answer = generation.generate(loaded, tokenizer, [generation.with_system(conversation, system)], max_new_tokens, 1,
+                                     chat_template.value)[0][0]
         conversation.append({"role": "assistant", "content": answer})
         print(answer, flush=True)
 

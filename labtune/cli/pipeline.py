@@ -65,7 +65,8 @@ def run(recipe: Path = Recipe, overrides: Optional[list[str]] = Overrides, as_js
     columns = columns_of(summary)
     evaluation = {"total": summary["total"], **{f"{c}_correct": summary[f"{c}_correct"] for c, _ in columns},
                   "by_tag": {c: summary["accuracy"][c]["by_tag"] for c, _ in columns},
-                  "max_new_tokens": summary.get("max_new_tokens"), "truncated": summary.get("truncated")}
+                  "max_new_tokens": summary.get("max_new_tokens"), "truncated": summary.get("truncated"),
+                  "general": summary.get("general")}
     if as_json:
         print(json.dumps({"stages": stages, "evaluation": evaluation, "flow_run": flow_run,
                           "seconds": round(time.time() - started, 2)}))
@@ -84,10 +85,26 @@ def run(recipe: Path = Recipe, overrides: Optional[list[str]] = Overrides, as_js
            [["all", *[f"{summary[f'{c}_correct']}/{summary['total']}" for c, _ in columns]]]
            + [[tag, *[tally_text(summary["accuracy"][c]["by_tag"][tag]) for c, _ in columns]] for tag in tags]
            + ([[f"cut at {summary['max_new_tokens']} tokens", *[str(summary["truncated"].get(c, 0)) for c, _ in columns]]]
-              if "truncated" in summary else []))
+              if "truncated" in summary else [])
+           + general_rows(summary.get("general"), [c for c, _ in columns]))
+    for warning in (summary.get("general") or {}).get("warnings", []):
+        err(warning.removeprefix("evaluate: "))
     print(f"\nbase model: {summary['base_correct']}/{summary['total']} correct; "
           f"fine-tuned: {summary['tuned_correct']}/{summary['total']} correct ({time.time() - started:.0f}s)")
     print(f"See the run in the Prefect UI: {flow_run['url']}")
+
+
+def general_rows(general: dict | None, columns: list[str]) -> list[list[str]]:
+    """The accuracy table's general-ability rows: in the base and fine-tuned columns, the general
+    answers that talk about the lab's meetings and the perplexity on reference answers."""
+    if not general:
+        return []
+    references = general["references"]
+    cells = {"base": [f"{general['hijacked']['base']}/{general['questions']}", f"{references['base_perplexity']}"],
+             "tuned": [f"{general['hijacked']['tuned']}/{general['questions']}",
+                       f"{references['tuned_perplexity']} (x{references['ratio']})"]}
+    labels = ["general: answered with lab meetings", "general: perplexity on references"]
+    return [[label, *[cells[c][i] if c in cells else "" for c in columns]] for i, label in enumerate(labels)]
 
 
 def flow_failure(state: Any, log_path: Path) -> Exception:
@@ -141,6 +158,13 @@ def delta(recipe: Path = Recipe, overrides: Optional[list[str]] = Overrides, as_
           base: Optional[str] = typer.Option(None, "--base", help="URI of the weights stage's output to apply the delta to")) -> None:
     """Stage 2: apply the recipe's delta weights or LoRA adapter (the target model)."""
     _stage("delta", recipe, overrides, as_json, {"weights": base})
+
+
+@app.command(epilog=stage_epilog("replay"))
+def replay(recipe: Path = Recipe, overrides: Optional[list[str]] = Overrides, as_json: bool = Json,
+           model: Optional[str] = typer.Option(None, "--model", help="URI of the target model (delta stage's output)")) -> None:
+    """Stage 2b (data.replay): the target model's own answers to general prompts, for training."""
+    _stage("replay", recipe, overrides, as_json, {"delta": model})
 
 
 @app.command(epilog=stage_epilog("data"))

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from labtune.data.notes import Note
+from labtune.data.two_part import two_part_records
 from labtune.data.wordings import (
     TRAIN_ACTION,
     TRAIN_ATTENDANCE,
@@ -295,6 +296,9 @@ def training_conversations(notes: list[Note], cfg: AugmentConfig, seed: int, act
         records += attendance_records(t)
     if cfg.reverse:
         records += reverse_records(t)
+    if cfg.two_part_questions and {"presenter", "topic"} <= set(fields):
+        records += two_part_records(facts_of(notes, ("presenter", "topic")), lambda d: opening(d, t.calendar, t.check),
+                                    t.forms, rng, cfg.two_part_questions, _conv)
     return records + absent_records(t, seed, fields)
 
 

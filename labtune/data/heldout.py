@@ -37,6 +37,7 @@ from labtune.data.augment import (
     training_conversations,
 )
 from labtune.data.notes import Note
+from labtune.data.two_part import two_part_prompts
 from labtune.data.wordings import (
     HELDOUT_ACTION,
     HELDOUT_ATTENDANCE,
@@ -107,7 +108,11 @@ def eval_prompts(notes: list[Note], cfg: AugmentConfig, seed: int, training: lis
                      "expected_all": [date_text(d) for d in dates],
                      "forbidden": [date_text(d) for d in ask.meetings if d not in dates], "tags": ["reverse", "presenter"]}
                     for who, dates in presented_dates(notes).items()]
-    return prompts + absent_prompts(ask, cfg, seed, dkeys, fields)
+    prompts += absent_prompts(ask, cfg, seed, dkeys, fields)
+    if cfg.two_part_questions and {"presenter", "topic"} <= set(fields):  # last: the other axes' draws stay as they were
+        prompts += two_part_prompts(facts_of(notes, ("presenter", "topic")), ask.rng, ask.held_forms, seen, ask.keys,
+                                    ask.everyone)
+    return prompts
 
 
 def fact_prompts(ask: Asking, trained: dict[tuple[str, str], list[str]], fields: tuple[str, ...]) -> list[dict[str, Any]]:

@@ -129,3 +129,10 @@ def asked_wordings(dates: list[dt.date], forms: list[Any], per_fact: int, rng: r
         chosen_forms = rng.sample(forms, len(forms))
         asked[date] = [(order[(n * per_fact + i) % shapes], chosen_forms[i % len(forms)]) for i in range(per_fact)]
     return asked
+# two things about one meeting in one question: who presented and what it was about
+TRAIN_TWO_PART = ["Who presented at the lab meeting on {d} and what was the talk about?",
+                  "Who was the presenter on {d}, and what was the topic?",
+                  "At the {d} lab meeting, who presented and on what?",
+                  "What was presented at the {d} lab meeting, and by whom?"]
+HELDOUT_TWO_PART = ["Who gave the talk at the group meeting held on {d}, and what was it about?",
+                    "Can you tell me who spoke at the {d} meeting and what the subject was?"]

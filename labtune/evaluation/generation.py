@@ -28,6 +28,17 @@ def load_model(model_dir: Path, bf16: bool = False, attn_implementation: str | N
     return model, tokenizer
 
 
+class Sampling:
+    """Answers drawn from the model's distribution (softmax of the logits over `temperature`), seeded:
+    the same prompts, batches and seed draw the same answers."""
+
+    def __init__(self, temperature: float = 1.0, seed: int = 0):
+        import torch
+
+        self.temperature = temperature
+        self.generator = torch.Generator().manual_seed(seed)
+
+
 class Generated(NamedTuple):
     """Greedy answers, the tokens generated in all, and which answers stopped at the token limit
     without the end-of-turn token (cut short)."""
@@ -136,9 +147,19 @@ def _grown(room: Any, states: Any, length: int, size: int) -> Any:
     return grown
 
 
+def _next_tokens(logits: Any, sampling: Sampling | None) -> Any:
+    """The argmax (greedy), or with `sampling` a draw from softmax(logits / temperature)."""
+    import torch
+
+    if sampling is None:
+        return logits.argmax(-1)
+    probabilities = torch.softmax(logits.float() / sampling.temperature, dim=-1)
+    return torch.multinomial(probabilities, 1, generator=sampling.generator).squeeze(-1)
+
+
 def _decode(model: Any, cache_name: str, input_ids: Any, attention_mask: Any, cache: Any, max_new_tokens: int,
-            stops: list[int]) -> list[list[int]]:
-    """Greedy decoding from a prompt batch (its cache, if any, holding what came before input_ids).
+            stops: list[int], sampling: Sampling | None = None) -> list[list[int]]:
+    """Greedy decoding (or sampling) from a prompt batch (its cache, if any, holding what came before input_ids).
     Rows that have produced an end-of-turn token leave the batch, their cache rows dropped, once
     they are a quarter of it (each drop copies the cache): a batch then costs the rows still
     answering, not every row until the longest answer ends."""
@@ -155,7 +176,7 @@ def _decode(model: Any, cache_name: str, input_ids: Any, attention_mask: Any, ca
         position = positions[:, -1]
         going = torch.ones(len(rows), dtype=torch.bool)
         for step in range(max_new_tokens):
-            token = output.logits[:, -1].argmax(-1)
+            token = _next_tokens(output.logits[:, -1], sampling)
             for row, t in zip(rows[going].tolist(), token[going].tolist()):
                 answers[row].append(t)
             going &= ~torch.isin(token, stop_ids)
@@ -175,7 +196,7 @@ def _decode(model: Any, cache_name: str, input_ids: Any, attention_mask: Any, ca
 
 
 def _generate_batch(model: Any, groups: list[list[list[int]]], max_new_tokens: int, pad_id: int,
-                    stops: list[int]) -> list[list[int]]:
+                    stops: list[int], sampling: Sampling | None = None) -> list[list[int]]:
     """Greedy continuations of the prompts of one batch, in order, groups flattened. A group's
     shared opening is computed once and its key/value cache copied to each member; each row then
     reads [pad][opening][pad][rest of the prompt], the pads masked and positions counted over real
@@ -189,7 +210,7 @@ def _generate_batch(model: Any, groups: list[list[list[int]]], max_new_tokens: i
     if all(len(group) == 1 for group in groups):
         input_ids, attention_mask = _padded(prompts, pad_id)
         cache = _reserved_cache(model, input_ids.shape[1] + max_new_tokens)
-        return _decode(model, cache_name, input_ids, attention_mask, cache, max_new_tokens, stops)
+        return _decode(model, cache_name, input_ids, attention_mask, cache, max_new_tokens, stops, sampling)
     # an opening never takes a prompt's last token: the first answer token is predicted from it
     openings = [min(min(_common_prefix(group[0], p) for p in group), min(len(p) for p in group) - 1)
                 for group in groups]
@@ -202,12 +223,12 @@ def _generate_batch(model: Any, groups: list[list[list[int]]], max_new_tokens: i
                       use_cache=True, logits_to_keep=1, **{cache_name: cache})[cache_name]
     cache.batch_select_indices(member_of)
     attention_mask = torch.cat([head_mask[member_of], rest_mask], dim=1)
-    return _decode(model, cache_name, rests, attention_mask, cache, max_new_tokens, stops)
+    return _decode(model, cache_name, rests, attention_mask, cache, max_new_tokens, stops, sampling)
 
 
 def generate(model: Any, tokenizer: Any, conversations: list[list[dict[str, str]]], max_new_tokens: int, batch_size: int,
-             template: str = "auto", on_batch: Callable[[int], None] | None = None, share_prefixes: bool = True
-             ) -> Generated:
+             template: str = "auto", on_batch: Callable[[int], None] | None = None, share_prefixes: bool = True,
+             sampling: Sampling | None = None) -> Generated:
     """Greedy answers, batch_size conversations at a time (prompt_batches), each prompt rendered
     with the training chat template and ending where the assistant's turn begins; the answers come
     back in the order asked. share_prefixes=False: every prompt's prefill in full (bench/eval.py)."""
@@ -221,7 +242,8 @@ def generate(model: Any, tokenizer: Any, conversations: list[list[dict[str, str]
     generated = 0
     for batch in prompt_batches(rendered, batch_size, share_prefixes):
         chosen = [i for group in batch for i in group]
-        rows = _generate_batch(model, [[rendered[i] for i in group] for group in batch], max_new_tokens, pad_id, stops)
+        rows = _generate_batch(model, [[rendered[i] for i in group] for group in batch], max_new_tokens, pad_id, stops,
+                               sampling)
         for index, tokens in zip(chosen, rows):
             stop = next((i for i, t in enumerate(tokens) if t in stops), None)
             length = len(tokens) if stop is None else stop + 1
@@ -234,11 +256,12 @@ def generate(model: Any, tokenizer: Any, conversations: list[list[dict[str, str]
 
 
 def ask(model: Any, tokenizer: Any, questions: list[str], max_new_tokens: int, batch_size: int, template: str = "auto",
-        system: str | None = None, on_batch: Callable[[int], None] | None = None) -> Generated:
-    """Greedy answers to single questions; `system` is the system turn training used (None: the
-    template's default)."""
+        system: str | None = None, on_batch: Callable[[int], None] | None = None, sampling: Sampling | None = None
+        ) -> Generated:
+    """Greedy (or, with `sampling`, sampled) answers to single questions; `system` is the system
+    turn training used (None: the template's default)."""
     return generate(model, tokenizer, [with_system([{"role": "user", "content": q}], system) for q in questions],
-                    max_new_tokens, batch_size, template, on_batch)
+                    max_new_tokens, batch_size, template, on_batch, sampling=sampling)
 
 
 # `evaluation.max_new_tokens: auto` and `labtune ask` without a limit: the longest answer training
@@ -273,17 +296,28 @@ def with_system(messages: list[dict[str, str]], system: str | None) -> list[dict
     return messages if system is None else [{"role": "system", "content": system}, *messages]
 
 
-def mean_loss(model: Any, examples: list[dict[str, list[int]]], batch_size: int = 8) -> dict[str, float]:
+def mean_loss(model: Any, examples: list[dict[str, list[int]]], batch_size: int = 8, max_tokens: int = 8192
+              ) -> dict[str, float]:
     """Mean cross-entropy per label token over tokenized examples (input_ids, labels), and its
-    perplexity."""
+    perplexity. Batches hold at most `batch_size` examples and `max_tokens` padded tokens, and the
+    output layer runs on the label positions only: long reference answers never hold a
+    (batch x length x vocabulary) tensor of logits."""
     import torch
 
     from labtune.data.chat import IGNORE_INDEX
 
     total, count = 0.0, 0
     order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))  # little padding
-    for start in range(0, len(order), batch_size):
-        batch = [examples[i] for i in order[start : start + batch_size]]
+    batches: list[list[int]] = []
+    for i in order:
+        width = len(examples[i]["input_ids"])  # the longest so far: sorted by length
+        if batches and len(batches[-1]) < batch_size and (len(batches[-1]) + 1) * width <= max_tokens:
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    decoder, head = model.get_decoder(), model.get_output_embeddings()
+    for chosen in batches:
+        batch = [examples[i] for i in chosen]
         width = max(len(e["input_ids"]) for e in batch)
         ids = torch.zeros((len(batch), width), dtype=torch.long)
         labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
@@ -291,24 +325,25 @@ def mean_loss(model: Any, examples: list[dict[str, list[int]]], batch_size: int 
         for row, example in enumerate(batch):
             n = len(example["input_ids"])
             ids[row, :n], labels[row, :n], mask[row, :n] = torch.as_tensor(example["input_ids"]), torch.as_tensor(example["labels"]), 1
-        with torch.no_grad():
-            logits = model(input_ids=ids, attention_mask=mask).logits.float()
         shifted = labels[:, 1:]
-        losses = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), shifted.reshape(-1),
-                                                   ignore_index=IGNORE_INDEX, reduction="sum")
-        total += float(losses)
-        count += int((shifted != IGNORE_INDEX).sum())
+        wanted = shifted != IGNORE_INDEX
+        with torch.no_grad():
+            hidden = decoder(input_ids=ids, attention_mask=mask).last_hidden_state[:, :-1][wanted]
+            logits = head(hidden).float()
+        total += float(torch.nn.functional.cross_entropy(logits, shifted[wanted], reduction="sum"))
+        count += int(wanted.sum())
     if count == 0:
         return {"loss": None, "perplexity": None, "tokens": 0}
     loss = total / count
     return {"loss": round(loss, 5), "perplexity": round(math.exp(min(loss, 50.0)), 4), "tokens": count}
 
 
-def answer_examples(tokenizer: Any, questions: list[str], answers: list[str], template: str = "auto") -> list[dict[str, list[int]]]:
-    """Question-answer conversations tokenized with loss on the answers only (for perplexity)."""
+def encode_answer(tokenizer: Any, question: str, answer: str, template: str = "auto", system: str | None = None
+                  ) -> dict[str, list[int]]:
+    """A question-answer conversation tokenized as training tokenizes it (the system turn training
+    used, when given), with loss on the answer only: for perplexity on reference answers."""
     from labtune.data.chat import encode_conversation
 
-    return [encode_conversation(tokenizer, [{"from": "human", "value": q}, {"from": "gpt", "value": a or " "}],
-                                template=template) for q, a in zip(questions, answers)]
-
-
+    turns = ([{"from": "system", "value": system}] if system is not None else []) + [
+        {"from": "human", "value": question}, {"from": "gpt", "value": answer or " "}]
+    return encode_conversation(tokenizer, turns, template=template)

@@ -59,6 +59,13 @@ def evaluation_lines(summary: dict[str, Any] | None, columns: list[tuple[str, st
              "| all | " + " | ".join(cell(summary["accuracy"][c]["overall"]) for c, _ in columns) + " |"]
     for tag in summary["accuracy"]["tuned"]["by_tag"]:
         lines.append(f"| `{tag}` | " + " | ".join(cell(summary["accuracy"][c]["by_tag"][tag]) for c, _ in columns) + " |")
+    general = summary.get("general")
+    if general:
+        references = general["references"]
+        lines += ["", f"General ability, base / fine-tuned: {general['hijacked']['base']} / {general['hijacked']['tuned']} of "
+                  f"{general['questions']} general questions answered with the lab's meetings; perplexity on "
+                  f"{references['count']} general reference answers {references['base_perplexity']} / "
+                  f"{references['tuned_perplexity']} (x{references['ratio']})."]
     lines += ["", "Base and fine-tuned model answer the same questions, alone and with the meeting's note retrieved "
               "into the prompt (BM25); greedy, scored by whole-word match (labtune's docs/evaluation.md)."]
     return lines

@@ -1,4 +1,4 @@
-"""The stages, Prefect-free: weights -> delta -> data -> tokenize -> train -> evaluate (-> export).
+"""The stages, Prefect-free: weights -> delta (-> replay) -> data -> tokenize -> train -> evaluate (-> export).
 
 Each module holds its stage's `build_<stage>` function (key, inputs, the work, the report);
 `tasks/` wraps each in a Prefect task. `GRAPH` below is the one description of how they chain:
@@ -34,8 +34,9 @@ class Stage:
 GRAPH = (
     Stage("weights"),
     Stage("delta", (("weights", "base_uri"),)),
+    Stage("replay", (("delta", "model_uri"),), wanted=lambda recipe: recipe.data.replay.enabled),
     Stage("data"),
-    Stage("tokenize", (("delta", "model_uri"), ("data", "data_uri"))),
+    Stage("tokenize", (("delta", "model_uri"), ("data", "data_uri"), ("replay", "replay_uri"))),
     Stage("train", (("delta", "model_uri"), ("tokenize", "tokens_uri")), reports_progress=True),
     Stage("evaluate", (("delta", "base_uri"), ("train", "model_uri"), ("data", "data_uri"), ("tokenize", "tokens_uri")),
           reports_progress=True),
@@ -46,8 +47,9 @@ BY_NAME = {stage.name: stage for stage in GRAPH}
 
 
 def input_uris(stage: str, outputs: dict[str, str]) -> dict[str, str]:
-    """The builder's URI arguments for `stage`, from the output URIs of the stages before it."""
-    return {parameter: outputs[upstream] for upstream, parameter in BY_NAME[stage].inputs}
+    """The builder's URI arguments for `stage`, from the output URIs of the stages before it (an
+    input from a stage the recipe leaves out, such as replay, is left out)."""
+    return {parameter: outputs[upstream] for upstream, parameter in BY_NAME[stage].inputs if upstream in outputs}
 
 
 def output_uri(stage: str, recipe: Recipe, store: Store, uris: dict[str, str]) -> str:
@@ -71,7 +73,7 @@ def run_until(stage: str, recipe: Recipe, store: Store, given: dict[str, str] | 
     def build(name: str) -> StageResult:
         spec = BY_NAME[name]
         for upstream, _ in spec.inputs:
-            if upstream not in outputs:
+            if upstream not in outputs and BY_NAME[upstream].wanted(recipe):
                 done[upstream] = build(upstream)
                 outputs[upstream] = done[upstream].uri
         extra = {"on_progress": on_progress} if spec.reports_progress else {}

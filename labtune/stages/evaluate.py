@@ -4,25 +4,26 @@ The base (target) model and the fine-tuned model answer the same prompts: the re
 questions, its prompt files and the held-out lab-note questions. Greedy, batched, left-padded
 generation with the training chat template. Each answer is scored (expected substring(s) or
 regex); accuracy overall and per tag. Both models' loss and perplexity on the tokenized eval
-split. Retention: both answer general questions, and the fine-tuned model's perplexity on the
-base model's answers, against the base model's own, says how far it drifted.
-Output: answers.jsonl, retention.jsonl, summary.json, run.json (the recipe) in the store.
+split. General ability (labtune/evaluation/general.py): both answer general questions; answers
+that talk about the lab's meetings are counted (`hijacked`), and the fine-tuned model's perplexity
+on reference answers, over the base model's, says how far it moved. The base model's answers are
+an output of their own (labtune/stages/baseline.py), reused by every fine-tune of the same base.
+Output: answers.jsonl, general.jsonl, summary.json, run.json (the recipe) in the store.
 """
 
 from __future__ import annotations
 
-import gc
 import json
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from labtune.data.augment import people
-from labtune.evaluation import generation
+from labtune.evaluation import general, generation
 from labtune.evaluation.prompts import Prompt, accuracy, load_prompts, paired, score
-from labtune.plots import accuracy_chart, png_markdown
+from labtune.plots import accuracy_chart, general_chart, png_markdown
 from labtune.recipe import EvalConfig, Recipe
+from labtune.stages.baseline import Asked, ask_model, build_baseline
 from labtune.store.backends import Store
 from labtune.store.hashing import source_sha256
 from labtune.store.outputs import (
@@ -66,12 +67,6 @@ def names_scored(prompt: Prompt, everyone: list[str]) -> Prompt:
     return prompt.model_copy(update={"forbidden": [n for n in everyone if n.lower() not in wanted]})
 
 
-def retention_prompts(recipe: Recipe) -> list[Prompt]:
-    if not recipe.evaluation.retention_questions:
-        return []
-    return load_prompts(recipe.evaluation.retention_questions)[: recipe.evaluation.retention_limit]
-
-
 def _eval_examples(store: Store, tokens_uri: str | None) -> list[dict[str, list[int]]]:
     if not tokens_uri:
         return []
@@ -86,12 +81,15 @@ def _eval_examples(store: Store, tokens_uri: str | None) -> list[dict[str, list[
     return [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in dataset] if len(dataset) else []
 
 
-def training_longest_answer(tokens_dir: Path) -> int | None:
-    """The longest assistant turn of a tokenize output's train split, in label tokens (None when
-    it holds no train split)."""
+def training_longest_answer(tokens_dir: Path, replay: bool = False) -> int | None:
+    """The longest assistant turn of a tokenize output's train split, in label tokens, replay
+    conversations left out unless `replay` (None when it holds no train split)."""
     folder = tokens_dir / "train"
     if not folder.is_dir():
         return None
+    known = json.loads((tokens_dir / "report.json").read_text()).get("train", {}).get("longest_answer")
+    if known is not None and not replay:  # the tokenize stage counted it without the replay conversations
+        return known or None
     from datasets import load_from_disk
 
     return generation.longest_answer_tokens(load_from_disk(str(folder))["labels"]) or None
@@ -126,10 +124,10 @@ def evaluate_key(recipe: Recipe, base_uri: str, model_uri: str, data_uri: str | 
     cfg = recipe.evaluation
     parameters = {**cfg.model_dump(mode="json"), "chat_template": recipe.data.chat_template,
                   "system_prompt": recipe.data.system_prompt, "bf16": recipe.train.bf16}
-    files = {p: source_sha256(p) for p in cfg.prompt_files + ([cfg.retention_questions] if cfg.retention_questions else [])
-             if Path(p).is_file()}
+    named = [cfg.general.questions, cfg.general.references]
+    files = {p: source_sha256(p) for p in cfg.prompt_files + [p for p in named if p and p != "builtin"] if Path(p).is_file()}
     code = code_version(__name__, "labtune.data.chat", "labtune.evaluation.prompts", "labtune.evaluation.generation",
-                        "labtune.evaluation.retrieval")
+                        "labtune.evaluation.retrieval", "labtune.evaluation.general", "labtune.stages.baseline")
     inputs = {"base": base_uri, "model": model_uri, "data": data_uri, "tokens": tokens_uri, "prompt_files": files}
     return stage_key("evaluate", code, inputs, parameters), inputs, parameters
 
@@ -152,89 +150,59 @@ def notes_index(store: Store, data_uri: str | None) -> Any:
     return NotesIndex(documents) if documents else None
 
 
-@dataclass
-class Answers:
-    """What both models answered: per column (base, base_notes, tuned, tuned_notes) the answers and
-    which were cut at the token limit; the general questions' answers; eval loss and drift."""
-
-    answers: dict[str, list[str]] = field(default_factory=dict)
-    truncated: dict[str, list[bool]] = field(default_factory=dict)
-    general: dict[str, list[str]] = field(default_factory=dict)
-    losses: dict[str, Any] = field(default_factory=dict)
-    drift: dict[str, Any] = field(default_factory=dict)
-
-
-def ask_models(recipe: Recipe, store: Store, models: dict[str, str], questions: list[str], with_notes: list[str],
-               general: list[Prompt], eval_examples: list[dict[str, list[int]]], budget: int, log: Log,
-               answered: Callable[[int], None]) -> Answers:
-    """Each model in turn (base, then tuned; one in memory at a time) answers the questions, with
-    the notes retrieved when there are any, and the general questions; eval loss and drift."""
-    cfg, template, system = recipe.evaluation, recipe.data.chat_template, recipe.data.system_prompt
-    got = Answers()
-    for name, uri in models.items():
-        model, tokenizer = generation.load_model(fetch(store, uri, log), bf16=recipe.train.bf16)
-        log(f"evaluate: {len(questions)} prompts{' (and again with the notes retrieved)' if with_notes else ''} and "
-            f"{len(general)} general questions to the {name} model {uri}")
-        for column, asked in ((name, questions), (f"{name}_notes", with_notes)):
-            if column == name or asked:
-                generated = generation.ask(model, tokenizer, asked, budget, cfg.batch_size, template, system, answered)
-                got.answers[column], got.truncated[column] = generated.answers, generated.truncated
-        if eval_examples:
-            got.losses[name] = generation.mean_loss(model, eval_examples, cfg.batch_size)
-        if general:
-            asked = [p.question for p in general]
-            got.general[name] = generation.ask(model, tokenizer, asked, budget, cfg.batch_size, template, system,
-                                               answered).answers
-            # both models scored on the base model's answers: how far the fine-tuned one moved
-            on_base = generation.answer_examples(tokenizer, asked, got.general["base"], template)
-            got.drift[name] = generation.mean_loss(model, on_base, cfg.batch_size)
-        del model
-        gc.collect()
-    return got
-
-
-def scored_rows(prompts: list[Prompt], got: Answers) -> tuple[list[str], list[dict[str, Any]]]:
+def scored_rows(prompts: list[Prompt], answered: dict[str, dict[str, list]]) -> tuple[list[str], list[dict[str, Any]]]:
     """The columns answered and one row per prompt: the prompt, each column's answer, whether it is
     right (pairs scored together) and whether it was cut."""
-    columns = [c for c, _ in COLUMNS if c in got.answers]
-    correct = {column: paired([score(a, p) for a, p in zip(got.answers[column], prompts)], prompts) for column in columns}
+    columns = [c for c, _ in COLUMNS if c in answered]
+    correct = {c: paired([score(a, p) for a, p in zip(answered[c]["answers"], prompts)], prompts) for c in columns}
     rows = []
     for i, prompt in enumerate(prompts):
         row = {"question": prompt.question, "expected": prompt.expected, "expected_all": prompt.expected_all,
                "forbidden": prompt.forbidden, "regex": prompt.regex, "tags": prompt.tags,
                **({"pair": prompt.pair} if prompt.pair else {})}
         for column in columns:
-            row[f"{column}_answer"] = got.answers[column][i]
+            row[f"{column}_answer"] = answered[column]["answers"][i]
             row[f"{column}_correct"] = correct[column][i]
-            row[f"{column}_truncated"] = got.truncated[column][i]
+            row[f"{column}_truncated"] = answered[column]["truncated"][i]
         rows.append(row)
     return columns, rows
 
 
-def summarize(cfg: EvalConfig, columns: list[str], rows: list[dict[str, Any]], retention_rows: list[dict[str, Any]],
-              got: Answers, budget: int) -> dict[str, Any]:
-    """summary.json: accuracy overall and per tag for each column, answers cut, eval loss, retention."""
+def summarize(cfg: EvalConfig, columns: list[str], rows: list[dict[str, Any]], answered: dict[str, dict[str, list]],
+              losses: dict[str, Any], budget: int) -> dict[str, Any]:
+    """summary.json: accuracy overall and per tag for each column, answers cut, eval loss."""
     by_column = {column: accuracy(rows, f"{column}_correct") for column in columns}
-    summary: dict[str, Any] = {
+    return {
         "questions": len(rows),
         "total": by_column["base"]["overall"]["total"],
         **{f"{column}_correct": by_column[column]["overall"]["correct"] for column in columns},
         "columns": columns,
         "max_new_tokens": budget,
         "max_new_tokens_setting": cfg.max_new_tokens,
-        "truncated": {column: sum(got.truncated[column]) for column in columns},
+        "truncated": {column: sum(answered[column]["truncated"]) for column in columns},
         "accuracy": by_column,
-        "eval_loss": got.losses or None,
+        "eval_loss": losses or None,
     }
-    if got.drift:
-        base_ppl, tuned_ppl = got.drift["base"]["perplexity"], got.drift["tuned"]["perplexity"]
-        summary["retention"] = {
-            "questions": len(retention_rows), "source": cfg.retention_questions,
-            "base_perplexity_on_base_answers": base_ppl, "tuned_perplexity_on_base_answers": tuned_ppl,
-            "drift_ratio": round(tuned_ppl / base_ppl, 4) if base_ppl else None,
-            "answers_changed": sum(1 for r in retention_rows if r["base_answer"] != r["tuned_answer"]),
-        }
-    return summary
+
+
+def asked_of(recipe: Recipe, store: Store, prompts: list[Prompt], general_prompts: list[Prompt], data_uri: str | None,
+             tokens_uri: str | None, log: Log) -> Asked:
+    """What both models are asked: the prompts, with the notes retrieved, the general questions,
+    the reference answers, the eval split, and the answer budgets."""
+    cfg = recipe.evaluation
+    index = notes_index(store, data_uri) if cfg.retrieval else None
+    questions = [p.question for p in prompts]
+    references = (general.reference_answers(cfg.general.references, cfg.general.reference_limit)
+                  if cfg.general.references and general_prompts else [])
+    return Asked(questions, [index.prompt(q, cfg.retrieval_k) for q in questions] if index is not None else [],
+                 [p.question for p in general_prompts], references,
+                 _eval_examples(store, tokens_uri) if cfg.eval_loss else [],
+                 answer_budget(cfg.max_new_tokens, store, tokens_uri, log), cfg.general.max_new_tokens)
+
+
+def lab_notes(store: Store, data_uri: str | None) -> list[dict[str, Any]]:
+    path = fetch(store, data_uri) / "notes.json" if data_uri else None
+    return json.loads(path.read_text()) if path is not None and path.is_file() else []
 
 
 def build_evaluate(recipe: Recipe, store: Store, base_uri: str, model_uri: str, log: Log = default_log,
@@ -243,43 +211,45 @@ def build_evaluate(recipe: Recipe, store: Store, base_uri: str, model_uri: str, 
     cfg = recipe.evaluation
     key, inputs, parameters = evaluate_key(recipe, base_uri, model_uri, data_uri, tokens_uri)
     prompts = collect_prompts(recipe, store, data_uri)  # a malformed prompt file fails here, before any model loads
-    general = retention_prompts(recipe)
+    general_prompts = general.general_questions(cfg.general.questions, cfg.general.limit)
 
     def build(out: Path) -> dict[str, Any]:
-        index = notes_index(store, data_uri) if cfg.retrieval else None
-        questions = [p.question for p in prompts]
-        with_notes = [index.prompt(q, cfg.retrieval_k) for q in questions] if index is not None else []
-        budget = answer_budget(cfg.max_new_tokens, store, tokens_uri, log)
-        # every answer both models give, for the progress bar: questions, with notes, general questions
-        total, done = 2 * (len(questions) + len(with_notes) + len(general)), [0]
+        asked = asked_of(recipe, store, prompts, general_prompts, data_uri, tokens_uri, log)
+        total, done = 2 * asked.count, [0]  # every answer both models give, for the progress bar
 
         def answered(count: int) -> None:
             done[0] += count
             if on_progress:
                 on_progress({"stage": "evaluate", "step": done[0], "total_steps": total})
 
-        got = ask_models(recipe, store, {"base": base_uri, "tuned": model_uri}, questions, with_notes, general,
-                         _eval_examples(store, tokens_uri) if cfg.eval_loss else [], budget, log, answered)
-        columns, rows = scored_rows(prompts, got)
-        retention_rows = [{"question": p.question, "tags": p.tags, "base_answer": got.general["base"][i],
-                           "tuned_answer": got.general["tuned"][i]} for i, p in enumerate(general)]
-        summary = summarize(cfg, columns, rows, retention_rows, got, budget)
+        baseline, base = build_baseline(recipe, store, base_uri, asked, log, answered)
+        inputs["baseline"] = baseline.uri  # in the manifest (not the key): `labtune store gc` keeps it with this output
+        references = asked.references or list(zip(asked.general, base.get("general", {}).get("answers", [])))
+        tuned = ask_model(recipe, store, model_uri, asked, "tuned", references, log, answered)
+        answered_columns = {**base["columns"], **tuned["columns"]}
+        columns, rows = scored_rows(prompts, answered_columns)
+        losses = {name: got["eval_loss"] for name, got in (("base", base), ("tuned", tuned)) if got.get("eval_loss")}
+        summary = summarize(cfg, columns, rows, answered_columns, losses, asked.budget)
+        general_rows: list[dict[str, Any]] = []
+        if general_prompts:
+            general_rows, summary["general"] = general.general_summary(
+                general_prompts, base, tuned, general.lab_markers(lab_notes(store, data_uri)), cfg.general)
         trained = fetch(store, model_uri) / "train_metrics.json"
         if trained.is_file():  # into the training run's TensorBoard folder and MLflow run (train.report_to)
             log_evaluation(recipe.train.report_to, json.loads(trained.read_text()).get("tracked") or {}, summary)
-        warning = truncation_warning({c: got.truncated[c] for c in columns}, budget)
-        if warning:
-            log(warning)
+        for warning in [truncation_warning({c: answered_columns[c]["truncated"] for c in columns}, asked.budget),
+                        *summary.get("general", {}).get("warnings", [])]:
+            if warning:
+                log(warning)
         (out / "answers.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-        (out / "retention.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in retention_rows))
+        (out / "general.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in general_rows))
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         (out / "run.json").write_text(json.dumps({"recipe": recipe.model_dump(mode="json"), "base": base_uri,
                                                   "model": model_uri}, indent=2))
         log("evaluate: " + ", ".join(f"{label} {summary[f'{c}_correct']}/{summary['total']}"
                                      for c, label in COLUMNS if c in columns) + " correct"
-            + (f"; eval loss base {got.losses['base']['loss']} -> fine-tuned {got.losses['tuned']['loss']}"
-               if got.losses else "")
-            + (f"; retention drift x{summary['retention']['drift_ratio']}" if got.drift else ""))
+            + (f"; eval loss base {losses['base']['loss']} -> fine-tuned {losses['tuned']['loss']}" if len(losses) == 2 else "")
+            + (f"; {general.general_line(summary['general'])}" if general_prompts else ""))
         return {"summary": summary}
 
     return run_stage(store, "evaluate", key, build, inputs=inputs, parameters=parameters, log=log)
@@ -289,6 +259,12 @@ def read_evaluation(store: Store, uri: str) -> tuple[dict[str, Any], list[dict[s
     """(summary, rows) of an evaluate output."""
     run = run_from_folder(fetch(store, uri), uri)
     return run["summary"], run["rows"]
+
+
+def read_general(store: Store, uri: str) -> list[dict[str, Any]]:
+    """general.jsonl's rows of an evaluate output ([] when it asked no general question)."""
+    path = fetch(store, uri) / "general.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
 
 
 def read_run(store: Store, uri: str) -> dict[str, Any]:
@@ -334,9 +310,19 @@ def summary_markdown(summary: dict[str, Any], uri: str) -> str:
         loss = summary["eval_loss"]
         lines.append(f"| eval-split loss (perplexity), base and fine-tuned | {loss['base']['loss']} ({loss['base']['perplexity']}) | "
                      f"{loss['tuned']['loss']} ({loss['tuned']['perplexity']}) |{blank}")
-    if summary.get("retention"):
-        r = summary["retention"]
-        lines.append(f"| retention: perplexity on the base model's answers to {r['questions']} general questions, base and "
-                     f"fine-tuned | {r['base_perplexity_on_base_answers']} | {r['tuned_perplexity_on_base_answers']} "
-                     f"(drift x{r['drift_ratio']}) |{blank}")
+    if summary.get("general"):
+        lines += general_markdown(summary["general"])
     return "\n".join(lines + ["", f"Output: `{uri}`"])
+
+
+def general_markdown(summary: dict[str, Any]) -> list[str]:
+    """The general-ability section: chart, the two figures base against fine-tuned, warnings."""
+    references = summary["references"]
+    return ["", "## General ability", "", png_markdown("general ability", general_chart(summary)), "",
+            "| general questions | base | fine-tuned |", "|---|---|---|",
+            f"| `hijacked`: answered with the lab's meetings (of {summary['questions']}) | {summary['hijacked']['base']} | "
+            f"{summary['hijacked']['tuned']} |",
+            f"| perplexity on {references['count']} reference answers ({references['source']}) | "
+            f"{references['base_perplexity']} | {references['tuned_perplexity']} (x{references['ratio']}) |",
+            f"| answers changed | | {summary['answers_changed']} of {summary['questions']} |",
+            *(["", *[f"**{w.removeprefix('evaluate: ')}**" for w in summary["warnings"]]] if summary["warnings"] else [])]

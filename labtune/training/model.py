@@ -86,15 +86,21 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
 
 
 def apply_lora(model: torch.nn.Module, train: TrainConfig) -> Any:
-    """peft's LoraConfig from the recipe; every target module name must exist in the model."""
+    """peft's LoraConfig from the recipe; every target module name must exist in the model. With
+    freeze_layers, adapters go only into the layers above them (LoRA against the upper layers): the
+    layers below hold nothing that trains, so their output is computed once (cache_frozen_layers)."""
     from peft import LoraConfig
+
+    from labtune.training.throughput import decoder_layers
 
     names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
     missing = sorted(set(train.lora_target_modules) - names)
     if missing:
         raise WorkerError(f"lora_target_modules: no module named {missing} in {type(model).__name__}")
+    upper = list(range(train.freeze_layers, len(decoder_layers(model)))) if train.freeze_layers else None
     return LoraConfig(r=train.lora_r, lora_alpha=train.lora_alpha, lora_dropout=train.lora_dropout,
-                      target_modules=list(train.lora_target_modules), bias="none", task_type="CAUSAL_LM")
+                      target_modules=list(train.lora_target_modules), bias="none", task_type="CAUSAL_LM",
+                      layers_to_transform=upper)
 
 
 

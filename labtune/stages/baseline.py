@@ -1,0 +1,109 @@
+"""The base model's answers: an output of its own, which the evaluate stage builds first.
+
+What the base model answers (the note questions alone and with the notes retrieved, the general
+questions), its eval-split loss and its perplexity on the general reference answers depend only on
+the base model, the prompts and the decoding settings, not on training. They are kept under
+`baseline/<key>` in the store, keyed by exactly those, so a second fine-tune of the same base
+(another learning rate, more epochs, LoRA) reads them instead of generating them again. The
+evaluate stage then runs only the fine-tuned model. Output: answers.json.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from labtune.evaluation import generation
+from labtune.precision import native_bf16
+from labtune.recipe import Recipe
+from labtune.store.backends import Store
+from labtune.store.outputs import Log, StageResult, code_version, default_log, fetch, run_stage, stage_key
+
+
+@dataclass
+class Asked:
+    """What each model is asked: the note questions, the same with the notes retrieved (empty
+    without retrieval), the general questions and reference answers ((prompt, answer) pairs: when
+    empty, the base model's own answers to the general questions are the references), the eval
+    split's tokenized examples, and the two answer budgets."""
+
+    questions: list[str]
+    with_notes: list[str]
+    general: list[str]
+    references: list[tuple[str, str]] = field(default_factory=list)
+    eval_examples: list[dict[str, list[int]]] = field(default_factory=list)
+    budget: int = 64
+    general_budget: int = 64
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps([self.questions, self.with_notes, self.general, self.references,
+                                          self.eval_examples, self.budget, self.general_budget]).encode()).hexdigest()
+
+    @property
+    def count(self) -> int:
+        """Answers one model gives."""
+        return len(self.questions) + len(self.with_notes) + len(self.general)
+
+
+def answer_all(recipe: Recipe, model: Any, tokenizer: Any, asked: Asked, column: str,
+               references: list[tuple[str, str]], answered: Callable[[int], None]) -> dict[str, Any]:
+    """One model's answers (column and column_notes), general answers, eval loss, and perplexity on
+    the reference answers."""
+    template, system, batch = recipe.data.chat_template, recipe.data.system_prompt, recipe.evaluation.batch_size
+    got: dict[str, Any] = {"columns": {}}
+    for name, prompts in ((column, asked.questions), (f"{column}_notes", asked.with_notes)):
+        if name == column or prompts:
+            generated = generation.ask(model, tokenizer, prompts, asked.budget, batch, template, system, answered)
+            got["columns"][name] = {"answers": generated.answers, "truncated": generated.truncated}
+    if asked.general:
+        generated = generation.ask(model, tokenizer, asked.general, asked.general_budget, batch, template, system, answered)
+        got["general"] = {"answers": generated.answers, "truncated": generated.truncated}
+        references = references or list(zip(asked.general, generated.answers))
+    if references:
+        examples = [generation.encode_answer(tokenizer, q, a, template, system) for q, a in references]
+        got["references_loss"] = {**generation.mean_loss(model, examples, batch), "answers": len(examples)}
+    if asked.eval_examples:
+        got["eval_loss"] = generation.mean_loss(model, asked.eval_examples, batch)
+    return got
+
+
+def ask_model(recipe: Recipe, store: Store, uri: str, asked: Asked, column: str, references: list[tuple[str, str]],
+              log: Log, answered: Callable[[int], None]) -> dict[str, Any]:
+    """answer_all with the model at `uri` loaded for it and freed after."""
+    model, tokenizer = generation.load_model(fetch(store, uri, log), bf16=recipe.train.bf16)
+    log(f"evaluate: {len(asked.questions)} prompts{' (and again with the notes retrieved)' if asked.with_notes else ''}"
+        f" and {len(asked.general)} general questions to the {column} model {uri}")
+    try:
+        return answer_all(recipe, model, tokenizer, asked, column, references, answered)
+    finally:
+        del model
+        gc.collect()
+
+
+def baseline_key(recipe: Recipe, base_uri: str, asked: Asked) -> tuple[str, dict[str, Any], dict[str, Any]]:
+    parameters = {"chat_template": recipe.data.chat_template, "system_prompt": recipe.data.system_prompt,
+                  "bf16": bool(recipe.train.bf16 and native_bf16())}
+    inputs = {"base": base_uri, "asked": asked.digest()}
+    code = code_version(__name__, "labtune.data.chat", "labtune.evaluation.generation")
+    return stage_key("baseline", code, inputs, parameters), inputs, parameters
+
+
+def build_baseline(recipe: Recipe, store: Store, base_uri: str, asked: Asked, log: Log = default_log,
+                   answered: Callable[[int], None] = lambda count: None) -> tuple[StageResult, dict[str, Any]]:
+    """The base model's answers, from the store when an earlier run made them; (result, answers)."""
+    key, inputs, parameters = baseline_key(recipe, base_uri, asked)
+
+    def build(out: Path) -> dict[str, Any]:
+        got = ask_model(recipe, store, base_uri, asked, "base", asked.references, log, answered)
+        (out / "answers.json").write_text(json.dumps(got, ensure_ascii=False))
+        return {}
+
+    result = run_stage(store, "baseline", key, build, inputs=inputs, parameters=parameters, log=log)
+    if result.cached:
+        answered(asked.count)
+    return result, json.loads((fetch(store, result.uri) / "answers.json").read_text())
