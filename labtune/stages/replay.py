@@ -3,11 +3,10 @@
 A fine-tune on lab notes alone answers "What is the capital of France?" with a meeting fact. With
 `data.replay.enabled`, the target model (the delta stage's output) answers `data.replay.count`
 general prompts (labtune's own, never the evaluation's) in the chat template and with the system
-prompt training uses, its answers drawn from its own distribution at `temperature` (0: greedy);
-the tokenize stage adds these conversations to the training split. Training then pulls general
-behaviour toward what the model already says (its own words cost it little loss) rather than
-toward another model's style; sampled answers keep the spread of that distribution, where
-greedy ones teach its argmax alone and sharpen it. An answer cut at
+prompt training uses, greedily (`temperature` above 0: drawn from its own distribution, which
+measured no better on the demo); the tokenize stage adds these conversations to the training
+split. Training then pulls general behaviour toward what the model already says (its own words
+cost it little loss) rather than toward another model's style. An answer cut at
 `max_new_tokens` ends at its last whole sentence, so the model is never taught to stop mid-sentence.
 The output depends only on the model, the prompts and the decoding settings: a second fine-tune of
 the same base reuses it. Output: replay.json (ShareGPT records) and report.json.
