@@ -212,7 +212,8 @@ def test_s3_run_rides_out_the_endpoint_going_away_and_a_rerun_is_all_cached(pref
     keys = [o["Key"] for page in client.get_paginator("list_objects_v2").paginate(Bucket="labtune", Prefix="outage/")
             for o in page.get("Contents", [])]
     manifests = [k for k in keys if k.endswith("/manifest.json")]
-    assert {k.split("/")[1] for k in manifests} == {"weights", "data", "tokenize", "train", "evaluate", "checkpoints"}
+    assert {k.split("/")[1] for k in manifests} == {"weights", "data", "tokenize", "train", "baseline", "evaluate",
+                                                    "checkpoints"}
     for key in manifests:
         prefix = key.removesuffix("manifest.json")
         for entry in json.loads(client.get_object(Bucket="labtune", Key=key)["Body"].read())["files"]:
