@@ -213,3 +213,16 @@ def test_ask_and_chat_use_the_system_prompt_training_used_unless_told(one_fact, 
     assert trained_system_prompt(empty, None) == ""
     (empty / "README.md").write_text("# a model without a header\n")
     assert trained_system_prompt(empty, None) is None  # the chat template's own default
+
+
+@pytest.mark.parametrize("override, line", [
+    ("evaluation.general.questions=/nowhere/general.jsonl", "labtune: error: /nowhere/general.jsonl: prompt file not found"),
+    ("data.replay.prompts=/nowhere/replay.txt", "labtune: error: /nowhere/replay.txt: replay prompt file not found"),
+])
+def test_a_bad_general_or_replay_prompt_file_fails_labtune_run_in_one_line_before_anything_starts(tmp_path, override, line):
+    from conftest import run_cli
+
+    proc = run_cli("run", str(TINY_RECIPE), f"store.uri={tmp_path / 'store'}", "data.replay.enabled=true", override,
+                   env={"PREFECT_API_URL": "http://127.0.0.1:9/api"})  # nothing listens: it must fail before Prefect
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == line, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and not list(tmp_path.rglob("manifest.json"))

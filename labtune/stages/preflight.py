@@ -13,7 +13,9 @@ _CHECKED: list[Recipe] = []
 
 def preflight(recipe: Recipe) -> None:
     """The store is reachable, the base model and delta sources exist, every data source exists
-    (and a lab-notes folder has no link leading out of it)."""
+    (and a lab-notes folder has no link leading out of it), and every prompt file reads: the
+    evaluation's, the general questions and references, the replay prompts (a bad one would
+    otherwise fail the run after training)."""
     if any(checked is recipe for checked in _CHECKED):
         return
     recipe.store.open().check()
@@ -23,4 +25,19 @@ def preflight(recipe: Recipe) -> None:
             model_identity(model, settings)
     for source in recipe.data.sources:
         data_identity(source, settings)
+    prompt_files_read(recipe)
     _CHECKED.append(recipe)
+
+
+def prompt_files_read(recipe: Recipe) -> None:
+    from labtune.evaluation import general
+    from labtune.evaluation.prompts import load_prompts
+
+    for path in recipe.evaluation.prompt_files:
+        load_prompts(path)
+    cfg = recipe.evaluation.general
+    general.general_questions(cfg.questions, cfg.limit)
+    if cfg.references and cfg.questions:
+        general.reference_answers(cfg.references, cfg.reference_limit)
+    if recipe.data.replay.enabled:
+        general.replay_prompts(recipe.data.replay.prompts)
