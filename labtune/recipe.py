@@ -194,6 +194,10 @@ class TrainConfig(_Strict):
     # only to itself; per_device_train_batch_size then counts rows
     packing: bool = False
     packing_length: int | None = Field(default=None, ge=8)
+    # How replay answers (data.replay) are learned: 0, as text (cross-entropy on each token); k > 0, as the model's
+    # own distribution before training: at each answer token its k likeliest next tokens and the rest of the mass,
+    # matched by KL divergence, so the fine-tune keeps the base model's uncertainty (docs/evaluation.md)
+    replay_distill_top_k: int = Field(default=0, ge=0, le=1024)
     # Early stopping, transformers' names: every eval_steps steps (or epoch) the dev questions are answered by teacher
     # forcing; after early_stopping_patience evaluations without a gain above the threshold the learning rate decays
     # (over a quarter of the steps so far) and training ends. load_best_model_at_end exports the best weights.
@@ -413,6 +417,13 @@ class Recipe(_Strict):
         if self.train.eval_strategy != "no" and not (self.data.augment.enabled and self.data.augment.dev_questions):
             raise ValueError("train.eval_strategy: early stopping scores the data stage's dev questions; set "
                              "data.augment.enabled: true and data.augment.dev_questions (e.g. 48)")
+        return self
+
+    @model_validator(mode="after")
+    def _distillation_has_replay(self) -> "Recipe":
+        if self.train.replay_distill_top_k and not self.data.replay.enabled:
+            raise ValueError("train.replay_distill_top_k: the replay answers it learns as distributions come from "
+                             "data.replay; set data.replay.enabled: true (or replay_distill_top_k: 0)")
         return self
 
     @model_validator(mode="after")

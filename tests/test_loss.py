@@ -8,6 +8,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from labtune.data.chat import IGNORE_INDEX
 from labtune.recipe import TrainConfig
+from labtune.training.distill import SoftTargets, soft_targets
 from labtune.training.loss import AnswerLoss, predicting_positions
 from labtune.training.model import attention_implementation
 
@@ -110,3 +111,93 @@ def test_auto_attention_is_eager_on_a_cpu_and_gives_sdpa_s_loss():
     batch = chat_batch(seed=3)
     losses = [small_llama(attention)(**batch).loss for attention in ("eager", "sdpa")]
     assert torch.allclose(losses[0], losses[1], atol=1e-6)
+
+
+def soft_batch(model: torch.nn.Module, top_k: int, rows: list[int]) -> tuple[dict[str, torch.Tensor], SoftTargets]:
+    """chat_batch with soft targets for the examples (batch rows) in `rows`, read from `model`."""
+    batch = chat_batch()
+    loss = AnswerLoss(model)
+
+    def label_logits(chunk):
+        part = {k: v[chunk] for k, v in batch.items()}
+        return loss.label_logits(model, part), [int(c) for c in predicting_positions(part["labels"]).sum(dim=1)]
+
+    examples = [{"labels": batch["labels"][i]} for i in range(3)]
+    soft = soft_targets(model, rows, top_k, label_logits, batch_size=1)
+    loss.remove()
+    return {**batch, **soft.batch([0, 1, 2], examples)}, soft
+
+
+@pytest.mark.parametrize("chunk_rows", [None, 4])
+def test_soft_targets_from_the_model_itself_cost_nothing_and_pull_a_changed_model_back(chunk_rows):
+    """Replay distillation: a model matched against its own distribution has a KL of zero on the
+    soft rows (the loss left is the hard rows' cross-entropy), in one piece or in chunks; a model
+    that moved away has a positive KL there, and its gradient points back."""
+    model = small_llama()
+    batch, soft = soft_batch(model, top_k=8, rows=[0])
+    n0 = soft.label_counts[0]
+    assert batch["soft_rows"].tolist() == [True] * n0 + [False] * (len(batch["soft_rows"]) - n0)
+    assert batch["soft_logprobs"][:n0].exp().sum(-1).sub(1).abs().max() < 1e-5  # k tokens and the rest: all the mass
+
+    loss = AnswerLoss(model, chunk_rows)
+    hard_only = {k: v for k, v in chat_batch().items()}
+    hard_only["labels"] = hard_only["labels"].clone()
+    hard_only["labels"][0] = IGNORE_INDEX  # row 0's tokens now carry no loss at all
+    assert torch.allclose(loss(model, batch, 1.0), loss(model, hard_only, 1.0), atol=1e-4)
+
+    moved = small_llama()
+    with torch.no_grad():
+        moved.lm_head.weight.mul_(3.0)  # sharper everywhere: what cross-entropy on greedy answers did
+    only_soft = {**batch, "labels": batch["labels"].clone()}
+    only_soft["labels"][1:] = IGNORE_INDEX
+    only_soft = {**only_soft, **{k: v[:n0] for k, v in batch.items() if k.startswith("soft_")}}
+    kl = AnswerLoss(moved, chunk_rows)(moved, only_soft, 1.0)
+    assert kl > 0.05
+    kl.backward()
+    with torch.no_grad():
+        moved.lm_head.weight.sub_(0.5 * moved.lm_head.weight.grad)
+        moved.lm_head.weight.grad = None
+    assert AnswerLoss(moved)(moved, only_soft, 1.0) < kl
+
+
+def test_soft_targets_keep_all_but_one_token_of_a_small_vocabulary():
+    model = small_llama()  # 300 tokens
+    _, soft = soft_batch(model, top_k=1024, rows=[0, 1])
+    assert soft.top_k == 299
+    ids, logprobs = soft.targets[1]
+    assert ids.shape == (soft.label_counts[1], 299) and logprobs.shape == (soft.label_counts[1], 300)
+    assert torch.isfinite(logprobs).all()
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_soft_targets_line_up_with_the_label_tokens_of_padded_and_packed_batches(packed):
+    """A micro-batch's soft rows are its soft examples' label tokens, wherever they sit: matched
+    against the model's own distributions they add nothing, so the loss is the other examples' alone."""
+    from labtune.training.batches import collate
+    from labtune.training.packing import collate_packed
+
+    model = small_llama()
+    rng = torch.Generator().manual_seed(3)
+    data = []
+    for i in range(6):
+        ids = torch.randint(1, 300, (6 + 2 * i,), generator=rng)
+        labels = ids.clone()
+        labels[: 3 + i % 3] = IGNORE_INDEX
+        data.append({"input_ids": ids.numpy(), "labels": labels.numpy()})
+    loss = AnswerLoss(model)
+
+    def label_logits(chunk):
+        batch = collate([data[i] for i in chunk], 0)
+        return loss.label_logits(model, batch), [int(c) for c in predicting_positions(batch["labels"]).sum(dim=1)]
+
+    soft = soft_targets(model, [1, 4], 8, label_logits, batch_size=2)
+    rows = [[0, 1], [4, 2], [5]] if packed else [[3], [1], [4], [2]]
+    make = (lambda masked: collate_packed([[masked[i] for i in row] for row in rows], 0)) if packed else \
+        (lambda masked: collate([masked[row[0]] for row in rows], 0))
+    batch = make(data)
+    batch.update(soft.batch([i for row in rows for i in row], data))
+    assert int(batch["soft_rows"].sum()) == soft.label_counts[1] + soft.label_counts[4]
+    assert batch["soft_ids"].shape[0] == int(predicting_positions(batch["labels"]).sum())
+    without = [{**e, "labels": torch.full((len(e["labels"]),), IGNORE_INDEX).numpy()} if i in (1, 4) else e
+               for i, e in enumerate(data)]
+    assert torch.allclose(loss(model, batch, 1.0), loss(model, make(without), 1.0), atol=1e-4)

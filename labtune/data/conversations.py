@@ -42,6 +42,8 @@ if TYPE_CHECKING:
 ROLE = {"human": "human", "user": "human", "gpt": "gpt", "assistant": "gpt", "chatgpt": "gpt", "bard": "gpt",
         "bing": "gpt", "model": "gpt", "system": "system"}
 MAX_LISTED = 50  # dropped records listed by id in a report, per source
+# the ids of the replay stage's records: tokenize and the worker tell them from the notes' by it
+REPLAY_PREFIX = "replay_"
 
 
 class DataError(LabtuneError):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import gc
 import hashlib
 import json
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,20 +56,31 @@ def answer_all(recipe: Recipe, model: Any, tokenizer: Any, asked: Asked, column:
     """One model's answers (column and column_notes), general answers, eval loss, and perplexity on
     the reference answers."""
     template, system, batch = recipe.data.chat_template, recipe.data.system_prompt, recipe.evaluation.batch_size
-    got: dict[str, Any] = {"columns": {}}
+    got: dict[str, Any] = {"columns": {}, "seconds": {}}
+    started = time.time()
+
+    def took(part: str) -> None:
+        nonlocal started
+        got["seconds"][part] = round(time.time() - started, 1)
+        started = time.time()
+
     for name, prompts in ((column, asked.questions), (f"{column}_notes", asked.with_notes)):
         if name == column or prompts:
             generated = generation.ask(model, tokenizer, prompts, asked.budget, batch, template, system, answered)
             got["columns"][name] = {"answers": generated.answers, "truncated": generated.truncated}
+            took("questions" if name == column else "questions with notes")
     if asked.general:
         generated = generation.ask(model, tokenizer, asked.general, asked.general_budget, batch, template, system, answered)
         got["general"] = {"answers": generated.answers, "truncated": generated.truncated}
         references = references or list(zip(asked.general, generated.answers))
+        took("general questions")
     if references:
         examples = [generation.encode_answer(tokenizer, q, a, template, system) for q, a in references]
         got["references_loss"] = {**generation.mean_loss(model, examples, batch), "answers": len(examples)}
+        took("reference answers")
     if asked.eval_examples:
         got["eval_loss"] = generation.mean_loss(model, asked.eval_examples, batch)
+        took("eval loss")
     return got
 
 
@@ -79,7 +91,9 @@ def ask_model(recipe: Recipe, store: Store, uri: str, asked: Asked, column: str,
     log(f"evaluate: {len(asked.questions)} prompts{' (and again with the notes retrieved)' if asked.with_notes else ''}"
         f" and {len(asked.general)} general questions to the {column} model {uri}")
     try:
-        return answer_all(recipe, model, tokenizer, asked, column, references, answered)
+        got = answer_all(recipe, model, tokenizer, asked, column, references, answered)
+        log(f"evaluate: the {column} model took " + ", ".join(f"{part} {seconds}s" for part, seconds in got["seconds"].items()))
+        return got
     finally:
         del model
         gc.collect()

@@ -21,13 +21,13 @@ import re
 from pathlib import Path
 from typing import Any
 
+from labtune.data.conversations import REPLAY_PREFIX
 from labtune.evaluation import general, generation
 from labtune.precision import native_bf16
 from labtune.recipe import Recipe
 from labtune.store.backends import Store
 from labtune.store.outputs import Log, StageResult, code_version, default_log, fetch, run_stage, stage_key
 
-REPLAY_PREFIX = "replay_"  # the ids of replay records: the tokenize stage tells them from the notes' by it
 SENTENCE_END = re.compile(r"(?<!\d)[.!?](?=\s|$)|\n")  # not "2." of a numbered list
 
 

@@ -84,7 +84,7 @@ def data_longest_answer(folder: Path) -> int:
     from datasets import load_from_disk
 
     from labtune.evaluation.generation import longest_answer_tokens
-    from labtune.stages.replay import REPLAY_PREFIX
+    from labtune.data.conversations import REPLAY_PREFIX
 
     dataset = load_from_disk(str(folder))
     return longest_answer_tokens(labels for record_id, labels in zip(dataset["id"], dataset["labels"])

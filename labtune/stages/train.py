@@ -40,7 +40,8 @@ from labtune.training.worker_config import MALLOC_SETTINGS, WORKER_ERROR, Worker
 
 # what the worker runs, for the train stage's code hash: a change to any of them is a new model
 WORKER_MODULES = ("labtune.training.worker", "labtune.training.worker_config", "labtune.training.loss",
-                  "labtune.training.packing", "labtune.training.frozen_prefix", "labtune.training.early_stopping")
+                  "labtune.training.packing", "labtune.training.frozen_prefix", "labtune.training.early_stopping",
+                  "labtune.training.distill")
 
 
 class TrainError(LabtuneError):

@@ -2,7 +2,7 @@
 
 - `worker`: the torchrun entry point (FSDP2, the loop, checkpoints, export);
 - `worker_config`: the settings the train stage hands the worker;
-- `loss`, `packing`, `frozen_prefix`, `early_stopping`: what one step computes and when to stop;
+- `loss`, `packing`, `frozen_prefix`, `distill`, `early_stopping`: what one step computes and when to stop;
 - `memory`, `throughput`: what a run will need and what it achieved; `checkpoints`: resumable saves;
 - `trackers`: TensorBoard and MLflow (train.report_to).
 

@@ -17,6 +17,11 @@ backward hooks fire as for plain logits.
 Either way the loss is transformers' causal-LM loss (cross-entropy in fp32, summed over label
 tokens, divided by the step's label count): tests/test_loss.py holds both paths to 1e-5 with
 their gradients.
+
+A batch may carry soft targets for some of its label tokens (train.replay_distill_top_k,
+labtune/training/distill.py): there the token's loss is the KL divergence from the base model's
+distribution (its k likeliest tokens and one bucket for the rest) to the model's, not the
+cross-entropy of the token written.
 """
 
 from __future__ import annotations
@@ -39,8 +44,34 @@ def predicting_positions(labels: torch.Tensor) -> torch.Tensor:
     return keep
 
 
-def _chunk_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(F.linear(hidden, weight, bias).float(), targets, reduction="sum")
+def soft_keys() -> tuple[str, str, str]:
+    """A batch's soft targets, one row per label token (in the order `predicting_positions` keeps them):
+    the base model's k likeliest token ids, their log-probabilities plus the rest's (k + 1 columns),
+    and which rows use them."""
+    return ("soft_ids", "soft_logprobs", "soft_rows")
+
+
+def token_loss_sum(logits: torch.Tensor, targets: torch.Tensor, soft_ids: torch.Tensor | None = None,
+                   soft_logprobs: torch.Tensor | None = None, soft_rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Summed loss of label-token logits: cross-entropy of the target, or on soft rows KL(base || model)
+    over the base's k likeliest tokens and the rest of the vocabulary as one bucket."""
+    if soft_ids is None:
+        return F.cross_entropy(logits.float(), targets, reduction="sum")
+    logits = logits.float()
+    total = logits.logsumexp(-1)
+    hard = total - logits.gather(1, targets[:, None]).squeeze(1)
+    top = logits.gather(1, soft_ids) - total[:, None]
+    # the rest's log-mass from the logits themselves: 1 - sum(top) cancels to noise when the top holds nearly all
+    rest = logits.scatter(1, soft_ids, float("-inf")).logsumexp(-1) - total
+    model_logprobs = torch.cat([top, rest[:, None]], dim=1)
+    teacher = soft_logprobs.float()
+    kl = (teacher.exp() * (teacher - model_logprobs)).sum(-1)
+    return torch.where(soft_rows, kl, hard).sum()
+
+
+def _chunk_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
+                *soft: torch.Tensor | None) -> torch.Tensor:
+    return token_loss_sum(F.linear(hidden, weight, bias), targets, *soft)
 
 
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -65,6 +96,7 @@ class AnswerLoss:
         self.chunk_rows = chunk_rows or max(1, LOGITS_PER_CHUNK // head.weight.shape[0])
         self._keep: torch.Tensor | None = None
         self._targets: torch.Tensor | None = None
+        self._soft: tuple[torch.Tensor | None, ...] = ()
         self._hidden: torch.Tensor | None = None
         self._handles = [head.register_forward_pre_hook(self._narrow), head.register_forward_hook(self._chunked)]
 
@@ -84,8 +116,9 @@ class AnswerLoss:
         total = hidden.new_zeros((), dtype=torch.float32)
         for start in range(0, hidden.shape[0], self.chunk_rows):
             rows = slice(start, start + self.chunk_rows)
+            soft = tuple(t[rows] for t in self._soft)
             total = total + checkpoint(_chunk_loss, hidden[rows], module.weight, module.bias, self._targets[rows],
-                                       use_reentrant=False)
+                                       *soft, use_reentrant=False)
         return total
 
     def __call__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor], num_items: torch.Tensor | float) -> torch.Tensor:
@@ -93,14 +126,30 @@ class AnswerLoss:
         step's label count over every micro-batch and rank)."""
         labels = batch["labels"]
         targets = labels[:, 1:][labels[:, 1:] != IGNORE_INDEX]
-        self._keep, self._targets = predicting_positions(labels), targets
+        soft = tuple(batch[key] for key in soft_keys()) if soft_keys()[0] in batch else ()
+        self._keep, self._targets, self._soft = predicting_positions(labels), targets, soft
         try:
             out = model(**model_inputs(batch)).logits
         finally:
             self._keep = self._targets = self._hidden = None
+            self._soft = ()
         if out.dim() == 0:  # the chunked path: already the summed loss
             return out / num_items
-        return F.cross_entropy(out.float(), targets, reduction="sum") / num_items
+        return token_loss_sum(out, targets, *soft) / num_items
+
+    @torch.no_grad()
+    def label_logits(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The logits at the label positions of a batch, one row per label token; the output layer
+        sees only those rows."""
+        labels = batch["labels"]
+        keep = predicting_positions(labels)
+        chunk_rows, self.chunk_rows = self.chunk_rows, max(self.chunk_rows, int(keep.sum()))  # the logits themselves
+        self._keep, self._targets = keep, labels[:, 1:][labels[:, 1:] != IGNORE_INDEX]
+        try:
+            return model(**model_inputs(batch)).logits
+        finally:
+            self._keep = self._targets = self._hidden = None
+            self.chunk_rows = chunk_rows
 
     @torch.no_grad()
     def exact(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -110,13 +159,7 @@ class AnswerLoss:
         labels = batch["labels"]
         keep = predicting_positions(labels)
         targets = labels[:, 1:][labels[:, 1:] != IGNORE_INDEX]
-        chunk_rows, self.chunk_rows = self.chunk_rows, max(self.chunk_rows, int(keep.sum()))  # the logits themselves
-        self._keep, self._targets = keep, targets
-        try:
-            logits = model(**model_inputs(batch)).logits
-        finally:
-            self._keep = self._targets = self._hidden = None
-            self.chunk_rows = chunk_rows
+        logits = self.label_logits(model, batch)
         wrong = (logits.argmax(-1) != targets).to(torch.int32)
         rows = keep.nonzero()[:, 0]
         misses = torch.zeros(labels.shape[0], dtype=torch.int32, device=labels.device).index_add_(0, rows, wrong)

@@ -33,11 +33,12 @@ import torch.distributed as dist
 
 from labtune.data.chat import IGNORE_INDEX
 from labtune.recipe import WSD_DECAY_FRACTION, TrainConfig
-from labtune.training import early_stopping, frozen_prefix, packing
+from labtune.training import distill, early_stopping, frozen_prefix, packing
 from labtune.training.batches import collate, load_examples, micro_batches_per_epoch, rank_batches
 from labtune.training.distributed import init_distributed, log
 from labtune.training.frozen_prefix import FrozenPrefix
-from labtune.training.loss import AnswerLoss
+from labtune.training.distill import SoftTargets
+from labtune.training.loss import AnswerLoss, predicting_positions
 from labtune.training.model import build_model, export_model, param_groups
 from labtune.training.saving import CheckpointRunner, writing
 from labtune.training.throughput import FlopsModel, describe, mfu, peak_memory_gib, synchronize
@@ -123,6 +124,8 @@ class Run:
     dev_prefix: FrozenPrefix | None = None  # the same for the dev questions
     dev_prefix_flops: float = 0.0
     trackers: Trackers | None = None  # rank 0's TensorBoard and MLflow writers (train.report_to)
+    soft: SoftTargets | None = None  # replay answers as the base model's distributions (train.replay_distill_top_k)
+    soft_flops: float = 0.0  # what computing them cost
 
 
 def setup(cfg: WorkerConfig) -> Run:
@@ -176,7 +179,37 @@ def setup(cfg: WorkerConfig) -> Run:
         run.stopping = early_stopping.Stopping(train.early_stopping_patience, train.early_stopping_threshold)
     if train.cache_frozen_layers and (train.freeze_layers or train.freeze_embeddings):
         cache_frozen_prefix(run, built.sharded)
+    if train.replay_distill_top_k:
+        distill_replay(run, train.replay_distill_top_k)
     return run
+
+
+def distill_replay(run: Run, top_k: int) -> None:
+    """train.replay_distill_top_k: the replay examples' soft targets, from the model before its first step."""
+    from datasets import load_from_disk
+
+    indices = distill.replay_indices(list(load_from_disk(run.cfg.train_dir)["id"]))
+    if not indices:
+        log("train.replay_distill_top_k: no replay examples in the training data (data.replay): nothing to distill")
+        return
+    started = time.time()
+
+    def label_logits(chunk: list[int]) -> tuple[torch.Tensor, list[int]]:
+        cpu_batch = collate([run.examples[i] for i in chunk], run.pad_id)
+        if run.prefix is not None:
+            cpu_batch["inputs_embeds"] = run.prefix.embeds([[i] for i in chunk], cpu_batch["input_ids"].shape[1])
+        batch = {k: v.to(run.device) for k, v in cpu_batch.items()}
+        counts = [int(c) for c in predicting_positions(cpu_batch["labels"]).sum(dim=1)]
+        skipping = run.prefix.skipping() if run.prefix is not None else contextlib.nullcontext()
+        with skipping, torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=run.autocast):
+            return run.loss.label_logits(run.model, batch), counts
+
+    run.soft = distill.soft_targets(run.model, indices, top_k, label_logits)
+    tokens = sum(run.lengths[i] for i in indices)
+    labels = sum(run.soft.label_counts.values())
+    run.soft_flops = run.flops_model.forward_flops(tokens, labels, tokens / len(indices))
+    log(f"replay: {len(indices)} answers ({labels:,} tokens) learned as the model's own distribution over its "
+        f"{run.soft.top_k} likeliest tokens and the rest, read in {time.time() - started:.1f}s (train.replay_distill_top_k)")
 
 
 def cache_frozen_prefix(run: Run, sharded: bool) -> None:
@@ -223,6 +256,10 @@ def make_batch(run: Run, micro: list[Any]) -> dict[str, torch.Tensor]:
         batch = collate([run.examples[i] for i in micro], run.pad_id)
     if run.prefix is not None:
         batch["inputs_embeds"] = run.prefix.embeds(micro if packed else [[i] for i in micro], batch["input_ids"].shape[1])
+    if run.soft is not None:
+        soft = run.soft.batch([i for row in micro for i in row] if packed else list(micro), run.examples)
+        if soft is not None:
+            batch.update(soft)
     return batch
 
 
@@ -413,7 +450,7 @@ def train(cfg: WorkerConfig) -> None:
                 "the weights and optimizer are resharded; the data order from here differs from the original run's")
     if run.rank == 0 and cfg.train.report_to != ["none"]:
         run.trackers = Trackers(cfg.train.report_to, cfg.logging_dir, cfg.run_name, cfg.run_tags)
-    run.flops_done += run.prefix_flops  # computed again after a resume: spent again
+    run.flops_done += run.prefix_flops + run.soft_flops  # computed again after a resume: spent again
     run.dev_flops += run.dev_prefix_flops
 
     run.model.train()
