@@ -15,7 +15,8 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from flows.finetune import finetune
 from labtune.evaluation import comparison
-from labtune.recipe import grid_variants, load_recipe
+from labtune.overrides import grid_variants
+from labtune.recipe import load_recipe
 from labtune.stages.evaluate import read_run
 
 

@@ -1,8 +1,9 @@
-"""Dotted `key=value` overrides of a recipe (FastChat's and HF's names), and the YAML loader that
-refuses a key given twice."""
+"""Dotted `key=value` overrides of a recipe (FastChat's and HF's names), a sweep's grid of them, and
+the YAML loader that refuses a key given twice."""
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import yaml
@@ -78,3 +79,9 @@ class UniqueKeyLoader(yaml.SafeLoader):
                     None, None, f"duplicate key {key!r} (lines {first} and {key_node.start_mark.line + 1})",
                     key_node.start_mark)
         return super().construct_mapping(node, deep=deep)
+
+
+def grid_variants(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
+    """Every combination of a sweep grid's values ({key: [values]}), in the grid's order."""
+    keys = list(grid)
+    return [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]

@@ -75,6 +75,8 @@ class AugmentConfig(_Strict):
     attendance_questions: int = Field(default=1, ge=1, le=12)
     # "Who presented on D and what was it about?" answered with both: per meeting (held-out tag two_part)
     two_part_questions: int = Field(default=0, ge=0, le=8)
+    # one trained wording per fact asked back (tag recall); off: evaluation asks only unseen wordings (a third fewer)
+    recall_questions: bool = True
     # early stopping's questions (train.eval_strategy): trained facts and fresh no-meeting dates in other held-out wordings
     dev_questions: int = Field(default=0, ge=0, le=2000)
 
@@ -109,8 +111,7 @@ class DataConfig(_Strict):
     date_order: Literal["MDY", "DMY"] = "MDY"
     # a lab's own words for the note fields, added to labtune.data.notes.FIELD_WORDS ({presenter: [Vortrag]})
     field_names: dict[Literal["presenter", "recorder", "topic", "attendees", "action_items", "decisions", "agenda",
-                              "date"], list[str]] = Field(
-        default_factory=dict)
+                              "date"], list[str]] = Field(default_factory=dict)
 
     @field_validator("field_names")
     @classmethod
@@ -413,14 +414,10 @@ class Recipe(_Strict):
         return raw
 
     @model_validator(mode="after")
-    def _early_stopping_has_dev_questions(self) -> "Recipe":
+    def _train_has_its_data(self) -> "Recipe":
         if self.train.eval_strategy != "no" and not (self.data.augment.enabled and self.data.augment.dev_questions):
             raise ValueError("train.eval_strategy: early stopping scores the data stage's dev questions; set "
                              "data.augment.enabled: true and data.augment.dev_questions (e.g. 48)")
-        return self
-
-    @model_validator(mode="after")
-    def _distillation_has_replay(self) -> "Recipe":
         if self.train.replay_distill_top_k and not self.data.replay.enabled:
             raise ValueError("train.replay_distill_top_k: the replay answers it learns as distributions come from "
                              "data.replay; set data.replay.enabled: true (or replay_distill_top_k: 0)")
@@ -501,11 +498,3 @@ def recipe_from_dict(raw: dict[str, Any], origin: str = "recipe") -> Recipe:
             message = f"{first['msg'].removeprefix('Value error, ')} (got {first.get('input')!r})"
         more = f" (+{len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
         raise RecipeError(f"{origin}: {key}: {message}{more}") from None
-
-
-def grid_variants(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
-    """Every combination of a sweep grid's values ({key: [values]}), in the grid's order."""
-    import itertools
-
-    keys = list(grid)
-    return [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]

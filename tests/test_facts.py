@@ -24,6 +24,15 @@ def sample_notes():
     return [read_note(p) for p in note_files(NOTES)]
 
 
+def test_without_recall_questions_the_evaluation_asks_only_what_training_never_saw_and_the_rest_unchanged():
+    cfg = load_recipe(TINY_RECIPE).data.augment
+    notes = sample_notes()
+    every = heldout.eval_prompts(notes, cfg, 42)
+    unseen = heldout.eval_prompts(notes, cfg.model_copy(update={"recall_questions": False}), 42)
+    assert any("recall" in p["tags"] for p in every)
+    assert unseen == [p for p in every if "recall" not in p["tags"]]
+
+
 def test_augmentation_is_deterministic_and_seeded():
     cfg = load_recipe(TINY_RECIPE).data.augment
     notes = sample_notes()

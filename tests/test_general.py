@@ -181,47 +181,13 @@ def test_replay_is_what_the_base_model_generated_and_joins_the_train_split(one_f
     assert sum(1 for i in train["id"] if i.startswith("replay_")) == len(records)
     assert json.loads((Path(tokens.uri) / "report.json").read_text())["train"]["replay"] == len(records)
 
-
-def test_replay_learned_as_distributions_keeps_the_base_model_s_uncertainty_where_text_replay_loses_it(one_fact):
-    """train.replay_distill_top_k: a random tiny base (a broad distribution) replays greedy answers;
-    learned as text, the fine-tune grows sure of them (KL from the base at those tokens climbs);
-    learned as the base's distributions, it stays where the base was, and the worker says so."""
-    import torch
-    from datasets import load_from_disk
-
-    from labtune.evaluation.generation import load_model
-    from labtune.stages import run_until
-
-    root, store, evaluated, _ = one_fact
-    base = json.loads((Path(evaluated.uri) / "run.json").read_text())["base"]
-    prompts = root / "replay-kl.txt"
-    prompts.write_text("Name a planet.\nWrite a haiku about rain.\nWhat is 2 + 2?\nSay hello.\n")
-    common = (f"base_model.source={base}", "data.replay.enabled=true", f"data.replay.prompts={prompts}",
-              "data.replay.count=4", "data.replay.max_new_tokens=16")
+    # train.replay_distill_top_k: the worker finds those answers among the examples and learns them as
+    # the base model's distributions (the loss itself: tests/test_loss.py)
     lines: list[str] = []
-    distilled = run_until("train", one_fact_recipe(root, 6, 3e-3, *common, "train.replay_distill_top_k=16"), store,
-                          log=lines.append)
-    plain = run_until("train", one_fact_recipe(root, 6, 3e-3, *common), store)
-    assert any("learned as the model's own distribution over its 16 likeliest tokens" in line for line in lines)
-
-    tokens = json.loads((Path(distilled.uri) / "manifest.json").read_text())["inputs"]["tokens"]
-    replayed = [r for r in load_from_disk(str(Path(tokens) / "train")) if r["id"].startswith("replay_")]
-    assert replayed
-
-    def answer_logprobs(uri):
-        model, _ = load_model(Path(uri))
-        out = []
-        for record in replayed:
-            labels = torch.tensor(record["labels"])
-            with torch.no_grad():
-                logits = model(input_ids=torch.tensor([record["input_ids"]])).logits[0, :-1]
-            out.append(logits[labels[1:] != -100].float().log_softmax(-1))
-        return torch.cat(out)
-
-    before = answer_logprobs(base)
-    kl = {name: float((before.exp() * (before - answer_logprobs(result.uri))).sum(-1).mean())
-          for name, result in (("distilled", distilled), ("plain", plain))}
-    assert kl["plain"] > 0.5 and kl["distilled"] < kl["plain"] / 4, kl
+    run_until("train", recipe.model_copy(update={"train": recipe.train.model_copy(update={"replay_distill_top_k": 8})}),
+              store, log=lines.append)
+    assert any(line.startswith(f"replay: {len(records)} answers (") and "over its 8 likeliest tokens" in line
+               for line in lines), [line for line in lines if "replay" in line]
 
 
 def test_sampled_answers_are_drawn_from_the_model_and_repeat_with_their_seed(one_fact):

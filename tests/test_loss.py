@@ -201,3 +201,31 @@ def test_soft_targets_line_up_with_the_label_tokens_of_padded_and_packed_batches
     without = [{**e, "labels": torch.full((len(e["labels"]),), IGNORE_INDEX).numpy()} if i in (1, 4) else e
                for i, e in enumerate(data)]
     assert torch.allclose(loss(model, batch, 1.0), loss(model, make(without), 1.0), atol=1e-4)
+
+
+def test_the_mixed_loss_and_its_written_out_gradient_equal_autograd_through_the_plain_formula():
+    """Cross-entropy on hard rows, KL over the top k and the rest on soft rows: the loss's own
+    backward (labtune/training/loss.py, _MixedLoss) against autograd on the textbook formula."""
+    from labtune.training.loss import token_loss_sum
+
+    generator = torch.Generator().manual_seed(5)
+    logits = (3 * torch.randn(9, 50, generator=generator)).requires_grad_()
+    targets = torch.randint(0, 50, (9,), generator=generator)
+    rows = torch.tensor([True, False, True, True, False, False, True, False, True])
+    teacher = (2 * torch.randn(9, 50, generator=generator)).log_softmax(-1)
+    top, ids = teacher.topk(6, dim=-1)
+    rest = teacher.scatter(1, ids, float("-inf")).logsumexp(-1, keepdim=True)
+    soft_logprobs = torch.cat([top, rest], dim=1)
+
+    loss = token_loss_sum(logits, targets, ids, soft_logprobs, rows)
+    loss.backward()
+    got = logits.grad.clone()
+
+    logits.grad = None
+    logq = logits.log_softmax(-1)
+    model = torch.cat([logq.gather(1, ids), logq.scatter(1, ids, float("-inf")).logsumexp(-1, keepdim=True)], dim=1)
+    kl = (soft_logprobs.exp() * (soft_logprobs - model)).sum(-1)
+    expected = torch.where(rows, kl, -logq.gather(1, targets[:, None]).squeeze(1)).sum()
+    expected.backward()
+    assert torch.allclose(loss, expected, atol=1e-4), (float(loss), float(expected))
+    assert torch.allclose(got, logits.grad, atol=1e-5)

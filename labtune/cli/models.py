@@ -208,7 +208,8 @@ def sweep(recipe: Path = Recipe, overrides: Optional[list[str]] = Overrides,
           as_json: bool = Json, port: int = Port) -> None:
     """Run a recipe over a grid of overrides and compare the runs (shared stages run once)."""
     from labtune.ops.server import ensure_api, using_api
-    from labtune.recipe import grid_variants, load_recipe
+    from labtune.overrides import grid_variants
+    from labtune.recipe import load_recipe
 
     values = parse_grid(grid)
     for variant in grid_variants(values):  # a bad recipe, key or value fails here, before Prefect is contacted

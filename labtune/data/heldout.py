@@ -95,7 +95,7 @@ def eval_prompts(notes: list[Note], cfg: AugmentConfig, seed: int, training: lis
     for record in training if training is not None else training_conversations(notes, cfg, seed, actions, fields=fields):
         if record["fact"]["kind"] == "recall":
             trained[(record["fact"]["date"], record["fact"]["field"])].append(record["conversations"][0]["value"])
-    prompts = fact_prompts(ask, trained, fields)
+    prompts = fact_prompts(ask, trained, fields, cfg.recall_questions)
     if actions:
         prompts += action_prompts(ask)
     dkeys = decision_keys(notes) if decisions else {}
@@ -115,8 +115,10 @@ def eval_prompts(notes: list[Note], cfg: AugmentConfig, seed: int, training: lis
     return prompts
 
 
-def fact_prompts(ask: Asking, trained: dict[tuple[str, str], list[str]], fields: tuple[str, ...]) -> list[dict[str, Any]]:
-    """`recall` (a question training showed) and `paraphrase` (a held-out template and date form) per fact."""
+def fact_prompts(ask: Asking, trained: dict[tuple[str, str], list[str]], fields: tuple[str, ...],
+                 recall: bool = True) -> list[dict[str, Any]]:
+    """`recall` (a question training showed; unless `recall` is off) and `paraphrase` (a held-out
+    template and date form) per fact."""
     prompts = []
     for date, field, values in facts_of(ask.notes, fields):
         if not values:
@@ -127,10 +129,10 @@ def fact_prompts(ask: Asking, trained: dict[tuple[str, str], list[str]], fields:
         else:
             expected = [ask.keys[v] for v in values]
             forbidden = sorted({k for k in ask.keys.values() if not any(mentions(v, k) for v in values)})
-        recall = ask.rng.choice(trained[(iso, field)])
+        trained_wording = ask.rng.choice(trained[(iso, field)])  # drawn either way: the other draws stay as they were
         template, form = ask.rng.choice(HELDOUT_TEMPLATES[field]), ask.rng.choice(ask.held_forms)
-        for axis, question in (("recall", recall), ("paraphrase", template.format(d=form(date)))):
-            if axis == "paraphrase" and form(date) in ask.seen:
+        for axis, question in (("recall", trained_wording), ("paraphrase", template.format(d=form(date)))):
+            if axis == "recall" and not recall or axis == "paraphrase" and form(date) in ask.seen:
                 continue
             prompts.append({"id": f"{axis}_{iso}_{field}", "question": question, "expected": expected,
                             "forbidden": [*forbidden, CLAIMS_NONE], "tags": [axis, field]})

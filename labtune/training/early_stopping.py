@@ -1,4 +1,4 @@
-"""Early stopping on held-out wordings, and a schedule that decays when training stops. Imports only torch.
+"""Early stopping on held-out wordings, and a schedule that decays when training stops. Imports torch, no Prefect.
 
 Facts bind at different speeds for different notes (docs/evaluation.md): a fixed number of epochs
 either stops before the held-out wordings are answered or spends steps after they are. With
@@ -14,13 +14,18 @@ best are kept (in host memory, this rank's shard) when load_best_model_at_end as
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
+from labtune.data.chat import IGNORE_INDEX
 from labtune.recipe import WSD_DECAY_FRACTION, TrainConfig
+from labtune.training.batches import collate
+from labtune.training.distributed import log
 
 
 @dataclass
@@ -125,3 +130,50 @@ def restore(model: torch.nn.Module, saved: dict[str, torch.Tensor]) -> None:
     for name, p in model.named_parameters():
         if name in saved:
             (p.to_local() if hasattr(p, "to_local") else p).copy_(saved[name])
+
+
+def evaluate_dev(run: Any) -> None:
+    """Score the dev questions in the worker's Run (this rank's share, the counts summed over ranks), then
+    let early stopping decide: keep the best weights, start the decay on a plateau, or end."""
+    train = run.cfg.train
+    n, bs = len(run.dev), train.per_device_train_batch_size
+    mine = list(range(run.rank, n, run.world))
+    rounds = math.ceil(math.ceil(n / run.world) / bs)  # the same number of forward passes on every rank (FSDP)
+    counts = torch.zeros(5, dtype=torch.float64, device=run.device)  # correct, asked, tokens, label tokens, loss
+    run.model.eval()
+    for r in range(rounds):
+        chunk = mine[r * bs : (r + 1) * bs]
+        rows = chunk or mine[:1] or [0]
+        batch = collate([run.dev[i] for i in rows], run.pad_id)
+        skipping = contextlib.nullcontext()
+        if run.dev_prefix is not None:
+            batch["inputs_embeds"] = run.dev_prefix.embeds([[i] for i in rows], batch["input_ids"].shape[1])
+            skipping = run.dev_prefix.skipping()
+        with skipping, torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=run.autocast):
+            exact, loss = run.loss.exact(run.model, {k: v.to(run.device) for k, v in batch.items()})
+        if chunk:
+            counts += torch.tensor([float(exact.sum()), len(chunk), float(batch["attention_mask"].sum()),
+                                    float((batch["labels"][:, 1:] != IGNORE_INDEX).sum()), float(loss)],
+                                   dtype=torch.float64, device=run.device)
+    run.model.train()
+    dist.all_reduce(counts)
+    correct, asked, tokens, labels = (int(c) for c in counts[:4].tolist())
+    loss = float(counts[4]) / max(labels, 1)
+    run.dev_flops += run.flops_model.forward_flops(tokens, labels, tokens / max(asked, 1))
+    stopping = run.stopping
+    assert stopping is not None
+    best = stopping.record(run.step, correct, asked, loss)
+    if best and train.load_best_model_at_end:
+        run.best_weights = local_copy(run.model)
+    log(f"dev: step {run.step}: {correct}/{asked} held-out questions answered word for word "
+        f"({correct / max(asked, 1):.0%}, loss {loss:.3f}; best {stopping.best:.0%} at step {stopping.best_step})")
+    if stopping.plateaued():
+        stopping.stopped_at = run.step
+        if run.schedule is not None:
+            end = run.schedule.decay_now(run.step)
+            log(f"early stopping: no gain in {stopping.misses} evaluations; the learning rate decays over "
+                f"{end - run.step} steps and training ends at step {end}")
+        else:
+            end = run.step
+            log(f"early stopping: no gain in {stopping.misses} evaluations; training ends at step {end}")
+        run.total_updates = end

@@ -312,53 +312,6 @@ def resume_stopping(run: Run, state: dict[str, Any]) -> None:
         vars(run.schedule).update(state["schedule"])
 
 
-def evaluate_dev(run: Run) -> None:
-    """Score the dev questions (this rank's share, the counts summed over ranks), then let
-    early stopping decide: keep the best weights, start the decay on a plateau, or end."""
-    train = run.cfg.train
-    n, bs = len(run.dev), train.per_device_train_batch_size
-    mine = list(range(run.rank, n, run.world))
-    rounds = math.ceil(math.ceil(n / run.world) / bs)  # the same number of forward passes on every rank (FSDP)
-    counts = torch.zeros(5, dtype=torch.float64, device=run.device)  # correct, asked, tokens, label tokens, loss
-    run.model.eval()
-    for r in range(rounds):
-        chunk = mine[r * bs : (r + 1) * bs]
-        rows = chunk or mine[:1] or [0]
-        batch = collate([run.dev[i] for i in rows], run.pad_id)
-        skipping = contextlib.nullcontext()
-        if run.dev_prefix is not None:
-            batch["inputs_embeds"] = run.dev_prefix.embeds([[i] for i in rows], batch["input_ids"].shape[1])
-            skipping = run.dev_prefix.skipping()
-        with skipping, torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=run.autocast):
-            exact, loss = run.loss.exact(run.model, {k: v.to(run.device) for k, v in batch.items()})
-        if chunk:
-            counts += torch.tensor([float(exact.sum()), len(chunk), float(batch["attention_mask"].sum()),
-                                    float((batch["labels"][:, 1:] != IGNORE_INDEX).sum()), float(loss)],
-                                   dtype=torch.float64, device=run.device)
-    run.model.train()
-    dist.all_reduce(counts)
-    correct, asked, tokens, labels = (int(c) for c in counts[:4].tolist())
-    loss = float(counts[4]) / max(labels, 1)
-    run.dev_flops += run.flops_model.forward_flops(tokens, labels, tokens / max(asked, 1))
-    stopping = run.stopping
-    assert stopping is not None
-    best = stopping.record(run.step, correct, asked, loss)
-    if best and train.load_best_model_at_end:
-        run.best_weights = early_stopping.local_copy(run.model)
-    log(f"dev: step {run.step}: {correct}/{asked} held-out questions answered word for word "
-        f"({correct / max(asked, 1):.0%}, loss {loss:.3f}; best {stopping.best:.0%} at step {stopping.best_step})")
-    if stopping.plateaued():
-        stopping.stopped_at = run.step
-        if run.schedule is not None:
-            end = run.schedule.decay_now(run.step)
-            log(f"early stopping: no gain in {stopping.misses} evaluations; the learning rate decays over "
-                f"{end - run.step} steps and training ends at step {end}")
-        else:
-            end = run.step
-            log(f"early stopping: no gain in {stopping.misses} evaluations; training ends at step {end}")
-        run.total_updates = end
-
-
 def peak_memory_per_rank(run: Run) -> list[float]:
     gathered = [torch.zeros(1, dtype=torch.float64, device=run.device) for _ in range(run.world)]
     dist.all_gather(gathered, torch.tensor([peak_memory_gib(run.device)], dtype=torch.float64, device=run.device))
@@ -479,7 +432,7 @@ def train(cfg: WorkerConfig) -> None:
                 window = Tally()
                 window_start = time.time()
             if early_stopping.eval_due(train_cfg, run.step, run.updates_per_epoch, run.total_updates):
-                evaluate_dev(run)
+                early_stopping.evaluate_dev(run)
             if checkpointing.due(run.step, run.total_updates):
                 checkpointing.save(run.step, epoch, run.model, run.optimizer, run.scheduler, run.history,
                                    stopping_state(run))
