@@ -40,14 +40,17 @@ def draw(points: list[dict], png: str) -> None:
     import matplotlib.pyplot as plt
 
     figure, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
-    for p in points:
+    order = sorted(range(len(points)), key=lambda i: points[i]["train_flops"])
+    for rank, p in enumerate(points[i] for i in order):
         x = p["train_flops"]
+        # neighbours along FLOPs put their labels on alternate sides, so that close points stay readable
+        side = {"xytext": (-3, 3), "ha": "right"} if rank % 2 else {"xytext": (3, 3), "ha": "left"}
         left.scatter(x, 100 * (p["paraphrase"] or 0), color="#2563eb")
         left.annotate(p["label"], (x, 100 * (p["paraphrase"] or 0)), fontsize=7, xytext=(3, 3), textcoords="offset points")
         if p["perplexity_ratio"] is not None:
             right.scatter(x, p["perplexity_ratio"], color="#dc2626")
             right.annotate(f"{p['label']} ({p['hijacked']}/{p['questions']})", (x, p["perplexity_ratio"]), fontsize=7,
-                           xytext=(3, 3), textcoords="offset points")
+                           textcoords="offset points", **side)
     left.set_title("knowledge: held-out wordings answered (%)", fontsize=9)
     right.set_title("general ability: perplexity ratio on references (hijacked/asked)", fontsize=9)
     right.axhline(1.25, color="#6b7280", linestyle="--", linewidth=1)
