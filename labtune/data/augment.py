@@ -210,7 +210,8 @@ def people(notes: list[Note] | list[dict[str, str]]) -> list[str]:
 def _by_date(notes: list[Note]) -> dict[dt.date, list[Note]]:
     grouped: dict[dt.date, list[Note]] = defaultdict(list)
     for note in notes:
-        grouped[note.date].append(note)
+        if not note.unread:  # a meeting known only from a file name: nothing to teach of it
+            grouped[note.date].append(note)
     return dict(sorted(grouped.items()))
 
 

@@ -33,7 +33,9 @@ from labtune.data.notes import (
     note_files,
     read_meetings,
     resolve_lab_names,
+    unread_files,
 )
+from labtune.data.note_dates import date_in_name
 from labtune.errors import LabtuneError
 
 if TYPE_CHECKING:
@@ -217,9 +219,10 @@ def load_lab_notes(folder: Path, report: SourceReport, *, qa: bool = True, whole
     report.notes says, per note, what was read; report.read_facts holds every fact and its line."""
     if not folder.is_dir():
         raise DataError(f"{folder}: lab-notes folder not found")
-    files = note_files(folder)
+    files, (documents, others) = note_files(folder), unread_files(folder)
     if not files:
-        raise DataError(f"{folder}: no lab notes (.md, .org, .txt) in this folder")
+        raise no_notes(folder, documents)
+    report_unread(folder, documents, others, report, log)
     records: list[dict[str, Any]] = []
     read: list[tuple[str, Any]] = []
     seen: collections.Counter[str] = collections.Counter()
@@ -234,10 +237,12 @@ def load_lab_notes(folder: Path, report: SourceReport, *, qa: bool = True, whole
                 raise DataError(str(exc)) from None
             report.skipped_files.append(f"{relative}: {str(exc).split(': ', 1)[1]}")
             log(f"data: skipped {exc}")
+            documents.append((path, str(exc)))  # a file not read still names its meeting (unread_meetings)
             continue
         report.files += 1
         read += [(relative, note) for note in meetings]  # a running log holds several
     notes = resolve_lab_names([note for _, note in read])
+    notes += unread_meetings(folder, documents, {n.date for n in notes}, date_order)
     for relative, note in read:
         note_id = f"labnote_{note.date.isoformat()}"
         seen[note_id] += 1
@@ -262,6 +267,34 @@ def load_lab_notes(folder: Path, report: SourceReport, *, qa: bool = True, whole
             report.dev = heldout.dev_conversations(notes, augment, seed, report.prompts, actions, seen,
                                                       fields=extra["fields"])
     return records
+
+
+def no_notes(folder: Path, documents: list[tuple[Path, str]]) -> DataError:
+    unread = f"; not read: {', '.join(p.relative_to(folder).as_posix() for p, _ in documents[:5])}" if documents else ""
+    return DataError(f"{folder}: no lab notes (.md, .org, .txt, .eml) in this folder{unread}")
+
+
+def report_unread(folder: Path, documents: list[tuple[Path, str]], others: list[Path], report: SourceReport,
+                  log=print) -> None:
+    """Each document not read, with its reason, and one line counting the files that are not notes."""
+    for path, reason in documents:
+        report.skipped_files.append(f"{path.relative_to(folder).as_posix()}: {reason}")
+        log(f"data: skipped {path}: {reason}")
+    if others:
+        names = ", ".join(p.relative_to(folder).as_posix() for p in others[:5]) + (", ..." if len(others) > 5 else "")
+        report.skipped_files.append(f"{len(others)} files are not notes (images, binaries): {names}")
+
+
+def unread_meetings(folder: Path, documents: list[tuple[Path, Any]], known: set[Any], date_order: str) -> list[Note]:
+    """A meeting for each date that only the name of a file labtune does not read gives: no facts
+    are taught of it, but no-meeting dates are never drawn on it and it is among its month's
+    meetings (labtune.data.augment)."""
+    dated = {}
+    for path, _ in documents:
+        found = date_in_name(path.stem, date_order)
+        if found and found.date not in known:
+            dated.setdefault(found.date, path.relative_to(folder).as_posix())
+    return [Note(name, date, "", date_source="the file name", unread=True) for date, name in sorted(dated.items())]
 
 
 def note_summary(note: Note, relative: str, date_order: str) -> dict[str, Any]:

@@ -85,6 +85,10 @@ def first_date(line: str, order: str = "MDY") -> FoundDate | None:
     return dates[0] if dates else None
 
 
+ID_IN_NAME = re.compile(r"[0-9a-fA-F]{32}|[0-9a-fA-F]{8}(-[0-9a-fA-F]{4}){3}-[0-9a-fA-F]{12}")
+
+
 def date_in_name(stem: str, order: str = "MDY") -> FoundDate | None:
-    """A date in a file name ("2023-03-10", "20230310", "07-03-2023", "lab_2023_03_10")."""
-    return first_date(re.sub(r"[_]", "-", stem), order)
+    """A date in a file name ("2023-03-10", "20230310", "07-03-2023", "lab_2023_03_10"); an id in the
+    name (Notion's 32 hex digits, a UUID) is never read as one ("...2023091512ab...")."""
+    return first_date(re.sub(r"[_]", "-", ID_IN_NAME.sub(" ", stem)), order)

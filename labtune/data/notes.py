@@ -1,6 +1,6 @@
 """Lab-meeting notes -> training conversations.
 
-One file (.md, .org, .txt) is one meeting. Its date comes from a Date:/When: field, the first
+One file (.md, .org, .txt, or minutes sent as .eml: labtune.data.note_email) is one meeting. Its date comes from a Date:/When: field, the first
 heading, the first lines or the file name, in any form people write (labtune.data.note_dates). Fields
 (presenter, recorder, topic, attendees, action items) are read under the names labs give them
 (FIELD_WORDS: speaker, scribe, minutes, subject, todo ..., and a recipe's own words) in every line
@@ -24,6 +24,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from labtune.data.note_dates import FoundDate, date_in_name, first_date
+from labtune.data.note_email import EmailNote, read_email
 from labtune.data.note_fields import (
     FIELD_WORDS,
     HEADING,
@@ -42,7 +43,10 @@ from labtune.errors import LabtuneError
 
 __all__ = ["FIELD_WORDS", "NoteFact", "parse_fields"]
 
-NOTE_SUFFIXES = (".md", ".markdown", ".org", ".txt")
+NOTE_SUFFIXES = (".md", ".markdown", ".org", ".txt", ".eml")
+# files labs keep notes in that labtune does not read yet: named in the data report, never passed over
+DOCUMENT_SUFFIXES = (".docx", ".doc", ".odt", ".rtf", ".pdf", ".html", ".htm", ".pptx", ".ppt", ".odp", ".key",
+                     ".pages", ".xlsx", ".xls", ".ods", ".numbers", ".csv", ".tsv", ".mbox", ".msg", ".rst", ".tex")
 QA_FIELDS = ("presenter", "recorder", "topic", "attendees", "action_items", "decisions")
 MONTHS = ["january", "february", "march", "april", "may", "june", "july", "august",
           "september", "october", "november", "december"]
@@ -64,6 +68,9 @@ class Note:
     other_date: dt.date | None = None  # the date under the other day/month order, when it reads differently
     rejected: list[str] = field(default_factory=list)  # field lines whose value is not what the field holds
     lines: tuple[int, int] | None = None  # first and last line in its file, for a file that holds several meetings
+    # a meeting known only from the name of a file labtune could not read: never a no-meeting date,
+    # no facts taught (labtune.data.augment skips it)
+    unread: bool = False
 
     def values(self, name: str) -> list[str]:
         """Every value of a field, in the order the note gives them (two presenters: two values)."""
@@ -129,8 +136,14 @@ def long_date(date: dt.date) -> str:
 NO_DATE = f"no date in the heading, the first {DATE_LINES} lines, a Date: field or the file name"
 
 
-def _decode(path: Path) -> str:
+def _decode(path: Path) -> tuple[str, EmailNote | None]:
     raw = path.read_bytes()
+    if path.suffix.lower() == ".eml":
+        try:
+            mail = read_email(raw)
+        except ValueError as exc:
+            raise NoteError(f"{path}: {exc}") from None
+        return mail.text, mail
     if b"\x00" in raw[:8192]:
         raise NoteError(f"{path}: binary file, not a text note")
     try:
@@ -139,19 +152,19 @@ def _decode(path: Path) -> str:
         raise NoteError(f"{path}: not UTF-8 text (byte {exc.start})") from None
     if not text:
         raise NoteError(f"{path}: empty lab note")
-    return text
+    return text, None
 
 
 def read_meetings(path: Path, date_order: str = "MDY", field_names: dict[str, list[str]] | None = None) -> list[Note]:
     """Every meeting of a note file: one, or one per dated heading of a running log or a document
     that holds several (labtune.data.note_sections), each with its own date, facts and line range."""
-    text = _decode(path)
+    text, mail = _decode(path)
     words = field_vocabulary(field_names)
     org = path.suffix.lower() == ".org"
     date_lines = [(number - 1, found) for found, number in date_fields(text, words, date_order)]
     sections = meeting_sections(text, date_order, org, date_lines)
     if len(sections) < 2:
-        return [_meeting(path, text, words, date_order, org)]
+        return [_meeting(path, text, words, date_order, org, mail=mail)]
     lines = text.splitlines()
     meetings = []
     for section in sections:
@@ -171,9 +184,11 @@ def read_note(path: Path, date_order: str = "MDY", field_names: dict[str, list[s
 
 
 def _meeting(path: Path, text: str, words: dict[str, tuple[str, ...]], date_order: str, org: bool,
-             section_date: FoundDate | None = None, offset: int = 0) -> Note:
+             section_date: FoundDate | None = None, offset: int = 0, mail: EmailNote | None = None) -> Note:
     if section_date is None:
         dated = note_date(text, path.stem, words, date_order)
+        if dated is None and mail is not None and mail.sent is not None:
+            dated = FoundDate(mail.sent, mail.sent.isoformat()), "the e-mail's Date: header"
         if dated is None:
             raise NoteError(f"{path}: {NO_DATE}")
         found, source = dated
@@ -188,6 +203,8 @@ def _meeting(path: Path, text: str, words: dict[str, tuple[str, ...]], date_orde
     facts = unique_facts(facts + prose_facts(text, facts, words))
     facts = [f for f in facts if f.field not in ("action_items", "agenda")] + action_facts(text, facts, found.date, words)
     facts += decision_facts(text, facts)
+    if mail is not None and mail.sender and not any(f.field == "recorder" for f in facts):
+        facts.append(NoteFact("recorder", mail.sender, 1, "e-mail sender"))  # whoever sends the minutes took them
     for fact in facts:
         fact.line += offset
     if offset:  # "line 3: ..." of a section is that line of the file
@@ -290,10 +307,15 @@ def safe_relative(name: str, where: str) -> str:
 
 
 def note_files(folder: Path) -> list[Path]:
-    """Every note file (.md, .markdown, .org, .txt) in a folder and its sub-folders, sorted; the one
-    listing the data stage and the watcher share. A symbolic link (to a file or a folder) that
+    """Every note file (.md, .markdown, .org, .txt, .eml) in a folder and its sub-folders, sorted; the
+    one listing the data stage and the watcher share. A symbolic link (to a file or a folder) that
     leads outside the folder is refused, naming it; links that stay inside are read where they
     point to, once. Hidden files and folders (a dot first) are not notes."""
+    return [path for path in folder_files(folder) if path.suffix.lower() in NOTE_SUFFIXES]
+
+
+def folder_files(folder: Path) -> list[Path]:
+    """Every file in a folder and its sub-folders but hidden ones, sorted (see note_files)."""
     root = folder.resolve()
     found: list[Path] = []
     for directory, subdirs, files in os.walk(folder, followlinks=False):
@@ -304,13 +326,39 @@ def note_files(folder: Path) -> list[Path]:
         subdirs[:] = sorted(d for d in subdirs if not d.startswith(".") and not (here / d).is_symlink())
         for name in files:
             path = here / name
-            if name.startswith(".") or path.suffix.lower() not in NOTE_SUFFIXES:
+            if name.startswith("."):
                 continue
             if path.is_symlink():
                 _inside(path, folder, root)
             if path.is_file():
                 found.append(path)
     return sorted(found)
+
+
+def unread_files(folder: Path) -> tuple[list[tuple[Path, str]], list[Path]]:
+    """The files of a folder that are not notes: documents labtune does not read (each with the
+    reason, for the data report) and the rest (images, binaries: counted, not listed one by one)."""
+    documents: list[tuple[Path, str]] = []
+    others: list[Path] = []
+    for path in folder_files(folder):
+        suffix = path.suffix.lower()
+        if suffix in NOTE_SUFFIXES:
+            continue
+        if suffix in DOCUMENT_SUFFIXES:
+            documents.append((path, f"unsupported format {suffix}: not read (save it as Markdown or text)"))
+            continue
+        with path.open("rb") as handle:
+            head = handle.read(8192)
+        try:
+            text = b"\x00" not in head and head.decode("utf-8", errors="strict") is not None
+        except UnicodeDecodeError as exc:
+            text = exc.start > len(head) - 4  # a character cut at the 8 KiB boundary
+        if text:
+            documents.append((path, f"unsupported format {suffix or '(no extension)'}: a text file, not read "
+                                    "(name it .md or .txt to read it as a note)"))
+        else:
+            others.append(path)
+    return documents, others
 
 
 def _inside(link: Path, folder: Path, root: Path) -> None:

@@ -19,6 +19,7 @@ from labtune.data import (
     conversations,
     heldout,
     note_dates,
+    note_email,
     note_fields,
     note_prose,
     note_sections,
@@ -138,7 +139,7 @@ def build_data(recipe: Recipe, store: Store, log: Log = default_log) -> StageRes
     identities = [data_identity(source, settings) for source in recipe.data.sources]
     parameters = recipe.data.model_dump(mode="json", exclude={"chat_template", "num_proc", "model_max_length"})
     key = stage_key("data", code_version(__name__, conversations, notes, augment, heldout, wordings, words,
-                                         note_dates, note_prose, note_fields, note_sections), {"sources": identities},
+                                         note_dates, note_email, note_prose, note_fields, note_sections), {"sources": identities},
                     parameters)
 
     def build(out: Path) -> dict[str, Any]:
