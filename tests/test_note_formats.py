@@ -1,14 +1,14 @@
-"""Notes wherever labs keep them (issue 43): minutes sent by e-mail, files labtune does not read
-named in the report with their reason, ids in file names, and no meeting taught as "no meeting"
+"""Notes wherever labs keep them (issue 43): minutes sent by e-mail, Word documents, files labtune
+does not read named in the report with their reason, ids in file names, and no meeting taught as "no meeting"
 when a file of the folder is dated that day. Each folder is written by its test."""
 
 from __future__ import annotations
 
 import datetime as dt
 import json
-import zipfile
 
 from conftest import run_cli
+from lab_folder import meetings, write_docx, write_lab_folder
 
 from labtune.data.conversations import SourceReport, load_lab_notes
 from labtune.data.notes import note_files, read_meetings
@@ -43,12 +43,6 @@ Content-Type: text/html; charset="utf-8"
 """
 
 
-def write_docx(path, text: str) -> None:
-    """A minimal Word file (a zip with document.xml): what labs export from Word or Google Docs."""
-    with zipfile.ZipFile(path, "w") as docx:
-        docx.writestr("word/document.xml", f"<w:document><w:body><w:p><w:r><w:t>{text}</w:t></w:r></w:p></w:body></w:document>")
-
-
 def test_emailed_minutes_give_the_subject_s_date_the_body_s_facts_and_the_sender_as_recorder(tmp_path):
     path = tmp_path / "minutes.eml"
     path.write_text(MINUTES)
@@ -76,7 +70,10 @@ def test_every_file_is_read_or_named_in_the_report_and_ids_in_names_are_no_dates
     notes.mkdir()
     (notes / "2023-09-01.md").write_text("# Lab meeting 2023-09-01\nPresenter: Lea Dubois\nRecorder: Bo Chen\nTopic: data loaders\n")
     (notes / "minutes.eml").write_text(MINUTES)
-    write_docx(notes / "Lab meeting 2023-09-15.docx", "Presenter: Sven Lindqvist")
+    write_docx(notes / "minutes.docx", ["Lab meeting minutes, 15 September 2023", "We discussed the MICCAI abstract."],
+               [["Presenter", "Sven Lindqvist"], ["Recorder", "Lea Dubois"], ["Topic", "label noise in CT segmentation"]])
+    (notes / "2023-09-29.docx").write_bytes(b"PK\x03\x04 damaged")
+    (notes / "Lab meeting 2023-10-13.odt").write_bytes(b"PK\x03\x04")
     (notes / "schedule.csv").write_text("date,presenter,topic\n2023-10-06,Bo Chen,mixup\n")
     (notes / "photo.png").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR")
     # a Notion export: the page id's digits are no date; the note's own heading is
@@ -84,34 +81,39 @@ def test_every_file_is_read_or_named_in_the_report_and_ids_in_names_are_no_dates
     out = tmp_path / "out"
     proc = run_cli("convert", "--notes", str(notes), "--out", str(out))
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.strip().splitlines()[-1] == "3 notes read, 3 skipped, 0 with no facts (see report.md)"
+    assert proc.stdout.strip().splitlines()[-1] == "5 notes read, 3 skipped, 0 with no facts (see report.md)"
     report = (out / "report.md").read_text()
-    assert "Lab meeting 2023-09-15.docx: unsupported format .docx: not read" in report
-    assert "schedule.csv: unsupported format .csv: not read" in report
+    assert "2023-09-29.docx: not a readable .docx file (damaged, or another format under that name)" in report
+    assert "Lab meeting 2023-10-13.odt: unsupported format .odt: not read" in report
     assert "1 files are not notes (images, binaries): photo.png" in report
     facts = json.loads((out / "facts.json").read_text())
     emailed = {(f["field"], f["value"]): (f["file"], f["line"], f["date"]) for f in facts if f["file"] == "minutes.eml"}
     assert emailed[("presenter", "Lea Dubois")] == ("minutes.eml", 3, "2023-09-22")  # line 1 is the Subject
     assert emailed[("recorder", "Ana Souza")][2] == "2023-09-22"
+    worded = {(f["field"], f["value"]): (f["file"], f["line"], f["date"], f["how"]) for f in facts if f["file"] == "minutes.docx"}
+    assert worded[("presenter", "Sven Lindqvist")] == ("minutes.docx", 7, "2023-09-15", "table")  # a line of its Markdown
+    assert worded[("topic", "label noise in CT segmentation")][2] == "2023-09-15"
+    assert {(f["date"], f["field"], f["value"]) for f in facts if f["file"] == "schedule.csv"} == {
+        ("2023-10-06", "presenter", "Bo Chen"), ("2023-10-06", "topic", "mixup")}  # a row without a note: a meeting
     dates = {f["date"] for f in facts if "Weekly sync" in f["file"]}
     assert dates == {"2023-09-08"}
 
 
 def test_a_folder_without_notes_names_the_files_it_did_not_read(tmp_path):
-    write_docx(tmp_path / "minutes 2023-09-15.docx", "Presenter: Sven Lindqvist")
+    (tmp_path / "minutes 2023-09-15.odt").write_bytes(b"PK\x03\x04")
     proc = run_cli("convert", "--notes", str(tmp_path), "--out", str(tmp_path / "out"))
     assert proc.returncode != 0
     assert proc.stderr.strip().splitlines()[-1].endswith("no lab notes (.md, .org, .txt, .eml) in this folder; "
-                                                          "not read: minutes 2023-09-15.docx")
+                                                          "not read: minutes 2023-09-15.odt")
     assert "Traceback" not in proc.stderr
 
 
 def test_no_training_example_calls_a_date_no_meeting_when_a_file_is_dated_that_day(tmp_path):
     meetings = [dt.date(2023, 9, 1) + dt.timedelta(weeks=w) for w in range(8)]
-    unread = meetings[1::2]  # every other week's minutes were kept in Word
-    for date in meetings:
+    unread = meetings[1::2]  # every other week's minutes were kept in a format labtune does not read, or damaged
+    for i, date in enumerate(meetings):
         if date in unread:
-            write_docx(tmp_path / f"minutes {date.isoformat()}.docx", "Presenter: someone")
+            (tmp_path / f"minutes {date.isoformat()}.{'odt' if i % 4 == 1 else 'docx'}").write_bytes(b"PK\x03\x04")
         else:
             (tmp_path / f"{date.isoformat()}.md").write_text(f"# Lab meeting {date.isoformat()}\nPresenter: Lea Dubois\n"
                                                               "Recorder: Bo Chen\nTopic: data loaders\n")
@@ -127,4 +129,81 @@ def test_no_training_example_calls_a_date_no_meeting_when_a_file_is_dated_that_d
     assert not [r for r in records if r.get("fact", {}).get("date") in {d.isoformat() for d in unread}]
     answers = [r["conversations"][1]["value"] for r in records if r["fact"]["date"] == "2023-09-01"]
     assert answers and all("(September meetings: 1, 8, 15, 22, 29;" in a for a in answers)
-    assert len(report.skipped_files) == 4 and len(note_files(tmp_path)) == 4
+    assert len(report.skipped_files) == 4 and len(note_files(tmp_path)) == 6  # the damaged .docx files are tried
+
+
+def test_a_lab_folder_kept_five_ways_gives_every_meeting_and_every_field(tmp_path):
+    held = write_lab_folder(tmp_path / "notes")
+    (tmp_path / "notes" / "Lab meeting 2024-01-19.odt").write_bytes(b"PK\x03\x04")  # a meeting labtune cannot read
+    report = SourceReport("notes", "lab_notes")
+    cfg = AugmentConfig(enabled=True, questions_per_fact=2, absent_ratio=5.0, absent_questions=1, absent_within_days=7,
+                        eval_absent_dates=10, recite_month=True)
+    records = load_lab_notes(tmp_path / "notes", report, whole_note=False, augment=cfg,
+                             qa_fields=("presenter", "recorder", "topic", "action_items"))
+    facts: dict[str, list[dict]] = {}
+    for fact in report.read_facts:
+        facts.setdefault(fact["date"], []).append(fact)
+    found = {"date": 0, "presenter": 0, "recorder": 0, "topic": 0, "owner": 0}
+    for m in held:
+        mine = facts.get(m["date"].isoformat(), [])
+        values = {f["field"]: [g["value"] for g in mine if g["field"] == f["field"]] for f in mine}
+        found["date"] += bool(mine)
+        found["presenter"] += values.get("presenter") == [m["presenter"]]
+        found["recorder"] += values.get("recorder") == [m["recorder"]]
+        found["topic"] += [t.lower() for t in values.get("topic", [])] == [m["topic"].lower()]
+        found["owner"] += any(f["field"] == "action_items" and f.get("owner") == m["owner"] and f.get("due") == m["due"].isoformat()
+                              for f in mine)
+    assert found == {"date": 20, "presenter": 20, "recorder": 20, "topic": 20, "owner": 20}
+    assert any("Lab meeting 2024-01-19.odt: unsupported format .odt" in s for s in report.skipped_files)
+    named = {m["date"].isoformat() for m in held} | {"2024-01-19"}
+    absent = {r["fact"]["date"] for r in records if r["fact"]["kind"] == "absent"}
+    assert absent and not absent & named
+
+
+def test_a_schedule_row_joins_its_note_and_a_conflict_is_named(tmp_path):
+    (tmp_path / "2023-12-22.txt").write_text("12/22/2023\nPresenter: Lea Dubois\nRecorder: Ana Souza\n")
+    (tmp_path / "talks.tsv").write_text("Meeting date\tSpeaker\tTitle\n2023-12-22\tBo Chen\tdata loader profiling\n"
+                                        "2024-01-05\tSven Lindqvist\ttest-time adaptation\nTBD\tAna Souza\tretreat\n")
+    report = SourceReport(str(tmp_path), "lab_notes")
+    load_lab_notes(tmp_path, report)
+    [note, row] = report.notes
+    assert (note["file"], note["facts"]) == ("2023-12-22.txt", {"presenter": 1, "recorder": 1, "topic": 1})
+    assert "presenter: talks.tsv line 2 says Bo Chen; the note says Lea Dubois (the note's kept)" in note["flags"]
+    assert (row["file"], row["date"], row["read_from"]) == ("talks.tsv:3-3", "2024-01-05", "the date column (line 3)")
+    assert "talks.tsv line 4: no date in the date column" in note["flags"]  # the row that says so merged into the note
+    topic = [f for f in report.read_facts if f["field"] == "topic" and f["date"] == "2023-12-22"]
+    assert topic == [{"file": "talks.tsv", "line": 2, "date": "2023-12-22", "field": "topic", "value": "data loader profiling",
+                      "how": "schedule row"}]
+
+
+def test_an_xlsx_schedule_and_a_sheet_that_is_no_schedule(tmp_path):
+    import openpyxl
+
+    book = openpyxl.Workbook()
+    book.active.append(["Lab talks 2023"])
+    book.active.append(["Date", "Presenter", "Topic"])
+    book.active.append([dt.datetime(2023, 9, 1), "Lea Dubois", "contrastive loss"])
+    book.save(tmp_path / "talks.xlsx")
+    [meeting] = read_meetings(tmp_path / "talks.xlsx")
+    assert (meeting.date, meeting.values("presenter"), meeting.facts[0].line) == (dt.date(2023, 9, 1), ["Lea Dubois"], 3)
+    (tmp_path / "budget.csv").write_text("item,cost\nGPU,3000\n")
+    report = SourceReport(str(tmp_path), "lab_notes")
+    load_lab_notes(tmp_path, report)
+    assert report.skipped_files == ["budget.csv: not a schedule: no header row with a date column and a presenter, topic "
+                                    "or other field's column (columns: item, cost)"]
+
+
+def test_a_title_heading_after_the_speaker_lines_is_the_topic_and_html_and_pdf_are_read_or_named(tmp_path):
+    (tmp_path / "2023-03-03.md").write_text("**Speaker:** Lea Dubois\n**Minutes:** Bo Chen\n\n"
+                                            "## Contrastive loss for noisy labels\n\nWe went through the ablations.\n\n## Notes\n")
+    [note] = read_meetings(tmp_path / "2023-03-03.md")
+    assert [(f.value, f.how) for f in note.facts if f.field == "topic"] == [("Contrastive loss for noisy labels", "title heading")]
+    (tmp_path / "minutes.html").write_text("<html><body><h1>Lab meeting 9/8/2023</h1><table><tr><td>Presenter</td>"
+                                           "<td>Bo Chen</td></tr><tr><td>Topic</td><td>label smoothing</td></tr></table>"
+                                           "</body></html>")
+    [page] = read_meetings(tmp_path / "minutes.html")
+    assert (page.date, page.values("presenter"), page.values("topic")) == (dt.date(2023, 9, 8), ["Bo Chen"], ["label smoothing"])
+    (tmp_path / "scan 2023-09-15.pdf").write_bytes(b"\x89PNG not a pdf")
+    report = SourceReport(str(tmp_path), "lab_notes")
+    load_lab_notes(tmp_path, report)
+    assert report.skipped_files == ["scan 2023-09-15.pdf: not a readable .pdf file (damaged, or another format under that name)"]

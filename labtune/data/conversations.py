@@ -15,6 +15,7 @@ file and line, records with a missing field with the record index and the field.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import hashlib
 import json
 import random
@@ -35,6 +36,8 @@ from labtune.data.notes import (
     resolve_lab_names,
     unread_files,
 )
+from labtune.data.note_fields import joined_fields
+from labtune.data.note_schedule import SCHEDULE_SUFFIXES
 from labtune.data.note_dates import date_in_name
 from labtune.errors import LabtuneError
 
@@ -211,9 +214,8 @@ def load_lab_notes(folder: Path, report: SourceReport, *, qa: bool = True, whole
                    qa_fields: tuple[str, ...] = QA_FIELDS, undated: str = "skip", augment: AugmentConfig | None = None,
                    seed: int = 42, log=print, date_order: str = "MDY",
                    field_names: dict[str, list[str]] | None = None) -> list[dict[str, Any]]:
-    """Every note of a folder as conversations. Binary or undecodable files are skipped and
-    listed; notes without a date are skipped (or fail, `undated="fail"`); meetings that share
-    a date are all kept, under distinct ids. With `augment` (data.augment, enabled), the
+    """Every note of a folder as conversations; every file not read is named in the report. Notes
+    without a date are skipped (or fail, `undated="fail"`); meetings that share a date are all kept. With `augment` (data.augment, enabled), the
     question-answer pairs are the many-form facts of labtune/data/augment.py (action items among them
     when qa_fields has them), and the held-out evaluation prompts are left in report.prompts.
     report.notes says, per note, what was read; report.read_facts holds every fact and its line."""
@@ -241,6 +243,7 @@ def load_lab_notes(folder: Path, report: SourceReport, *, qa: bool = True, whole
             continue
         report.files += 1
         read += [(relative, note) for note in meetings]  # a running log holds several
+    read = merge_schedules(read)
     notes = resolve_lab_names([note for _, note in read])
     notes += unread_meetings(folder, documents, {n.date for n in notes}, date_order)
     for relative, note in read:
@@ -251,7 +254,7 @@ def load_lab_notes(folder: Path, report: SourceReport, *, qa: bool = True, whole
         records += note_conversations(note, qa=qa and not many, whole_note=whole_note, note_id=note_id,
                                       fields=qa_fields)
         report.notes.append(note_summary(note, relative, date_order))
-        report.read_facts += [{"file": relative, "line": f.line, "date": note.date.isoformat(), "field": f.field,
+        report.read_facts += [{"file": f.source or relative, "line": f.line, "date": note.date.isoformat(), "field": f.field,
                                "value": f.value, "how": f.how, **({"owner": f.owner} if f.owner else {}),
                                **({"due": f.due} if f.due else {})} for f in note.facts]
     if many and qa and notes:
@@ -267,6 +270,33 @@ def load_lab_notes(folder: Path, report: SourceReport, *, qa: bool = True, whole
             report.dev = heldout.dev_conversations(notes, augment, seed, report.prompts, actions, seen,
                                                       fields=extra["fields"])
     return records
+
+
+def merge_schedules(read: list[tuple[str, Note]]) -> list[tuple[str, Note]]:
+    """A schedule's row joins the note of its date: the fields the note leaves empty come from the
+    row (each fact naming the schedule as its source); a field both give differently keeps the
+    note's values (what was written after the meeting) and is named among the note's flags. A row
+    with no note of its date is a meeting of its own."""
+    notes_by_date: dict[Any, Note] = {}
+    for _, note in read:
+        if Path(note.file).suffix.lower() not in SCHEDULE_SUFFIXES:
+            notes_by_date.setdefault(note.date, note)
+    merged = []
+    for relative, note in read:
+        target = notes_by_date.get(note.date) if Path(note.file).suffix.lower() in SCHEDULE_SUFFIXES else None
+        if target is None:
+            merged.append((relative, note))
+            continue
+        for name in dict.fromkeys(f.field for f in note.facts):
+            values, theirs = note.values(name), target.values(name)
+            if not theirs:
+                target.facts += [dataclasses.replace(f, source=relative) for f in note.facts if f.field == name]
+            elif {v.lower() for v in values} != {v.lower() for v in theirs} and name in ("presenter", "recorder", "topic"):
+                target.rejected.append(f"{name}: {relative} line {note.lines[0] if note.lines else 1} says "
+                                       f"{', '.join(values)}; the note says {', '.join(theirs)} (the note's kept)")
+        target.rejected += [f"{relative} {flag}" for flag in note.rejected]  # "talks.tsv line 4: no date ..."
+        target.fields = joined_fields(target.facts)
+    return merged
 
 
 def no_notes(folder: Path, documents: list[tuple[Path, str]]) -> DataError:

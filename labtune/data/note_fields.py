@@ -44,6 +44,7 @@ class NoteFact:
     owner: str | None = None  # an action item's
     due: str | None = None  # an action item's due date, ISO
     rank: int = 0  # among several topic lines, the lowest wins
+    source: str | None = None  # the file it came from, when not its note's (a schedule row merged into the note)
 
 
 def field_vocabulary(extra: dict[str, list[str]] | None = None) -> dict[str, tuple[str, ...]]:

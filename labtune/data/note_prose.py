@@ -24,7 +24,7 @@ import datetime as dt
 import re
 
 from labtune.data.note_dates import find_dates
-from labtune.data.note_fields import FIELD_WORDS, NoteFact, line_patterns, split_people
+from labtune.data.note_fields import FIELD_WORDS, HEADING, NoteFact, line_patterns, split_people
 
 _CAP = r"[A-ZÀ-ÖØ-ÞĀ-Ž][\w'’-]+"
 NAME = rf"(?P<who>@[\w.-]+|{_CAP}(?:\s+(?:van|von|de|da|del|di|le|la|bin|ibn)?\s*{_CAP}){{0,2}})"
@@ -115,6 +115,7 @@ def _sentences(text: str) -> list[tuple[int, str]]:
                 position = offset + len(sentence)
         paragraph.clear()
 
+    depth = 0
     for number, line in enumerate(text.splitlines(), 1):
         item = re.match(r"^\s*(?:[-+*]|\d+[.)])\s+", line)
         body = line[item.end():].strip() if item else line.strip()
@@ -125,8 +126,12 @@ def _sentences(text: str) -> list[tuple[int, str]]:
             flush()
             paragraph.append((number, body))
             flush()
-        else:
-            paragraph.append((number, body))
+            continue
+        indent = len(line) - len(line.lstrip())
+        if paragraph and indent != depth:  # an indented line under a field, or the text after it: its own paragraph
+            flush()
+        paragraph.append((number, body))
+        depth = indent
     flush()
     return found
 
@@ -174,6 +179,41 @@ _OWNER_TAIL = re.compile(r"\s*\((?P<who>[^)]{2,40})\)\s*$")
 # a TODO or Action line, or a checkbox item ("- [ ] @Ines rerun the evaluation (due 5/5)"), anywhere in a note
 _ACTION_LINE = re.compile(r"^\s*(?:(?:[-+*]\s+)?(?:\[[ xX]\]\s+)?(?:TODO|To-?do|Action(?:\s+item)?)\b|[-+*]\s+\[[ xX]\]\s)",
                           re.IGNORECASE)
+
+
+# Org: "*** TODO [#A] Lea Dubois: submit the abstract  :lea:" over "DEADLINE: <2023-09-15 Fri>" and a
+# drawer that may name the :OWNER:
+_ORG_TODO = re.compile(r"^\*+\s+(?:TODO|DONE|NEXT|WAITING|WAIT|STARTED|DOING)\s+(?:\[#[A-Z]\]\s+)?(?P<title>.*?)"
+                       r"(?:\s+:(?P<tags>[\w@.:]+):)?\s*$")
+_ORG_HEADLINE = re.compile(r"^\*+\s")
+_ORG_PLANNING = re.compile(r"\b(?P<kind>DEADLINE|SCHEDULED):\s*[<\[](?P<date>\d{4}-\d{2}-\d{2})[^>\]]*[>\]]")
+_ORG_OWNER = re.compile(r"^\s*:(?:OWNER|ASSIGNEE|ASSIGNED|WHO|RESPONSIBLE):\s*(?P<who>.+?)\s*$", re.IGNORECASE)
+
+
+def org_todo_items(lines: list[str]) -> list[tuple[int, str]]:
+    """(line, item) of each Org TODO/DONE headline, as an action item line reads: the owner from the
+    headline, else its :OWNER: property, else its first tag; the DEADLINE (else SCHEDULED) as the due date."""
+    items = []
+    for index, line in enumerate(lines):
+        todo = _ORG_TODO.match(line)
+        if not todo or not todo.group("title"):
+            continue
+        owner, dates = None, {}
+        for follow in lines[index + 1 : index + 10]:
+            if _ORG_HEADLINE.match(follow):
+                break
+            for planning in _ORG_PLANNING.finditer(follow):
+                dates.setdefault(planning.group("kind"), planning.group("date"))
+            owned = _ORG_OWNER.match(follow)
+            owner = owner or (owned.group("who") if owned else None)
+        tags = [t for t in (todo.group("tags") or "").split(":") if t]
+        owner = owner or (tags[0].lstrip("@").replace("_", " ") if tags else None)
+        item = todo.group("title")
+        if owner and not _OWNER_COLON.match(item) and not _OWNER_VERB.match(item):
+            item = f"{owner}: {item}"
+        due = dates.get("DEADLINE") or dates.get("SCHEDULED")
+        items.append((index + 1, f"{item} (due {due})" if due else item))
+    return items
 
 
 def due_date(text: str, meeting: dt.date, order: str = "MDY") -> dt.date | None:
@@ -231,8 +271,9 @@ def action_facts(text: str, facts: list[NoteFact], meeting: dt.date, words: dict
     lines = text.splitlines()
     field_line = line_patterns(FIELD_WORDS)[0]
     for number, line in enumerate(lines, 1):
-        if number not in listed and _ACTION_LINE.match(line) and not field_line.match(line):
+        if number not in listed and _ACTION_LINE.match(line) and not field_line.match(line) and not _ORG_TODO.match(line):
             items.append((number, line.strip()))
+    items += [(number, item) for number, item in org_todo_items(lines) if number not in listed]
     for number, sentence in _sentences(text):
         if number not in listed and not _ACTION_LINE.match(lines[number - 1]) and _OWNER_VERB.match(sentence) \
                 and _DUE.search(sentence):
@@ -328,3 +369,41 @@ def decision_facts(text: str, facts: list[NoteFact]) -> list[NoteFact]:
         for match in DECISION_PROSE.finditer(sentence):
             found.append(NoteFact("decisions", match.group("decision").strip(" ,"), number, "prose"))
     return found
+
+
+# words of a heading or line that names a part of the notes, not what the meeting was about
+SECTION_WORDS = AGENDA_WORDS | {"notes", "minutes", "summary", "attendees", "attendance", "agenda", "meeting", "todo",
+                                "todos", "weekly", "sync", "journal", "log", "follow-ups", "followups", "discussed"}
+
+
+def subject_topic(text: str, facts: list[NoteFact], org: bool = False) -> NoteFact | None:
+    """The topic, when no field or sentence gave one: a title heading below the meeting's first
+    line ("## Contrastive loss for noisy labels" after the speaker lines), else, in an Org entry,
+    its first line of text when it reads as a subject (2 to 12 words, not a sentence, no date, no
+    field, no other fact on it). Free notes' first lines are not subjects: "Next week - ..." is a plan."""
+    if any(f.field == "topic" for f in facts):
+        return None
+    field_line, table_row, _ = line_patterns(FIELD_WORDS)
+    lines = text.splitlines()
+    for number, line in enumerate(lines[1:], 2):
+        if HEADING.match(line) and not line.lstrip().startswith("#+"):
+            title = re.sub(r"^\s*(?:#{1,6}|\*{1,6})\s+", "", line).strip().strip("*_ ")
+            if _subject(title):
+                return NoteFact("topic", title, number, "title heading", rank=50)
+    used = {f.line for f in facts}
+    for number, line in enumerate(lines if org else [], 1):
+        body = line.strip()
+        if not body or HEADING.match(line) or body.startswith(("#", "|", ":", "-", "+", "*")) or field_line.match(line) \
+                or table_row.match(line) or find_dates(body):
+            continue
+        if number in used:  # the first line of text says something else (a role sentence, an action item)
+            return None
+        return NoteFact("topic", body, number, "subject line", rank=60) if _subject(body) and not body.endswith(
+            (".", "!", "?", ":", ";", ",")) else None
+    return None
+
+
+def _subject(title: str) -> bool:
+    words = re.findall(r"[\w'-]+", title.lower())
+    return 2 <= len(words) <= 12 and not find_dates(title) and not set(words) <= SECTION_WORDS \
+        and not title.endswith(":") and not re.match(r"^(?:TODO|DONE|NEXT)\b", title)

@@ -1,6 +1,7 @@
 """Lab-meeting notes -> training conversations.
 
-One file (.md, .org, .txt, or minutes sent as .eml: labtune.data.note_email) is one meeting. Its date comes from a Date:/When: field, the first
+One file (.md, .org, .txt; minutes sent as .eml: labtune.data.note_email; a .docx, .pdf, .pptx or
+.html document, converted to Markdown: labtune.data.note_documents) is one meeting. Its date comes from a Date:/When: field, the first
 heading, the first lines or the file name, in any form people write (labtune.data.note_dates). Fields
 (presenter, recorder, topic, attendees, action items) are read under the names labs give them
 (FIELD_WORDS: speaker, scribe, minutes, subject, todo ..., and a recipe's own words) in every line
@@ -24,7 +25,9 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from labtune.data.note_dates import FoundDate, date_in_name, first_date
+from labtune.data.note_documents import CONVERTED_SUFFIXES, document_text
 from labtune.data.note_email import EmailNote, read_email
+from labtune.data.note_schedule import SCHEDULE_SUFFIXES, schedule_rows
 from labtune.data.note_fields import (
     FIELD_WORDS,
     HEADING,
@@ -37,16 +40,24 @@ from labtune.data.note_fields import (
     read_fields,
     unique_facts,
 )
-from labtune.data.note_prose import action_facts, agenda_facts, decision_facts, prose_facts, resolve, resolve_names
+from labtune.data.note_prose import (
+    action_facts,
+    agenda_facts,
+    decision_facts,
+    prose_facts,
+    resolve,
+    resolve_names,
+    subject_topic,
+)
 from labtune.data.note_sections import meeting_sections
 from labtune.errors import LabtuneError
 
 __all__ = ["FIELD_WORDS", "NoteFact", "parse_fields"]
 
-NOTE_SUFFIXES = (".md", ".markdown", ".org", ".txt", ".eml")
+NOTE_SUFFIXES = (".md", ".markdown", ".org", ".txt", ".eml", *CONVERTED_SUFFIXES, *SCHEDULE_SUFFIXES)
 # files labs keep notes in that labtune does not read yet: named in the data report, never passed over
-DOCUMENT_SUFFIXES = (".docx", ".doc", ".odt", ".rtf", ".pdf", ".html", ".htm", ".pptx", ".ppt", ".odp", ".key",
-                     ".pages", ".xlsx", ".xls", ".ods", ".numbers", ".csv", ".tsv", ".mbox", ".msg", ".rst", ".tex")
+DOCUMENT_SUFFIXES = (".doc", ".odt", ".rtf", ".ppt", ".odp", ".key", ".pages", ".xls", ".ods", ".numbers", ".mbox",
+                     ".msg", ".rst", ".tex")
 QA_FIELDS = ("presenter", "recorder", "topic", "attendees", "action_items", "decisions")
 MONTHS = ["january", "february", "march", "april", "may", "june", "july", "august",
           "september", "october", "november", "december"]
@@ -144,6 +155,14 @@ def _decode(path: Path) -> tuple[str, EmailNote | None]:
         except ValueError as exc:
             raise NoteError(f"{path}: {exc}") from None
         return mail.text, mail
+    if path.suffix.lower() in CONVERTED_SUFFIXES:
+        try:
+            text = document_text(path).strip()
+        except ValueError as exc:
+            raise NoteError(f"{path}: {exc}") from None
+        if not text:
+            raise NoteError(f"{path}: no text in the document (a scan? labtune does not read images)")
+        return text, None
     if b"\x00" in raw[:8192]:
         raise NoteError(f"{path}: binary file, not a text note")
     try:
@@ -157,9 +176,12 @@ def _decode(path: Path) -> tuple[str, EmailNote | None]:
 
 def read_meetings(path: Path, date_order: str = "MDY", field_names: dict[str, list[str]] | None = None) -> list[Note]:
     """Every meeting of a note file: one, or one per dated heading of a running log or a document
-    that holds several (labtune.data.note_sections), each with its own date, facts and line range."""
-    text, mail = _decode(path)
+    that holds several (labtune.data.note_sections), each with its own date, facts and line range;
+    a schedule's dated rows (labtune.data.note_schedule)."""
     words = field_vocabulary(field_names)
+    if path.suffix.lower() in SCHEDULE_SUFFIXES:
+        return schedule_meetings(path, words, date_order)
+    text, mail = _decode(path)
     org = path.suffix.lower() == ".org"
     date_lines = [(number - 1, found) for found, number in date_fields(text, words, date_order)]
     sections = meeting_sections(text, date_order, org, date_lines)
@@ -176,6 +198,30 @@ def read_meetings(path: Path, date_order: str = "MDY", field_names: dict[str, li
     return meetings
 
 
+def schedule_meetings(path: Path, words: dict[str, tuple[str, ...]], date_order: str) -> list[Note]:
+    """A meeting per dated row of a schedule, its cells read as "Header: value" field lines."""
+    try:
+        header, rows = schedule_rows(path, line_patterns(words)[2])
+    except ValueError as exc:
+        raise NoteError(f"{path}: {exc}") from None
+    meetings, undated = [], []
+    for line, row in rows:
+        text = "\n".join(f"{name.strip()}: {cell.strip()}" for name, cell in zip(header, row) if name.strip() and cell.strip())
+        try:
+            note = _meeting(path, text, words, date_order, org=False, undated_name=False)
+        except NoteError:
+            undated.append(line)
+            continue
+        for fact in note.facts:
+            fact.line, fact.how = line, "schedule row"
+        note.lines, note.date_source = (line, line), f"the date column (line {line})"
+        meetings.append(note)
+    if not meetings:
+        raise NoteError(f"{path}: no row of the schedule has a date in its date column")
+    meetings[0].rejected += [f"line {line}: no date in the date column" for line in undated]
+    return meetings
+
+
 def read_note(path: Path, date_order: str = "MDY", field_names: dict[str, list[str]] | None = None) -> Note:
     """A file's meeting (its first, for a file that holds several: read_meetings): its date (see
     note_date), its facts (field lines, table rows, Org drawers, agenda items, then prose and
@@ -184,9 +230,10 @@ def read_note(path: Path, date_order: str = "MDY", field_names: dict[str, list[s
 
 
 def _meeting(path: Path, text: str, words: dict[str, tuple[str, ...]], date_order: str, org: bool,
-             section_date: FoundDate | None = None, offset: int = 0, mail: EmailNote | None = None) -> Note:
+             section_date: FoundDate | None = None, offset: int = 0, mail: EmailNote | None = None,
+             undated_name: bool = True) -> Note:
     if section_date is None:
-        dated = note_date(text, path.stem, words, date_order)
+        dated = note_date(text, path.stem if undated_name else "", words, date_order)
         if dated is None and mail is not None and mail.sent is not None:
             dated = FoundDate(mail.sent, mail.sent.isoformat()), "the e-mail's Date: header"
         if dated is None:
@@ -203,6 +250,7 @@ def _meeting(path: Path, text: str, words: dict[str, tuple[str, ...]], date_orde
     facts = unique_facts(facts + prose_facts(text, facts, words))
     facts = [f for f in facts if f.field not in ("action_items", "agenda")] + action_facts(text, facts, found.date, words)
     facts += decision_facts(text, facts)
+    facts += [topic] if (topic := subject_topic(text, facts, org)) else []
     if mail is not None and mail.sender and not any(f.field == "recorder" for f in facts):
         facts.append(NoteFact("recorder", mail.sender, 1, "e-mail sender"))  # whoever sends the minutes took them
     for fact in facts:
@@ -307,8 +355,8 @@ def safe_relative(name: str, where: str) -> str:
 
 
 def note_files(folder: Path) -> list[Path]:
-    """Every note file (.md, .markdown, .org, .txt, .eml) in a folder and its sub-folders, sorted; the
-    one listing the data stage and the watcher share. A symbolic link (to a file or a folder) that
+    """Every note file (NOTE_SUFFIXES: .md, .org, .txt, .eml, .docx, .pdf ...) in a folder and its
+    sub-folders, sorted; the one listing the data stage and the watcher share. A symbolic link (to a file or a folder) that
     leads outside the folder is refused, naming it; links that stay inside are read where they
     point to, once. Hidden files and folders (a dot first) are not notes."""
     return [path for path in folder_files(folder) if path.suffix.lower() in NOTE_SUFFIXES]

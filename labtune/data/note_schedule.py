@@ -1,0 +1,60 @@
+"""Schedules: a sheet whose rows are meetings (.csv, .tsv, .xlsx). Imports the standard library and,
+for .xlsx, openpyxl.
+
+The header row names the columns under the words labs use for note fields (date / when, presenter /
+speaker, topic / title, recorder / minutes ...: labtune.data.notes.FIELD_WORDS and a recipe's
+data.field_names); a sheet without a date column, or with nothing but dates, is not a schedule.
+Each row becomes "Header: value" lines and is read like any note, so the same names, dates and
+checks apply; its facts keep the row's line. labtune.data.conversations merges a row into the
+note of the same date (see merge_schedules).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+
+SCHEDULE_SUFFIXES = (".csv", ".tsv", ".xlsx")
+
+
+def sheet_rows(path: Path) -> list[list[str]]:
+    """The sheet's rows as text (the first worksheet of an .xlsx); ValueError when unreadable."""
+    if path.suffix.lower() == ".xlsx":
+        import openpyxl
+
+        try:
+            book = openpyxl.load_workbook(path, read_only=True, data_only=True)
+        except Exception:  # openpyxl raises zipfile, KeyError and its own errors for a damaged book
+            raise ValueError("not a readable .xlsx file (damaged, or another format under that name)") from None
+        sheet = book.worksheets[0]
+        rows = [["" if v is None else (v.date().isoformat() if hasattr(v, "date") else str(v)) for v in row]
+                for row in sheet.iter_rows(values_only=True)]
+        book.close()
+        return rows
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"not UTF-8 text (byte {exc.start})") from None
+    delimiter = "\t" if path.suffix.lower() == ".tsv" else _delimiter(text)
+    return [row for row in csv.reader(io.StringIO(text), delimiter=delimiter)]
+
+
+def _delimiter(text: str) -> str:
+    try:
+        return csv.Sniffer().sniff(text[:4096], delimiters=",;\t").delimiter
+    except csv.Error:
+        return ","
+
+
+def schedule_rows(path: Path, canonical: dict[str, str]) -> tuple[list[str], list[tuple[int, list[str]]]]:
+    """(the header, [(line, row)]) of a schedule; ValueError naming what is missing when the sheet
+    has no header row with a date column and another field's column."""
+    rows = [r for r in sheet_rows(path)]
+    for index, row in enumerate(rows[:10]):  # a title row or two may stand above the header
+        keys = [canonical.get(" ".join(cell.lower().replace("_", " ").replace("-", " ").split()), "") for cell in row]
+        if "date" in keys and len({k for k in keys if k and k != "date"}) >= 1:
+            return row, [(index + 2 + n, r) for n, r in enumerate(rows[index + 1:]) if any(c.strip() for c in r)]
+    columns = ", ".join(c for c in (rows[0] if rows else []) if c) or "none"
+    raise ValueError(f"not a schedule: no header row with a date column and a presenter, topic or other field's "
+                     f"column (columns: {columns})")
