@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import zipfile
 
 from conftest import run_cli
 from lab_folder import meetings, write_docx, write_lab_folder
@@ -73,7 +74,7 @@ def test_every_file_is_read_or_named_in_the_report_and_ids_in_names_are_no_dates
     write_docx(notes / "minutes.docx", ["Lab meeting minutes, 15 September 2023", "We discussed the MICCAI abstract."],
                [["Presenter", "Sven Lindqvist"], ["Recorder", "Lea Dubois"], ["Topic", "label noise in CT segmentation"]])
     (notes / "2023-09-29.docx").write_bytes(b"PK\x03\x04 damaged")
-    (notes / "Lab meeting 2023-10-13.odt").write_bytes(b"PK\x03\x04")
+    (notes / "Lab meeting 2023-10-13.key").write_bytes(b"PK\x03\x04")
     (notes / "schedule.csv").write_text("date,presenter,topic\n2023-10-06,Bo Chen,mixup\n")
     (notes / "photo.png").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR")
     # a Notion export: the page id's digits are no date; the note's own heading is
@@ -84,7 +85,7 @@ def test_every_file_is_read_or_named_in_the_report_and_ids_in_names_are_no_dates
     assert proc.stdout.strip().splitlines()[-1] == "5 notes read, 3 skipped, 0 with no facts (see report.md)"
     report = (out / "report.md").read_text()
     assert "2023-09-29.docx: not a readable .docx file (damaged, or another format under that name)" in report
-    assert "Lab meeting 2023-10-13.odt: unsupported format .odt: not read" in report
+    assert "Lab meeting 2023-10-13.key: unsupported format .key: not read" in report
     assert "1 files are not notes (images, binaries): photo.png" in report
     facts = json.loads((out / "facts.json").read_text())
     emailed = {(f["field"], f["value"]): (f["file"], f["line"], f["date"]) for f in facts if f["file"] == "minutes.eml"}
@@ -100,11 +101,11 @@ def test_every_file_is_read_or_named_in_the_report_and_ids_in_names_are_no_dates
 
 
 def test_a_folder_without_notes_names_the_files_it_did_not_read(tmp_path):
-    (tmp_path / "minutes 2023-09-15.odt").write_bytes(b"PK\x03\x04")
+    (tmp_path / "minutes 2023-09-15.pages").write_bytes(b"PK\x03\x04")
     proc = run_cli("convert", "--notes", str(tmp_path), "--out", str(tmp_path / "out"))
     assert proc.returncode != 0
     assert proc.stderr.strip().splitlines()[-1].endswith("no lab notes (.md, .org, .txt, .eml) in this folder; "
-                                                          "not read: minutes 2023-09-15.odt")
+                                                          "not read: minutes 2023-09-15.pages")
     assert "Traceback" not in proc.stderr
 
 
@@ -113,7 +114,7 @@ def test_no_training_example_calls_a_date_no_meeting_when_a_file_is_dated_that_d
     unread = meetings[1::2]  # every other week's minutes were kept in a format labtune does not read, or damaged
     for i, date in enumerate(meetings):
         if date in unread:
-            (tmp_path / f"minutes {date.isoformat()}.{'odt' if i % 4 == 1 else 'docx'}").write_bytes(b"PK\x03\x04")
+            (tmp_path / f"minutes {date.isoformat()}.{'pages' if i % 4 == 1 else 'docx'}").write_bytes(b"PK\x03\x04")
         else:
             (tmp_path / f"{date.isoformat()}.md").write_text(f"# Lab meeting {date.isoformat()}\nPresenter: Lea Dubois\n"
                                                               "Recorder: Bo Chen\nTopic: data loaders\n")
@@ -134,7 +135,7 @@ def test_no_training_example_calls_a_date_no_meeting_when_a_file_is_dated_that_d
 
 def test_a_lab_folder_kept_five_ways_gives_every_meeting_and_every_field(tmp_path):
     held = write_lab_folder(tmp_path / "notes")
-    (tmp_path / "notes" / "Lab meeting 2024-01-19.odt").write_bytes(b"PK\x03\x04")  # a meeting labtune cannot read
+    (tmp_path / "notes" / "Lab meeting 2024-01-19.pages").write_bytes(b"PK\x03\x04")  # a meeting labtune cannot read
     report = SourceReport("notes", "lab_notes")
     cfg = AugmentConfig(enabled=True, questions_per_fact=2, absent_ratio=5.0, absent_questions=1, absent_within_days=7,
                         eval_absent_dates=10, recite_month=True)
@@ -154,7 +155,7 @@ def test_a_lab_folder_kept_five_ways_gives_every_meeting_and_every_field(tmp_pat
         found["owner"] += any(f["field"] == "action_items" and f.get("owner") == m["owner"] and f.get("due") == m["due"].isoformat()
                               for f in mine)
     assert found == {"date": 20, "presenter": 20, "recorder": 20, "topic": 20, "owner": 20}
-    assert any("Lab meeting 2024-01-19.odt: unsupported format .odt" in s for s in report.skipped_files)
+    assert any("Lab meeting 2024-01-19.pages: unsupported format .pages" in s for s in report.skipped_files)
     named = {m["date"].isoformat() for m in held} | {"2024-01-19"}
     absent = {r["fact"]["date"] for r in records if r["fact"]["kind"] == "absent"}
     assert absent and not absent & named
@@ -207,3 +208,36 @@ def test_a_title_heading_after_the_speaker_lines_is_the_topic_and_html_and_pdf_a
     report = SourceReport(str(tmp_path), "lab_notes")
     load_lab_notes(tmp_path, report)
     assert report.skipped_files == ["scan 2023-09-15.pdf: not a readable .pdf file (damaged, or another format under that name)"]
+
+
+def test_an_odt_document_reads_its_headings_paragraphs_and_table(tmp_path):
+    ns = ('xmlns:office="urn:oasis:names:tc:opendocument:xmlns:office:1.0" '
+          'xmlns:text="urn:oasis:names:tc:opendocument:xmlns:text:1.0" '
+          'xmlns:table="urn:oasis:names:tc:opendocument:xmlns:table:1.0"')
+    cell = lambda text: f"<table:table-cell><text:p>{text}</text:p></table:table-cell>"  # noqa: E731
+    content = (f'<?xml version="1.0" encoding="UTF-8"?><office:document-content {ns}><office:body><office:text>'
+               '<text:h text:outline-level="1">Lab meeting 2023-10-20</text:h><text:p>We met in room 4.</text:p>'
+               f'<table:table><table:table-row>{cell("Presenter")}{cell("Ana Souza")}</table:table-row>'
+               f'<table:table-row>{cell("Topic")}{cell("test-time adaptation")}</table:table-row></table:table>'
+               '<text:list><text:list-item><text:p>TODO Bo Chen: share the slides by 10/27/2023</text:p></text:list-item>'
+               '</text:list></office:text></office:body></office:document-content>')
+    with zipfile.ZipFile(tmp_path / "minutes.odt", "w") as odt:
+        odt.writestr("mimetype", "application/vnd.oasis.opendocument.text")
+        odt.writestr("content.xml", content)
+    [note] = read_meetings(tmp_path / "minutes.odt")
+    assert (note.date, note.values("presenter"), note.values("topic")) == (dt.date(2023, 10, 20), ["Ana Souza"],
+                                                                          ["test-time adaptation"])
+    [action] = note.actions
+    assert (action.owner, action.value, action.due) == ("Bo Chen", "share the slides", "2023-10-27")
+
+
+def test_an_mbox_gives_a_meeting_per_message_and_leaves_out_replies_to_a_message_it_holds(tmp_path):
+    second = HTML_ONLY.replace("Subject: minutes", "Subject: Lab meeting 9/29/2023")
+    thanks = ("From: Lea Dubois <lea@lab.example>\nSubject: Re: Lab meeting 9/29/2023\n"
+              "Date: Sat, 30 Sep 2023 10:00:00 +0000\nContent-Type: text/plain\n\nThanks Bo!\n")
+    box = "".join(f"From sender@lab.example Sat Sep 30 10:00:00 2023\n{m}\n" for m in (MINUTES, second, thanks))
+    (tmp_path / "lab-list.mbox").write_text(box)
+    meetings = read_meetings(tmp_path / "lab-list.mbox")
+    assert [(m.date, m.values("presenter"), m.values("recorder")) for m in meetings] == [
+        (dt.date(2023, 9, 22), ["Lea Dubois"], ["Ana Souza"]), (dt.date(2023, 9, 29), ["Tomasz Kowal"], ["Lea Dubois"])]
+    assert meetings[1].date_source == "message 2: the first heading"

@@ -28,7 +28,8 @@ QUOTE_START = re.compile(r"^\s*(On\s.{4,200}\swrote:|-{2,}\s*(Original|Forwarded
 class EmailNote:
     text: str  # "# Subject" then the body, quoted replies cut
     sent: dt.date | None  # the Date: header's day
-    sender: str | None  # the From: header's display name (or the address before the @)
+    sender: str | None  # the From: header's display name, when it is a person's
+    reply: bool = False  # the Subject starts "Re:" (or "Fwd:")
 
 
 class _Text(HTMLParser):
@@ -72,7 +73,8 @@ def read_email(raw: bytes) -> EmailNote:
     if part.get_content_subtype() == "html":
         body = html_text(body)
     body = unquoted(body)
-    subject = re.sub(r"^\s*((re|fwd?|aw|wg)\s*:\s*)+", "", str(message["subject"] or ""), flags=re.IGNORECASE).strip()
+    raw_subject = str(message["subject"] or "")
+    subject = re.sub(r"^\s*((re|fwd?|aw|wg)\s*:\s*)+", "", raw_subject, flags=re.IGNORECASE).strip()
     if not body and not subject:
         raise ValueError("an e-mail with no subject and an empty body")
     sent = None
@@ -82,4 +84,4 @@ def read_email(raw: bytes) -> EmailNote:
         pass
     name = email.utils.parseaddr(str(message["from"] or ""))[0].strip().strip('"')
     person = re.fullmatch(r"[^\W\d_][\w.'-]*(\s[^\W\d_][\w.'-]*){1,3}", name)  # "Ana Souza", not "lab-list" or an address
-    return EmailNote(f"# {subject}\n\n{body}" if subject else body, sent, name if person else None)
+    return EmailNote(f"# {subject}\n\n{body}" if subject else body, sent, name if person else None, subject != raw_subject.strip())

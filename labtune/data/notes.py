@@ -54,10 +54,10 @@ from labtune.errors import LabtuneError
 
 __all__ = ["FIELD_WORDS", "NoteFact", "parse_fields"]
 
-NOTE_SUFFIXES = (".md", ".markdown", ".org", ".txt", ".eml", *CONVERTED_SUFFIXES, *SCHEDULE_SUFFIXES)
+NOTE_SUFFIXES = (".md", ".markdown", ".org", ".txt", ".eml", ".mbox", *CONVERTED_SUFFIXES, *SCHEDULE_SUFFIXES)
 # files labs keep notes in that labtune does not read yet: named in the data report, never passed over
-DOCUMENT_SUFFIXES = (".doc", ".odt", ".rtf", ".ppt", ".odp", ".key", ".pages", ".xls", ".ods", ".numbers", ".mbox",
-                     ".msg", ".rst", ".tex")
+DOCUMENT_SUFFIXES = (".doc", ".rtf", ".ppt", ".odp", ".key", ".pages", ".xls", ".ods", ".numbers", ".msg",
+                     ".rst", ".tex")
 QA_FIELDS = ("presenter", "recorder", "topic", "attendees", "action_items", "decisions")
 MONTHS = ["january", "february", "march", "april", "may", "june", "july", "august",
           "september", "october", "november", "december"]
@@ -181,6 +181,8 @@ def read_meetings(path: Path, date_order: str = "MDY", field_names: dict[str, li
     words = field_vocabulary(field_names)
     if path.suffix.lower() in SCHEDULE_SUFFIXES:
         return schedule_meetings(path, words, date_order)
+    if path.suffix.lower() == ".mbox":
+        return mailbox_meetings(path, words, date_order)
     text, mail = _decode(path)
     org = path.suffix.lower() == ".org"
     date_lines = [(number - 1, found) for found, number in date_fields(text, words, date_order)]
@@ -195,6 +197,27 @@ def read_meetings(path: Path, date_order: str = "MDY", field_names: dict[str, li
         note.lines = (section.start + 1, section.end)
         note.date_source = f"the heading on line {section.start + 1}" if section.level else "a Date: field"
         meetings.append(note)
+    return meetings
+
+
+def mailbox_meetings(path: Path, words: dict[str, tuple[str, ...]], date_order: str) -> list[Note]:
+    """A meeting per message of an .mbox with a date; a reply is left out where the message it
+    answers (a message of the same date that is no reply) is in the box."""
+    import mailbox
+
+    found: list[tuple[Note, EmailNote]] = []
+    for number, message in enumerate(mailbox.mbox(path, create=False), 1):
+        try:
+            mail = read_email(message.as_bytes())
+            note = _meeting(path, mail.text, words, date_order, org=False, mail=mail, undated_name=False)
+        except (ValueError, NoteError):
+            continue
+        note.date_source = f"message {number}: {note.date_source}"
+        found.append((note, mail))
+    originals = {note.date for note, mail in found if not mail.reply}
+    meetings = [note for note, mail in found if not (mail.reply and note.date in originals)]
+    if not meetings:
+        raise NoteError(f"{path}: no message of the mailbox has minutes with a date")
     return meetings
 
 
