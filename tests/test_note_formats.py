@@ -241,3 +241,20 @@ def test_an_mbox_gives_a_meeting_per_message_and_leaves_out_replies_to_a_message
     assert [(m.date, m.values("presenter"), m.values("recorder")) for m in meetings] == [
         (dt.date(2023, 9, 22), ["Lea Dubois"], ["Ana Souza"]), (dt.date(2023, 9, 29), ["Tomasz Kowal"], ["Lea Dubois"])]
     assert meetings[1].date_source == "message 2: the first heading"
+
+
+def test_a_markdown_table_of_talks_is_a_schedule_and_a_note_with_one_stays_a_note(tmp_path):
+    (tmp_path / "talks.md").write_text("# Talk schedule, fall term\n\n| Date | Speaker | Title |\n|---|---|---|\n"
+                                       "| 2023-09-01 | Lea Dubois | contrastive loss |\n| 2023-09-08 | Bo Chen | label smoothing |\n")
+    assert [(m.date, m.values("presenter"), m.schedule) for m in read_meetings(tmp_path / "talks.md")] == [
+        (dt.date(2023, 9, 1), ["Lea Dubois"], True), (dt.date(2023, 9, 8), ["Bo Chen"], True)]
+    (tmp_path / "2023-09-08.md").write_text("# Lab meeting 2023-09-08\nRecorder: Ana Souza\n\nUpcoming:\n\n"
+                                            "| Date | Speaker |\n|---|---|\n| 2023-09-15 | Sven Lindqvist |\n"
+                                            "| 2023-09-22 | Tomasz Kowal |\n")
+    [note] = read_meetings(tmp_path / "2023-09-08.md")
+    assert (note.date, note.schedule, note.values("recorder")) == (dt.date(2023, 9, 8), False, ["Ana Souza"])
+    report = SourceReport(str(tmp_path), "lab_notes")
+    load_lab_notes(tmp_path, report)
+    assert [(n["file"], n["date"], n["facts"]) for n in report.notes] == [
+        ("2023-09-08.md", "2023-09-08", {"recorder": 1, "presenter": 1, "topic": 1}),
+        ("talks.md:5-5", "2023-09-01", {"presenter": 1, "topic": 1})]

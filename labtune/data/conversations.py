@@ -37,7 +37,6 @@ from labtune.data.notes import (
     unread_files,
 )
 from labtune.data.note_fields import joined_fields
-from labtune.data.note_schedule import SCHEDULE_SUFFIXES
 from labtune.data.note_dates import date_in_name
 from labtune.errors import LabtuneError
 
@@ -279,11 +278,11 @@ def merge_schedules(read: list[tuple[str, Note]]) -> list[tuple[str, Note]]:
     with no note of its date is a meeting of its own."""
     notes_by_date: dict[Any, Note] = {}
     for _, note in read:
-        if Path(note.file).suffix.lower() not in SCHEDULE_SUFFIXES:
+        if not note.schedule:
             notes_by_date.setdefault(note.date, note)
     merged = []
     for relative, note in read:
-        target = notes_by_date.get(note.date) if Path(note.file).suffix.lower() in SCHEDULE_SUFFIXES else None
+        target = notes_by_date.get(note.date) if note.schedule else None
         if target is None:
             merged.append((relative, note))
             continue

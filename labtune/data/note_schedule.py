@@ -1,5 +1,5 @@
-"""Schedules: a sheet whose rows are meetings (.csv, .tsv, .xlsx). Imports the standard library and,
-for .xlsx, openpyxl.
+"""Schedules: a sheet whose rows are meetings (.csv, .tsv, .xlsx, or a Markdown table in a note
+file). Imports the standard library and, for .xlsx, openpyxl.
 
 The header row names the columns under the words labs use for note fields (date / when, presenter /
 speaker, topic / title, recorder / minutes ...: labtune.data.notes.FIELD_WORDS and a recipe's
@@ -50,11 +50,42 @@ def _delimiter(text: str) -> str:
 def schedule_rows(path: Path, canonical: dict[str, str]) -> tuple[list[str], list[tuple[int, list[str]]]]:
     """(the header, [(line, row)]) of a schedule; ValueError naming what is missing when the sheet
     has no header row with a date column and another field's column."""
-    rows = [r for r in sheet_rows(path)]
+    rows = sheet_rows(path)
     for index, row in enumerate(rows[:10]):  # a title row or two may stand above the header
-        keys = [canonical.get(" ".join(cell.lower().replace("_", " ").replace("-", " ").split()), "") for cell in row]
-        if "date" in keys and len({k for k in keys if k and k != "date"}) >= 1:
+        if is_header(row, canonical):
             return row, [(index + 2 + n, r) for n, r in enumerate(rows[index + 1:]) if any(c.strip() for c in r)]
     columns = ", ".join(c for c in (rows[0] if rows else []) if c) or "none"
     raise ValueError(f"not a schedule: no header row with a date column and a presenter, topic or other field's "
                      f"column (columns: {columns})")
+
+
+def is_header(row: list[str], canonical: dict[str, str]) -> bool:
+    """A date column and another field's column, under the names notes use."""
+    keys = [canonical.get(" ".join(cell.lower().replace("_", " ").replace("-", " ").split()), "") for cell in row]
+    return "date" in keys and any(k and k != "date" for k in keys)
+
+
+def markdown_schedule(text: str, canonical: dict[str, str]) -> tuple[list[str], list[tuple[int, list[str]]]] | None:
+    """A note file's Markdown table whose header has a date column and another field's, with at least
+    two rows below it: (the header, [(line, row)]); None for any other note (a two-column field
+    table "| Date | 2023-03-10 |" is a note's fields, not a schedule)."""
+    lines = text.splitlines()
+    for index, line in enumerate(lines):
+        if not line.lstrip().startswith("|"):
+            continue
+        header = _cells(line)
+        if not is_header(header, canonical):
+            continue
+        rows = []
+        for number, row in enumerate(lines[index + 1:], index + 2):
+            if not row.lstrip().startswith("|"):
+                break
+            cells = _cells(row)
+            if not all(set(c) <= set("-: ") for c in cells):  # the |---|---| line
+                rows.append((number, cells))
+        return (header, rows) if len(rows) >= 2 else None
+    return None
+
+
+def _cells(line: str) -> list[str]:
+    return [c.strip() for c in line.strip().strip("|").split("|")]

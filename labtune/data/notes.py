@@ -24,10 +24,10 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from labtune.data.note_dates import FoundDate, date_in_name, first_date
+from labtune.data.note_dates import FoundDate, date_in_name, find_dates, first_date
 from labtune.data.note_documents import CONVERTED_SUFFIXES, document_text
 from labtune.data.note_email import EmailNote, read_email
-from labtune.data.note_schedule import SCHEDULE_SUFFIXES, schedule_rows
+from labtune.data.note_schedule import SCHEDULE_SUFFIXES, markdown_schedule, schedule_rows
 from labtune.data.note_fields import (
     FIELD_WORDS,
     HEADING,
@@ -82,6 +82,7 @@ class Note:
     # a meeting known only from the name of a file labtune could not read: never a no-meeting date,
     # no facts taught (labtune.data.augment skips it)
     unread: bool = False
+    schedule: bool = False  # a schedule's row: merged into the note of its date (labtune.data.conversations)
 
     def values(self, name: str) -> list[str]:
         """Every value of a field, in the order the note gives them (two presenters: two values)."""
@@ -184,6 +185,10 @@ def read_meetings(path: Path, date_order: str = "MDY", field_names: dict[str, li
     if path.suffix.lower() == ".mbox":
         return mailbox_meetings(path, words, date_order)
     text, mail = _decode(path)
+    table = markdown_schedule(text, line_patterns(words)[2]) if mail is None else None
+    rest = "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("|"))
+    if table and not find_dates(rest, date_order):  # a note of its own with a table of talks stays a note
+        return schedule_meetings(path, words, date_order, table)
     org = path.suffix.lower() == ".org"
     date_lines = [(number - 1, found) for found, number in date_fields(text, words, date_order)]
     sections = meeting_sections(text, date_order, org, date_lines)
@@ -221,10 +226,12 @@ def mailbox_meetings(path: Path, words: dict[str, tuple[str, ...]], date_order: 
     return meetings
 
 
-def schedule_meetings(path: Path, words: dict[str, tuple[str, ...]], date_order: str) -> list[Note]:
-    """A meeting per dated row of a schedule, its cells read as "Header: value" field lines."""
+def schedule_meetings(path: Path, words: dict[str, tuple[str, ...]], date_order: str,
+                      table: tuple[list[str], list[tuple[int, list[str]]]] | None = None) -> list[Note]:
+    """A meeting per dated row of a schedule (a sheet, or a note file's Markdown `table`), its cells
+    read as "Header: value" field lines."""
     try:
-        header, rows = schedule_rows(path, line_patterns(words)[2])
+        header, rows = table or schedule_rows(path, line_patterns(words)[2])
     except ValueError as exc:
         raise NoteError(f"{path}: {exc}") from None
     meetings, undated = [], []
@@ -237,7 +244,7 @@ def schedule_meetings(path: Path, words: dict[str, tuple[str, ...]], date_order:
             continue
         for fact in note.facts:
             fact.line, fact.how = line, "schedule row"
-        note.lines, note.date_source = (line, line), f"the date column (line {line})"
+        note.lines, note.date_source, note.schedule = (line, line), f"the date column (line {line})", True
         meetings.append(note)
     if not meetings:
         raise NoteError(f"{path}: no row of the schedule has a date in its date column")
