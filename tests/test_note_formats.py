@@ -7,6 +7,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import zipfile
+from pathlib import Path
 
 from conftest import run_cli
 from lab_folder import meetings, write_docx, write_lab_folder
@@ -258,3 +259,25 @@ def test_a_markdown_table_of_talks_is_a_schedule_and_a_note_with_one_stays_a_not
     assert [(n["file"], n["date"], n["facts"]) for n in report.notes] == [
         ("2023-09-08.md", "2023-09-08", {"recorder": 1, "presenter": 1, "topic": 1}),
         ("talks.md:5-5", "2023-09-01", {"presenter": 1, "topic": 1})]
+
+
+def test_train_json_never_calls_a_day_a_file_is_dated_a_day_without_a_meeting(tmp_path):
+    from conftest import TINY_RECIPE
+
+    from labtune.recipe import load_recipe
+    from labtune.stages.data import build_data
+    from labtune.store.backends import LocalStore
+
+    held = write_lab_folder(tmp_path / "notes")
+    (tmp_path / "notes" / "Lab meeting 2024-01-19.pages").write_bytes(b"PK\x03\x04")
+    recipe = load_recipe(TINY_RECIPE, [f"data.sources.0.path={tmp_path / 'notes'}", f"store.uri={tmp_path / 'store'}",
+                                       "data.note_conversations=false", "data.augment.enabled=true",
+                                       "data.augment.absent_ratio=5.0", "data.augment.absent_within_days=7",
+                                       "data.augment.recite_month=true"])
+    store = LocalStore(tmp_path / "store")
+    train = json.loads((Path(build_data(recipe, store).uri) / "train.json").read_text())  # a local store's output folder
+    dated = {m["date"] for m in held} | {dt.date(2024, 1, 19)}
+    denied = {dt.datetime.strptime(r["conversations"][-1]["value"].split()[1], "%m/%d/%Y").date()
+              for r in train if "there is no lab meeting" in r["conversations"][-1]["value"]}
+    assert len(denied) >= 50  # the recipe draws five no-meeting dates a meeting
+    assert not denied & dated
