@@ -65,6 +65,22 @@ def write_docx(path: Path, paragraphs: list[str], rows: list[list[str]] = ()) ->
                       f'{"".join(para(p) for p in paragraphs)}{table if rows else ""}</w:body></w:document>')
 
 
+def write_pdf(path: Path, lines: list[str]) -> None:
+    """A one-page PDF whose text is `lines`, as a PDF printer writes one (Helvetica, a line each)."""
+    text = "BT /F1 12 Tf 72 720 Td 14 TL " + " ".join(f"({line}) '" for line in lines) + " ET"
+    objects = ["<< /Type /Catalog /Pages 2 0 R >>", "<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
+               "<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents 4 0 R /Resources << /Font << /F1 5 0 R >> >> >>",
+               f"<< /Length {len(text)} >>\nstream\n{text}\nendstream", "<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>"]
+    out, offsets = b"%PDF-1.4\n", []
+    for number, body in enumerate(objects, 1):
+        offsets.append(len(out))
+        out += f"{number} 0 obj\n{body}\nendobj\n".encode()
+    xref = len(out)
+    out += f"xref\n0 {len(objects) + 1}\n0000000000 65535 f \n".encode() + b"".join(f"{o:010d} 00000 n \n".encode() for o in offsets)
+    out += f"trailer\n<< /Size {len(objects) + 1} /Root 1 0 R >>\nstartxref\n{xref}\n%%EOF\n".encode()
+    path.write_bytes(out)
+
+
 def write_lab_folder(folder: Path) -> list[dict]:
     """The folder (created), and the meetings it holds."""
     folder.mkdir(parents=True, exist_ok=True)

@@ -10,7 +10,7 @@ import zipfile
 from pathlib import Path
 
 from conftest import run_cli
-from lab_folder import meetings, write_docx, write_lab_folder
+from lab_folder import meetings, write_docx, write_lab_folder, write_pdf
 
 from labtune.data.conversations import SourceReport, load_lab_notes
 from labtune.data.notes import note_files, read_meetings
@@ -281,3 +281,17 @@ def test_train_json_never_calls_a_day_a_file_is_dated_a_day_without_a_meeting(tm
               for r in train if "there is no lab meeting" in r["conversations"][-1]["value"]}
     assert len(denied) >= 50  # the recipe draws five no-meeting dates a meeting
     assert not denied & dated
+
+
+def test_a_pdf_and_a_slide_deck_are_read_like_notes(tmp_path):
+    from pptx import Presentation
+
+    write_pdf(tmp_path / "printed.pdf", ["Lab meeting 10/27/2023", "Presenter: Ana Souza", "Topic: federated training"])
+    deck = Presentation()
+    slide = deck.slides.add_slide(deck.slide_layouts[1])
+    slide.shapes.title.text = "Lab meeting 2023-11-03"
+    slide.placeholders[1].text = "Presenter: Bo Chen\nTopic: weak labels from reports"
+    deck.save(tmp_path / "slides.pptx")
+    read = [read_meetings(tmp_path / name)[0] for name in ("printed.pdf", "slides.pptx")]
+    assert [(n.date, n.values("presenter"), n.values("topic")) for n in read] == [
+        (dt.date(2023, 10, 27), ["Ana Souza"], ["federated training"]), (dt.date(2023, 11, 3), ["Bo Chen"], ["weak labels from reports"])]
