@@ -295,3 +295,12 @@ def test_a_pdf_and_a_slide_deck_are_read_like_notes(tmp_path):
     read = [read_meetings(tmp_path / name)[0] for name in ("printed.pdf", "slides.pptx")]
     assert [(n.date, n.values("presenter"), n.values("topic")) for n in read] == [
         (dt.date(2023, 10, 27), ["Ana Souza"], ["federated training"]), (dt.date(2023, 11, 3), ["Bo Chen"], ["weak labels from reports"])]
+
+
+def test_an_org_journal_entry_s_title_after_its_time_is_the_topic(tmp_path):
+    (tmp_path / "journal.org").write_text("* Friday, 09/22/23\n** 10:00 Lab meeting: Contrastive loss for noisy labels\n"
+                                          ":PROPERTIES:\n:PRESENTER: Lea Dubois\n:END:\n"
+                                          "* Friday, 09/29/23\n** 10:00 Lab meeting\n:PROPERTIES:\n:PRESENTER: Bo Chen\n:END:\n"
+                                          "Label smoothing in segmentation\nWe compared three settings.\n")
+    assert [(m.date, m.values("topic")) for m in read_meetings(tmp_path / "journal.org")] == [
+        (dt.date(2023, 9, 22), ["Contrastive loss for noisy labels"]), (dt.date(2023, 9, 29), ["Label smoothing in segmentation"])]

@@ -387,7 +387,7 @@ def subject_topic(text: str, facts: list[NoteFact], org: bool = False) -> NoteFa
     lines = text.splitlines()
     for number, line in enumerate(lines[1:], 2):
         if HEADING.match(line) and not line.lstrip().startswith("#+"):
-            title = re.sub(r"^\s*(?:#{1,6}|\*{1,6})\s+", "", line).strip().strip("*_ ")
+            title = _LEAD_IN.sub("", re.sub(r"^\s*(?:#{1,6}|\*{1,6})\s+", "", line).strip().strip("*_ "))
             if _subject(title):
                 return NoteFact("topic", title, number, "title heading", rank=50)
     used = {f.line for f in facts}
@@ -401,6 +401,12 @@ def subject_topic(text: str, facts: list[NoteFact], org: bool = False) -> NoteFa
         return NoteFact("topic", body, number, "subject line", rank=60) if _subject(body) and not body.endswith(
             (".", "!", "?", ":", ";", ",")) else None
     return None
+
+
+# what a title heading may open with before its subject: an org-journal entry's time ("10:00", "10:00-11:00")
+# and the meeting's name ("Lab meeting: ", "Group meeting - ")
+_LEAD_IN = re.compile(r"^(?:\d{1,2}[:.]\d{2}(?:\s*[-–]\s*\d{1,2}[:.]\d{2})?\s+)?(?:(?:lab|group|team|weekly)\s+)*"
+                      r"(?:(?:meeting|sync|journal club)\b)?\s*[:–—-]?\s*", re.IGNORECASE)
 
 
 def _subject(title: str) -> bool:
