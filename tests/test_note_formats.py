@@ -304,3 +304,10 @@ def test_an_org_journal_entry_s_title_after_its_time_is_the_topic(tmp_path):
                                           "Label smoothing in segmentation\nWe compared three settings.\n")
     assert [(m.date, m.values("topic")) for m in read_meetings(tmp_path / "journal.org")] == [
         (dt.date(2023, 9, 22), ["Contrastive loss for noisy labels"]), (dt.date(2023, 9, 29), ["Label smoothing in segmentation"])]
+
+
+def test_an_e_mail_in_a_charset_python_does_not_know_is_still_read(tmp_path):
+    (tmp_path / "odd.eml").write_text("From: Ana Souza <ana@lab.example>\nSubject: Lab meeting 9/22/2023\n"
+                                      'Content-Type: text/plain; charset="x-no-such-charset"\n\nPresenter: Lea Dubois\n')
+    [note] = read_meetings(tmp_path / "odd.eml")
+    assert (note.date, note.values("presenter")) == (dt.date(2023, 9, 22), ["Lea Dubois"])

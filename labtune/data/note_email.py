@@ -69,7 +69,10 @@ def read_email(raw: bytes) -> EmailNote:
     part = message.get_body(preferencelist=("plain", "html"))
     if part is None:
         raise ValueError("an e-mail with no text part")
-    body = part.get_content()
+    try:
+        body = part.get_content()
+    except (LookupError, UnicodeError):  # a charset Python does not know, or bytes that are not in it
+        body = (part.get_payload(decode=True) or b"").decode("utf-8", errors="replace")
     if part.get_content_subtype() == "html":
         body = html_text(body)
     body = unquoted(body)

@@ -149,7 +149,10 @@ NO_DATE = f"no date in the heading, the first {DATE_LINES} lines, a Date: field 
 
 
 def _decode(path: Path) -> tuple[str, EmailNote | None]:
-    raw = path.read_bytes()
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise NoteError(f"{path}: cannot be read ({exc.strerror})") from None
     if path.suffix.lower() == ".eml":
         try:
             mail = read_email(raw)
@@ -425,8 +428,12 @@ def unread_files(folder: Path) -> tuple[list[tuple[Path, str]], list[Path]]:
         if suffix in DOCUMENT_SUFFIXES:
             documents.append((path, f"unsupported format {suffix}: not read (save it as Markdown or text)"))
             continue
-        with path.open("rb") as handle:
-            head = handle.read(8192)
+        try:
+            with path.open("rb") as handle:
+                head = handle.read(8192)
+        except OSError as exc:
+            documents.append((path, f"cannot be read ({exc.strerror})"))
+            continue
         try:
             text = b"\x00" not in head and head.decode("utf-8", errors="strict") is not None
         except UnicodeDecodeError as exc:
