@@ -297,6 +297,21 @@ def test_retrieval_finds_the_note_of_the_asked_date_in_any_form():
     assert "Daniel Brooks" in prompt and prompt.endswith("Who presented on 2023-05-12?")
 
 
+def test_recall_at_k_counts_the_questions_whose_meeting_note_reached_the_prompt():
+    from labtune.evaluation.prompts import Prompt
+    from labtune.evaluation.retrieval import NotesIndex, note_documents, recall_line, retrieval_recall
+
+    index = NotesIndex(note_documents(NOTES))
+    asked = [Prompt(question="Who took notes on the 14th of April 2023?", expected="Daniel Brooks", tags=["recorder"]),
+             Prompt(question="Who presented on 2023-05-12?", expected="Daniel Brooks", tags=["presenter"]),
+             Prompt(question="Who presented on 2023-04-21?", expected="no lab meeting", tags=["absent"]),  # no note: not counted
+             Prompt(question="When did Maya Okafor present?", expected="1/13/2023", tags=["reverse"])]  # no date: not counted
+    recall = retrieval_recall(index, asked, 1)
+    assert (recall["asked"], recall["found"], set(recall["by_tag"])) == (2, 2, {"recorder", "presenter"})
+    assert recall_line(recall) == ("the asked meeting's note reached the prompt for 2 of 2 questions that name a meeting "
+                                   "(recall@1 100%)")
+
+
 def test_a_tiny_run_reports_four_columns_and_every_axis(tmp_path):
     proc = run_cli("evaluate", str(TINY_RECIPE), f"store.uri={tmp_path / 'store'}", "evaluation.retrieval=true",
                    "data.augment.enabled=true", "--json", timeout=900)
@@ -308,6 +323,15 @@ def test_a_tiny_run_reports_four_columns_and_every_axis(tmp_path):
         assert {"recall", "paraphrase", "reverse", "absent"} <= set(summary["accuracy"][column]["by_tag"])
     row = json.loads((folder / "answers.jsonl").read_text().splitlines()[0])
     assert {"base_notes_answer", "tuned_notes_answer", "base_notes_correct", "tuned_notes_correct"} <= set(row)
+    retrieval = summary["retrieval"]  # the examples' notes are found by the date a question names
+    assert retrieval["asked"] >= 40 and retrieval["found"] / retrieval["asked"] >= 0.9
+    assert {"paraphrase", "presenter"} <= set(retrieval["by_tag"])
+    from labtune.cli.pipeline import retrieval_rows
+    from labtune.stages.evaluate import summary_markdown
+
+    assert "Retrieval: the asked meeting's note reached the prompt for" in summary_markdown(summary, "uri")
+    [row] = retrieval_rows(retrieval, summary["columns"])  # in the + notes columns only
+    assert row[0].startswith("notes: the asked meeting's in the prompt") and [bool(c) for c in row[1:]] == [False, True, False, True]
 
 
 def _all_prompts(notes, cfg):

@@ -86,7 +86,8 @@ def run(recipe: Path = Recipe, overrides: Optional[list[str]] = Overrides, as_js
            + [[tag, *[tally_text(summary["accuracy"][c]["by_tag"][tag]) for c, _ in columns]] for tag in tags]
            + ([[f"cut at {summary['max_new_tokens']} tokens", *[str(summary["truncated"].get(c, 0)) for c, _ in columns]]]
               if "truncated" in summary else [])
-           + general_rows(summary.get("general"), [c for c, _ in columns]))
+           + general_rows(summary.get("general"), [c for c, _ in columns])
+           + retrieval_rows(summary.get("retrieval"), [c for c, _ in columns]))
     for warning in (summary.get("general") or {}).get("warnings", []):
         err(warning.removeprefix("evaluate: "))
     print(f"\nbase model: {summary['base_correct']}/{summary['total']} correct; "
@@ -105,6 +106,15 @@ def general_rows(general: dict | None, columns: list[str]) -> list[list[str]]:
                        f"{references['tuned_perplexity']} (x{references['ratio']})"]}
     labels = ["general: answered with lab meetings", "general: perplexity on references"]
     return [[label, *[cells[c][i] if c in cells else "" for c in columns]] for i, label in enumerate(labels)]
+
+
+def retrieval_rows(retrieval: dict | None, columns: list[str]) -> list[list[str]]:
+    """The row that says how often the asked meeting's note reached the + notes prompts (recall@k)."""
+    if not retrieval or not retrieval["asked"]:
+        return []
+    cell = f"{retrieval['found']}/{retrieval['asked']} ({retrieval['recall']:.0%})"
+    return [[f"notes: the asked meeting's in the prompt (recall@{retrieval['k']})",
+             *[cell if c in ("base_notes", "tuned_notes") else "" for c in columns]]]
 
 
 def flow_failure(state: Any, log_path: Path) -> Exception:

@@ -69,3 +69,32 @@ class NotesIndex:
             notes.append(text)
             used += len(text)
         return PROMPT.format(notes="\n\n---\n\n".join(notes) or "(none found)", question=question)
+
+
+def retrieval_recall(index: NotesIndex, prompts: list[Any], k: int, date_order: str = "MDY") -> dict[str, Any]:
+    """How often the note of the meeting a question asks about reached its prompt (recall@k),
+    apart from whether it was then read right: over the questions that name a date with a note,
+    overall and per tag. A date is read from the question in any form (labtune.data.note_dates)."""
+    from labtune.data.note_dates import find_dates
+
+    noted = {d["date"] for d in index.documents}
+    found = asked = 0
+    by_tag: dict[str, list[int]] = {}
+    for prompt in prompts:
+        dates = [d.date.isoformat() for d in find_dates(prompt.question, date_order)]
+        if not dates or dates[0] not in noted:
+            continue
+        hit = dates[0] in {d["date"] for d in index.search(prompt.question, k)}
+        found, asked = found + hit, asked + 1
+        for tag in prompt.tags:
+            tally = by_tag.setdefault(tag, [0, 0])
+            tally[0], tally[1] = tally[0] + hit, tally[1] + 1
+    return {"k": k, "asked": asked, "found": found, "recall": round(found / asked, 4) if asked else None,
+            "by_tag": {tag: {"found": f, "asked": a} for tag, (f, a) in sorted(by_tag.items())}}
+
+
+def recall_line(retrieval: dict[str, Any]) -> str:
+    """"the asked meeting's note reached the prompt for 80 of 81 questions (recall@1 99%)"."""
+    share = f"{retrieval['recall']:.0%}" if retrieval["recall"] is not None else "-"
+    return (f"the asked meeting's note reached the prompt for {retrieval['found']} of {retrieval['asked']} questions "
+            f"that name a meeting (recall@{retrieval['k']} {share})")

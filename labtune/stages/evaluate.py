@@ -21,6 +21,7 @@ from typing import Any
 from labtune.data.augment import people
 from labtune.evaluation import general, generation
 from labtune.evaluation.prompts import Prompt, accuracy, load_prompts, paired, score
+from labtune.evaluation.retrieval import recall_line, retrieval_recall
 from labtune.plots import accuracy_chart, general_chart, png_markdown
 from labtune.recipe import EvalConfig, Recipe
 from labtune.stages.baseline import Asked, ask_model, build_baseline
@@ -230,6 +231,8 @@ def build_evaluate(recipe: Recipe, store: Store, base_uri: str, model_uri: str, 
         columns, rows = scored_rows(prompts, answered_columns)
         losses = {name: got["eval_loss"] for name, got in (("base", base), ("tuned", tuned)) if got.get("eval_loss")}
         summary = summarize(cfg, columns, rows, answered_columns, losses, asked.budget)
+        if cfg.retrieval and (index := notes_index(store, data_uri)) is not None:
+            summary["retrieval"] = retrieval_recall(index, prompts, cfg.retrieval_k, recipe.data.date_order)
         general_rows: list[dict[str, Any]] = []
         if general_prompts:
             general_rows, summary["general"] = general.general_summary(
@@ -249,7 +252,8 @@ def build_evaluate(recipe: Recipe, store: Store, base_uri: str, model_uri: str, 
         log("evaluate: " + ", ".join(f"{label} {summary[f'{c}_correct']}/{summary['total']}"
                                      for c, label in COLUMNS if c in columns) + " correct"
             + (f"; eval loss base {losses['base']['loss']} -> fine-tuned {losses['tuned']['loss']}" if len(losses) == 2 else "")
-            + (f"; {general.general_line(summary['general'])}" if general_prompts else ""))
+            + (f"; {general.general_line(summary['general'])}" if general_prompts else "")
+            + (f"; {recall_line(summary['retrieval'])}" if summary.get("retrieval") else ""))
         return {"summary": summary}
 
     return run_stage(store, "evaluate", key, build, inputs=inputs, parameters=parameters, log=log)
@@ -310,6 +314,8 @@ def summary_markdown(summary: dict[str, Any], uri: str) -> str:
         loss = summary["eval_loss"]
         lines.append(f"| eval-split loss (perplexity), base and fine-tuned | {loss['base']['loss']} ({loss['base']['perplexity']}) | "
                      f"{loss['tuned']['loss']} ({loss['tuned']['perplexity']}) |{blank}")
+    if summary.get("retrieval"):
+        lines += ["", f"Retrieval: {recall_line(summary['retrieval'])}; the + notes columns read what reached the prompt."]
     if summary.get("general"):
         lines += general_markdown(summary["general"])
     return "\n".join(lines + ["", f"Output: `{uri}`"])
