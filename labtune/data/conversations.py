@@ -214,9 +214,9 @@ def load_lab_notes(folder: Path, report: SourceReport, *, qa: bool = True, whole
                    seed: int = 42, log=print, date_order: str = "MDY",
                    field_names: dict[str, list[str]] | None = None) -> list[dict[str, Any]]:
     """Every note of a folder as conversations; every file not read is named in the report. Notes
-    without a date are skipped (or fail, `undated="fail"`); meetings that share a date are all kept. With `augment` (data.augment, enabled), the
-    question-answer pairs are the many-form facts of labtune/data/augment.py (action items among them
-    when qa_fields has them), and the held-out evaluation prompts are left in report.prompts.
+    without a date are skipped (or fail, `undated="fail"`); meetings sharing a date are all kept. With
+    `augment` (data.augment, enabled), the question-answer pairs are labtune/data/augment.py's facts in
+    many forms (action items among them when qa_fields has them), the held-out prompts in report.prompts.
     report.notes says, per note, what was read; report.read_facts holds every fact and its line."""
     if not folder.is_dir():
         raise DataError(f"{folder}: lab-notes folder not found")

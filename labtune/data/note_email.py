@@ -87,4 +87,5 @@ def read_email(raw: bytes) -> EmailNote:
         pass
     name = email.utils.parseaddr(str(message["from"] or ""))[0].strip().strip('"')
     person = re.fullmatch(r"[^\W\d_][\w.'-]*(\s[^\W\d_][\w.'-]*){1,3}", name)  # "Ana Souza", not "lab-list" or an address
-    return EmailNote(f"# {subject}\n\n{body}" if subject else body, sent, name if person else None, subject != raw_subject.strip())
+    return EmailNote(f"# {subject}\n\n{body}" if subject else body, sent, name if person else None,
+                     reply=subject != raw_subject.strip())

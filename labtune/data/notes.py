@@ -1,7 +1,10 @@
 """Lab-meeting notes -> training conversations.
 
-One file (.md, .org, .txt; minutes sent as .eml: labtune.data.note_email; a .docx, .pdf, .pptx or
-.html document, converted to Markdown: labtune.data.note_documents) is one meeting. Its date comes from a Date:/When: field, the first
+One file is one meeting, or several: .md, .org, .txt; minutes sent by e-mail (.eml, or an .mbox
+of them: labtune.data.note_email); a .docx, .odt, .pdf, .pptx or .html document, converted to
+Markdown (labtune.data.note_documents); a schedule, a meeting per row (.csv, .tsv, .xlsx or a
+Markdown table: labtune.data.note_schedule). Files it does not read are named (unread_files).
+Its date comes from a Date:/When: field, the first
 heading, the first lines or the file name, in any form people write (labtune.data.note_dates). Fields
 (presenter, recorder, topic, attendees, action items) are read under the names labs give them
 (FIELD_WORDS: speaker, scribe, minutes, subject, todo ..., and a recipe's own words) in every line
