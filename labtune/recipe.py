@@ -8,21 +8,17 @@ command translates key by key. Parallelism lives apart, under `parallel:`.
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from labtune.errors import RecipeError, yaml_error
 from labtune.evaluation.prompts import Prompt
 from labtune.overrides import UniqueKeyLoader, apply_overrides
+from labtune.recipe_data import AugmentConfig, DataConfig, DataSource, ReplayConfig, _Strict  # noqa: F401 (the recipe's names)
 from labtune.store.backends import Store, StoreSettings, open_store
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 class ModelSource(_Strict):
@@ -38,104 +34,6 @@ class ModelSource(_Strict):
     gguf_file: str | None = None
     tiny: dict[str, int] = Field(default_factory=dict)
     dtype: Literal["float32", "bfloat16", "float16"] | None = None
-
-
-class DataSource(_Strict):
-    """One input data set. `weight` scales how many of its records go into the mix: 1.0 takes
-    every record once, 0.5 a seeded half, 2.0 every record twice."""
-
-    type: Literal["lab_notes", "sharegpt", "alpaca", "messages"]
-    path: str
-    weight: float = Field(default=1.0, ge=0.0)
-    eval_fraction: float | None = Field(default=None, ge=0.0, lt=1.0)
-
-
-class AugmentConfig(_Strict):
-    """Facts in many forms (labtune/data/augment.py): each lab-note fact asked in many phrasings and
-    date forms, reverse questions, summaries, and dates with no meeting; held-out phrasings and date
-    forms build the evaluation's `paraphrase`, `reverse` and `absent` prompts."""
-
-    # off by default: the demo turns it on (docs/evaluation.md, "Learning facts fast")
-    enabled: bool = False
-    questions_per_fact: int = Field(default=12, ge=1, le=70)  # training questions per meeting x field
-    reverse: bool = True  # "When did X present?" -> the dates
-    summaries: bool = True  # "What happened at the lab meeting on D?" -> presenter, recorder, topic
-    absent_ratio: float = Field(default=0.5, ge=0.0, le=5.0)  # dates with no meeting, per meeting date
-    absent_questions: int = Field(default=3, ge=1, le=20)  # training questions per such date, the fields in turn
-    # training's no-meeting dates lie this near a meeting: the nearer, the more digits shared, the harder the comparison
-    absent_within_days: int = Field(default=14, ge=1, le=60)
-    eval_absent_dates: int = Field(default=6, ge=0, le=200)  # held-out no-meeting dates asked in evaluation
-    # date answers recite the month's meetings first ("On 4/21/2023 (April meetings: 14, 28) ..."): compare, not guess
-    recite_month: bool = False
-    # with recite_month: the verdict beside the list ("...: 14, 28; 21 is not among them)") (docs/evaluation.md)
-    recite_check: bool = True
-    # training questions per conversation (unrelated facts as turns of one chat): the template's tokens paid once
-    facts_per_conversation: int = Field(default=1, ge=1, le=16)
-    # with attendees in qa_fields: training questions per member x meeting ("Was X at ...?")
-    attendance_questions: int = Field(default=1, ge=1, le=12)
-    # "Who presented on D and what was it about?" answered with both: per meeting (held-out tag two_part)
-    two_part_questions: int = Field(default=0, ge=0, le=8)
-    # one trained wording per fact asked back (tag recall); off: evaluation asks only unseen wordings (a third fewer)
-    recall_questions: bool = True
-    # early stopping's questions (train.eval_strategy): trained facts and fresh no-meeting dates in other held-out wordings
-    dev_questions: int = Field(default=0, ge=0, le=2000)
-
-
-class ReplayConfig(_Strict):
-    """Self-replay (labtune/stages/replay.py): the target model's own answers to general prompts, made
-    once per model, join the training set, so the fine-tune stays the chat model it was."""
-
-    enabled: bool = False
-    prompts: str = "builtin"  # labtune's 169 (data/general/replay_prompts.txt) or a prompt file; never the evaluation's
-    count: int = Field(default=96, ge=1)  # prompts answered: a seeded shuffle's first
-    max_new_tokens: int = Field(default=96, ge=8)  # an answer cut here ends at its last whole sentence
-    # 0: greedy answers; above 0: drawn from the model's distribution (seeded by data.seed; docs/evaluation.md)
-    temperature: float = Field(default=0.0, ge=0.0, le=2.0)
-    batch_size: int = Field(default=64, ge=1)
-
-
-class DataConfig(_Strict):
-    """Conversion (sources, notes, cleaning, mix and split) and tokenization settings."""
-
-    sources: list[DataSource] = Field(min_length=1)
-    eval_fraction: float = Field(default=0.05, ge=0.0, lt=1.0)
-    note_conversations: bool = True
-    qa_pairs: bool = True
-    # with data.augment: action_items asks owners and due dates, attendees "Was X at ...?", decisions "What did ...?"
-    qa_fields: list[Literal["presenter", "recorder", "topic", "attendees", "action_items", "decisions"]] = Field(
-        default_factory=lambda: ["presenter", "recorder", "topic", "attendees", "action_items", "decisions"])
-    augment: AugmentConfig = Field(default_factory=AugmentConfig)
-    replay: ReplayConfig = Field(default_factory=ReplayConfig)
-    undated_notes: Literal["skip", "fail"] = "skip"
-    # how 03/04/2023 is read (year first: always Y-M-D); a note that reads otherwise the other way is in the data report
-    date_order: Literal["MDY", "DMY"] = "MDY"
-    # a lab's own words for the note fields, added to labtune.data.notes.FIELD_WORDS ({presenter: [Vortrag]})
-    field_names: dict[Literal["presenter", "recorder", "topic", "attendees", "action_items", "decisions", "agenda",
-                              "date"], list[str]] = Field(default_factory=dict)
-
-    @field_validator("field_names")
-    @classmethod
-    def _words(cls, value: dict[str, list[str]]) -> dict[str, list[str]]:
-        for name, words in value.items():
-            bad = [w for w in words if not isinstance(w, str) or not re.fullmatch(r"[^\W\d_][\w .'-]*", w.strip())]
-            if bad:
-                raise ValueError(f"{name}: {bad[0]!r} is not a word or phrase (letters, spaces, hyphens)")
-        return value
-    invalid_conversations: Literal["drop", "fail"] = "drop"
-    chat_template: Literal["auto", "vicuna_v1.1", "tokenizer"] = "auto"
-    # a system turn for every conversation without one, in training and evaluation alike; None: the template's
-    # default ("" drops SmolLM2's 16-token default: short facts train faster)
-    system_prompt: str | None = None
-    # the tokenize stage's limit (FastChat's --model_max_length; `train.model_max_length` is read too)
-    model_max_length: int = Field(default=2048, ge=8)
-    num_proc: int | None = Field(default=None, ge=1)
-    seed: int = 42
-
-    @model_validator(mode="after")
-    def _something_from_notes(self) -> "DataConfig":
-        if not self.note_conversations and not self.qa_pairs:
-            raise ValueError("note_conversations and qa_pairs are both false: lab notes would give no conversations")
-        return self
 
 
 SCHEDULER_KWARGS = {
@@ -209,7 +107,7 @@ class TrainConfig(_Strict):
     load_best_model_at_end: bool = False
 
     @model_validator(mode="after")
-    def _what_trains_and_when_it_stops(self) -> "TrainConfig":
+    def _what_trains_and_when_it_stops(self) -> TrainConfig:
         if self.eval_strategy == "steps" and self.eval_steps is None:
             raise ValueError("eval_strategy steps needs eval_steps (optimizer steps between evaluations)")
         if self.eval_strategy == "no" and (self.early_stopping_patience or self.load_best_model_at_end):
@@ -217,7 +115,7 @@ class TrainConfig(_Strict):
         return self
 
     @model_validator(mode="after")
-    def _scheduler_kwargs_known(self) -> "TrainConfig":
+    def _scheduler_kwargs_known(self) -> TrainConfig:
         allowed = SCHEDULER_KWARGS[self.lr_scheduler_type]
         unknown = sorted(set(self.lr_scheduler_kwargs) - allowed)
         if unknown:
@@ -268,7 +166,7 @@ class ParallelConfig(_Strict):
     memory_per_rank_gib: float | None = Field(default=None, gt=0)
 
     @model_validator(mode="after")
-    def _nodes(self) -> "ParallelConfig":
+    def _nodes(self) -> ParallelConfig:
         if self.node_rank >= self.nnodes:
             raise ValueError(f"node_rank {self.node_rank} is not below nnodes {self.nnodes}")
         if self.nnodes > 1:
@@ -414,7 +312,7 @@ class Recipe(_Strict):
         return raw
 
     @model_validator(mode="after")
-    def _train_has_its_data(self) -> "Recipe":
+    def _train_has_its_data(self) -> Recipe:
         if self.train.eval_strategy != "no" and not (self.data.augment.enabled and self.data.augment.dev_questions):
             raise ValueError("train.eval_strategy: early stopping scores the data stage's dev questions; set "
                              "data.augment.enabled: true and data.augment.dev_questions (e.g. 48)")
@@ -424,7 +322,7 @@ class Recipe(_Strict):
         return self
 
     @model_validator(mode="after")
-    def _resolve_paths(self) -> "Recipe":
+    def _resolve_paths(self) -> Recipe:
         base = Path(self.recipe_dir)
         for source in self.data.sources:
             source.path = _resolve(base, source.path)
