@@ -1,4 +1,4 @@
-"""The finetune flow: weights -> delta (-> replay) -> data -> tokenize -> train -> evaluate (-> export), passing only store URIs.
+"""The finetune flow: weights -> delta (-> replay) -> data (-> synthesize) -> tokenize -> train -> evaluate (-> export), passing only store URIs.
 
     python flows/finetune.py examples/tiny.yaml train.num_train_epochs=2
 """
@@ -28,6 +28,7 @@ from tasks.delta import delta_task
 from tasks.evaluate import evaluate_task
 from tasks.export import export_task
 from tasks.replay import replay_task
+from tasks.synthesize import synthesize_task
 from tasks.tokenize import tokenize_task
 from tasks.weights import weights_task
 
@@ -115,13 +116,14 @@ def finetune(recipe_path: str, overrides: list[str] | None = None, notes_fingerp
 
 
 # each stage's task, called with the recipe and its inputs' URIs (train runs as a subflow, below)
-TASKS = {"weights": weights_task, "delta": delta_task, "replay": replay_task, "data": data_task, "tokenize": tokenize_task,
+TASKS = {"weights": weights_task, "delta": delta_task, "replay": replay_task, "data": data_task,
+         "synthesize": synthesize_task, "tokenize": tokenize_task,
          "evaluate": evaluate_task, "export": export_task}
 
 
 def run_stages(recipe: Recipe, recipe_path: str, overrides: list[str], store, done) -> dict[str, dict]:
     """The stages in the order of labtune.stages.GRAPH (those the recipe asks for), each given its
-    inputs' URIs; done(result) after each. Train runs as a subflow; train and evaluate also have
+    inputs' URIs; done(result) after each. Train runs as a subflow; train, evaluate and synthesize also have
     flows of their own, so that with `deployments.<stage>` set a deployment runs them on the GPU
     work pool and this flow waits for the output's manifest."""
     local = {**TASKS, "train": lambda recipe, **uris: StageResult(**train_flow(recipe_path, overrides=overrides, **uris))}

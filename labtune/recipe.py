@@ -231,6 +231,8 @@ class EvalConfig(_Strict):
     # the notes-retrieval baseline: every prompt asked again with the k most relevant notes in it (BM25)
     retrieval: bool = False
     retrieval_k: int = Field(default=2, ge=1, le=20)
+    # the latest meetings kept out of training, as if written after it, asked with retrieval (tag fresh)
+    fresh_meetings: int = Field(default=0, ge=0, le=50)
 
     @field_validator("max_new_tokens", mode="before")
     @classmethod
@@ -247,6 +249,7 @@ class DeploymentsConfig(_Strict):
 
     train: str | None = None
     evaluate: str | None = None
+    synthesize: str | None = None  # the generator writes on a GPU (synthesize/labtune-synthesize)
 
 
 class WatchConfig(_Strict):
@@ -316,6 +319,9 @@ class Recipe(_Strict):
         if self.train.eval_strategy != "no" and not (self.data.augment.enabled and self.data.augment.dev_questions):
             raise ValueError("train.eval_strategy: early stopping scores the data stage's dev questions; set "
                              "data.augment.enabled: true and data.augment.dev_questions (e.g. 48)")
+        if self.evaluation.fresh_meetings and not (self.evaluation.retrieval and self.data.augment.enabled):
+            raise ValueError("evaluation.fresh_meetings: meetings kept out of training are asked with their notes "
+                             "retrieved; set evaluation.retrieval: true and data.augment.enabled: true")
         if self.train.replay_distill_top_k and not self.data.replay.enabled:
             raise ValueError("train.replay_distill_top_k: the replay answers it learns as distributions come from "
                              "data.replay; set data.replay.enabled: true (or replay_distill_top_k: 0)")

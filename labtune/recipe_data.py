@@ -52,6 +52,13 @@ class AugmentConfig(_Strict):
     two_part_questions: int = Field(default=0, ge=0, le=8)
     # one trained wording per fact asked back (tag recall); off: evaluation asks only unseen wordings (a third fewer)
     recall_questions: bool = True
+    # training questions per statement of a note (results, plans, what was said: labtune/data/statements.py); 0: off
+    statement_questions: int = Field(default=0, ge=0, le=40)
+    # RAFT (labtune/data/raft.py): this share of the questions carry notes in the prompt as retrieval puts them,
+    # raft_golden of those the asked meeting's note among raft_distractors others, the rest distractors only
+    raft_share: float = Field(default=0.0, ge=0.0, le=1.0)
+    raft_golden: float = Field(default=0.8, ge=0.0, le=1.0)
+    raft_distractors: int = Field(default=0, ge=0, le=8)  # other notes beside the right one: evaluation.retrieval_k - 1
     # early stopping's questions (train.eval_strategy): trained facts and fresh no-meeting dates in other held-out wordings
     dev_questions: int = Field(default=0, ge=0, le=2000)
 
@@ -69,6 +76,19 @@ class ReplayConfig(_Strict):
     batch_size: int = Field(default=64, ge=1)
 
 
+class SynthesizeConfig(_Strict):
+    """Model-written study material (labtune/stages/synthesize.py): a generator model writes question-answer
+    pairs and retellings of each note; only pairs faithful to their note (names, numbers, dates) train."""
+
+    enabled: bool = False
+    generator: str | None = None  # a model folder or a stage output's URI; unset: the target model (delta's output)
+    questions_per_note: int = Field(default=8, ge=1, le=64)
+    rewrites: int = Field(default=1, ge=0, le=8)  # retellings per note, each "What happened at the lab meeting on D?"
+    max_new_tokens: int = Field(default=384, ge=16)
+    temperature: float = Field(default=0.7, ge=0.0, le=2.0)  # 0: greedy (each rewrite the same)
+    batch_size: int = Field(default=16, ge=1)
+
+
 class DataConfig(_Strict):
     """Conversion (sources, notes, cleaning, mix and split) and tokenization settings."""
 
@@ -81,6 +101,7 @@ class DataConfig(_Strict):
         default_factory=lambda: ["presenter", "recorder", "topic", "attendees", "action_items", "decisions"])
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     replay: ReplayConfig = Field(default_factory=ReplayConfig)
+    synthesize: SynthesizeConfig = Field(default_factory=SynthesizeConfig)
     undated_notes: Literal["skip", "fail"] = "skip"
     # how 03/04/2023 is read (year first: always Y-M-D); a note that reads otherwise the other way is in the data report
     date_order: Literal["MDY", "DMY"] = "MDY"

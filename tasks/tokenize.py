@@ -16,10 +16,12 @@ from tasks import retry_transient, run_log
 
 
 @task(name="tokenize", retries=1, retry_delay_seconds=10, retry_condition_fn=retry_transient, cache_policy=NO_CACHE)
-def tokenize_task(recipe: Recipe, model_uri: str, data_uri: str, replay_uri: str | None = None) -> StageResult:
+def tokenize_task(recipe: Recipe, model_uri: str, data_uri: str, replay_uri: str | None = None,
+                  synthesize_uri: str | None = None) -> StageResult:
     store = recipe.store.open()
     with run_log() as logger:
-        result = build_tokenize(recipe, store, model_uri, data_uri, log=logger.info, replay_uri=replay_uri)
+        result = build_tokenize(recipe, store, model_uri, data_uri, log=logger.info, replay_uri=replay_uri,
+                                synthesize_uri=synthesize_uri)
     report = json.loads((fetch(store, result.uri) / "report.json").read_text())
     create_markdown_artifact(key="token-report", markdown=report_markdown(report, result.uri),
                              description=f"Tokenized data for recipe {recipe.name}: examples, splits, token lengths")

@@ -104,8 +104,10 @@ def deployed(prefect_api, s3_endpoint, tmp_path_factory):
     boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket="labtune-deployed")
     recipe = root / "recipe.yaml"
     text = TINY_RECIPE.read_text().replace("path: labnotes", f"path: {notes}").replace(
-        "uri: ~/.labtune/store", f"uri: s3://labtune-deployed/runs\n  endpoint_url: {s3_endpoint}")
-    recipe.write_text(text + "deployments:\n  train: train/labtune-train\n  evaluate: evaluate/labtune-evaluate\n")
+        "uri: ~/.labtune/store", f"uri: s3://labtune-deployed/runs\n  endpoint_url: {s3_endpoint}").replace(
+        "  qa_pairs: true\n", "  qa_pairs: true\n  synthesize: {enabled: true, max_new_tokens: 16, questions_per_note: 1, rewrites: 0}\n")
+    recipe.write_text(text + "deployments:\n  train: train/labtune-train\n  evaluate: evaluate/labtune-evaluate\n"
+                      "  synthesize: synthesize/labtune-synthesize\n")
     started = time.time()
     stack.create_pools(prefect_api)
     # runs send a heartbeat every 30 s; a dead worker's run is marked Crashed after 60 s (90 s by default)
@@ -144,11 +146,13 @@ def test_finetune_deployment_runs_train_and_evaluate_on_the_gpu_pool_worker(depl
     assert any(m.startswith("launching: -m torch.distributed.run") for m in messages)
     assert any(m.startswith("progress {") for m in messages)  # the ranks' lines in the task log
     assert {"train-progress", "train-loss", "trained-model"} <= {a.key for a in artifacts}
-    evaluations = [r for r in asyncio.run(_flow_runs(api, "evaluate")) if r.deployment_id is not None]
-    assert evaluations and evaluations[0].work_pool_name == "labtune-gpu"
+    for stage in ("evaluate", "synthesize"):
+        remote = [r for r in asyncio.run(_flow_runs(api, stage)) if r.deployment_id is not None]
+        assert remote and remote[0].work_pool_name == "labtune-gpu", stage
     keys = _s3_keys(*store)
     assert any(k.startswith("runs/train/") and k.endswith("/manifest.json") for k in keys)
     assert any(k.startswith("runs/evaluate/") and k.endswith("/manifest.json") for k in keys)
+    assert any(k.startswith("runs/synthesize/") and k.endswith("/manifest.json") for k in keys)
     assert any(k.startswith("runs/checkpoints/") and k.endswith("/manifest.json") for k in keys)  # from the GPU worker
 
 

@@ -150,7 +150,7 @@ def test_a_constant_yes_or_no_earns_no_attendance_and_listing_every_decision_ear
 def test_the_data_report_lists_each_meeting_of_a_log_with_its_lines(tmp_path):
     proc = run_cli("convert", "--notes", str(LOGS), "--out", str(tmp_path / "out"))
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.strip().splitlines()[-1] == "9 notes read (16 meetings), 0 skipped, 1 with no facts (see report.md)"
+    assert proc.stdout.strip().splitlines()[-1] == "9 notes read (16 meetings), 0 skipped, 1 with no fields (see report.md)"
     report = (tmp_path / "out" / "report.md").read_text()
     assert "| running-log.md:5-18 | 2023-04-28 | the heading on line 5 | 1 | 0 | 1 | 4 | 2 | 2 |" in report
     assert "| running-log.md:29-41 | 2023-04-14 |" in report

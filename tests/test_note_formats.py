@@ -83,7 +83,7 @@ def test_every_file_is_read_or_named_in_the_report_and_ids_in_names_are_no_dates
     out = tmp_path / "out"
     proc = run_cli("convert", "--notes", str(notes), "--out", str(out))
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.strip().splitlines()[-1] == "5 notes read, 3 skipped, 0 with no facts (see report.md)"
+    assert proc.stdout.strip().splitlines()[-1] == "5 notes read, 3 skipped, 0 with no fields (see report.md)"
     report = (out / "report.md").read_text()
     assert "2023-09-29.docx: not a readable .docx file (damaged, or another format under that name)" in report
     assert "Lab meeting 2023-10-13.key: unsupported format .key: not read" in report

@@ -107,7 +107,7 @@ def test_day_month_order_and_the_ambiguous_date(tmp_path):
     load_lab_notes(MESSY, report)
     flags = {n["file"]: n["flags"] for n in report.notes}
     assert flags["notes-b.md"] == ["date 2023-03-04 read as MDY; as DMY it would be 2023-04-03 (set data.date_order)"]
-    assert flags["2023-05-12.md"] == ["no facts read"]
+    assert flags["2023-05-12.md"] == ["no fields read: only its sentences, as statements"]
 
 
 def test_a_note_without_a_date_says_what_was_looked_at():
@@ -200,7 +200,7 @@ def test_the_answer_training_teaches_is_scored_right_on_each_held_out_question()
 def test_the_data_stage_shows_what_was_read(tmp_path):
     proc = run_cli("convert", "--notes", str(MESSY), "--out", str(tmp_path / "out"))
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.strip().splitlines()[-1] == "14 notes read, 1 skipped, 1 with no facts (see report.md)"
+    assert proc.stdout.strip().splitlines()[-1] == "14 notes read, 1 skipped, 1 with no fields (see report.md)"
     facts = json.loads((tmp_path / "out" / "facts.json").read_text())
     kdd = [f for f in facts if f["field"] == "action_items" and "KDD" in f["value"]][0]
     assert kdd == {"file": "2023-04-14.md", "line": 6, "date": "2023-04-14", "field": "action_items",
@@ -208,8 +208,8 @@ def test_the_data_stage_shows_what_was_read(tmp_path):
                    "due": "2023-05-17", "examples": 0}
     report = (tmp_path / "out" / "report.md").read_text()
     assert f"- `{MESSY}`: undated.md: {NO_DATE}" in report
-    assert "| notes-b.md | 2023-03-04 | the first heading | 1 | 1 | 1 | 0 | 0 | 0 | date 2023-03-04 read as MDY" in report
-    assert "- `2023-05-12.md`: no facts read" in report
+    assert "| notes-b.md | 2023-03-04 | the first heading | 1 | 1 | 1 | 0 | 0 | 0 | 0 | date 2023-03-04 read as MDY" in report
+    assert "- `2023-05-12.md`: no fields read: only its sentences, as statements" in report
 
 
 def test_messy_notes_meet_the_reading_targets():

@@ -183,6 +183,14 @@ def data(recipe: Path = Recipe, overrides: Optional[list[str]] = Overrides, as_j
     _stage("data", recipe, overrides, as_json, {})
 
 
+@app.command(epilog=stage_epilog("synthesize"))
+def synthesize(recipe: Path = Recipe, overrides: Optional[list[str]] = Overrides, as_json: bool = Json,
+               model: Optional[str] = typer.Option(None, "--model", help="URI of the target model (delta stage's output)"),
+               data_uri: Optional[str] = typer.Option(None, "--data", help="URI of the data stage's output")) -> None:
+    """Stage 3b (data.synthesize): a generator model writes question-answer pairs about each note."""
+    _stage("synthesize", recipe, overrides, as_json, {"delta": model, "data": data_uri})
+
+
 @app.command(epilog=stage_epilog("tokenize"))
 def tokenize(recipe: Path = Recipe, overrides: Optional[list[str]] = Overrides, as_json: bool = Json,
              model: Optional[str] = typer.Option(None, "--model", help="URI of the target model (delta stage's output)"),

@@ -19,12 +19,17 @@ import dataclasses
 import hashlib
 import json
 import random
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Any
 
 from labtune.data import augment as many_forms
 from labtune.data import heldout
+from labtune.data.fresh import fresh_dates, fresh_prompts
+from labtune.data.raft import with_notes
+from labtune.data.note_dates import date_in_name
+from labtune.data.note_fields import joined_fields
 from labtune.data.notes import (
     NO_DATE,
     QA_FIELDS,
@@ -36,8 +41,7 @@ from labtune.data.notes import (
     resolve_lab_names,
     unread_files,
 )
-from labtune.data.note_fields import joined_fields
-from labtune.data.note_dates import date_in_name
+from labtune.data.statement_questions import statement_prompts, statement_records
 from labtune.errors import LabtuneError
 
 if TYPE_CHECKING:
@@ -212,12 +216,13 @@ def load_messages(path: Path) -> list[dict[str, Any]]:
 def load_lab_notes(folder: Path, report: SourceReport, *, qa: bool = True, whole_note: bool = True,
                    qa_fields: tuple[str, ...] = QA_FIELDS, undated: str = "skip", augment: AugmentConfig | None = None,
                    seed: int = 42, log=print, date_order: str = "MDY",
-                   field_names: dict[str, list[str]] | None = None) -> list[dict[str, Any]]:
+                   field_names: dict[str, list[str]] | None = None, fresh_meetings: int = 0) -> list[dict[str, Any]]:
     """Every note of a folder as conversations; every file not read is named in the report. Notes
     without a date are skipped (or fail, `undated="fail"`); meetings sharing a date are all kept. With
     `augment` (data.augment, enabled), the question-answer pairs are labtune/data/augment.py's facts in
     many forms (action items among them when qa_fields has them), the held-out prompts in report.prompts.
-    report.notes says, per note, what was read; report.read_facts holds every fact and its line."""
+    report.notes says, per note, what was read; report.read_facts holds every fact and its line. The
+    `fresh_meetings` latest meetings are read and reported but kept out of training (labtune.data.fresh)."""
     if not folder.is_dir():
         raise DataError(f"{folder}: lab-notes folder not found")
     files, (documents, others) = note_files(folder), unread_files(folder)
@@ -245,30 +250,52 @@ def load_lab_notes(folder: Path, report: SourceReport, *, qa: bool = True, whole
     read = merge_schedules(read)
     notes = resolve_lab_names([note for _, note in read])
     notes += unread_meetings(folder, documents, {n.date for n in notes}, date_order)
+    kept_out = fresh_dates(notes, fresh_meetings)
     for relative, note in read:
         note_id = f"labnote_{note.date.isoformat()}"
         seen[note_id] += 1
         if seen[note_id] > 1:
             note_id += f"_{seen[note_id]}"
-        records += note_conversations(note, qa=qa and not many, whole_note=whole_note, note_id=note_id,
-                                      fields=qa_fields)
+        if note.date not in kept_out:
+            records += note_conversations(note, qa=qa and not many, whole_note=whole_note, note_id=note_id,
+                                          fields=qa_fields)
         report.notes.append(note_summary(note, relative, date_order))
         report.read_facts += [{"file": f.source or relative, "line": f.line, "date": note.date.isoformat(), "field": f.field,
                                "value": f.value, "how": f.how, **({"owner": f.owner} if f.owner else {}),
-                               **({"due": f.due} if f.due else {})} for f in note.facts]
+                               **({"due": f.due} if f.due else {}), **({"kind": f.kind} if f.kind else {})}
+                              for f in note.facts]
     if many and qa and notes:
-        actions = "action_items" in qa_fields
-        extra = {"decisions": "decisions" in qa_fields, "attendance_questions": "attendees" in qa_fields,
-                 "fields": tuple(f for f in many_forms.FIELDS if f in qa_fields)}
-        facts = many_forms.training_conversations(notes, augment, seed, actions, **extra)
-        records += many_forms.pack_turns(facts, augment.facts_per_conversation, seed)
-        # whole notes are training text the templates do not control: what they say is not asked as held out
-        seen = "\n".join(turn["value"] for record in records if not record.get("fact") for turn in record["conversations"])
-        report.prompts = heldout.eval_prompts(notes, augment, seed, facts, actions, seen, **extra)
-        if augment.dev_questions:
-            report.dev = heldout.dev_conversations(notes, augment, seed, report.prompts, actions, seen,
-                                                      fields=extra["fields"])
+        records += taught_facts(notes, records, report, augment, qa_fields, seed, kept_out)
     return records
+
+
+def taught_facts(notes: list[Note], records: list[dict[str, Any]], report: SourceReport, augment: AugmentConfig,
+                 qa_fields: tuple[str, ...], seed: int, kept_out: set[Any] = frozenset()) -> list[dict[str, Any]]:
+    """data.augment's training questions about the notes' facts and statements, a share of them with
+    notes in the prompt (labtune.data.raft); their held-out prompts in report.prompts (and early
+    stopping's in report.dev); the meetings `kept_out` of training asked as `fresh` ones."""
+    fresh = [n for n in notes if n.date in kept_out]
+    notes = [n for n in notes if n.date not in kept_out]
+    actions = "action_items" in qa_fields
+    extra = {"decisions": "decisions" in qa_fields, "attendance_questions": "attendees" in qa_fields,
+             "fields": tuple(f for f in many_forms.FIELDS if f in qa_fields)}
+    facts = many_forms.training_conversations(notes, augment, seed, actions, **extra)
+    if augment.statement_questions:
+        facts += statement_records(notes, augment, seed, qa_fields)
+    packed = many_forms.pack_turns(facts, augment.facts_per_conversation, seed)
+    # whole notes are training text the templates do not control: what they say is not asked as held out
+    seen = "\n".join(turn["value"] for record in records + packed if not record.get("fact")
+                     for turn in record["conversations"])
+    report.prompts = heldout.eval_prompts(notes, augment, seed, facts, actions, seen, **extra)
+    if augment.statement_questions:  # last: the other axes' prompts stay as they were
+        report.prompts += statement_prompts(notes, augment, seed, qa_fields, seen)
+    if fresh:  # no no-meeting question may ask a fresh meeting's date
+        asked = {n.date.isoformat() for n in fresh}
+        report.prompts = [p for p in report.prompts if not (p["tags"][0].startswith("absent") and p["id"][-10:] in asked)]
+        report.prompts += fresh_prompts(notes + fresh, fresh, augment, seed, extra["fields"], qa_fields)
+    if augment.dev_questions:
+        report.dev = heldout.dev_conversations(notes, augment, seed, report.prompts, actions, seen, fields=extra["fields"])
+    return with_notes(packed, notes, augment, seed)
 
 
 def merge_schedules(read: list[tuple[str, Note]]) -> list[tuple[str, Note]]:
@@ -334,8 +361,8 @@ def note_summary(note: Note, relative: str, date_order: str) -> dict[str, Any]:
         other = "DMY" if date_order == "MDY" else "MDY"
         flags.append(f"date {note.date.isoformat()} read as {date_order}; as {other} it would be {note.other_date.isoformat()}"
                      " (set data.date_order)")
-    if not note.facts:
-        flags.append("no facts read")
+    if not any(f.field != "statement" for f in note.facts):
+        flags.append("no facts read" if not note.facts else "no fields read: only its sentences, as statements")
     where = f"{relative}:{note.lines[0]}-{note.lines[1]}" if note.lines else relative
     return {"file": where, "date": note.date.isoformat(), "read_from": note.date_source, "facts": dict(counts),
             "flags": flags}
@@ -422,9 +449,11 @@ def mix_and_split(per_source: list[list[dict[str, Any]]], reports: list[SourceRe
 LOADERS = {"sharegpt": load_sharegpt, "alpaca": load_alpaca, "messages": load_messages}
 
 
-def convert(config: DataConfig, paths: list[Path], log=print) -> tuple[list, list, list[SourceReport]]:
+def convert(config: DataConfig, paths: list[Path], log=print, fresh_meetings: int = 0
+            ) -> tuple[list, list, list[SourceReport]]:
     """Load, clean, mix and split every source of a DataConfig (paths are local copies of
-    config.sources); returns (train, eval, one report per source)."""
+    config.sources); returns (train, eval, one report per source). `fresh_meetings`
+    (evaluation.fresh_meetings): the latest meetings of each notes folder kept out of training."""
     per_source, reports = [], []
     seen_content: dict[str, str] = {}
     for source, path in zip(config.sources, paths):
@@ -433,7 +462,8 @@ def convert(config: DataConfig, paths: list[Path], log=print) -> tuple[list, lis
             records = load_lab_notes(path, report, qa=config.qa_pairs, whole_note=config.note_conversations,
                                      qa_fields=tuple(config.qa_fields), undated=config.undated_notes,
                                      augment=config.augment, seed=config.seed, log=log,
-                                     date_order=config.date_order, field_names=config.field_names)
+                                     date_order=config.date_order, field_names=config.field_names,
+                                     fresh_meetings=fresh_meetings)
         else:
             records = LOADERS[source.type](path)
         report.records = len(records)

@@ -45,6 +45,7 @@ class NoteFact:
     due: str | None = None  # an action item's due date, ISO
     rank: int = 0  # among several topic lines, the lowest wins
     source: str | None = None  # the file it came from, when not its note's (a schedule row merged into the note)
+    kind: str | None = None  # a statement's: result, plan or said (labtune.data.statements)
 
 
 def field_vocabulary(extra: dict[str, list[str]] | None = None) -> dict[str, tuple[str, ...]]:
@@ -204,6 +205,8 @@ def parse_fields(text: str, org: bool = False, words: dict[str, tuple[str, ...]]
 def joined_fields(facts: list[NoteFact]) -> dict[str, str]:
     fields: dict[str, list[str]] = {}
     for fact in facts:
+        if fact.field == "statement":  # the note's own sentences: in facts.json, not a field to display
+            continue
         value = f"{fact.owner}: {fact.value}" if fact.owner else fact.value
         fields.setdefault(fact.field, []).append(value + (f" (due {fact.due})" if fact.due else ""))
     return {name: ("; " if name in ("action_items", "topic", "decisions") else ", ").join(values) for name, values in fields.items()}

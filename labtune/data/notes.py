@@ -53,6 +53,7 @@ from labtune.data.note_prose import (
     subject_topic,
 )
 from labtune.data.note_sections import meeting_sections
+from labtune.data.statements import statement_facts
 from labtune.errors import LabtuneError
 
 __all__ = ["FIELD_WORDS", "NoteFact", "parse_fields"]
@@ -287,6 +288,7 @@ def _meeting(path: Path, text: str, words: dict[str, tuple[str, ...]], date_orde
     facts = [f for f in facts if f.field not in ("action_items", "agenda")] + action_facts(text, facts, found.date, words)
     facts += decision_facts(text, facts)
     facts += [topic] if (topic := subject_topic(text, facts, org)) else []
+    facts += statement_facts(text, facts, found.date)
     if mail is not None and mail.sender and not any(f.field == "recorder" for f in facts):
         facts.append(NoteFact("recorder", mail.sender, 1, "e-mail sender"))  # whoever sends the minutes took them
     for fact in facts:

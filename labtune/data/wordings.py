@@ -136,3 +136,26 @@ TRAIN_TWO_PART = ["Who presented at the lab meeting on {d} and what was the talk
                   "What was presented at the {d} lab meeting, and by whom?"]
 HELDOUT_TWO_PART = ["Who gave the talk at the group meeting held on {d}, and what was it about?",
                     "Can you tell me who spoke at the {d} meeting and what the subject was?"]
+# a statement of a note (labtune.data.statements), asked about one of its subjects `{s}`; `{who}`: a person it names
+TRAIN_STATEMENT = ["What did the notes of the {d} lab meeting say about {s}?",
+                   "What was said about {s} at the lab meeting on {d}?",
+                   "At the {d} lab meeting, what came up about {s}?",
+                   "What do the {d} lab meeting notes record about {s}?",
+                   "Tell me what was noted about {s} at the {d} meeting.",
+                   "What about {s}, from the lab meeting on {d}?"]
+TRAIN_STATEMENT_BY = ["What did {who} say about {s} at the {d} lab meeting?",
+                      "What about {s} and {who}, at the lab meeting on {d}?"]
+TRAIN_STATEMENT_KIND = {
+    "result": ["What result on {s} was reported at the {d} lab meeting?",
+               "How many or how much, about {s}, per the {d} lab meeting?",
+               "What numbers were given for {s} at the lab meeting on {d}?"],
+    "plan": ["What was planned about {s} at the {d} lab meeting?",
+             "What is to happen with {s}, per the lab meeting on {d}?",
+             "What was the next step for {s} after the {d} meeting?"],
+}
+HELDOUT_STATEMENT = ["According to the notes from the group meeting held on {d}, what about {s}?",
+                     "What do we know about {s} from the meeting of {d}?"]
+HELDOUT_STATEMENT_KIND = {
+    "result": ["What was found regarding {s}, as recorded for the {d} group meeting?"],
+    "plan": ["What was the plan regarding {s} coming out of the {d} group meeting?"],
+}

@@ -10,10 +10,12 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, NamedTuple
 
 
-def load_model(model_dir: Path, bf16: bool = False, attn_implementation: str | None = None) -> tuple[Any, Any]:
+def load_model(model_dir: Path, bf16: bool = False, attn_implementation: str | None = None, gpu: bool = False
+               ) -> tuple[Any, Any]:
     """The model and tokenizer, in fp32, or in bf16 when asked and the CPU computes bf16 natively
     (AVX512-BF16/AMX): the demo's 105 prompts then take 5 s instead of 13, with notes 14 s
-    instead of 38, and the same answers but one in 210."""
+    instead of 38, and the same answers but one in 210. With `gpu`, on the GPU where there is one
+    (bf16 there too when asked)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -24,6 +26,8 @@ def load_model(model_dir: Path, bf16: bool = False, attn_implementation: str | N
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     dtype = torch.bfloat16 if bf16 and native_bf16() else torch.float32
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation=attn_implementation)
+    if gpu and torch.cuda.is_available():  # the synthesize stage's generator on the GPU pool; else the CPU
+        model.to("cuda")
     model.eval()
     return model, tokenizer
 
@@ -93,13 +97,13 @@ def prompt_batches(rendered: list[list[int]], batch_size: int, share: bool = Tru
     return [b for b in batches if b]
 
 
-def _padded(rows: list[list[int]], pad_id: int) -> tuple[Any, Any]:
-    """Left-padded ids and their attention mask."""
+def _padded(rows: list[list[int]], pad_id: int, device: Any = None) -> tuple[Any, Any]:
+    """Left-padded ids and their attention mask (on the model's device)."""
     import torch
 
     width = max(len(r) for r in rows)
-    return (torch.tensor([[pad_id] * (width - len(r)) + r for r in rows]),
-            torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows]))
+    return (torch.tensor([[pad_id] * (width - len(r)) + r for r in rows], device=device),
+            torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device))
 
 
 def _reserved_cache(model: Any, capacity: int) -> Any:
@@ -153,8 +157,9 @@ def _next_tokens(logits: Any, sampling: Sampling | None) -> Any:
 
     if sampling is None:
         return logits.argmax(-1)
-    probabilities = torch.softmax(logits.float() / sampling.temperature, dim=-1)
-    return torch.multinomial(probabilities, 1, generator=sampling.generator).squeeze(-1)
+    # drawn on the CPU, where the seeded generator lives: the same draws on a GPU
+    probabilities = torch.softmax(logits.float().cpu() / sampling.temperature, dim=-1)
+    return torch.multinomial(probabilities, 1, generator=sampling.generator).squeeze(-1).to(logits.device)
 
 
 def _decode(model: Any, cache_name: str, input_ids: Any, attention_mask: Any, cache: Any, max_new_tokens: int,
@@ -166,15 +171,16 @@ def _decode(model: Any, cache_name: str, input_ids: Any, attention_mask: Any, ca
     import torch
 
     answers: list[list[int]] = [[] for _ in range(input_ids.shape[0])]
-    rows = torch.arange(input_ids.shape[0])
+    device = input_ids.device
+    rows = torch.arange(input_ids.shape[0], device=device)
     # positions count real tokens only, so a row reads as its prompt alone would
     positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, -input_ids.shape[1]:]
-    stop_ids = torch.tensor(stops)
+    stop_ids = torch.tensor(stops, device=device)
     with torch.no_grad():
         output = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True,
                        logits_to_keep=1, **{cache_name: cache})
         position = positions[:, -1]
-        going = torch.ones(len(rows), dtype=torch.bool)
+        going = torch.ones(len(rows), dtype=torch.bool, device=device)
         for step in range(max_new_tokens):
             token = _next_tokens(output.logits[:, -1], sampling)
             for row, t in zip(rows[going].tolist(), token[going].tolist()):
@@ -207,16 +213,17 @@ def _generate_batch(model: Any, groups: list[list[list[int]]], max_new_tokens: i
     # transformers 5.x renamed past_key_values to cache (the old name still works, with a warning)
     cache_name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     prompts = [p for group in groups for p in group]
+    device = getattr(model, "device", None)
     if all(len(group) == 1 for group in groups):
-        input_ids, attention_mask = _padded(prompts, pad_id)
+        input_ids, attention_mask = _padded(prompts, pad_id, device)
         cache = _reserved_cache(model, input_ids.shape[1] + max_new_tokens)
         return _decode(model, cache_name, input_ids, attention_mask, cache, max_new_tokens, stops, sampling)
     # an opening never takes a prompt's last token: the first answer token is predicted from it
     openings = [min(min(_common_prefix(group[0], p) for p in group), min(len(p) for p in group) - 1)
                 for group in groups]
-    heads, head_mask = _padded([group[0][:n] for group, n in zip(groups, openings)], pad_id)
-    rests, rest_mask = _padded([p[n:] for group, n in zip(groups, openings) for p in group], pad_id)
-    member_of = torch.tensor([g for g, group in enumerate(groups) for _ in group])
+    heads, head_mask = _padded([group[0][:n] for group, n in zip(groups, openings)], pad_id, device)
+    rests, rest_mask = _padded([p[n:] for group, n in zip(groups, openings) for p in group], pad_id, device)
+    member_of = torch.tensor([g for g, group in enumerate(groups) for _ in group], device=device)
     cache = _reserved_cache(model, heads.shape[1] + rests.shape[1] + max_new_tokens)
     with torch.no_grad():
         cache = model(input_ids=heads, attention_mask=head_mask, position_ids=(head_mask.cumsum(-1) - 1).clamp(min=0),

@@ -13,9 +13,10 @@ import datetime as dt
 from pathlib import Path
 from typing import Any
 
+from labtune.data.raft import NOTES_PROMPT, NOTES_SEPARATOR
 from labtune.data.wordings import HELDOUT_DATE_FORMS, TRAIN_DATE_FORMS
 
-PROMPT = "Lab meeting notes:\n\n{notes}\n\nAnswer from the notes above. {question}"
+PROMPT = NOTES_PROMPT  # the one training's RAFT questions carry (labtune.data.raft)
 
 
 def note_documents(folder: Path, date_order: str = "MDY", field_names: dict[str, list[str]] | None = None
@@ -37,10 +38,15 @@ def note_documents(folder: Path, date_order: str = "MDY", field_names: dict[str,
 
 
 class NotesIndex:
-    def __init__(self, documents: list[dict[str, Any]]):
+    """BM25 over the notes, and the date first: a question that names a meeting's date, in any form
+    (labtune.data.note_dates), gets that meeting's note at the top, whatever its words; BM25 ranks
+    the rest (alone it ranks by words, and a date is a few tokens among many)."""
+
+    def __init__(self, documents: list[dict[str, Any]], date_order: str = "MDY"):
         import bm25s
 
         self.documents = documents
+        self.date_order = date_order
         self._bm25s = bm25s
         self.retriever = bm25s.BM25()
         corpus = [self._indexed(d) for d in documents]
@@ -53,11 +59,16 @@ class NotesIndex:
         return document["text"] + "\n" + " ".join(forms)
 
     def search(self, question: str, k: int) -> list[dict[str, Any]]:
+        from labtune.data.note_dates import find_dates
+
         if not self.documents:
             return []
+        named = {found.date.isoformat() for found in find_dates(question, self.date_order)}
+        dated = [d for d in self.documents if d["date"] in named]
         tokens = self._bm25s.tokenize([question], stopwords="en", show_progress=False)
-        found, scores = self.retriever.retrieve(tokens, k=min(k, len(self.documents)), show_progress=False)
-        return [self.documents[int(i)] for i, score in zip(found[0], scores[0]) if score > 0]
+        found, scores = self.retriever.retrieve(tokens, k=min(k + len(dated), len(self.documents)), show_progress=False)
+        ranked = [self.documents[int(i)] for i, score in zip(found[0], scores[0]) if score > 0]
+        return (dated + [d for d in ranked if all(d is not o for o in dated)])[:k]
 
     def prompt(self, question: str, k: int, max_chars: int = 6000) -> str:
         """The question with the k most relevant notes before it (cut to max_chars in all)."""
@@ -68,7 +79,7 @@ class NotesIndex:
                 break
             notes.append(text)
             used += len(text)
-        return PROMPT.format(notes="\n\n---\n\n".join(notes) or "(none found)", question=question)
+        return PROMPT.format(notes=NOTES_SEPARATOR.join(notes) or "(none found)", question=question)
 
 
 def retrieval_recall(index: NotesIndex, prompts: list[Any], k: int, date_order: str = "MDY") -> dict[str, Any]:

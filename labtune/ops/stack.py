@@ -200,7 +200,7 @@ def up(recipe_path: str | None = None, port: int = server.DEFAULT_PORT, s3_port:
     if recipe_path:
         deploy(recipe_path, url)
         say(f"deployments: finetune/labtune-finetune, train/labtune-train, evaluate/labtune-evaluate, "
-            f"watch-lab-notes/labtune-watch-lab-notes (recipe {recipe_path})")
+            f"synthesize/labtune-synthesize, watch-lab-notes/labtune-watch-lab-notes (recipe {recipe_path})")
     say(f"stack up in {time.time() - started:.1f}s; stop it with: labtune stack down")
     return status(port)
 

@@ -1,4 +1,4 @@
-"""The stages, Prefect-free: weights -> delta (-> replay) -> data -> tokenize -> train -> evaluate (-> export).
+"""The stages, Prefect-free: weights -> delta (-> replay) -> data (-> synthesize) -> tokenize -> train -> evaluate (-> export).
 
 Each module holds its stage's `build_<stage>` function (key, inputs, the work, the report);
 `tasks/` wraps each in a Prefect task. `GRAPH` below is the one description of how they chain:
@@ -36,7 +36,9 @@ GRAPH = (
     Stage("delta", (("weights", "base_uri"),)),
     Stage("replay", (("delta", "model_uri"),), wanted=lambda recipe: recipe.data.replay.enabled),
     Stage("data"),
-    Stage("tokenize", (("delta", "model_uri"), ("data", "data_uri"), ("replay", "replay_uri"))),
+    Stage("synthesize", (("delta", "model_uri"), ("data", "data_uri")), wanted=lambda recipe: recipe.data.synthesize.enabled),
+    Stage("tokenize", (("delta", "model_uri"), ("data", "data_uri"), ("replay", "replay_uri"),
+                       ("synthesize", "synthesize_uri"))),
     Stage("train", (("delta", "model_uri"), ("tokenize", "tokens_uri")), reports_progress=True),
     Stage("evaluate", (("delta", "base_uri"), ("train", "model_uri"), ("data", "data_uri"), ("tokenize", "tokens_uri")),
           reports_progress=True),

@@ -17,6 +17,7 @@ from typing import Any
 from labtune.data import (
     augment,
     conversations,
+    fresh,
     heldout,
     note_dates,
     note_email,
@@ -24,6 +25,9 @@ from labtune.data import (
     note_prose,
     note_sections,
     notes,
+    raft,
+    statement_questions,
+    statements,
     wordings,
     words,
 )
@@ -34,7 +38,7 @@ from labtune.store.backends import Store, StoreSettings, download_tree, open_sto
 from labtune.store.hashing import sha256_file
 from labtune.store.outputs import Log, StageResult, code_version, default_log, run_stage, stage_key
 
-__all__ = ["DataError", "build_data", "report_markdown", "data_identity"]
+__all__ = ["DataError", "build_data", "data_identity", "report_markdown"]
 
 
 def data_identity(source: DataSource, settings: StoreSettings) -> Any:
@@ -82,11 +86,11 @@ def report_markdown(reports: list[dict[str, Any]], uri: str, facts: list[dict[st
     if read:
         flagged = [(s, n) for s, n in read if n["flags"]]
         lines += ["", f"**Notes read**: {notes_line(reports)}", "",
-                  "| note | date | read from | presenter | recorder | topic | attendees | action items | decisions | flags |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+                  "| note | date | read from | presenter | recorder | topic | attendees | action items | decisions | statements | flags |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         lines += [f"| {n['file']} | {n['date']} | {n['read_from']} | "
                   + " | ".join(str(n["facts"].get(f, 0)) for f in ("presenter", "recorder", "topic", "attendees", "action_items",
-                                                                 "decisions"))
+                                                                 "decisions", "statement"))
                   + f" | {'; '.join(n['flags']) or ''} |" for _, n in read]
         if flagged:
             lines += ["", "**Notes to look at**", *[f"- `{n['file']}`: {'; '.join(n['flags'])}" for _, n in flagged]]
@@ -102,14 +106,14 @@ def report_markdown(reports: list[dict[str, Any]], uri: str, facts: list[dict[st
 
 
 def notes_line(reports: list[dict[str, Any]]) -> str:
-    """"N notes read, K skipped, M with no facts" over the lab-notes sources of a data report;
+    """"N notes read, K skipped, M with no fields" over the lab-notes sources of a data report;
     "N notes read (P meetings), ..." when a file holds several meetings (a running log)."""
     notes = [n for r in reports for n in r.get("notes", [])]
     files = sum(r["files"] for r in reports if r["type"] == "lab_notes")
     skipped = sum(len(r["skipped_files"]) for r in reports if r["type"] == "lab_notes")
-    empty = sum(1 for n in notes if "no facts read" in n["flags"])
+    empty = sum(1 for n in notes if any(flag.startswith(("no facts read", "no fields read")) for flag in n["flags"]))
     meetings = f" ({len(notes)} meetings)" if len(notes) != files else ""
-    return f"{files} notes read{meetings}, {skipped} skipped, {empty} with no facts"
+    return f"{files} notes read{meetings}, {skipped} skipped, {empty} with no fields"
 
 
 def read_facts_with_counts(reports: list[Any], counts: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -138,15 +142,18 @@ def build_data(recipe: Recipe, store: Store, log: Log = default_log) -> StageRes
     settings = recipe.store.settings()
     identities = [data_identity(source, settings) for source in recipe.data.sources]
     parameters = recipe.data.model_dump(mode="json", exclude={"chat_template", "num_proc", "model_max_length"})
+    if recipe.evaluation.fresh_meetings:  # kept out of training: other training data
+        parameters["fresh_meetings"] = recipe.evaluation.fresh_meetings
     key = stage_key("data", code_version(__name__, conversations, notes, augment, heldout, wordings, words,
-                                         note_dates, note_email, note_prose, note_fields, note_sections), {"sources": identities},
+                                         note_dates, note_email, note_prose, note_fields, note_sections, statements,
+                                         statement_questions, fresh, raft), {"sources": identities},
                     parameters)
 
     def build(out: Path) -> dict[str, Any]:
         scratch = scratch_dir("data-")
         try:
             paths = [_local_source(source, settings, scratch) for source in recipe.data.sources]
-            train, evaluation, reports = convert(recipe.data, paths, log)
+            train, evaluation, reports = convert(recipe.data, paths, log, recipe.evaluation.fresh_meetings)
             # the notes themselves, for the evaluation's retrieval baseline
             documents = [d for source, path in zip(recipe.data.sources, paths) if source.type == "lab_notes"
                          for d in note_documents(path, recipe.data.date_order, recipe.data.field_names)]

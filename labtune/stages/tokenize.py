@@ -46,9 +46,10 @@ def tokenizer_identity(store: Store, model_uri: str) -> dict[str, str]:
 
 
 def tokenize_files(data_dir: Path, model_dir: Path, out: Path, template: str, max_length: int,
-                   num_proc: int | None, log: Log = default_log, replay: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+                   num_proc: int | None, log: Log = default_log, replay: list[dict[str, Any]] | None = None,
+                   synthesized: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """train.json / eval.json (/ dev.json) in data_dir -> datasets folders train/ and eval/ (/ dev/) in out;
-    `replay` conversations (the replay stage's) join the train split."""
+    `replay` conversations (the replay stage's) and `synthesized` ones (the synthesize stage's) join the train split."""
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -60,8 +61,8 @@ def tokenize_files(data_dir: Path, model_dir: Path, out: Path, template: str, ma
         if split == "dev" and not path.is_file():
             continue  # dev questions exist only for early stopping
         records = json.loads(path.read_text()) if path.is_file() else []
-        if split == "train" and replay:
-            records = records + replay
+        if split == "train":
+            records = records + (replay or []) + (synthesized or [])
         try:
             report[split] = encode.tokenize_split(records, tokenizer, template, max_length, num_proc, out / split)
         except chat.TemplateError as exc:
@@ -73,6 +74,7 @@ def tokenize_files(data_dir: Path, model_dir: Path, out: Path, template: str, ma
     if not report["train"]["examples"]:
         raise TokenizeError(f"{data_dir}: no training example has an assistant token within model_max_length {max_length}")
     report["train"]["replay"] = len(replay or [])
+    report["train"]["synthesized"] = len(synthesized or [])
     report["train"]["longest_answer"] = data_longest_answer(out / "train")
     (out / "report.json").write_text(json.dumps(report, indent=2))
     return report
@@ -85,27 +87,32 @@ def data_longest_answer(folder: Path) -> int:
 
     from labtune.evaluation.generation import longest_answer_tokens
     from labtune.data.conversations import REPLAY_PREFIX
+    from labtune.data.synthesis import SYNTHESIZED_PREFIX
 
     dataset = load_from_disk(str(folder))
     return longest_answer_tokens(labels for record_id, labels in zip(dataset["id"], dataset["labels"])
-                                 if not record_id.startswith(REPLAY_PREFIX))
+                                 if not record_id.startswith((REPLAY_PREFIX, SYNTHESIZED_PREFIX)))
 
 
 def build_tokenize(recipe: Recipe, store: Store, model_uri: str, data_uri: str, log: Log = default_log,
-                   replay_uri: str | None = None) -> StageResult:
+                   replay_uri: str | None = None, synthesize_uri: str | None = None) -> StageResult:
     inputs = {"model": model_uri, "tokenizer": tokenizer_identity(store, model_uri), "data": data_uri,
-              **({"replay": replay_uri} if replay_uri else {})}
+              **({"replay": replay_uri} if replay_uri else {}), **({"synthesize": synthesize_uri} if synthesize_uri else {})}
     parameters = {"model_max_length": recipe.data.model_max_length, "chat_template": recipe.data.chat_template}
 
     def build(out: Path) -> dict[str, Any]:
         from labtune.stages.replay import replay_conversations
+        from labtune.stages.synthesize import synthesized_conversations
 
         model_dir, data_dir = fetch(store, model_uri, log), fetch(store, data_uri, log)
         replay = replay_conversations(store, replay_uri)
         if replay:
             log(f"tokenize: {len(replay)} replay conversations (the base model's own answers) join the train split")
+        synthesized = synthesized_conversations(store, synthesize_uri)
+        if synthesized:
+            log(f"tokenize: {len(synthesized)} model-written question-answer pairs (the synthesize stage's) join the train split")
         report = tokenize_files(data_dir, model_dir, out, recipe.data.chat_template, recipe.data.model_max_length,
-                                recipe.data.num_proc, log, replay)
+                                recipe.data.num_proc, log, replay, synthesized)
         return {"report": {split: {k: v for k, v in r.items() if k != "histogram"} for split, r in report.items()}}
 
     # the tokenizer identity, not the model URI, decides: re-tokenizing for a new model with the same tokenizer is waste

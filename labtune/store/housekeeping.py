@@ -29,7 +29,7 @@ from labtune.store.outputs import MANIFEST
 # the stages' output folders, in run order: labtune.stages.GRAPH names the stages, but the store may not
 # import it (tests/test_layout.py checks the two agree)
 # (and `baseline`, the base model's answers, which the evaluate stage builds first)
-STAGES = ("weights", "delta", "replay", "data", "tokenize", "train", "baseline", "evaluate", "export")
+STAGES = ("weights", "delta", "replay", "data", "synthesize", "tokenize", "train", "baseline", "evaluate", "export")
 RUNS = "runs"
 STALE_RUN_HOURS = 72.0  # a run record still "running" after this long belonged to a process that died
 
