@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 NOTES_PROMPT = "Lab meeting notes:\n\n{notes}\n\nAnswer from the notes above. {question}"
 NOTES_SEPARATOR = "\n\n---\n\n"
 _RECITED = re.compile(r"^(On [\d/]+) \([A-Z][a-z]+ meetings: [^)]*\)")
-TAUGHT_KINDS = ("recall", "missing", "absent")
+TAUGHT_KINDS = ("recall", "missing", "absent", "reverse", "two_part", "summary")
 
 
 def without_recital(answer: str) -> str:
@@ -51,7 +51,8 @@ def with_notes(records: list[dict[str, Any]], notes: list[Note], cfg: AugmentCon
         if fact.get("kind") not in TAUGHT_KINDS or len(turns) != 2 or rng.random() >= cfg.raft_share:
             out.append(record)
             continue
-        golden = fact.get("date") in texts and fact["kind"] != "absent" and rng.random() < cfg.raft_golden
+        # a question about no meeting (absent) or about several (reverse) has no right note: distractors only
+        golden = fact.get("date") in texts and fact["kind"] not in ("absent", "reverse") and rng.random() < cfg.raft_golden
         others = [d for d in dates if d != fact.get("date")]
         # as many notes as retrieval puts in the prompt (raft_distractors + 1), the right one among them or not
         chosen = [rng.choice(texts[d]) for d in rng.sample(others, min(cfg.raft_distractors + (not golden), len(others)))]

@@ -33,7 +33,7 @@ _RESULT_VERBS = re.compile(r"\b(?:show(?:s|ed|n)?|found|find(?:s|ing)?|observ\w+
 _PLAN_WORDS = re.compile(r"\b(?:next\s+(?:week|time|month|step|steps|meeting)|will|plans?|planned|planning|going\s+to|"
                          r"to\s+do|todo|follow[- ]up|should|needs?\s+to|has\s+to|have\s+to|is\s+to|are\s+to|"
                          r"tomorrow|upcoming|intends?|aim\s+to|by\s+(?:next|the\s+end))\b", re.IGNORECASE)
-_NUMBER = re.compile(r"(?<![\w/.])\d[\d,]*(?:\.\d+)?%?(?![\w/])")
+_NUMBER = re.compile(r"(?<![\w/.,])\d+(?:,\d{3})*(?:\.\d+)?%?(?![\w/]|[.,]\d)")
 # words that are never part of a subject: function words, reporting verbs, vague nouns
 STOPWORDS = frozenset("""
 a an the and or but nor so yet of to in on at by for from with without into onto over under about above below
@@ -48,6 +48,7 @@ presented present presents reported report reports used use uses using found fin
 agree will wants want wanted need needs needed got asking ask walked went going send sent
 set write wrote rerun rerunning check checks start started try tried keep kept add added update get gets made make makes gave give gives took take takes
 discussed discuss discusses explained explain thinks think thought looked look looks seems seem seemed
+monday tuesday wednesday thursday friday saturday sunday
 lab meeting meetings group team everyone someone people thing things lot bit whether if because while though
 although however please let let's like well really maybe perhaps yes okay ok
 """.split())
