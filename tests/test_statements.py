@@ -104,7 +104,8 @@ def test_action_items_are_statements_where_the_recipe_does_not_teach_them_as_fie
 
 
 def test_raft_questions_carry_notes_as_retrieval_puts_them_and_golden_ones_read_the_note():
-    train, _ = _converted(["data.augment.raft_share=0.2", "data.augment.raft_distractors=1"])
+    train, _ = _converted(["data.augment.raft_share=0.2", "data.augment.raft_distractors=1",
+                           "data.augment.raft_answers=from_note"])
     with_notes = [r for r in train if r["id"].endswith("_notes")]
     facts = [r for r in train if r.get("fact", {}).get("kind") in TAUGHT_KINDS]
     assert 0.12 < len(with_notes) / len(facts) < 0.28
@@ -125,6 +126,10 @@ def test_raft_questions_carry_notes_as_retrieval_puts_them_and_golden_ones_read_
         assert NOTES_PROMPT.format(notes="X", question=question).endswith(question)
     # asking puts the same words around the note as training did
     assert index.prompt("Who presented on 2023-05-12?", 1).startswith(NOTES_PROMPT.split("{notes}")[0])
+    same, _ = _converted(["data.augment.raft_share=0.2", "data.augment.raft_distractors=1"])
+    closed = {r["id"]: r["conversations"][1]["value"] for r in _converted([])[0]}
+    assert all(r["conversations"][1]["value"] == closed[r["id"].removesuffix("_notes")] for r in same
+               if r["id"].endswith("_notes"))  # raft_answers: same (the default): the closed-book answers
     assert without_recital("On 4/14/2023 (April meetings: 14, 28; 14 is among them) the presenter was X.") == \
         "On 4/14/2023 the presenter was X."
 

@@ -59,7 +59,7 @@ def with_notes(records: list[dict[str, Any]], notes: list[Note], cfg: AugmentCon
         if golden:
             chosen.insert(rng.randint(0, len(chosen)), texts[fact["date"]][0])
         question = NOTES_PROMPT.format(notes=NOTES_SEPARATOR.join(chosen), question=turns[0]["value"])
-        reply = without_recital(turns[1]["value"]) if golden else turns[1]["value"]
+        reply = without_recital(turns[1]["value"]) if golden and cfg.raft_answers == "from_note" else turns[1]["value"]
         out.append({**record, "id": record["id"] + "_notes",
                     "conversations": [{**turns[0], "value": question}, {**turns[1], "value": reply}],
                     "fact": {**fact, "notes": "golden" if golden else "distractors"}})
