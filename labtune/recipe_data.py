@@ -59,8 +59,9 @@ class AugmentConfig(_Strict):
     raft_share: float = Field(default=0.0, ge=0.0, le=1.0)
     raft_golden: float = Field(default=0.8, ge=0.0, le=1.0)
     raft_distractors: int = Field(default=0, ge=0, le=8)  # other notes beside the right one: evaluation.retrieval_k - 1
-    # same: every RAFT question keeps its closed-book answer; from_note: golden ones without the recited month
-    raft_answers: Literal["same", "from_note"] = "same"
+    # same: every RAFT question keeps its closed-book answer; cite: golden ones recite the note's date instead of
+    # the month's meetings; from_note: golden ones recite nothing (labtune/data/raft.py)
+    raft_answers: Literal["same", "cite", "from_note"] = "same"
     # early stopping's questions (train.eval_strategy): trained facts and fresh no-meeting dates in other held-out wordings
     dev_questions: int = Field(default=0, ge=0, le=2000)
 

@@ -12,7 +12,7 @@ from conftest import REPO, TINY_RECIPE, run_cli
 
 from labtune.data.conversations import convert
 from labtune.data.notes import read_note
-from labtune.data.raft import NOTES_PROMPT, TAUGHT_KINDS, without_recital
+from labtune.data.raft import NOTES_PROMPT, TAUGHT_KINDS, citing_the_note, without_recital
 from labtune.data.statements import PLAN, RESULT, SAID, numbers, statement_facts, subjects
 from labtune.errors import RecipeError
 from labtune.evaluation.prompts import Prompt, score
@@ -130,6 +130,8 @@ def test_raft_questions_carry_notes_as_retrieval_puts_them_and_golden_ones_read_
     closed = {r["id"]: r["conversations"][1]["value"] for r in _converted([])[0]}
     assert all(r["conversations"][1]["value"] == closed[r["id"].removesuffix("_notes")] for r in same
                if r["id"].endswith("_notes"))  # raft_answers: same (the default): the closed-book answers
+    assert citing_the_note("On 7/21/2023 (July meetings: 7; 21 is not among them) there is no lab meeting.") == \
+        "On 7/21/2023 (the notes above have 7/21/2023) there is no lab meeting."
     assert without_recital("On 4/14/2023 (April meetings: 14, 28; 14 is among them) the presenter was X.") == \
         "On 4/14/2023 the presenter was X."
 

@@ -33,6 +33,12 @@ def without_recital(answer: str) -> str:
     return _RECITED.sub(r"\1", answer)
 
 
+def citing_the_note(answer: str) -> str:
+    """The recited month replaced by the note that answers: "On 4/14/2023 (the notes above have 4/14/2023) the
+    presenter was X."; the date is copied from the note's heading, not recalled."""
+    return _RECITED.sub(lambda m: f"{m.group(1)} (the notes above have {m.group(1)[3:]})", answer)
+
+
 def with_notes(records: list[dict[str, Any]], notes: list[Note], cfg: AugmentConfig, seed: int) -> list[dict[str, Any]]:
     """The records, `raft_share` of the single-question ones about the notes asked with notes in the
     prompt (see the module's docstring); each such record's fact gains `notes`: golden or distractors."""
@@ -59,7 +65,9 @@ def with_notes(records: list[dict[str, Any]], notes: list[Note], cfg: AugmentCon
         if golden:
             chosen.insert(rng.randint(0, len(chosen)), texts[fact["date"]][0])
         question = NOTES_PROMPT.format(notes=NOTES_SEPARATOR.join(chosen), question=turns[0]["value"])
-        reply = without_recital(turns[1]["value"]) if golden and cfg.raft_answers == "from_note" else turns[1]["value"]
+        reply = turns[1]["value"]
+        if golden and cfg.raft_answers != "same":
+            reply = (without_recital if cfg.raft_answers == "from_note" else citing_the_note)(reply)
         out.append({**record, "id": record["id"] + "_notes",
                     "conversations": [{**turns[0], "value": question}, {**turns[1], "value": reply}],
                     "fact": {**fact, "notes": "golden" if golden else "distractors"}})
