@@ -54,6 +54,8 @@ class AugmentConfig(_Strict):
     recall_questions: bool = True
     # training questions per statement of a note (results, plans, what was said: labtune/data/statements.py); 0: off
     statement_questions: int = Field(default=0, ge=0, le=40)
+    # held-out statement questions per meeting in the evaluation (0: one per statement); a sample keeps it short
+    eval_statements: int = Field(default=0, ge=0, le=100)
     # RAFT (labtune/data/raft.py): this share of the questions carry notes in the prompt as retrieval puts them,
     # raft_golden of those the asked meeting's note among raft_distractors others, the rest distractors only
     raft_share: float = Field(default=0.0, ge=0.0, le=1.0)

@@ -79,6 +79,9 @@ def test_statements_are_taught_in_the_notes_own_words_and_asked_in_wordings_trai
     trained_questions = {r["conversations"][0]["value"] for r in train}
     assert len(asked) >= 50 and not trained_questions & {p["question"] for p in asked}
     assert {"result", "plan"} <= {t for p in asked for t in p["tags"]}
+    _, sampled = _converted(["data.augment.statement_questions=3", "data.augment.eval_statements=2"])
+    two = [p for p in sampled.prompts if "statement" in p["tags"]]
+    assert len(two) == 28 and all(p in asked for p in two)  # the first two of each of the 14 meetings
     by_date_answers: dict[str, list[str]] = {}
     for record in taught:
         by_date_answers.setdefault(record["id"].split("_")[1], []).append(record["conversations"][1]["value"])

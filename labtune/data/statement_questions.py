@@ -124,8 +124,9 @@ def expectation(statement: Statement, question: str, subject: str) -> dict[str, 
 
 def statement_prompts(notes: list[Note], cfg: AugmentConfig, seed: int, fields: tuple[str, ...], seen: str = ""
                       ) -> list[dict[str, Any]]:
-    """One evaluation question per statement in a HELD-OUT wording and date form; wrong when it
-    says there was no meeting or names another statement of the meeting (by its first subject)."""
+    """One evaluation question per statement in a HELD-OUT wording and date form (the first
+    `eval_statements` of each meeting, when set); wrong when it says there was no meeting or names
+    another statement of the meeting (by its first subject)."""
     rng = random.Random(seed + 12)
     held_forms = list(HELDOUT_DATE_FORMS.values())
     statements = meeting_statements(notes, fields)
@@ -141,6 +142,9 @@ def statement_prompts(notes: list[Note], cfg: AugmentConfig, seed: int, fields: 
         neighbours = sorted({s.subjects[0] for s in statements if s.date == statement.date and s is not statement
                              and not mentions(statement.text, s.subjects[0]) and not mentions(question, s.subjects[0])})
         kind = [statement.kind] if statement.kind in (RESULT, PLAN) else []
+        asked = sum(1 for p in prompts if p["id"].startswith(f"statement_{statement.date.isoformat()}_"))
+        if cfg.eval_statements and asked >= cfg.eval_statements:
+            continue
         prompts.append({"id": f"statement_{statement.date.isoformat()}_{number}", "question": question, **expected,
                         "forbidden": [*neighbours, CLAIMS_NONE], "tags": ["statement", *kind]})
     return prompts
