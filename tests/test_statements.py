@@ -222,3 +222,6 @@ def test_the_synthesize_stage_runs_a_generator_over_every_note_and_its_pairs_joi
     assert json.loads((tokens / "report.json").read_text())["train"]["synthesized"] == len(written)
     manifest = json.loads((tokens / "manifest.json").read_text())
     assert json.loads(proc.stdout)["uri"] and "synthesize" in json.dumps(manifest)
+    proc = run_cli("synthesize", *args[:-1], f"data.synthesize.generator={tmp_path / 'nowhere'}", timeout=900)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].endswith("nowhere: not a model folder (no config.json) and not a stage output")

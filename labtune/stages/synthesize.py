@@ -16,10 +16,15 @@ from pathlib import Path
 from typing import Any
 
 from labtune.data import synthesis
+from labtune.errors import LabtuneError
 from labtune.evaluation import generation
 from labtune.recipe import Recipe
 from labtune.store.backends import Store
 from labtune.store.outputs import Log, StageResult, code_version, default_log, fetch, fetch_output, run_stage, stage_key
+
+
+class SynthesizeError(LabtuneError):
+    """The generator the recipe names cannot be used; the message names it."""
 
 
 def synthesize_key(recipe: Recipe, model_uri: str, data_uri: str) -> tuple[str, dict[str, Any], dict[str, Any]]:
@@ -37,6 +42,8 @@ def generator_folder(recipe: Recipe, store: Store, model_uri: str, log: Log) -> 
         return fetch(store, model_uri, log)
     if "://" in named or (Path(named) / "manifest.json").is_file():
         return fetch_output(named, recipe.store.settings(), log)
+    if not (Path(named) / "config.json").is_file():
+        raise SynthesizeError(f"data.synthesize.generator: {named}: not a model folder (no config.json) and not a stage output")
     return Path(named)
 
 
