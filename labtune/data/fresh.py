@@ -9,8 +9,9 @@ import random
 from typing import TYPE_CHECKING, Any
 
 from labtune.data.augment import NAME_FIELDS, facts_of, people, topic_keys
+from labtune.data.heldout import CLAIMS_NONE
 from labtune.data.notes import Note
-from labtune.data.statement_questions import CLAIMS_NONE, statement_prompts
+from labtune.data.statement_questions import statement_prompts
 from labtune.data.wordings import HELDOUT_DATE_FORMS, HELDOUT_TEMPLATES
 from labtune.data.words import mentions
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from labtune.data.augment import _by_date, _conv, date_text, month_calendar, opening, people, train_date_forms
+from labtune.data.heldout import CLAIMS_NONE
 from labtune.data.notes import Note
 from labtune.data.statements import PLAN, RESULT, SAID, named, numbers, subjects
 from labtune.data.wordings import (
@@ -30,9 +31,6 @@ from labtune.data.words import mentions
 
 if TYPE_CHECKING:
     from labtune.recipe import AugmentConfig
-
-CLAIMS_NONE = "no lab meeting"
-
 
 @dataclass
 class Statement:

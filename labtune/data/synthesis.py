@@ -15,6 +15,7 @@ import re
 from typing import Any
 
 from labtune.data.note_dates import find_dates
+from labtune.data.notes import us_date as us
 from labtune.data.statements import numbers
 from labtune.data.words import mentions
 
@@ -34,10 +35,6 @@ _NOT_NAMES = {"i", "on", "the", "a", "an", "at", "in", "for", "and", "but", "she
               "also", "next", "to", "of", "with", "by", "from", "as", "so", "if", "is", "was", "were", "are",
               "monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday", "january", "february",
               "march", "april", "may", "june", "july", "august", "september", "october", "november", "december"}
-
-
-def us(date: dt.date) -> str:
-    return f"{date.month}/{date.day}/{date.year}"
 
 
 def pairs(text: str) -> list[tuple[str, str]]:
@@ -64,6 +61,13 @@ def unfaithful(answer: str, note: str, date: dt.date) -> str | None:
         if word.lower() not in _NOT_NAMES and not mentions(note, word):
             return f"name {word}"
     return None
+
+
+def asks(note: dict[str, Any], questions: int, rewrites: int) -> list[str]:
+    """The generator's prompts for one note: the question-answer request, then `rewrites` retellings."""
+    date = us(dt.date.fromisoformat(note["date"]))
+    return ([QUESTIONS_PROMPT.format(date=date, note=note["text"], count=questions)]
+            + [REWRITE_PROMPT.format(date=date, note=note["text"])] * rewrites)
 
 
 def synthesized_records(note: dict[str, Any], questions_text: str, rewrites: list[str], counts: dict[str, int]

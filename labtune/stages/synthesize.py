@@ -56,11 +56,7 @@ def build_synthesize(recipe: Recipe, store: Store, model_uri: str, data_uri: str
         model, tokenizer = generation.load_model(generator_folder(recipe, store, model_uri, log), bf16=True, gpu=True)
         log(f"synthesize: the generator writes {cfg.questions_per_note} question-answer pairs and {cfg.rewrites} "
             f"retelling(s) for each of {len(notes)} notes (at most {cfg.max_new_tokens} tokens each)")
-        asks = []
-        for note in notes:
-            date = synthesis.us(synthesis.dt.date.fromisoformat(note["date"]))
-            asks.append(synthesis.QUESTIONS_PROMPT.format(date=date, note=note["text"], count=cfg.questions_per_note))
-            asks += [synthesis.REWRITE_PROMPT.format(date=date, note=note["text"])] * cfg.rewrites
+        asks = [ask for note in notes for ask in synthesis.asks(note, cfg.questions_per_note, cfg.rewrites)]
         sampling = generation.Sampling(cfg.temperature, recipe.data.seed) if cfg.temperature > 0 else None
         generated = generation.ask(model, tokenizer, asks, cfg.max_new_tokens, cfg.batch_size, recipe.data.chat_template,
                                    None, sampling=sampling)
