@@ -229,3 +229,28 @@ def test_the_mixed_loss_and_its_written_out_gradient_equal_autograd_through_the_
     expected.backward()
     assert torch.allclose(loss, expected, atol=1e-4), (float(loss), float(expected))
     assert torch.allclose(got, logits.grad, atol=1e-5)
+
+
+def test_a_soft_row_whose_top_tokens_hold_all_but_a_sliver_keeps_a_bounded_gradient():
+    """A model sure of one token leaves its tail a mass below fp32's 1e-7: taken as 1 minus the top,
+    that mass was noise and the tail's gradient reached 1e15 (a training step thrown away by
+    clipping, one in sixty of the demo's). Summed, the loss and gradient match float64 autograd."""
+    from labtune.training.loss import token_loss_sum
+
+    logits = torch.zeros(2, 1000)
+    logits[0, 5], logits[1, 7] = 30.0, 3.0
+    logits.requires_grad_()
+    ids = torch.tensor([[5, 6], [7, 8]])
+    soft_logprobs = torch.tensor([[0.9, 0.05, 0.05], [0.5, 0.3, 0.2]]).log()
+    loss = token_loss_sum(logits, torch.tensor([5, 7]), ids, soft_logprobs, torch.tensor([True, True]))
+    loss.backward()
+    assert logits.grad.abs().max() <= 1.0
+
+    exact = logits.detach().double().requires_grad_()
+    q = exact.softmax(-1)
+    top = q.gather(1, ids)
+    model = torch.cat([top, (1 - top.sum(-1))[:, None]], dim=1)
+    expected = (soft_logprobs.double().exp() * (soft_logprobs.double() - model.log())).sum()
+    expected.backward()
+    assert float(loss) == pytest.approx(float(expected), rel=1e-5)
+    assert torch.allclose(logits.grad.double(), exact.grad, atol=1e-6)
