@@ -44,14 +44,15 @@ def questions(count: int) -> list[str]:
     return mixed[:count]
 
 
-def with_notes(count: int) -> list[str]:
+def with_notes(count: int) -> list[list[dict[str, str]]]:
+    """The demo's questions as the evaluation asks them with notes: the note in the system turn."""
     from labtune.data.notes import note_files, qa_facts, read_note
     from labtune.evaluation.retrieval import NotesIndex, note_documents
 
     index = NotesIndex(note_documents(REPO / "examples" / "labnotes"))
     lab = [q for path in note_files(REPO / "examples" / "labnotes") for q, _, field, _ in qa_facts(read_note(path))
            if field in ("presenter", "recorder", "topic")]
-    return [index.prompt(q, 1) for q in lab[:count]]
+    return [[{"role": "system", "content": index.context(q, 1)}, {"role": "user", "content": q}] for q in lab[:count]]
 
 
 def transformers_generate(model: object, tokenizer: object, conversations: list, max_new_tokens: int,
@@ -83,8 +84,8 @@ def transformers_generate(model: object, tokenizer: object, conversations: list,
 def notes_bench(model: object, tokenizer: object, args: argparse.Namespace) -> None:
     from labtune.evaluation.generation import generate
 
-    asked = with_notes(args.questions)
-    conversations = [[{"role": "system", "content": ""}, {"role": "user", "content": q}] for q in asked]
+    conversations = with_notes(args.questions)
+    asked = conversations
     runs = {"transformers generate": lambda: transformers_generate(model, tokenizer, conversations, args.max_new_tokens,
                                                                    args.batch),
             "labtune, every prompt in full": lambda: generate(model, tokenizer, conversations, args.max_new_tokens,

@@ -61,6 +61,9 @@ class AugmentConfig(_Strict):
     raft_share: float = Field(default=0.0, ge=0.0, le=1.0)
     raft_golden: float = Field(default=0.8, ge=0.0, le=1.0)
     raft_distractors: int = Field(default=0, ge=0, le=8)  # other notes beside the right one: evaluation.retrieval_k - 1
+    # golden questions about one meeting asked in one conversation under its note, up to this many: the note's
+    # tokens, most of such an example, are paid once for them (a user asks follow-ups in `labtune chat --notes`)
+    raft_questions_per_note: int = Field(default=1, ge=1, le=8)
     # same: every RAFT question keeps its closed-book answer; cite: golden ones recite the note's date instead of
     # the month's meetings; from_note: golden ones recite nothing (labtune/data/raft.py)
     raft_answers: Literal["same", "cite", "from_note"] = "same"

@@ -6,7 +6,7 @@ import math
 from pathlib import Path
 
 import pytest
-from conftest import SHARED_DATA, TINY_RECIPE, run_cli
+from conftest import REPO, SHARED_DATA, TINY_RECIPE, run_cli
 
 from labtune.evaluation.comparison import recipe_differences
 from labtune.evaluation.generation import mean_loss
@@ -269,6 +269,22 @@ def test_ask_and_chat_on_a_model_in_the_store_and_refuse_an_incomplete_one(evalu
     chat = run_cli("chat", uris["model"], "--max-new-tokens", "6", stdin="Hello\nWho presented?\n/exit\n")
     assert chat.returncode == 0, chat.stderr[-2000:]
     assert len(chat.stdout.splitlines()) == 2  # one answer per turn
+    # with --notes: each question's notes in the system turn, the note of the date it names first, said on stderr
+    notes = REPO / "examples" / "labnotes"
+    chat = run_cli("chat", uris["model"], "--max-new-tokens", "4", "--notes", str(notes),
+                   stdin="Who presented on April 14th 2023?\nAnd on 2023-05-12?\n/exit\n")
+    assert chat.returncode == 0, chat.stderr[-2000:]
+    assert len(chat.stdout.splitlines()) == 2
+    assert [line for line in chat.stderr.splitlines() if line.startswith("notes: ")] == \
+        ["notes: 2023-04-14.md", "notes: 2023-05-12.md"]
+    proc = run_cli("ask", uris["model"], "Who presented on 4/14/2023?", "--notes", str(notes), "--top-k", "2", "--json",
+                   "--max-new-tokens", "4")
+    assert proc.returncode == 0 and json.loads(proc.stdout)["notes"][0] == "2023-04-14.md"
+    empty = tmp_path / "no-notes"
+    empty.mkdir()
+    for command in (["ask", uris["model"], "Who?"], ["chat", uris["model"]]):
+        proc = run_cli(*command, "--notes", str(empty), stdin="/exit\n")
+        assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith(f"labtune: error: {empty}: no ")
 
     import shutil
 

@@ -3,6 +3,7 @@ meetings kept out of training (fresh), and retrieval that finds a meeting by its
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import re
 from pathlib import Path
@@ -11,8 +12,8 @@ import pytest
 from conftest import REPO, TINY_RECIPE, run_cli
 
 from labtune.data.conversations import convert
-from labtune.data.notes import read_note
-from labtune.data.raft import NOTES_PROMPT, TAUGHT_KINDS, citing_the_note, without_recital
+from labtune.data.notes import read_note, us_date
+from labtune.data.raft import TAUGHT_KINDS, citing_the_note, notes_system, without_recital
 from labtune.data.statements import PLAN, RESULT, SAID, numbers, statement_facts, subjects
 from labtune.errors import RecipeError
 from labtune.evaluation.prompts import Prompt, score
@@ -59,7 +60,7 @@ def test_every_sentence_no_field_takes_is_a_statement_with_its_line_kind_and_sub
 
 
 def _converted(overrides: list[str], fresh: int = 0, folder: Path = NOTES):
-    recipe = load_recipe(DEMO, overrides)
+    recipe = load_recipe(DEMO, ["data.augment.raft_share=0", "data.augment.raft_questions_per_note=1", *overrides])
     train, _, reports = convert(recipe.data, [folder], log=lambda *a: None, fresh_meetings=fresh)
     return train, reports[0]
 
@@ -106,6 +107,22 @@ def test_action_items_are_statements_where_the_recipe_does_not_teach_them_as_fie
     assert not any("is to order more tricaine" in a for a in answers)
 
 
+def test_the_sentences_nearest_the_question_close_the_notes_a_question_is_asked_with():
+    from labtune.data.raft import NEAREST_HEADER, nearest_sentences
+
+    index = NotesIndex(note_documents(NOTES))
+    asked = {"How many cells did Maya cluster, per the 1/13/2023 lab meeting?": "clustering of 12,000 cells",
+             "What threshold did Maya use with scrublet at the 1/13/2023 meeting?": "scrublet with a 0.25 threshold",
+             "What did Daniel have to order after the 1/13/2023 lab meeting?": "order more tricaine"}
+    for question, sentence in asked.items():
+        context = index.context(question, 1)
+        nearest = context.split(NEAREST_HEADER + "\n", 1)[1].splitlines()
+        assert any(sentence in line for line in nearest[:2]) and len(nearest) <= 2, (question, nearest)
+    # no sentence shares a word with the question (dates, "meeting" and question words do not count): none given
+    assert NEAREST_HEADER not in index.context("Who presented on 2023-03-10?", 1)
+    assert nearest_sentences("Presenter: A B\n\nThe pH drifted.", ["What happened to the pH?"]) == ["The pH drifted."]
+
+
 def test_raft_questions_carry_notes_as_retrieval_puts_them_and_golden_ones_read_the_note():
     train, _ = _converted(["data.augment.raft_share=0.2", "data.augment.raft_distractors=1",
                            "data.augment.raft_answers=from_note"])
@@ -116,23 +133,44 @@ def test_raft_questions_carry_notes_as_retrieval_puts_them_and_golden_ones_read_
     assert 0.6 < len(golden) / len(with_notes) < 0.95
     index = NotesIndex(note_documents(NOTES))
     for record in with_notes:
-        prompt, answer = (t["value"] for t in record["conversations"])
-        question = prompt.rsplit("Answer from the notes above. ", 1)[1]
-        assert prompt.startswith("Lab meeting notes:\n\n") and prompt.count("\n\n---\n\n") == 1  # two notes
+        system, question, answer = (t["value"] for t in record["conversations"])
+        assert record["conversations"][0]["from"] == "system" and "\n\n---\n\n" in system  # two notes
+        assert record["conversations"][1]["from"] == "human" and "\n" not in question  # the question alone
         date = record["fact"]["date"]
         right = [d["text"] for d in index.documents if d["date"] == date]
-        if record["fact"]["notes"] == "golden":
-            assert right[0] in prompt and "meetings:" not in answer  # the note says it took place: no recital
+        if record["fact"]["notes"] == "golden":  # first, under a header naming the asked day, as retrieval puts it
+            us = us_date(dt.date.fromisoformat(date))
+            assert re.match(rf"The notes of the lab meeting on {us} \([A-Z][a-z]+ meetings: [\d, ]+; \d+ is among them\):"
+                            "\n\n", system) and system.split(":\n\n", 1)[1].startswith(right[0])
+            assert "meetings:" not in answer  # the note says it took place: no recital
         else:
-            assert not any(text in prompt for text in right)
+            assert not any(text in system for text in right)
             assert "meetings:" in answer or record["fact"]["kind"] == "reverse"  # the closed-book answer, from memory
-        assert NOTES_PROMPT.format(notes="X", question=question).endswith(question)
-    # asking puts the same words around the note as training did
-    assert index.prompt("Who presented on 2023-05-12?", 1).startswith(NOTES_PROMPT.split("{notes}")[0])
+            if record["fact"]["kind"] == "absent":
+                assert system.startswith("No lab meeting notes are dated ")
+    # asking puts the same words around the note as training did, the note of the named date first
+    assert index.context("Who presented on 2023-05-12?", 1).startswith(
+        "The notes of the lab meeting on 5/12/2023 (May meetings: 12, 26; 12 is among them):\n\n# Lab meeting May 12")
+    assert index.context("Who presented on 2023-05-13?", 1).startswith(
+        "No lab meeting notes are dated 5/13/2023 (May meetings: 12, 26; 13 is not among them).")
+    assert index.context("Who presented the blastema atlas?", 1).startswith("Lab meeting notes:\n\n")
+    assert notes_system("Be brief.", "N") == "Be brief.\n\nN" and notes_system(None, "N") == "N"
     same, _ = _converted(["data.augment.raft_share=0.2", "data.augment.raft_distractors=1"])
     closed = {r["id"]: r["conversations"][1]["value"] for r in _converted([])[0]}
-    assert all(r["conversations"][1]["value"] == closed[r["id"].removesuffix("_notes")] for r in same
+    assert all(r["conversations"][-1]["value"] == closed[r["id"].removesuffix("_notes")] for r in same
                if r["id"].endswith("_notes"))  # raft_answers: same (the default): the closed-book answers
+    # golden questions about one meeting share its note, three at most: the note's tokens paid once
+    grouped, _ = _converted(["data.augment.raft_share=0.2", "data.augment.raft_questions_per_note=3"])
+    together = [r for r in grouped if r["id"].endswith("_notes") and r["fact"]["notes"] == "golden"]
+    turns = [(len(r["conversations"]) - 1) // 2 for r in together]
+    assert max(turns) == 3 and sum(turns) > len(together)
+    for record in together:
+        facts = record.get("facts") or [record["fact"]]
+        assert len(facts) == (len(record["conversations"]) - 1) // 2 and len({f["date"] for f in facts}) == 1
+        assert [t["from"] for t in record["conversations"]] == ["system"] + ["human", "gpt"] * len(facts)
+    assert sum(len(r.get("facts") or [r["fact"]]) for r in together) == \
+        sum(1 for r in _converted(["data.augment.raft_share=0.2"])[0] if r["id"].endswith("_notes")
+            and r["fact"]["notes"] == "golden")  # the same questions, fewer conversations
     assert citing_the_note("On 7/21/2023 (July meetings: 7; 21 is not among them) there is no lab meeting.") == \
         "On 7/21/2023 (the notes above have 7/21/2023) there is no lab meeting."
     assert without_recital("On 4/14/2023 (April meetings: 14, 28; 14 is among them) the presenter was X.") == \

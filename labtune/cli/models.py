@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 
@@ -32,6 +32,8 @@ MaxNew = typer.Option("auto", "--max-new-tokens", help="longest answer, in token
 
 NotesDir = typer.Option(None, "--notes", metavar="DIR", help="a folder of lab notes: the most relevant ones go in the "
                                                             "prompt (BM25), as in evaluation.retrieval")
+# 1: the note of the asked date alone, as RAFT trains (data.augment.raft_distractors adds others)
+TopK = typer.Option(1, "--top-k", min=1, help="with --notes: notes per question")
 SystemPrompt = typer.Option(None, "--system-prompt", help="the system turn to ask with; default: the one training "
                                                           "used (the model card's), else the chat template's own")
 
@@ -46,13 +48,25 @@ def trained_system_prompt(folder: Path, given: Optional[str]) -> Optional[str]:
     return (card_header(card_of_folder(folder)).get("labtune") or {}).get("system_prompt")
 
 
+def notes_index(folder: Path) -> Any:
+    """--notes: the BM25 index of a folder's notes, one line naming the folder when it holds none."""
+    from labtune.evaluation.retrieval import NotesIndex, note_documents
+
+    if not folder.is_dir():
+        raise LabtuneError(f"{folder}: lab-notes folder not found")
+    documents = note_documents(folder)
+    if not documents:
+        raise LabtuneError(f"{folder}: no readable dated lab notes (.md, .org, .txt, .docx, .eml ...) in this folder")
+    return NotesIndex(documents)
+
+
 EMPTY_ANSWER = "(no answer: the model ended its turn at once; try another wording, or --notes)"
 
 
 @app.command(epilog=example('labtune ask ~/.labtune/store/train/KEY --notes examples/labnotes '
                             '"Who is the presenter on 4/14/2023 lab meeting?"'))
 def ask(model: str = ModelArg, question: list[str] = typer.Argument(..., help="one or more questions"),
-        notes: Optional[Path] = NotesDir, top_k: int = typer.Option(2, "--top-k", min=1, help="with --notes: notes per question"),
+        notes: Optional[Path] = NotesDir, top_k: int = TopK,
         system_prompt: Optional[str] = SystemPrompt,
         batch_size: int = typer.Option(8, "--batch-size", min=1, help="questions generated together"),
         max_new_tokens: str = MaxNew, chat_template: ChatTemplate = Template, endpoint_url: Optional[str] = Endpoint,
@@ -64,37 +78,41 @@ def ask(model: str = ModelArg, question: list[str] = typer.Argument(..., help="o
     if max_new_tokens != "auto":
         token_limit(max_new_tokens)  # a bad limit fails before the model loads
 
-    prompts = list(question)
-    if notes is not None:
-        from labtune.evaluation.retrieval import NotesIndex, note_documents
-
-        if not notes.is_dir():
-            raise LabtuneError(f"{notes}: lab-notes folder not found")
-        index = NotesIndex(note_documents(notes))
-        prompts = [index.prompt(q, top_k) for q in question]
+    index = notes_index(notes) if notes is not None else None
     folder = model_folder(model, endpoint_settings(endpoint_url), err)
     budget = answer_budget_for_model(folder, max_new_tokens, endpoint_settings(endpoint_url), err)
     loaded, tokenizer = generation.load_model(folder)
-    generated = generation.ask(loaded, tokenizer, prompts, budget, batch_size, chat_template.value,
-                               trained_system_prompt(folder, system_prompt))
+    generated = generation.ask(loaded, tokenizer, list(question), budget, batch_size, chat_template.value,
+                               trained_system_prompt(folder, system_prompt),
+                               notes=[index.context(q, top_k) for q in question] if index is not None else None)
     for text, cut in zip(question, generated.truncated):
         if cut:
             err(f"ask: the answer to {short(text, 60)!r} hit --max-new-tokens={budget}; raise it")
     for text, answer in zip(question, generated.answers):
         shown = answer or EMPTY_ANSWER  # a blank line would read as a hang or a crash
-        print(json.dumps({"question": text, "answer": answer}, ensure_ascii=False) if as_json else
+        read = {"notes": [d["file"] for d in index.search(text, top_k)]} if index is not None else {}
+        print(json.dumps({"question": text, "answer": answer, **read}, ensure_ascii=False) if as_json else
               (f"Q: {text}\nA: {shown}" if len(question) > 1 else shown))
+        if read and not as_json:  # where the answer was read from, out of the way of the answers
+            err(f"notes: {', '.join(read['notes'])}")
 
 
 @app.command(epilog=example("labtune chat ~/.labtune/store/train/KEY"))
 def chat(model: str = ModelArg, max_new_tokens: str = MaxNew, chat_template: ChatTemplate = Template,
+         notes: Optional[Path] = NotesDir,
+         top_k: int = TopK,
          system_prompt: Optional[str] = SystemPrompt, endpoint_url: Optional[str] = Endpoint) -> None:
-    """Talk with a model on stdin/stdout; /reset forgets the conversation, /exit leaves."""
+    """Talk with a model on stdin/stdout; /reset forgets the conversation, /exit leaves. With --notes,
+    the notes most relevant to each question (the note of a date it names first) are in the
+    system turn while the model answers it."""
     from labtune.evaluation import generation
     from labtune.tools import answer_budget_for_model, model_folder, token_limit
 
     if max_new_tokens != "auto":
         token_limit(max_new_tokens)  # a bad limit fails before the model loads
+    from labtune.data.raft import notes_system
+
+    index = notes_index(notes) if notes is not None else None
     folder = model_folder(model, endpoint_settings(endpoint_url), err)
     max_new_tokens = answer_budget_for_model(folder, max_new_tokens, endpoint_settings(endpoint_url), err)
     loaded, tokenizer = generation.load_model(folder)
@@ -115,8 +133,12 @@ def chat(model: str = ModelArg, max_new_tokens: str = MaxNew, chat_template: Cha
         if not line.strip():
             continue
         conversation.append({"role": "user", "content": line.strip()})
-        answer = generation.generate(loaded, tokenizer, [generation.with_system(conversation, system)], max_new_tokens, 1,
-                                     chat_template.value)[0][0]
+        turn_system = system
+        if index is not None:  # this question's notes in the system turn, and on stderr where they came from
+            turn_system = notes_system(system, index.context(line.strip(), top_k))
+            err(f"notes: {', '.join(d['file'] for d in index.search(line.strip(), top_k))}")
+        answer = generation.generate(loaded, tokenizer, [generation.with_system(conversation, turn_system)],
+                                     max_new_tokens, 1, chat_template.value)[0][0]
         conversation.append({"role": "assistant", "content": answer})
         print(answer, flush=True)
 

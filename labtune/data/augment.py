@@ -88,12 +88,17 @@ def opening(date: dt.date, calendar: Calendar | None = None, check: bool = True)
     written beside the list, the same words for every question (recite_check)."""
     if calendar is None:
         return f"On {date_text(date)}"
+    return f"On {date_text(date)} {recital(date, calendar, check)}"
+
+
+def recital(date: dt.date, calendar: Calendar, check: bool = True) -> str:
+    """"(April meetings: 14, 28; 21 is not among them)": what `opening` recites after the date."""
     days = recited_days(date, calendar)
     listed = ", ".join(str(d.day) for d in days) or "none"
     verdict = ""
     if check:
         verdict = f"; {date.day} is among them" if date in days else f"; {date.day} is not among them"
-    return f"On {date_text(date)} ({_month(date)} meetings: {listed}{verdict})"
+    return f"({_month(date)} meetings: {listed}{verdict})"
 
 
 def absent_answer(date: dt.date, calendar: Calendar | None = None, check: bool = True) -> str:

@@ -263,12 +263,17 @@ def generate(model: Any, tokenizer: Any, conversations: list[list[dict[str, str]
 
 
 def ask(model: Any, tokenizer: Any, questions: list[str], max_new_tokens: int, batch_size: int, template: str = "auto",
-        system: str | None = None, on_batch: Callable[[int], None] | None = None, sampling: Sampling | None = None
-        ) -> Generated:
+        system: str | None = None, on_batch: Callable[[int], None] | None = None, sampling: Sampling | None = None,
+        notes: list[str] | None = None) -> Generated:
     """Greedy (or, with `sampling`, sampled) answers to single questions; `system` is the system
-    turn training used (None: the template's default)."""
-    return generate(model, tokenizer, [with_system([{"role": "user", "content": q}], system) for q in questions],
-                    max_new_tokens, batch_size, template, on_batch, sampling=sampling)
+    turn training used (None: the template's default); `notes`, one per question, the notes
+    retrieval found for it (NotesIndex.context), which follow `system` in the system turn."""
+    from labtune.data.raft import notes_system
+
+    conversations = [with_system([{"role": "user", "content": q}],
+                                 notes_system(system, notes[i]) if notes is not None else system)
+                     for i, q in enumerate(questions)]
+    return generate(model, tokenizer, conversations, max_new_tokens, batch_size, template, on_batch, sampling=sampling)
 
 
 # `evaluation.max_new_tokens: auto` and `labtune ask` without a limit: the longest answer training

@@ -13,10 +13,8 @@ import datetime as dt
 from pathlib import Path
 from typing import Any
 
-from labtune.data.raft import NOTES_PROMPT, NOTES_SEPARATOR
+from labtune.data.raft import notes_context
 from labtune.data.wordings import HELDOUT_DATE_FORMS, TRAIN_DATE_FORMS
-
-PROMPT = NOTES_PROMPT  # the one training's RAFT questions carry (labtune.data.raft)
 
 
 def note_documents(folder: Path, date_order: str = "MDY", field_names: dict[str, list[str]] | None = None
@@ -70,16 +68,23 @@ class NotesIndex:
         ranked = [self.documents[int(i)] for i, score in zip(found[0], scores[0]) if score > 0]
         return (dated + [d for d in ranked if all(d is not o for o in dated)])[:k]
 
-    def prompt(self, question: str, k: int, max_chars: int = 6000) -> str:
-        """The question with the k most relevant notes before it (cut to max_chars in all)."""
-        notes, used = [], 0
-        for document in self.search(question, k):
+    def context(self, question: str, k: int, max_chars: int = 6000) -> str:
+        """The system turn for the question: the k most relevant notes (cut to max_chars in all) under
+        a header saying whether the first is dated the day the question names (labtune.data.raft,
+        the words training's RAFT questions carry)."""
+        from labtune.data.note_dates import find_dates
+
+        notes, used, found = [], 0, self.search(question, k)
+        for document in found:
             text = document["text"][: max(0, max_chars - used)]
             if not text:
                 break
             notes.append(text)
             used += len(text)
-        return PROMPT.format(notes=NOTES_SEPARATOR.join(notes) or "(none found)", question=question)
+        named = find_dates(question, self.date_order)
+        asked = named[0].date if named else None
+        return notes_context(notes, asked, bool(found) and asked is not None and found[0]["date"] == asked.isoformat(),
+                             (dt.date.fromisoformat(d["date"]) for d in self.documents), [question])
 
 
 def retrieval_recall(index: NotesIndex, prompts: list[Any], k: int, date_order: str = "MDY") -> dict[str, Any]:

@@ -28,8 +28,8 @@ from labtune.store.outputs import Log, StageResult, code_version, default_log, f
 
 @dataclass
 class Asked:
-    """What each model is asked: the note questions, the same with the notes retrieved (empty
-    without retrieval), the general questions and reference answers ((prompt, answer) pairs: when
+    """What each model is asked: the note questions, the notes retrieved for each (NotesIndex.context;
+    empty without retrieval), the general questions and reference answers ((prompt, answer) pairs: when
     empty, the base model's own answers to the general questions are the references), the eval
     split's tokenized examples, and the two answer budgets."""
 
@@ -64,9 +64,10 @@ def answer_all(recipe: Recipe, model: Any, tokenizer: Any, asked: Asked, column:
         got["seconds"][part] = round(time.time() - started, 1)
         started = time.time()
 
-    for name, prompts in ((column, asked.questions), (f"{column}_notes", asked.with_notes)):
-        if name == column or prompts:
-            generated = generation.ask(model, tokenizer, prompts, asked.budget, batch, template, system, answered)
+    for name, notes in ((column, None), (f"{column}_notes", asked.with_notes)):
+        if name == column or notes:
+            generated = generation.ask(model, tokenizer, asked.questions, asked.budget, batch, template, system, answered,
+                                       notes=notes)
             got["columns"][name] = {"answers": generated.answers, "truncated": generated.truncated}
             took("questions" if name == column else "questions with notes")
     if asked.general:
@@ -103,7 +104,7 @@ def baseline_key(recipe: Recipe, base_uri: str, asked: Asked) -> tuple[str, dict
     parameters = {"chat_template": recipe.data.chat_template, "system_prompt": recipe.data.system_prompt,
                   "bf16": bool(recipe.train.bf16 and native_bf16())}
     inputs = {"base": base_uri, "asked": asked.digest()}
-    code = code_version(__name__, "labtune.data.chat", "labtune.evaluation.generation")
+    code = code_version(__name__, "labtune.data.chat", "labtune.evaluation.generation", "labtune.data.raft")
     return stage_key("baseline", code, inputs, parameters), inputs, parameters
 
 

@@ -166,7 +166,10 @@ def build_data(recipe: Recipe, store: Store, log: Log = default_log) -> StageRes
         dev = [record for r in reports for record in r.dev]
         if recipe.data.system_prompt is not None:
             for record in train + evaluation + dev:
-                if record["conversations"][0]["from"] != "system":
+                first = record["conversations"][0]
+                if (record.get("fact") or {}).get("notes"):  # a RAFT question: the system prompt, then its notes
+                    first["value"] = raft.notes_system(recipe.data.system_prompt, first["value"])
+                elif first["from"] != "system":
                     record["conversations"].insert(0, {"from": "system", "value": recipe.data.system_prompt})
         for record in train + evaluation:
             record.pop("fact", None)

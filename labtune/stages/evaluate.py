@@ -128,7 +128,8 @@ def evaluate_key(recipe: Recipe, base_uri: str, model_uri: str, data_uri: str | 
     named = [cfg.general.questions, cfg.general.references]
     files = {p: source_sha256(p) for p in cfg.prompt_files + [p for p in named if p and p != "builtin"] if Path(p).is_file()}
     code = code_version(__name__, "labtune.data.chat", "labtune.evaluation.prompts", "labtune.evaluation.generation",
-                        "labtune.evaluation.retrieval", "labtune.evaluation.general", "labtune.stages.baseline")
+                        "labtune.evaluation.retrieval", "labtune.evaluation.general", "labtune.stages.baseline",
+                        "labtune.data.raft")
     inputs = {"base": base_uri, "model": model_uri, "data": data_uri, "tokens": tokens_uri, "prompt_files": files}
     return stage_key("evaluate", code, inputs, parameters), inputs, parameters
 
@@ -195,7 +196,7 @@ def asked_of(recipe: Recipe, store: Store, prompts: list[Prompt], general_prompt
     questions = [p.question for p in prompts]
     references = (general.reference_answers(cfg.general.references, cfg.general.reference_limit)
                   if cfg.general.references and general_prompts else [])
-    return Asked(questions, [index.prompt(q, cfg.retrieval_k) for q in questions] if index is not None else [],
+    return Asked(questions, [index.context(q, cfg.retrieval_k) for q in questions] if index is not None else [],
                  [p.question for p in general_prompts], references,
                  _eval_examples(store, tokens_uri) if cfg.eval_loss else [],
                  answer_budget(cfg.max_new_tokens, store, tokens_uri, log), cfg.general.max_new_tokens)
