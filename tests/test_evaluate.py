@@ -147,6 +147,12 @@ def test_questions_after_the_same_note_share_its_prefill_and_get_the_answers_the
     assert sorted(sorted(g) for g in prompt_batches(rendered, 8)[0]) == [[0, 1, 2], [3], [4, 5]]
     # a group split across batches of three
     assert [sum(len(g) for g in b) for b in prompt_batches(rendered, 3)] == [3, 3]
+    # a shared header over different notes is no group: the rows would carry the unshared notes as padding
+    header = "No lab meeting notes are dated 5/9/2023 (May meetings: 12, 26; 9 is not among them). The closest notes:\n\n"
+    apart = [conversation_prompt_ids(tokenizer, [{"role": "user", "content": header + text * 3 + "Who?"}])
+             for text in (note, other)] + [rendered[3]]
+    assert _common_prefix(apart[0], apart[1]) >= _common_prefix(apart[0], apart[2]) + SHARED_PREFIX_MIN
+    assert [0, 1] not in [sorted(group) for group in prompt_batches(apart, 8)[0]]
     single = ask(model, tokenizer, questions, max_new_tokens=12, batch_size=1)
     assert ask(model, tokenizer, questions, max_new_tokens=12, batch_size=8) == single
     assert ask(model, tokenizer, questions, max_new_tokens=12, batch_size=3) == single

@@ -31,6 +31,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from labtune.data.augment import Calendar, recital
+from labtune.data.note_fields import FIELD_WORDS, line_patterns
 from labtune.data.note_prose import _sentences
 from labtune.data.notes import Note, us_date
 
@@ -42,6 +43,7 @@ NOTES_HEADERS = {"dated": "The notes of the lab meeting on {d} {recital}:", "und
                  "{d} {recital}. The closest notes by their words:", "none": "Lab meeting notes:"}
 NOTES_SEPARATOR = "\n\n---\n\n"
 _RECITED = re.compile(r"^(On [\d/]+) \([A-Z][a-z]+ meetings: [^)]*\)")
+REVERSE_SHARE = 0.5
 TAUGHT_KINDS = ("recall", "missing", "absent", "reverse", "two_part", "summary")
 
 
@@ -74,7 +76,7 @@ def nearest_sentences(text: str, questions: list[str], k: int = NEAREST_SENTENCE
 
     from bm25s.stopwords import STOPWORDS_EN_PLUS
 
-    sentences = [sentence for line, sentence in _sentences(text) if not re.fullmatch(r"\W*lab meeting\b.*", sentence, re.I)]
+    sentences = [s for s in passages(text) if not re.fullmatch(r"\W*lab meeting\b.*", s, re.I)]
     if not sentences or not questions:
         return []
     stemmer, stopwords = _stemmer(), [*STOPWORDS_EN_PLUS, *MEETING_WORDS]
@@ -87,6 +89,16 @@ def nearest_sentences(text: str, questions: list[str], k: int = NEAREST_SENTENCE
         found, scores = retriever.retrieve(tokens, k=min(k, len(sentences)), show_progress=False)
         chosen |= {int(i) for i, score in zip(found[0], scores[0]) if score > 0}
     return [sentences[i] for i in sorted(chosen)]
+
+
+def passages(text: str) -> list[str]:
+    """What nearest_sentences chooses from, in the note's order: its sentences and list items
+    (note_prose), and its field lines ("Presenter: Maya Okafor", "Action items: Arjun to ..."),
+    markup stripped."""
+    field_line = line_patterns(FIELD_WORDS)[0]
+    fields = [(n, re.sub(r"^[\s:*#+-]+", "", line).strip()) for n, line in enumerate(text.splitlines(), 1)
+              if field_line.match(line)]
+    return [s for _, s in sorted([*_sentences(text), *fields]) if s]
 
 
 @functools.lru_cache(maxsize=1)
@@ -135,7 +147,10 @@ def with_notes(records: list[dict[str, Any]], notes: list[Note], cfg: AugmentCon
     out, golden_ones = [], {}
     for record in records:
         fact = record.get("fact") or {}
-        if fact.get("kind") not in TAUGHT_KINDS or len(record["conversations"]) != 2 or rng.random() >= cfg.raft_share:
+        # a question naming no date (reverse: "Which dates had X as the speaker?") gets notes found by its words alone,
+        # and no one note holds its answer: half of them learn to answer from memory beside such notes
+        share = max(cfg.raft_share, REVERSE_SHARE) if fact.get("kind") == "reverse" else cfg.raft_share
+        if fact.get("kind") not in TAUGHT_KINDS or len(record["conversations"]) != 2 or rng.random() >= share:
             out.append(record)
             continue
         # a question about no meeting (absent) or about several (reverse) has no right note: distractors only
