@@ -94,11 +94,8 @@ def opening(date: dt.date, calendar: Calendar | None = None, check: bool = True)
 def recital(date: dt.date, calendar: Calendar, check: bool = True) -> str:
     """"(April meetings: 14, 28; 21 is not among them)": what `opening` recites after the date."""
     days = recited_days(date, calendar)
-    listed = ", ".join(str(d.day) for d in days) or "none"
-    verdict = ""
-    if check:
-        verdict = f"; {date.day} is among them" if date in days else f"; {date.day} is not among them"
-    return f"({_month(date)} meetings: {listed}{verdict})"
+    verdict = (f"; {date.day} is among them" if date in days else f"; {date.day} is not among them") if check else ""
+    return f"({_month(date)} meetings: {', '.join(str(d.day) for d in days) or 'none'}{verdict})"
 
 
 def absent_answer(date: dt.date, calendar: Calendar | None = None, check: bool = True) -> str:
