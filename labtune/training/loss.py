@@ -63,13 +63,12 @@ class _MixedLoss(torch.autograd.Function):
                 soft_logprobs: torch.Tensor, soft_rows: torch.Tensor) -> torch.Tensor:
         probs = logits.float().softmax(-1)
         top = probs.gather(1, soft_ids).clamp(min=1e-30)
-        # on soft rows the rest's mass is summed, not taken as 1 minus the top: where the top holds all but 1e-7 of
-        # it, 1 - top is fp32 noise (often 0), and the tail's gradient, q_v (1 - p_rest / q_rest), came out at
-        # 1e13-1e17. Hard rows never read it.
-        rest = torch.ones_like(top[:, 0])
-        soft = soft_rows.nonzero().squeeze(1)
-        if soft.numel():
-            rest[soft] = probs[soft].scatter(1, soft_ids[soft], 0.0).sum(-1)
+        # the rest's mass: 1 minus the top, except where the top holds nearly all of it; there 1 - top is fp32 noise
+        # (often 0) and the tail's gradient, q_v (1 - p_rest / q_rest), came out at 1e13-1e17: it is summed instead
+        rest = 1 - top.sum(-1)
+        thin = (soft_rows & (rest < 1e-4)).nonzero().squeeze(1)
+        if thin.numel():
+            rest[thin] = probs[thin].scatter(1, soft_ids[thin], 0.0).sum(-1)
         rest = rest.clamp(min=1e-30)
         teacher = soft_logprobs.float()
         kl = (teacher.exp() * (teacher - torch.cat([top, rest[:, None]], dim=1).log())).sum(-1)
