@@ -25,6 +25,7 @@ import datetime as dt
 import random
 import re
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -60,10 +61,10 @@ def date_text(date: dt.date) -> str:
 Calendar = dict[tuple[int, int], list[dt.date]]
 
 
-def month_calendar(notes: list[Note]) -> Calendar:
-    """(year, month) -> that month's meeting dates."""
+def month_calendar(notes: Iterable[Note | dt.date]) -> Calendar:
+    """(year, month) -> that month's meeting dates, from the notes or from their dates."""
     calendar: Calendar = defaultdict(list)
-    for date in sorted({n.date for n in notes}):
+    for date in sorted({n if isinstance(n, dt.date) else n.date for n in notes}):
         calendar[(date.year, date.month)].append(date)
     return dict(calendar)
 

@@ -30,7 +30,7 @@ import re
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
-from labtune.data.augment import Calendar, recital
+from labtune.data.augment import month_calendar, recital
 from labtune.data.note_fields import FIELD_WORDS, line_patterns
 from labtune.data.note_prose import _sentences
 from labtune.data.notes import Note, us_date
@@ -55,7 +55,7 @@ def notes_context(texts: list[str], asked: dt.date | None = None, dated: bool = 
     sentences of the first note nearest the `questions` (nearest_sentences)."""
     header = NOTES_HEADERS["none" if asked is None else "dated" if dated else "undated"]
     if asked is not None:
-        header = header.format(d=us_date(asked), recital=recital(asked, calendar_of(meetings)))
+        header = header.format(d=us_date(asked), recital=recital(asked, month_calendar(meetings)))
     nearest = nearest_sentences(texts[0], questions) if texts and questions else []
     return (header + "\n\n" + (NOTES_SEPARATOR.join(texts) or "(none found)")
             + ("\n\n" + NEAREST_HEADER + "\n" + "\n".join(f"- {s}" for s in nearest) if nearest else ""))
@@ -67,7 +67,7 @@ MEETING_WORDS = ("lab", "meeting", "meetings", "group", "notes", "note", "held",
 
 
 def nearest_sentences(text: str, questions: list[str], k: int = NEAREST_SENTENCES) -> list[str]:
-    """The note's sentences and list items (not its field lines) that BM25 ranks nearest any of the
+    """The note's sentences, list items and field lines (passages) that BM25 ranks nearest any of the
     questions, k per question, in the note's order. A 135M model given a whole note copies the
     wrong sentence of it more often than the right one; these put the likely one at the end of the
     system turn, next to the question, where the tokens it copies are nearest. Words are stemmed
@@ -106,13 +106,6 @@ def _stemmer() -> Any:
     import Stemmer
 
     return Stemmer.Stemmer("english")
-
-
-def calendar_of(dates: Iterable[dt.date]) -> Calendar:
-    calendar: Calendar = {}
-    for date in sorted(set(dates)):
-        calendar.setdefault((date.year, date.month), []).append(date)
-    return calendar
 
 
 def notes_system(system: str | None, context: str) -> str:
