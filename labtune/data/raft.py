@@ -73,10 +73,9 @@ def nearest_sentences(text: str, questions: list[str], k: int = NEAREST_SENTENCE
     system turn, next to the question, where the tokens it copies are nearest. Words are stemmed
     (PyStemmer, Snowball's English stemmer, the one bm25s names), so "cluster" finds "clustering"."""
     import bm25s
-
     from bm25s.stopwords import STOPWORDS_EN_PLUS
 
-    sentences = [s for s in passages(text) if not re.fullmatch(r"\W*lab meeting\b.*", s, re.I)]
+    sentences = [s for s in passages(text) if not re.fullmatch(r"\W*lab meeting\b.*", s, re.IGNORECASE)]
     if not sentences or not questions:
         return []
     stemmer, stopwords = _stemmer(), [*STOPWORDS_EN_PLUS, *MEETING_WORDS]
