@@ -44,3 +44,29 @@ def one_line(exc: BaseException) -> tuple[str, int] | None:
         where = f"{exc.filename} -> {exc.filename2}" if exc.filename2 else str(exc.filename)
         return f"{where}: {reason}", 2
     return None
+
+
+def env_seconds(name: str, default: float) -> float:
+    """A number of seconds from the environment variable `name`, checked: a bad value is one line
+    naming the variable (exit 2), not a traceback from float()."""
+    import math
+    import os
+
+    text = os.environ.get(name) or ""
+    try:
+        value = float(text) if text else default
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:
+        raise LabtuneError(f"{name}={text!r}: must be a number of seconds above 0")
+    return value
+
+
+def check_environment() -> None:
+    """The environment variables labtune reads as numbers, checked before any command runs."""
+    import os
+
+    port = os.environ.get("LABTUNE_PREFECT_PORT")
+    if port is not None and not (port.isdigit() and 1 <= int(port) <= 65535):
+        raise LabtuneError(f"LABTUNE_PREFECT_PORT={port!r}: must be a port number from 1 to 65535")
+    env_seconds("LABTUNE_UNRESPONSIVE_SECONDS", 1.0)

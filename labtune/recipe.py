@@ -8,6 +8,7 @@ command translates key by key. Parallelism lives apart, under `parallel:`.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -19,6 +20,18 @@ from labtune.evaluation.prompts import Prompt
 from labtune.overrides import UniqueKeyLoader, apply_overrides
 from labtune.recipe_data import AugmentConfig, DataConfig, DataSource, ReplayConfig, _Strict  # noqa: F401 (the recipe's names)
 from labtune.store.backends import Store, StoreSettings, open_store
+
+# the spec of tiny://llama (labtune/models/tiny.py), here so that the recipe checks it at load
+TINY_DEFAULTS = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": 600,
+    "max_position_embeddings": 1024,
+    "seed": 0,
+}
 
 
 class ModelSource(_Strict):
@@ -34,6 +47,24 @@ class ModelSource(_Strict):
     gguf_file: str | None = None
     tiny: dict[str, int] = Field(default_factory=dict)
     dtype: Literal["float32", "bfloat16", "float16"] | None = None
+
+    @model_validator(mode="after")
+    def _tiny_is_what_it_builds(self) -> ModelSource:
+        """`tiny://llama` and a spec it can build (the spec is read only for it): nothing else is built in silence."""
+        if self.source.startswith("tiny://") and self.source != "tiny://llama":
+            raise ValueError(f"source: {self.source!r}: the one tiny model is tiny://llama")
+        spec = {**TINY_DEFAULTS, **self.tiny}
+        for key, value in self.tiny.items():
+            low = 0 if key == "seed" else 1
+            if key not in TINY_DEFAULTS:
+                raise ValueError(f"tiny.{key}: unknown; allowed: {', '.join(TINY_DEFAULTS)}")
+            if not low <= value <= 1 << 20:
+                raise ValueError(f"tiny.{key}: must be a whole number from {low} to {1 << 20} (got {value})")
+        if spec["hidden_size"] % spec["num_attention_heads"] or spec["num_attention_heads"] % spec["num_key_value_heads"]:
+            raise ValueError("tiny: hidden_size must divide by num_attention_heads, and that by num_key_value_heads")
+        if spec["vocab_size"] < 300:
+            raise ValueError(f"tiny.vocab_size: must be at least 300 (its tokenizer's bytes and words; got {spec['vocab_size']})")
+        return self
 
 
 SCHEDULER_KWARGS = {
@@ -276,6 +307,20 @@ class StoreConfig(_Strict):
     region: str | None = None
     # how long an S3 outage the run rides out, per operation, before it fails
     retry_seconds: float = Field(default=300.0, ge=0)
+
+    @field_validator("uri")
+    @classmethod
+    def _a_store_uri(cls, uri: str) -> str:
+        if "://" in uri and not re.fullmatch(r"s3://[^/\s]+(/.*)?", uri):
+            raise ValueError("a store is a folder or s3://BUCKET[/PREFIX]")
+        return uri
+
+    @field_validator("endpoint_url")
+    @classmethod
+    def _an_endpoint(cls, url: str | None) -> str | None:
+        if url is not None and not re.fullmatch(r"https?://[^/\s:]+(:\d{1,5})?(/\S*)?", url):
+            raise ValueError("not an S3 endpoint (expected http(s)://HOST[:PORT])")
+        return url
 
     def settings(self) -> StoreSettings:
         return StoreSettings(self.uri, self.endpoint_url, self.region, self.retry_seconds)

@@ -47,7 +47,7 @@ def merge_models(kind: str, base: str, other: str, out: str, max_shard_size: str
     PEFT adapter folded in. Returns (uri, already_there, a note on what was done)."""
     from labtune.models import merge
     from labtune.models.sources import local_source, model_identity
-    from labtune.models.tensorfiles import CheckpointError, parse_size
+    from labtune.models.tensorfiles import CheckpointError, check_model_folder, parse_size
     from labtune.recipe import ModelSource
 
     second = MERGE_KINDS[kind]
@@ -69,6 +69,7 @@ def merge_models(kind: str, base: str, other: str, out: str, max_shard_size: str
                     result["widened"] = merge.make_delta(base_dir, other_dir, folder, shard_bytes, progress)
                 else:
                     result.update(merge.merge_lora(base_dir, other_dir, folder, shard_bytes, progress))
+                check_model_folder(folder)  # whole before the manifest calls it complete
             except CheckpointError as exc:
                 raise merge.DeltaError(str(exc)) from None
         return {"merge": {"kind": kind, **result}}
@@ -195,6 +196,9 @@ def model_folder(uri: str, settings: StoreSettings | None = None, log: Log = def
     if not (folder / "config.json").is_file():
         raise ManifestError(f"{uri}: not a model (no config.json)")
     require_tokenizer(folder, uri)
+    from labtune.models.tensorfiles import check_model_folder
+
+    check_model_folder(folder)  # a cut weight file is named here, not by the loader's own error
     return folder
 
 

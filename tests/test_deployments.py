@@ -518,3 +518,31 @@ def test_the_evaluation_table_fits_a_1400_px_page_with_long_answers(prefect_api,
     with temporary_settings(updates={PREFECT_API_URL: api}):
         artifact = create_table_artifact(key=f"wide-table-{answer_columns}", table=evaluation_table([row] * 3, columns))
     assert _table_width(f"{api.removesuffix('/api')}/artifacts/artifact/{artifact}") <= 1.0
+
+
+@pytest.mark.slow
+def test_stack_down_pauses_the_deployments_and_deletes_their_scheduled_runs(deployed):
+    """What `stack up` scheduled (the watcher's cron runs) does not outlive `stack down`."""
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from labtune.ops import stack
+
+    api = deployed[0]
+
+    def scheduled_and_paused() -> tuple[int, set[bool]]:
+        with temporary_settings(updates={PREFECT_API_URL: api}), get_client(sync_client=True) as client:
+            ours = [d for d in client.read_deployments() if d.name.startswith(stack.DEPLOYMENT_PREFIX)]
+            runs = [r for r in client.read_flow_runs(limit=200) if r.deployment_id in {d.id for d in ours}
+                    and r.state_type.value == "SCHEDULED"]
+            return len(runs), {d.paused for d in ours}
+
+    for _ in range(30):  # the scheduler fills the watcher's next runs within seconds of the deployment
+        if scheduled_and_paused()[0]:
+            break
+        time.sleep(2)
+    assert scheduled_and_paused()[0] > 0
+    deleted = stack.set_schedules(api, active=False)
+    assert deleted > 0 and scheduled_and_paused() == (0, {True})
+    stack.set_schedules(api, active=True)
+    assert scheduled_and_paused()[1] == {False}

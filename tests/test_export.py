@@ -129,7 +129,7 @@ def test_export_refuses_bad_input_in_one_line(tmp_path, tiny_model):
     other.mkdir()
     config = json.loads((tiny_model / "config.json").read_text())
     (other / "config.json").write_text(json.dumps({**config, "model_type": "gpt2"}))
-    for name in ("tokenizer.model", "tokenizer_config.json"):
+    for name in ("tokenizer.model", "tokenizer_config.json", "model.safetensors"):
         (other / name).write_bytes((tiny_model / name).read_bytes())
     refused = run_cli("export", str(other), "--out", str(tmp_path / "o"))
     assert refused.returncode == 2 and "model_type 'gpt2'" in refused.stderr and "Traceback" not in refused.stderr

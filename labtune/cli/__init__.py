@@ -14,7 +14,7 @@ import sys
 import typer
 
 from labtune.cli.common import app, err
-from labtune.errors import LabtuneError, one_line
+from labtune.errors import LabtuneError, check_environment, one_line
 
 # each module registers its commands on the app, in the order `labtune --help` lists them
 # isort: off
@@ -29,7 +29,10 @@ __all__ = ["app", "main"]
 def main(argv: list[str] | None = None) -> None:
     """Run the command; every error ends as one line on stderr with the documented exit code."""
     try:
+        check_environment()
         code = typer.main.get_command(app).main(args=argv, prog_name="labtune", standalone_mode=False)
+        if code == 130:  # Typer turns Ctrl-C into a silent exit code
+            err("labtune: interrupted")
     except (LabtuneError, OSError) as exc:
         line, code = one_line(exc) or (f"{exc.strerror or exc}", 1)
         err(f"labtune: error: {line}")

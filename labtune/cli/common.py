@@ -5,7 +5,6 @@ the commands print (one line on stderr, rich tables on stdout)."""
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from enum import Enum
@@ -26,15 +25,14 @@ store_app = typer.Typer(no_args_is_help=True, help="The store: what it holds, an
 app.add_typer(server_app, name="server")
 app.add_typer(store_app, name="store")
 
-PORT = int(os.environ.get("LABTUNE_PREFECT_PORT", "4200"))
-ENDPOINT = os.environ.get("AWS_ENDPOINT_URL")
 
 Recipe = typer.Argument(..., metavar="RECIPE", help="the recipe YAML", show_default=False)
 Overrides = typer.Argument(None, metavar="KEY=VALUE", help="dotted overrides, e.g. train.num_train_epochs=5",
                            show_default=False)
 Json = typer.Option(False, "--json", help="print one JSON object instead of text")
-Port = typer.Option(PORT, "--port", min=1, max=65535, help="the Prefect server's port on 127.0.0.1 (env LABTUNE_PREFECT_PORT)")
-Endpoint = typer.Option(ENDPOINT, "--endpoint-url", help="S3 endpoint for s3:// paths (MinIO, moto; env AWS_ENDPOINT_URL); "
+# click reads and checks the environment variables: a bad one is one line naming it, exit 2
+Port = typer.Option(4200, "--port", envvar="LABTUNE_PREFECT_PORT", min=1, max=65535, help="the Prefect server's port on 127.0.0.1 (env LABTUNE_PREFECT_PORT)")
+Endpoint = typer.Option(None, "--endpoint-url", envvar="AWS_ENDPOINT_URL", help="S3 endpoint for s3:// paths (MinIO, moto; env AWS_ENDPOINT_URL); "
                                                          "default AWS")
 
 

@@ -60,6 +60,21 @@ def notes_index(folder: Path) -> Any:
     return NotesIndex(documents)
 
 
+def checked_question(text: str, where: str) -> str:
+    """A question as the model will get it: not empty, and valid UTF-8 (the shell hands over bytes
+    that are not as lone surrogates, which the tokenizer cannot take)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        byte = ord(text[exc.start]) - 0xDC00 if 0xDC80 <= ord(text[exc.start]) <= 0xDCFF else None
+        shown = f"byte 0x{byte:02x}" if byte is not None else "a character"
+        raise LabtuneError(f"{where}: not valid UTF-8 ({shown} at character {exc.start + 1}); "
+                           "write it in UTF-8, as terminals do") from None
+    if not text.strip():
+        raise LabtuneError(f"{where}: empty; ask something")
+    return text
+
+
 EMPTY_ANSWER = "(no answer: the model ended its turn at once; try another wording, or --notes)"
 
 
@@ -77,6 +92,8 @@ def ask(model: str = ModelArg, question: list[str] = typer.Argument(..., help="o
 
     if max_new_tokens != "auto":
         token_limit(max_new_tokens)  # a bad limit fails before the model loads
+    for number, text in enumerate(question, 1):
+        checked_question(text, f"question {number}" if len(question) > 1 else "the question")
 
     index = notes_index(notes) if notes is not None else None
     folder = model_folder(model, endpoint_settings(endpoint_url), err)
@@ -118,6 +135,8 @@ def chat(model: str = ModelArg, max_new_tokens: str = MaxNew, chat_template: Cha
     loaded, tokenizer = generation.load_model(folder)
     system = trained_system_prompt(folder, system_prompt)
     conversation: list[dict[str, str]] = []
+    # bytes that are not UTF-8 come through as lone surrogates, named by checked_question
+    sys.stdin.reconfigure(errors="surrogateescape")
     interactive = sys.stdin.isatty()
     if interactive:
         err("labtune chat: /reset forgets the conversation, /exit leaves")
@@ -131,6 +150,11 @@ def chat(model: str = ModelArg, max_new_tokens: str = MaxNew, chat_template: Cha
             conversation = []
             continue
         if not line.strip():
+            continue
+        try:
+            checked_question(line.strip(), "chat: that line")
+        except LabtuneError as exc:  # one line, and the conversation goes on
+            err(str(exc))
             continue
         conversation.append({"role": "user", "content": line.strip()})
         turn_system = system
@@ -229,7 +253,7 @@ def sweep(recipe: Path = Recipe, overrides: Optional[list[str]] = Overrides,
                                          help="a recipe key and its values (repeat for a grid)"),
           as_json: bool = Json, port: int = Port) -> None:
     """Run a recipe over a grid of overrides and compare the runs (shared stages run once)."""
-    from labtune.ops.server import ensure_api, using_api
+    from labtune.ops.server import ensure_api, tracked_runs, using_api
     from labtune.overrides import grid_variants
     from labtune.recipe import load_recipe
 
@@ -240,7 +264,7 @@ def sweep(recipe: Path = Recipe, overrides: Optional[list[str]] = Overrides,
     from flows.sweep import sweep as sweep_flow
     from labtune.console import run_console
 
-    with using_api(url), run_console("sweep") as log_path:
+    with using_api(url), tracked_runs(), run_console("sweep") as log_path:
         err(f"This sweep's whole log: {log_path}")
         result = sweep_flow(str(recipe), values, list(overrides or []))
     print(json.dumps(result, ensure_ascii=False) if as_json else result["markdown"])

@@ -46,6 +46,8 @@ def stack_up(recipe: Optional[str] = typer.Option(None, "--recipe", help="deploy
     """Start the Prefect server, a local S3 endpoint, the work pools, their workers and the deployments."""
     from labtune.ops import stack
 
+    if not no_s3 and s3_port == port:
+        raise LabtuneError(f"--s3-port {s3_port}: the Prefect server's port (--port); give the S3 endpoint another")
     if recipe:
         from labtune.recipe import load_recipe
 
@@ -119,7 +121,9 @@ def _existing_store(store_uri: str, endpoint_url: str | None):
         if not folder.is_dir():
             raise LabtuneError(f"--store {store_uri}: " + ("not a folder" if folder.exists() else
                                                            "no such folder (no run has written a store there)"))
-    return open_store(store_uri, endpoint_url=endpoint_url)
+    store = open_store(store_uri, endpoint_url=endpoint_url)
+    store.check()  # an unreachable endpoint fails here in seconds, as the stage commands' preflight does
+    return store
 
 
 @store_app.command("ls", epilog=example("labtune store ls --store s3://lab/labtune --recipe labnotes"))

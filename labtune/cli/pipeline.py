@@ -41,7 +41,7 @@ def run(recipe: Path = Recipe, overrides: Optional[list[str]] = Overrides, as_js
     """Run the whole finetune flow, tracked by Prefect (starts a local server if none answers)."""
     from labtune.console import run_console
     from labtune.evaluation.comparison import expected_text
-    from labtune.ops.server import ensure_api, using_api
+    from labtune.ops.server import ensure_api, tracked_runs, using_api
     from labtune.recipe import load_recipe
     from labtune.stages.evaluate import columns_of, read_evaluation
     from labtune.stages.preflight import preflight
@@ -53,7 +53,7 @@ def run(recipe: Path = Recipe, overrides: Optional[list[str]] = Overrides, as_js
     url = ensure_api(port, say=err)
     from flows.finetune import finetune
 
-    with using_api(url), run_console("run") as log_path:
+    with using_api(url), tracked_runs(), run_console("run") as log_path:
         err(f"This run's whole log: {log_path}")
         state = finetune(str(recipe), overrides, return_state=True)
         if not state.is_completed():

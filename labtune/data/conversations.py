@@ -235,6 +235,8 @@ def load_lab_notes(folder: Path, report: SourceReport, *, qa: bool = True, whole
     many = augment is not None and augment.enabled
     for path in files:
         relative = path.relative_to(folder).as_posix()
+        if path.stat().st_size > 4_000_000:  # seconds of reading: said before, not after
+            log(f"data: reading {relative} ({path.stat().st_size / 1e6:.1f} MB)")
         try:
             meetings = read_meetings(path, date_order, field_names)
         except NoteError as exc:

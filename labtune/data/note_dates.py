@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import datetime as dt
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from dateutil import parser as date_parser
@@ -61,7 +62,12 @@ def _plain_words(text: str) -> str:
 
 def find_dates(line: str, order: str = "MDY") -> list[FoundDate]:
     """Every full date (year, month and day) written in a line, in the order they stand."""
-    found = []
+    return list(_dates(line, order))
+
+
+def _dates(line: str, order: str) -> Iterator[FoundDate]:
+    """The full dates of a line, read as the scan reaches them (first_date stops at the first: a
+    20 MB note on one line is not scanned to its end for its heading's date)."""
     for match in CANDIDATES.finditer(line):
         text = match.group(0).strip()
         if match.group("ymd") or match.group("compact"):
@@ -76,13 +82,21 @@ def find_dates(line: str, order: str = "MDY") -> list[FoundDate]:
         else:
             date, other = _read(_plain_words(text), order == "DMY", False), None
         if date is not None:
-            found.append(FoundDate(date, text, other))
-    return found
+            yield FoundDate(date, text, other)
+
+
+def impossible_date(line: str, order: str = "MDY") -> str | None:
+    """The first thing written as a full date that no calendar holds ("Feb 30, 2023", "31/31/2023",
+    "2023-02-30"): named in the report instead of "no date"."""
+    for match in CANDIDATES.finditer(line):
+        text = match.group(0).strip()
+        if not find_dates(text, order) and not find_dates(text, "DMY" if order == "MDY" else "MDY"):
+            return text
+    return None
 
 
 def first_date(line: str, order: str = "MDY") -> FoundDate | None:
-    dates = find_dates(line, order)
-    return dates[0] if dates else None
+    return next(_dates(line, order), None)
 
 
 ID_IN_NAME = re.compile(r"[0-9a-fA-F]{32}|[0-9a-fA-F]{8}(-[0-9a-fA-F]{4}){3}-[0-9a-fA-F]{12}")

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from labtune.data.note_dates import FoundDate, date_in_name, find_dates, first_date
+from labtune.data.note_dates import FoundDate, date_in_name, find_dates, first_date, impossible_date
 from labtune.data.note_documents import CONVERTED_SUFFIXES, document_text
 from labtune.data.note_email import EmailNote, read_email
 from labtune.data.note_schedule import SCHEDULE_SUFFIXES, markdown_schedule, schedule_rows
@@ -133,6 +133,16 @@ def note_date(text: str, stem: str, words: dict[str, tuple[str, ...]], order: st
             return found, f"line {number}"
     found = date_in_name(stem, order)
     return (found, "the file name") if found else None
+
+
+def impossible_in(text: str, stem: str, order: str = "MDY") -> str:
+    """Where a note with no date has a date that cannot exist, where it stands and that it cannot, for the report."""
+    places = [(f"line {number}", line) for number, line in enumerate(text.splitlines()[:DATE_LINES * 2], 1)]
+    for where, line in [*places, ("the file name", re.sub(r"[_]", "-", stem))]:
+        bad = impossible_date(line, order)
+        if bad:
+            return f"{bad!r} ({where}) is not a date that exists; "
+    return ""
 
 
 def parse_date(text: str, order: str = "MDY") -> dt.date | None:
@@ -274,7 +284,7 @@ def _meeting(path: Path, text: str, words: dict[str, tuple[str, ...]], date_orde
         if dated is None and mail is not None and mail.sent is not None:
             dated = FoundDate(mail.sent, mail.sent.isoformat()), "the e-mail's Date: header"
         if dated is None:
-            raise NoteError(f"{path}: {NO_DATE}")
+            raise NoteError(f"{path}: {impossible_in(text, path.stem if undated_name else '', date_order)}{NO_DATE}")
         found, source = dated
         named = date_in_name(path.stem, date_order)
         if found.other_reading and named and named.date == found.date and not named.other_reading:
@@ -400,11 +410,16 @@ def note_files(folder: Path) -> list[Path]:
     return [path for path in folder_files(folder) if path.suffix.lower() in NOTE_SUFFIXES]
 
 
+def _unreadable(exc: OSError) -> None:
+    """os.walk passes over a folder it cannot list in silence: a notes folder is named instead."""
+    raise LabtuneError(f"{exc.filename}: cannot be read ({exc.strerror or type(exc).__name__})")
+
+
 def folder_files(folder: Path) -> list[Path]:
     """Every file in a folder and its sub-folders but hidden ones, sorted (see note_files)."""
     root = folder.resolve()
     found: list[Path] = []
-    for directory, subdirs, files in os.walk(folder, followlinks=False):
+    for directory, subdirs, files in os.walk(folder, followlinks=False, onerror=_unreadable):
         here = Path(directory)
         for name in sorted(subdirs):
             if (here / name).is_symlink():

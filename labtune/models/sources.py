@@ -21,7 +21,7 @@ from typing import Any
 from labtune.errors import LabtuneError
 from labtune.models.merge import MODEL_FILES
 from labtune.models.meta_llama import convert_meta_llama, is_meta_checkpoint, meta_files
-from labtune.models.tensorfiles import CheckpointError, convert_checkpoint, weight_files
+from labtune.models.tensorfiles import CheckpointError, check_model_folder, convert_checkpoint, weight_files
 from labtune.recipe import ModelSource
 from labtune.store.backends import StoreSettings, download_tree, open_store, scratch_dir
 from labtune.store.hashing import sha256_file, sha256_files
@@ -194,6 +194,10 @@ def write_hf_model(directory: Path, out: Path, dtype: str | None, log: Log) -> N
         return
     if not (directory / "config.json").is_file():
         raise WeightsError(f"{directory}: not a Hugging Face model directory (config.json missing)")
+    try:  # a cut or mislabelled file is named here, before anything is copied or called complete
+        check_model_folder(directory)
+    except CheckpointError as exc:
+        raise WeightsError(str(exc)) from None
     config = json.loads((directory / "config.json").read_text())
     if config.get("auto_map"):
         log(f"{directory}/config.json names custom code (auto_map); labtune never runs it (trust_remote_code stays off)")
@@ -221,7 +225,16 @@ def write_hf_model(directory: Path, out: Path, dtype: str | None, log: Log) -> N
 
 
 def materialize(source: ModelSource, out: Path, settings: StoreSettings, log: Log) -> None:
-    """Write the model named by source into out as an HF directory."""
+    """Write the model named by source into out as an HF directory, checked whole (every weight file
+    opens and agrees with config.json) before its caller writes a manifest."""
+    _materialize(source, out, settings, log)
+    try:
+        check_model_folder(out)
+    except CheckpointError as exc:
+        raise WeightsError(f"{source.source}: the model written is not whole: {exc}") from None
+
+
+def _materialize(source: ModelSource, out: Path, settings: StoreSettings, log: Log) -> None:
     if source.source.startswith("tiny://"):
         from labtune.models.tiny import make_tiny_llama
 

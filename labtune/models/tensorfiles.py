@@ -93,6 +93,9 @@ class SafetensorsFile:
                 (length,) = struct.unpack("<Q", handle.read(8))
                 if length > 100 * MiB:
                     raise ValueError("header length is implausible")
+                if 8 + length > os.fstat(handle.fileno()).st_size:
+                    raise ValueError(f"truncated: its header alone is {length:,} bytes, the file holds "
+                                     f"{os.fstat(handle.fileno()).st_size:,}")
                 header = json.loads(handle.read(length))
         except (OSError, ValueError, struct.error) as exc:
             raise CheckpointError(f"{self.path}: not a readable safetensors file ({exc})") from None
@@ -397,3 +400,39 @@ def convert_checkpoint(src: str | os.PathLike, out: str | os.PathLike, dtype: st
             for start, stop in row_blocks(info):
                 writer.write(info.name, checkpoint.read(info.name, start, stop).to(torch_dtype(info.dtype)))
         return writer.close()
+
+
+def check_model_folder(folder: str | os.PathLike) -> None:
+    """A model folder is whole before anything calls it complete or loads it: config.json parses,
+    every weight file opens, its header's tensors lie inside its length (SafetensorsFile checks
+    that), and the tensors agree with config.json (vocabulary, width, layer count). Raises
+    CheckpointError naming the file; a PEFT adapter folder (no config.json) is checked for its files."""
+    folder = Path(folder)
+    config: dict[str, Any] = {}
+    if (folder / "config.json").is_file():
+        try:
+            config = json.loads((folder / "config.json").read_text())
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise CheckpointError(f"{folder / 'config.json'}: not valid JSON ({exc})") from None
+        if not isinstance(config, dict):
+            raise CheckpointError(f"{folder / 'config.json'}: not a JSON object")
+    tensors: dict[str, tuple[Path, TensorInfo]] = {}
+    for path in weight_files(folder):
+        shard = _open(path)
+        shard.close()
+        tensors.update({name: (path, info) for name, info in shard.tensors.items()})
+    if not tensors:
+        raise CheckpointError(f"{folder}: no weights found (*.safetensors or *.bin)")
+    vocab, width = config.get("vocab_size"), config.get("hidden_size")
+    for name, (path, info) in tensors.items():
+        if name.endswith(("embed_tokens.weight", "lm_head.weight")) and isinstance(vocab, int) and isinstance(width, int) \
+                and info.shape not in ((vocab, width),):
+            raise CheckpointError(f"{path}: tensor {name} is {list(info.shape)} but config.json says "
+                                  f"vocab_size {vocab} x hidden_size {width}")
+    layers = config.get("num_hidden_layers")
+    found = {int(m.group(1)) for m in (re.search(r"\.layers\.(\d+)\.", n) for n in tensors) if m}
+    if isinstance(layers, int) and found and found != set(range(layers)):
+        missing, extra = sorted(set(range(layers)) - found), sorted(found - set(range(layers)))
+        odd = f"layer {missing[0]} is missing" if missing else f"layer {extra[0]} is not in config.json"
+        raise CheckpointError(f"{folder}: config.json says {layers} layers but the weights hold {len(found)} "
+                              f"(layers {min(found)}-{max(found)}; {odd})")

@@ -10,16 +10,7 @@ import json
 import random
 from pathlib import Path
 
-TINY_DEFAULTS = {
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "vocab_size": 600,
-    "max_position_embeddings": 1024,
-    "seed": 0,
-}
+from labtune.recipe import TINY_DEFAULTS
 
 _WORDS = (
     "the lab meeting presenter recorder topic attendees action items notes discussed results "

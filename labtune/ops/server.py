@@ -101,7 +101,20 @@ def start(port: int = DEFAULT_PORT, host: str = "127.0.0.1", timeout: float = 12
     """(api url, started now). Reuses the server this labtune home started when it answers; a
     port taken by anything else (another project's Prefect server included) is named, and
     labtune's own server starts on the next free port. The pid file is written once the new
-    server answers, never for one that died."""
+    server answers, never for one that died.
+
+    One server per labtune home however many runs start at once: starting it (and its database's
+    first migration) happens under a lock on the home's prefect folder, and a run that finds
+    another starting one waits for the lock, then finds that server recorded and uses it."""
+    import fcntl
+
+    prefect_home().mkdir(parents=True, exist_ok=True)
+    with open(prefect_home() / "server.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or when this process dies
+        return _start(port, host, timeout, say)
+
+
+def _start(port: int, host: str, timeout: float, say) -> tuple[str, bool]:
     recorded = _recorded()
     if recorded:  # ours runs: use it (it may still be starting), never start a second one beside it
         deadline = time.time() + timeout
@@ -215,14 +228,24 @@ def ensure_api(port: int = DEFAULT_PORT, say=print) -> str:
             raise LabtuneError(f"PREFECT_API_URL {configured!r}: not an http(s) URL; e.g. http://127.0.0.1:4200/api")
         if not healthy(configured, timeout=5):
             raise RunFailure(f"PREFECT_API_URL {configured}: Prefect server is not answering")
+        _crashed_orphans(configured, say)
         return configured
     url, started = start(port, say=say)
     os.environ["PREFECT_API_URL"] = url
+    _crashed_orphans(url, say)
     ui = url.removesuffix("/api")
     if started:
         say(f"Started a Prefect server in the background (database in {prefect_home()}).")
     say(f"Prefect UI: {ui}  (stop the server with: labtune server stop)")
     return url
+
+
+def _crashed_orphans(url: str, say) -> None:
+    with contextlib.suppress(Exception):  # housekeeping: never the reason a command fails
+        with using_api(url):
+            gone = mark_orphans_crashed()
+        if gone:
+            say(f"marked Crashed: flow run(s) {', '.join(gone)} (the labtune process that ran them was killed)")
 
 
 @contextlib.contextmanager
@@ -232,3 +255,60 @@ def using_api(url: str) -> Iterator[None]:
 
     with temporary_settings(updates={PREFECT_API_URL: url}):
         yield
+
+
+# --- flow runs whose process is gone --------------------------------------------------------
+
+def process_tag(pid: int | None = None) -> str:
+    """The tag every flow run a labtune command starts carries: this host and process."""
+    return f"labtune-pid:{socket.gethostname()}:{pid or os.getpid()}"
+
+
+def _flow_runs(states: list[str], tag: str | None = None) -> list:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType, FlowRunFilterTags
+
+    wanted = FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=states)),
+                           tags=FlowRunFilterTags(all_=[tag]) if tag else None)
+    with get_client(sync_client=True) as client:
+        return client.read_flow_runs(flow_run_filter=wanted, limit=200)
+
+
+def _force_state(runs: list, state) -> None:
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        for run in runs:
+            client.set_flow_run_state(run.id, state.model_copy(), force=True)
+
+
+@contextlib.contextmanager
+def tracked_runs() -> Iterator[None]:
+    """Flow runs started in the block carry this process's tag. Ctrl-C marks them Cancelled (Prefect
+    alone calls an interrupted run Crashed), and a later labtune command marks Crashed those of a
+    process that died without a word (`kill -9`): mark_orphans_crashed."""
+    from prefect import tags
+    from prefect.states import Cancelled
+
+    tag = process_tag()
+    try:
+        with tags(tag):
+            yield
+    except KeyboardInterrupt:
+        with contextlib.suppress(Exception):  # the server may be going down with us: the line still prints
+            _force_state(_flow_runs(["RUNNING", "PENDING", "CRASHED", "SCHEDULED"], tag),
+                         Cancelled(message="interrupted (Ctrl-C) in the labtune command that started it"))
+        raise
+
+
+def mark_orphans_crashed() -> list[str]:
+    """Flow runs still RUNNING whose labtune process on this host is gone (killed with -9, a
+    closed terminal) are marked Crashed; returns their names."""
+    from prefect.states import Crashed
+
+    host = f"labtune-pid:{socket.gethostname()}:"
+    orphans = [run for run in _flow_runs(["RUNNING", "PENDING"])
+               if any(t.startswith(host) and t[len(host):].isdigit() and not process_alive(int(t[len(host):]))
+                      for t in run.tags)]
+    _force_state(orphans, Crashed(message="the labtune process that ran it is gone (killed); marked by the next labtune command"))
+    return [run.name for run in orphans]

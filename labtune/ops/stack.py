@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from labtune.errors import LabtuneError
+from labtune.errors import LabtuneError, env_seconds
 from labtune.ops import server
 from labtune.store.backends import labtune_home
 
@@ -79,7 +79,7 @@ def ensure_unresponsive_run_automation(api_url: str, seconds: float | None = Non
     from prefect.events.schemas.events import ResourceSpecification
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    seconds = float(seconds or os.environ.get("LABTUNE_UNRESPONSIVE_SECONDS") or DEFAULT_UNRESPONSIVE_SECONDS)
+    seconds = float(seconds or env_seconds("LABTUNE_UNRESPONSIVE_SECONDS", DEFAULT_UNRESPONSIVE_SECONDS))
     with temporary_settings(updates={PREFECT_API_URL: api_url}):
         try:
             Automation.read(name=UNRESPONSIVE_AUTOMATION).delete()
@@ -155,6 +155,9 @@ def start_s3(port: int) -> str:
     url = f"http://127.0.0.1:{port}"
     if local_s3.is_up(url):
         return url
+    if local_s3.port_taken(port):
+        raise LabtuneError(f"--s3-port {port}: 127.0.0.1:{port} is taken by something that is not an S3 endpoint; "
+                           "give another port")
     stack_dir().mkdir(parents=True, exist_ok=True)
     proc = local_s3.start(port, stack_dir() / "s3", log_path=stack_dir() / "s3.log")
     state = _state()
@@ -189,7 +192,7 @@ def up(recipe_path: str | None = None, port: int = server.DEFAULT_PORT, s3_port:
     create_pools(url)
     say(f"work pools: {', '.join(POOLS)} (process; labtune-gpu concurrency limit {GPU_POOL_CONCURRENCY})")
     say(f"automation: '{UNRESPONSIVE_AUTOMATION}' (a labtune run without a heartbeat for "
-        f"{float(os.environ.get('LABTUNE_UNRESPONSIVE_SECONDS') or DEFAULT_UNRESPONSIVE_SECONDS):g} s is marked Crashed)")
+        f"{env_seconds('LABTUNE_UNRESPONSIVE_SECONDS', DEFAULT_UNRESPONSIVE_SECONDS):g} s is marked Crashed)")
     state = _state()
     for pool in POOLS:
         entry = state["processes"].get(f"worker-{pool}", {})
@@ -199,16 +202,49 @@ def up(recipe_path: str | None = None, port: int = server.DEFAULT_PORT, s3_port:
     say("workers: online")
     if recipe_path:
         deploy(recipe_path, url)
+        set_schedules(url, active=True)  # `stack down` paused them
         say(f"deployments: finetune/labtune-finetune, train/labtune-train, evaluate/labtune-evaluate, "
             f"synthesize/labtune-synthesize, watch-lab-notes/labtune-watch-lab-notes (recipe {recipe_path})")
     say(f"stack up in {time.time() - started:.1f}s; stop it with: labtune stack down")
     return status(port)
 
 
+DEPLOYMENT_PREFIX = "labtune-"  # deployments/prefect.yaml names every deployment so
+
+
+def set_schedules(api_url: str, active: bool) -> int:
+    """Resume (stack up) or pause (stack down) labtune's deployments; pausing also deletes their
+    scheduled flow runs, so a server left running (or started again by `labtune run`) holds no
+    runs that no worker will take. Returns the scheduled runs deleted."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId, FlowRunFilter, FlowRunFilterState, \
+        FlowRunFilterStateType
+
+    with server.using_api(api_url), get_client(sync_client=True) as client:
+        ours = [d for d in client.read_deployments() if d.name.startswith(DEPLOYMENT_PREFIX)]
+        for deployment in ours:
+            (client.resume_deployment if active else client.pause_deployment)(deployment.id)
+        if active or not ours:
+            return 0
+        scheduled = client.read_flow_runs(
+            deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[d.id for d in ours])),
+            flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=["SCHEDULED"]))))
+        for run in scheduled:
+            client.delete_flow_run(run.id)
+        return len(scheduled)
+
+
 def down(say: Callable[[str], None] = print, timeout: float = 30.0, keep_server: bool = False) -> list[str]:
-    """Stop the workers, the S3 endpoint, then the server: exactly the recorded processes."""
+    """Pause labtune's deployments and delete their scheduled runs, then stop the workers, the S3
+    endpoint and the server: exactly the recorded processes."""
     state = _state()
     stopped = []
+    recorded = server.status()
+    url = recorded["api_url"] if recorded["healthy"] else os.environ.get("PREFECT_API_URL")
+    if url and server.healthy(url):
+        deleted = set_schedules(url, active=False)
+        if deleted:
+            say(f"deleted {deleted} scheduled flow run(s) of labtune's deployments (paused until the next stack up)")
     names = sorted(state["processes"], key=lambda n: (not n.startswith("worker-"), n))
     for name in names:
         pid = state["processes"][name]["pid"]

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from labtune.recipe import Recipe
 from labtune.store.backends import Store
-from labtune.store.outputs import Log, StageResult, default_log, output_prefix
+from labtune.store.outputs import Log, StageResult, default_log, output_prefix, require_output
 
 
 @dataclass(frozen=True)
@@ -70,6 +70,8 @@ def run_until(stage: str, recipe: Recipe, store: Store, given: dict[str, str] | 
     if stage not in BY_NAME:
         raise ValueError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
     outputs = {k: v for k, v in (given or {}).items() if v}
+    for upstream, uri in outputs.items():  # a wrong --base or --tokens is named before anything runs
+        require_output(store, uri, upstream)
     done: dict[str, StageResult] = {}
 
     def build(name: str) -> StageResult:

@@ -14,7 +14,7 @@ from pathlib import Path
 from labtune.models import merge, sources, tensorfiles
 from labtune.models.merge import DeltaError, LogProgress, apply_delta, is_lora_adapter, merge_lora
 from labtune.models.sources import local_source, model_identity, resolve_gguf
-from labtune.models.tensorfiles import CheckpointError
+from labtune.models.tensorfiles import CheckpointError, check_model_folder
 from labtune.recipe import Recipe
 from labtune.store.backends import Store, StoreError
 from labtune.store.outputs import Log, StageResult, code_version, default_log, fetch, run_stage, stage_key
@@ -43,11 +43,13 @@ def build_delta(recipe: Recipe, store: Store, base_uri: str, log: Log = default_
             try:
                 if is_lora_adapter(delta_dir):
                     log(f"merging LoRA adapter {recipe.delta.source} into {base_uri}")
-                    counts = merge_lora(base_dir, delta_dir, out, progress=LogProgress(log, "delta"))
-                    return {"delta_kind": "lora", **counts}
-                log(f"applying delta {recipe.delta.source} to {base_uri}")
-                apply_delta(base_dir, delta_dir, out, progress=LogProgress(log, "delta"))
-                return {"delta_kind": "delta"}
+                    made = {"delta_kind": "lora", **merge_lora(base_dir, delta_dir, out, progress=LogProgress(log, "delta"))}
+                else:
+                    log(f"applying delta {recipe.delta.source} to {base_uri}")
+                    apply_delta(base_dir, delta_dir, out, progress=LogProgress(log, "delta"))
+                    made = {"delta_kind": "delta"}
+                check_model_folder(out)  # whole before the manifest calls it complete
+                return made
             except CheckpointError as exc:
                 raise DeltaError(str(exc)) from None
 

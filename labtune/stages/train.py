@@ -75,39 +75,60 @@ def torchrun_command(parallel: ParallelConfig, config_path: Path, run_id: str) -
     return launch + ["-m", "labtune.training.worker", "--config", str(config_path)]
 
 
+# where a failure's tracebacks and torchrun's banners begin: from there on, lines go to the log file
+# only, and the person reads one line (the worker's own error) that names that file
+_FAILURE_START = re.compile(r"^(Traceback \(most recent call last\)|=+$|\[rank\d+\]:|E\d{4} \d\d:|"
+                            + re.escape(WORKER_ERROR) + r")|ChildFailedError")
+
+
+def torchrun_log_path(command: list[str]) -> Path:
+    """The file that keeps a torchrun launch's whole output (named in a failure's one line)."""
+    run_id = next((part.split("=", 1)[1] for part in command if part.startswith("--rdzv_id=")), "train")
+    return labtune_home() / "logs" / f"torchrun-{run_id}-{os.getpid()}.log"
+
+
 def run_torchrun(command: list[str], env: dict[str, str], log: Log, on_progress: Callable[[dict], None] | None = None,
                  on_checkpoint: Callable[[dict], None] | None = None) -> None:
-    """Run torchrun, one log record per output line, live. Raise TrainError with the worker's error
-    line when it reported one, TrainCrashed with the tail when it died without one."""
+    """Run torchrun, one log record per output line, live, and every line in a log file. Raise
+    TrainError with the worker's error line when it reported one, TrainCrashed with the tail when it
+    died without one; the tracebacks and banners after a failure stay in the file the error names."""
     tail: collections.deque[str] = collections.deque(maxlen=200)  # torchrun's root-cause record and a rank's traceback
     worker_errors: list[str] = []
+    log_path = torchrun_log_path(command)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    failing = False
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, env=env)
     assert proc.stdout is not None
     try:
-        for line in proc.stdout:
-            line = line.rstrip()
-            if not line:
-                continue
-            tail.append(line)
-            if line.startswith(WORKER_ERROR):
-                worker_errors.append(line)
-            # a progress line is its callback's to show; a checkpoint record follows its human-readable line
-            if not (on_progress and line.startswith("progress ")) and not line.startswith("checkpoint {"):
-                log(line)
-            for prefix, callback in (("progress ", on_progress), ("checkpoint {", on_checkpoint)):
-                if callback and line.startswith(prefix):
-                    try:
-                        record = json.loads(line[len(prefix) - (prefix.endswith("{")):])
-                    except ValueError:
-                        continue  # a malformed line is still in the log; only the callback skips it
-                    callback(record)
+        with open(log_path, "w", encoding="utf-8") as whole:
+            for line in proc.stdout:
+                whole.write(line)
+                line = line.rstrip()
+                if not line:
+                    continue
+                tail.append(line)
+                if line.startswith(WORKER_ERROR):
+                    worker_errors.append(line)
+                failing = failing or bool(_FAILURE_START.search(line))
+                # a progress line is its callback's to show; a checkpoint record follows its human-readable line
+                if not failing and not (on_progress and line.startswith("progress ")) and not line.startswith("checkpoint {"):
+                    log(line)
+                for prefix, callback in (("progress ", on_progress), ("checkpoint {", on_checkpoint)):
+                    if callback and line.startswith(prefix):
+                        try:
+                            record = json.loads(line[len(prefix) - (prefix.endswith("{")):])
+                        except ValueError:
+                            continue  # a malformed line is still in the log; only the callback skips it
+                        callback(record)
         code = proc.wait()
     except BaseException:
         proc.terminate()
         proc.wait(timeout=30)
         raise
     if code != 0:
-        raise train_failure(code, list(tail), worker_errors)
+        failure = train_failure(code, list(tail), worker_errors)
+        raise type(failure)(f"{failure} (torchrun's whole output: {log_path})")
+    log_path.unlink(missing_ok=True)  # a run that succeeded keeps its lines in the stage's log
 
 
 def train_failure(code: int, lines: list[str], worker_errors: list[str]) -> TrainError | TrainCrashed:

@@ -13,6 +13,7 @@ import hashlib
 import logging
 import os
 import random
+import re
 import shutil
 import tempfile
 import time
@@ -22,7 +23,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
-from labtune.errors import RunFailure
+from labtune.errors import LabtuneError, RunFailure
 
 MiB = 1024 * 1024
 T = TypeVar("T")
@@ -229,10 +230,10 @@ class S3Store:
     def __init__(self, uri: str, endpoint_url: str | None = None, region: str | None = None,
                  retry_seconds: float | None = None):
         if not uri.startswith("s3://"):
-            raise StoreError(f"{uri}: not an s3:// URI")
+            raise LabtuneError(f"{uri}: not an s3:// URI")  # a mistyped path: exit 2
         bucket, _, prefix = uri[len("s3://"):].partition("/")
         if not bucket:
-            raise StoreError(f"{uri}: no bucket named")
+            raise LabtuneError(f"{uri}: no bucket named")  # a mistyped path: exit 2
         self.bucket = bucket
         self.prefix = prefix.strip("/")
         self.uri = f"s3://{bucket}" + (f"/{self.prefix}" if self.prefix else "")
@@ -242,6 +243,8 @@ class S3Store:
         from boto3.s3.transfer import TransferConfig
         from botocore.config import Config
 
+        if endpoint_url is not None and not re.fullmatch(r"https?://[^/\s:]+(:\d{1,5})?(/\S*)?", endpoint_url):
+            raise LabtuneError(f"endpoint URL {endpoint_url!r}: not an S3 endpoint (expected http(s)://HOST[:PORT])")
         session = boto3.session.Session()
         self.client = session.client(
             "s3",
@@ -427,7 +430,7 @@ def _open(settings: StoreSettings) -> Store:
         return S3Store(uri, endpoint_url=settings.endpoint_url, region=settings.region,
                        retry_seconds=settings.retry_seconds)
     if "://" in uri and not uri.startswith("file://"):
-        raise StoreError(f"{uri}: unsupported store scheme (use a local path or s3://bucket/prefix)")
+        raise LabtuneError(f"{uri}: unsupported store scheme (use a local path or s3://bucket/prefix)")  # a mistyped path: exit 2
     return LocalStore(uri.removeprefix("file://"))
 
 

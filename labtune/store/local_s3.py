@@ -41,11 +41,21 @@ def require_moto() -> None:
 
 
 def is_up(url: str) -> bool:
+    """An S3 endpoint answers at url (an S3 bucket listing, not any web page)."""
     try:
-        urllib.request.urlopen(url + "/", timeout=1)
-        return True
+        with urllib.request.urlopen(url + "/", timeout=1) as response:
+            return b"ListAllMyBucketsResult" in response.read(4096)
     except OSError:
         return False
+
+
+def port_taken(port: int) -> bool:
+    """Something listens on 127.0.0.1:port."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.settimeout(1)
+        return probe.connect_ex(("127.0.0.1", port)) == 0
 
 
 def _body(entry: dict[str, Any]) -> bytes:

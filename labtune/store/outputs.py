@@ -155,6 +155,23 @@ def commit(
     return manifest
 
 
+def cached_changes(store: Store, prefix: str, manifest: dict[str, Any]) -> str | None:
+    """What changed in a complete output since its manifest was written, or None: every listed
+    file is there at its size, and a local file touched after the manifest still has its sha256
+    (an untouched one is not read again, so a cached model costs a listing, not a hash)."""
+    sizes = store.sizes(prefix)
+    local = store.local_path(prefix)
+    written = (local / MANIFEST).stat().st_mtime_ns if local is not None else 0
+    for entry in manifest.get("files", []):
+        if sizes.get(_join(prefix, entry["path"])) != entry["size"]:
+            found = sizes.get(_join(prefix, entry["path"]))
+            return f"{entry['path']}: " + ("missing" if found is None else f"{found:,} bytes, the manifest says {entry['size']:,}")
+        path = local / entry["path"] if local is not None else None
+        if path is not None and path.stat().st_mtime_ns > written and sha256_file(path) != entry["sha256"]:
+            return f"{entry['path']}: changed after it was written (sha256 differs from the manifest)"
+    return None
+
+
 def verify_uploaded(store: Store, prefix: str, files: list[dict[str, Any]]) -> None:
     """Every file a manifest is about to list is in the store at its full size (one listing), so
     no manifest ever points at a missing or partial object."""
@@ -207,6 +224,27 @@ def fetch(store: Store, uri: str, log: Log = default_log) -> Path:
     return cache
 
 
+# an input given by URI may come from these stages (with no delta, the weights output is the target)
+ACCEPTED_STAGES = {"delta": ("delta", "weights", "merge-delta", "merge-lora")}
+
+
+def require_output(store: Store, uri: str, stage: str) -> None:
+    """A URI given for `stage`'s output (`--base`, `--model`, `--data`, `--tokens`) names a complete
+    output of that stage in this store: checked before anything runs or is called cached."""
+    if "://" not in uri and not Path(uri).expanduser().exists():
+        raise ManifestError(f"{uri}: no such folder")
+    try:
+        prefix = store.key_for(uri)
+    except StoreError as exc:
+        raise ManifestError(str(exc)) from None
+    manifest = read_manifest(store, prefix)
+    if manifest is None:
+        raise ManifestError(f"{uri}: no complete output here (manifest.json missing)")
+    accepted = ACCEPTED_STAGES.get(stage, (stage,))
+    if manifest.get("stage") not in accepted:
+        raise ManifestError(f"{uri}: a {manifest.get('stage')} output, where a {stage} output is wanted")
+
+
 def _manifest_bytes(store: Store, prefix: str, uri: str) -> bytes:
     try:
         return store.read_bytes(_join(prefix, MANIFEST))
@@ -240,9 +278,14 @@ def run_stage(
     (`work_name` set) agree by rank instead: the one holding rank 0 commits."""
     prefix = output_prefix(stage, key)
     started = time.time()
-    if read_manifest(store, prefix) is not None:
+    manifest = read_manifest(store, prefix)
+    changed = cached_changes(store, prefix, manifest) if manifest is not None else None
+    if manifest is not None and changed is None:
         log(f"{stage}: cached at {store.uri_for(prefix)}")
         return StageResult(stage, store.uri_for(prefix), True, round(time.time() - started, 3))
+    if changed is not None:  # the manifest no longer tells the truth: withdrawn, and the output built again
+        log(f"{stage}: {store.uri_for(prefix)}/{changed}; building it again")
+        store.delete(_join(prefix, MANIFEST))
     lease = None
     if work_name is None:
         lease = _writer_lease(store, stage, key, log)
