@@ -259,3 +259,10 @@ def test_a_killed_runs_flow_run_is_marked_crashed_by_the_next_command(prefect_ap
     server.ensure_api(say=lambda line: None)  # what the next `labtune run` does first
     runs = server._flow_runs(["CRASHED", "RUNNING"], server.process_tag(proc.pid))
     assert runs and {run.state_type.value for run in runs} == {"CRASHED"}
+
+
+def test_merge_delta_with_a_truncated_delta_is_refused_with_no_manifest(tiny_model, cut_model, tmp_path):
+    out = tmp_path / "merged"
+    proc = run_cli("merge-delta", "--base", str(tiny_model), "--delta", str(cut_model), "--out", str(out))
+    one_line_error(proc, USAGE, str(cut_model / "model.safetensors"), "truncated")
+    assert not (out / "manifest.json").exists()
