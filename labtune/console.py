@@ -38,6 +38,8 @@ class TerminalHandler(logging.Handler):
             return False  # the stage's progress bar shows it
         if record.exc_info and record.exc_info[1] is not None and one_line(record.exc_info[1]):
             return False  # the command ends with this error's one line
+        if message.startswith("Crash detected! Execution was aborted by an interrupt signal"):
+            return False  # Ctrl-C: the command ends with "labtune: interrupted" and the runs are Cancelled
         if message.startswith("Finished in state ") and not message.startswith(("Finished in state Completed",
                                                                                  "Finished in state Cached")):
             return False  # the same failure again, as a state
