@@ -11,12 +11,14 @@ them. LABTUNE_DEBUG=1 puts everything on the terminal again.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 from labtune.errors import one_line
 from labtune.store.backends import labtune_home
@@ -98,3 +100,70 @@ def run_console(name: str) -> Iterator[Path]:
         whole.close()
         for handler in consoles:
             root.addHandler(handler)
+
+
+# --- a stage's progress at a terminal (the one-stage commands, the Prefect tasks) ------------------
+
+ESTIMATE_AFTER_STEPS = 5  # the first step also builds the graph and warms caches: it is not counted
+
+
+def with_estimate(on_progress: Callable[[dict], None] | None, log: Callable[[str], None]) -> Callable[[dict], None]:
+    """on_progress (or, without one, the step's progress line in the log), and once, after the
+    first few measured steps, a line saying how long training will take ("train: 1,488 optimizer
+    steps, about 33 min at 1.3 s a step (steps 2-5)")."""
+    times: list[float] = []
+
+    def update(record: dict) -> None:
+        if on_progress:
+            on_progress(record)
+        else:
+            log("progress " + json.dumps(record))
+        if record.get("step_time_s") is None or len(times) > ESTIMATE_AFTER_STEPS:
+            return
+        times.append(float(record["step_time_s"]))
+        if len(times) == ESTIMATE_AFTER_STEPS or record["step"] == record["total_steps"]:
+            log(estimate_line(record["step"], record["total_steps"], times[1:] or times))
+            times.append(0.0)  # said once
+
+    return update
+
+
+def estimate_line(step: int, total: int, step_times: list[float]) -> str:
+    per_step = sum(step_times) / len(step_times)
+    left = per_step * (total - step)
+    eta = f"{left / 3600:.1f} h" if left >= 5400 else f"{left / 60:.0f} min" if left >= 90 else f"{left:.0f} s"
+    first = step - len(step_times) + 1
+    return (f"train: {total:,} optimizer steps, about {eta} to go at {per_step:.2f} s a step "
+            f"(measured on steps {first}-{step})")
+
+
+def artifact_link(uri: str) -> str:
+    """A link a browser can follow for local stores (file://); s3:// URIs stay as they are."""
+    return uri if "://" in uri else Path(uri).as_uri()
+
+
+@contextlib.contextmanager
+def progress_bar() -> Iterator[Callable[[dict], None]]:
+    """A tqdm bar per stage on stderr (shown only on a terminal), fed by progress records
+    ({"step", "total_steps"}, and "stage", "loss", "tokens_per_s" where known)."""
+    from tqdm import tqdm
+
+    bars: dict[str, Any] = {}
+
+    def update(record: dict) -> None:
+        stage = record.get("stage", "train")
+        bar = bars.get(stage)
+        if bar is None:
+            for earlier in bars.values():
+                earlier.close()
+            bar = bars[stage] = tqdm(total=record["total_steps"], desc=stage, unit="step" if stage == "train" else "answer",
+                                     disable=not sys.stderr.isatty(), dynamic_ncols=True)
+        bar.n = record["step"]
+        shown = {"loss": record.get("loss"), "tok/s": record.get("tokens_per_s")}
+        bar.set_postfix({k: v for k, v in shown.items() if v is not None}, refresh=True)
+
+    try:
+        yield update
+    finally:
+        for bar in bars.values():
+            bar.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import io
+from pathlib import Path
 from typing import Any
 
 
@@ -77,3 +78,37 @@ def general_chart(general: dict[str, Any]) -> bytes:
         axis.grid(axis="y", alpha=0.3)
     figure.tight_layout()
     return figure_png(figure)
+
+
+def plot_loss(history: list[dict[str, Any]], path: Path, title: str, dev: list[dict[str, Any]] | None = None) -> None:
+    """The loss curve as a PNG beside the model (and the learning rate on a second axis); with
+    early stopping, a second panel: the dev questions answered against the training FLOPs spent."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in history]
+    fig, axes = plt.subplots(1, 2 if dev else 1, figsize=(11 if dev else 7, 3.5), dpi=100, squeeze=False)
+    ax = axes[0][0]
+    ax.plot(steps, [r["loss"] for r in history], color="tab:blue", marker="." if len(steps) < 60 else None, label="loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training loss", color="tab:blue")
+    lr_axis = ax.twinx()
+    lr_axis.plot(steps, [r["learning_rate"] for r in history], color="tab:gray", linewidth=1, linestyle="--")
+    lr_axis.set_ylabel("learning rate", color="tab:gray")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if dev:
+        flops = {r["step"]: r.get("flops") for r in history}
+        points = [(flops.get(e["step"]), e["dev_accuracy"]) for e in dev if flops.get(e["step"]) is not None]
+        panel = axes[0][1]
+        panel.plot([x for x, _ in points], [100 * y for _, y in points], color="tab:green", marker="o")
+        panel.set_xlabel("training FLOPs")
+        panel.set_ylabel("dev questions answered (%)")
+        panel.set_ylim(0, 100)
+        panel.set_title("held-out wordings (early stopping)")
+        panel.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

@@ -13,7 +13,7 @@ from prefect.cache_policies import NO_CACHE
 from labtune.evaluation import comparison
 from labtune.recipe import Recipe
 from labtune.stages.evaluate import build_evaluate, columns_of, read_evaluation, read_general, summary_markdown
-from labtune.stages.train import progress_bar
+from labtune.console import progress_bar
 from labtune.store.outputs import StageResult
 from tasks import retry_transient, run_log
 

@@ -19,7 +19,8 @@ from prefect.runtime import flow_run
 
 from labtune.plots import png_markdown
 from labtune.recipe import Recipe
-from labtune.stages.train import artifact_link, build_train, progress_bar
+from labtune.console import artifact_link, progress_bar
+from labtune.stages.train import build_train
 from labtune.store.outputs import StageResult, fetch
 from tasks import ServerTolerant, retry_transient, run_log
 

@@ -139,7 +139,7 @@ def flow_failure(state: Any, log_path: Path) -> Exception:
 def _stage(stage: str, recipe: Path, overrides: list[str] | None, as_json: bool, given: dict[str, str | None]) -> None:
     from labtune.recipe import load_recipe
     from labtune.stages import run_until
-    from labtune.stages.train import progress_bar
+    from labtune.console import progress_bar
 
     config = load_recipe(recipe, overrides or [])
     store = config.store.open()
