@@ -13,13 +13,54 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from labtune.errors import RecipeError, yaml_error
-from labtune.evaluation.prompts import Prompt
 from labtune.overrides import UniqueKeyLoader, apply_overrides
 from labtune.recipe_data import AugmentConfig, DataConfig, DataSource, ReplayConfig, _Strict  # noqa: F401 (the recipe's names)
 from labtune.store.backends import Store, StoreSettings, open_store
+
+
+class Prompt(BaseModel):
+    """A question to ask and how its answer is scored: the recipe's `evaluation.questions` and the
+    entries of prompt files (labtune/evaluation/prompts.py reads those and scores)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    question: str = Field(min_length=1)
+    expected: str | list[str] | None = None  # the answer contains one of these
+    expected_all: list[str] | None = None  # the answer contains every one of these (a reverse question's dates)
+    forbidden: list[str] = Field(default_factory=list)  # the names scorer: naming any of these is wrong
+    regex: str | None = None
+    tags: list[str] = Field(default_factory=list)
+    id: str | None = None
+    # prompts that share a pair count only together: each is right only when all of them are
+    # (an attendance question about a member who was there and one about a member who was not)
+    pair: str | None = None
+
+    @field_validator("expected")
+    @classmethod
+    def _non_empty(cls, value: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(value, list) and (not value or not all(isinstance(v, str) and v.strip() for v in value)):
+            raise ValueError("a list of expected answers must hold non-empty strings")
+        if isinstance(value, str) and not value.strip():
+            raise ValueError("expected is empty")
+        return value
+
+    @field_validator("regex")
+    @classmethod
+    def _compiles(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise ValueError(f"regex does not compile: {exc}") from None
+        return value
+
+    @property
+    def scored(self) -> bool:
+        return self.expected is not None or self.regex is not None or bool(self.expected_all)
+
 
 # the spec of tiny://llama (labtune/models/tiny.py), here so that the recipe checks it at load
 TINY_DEFAULTS = {

@@ -5,5 +5,5 @@
 - `generation`: batched greedy generation and perplexity with transformers;
 - `comparison`: runs side by side; `retrieval`: the BM25 notes-retrieval baseline.
 
-May import: labtune.errors, labtune.precision, labtune.data.
+May import: labtune.errors, labtune.precision, labtune.data, labtune.recipe (the Prompt schema).
 """

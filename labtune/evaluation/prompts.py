@@ -1,5 +1,5 @@
-"""Prompts and scoring, without torch: the prompt schema (what the recipe's `evaluation.questions`
-and prompt files hold), the scorer, and accuracy per tag.
+"""Prompts and scoring, without torch: prompt files (their entries are the recipe's `Prompt`, what
+`evaluation.questions` holds), the scorer, and accuracy per tag.
 
 A prompt file is YAML or JSON: a list of entries (or `{prompts: [...]}`), each
 `{question, expected?, regex?, tags?}`. `expected` is a substring or a list of acceptable
@@ -15,52 +15,15 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import ValidationError
 
 from labtune.data.words import mentions
 from labtune.errors import LabtuneError, yaml_error
+from labtune.recipe import Prompt  # the schema lives with the recipe, whose evaluation.questions hold it
 
 
 class PromptError(LabtuneError, ValueError):
     """A prompt file or entry is malformed; the message names the file and the entry."""
-
-
-class Prompt(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    question: str = Field(min_length=1)
-    expected: str | list[str] | None = None  # the answer contains one of these
-    expected_all: list[str] | None = None  # the answer contains every one of these (a reverse question's dates)
-    forbidden: list[str] = Field(default_factory=list)  # the names scorer: naming any of these is wrong
-    regex: str | None = None
-    tags: list[str] = Field(default_factory=list)
-    id: str | None = None
-    # prompts that share a pair count only together: each is right only when all of them are
-    # (an attendance question about a member who was there and one about a member who was not)
-    pair: str | None = None
-
-    @field_validator("expected")
-    @classmethod
-    def _non_empty(cls, value: str | list[str] | None) -> str | list[str] | None:
-        if isinstance(value, list) and (not value or not all(isinstance(v, str) and v.strip() for v in value)):
-            raise ValueError("a list of expected answers must hold non-empty strings")
-        if isinstance(value, str) and not value.strip():
-            raise ValueError("expected is empty")
-        return value
-
-    @field_validator("regex")
-    @classmethod
-    def _compiles(cls, value: str | None) -> str | None:
-        if value is not None:
-            try:
-                re.compile(value)
-            except re.error as exc:
-                raise ValueError(f"regex does not compile: {exc}") from None
-        return value
-
-    @property
-    def scored(self) -> bool:
-        return self.expected is not None or self.regex is not None or bool(self.expected_all)
 
 
 def score(answer: str, prompt: Prompt) -> bool | None:
