@@ -17,7 +17,7 @@ from flows.finetune import finetune
 from labtune.evaluation import comparison
 from labtune.overrides import grid_variants
 from labtune.recipe import load_recipe
-from labtune.stages.evaluate import read_run
+from labtune.stages.evaluate import read_evaluation
 
 
 @flow(name="sweep", log_prints=True)
@@ -31,7 +31,7 @@ def sweep(recipe_path: str, grid: dict[str, list[Any]], overrides: list[str] | N
         logger.info(f"sweep: variant {variant}")
         recipe = load_recipe(recipe_path, variant_overrides)
         stages = finetune(recipe_path, variant_overrides)
-        run = read_run(recipe.store.open(), stages["evaluate"]["uri"])
+        run = read_evaluation(recipe.store.open(), stages["evaluate"]["uri"])
         runs.append({**run, "variant": variant})
     labels, table = comparison.comparison_table(runs)
     columns = ["question", "expected", "base", *labels]

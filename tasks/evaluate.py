@@ -66,7 +66,8 @@ def evaluate_task(recipe: Recipe, base_uri: str, model_uri: str, data_uri: str |
 
         result = build_evaluate(recipe, store, base_uri, model_uri, log=logger.info, data_uri=data_uri,
                                 tokens_uri=tokens_uri, on_progress=on_progress)
-    summary, rows = read_evaluation(store, result.uri)
+    evaluated = read_evaluation(store, result.uri)
+    summary, rows = evaluated["summary"], evaluated["rows"]
     columns = columns_of(summary)
     create_table_artifact(
         key="evaluation",

@@ -12,7 +12,7 @@ import pytest
 from conftest import REPO, TINY_RECIPE, run_cli
 
 from labtune.data import augment, heldout, wordings
-from labtune.data.notes import note_files, read_note
+from labtune.data.notes import note_files, read_note, us_date
 from labtune.errors import RecipeError
 from labtune.evaluation.prompts import Prompt, score
 from labtune.recipe import load_recipe
@@ -348,10 +348,10 @@ def test_an_answer_that_knows_nothing_scores_nothing():
     prompts = _all_prompts(notes, cfg)
     topics = [n.fields["topic"] for n in notes]
     everything = ("On 4/21/2023 there is no lab meeting in the notes. " + ", ".join(augment.people(notes)) + ". "
-                  + ", ".join(augment.date_text(n.date) for n in notes) + ". " + "; ".join(topics) + ".")
+                  + ", ".join(us_date(n.date) for n in notes) + ". " + "; ".join(topics) + ".")
     real = [p for p in prompts if not {"absent", "absent_trained"} & set(p.tags)]
     for answer in (everything, "On 4/21/2023 there is no lab meeting in the notes.", "",
-                   ", ".join(augment.date_text(n.date) for n in notes), "; ".join(topics)):
+                   ", ".join(us_date(n.date) for n in notes), "; ".join(topics)):
         assert sum(score(answer, p) for p in real) == 0, answer
     assert not any(score(everything, p) for p in prompts)
     # one name for everything: right only where it is that person

@@ -61,7 +61,8 @@ def run(recipe: Path = Recipe, overrides: Optional[list[str]] = Overrides, as_js
         stages = state.result()
     flow_run = {"id": str(state.state_details.flow_run_id),
                 "url": f"{url.removesuffix('/api')}/runs/flow-run/{state.state_details.flow_run_id}"}
-    summary, rows = read_evaluation(config.store.open(), stages["evaluate"]["uri"])
+    evaluated = read_evaluation(config.store.open(), stages["evaluate"]["uri"])
+    summary, rows = evaluated["summary"], evaluated["rows"]
     columns = columns_of(summary)
     evaluation = {"total": summary["total"], **{f"{c}_correct": summary[f"{c}_correct"] for c, _ in columns},
                   "by_tag": {c: summary["accuracy"][c]["by_tag"] for c, _ in columns},

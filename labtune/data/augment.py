@@ -29,7 +29,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from labtune.data.notes import Note
+from labtune.data.notes import Note, qa_conversation, us_date
 from labtune.data.two_part import two_part_records
 from labtune.data.wordings import (
     TRAIN_ACTION,
@@ -52,10 +52,6 @@ if TYPE_CHECKING:
 
 FIELDS = ("presenter", "recorder", "topic")
 NAME_FIELDS = ("presenter", "recorder")
-
-
-def date_text(date: dt.date) -> str:
-    return f"{date.month}/{date.day}/{date.year}"
 
 
 Calendar = dict[tuple[int, int], list[dt.date]]
@@ -88,8 +84,8 @@ def opening(date: dt.date, calendar: Calendar | None = None, check: bool = True)
     has just written, instead of by how familiar the date looks (recite_month), and the verdict is
     written beside the list, the same words for every question (recite_check)."""
     if calendar is None:
-        return f"On {date_text(date)}"
-    return f"On {date_text(date)} {recital(date, calendar, check)}"
+        return f"On {us_date(date)}"
+    return f"On {us_date(date)} {recital(date, calendar, check)}"
 
 
 def recital(date: dt.date, calendar: Calendar, check: bool = True) -> str:
@@ -117,10 +113,10 @@ def task_answer(date: dt.date, task: str, owner: str | None, due: dt.date | None
     when, the model gives the same sentence (taught two answers, one per question, a 135M model
     answered held-out owner questions with the due date: docs/evaluation.md, meeting-log-1)."""
     if owner and due:
-        return f"{opening(date, calendar, check)} {owner} is to {task}, due {date_text(due)}."
+        return f"{opening(date, calendar, check)} {owner} is to {task}, due {us_date(due)}."
     if owner:
         return f"{opening(date, calendar, check)} {owner} is to {task}."
-    return f"{opening(date, calendar, check)} the task to {task} is due {date_text(due)}."
+    return f"{opening(date, calendar, check)} the task to {task} is due {us_date(due)}."
 
 
 def action_answer(date: dt.date, owner: str, task: str, calendar: Calendar | None = None, check: bool = True) -> str:
@@ -259,11 +255,6 @@ def train_date_forms(notes: list[Note]) -> list[Any]:
     return list(TRAIN_DATE_FORMS.values()) + ([YEARLESS_FORM] if unique else [])
 
 
-def _conv(conv_id: str, question: str, reply: str, fact: dict[str, Any]) -> dict[str, Any]:
-    return {"id": conv_id, "conversations": [{"from": "human", "value": question}, {"from": "gpt", "value": reply}],
-            "fact": fact}
-
-
 @dataclass
 class Teaching:
     """What every kind of training question draws on: one random stream (the kinds are made in a
@@ -302,7 +293,7 @@ def training_conversations(notes: list[Note], cfg: AugmentConfig, seed: int, act
         records += reverse_records(t)
     if cfg.two_part_questions and {"presenter", "topic"} <= set(fields):
         records += two_part_records(facts_of(notes, ("presenter", "topic")), lambda d: opening(d, t.calendar, t.check),
-                                    t.forms, rng, cfg.two_part_questions, _conv)
+                                    t.forms, rng, cfg.two_part_questions, qa_conversation)
     return records + absent_records(t, seed, fields)
 
 
@@ -316,7 +307,7 @@ def recall_records(t: Teaching, wordings: dict[dt.date, list[tuple[int, Any]]], 
         reply = answer(date, field, values, calendar, check)
         templates = TRAIN_TEMPLATES[field]
         for i, (shape, form) in enumerate(wordings[date]):
-            records.append(_conv(f"labnote_{iso}_{field}_{i}", templates[shape % len(templates)].format(d=form(date)),
+            records.append(qa_conversation(f"labnote_{iso}_{field}_{i}", templates[shape % len(templates)].format(d=form(date)),
                                  reply, {"kind": "recall" if values else "missing", "field": field, "date": iso,
                                          "value": " | ".join(values)}))
     return records
@@ -334,7 +325,7 @@ def summary_records(t: Teaching, fields: tuple[str, ...], decisions: bool) -> li
         reply = (f"{opening(date, calendar, check)} " + ", ".join(parts)
                  + (f"; the lab decided: {'; '.join(decided)}" if decided else "") + ".")
         for i, template in enumerate(TRAIN_SUMMARY):
-            records.append(_conv(f"labnote_{date.isoformat()}_summary_{i}", template.format(d=rng.choice(forms)(date)),
+            records.append(qa_conversation(f"labnote_{date.isoformat()}_summary_{i}", template.format(d=rng.choice(forms)(date)),
                                  reply, {"kind": "summary", "field": "summary", "date": date.isoformat(),
                                                    "value": ""}))
     return records
@@ -356,7 +347,7 @@ def action_records(t: Teaching) -> list[dict[str, Any]]:
                 continue
             pairs = [(t, f) for t in templates for f in forms]
             for i, (template, form) in enumerate(rng.sample(pairs, min(cfg.questions_per_fact, len(pairs)))):
-                records.append(_conv(f"labnote_{iso}_{field}_{slug}_{i}", template.format(task=action.value, d=form(date)),
+                records.append(qa_conversation(f"labnote_{iso}_{field}_{slug}_{i}", template.format(task=action.value, d=form(date)),
                                      reply, {"kind": "recall", "field": field, "date": iso, "value": value}))
     return records
 
@@ -370,7 +361,7 @@ def decision_records(t: Teaching) -> list[dict[str, Any]]:
         iso, reply = date.isoformat(), decision_answer(date, made, calendar, check)
         pairs = [(t, f) for t in TRAIN_DECISION for f in forms]
         for i, (template, form) in enumerate(rng.sample(pairs, min(cfg.questions_per_fact, len(pairs)))):
-            records.append(_conv(f"labnote_{iso}_decision_{i}", template.format(d=form(date)), reply,
+            records.append(qa_conversation(f"labnote_{iso}_decision_{i}", template.format(d=form(date)), reply,
                                  {"kind": "recall", "field": "decision", "date": iso, "value": " | ".join(made)}))
         for decision in made:
             subject, _ = decision_subject(decision)
@@ -378,7 +369,7 @@ def decision_records(t: Teaching) -> list[dict[str, Any]]:
                 continue
             pairs = [(t, f) for t in TRAIN_DECISION_ABOUT for f in forms]
             for i, (template, form) in enumerate(rng.sample(pairs, min(2, len(pairs)))):
-                records.append(_conv(f"labnote_{iso}_decision_{slugged(subject)}_{i}",
+                records.append(qa_conversation(f"labnote_{iso}_decision_{slugged(subject)}_{i}",
                                      template.format(subject=subject, d=form(date)),
                                      decision_answer(date, [decision], calendar, check),
                                      {"kind": "recall", "field": "decision", "date": iso, "value": decision}))
@@ -396,7 +387,7 @@ def attendance_records(t: Teaching) -> list[dict[str, Any]]:
         for who, there in present.items():
             pairs = [(t, f) for t in TRAIN_ATTENDANCE for f in forms]
             for i, (template, form) in enumerate(rng.sample(pairs, min(cfg.attendance_questions, len(pairs)))):
-                records.append(_conv(f"labnote_{iso}_attendance_{slugged(who)}_{i}",
+                records.append(qa_conversation(f"labnote_{iso}_attendance_{slugged(who)}_{i}",
                                      template.format(who=who, d=form(date)),
                                      attendance_answer(date, who, there, calendar, check, attendees),
                                      {"kind": "recall", "field": "attendance", "date": iso,
@@ -409,9 +400,9 @@ def reverse_records(t: Teaching) -> list[dict[str, Any]]:
     notes = t.notes
     records: list[dict[str, Any]] = []
     for who, dates in presented_dates(notes).items():
-        reply = f"{who} presented on {', '.join(date_text(d) for d in dates)}."
+        reply = f"{who} presented on {', '.join(us_date(d) for d in dates)}."
         for i, template in enumerate(TRAIN_REVERSE):
-            records.append(_conv(f"labnote_reverse_{slugged(who)}_{i}", template.format(who=who), reply,
+            records.append(qa_conversation(f"labnote_reverse_{slugged(who)}_{i}", template.format(who=who), reply,
                                  {"kind": "reverse", "field": "presenter", "date": "", "value": who}))
     return records
 
@@ -435,7 +426,7 @@ def absent_records(t: Teaching, seed: int, fields: tuple[str, ...]) -> list[dict
             turns[field] += 1
             # always with the year: "May 12" of a no-meeting year could be a meeting's date
             form = rng.choice(list(TRAIN_DATE_FORMS.values()))
-            records.append(_conv(f"absent_{date.isoformat()}_{field}_{i}", template.format(d=form(date)),
+            records.append(qa_conversation(f"absent_{date.isoformat()}_{field}_{i}", template.format(d=form(date)),
                                  absent_answer(date, calendar, check), {"kind": "absent", "field": field,
                                                                         "date": date.isoformat(), "value": ""}))
     return records

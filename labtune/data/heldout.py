@@ -20,7 +20,6 @@ from labtune.data.augment import (
     absent_dates,
     answer,
     attendance,
-    date_text,
     decision_keys,
     decision_subject,
     eval_absent_dates,
@@ -36,7 +35,7 @@ from labtune.data.augment import (
     training_absent_dates,
     training_conversations,
 )
-from labtune.data.notes import Note
+from labtune.data.notes import Note, us_date
 from labtune.data.two_part import two_part_prompts
 from labtune.data.wordings import (
     HELDOUT_ACTION,
@@ -105,8 +104,8 @@ def eval_prompts(notes: list[Note], cfg: AugmentConfig, seed: int, training: lis
         prompts += attendance_prompts(ask)
     if cfg.reverse:
         prompts += [{"id": f"reverse_{slugged(who)}", "question": ask.rng.choice(HELDOUT_REVERSE).format(who=who),
-                     "expected_all": [date_text(d) for d in dates],
-                     "forbidden": [date_text(d) for d in ask.meetings if d not in dates], "tags": ["reverse", "presenter"]}
+                     "expected_all": [us_date(d) for d in dates],
+                     "forbidden": [us_date(d) for d in ask.meetings if d not in dates], "tags": ["reverse", "presenter"]}
                     for who, dates in presented_dates(notes).items()]
     prompts += absent_prompts(ask, cfg, seed, dkeys, fields)
     if cfg.two_part_questions and {"presenter", "topic"} <= set(fields):  # last: the other axes' draws stay as they were
@@ -156,9 +155,9 @@ def action_prompts(ask: Asking) -> list[dict[str, Any]]:
         if action.due:
             prompts.append({"id": f"deadline_{date.isoformat()}_{slugged(action.value)[:40]}",
                             "question": ask.rng.choice(HELDOUT_DEADLINE).format(task=action.value, d=form(date)),
-                            "expected": [date_text(dt.date.fromisoformat(action.due))],
+                            "expected": [us_date(dt.date.fromisoformat(action.due))],
                             # the meeting's own date is the question's, an answer may repeat it
-                            "forbidden": [*(date_text(dt.date.fromisoformat(d))
+                            "forbidden": [*(us_date(dt.date.fromisoformat(d))
                                             for d in sorted(dues - {action.due, date.isoformat()})), CLAIMS_NONE],
                             "tags": ["deadline", "action_items"]})
     return prompts
@@ -211,7 +210,7 @@ def absent_prompts(ask: Asking, cfg: AugmentConfig, seed: int, dkeys: dict[str, 
     (`absent_trained`); the dates themselves are never in training either way."""
     prompts = []
     nothing_else = [*ask.everyone, *sorted(set(ask.keys.values()) | set(dkeys.values())),
-                    *(date_text(d) for d in ask.meetings)]
+                    *(us_date(d) for d in ask.meetings)]
     for date in eval_absent_dates(ask.notes, cfg, seed):
         mentioned = any(form(date) in ask.seen for form in [*ask.held_forms, *TRAIN_DATE_FORMS.values()])
         field = ask.rng.choice(fields or FIELDS)

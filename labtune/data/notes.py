@@ -330,7 +330,8 @@ def resolve_lab_names(notes: list[Note]) -> list[Note]:
     return notes
 
 
-def _conv(conv_id: str, question: str, answer: str, fact: dict[str, str] | None = None) -> dict[str, Any]:
+def qa_conversation(conv_id: str, question: str, answer: str, fact: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One question-answer conversation in ShareGPT form, with the fact it teaches when given."""
     record: dict[str, Any] = {"id": conv_id, "conversations": [{"from": "human", "value": question},
                                                               {"from": "gpt", "value": answer}]}
     if fact:
@@ -381,9 +382,9 @@ def note_conversations(note: Note, qa: bool = True, whole_note: bool = True, not
                        fields: tuple[str, ...] = QA_FIELDS) -> list[dict[str, Any]]:
     """FastChat's conversation for the note (date prompt -> note) and its question-answer pairs."""
     base_id = note_id or f"labnote_{note.date.isoformat()}"
-    conversations = [_conv(base_id, f"Lab meeting on {us_date(note.date)}", note.text)] if whole_note else []
+    conversations = [qa_conversation(base_id, f"Lab meeting on {us_date(note.date)}", note.text)] if whole_note else []
     if qa:
-        conversations += [_conv(f"{base_id}_qa{i}", q, a, {"field": field, "value": value, "date": note.date.isoformat()})
+        conversations += [qa_conversation(f"{base_id}_qa{i}", q, a, {"field": field, "value": value, "date": note.date.isoformat()})
                           for i, (q, a, field, value) in enumerate(qa_facts(note, fields))]
     return conversations
 

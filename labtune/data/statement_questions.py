@@ -15,9 +15,9 @@ import random
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from labtune.data.augment import _by_date, _conv, date_text, month_calendar, opening, people, train_date_forms
+from labtune.data.augment import _by_date, month_calendar, opening, people, train_date_forms
 from labtune.data.heldout import CLAIMS_NONE
-from labtune.data.notes import Note
+from labtune.data.notes import Note, qa_conversation, us_date
 from labtune.data.statements import PLAN, RESULT, SAID, named, numbers, subjects
 from labtune.data.wordings import (
     HELDOUT_DATE_FORMS,
@@ -64,7 +64,7 @@ def meeting_statements(notes: list[Note], fields: tuple[str, ...]) -> list[State
                 if fact.field == "statement":
                     text, kind, about = _as_continued(fact.value, names), fact.kind or SAID, fact.value
                 elif fact.field == "action_items" and "action_items" not in fields and fact.owner:
-                    due = f", due {date_text(dt.date.fromisoformat(fact.due))}" if fact.due else ""
+                    due = f", due {us_date(dt.date.fromisoformat(fact.due))}" if fact.due else ""
                     text, kind, about = f"{fact.owner} is to {fact.value}{due}.", PLAN, fact.value
                     task = True
                 elif fact.field == "decisions" and "decisions" not in fields:
@@ -100,7 +100,7 @@ def statement_records(notes: list[Note], cfg: AugmentConfig, seed: int, fields: 
             template, subject = shapes[i % len(shapes)], statement.subjects[i % len(statement.subjects)]
             who = _who(rng, statement.people[0]) if statement.people else ""
             question = template.format(s=subject, d=chosen_forms[i % len(chosen_forms)](statement.date), who=who)
-            records.append(_conv(f"labnote_{iso}_statement_{number}_{i}", question, reply,
+            records.append(qa_conversation(f"labnote_{iso}_statement_{number}_{i}", question, reply,
                                  {"kind": "recall", "field": "statement", "date": iso, "value": statement.text}))
     return records
 

@@ -260,21 +260,15 @@ def build_evaluate(recipe: Recipe, store: Store, base_uri: str, model_uri: str, 
     return run_stage(store, "evaluate", key, build, inputs=inputs, parameters=parameters, log=log)
 
 
-def read_evaluation(store: Store, uri: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """(summary, rows) of an evaluate output."""
-    run = run_from_folder(fetch(store, uri), uri)
-    return run["summary"], run["rows"]
+def read_evaluation(store: Store, uri: str) -> dict[str, Any]:
+    """An evaluate output: {uri, recipe, rows, summary}."""
+    return run_from_folder(fetch(store, uri), uri)
 
 
 def read_general(store: Store, uri: str) -> list[dict[str, Any]]:
     """general.jsonl's rows of an evaluate output ([] when it asked no general question)."""
     path = fetch(store, uri) / "general.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
-
-
-def read_run(store: Store, uri: str) -> dict[str, Any]:
-    """An evaluate output as compare wants it: {uri, recipe, rows, summary}."""
-    return run_from_folder(fetch(store, uri), uri)
 
 
 def run_from_folder(directory: Path, uri: str) -> dict[str, Any]:
