@@ -245,3 +245,27 @@ def test_a_restarted_local_s3_answers_only_once_every_object_is_back(restartable
         poller.join()
     assert seen[-1] == "found" and set(seen) <= {"refused", "found"}, sorted(set(seen))
     assert writer.get_object(Bucket="labtune", Key=keys[0])["Body"].read() == keys[0].encode()
+
+
+def test_a_local_output_is_hashed_once_per_process_until_a_file_changes(tmp_path):
+    """A stage that fetches one output several times (evaluate: the data, the tokens, the model)
+    verifies it once; a file rewritten since, even at the same size, is hashed again and refused."""
+    import os
+
+    import labtune.store.outputs as outputs
+
+    store = LocalStore(tmp_path / "store")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "weights.bin").write_bytes(b"a" * 4096)
+    commit(store, "train/k1", out, stage="train", inputs={}, parameters={}, started=0.0)
+    uri = store.uri_for("train/k1")
+    assert fetch(store, uri) == store.local_path("train/k1")
+    verified = len(outputs._VERIFIED)
+    fetch(store, uri)
+    assert len(outputs._VERIFIED) == verified  # the same stamp: not verified again
+    target = store.local_path("train/k1") / "weights.bin"
+    target.write_bytes(b"b" * 4096)  # same size, new bytes
+    os.utime(target, ns=(target.stat().st_atime_ns, target.stat().st_mtime_ns + 1_000_000))
+    with pytest.raises(ManifestError, match="weights.bin: sha256 does not match"):
+        fetch(store, uri)
