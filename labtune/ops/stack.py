@@ -222,16 +222,18 @@ def set_schedules(api_url: str, active: bool) -> int:
 
     with server.using_api(api_url), get_client(sync_client=True) as client:
         ours = [d for d in client.read_deployments() if d.name.startswith(DEPLOYMENT_PREFIX)]
+
+        def scheduled() -> list:
+            return client.read_flow_runs(
+                deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[d.id for d in ours])),
+                flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=["SCHEDULED"]))))
+
+        before = scheduled() if ours and not active else []
         for deployment in ours:
             (client.resume_deployment if active else client.pause_deployment)(deployment.id)
-        if active or not ours:
-            return 0
-        scheduled = client.read_flow_runs(
-            deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[d.id for d in ours])),
-            flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=["SCHEDULED"]))))
-        for run in scheduled:
+        for run in scheduled() if before else []:  # the server drops a paused deployment's own; any left go here
             client.delete_flow_run(run.id)
-        return len(scheduled)
+        return len(before)
 
 
 def down(say: Callable[[str], None] = print, timeout: float = 30.0, keep_server: bool = False) -> list[str]:
