@@ -93,9 +93,9 @@ class SafetensorsFile:
                 (length,) = struct.unpack("<Q", handle.read(8))
                 if length > 100 * MiB:
                     raise ValueError("header length is implausible")
-                if 8 + length > os.fstat(handle.fileno()).st_size:
-                    raise ValueError(f"truncated: its header alone is {length:,} bytes, the file holds "
-                                     f"{os.fstat(handle.fileno()).st_size:,}")
+                held = os.fstat(handle.fileno()).st_size
+                if 8 + length > held:
+                    raise ValueError(f"truncated: its header alone is {length:,} bytes, the file holds {held:,}")
                 header = json.loads(handle.read(length))
         except (OSError, ValueError, struct.error) as exc:
             raise CheckpointError(f"{self.path}: not a readable safetensors file ({exc})") from None
@@ -426,7 +426,7 @@ def check_model_folder(folder: str | os.PathLike) -> None:
     vocab, width = config.get("vocab_size"), config.get("hidden_size")
     for name, (path, info) in tensors.items():
         if name.endswith(("embed_tokens.weight", "lm_head.weight")) and isinstance(vocab, int) and isinstance(width, int) \
-                and info.shape not in ((vocab, width),):
+                and info.shape != (vocab, width):
             raise CheckpointError(f"{path}: tensor {name} is {list(info.shape)} but config.json says "
                                   f"vocab_size {vocab} x hidden_size {width}")
     layers = config.get("num_hidden_layers")
