@@ -33,12 +33,22 @@ sys.path.insert(0, str(REPO))
 VICUNA = REPO.parent / "shared" / "data" / "fastchat_vicuna_bench_question.jsonl"
 
 
+def lab_questions() -> list[str]:
+    """The sample notes' presenter, recorder and topic questions, as the data stage writes them with
+    data.augment off (two wordings per field, the date as 4/14/2023)."""
+    from labtune.data.conversations import SourceReport, load_lab_notes
+    from labtune.recipe import AugmentConfig
+
+    notes = REPO / "examples" / "labnotes"
+    records = load_lab_notes(notes, SourceReport(str(notes), "lab_notes"), whole_note=False, augment=AugmentConfig(),
+                             qa_fields=("presenter", "recorder", "topic"))
+    return [r["conversations"][0]["value"] for r in records]
+
+
 def questions(count: int) -> list[str]:
-    from labtune.data.notes import note_files, qa_facts, read_note
     from labtune.evaluation.prompts import load_prompts
 
-    lab = [q for path in note_files(REPO / "examples" / "labnotes") for q, _, field, _ in qa_facts(read_note(path))
-           if field in ("presenter", "recorder", "topic")]
+    lab = lab_questions()
     general = [p.question for p in load_prompts(VICUNA)] if VICUNA.is_file() else []
     mixed = [q for pair in zip(lab, general) for q in pair] + lab[len(general):] + general[len(lab):]
     return mixed[:count]
@@ -46,13 +56,12 @@ def questions(count: int) -> list[str]:
 
 def with_notes(count: int) -> list[list[dict[str, str]]]:
     """The demo's questions as the evaluation asks them with notes: the note in the system turn."""
-    from labtune.data.notes import note_files, qa_facts, read_note
-    from labtune.evaluation.retrieval import NotesIndex, note_documents
+    from labtune.data.notes import meeting_documents
+    from labtune.evaluation.retrieval import NotesIndex
 
-    index = NotesIndex(note_documents(REPO / "examples" / "labnotes"))
-    lab = [q for path in note_files(REPO / "examples" / "labnotes") for q, _, field, _ in qa_facts(read_note(path))
-           if field in ("presenter", "recorder", "topic")]
-    return [[{"role": "system", "content": index.context(q, 1)}, {"role": "user", "content": q}] for q in lab[:count]]
+    index = NotesIndex(meeting_documents(REPO / "examples" / "labnotes"))
+    return [[{"role": "system", "content": index.context(q, 1)}, {"role": "user", "content": q}]
+            for q in lab_questions()[:count]]
 
 
 def transformers_generate(model: object, tokenizer: object, conversations: list, max_new_tokens: int,

@@ -67,9 +67,9 @@ def main() -> None:
     store = recipe.store.open()
     quiet = lambda message: None  # noqa: E731
     data_uri = run_until("data", recipe, store, log=quiet).uri
-    model_uri = run_until("delta", recipe, store, log=quiet).uri
-    tokens = run_until("tokenize", recipe, store, {"data": data_uri, "delta": model_uri}, log=quiet)
-    model_dir = fetch(store, model_uri)
+    target_uri = run_until("delta", recipe, store, log=quiet).uri
+    tokens = run_until("tokenize", recipe, store, {"data": data_uri, "delta": target_uri}, log=quiet)
+    model_dir = fetch(store, target_uri)
     prompts = collect_prompts(recipe, store, data_uri)
     budget = answer_budget(recipe.evaluation.max_new_tokens, store, tokens.uri, log=quiet)
     tokens_dir = fetch(store, tokens.uri)

@@ -19,7 +19,7 @@ from pathlib import Path
 def point(label: str, uri: str) -> dict:
     folder = Path(uri)
     summary = json.loads((folder / "summary.json").read_text())
-    model = json.loads((folder / "run.json").read_text())["model"]
+    model = json.loads((folder / "run.json").read_text())["tuned"]
     metrics = json.loads((Path(model) / "train_metrics.json").read_text())
     tags = summary["accuracy"]["tuned"]["by_tag"]
     general = summary.get("general") or {}

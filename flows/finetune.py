@@ -115,7 +115,7 @@ def finetune(recipe_path: str, overrides: list[str] | None = None, notes_fingerp
     return stages
 
 
-# each stage's task, called with the recipe and its inputs' URIs (train runs as a subflow, below)
+# each stage's task, called with the recipe, the flow's store and its inputs' URIs (train runs as a subflow, below)
 TASKS = {"weights": weights_task, "delta": delta_task, "replay": replay_task, "data": data_task,
          "synthesize": synthesize_task, "tokenize": tokenize_task,
          "evaluate": evaluate_task, "export": export_task}
@@ -126,7 +126,8 @@ def run_stages(recipe: Recipe, recipe_path: str, overrides: list[str], store, do
     inputs' URIs; done(result) after each. Train runs as a subflow; train, evaluate and synthesize also have
     flows of their own, so that with `deployments.<stage>` set a deployment runs them on the GPU
     work pool and this flow waits for the output's manifest."""
-    local = {**TASKS, "train": lambda recipe, **uris: StageResult(**train_flow(recipe_path, overrides=overrides, **uris))}
+    local = {**TASKS, "train": lambda recipe, store, **uris: StageResult(**train_flow(recipe_path, overrides=overrides,
+                                                                                      **uris))}
     outputs: dict[str, StageResult] = {}
     for stage in (stage for stage in GRAPH if stage.wanted(recipe)):
         uris = input_uris(stage.name, {name: result.uri for name, result in outputs.items()})
@@ -136,7 +137,7 @@ def run_stages(recipe: Recipe, recipe_path: str, overrides: list[str], store, do
                                                                         "overrides": overrides},
                                                output_uri(stage.name, recipe, store, uris), store)
         else:
-            outputs[stage.name] = local[stage.name](recipe, **uris)
+            outputs[stage.name] = local[stage.name](recipe, store, **uris)
         done(outputs[stage.name])
     return {name: result.to_dict() for name, result in outputs.items()}
 

@@ -1,6 +1,6 @@
 """The synthesize flow: one stage, on its own so a deployment can send the generator to the GPU work pool.
 
-    python flows/synthesize.py examples/tiny.yaml MODEL_URI DATA_URI [key=value ...]
+    python flows/synthesize.py examples/tiny.yaml TARGET_URI DATA_URI [key=value ...]
 """
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ from tasks.synthesize import synthesize_task
 
 
 @flow(name="synthesize", log_prints=True)
-def synthesize(recipe_path: str, model_uri: str, data_uri: str, overrides: list[str] | None = None) -> dict:
+def synthesize(recipe_path: str, target_uri: str, data_uri: str, overrides: list[str] | None = None) -> dict:
     """The generator's question-answer pairs about each note; returns {stage, uri, cached, seconds}."""
     recipe = load_recipe(recipe_path, overrides or [])
-    return synthesize_task(recipe, model_uri, data_uri).to_dict()
+    return synthesize_task(recipe, recipe.store.open(), target_uri, data_uri).to_dict()
 
 
 if __name__ == "__main__":

@@ -12,7 +12,8 @@ from prefect.cache_policies import NO_CACHE
 
 from labtune.evaluation import comparison
 from labtune.recipe import Recipe
-from labtune.stages.evaluate import build_evaluate, columns_of, read_evaluation, read_general, summary_markdown
+from labtune.stages.evaluate import build_evaluate, columns_of, read_evaluation, summary_markdown
+from labtune.store.backends import Store
 from labtune.console import progress_bar
 from labtune.store.outputs import StageResult
 from tasks import retry_transient, run_log
@@ -56,17 +57,16 @@ def evaluation_table(rows: list[dict], columns: list[tuple[str, str]]) -> list[d
 
 
 @task(name="evaluate", retries=2, retry_delay_seconds=10, retry_condition_fn=retry_transient, cache_policy=NO_CACHE)
-def evaluate_task(recipe: Recipe, base_uri: str, model_uri: str, data_uri: str | None = None,
+def evaluate_task(recipe: Recipe, store: Store, target_uri: str, tuned_uri: str, data_uri: str | None = None,
                   tokens_uri: str | None = None) -> StageResult:
-    store = recipe.store.open()
     with run_log() as logger, progress_bar() as bar:
         def on_progress(record: dict) -> None:
             logger.info("progress " + json.dumps(record))
             bar(record)
 
-        result = build_evaluate(recipe, store, base_uri, model_uri, log=logger.info, data_uri=data_uri,
+        result = build_evaluate(recipe, store, target_uri, tuned_uri, log=logger.info, data_uri=data_uri,
                                 tokens_uri=tokens_uri, on_progress=on_progress)
-    evaluated = read_evaluation(store, result.uri)
+    evaluated = read_evaluation(store, result.uri)  # one fetch: the rows, the general answers, the summary
     summary, rows = evaluated["summary"], evaluated["rows"]
     columns = columns_of(summary)
     create_table_artifact(
@@ -78,9 +78,8 @@ def evaluate_task(recipe: Recipe, base_uri: str, model_uri: str, data_uri: str |
     )
     create_markdown_artifact(key="evaluation-summary", markdown=summary_markdown(summary, result.uri),
                              description="Accuracy per tag, eval-split perplexity and general ability, base vs fine-tuned")
-    general_rows = read_general(store, result.uri)
-    if general_rows:
-        create_table_artifact(key="general-answers", table=general_table(general_rows),
+    if evaluated["general"]:
+        create_table_artifact(key="general-answers", table=general_table(evaluated["general"]),
                               description=f"Recipe {recipe.name}: general questions, both models' answers; ⚠ marks an "
                                           "answer about the lab's meetings (the marker found)")
     return result

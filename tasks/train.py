@@ -21,7 +21,8 @@ from labtune.plots import png_markdown
 from labtune.recipe import Recipe
 from labtune.console import artifact_link, progress_bar
 from labtune.stages.train import build_train
-from labtune.store.outputs import StageResult, fetch
+from labtune.store.backends import Store
+from labtune.store.outputs import StageResult
 from tasks import ServerTolerant, retry_transient, run_log
 
 
@@ -41,14 +42,13 @@ def compute_line(metrics: dict) -> str:
 
 
 @task(name="train", retries=2, retry_delay_seconds=10, retry_condition_fn=retry_transient, cache_policy=NO_CACHE)
-def train_task(recipe: Recipe, model_uri: str, tokens_uri: str) -> StageResult:
+def train_task(recipe: Recipe, store: Store, target_uri: str, tokens_uri: str) -> StageResult:
     progress_id = create_progress_artifact(progress=0.0, key="train-progress", description="Training: optimizer steps done")
 
     def on_checkpoint(record: dict) -> None:
         ui(create_link_artifact, key="train-checkpoint", link=artifact_link(record["uri"]),
            link_text=f"checkpoint at step {record['step']}", description=f"Checkpoint at optimizer step {record['step']} (resumable)")
 
-    store = recipe.store.open()
     with run_log() as logger, progress_bar() as bar:
         shown = [-1]
         ui = ServerTolerant(logger)  # a Prefect server restarting mid-training does not stop it
@@ -63,14 +63,15 @@ def train_task(recipe: Recipe, model_uri: str, tokens_uri: str) -> StageResult:
                 ui(update_progress_artifact, progress_id, progress=float(percent))
 
         try:
-            result = build_train(recipe, store, model_uri, tokens_uri, log=logger.info, on_progress=on_progress,
+            result = build_train(recipe, store, target_uri, tokens_uri, log=logger.info, on_progress=on_progress,
                                  on_checkpoint=on_checkpoint, run_tags={"prefect.flow_run_id": str(flow_run.id)}
                                  if flow_run.id else None)
         finally:
             ui.close()
-        model_dir = fetch(store, result.uri, logger.info)
     update_progress_artifact(progress_id, progress=100.0)
-    metrics = json.loads((model_dir / "train_metrics.json").read_text())
+    # the two files the artifacts show, not the whole model (from an S3 store, a download of its weights)
+    tuned = store.key_for(result.uri)
+    metrics = json.loads(store.read_bytes(f"{tuned}/train_metrics.json"))
     history = metrics["history"]
     columns = ("step", "epoch", "loss", "learning_rate", "grad_norm", "step_time_s", "tokens_per_s", "mfu",
                "padding_fraction")
@@ -79,7 +80,7 @@ def train_task(recipe: Recipe, model_uri: str, tokens_uri: str) -> StageResult:
                                                    for r in history],
                           description="Training loss per optimizer step; time, tokens/s and MFU from synchronized "
                                       "wall time, peak memory of the busiest rank")
-    plot = model_dir / "loss.png"
+    plot = f"{tuned}/loss.png"
     resumed = metrics.get("resumed_from_step")
     create_markdown_artifact(
         key="train-summary",
@@ -93,7 +94,8 @@ def train_task(recipe: Recipe, model_uri: str, tokens_uri: str) -> StageResult:
             f"{'%.1f%%' % (100 * metrics['mfu']) if metrics.get('mfu') is not None else 'not reported (no known peak for this device)'}"
             f", peak memory per rank {metrics.get('peak_memory_gib')} GiB" if "useful_tokens_per_s" in metrics else "",
             compute_line(metrics),
-            "", png_markdown("training loss and learning rate by optimizer step", plot.read_bytes()) if plot.is_file() else "",
+            "", png_markdown("training loss and learning rate by optimizer step", store.read_bytes(plot))
+            if store.exists(plot) else "",
         ]),
         description="The fine-tuned model, its loss curve and how the run went",
     )

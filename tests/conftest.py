@@ -144,8 +144,8 @@ def tiny_stage_inputs(root: Path, overrides: list[str] | tuple[str, ...] = ()):
 
     recipe = load_recipe(TINY_RECIPE, [*overrides, f"store.uri={root / 'store'}"])
     store = LocalStore(root / "store")
-    model_uri = build_weights(recipe, store).uri
-    return recipe, store, model_uri, build_tokenize(recipe, store, model_uri, build_data(recipe, store).uri).uri
+    target_uri = build_weights(recipe, store).uri
+    return recipe, store, target_uri, build_tokenize(recipe, store, target_uri, build_data(recipe, store).uri).uri
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None, timeout: int = 600,

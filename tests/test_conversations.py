@@ -6,7 +6,8 @@ import pytest
 from conftest import REPO, SHARED_DATA, run_cli
 
 from labtune.data.conversations import DataError, SourceReport, clean, load_alpaca, load_lab_notes, load_messages
-from labtune.data.notes import parse_fields, qa_pairs, read_note
+from labtune.data.notes import parse_fields
+from labtune.recipe import AugmentConfig
 
 NOTES = REPO / "examples" / "labnotes"
 
@@ -39,15 +40,20 @@ def test_org_headings_are_not_mistaken_for_list_items():
     assert fields["action_items"] == "write README"
 
 
-def test_qa_pairs_cover_the_issue_phrasings():
-    note = read_note(NOTES / "2023-05-12.md")
-    questions = [q for q, _ in qa_pairs(note)]
-    assert "Who is the presenter on 5/12/2023 lab meeting?" in questions
-    assert "Who presented at the lab meeting on May 12, 2023?" in questions
-    assert "Who recorded the notes of the 5/12/2023 meeting?" in questions
-    assert "What was discussed at the May 12, 2023 lab meeting?" in questions
-    assert dict(qa_pairs(note))["Who is the presenter on 5/12/2023 lab meeting?"] == "Daniel Brooks."
-    assert [q for q, _ in qa_pairs(note, ("recorder",))] == [q for q in questions if "recorded" in q]
+def test_without_data_augment_each_field_is_asked_in_the_seeds_wordings():
+    def asked(fields=("presenter", "recorder", "topic")):
+        records = load_lab_notes(NOTES, SourceReport("x", "lab_notes"), whole_note=False, augment=AugmentConfig(),
+                                 qa_fields=fields)
+        return {r["conversations"][0]["value"]: r["conversations"][1]["value"] for r in records
+                if r["fact"]["date"] == "2023-05-12"}
+
+    questions = asked()
+    assert set(questions) == {"Who presented at the lab meeting on 5/12/2023?", "Who is the presenter on 5/12/2023 lab meeting?",
+                              "Who took notes at the lab meeting on 5/12/2023?", "Who is the recorder on 5/12/2023 lab meeting?",
+                              "What was the topic of the lab meeting on 5/12/2023?",
+                              "What was discussed at the 5/12/2023 lab meeting?"}
+    assert questions["Who is the presenter on 5/12/2023 lab meeting?"] == "On 5/12/2023 the presenter was Daniel Brooks."
+    assert set(asked(("recorder",))) == {q for q in questions if "notes" in q or "recorder" in q}
 
 
 def test_binary_and_undecodable_notes_are_skipped_and_listed(tmp_path):
@@ -55,7 +61,7 @@ def test_binary_and_undecodable_notes_are_skipped_and_listed(tmp_path):
     (tmp_path / "2023-05-19.md").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00")
     (tmp_path / "2023-05-26.txt").write_bytes("Presenter: Zoë".encode("latin-1"))
     report = SourceReport(str(tmp_path), "lab_notes")
-    records = load_lab_notes(tmp_path, report)
+    records = load_lab_notes(tmp_path, report, augment=AugmentConfig())
     assert report.files == 1 and records
     assert report.skipped_files == ["2023-05-19.md: binary file, not a text note",
                                     "2023-05-26.txt: not UTF-8 text (byte 13)"]

@@ -9,8 +9,8 @@ from conftest import REPO, SHARED_DATA, TINY_RECIPE
 from labtune.data.chat import IGNORE_INDEX, encode_conversation, prompt_ids
 from labtune.data.conversations import DataError, SourceReport, load_alpaca, load_sharegpt
 from labtune.data.conversations import load_lab_notes as _load_lab_notes
-from labtune.data.notes import QA_FIELDS, parse_date, qa_pairs, read_note
-from labtune.recipe import load_recipe
+from labtune.data.notes import parse_date, read_note
+from labtune.recipe import AugmentConfig, load_recipe
 from labtune.stages.data import build_data
 from labtune.store.backends import LocalStore
 from labtune.store.outputs import fetch
@@ -18,7 +18,7 @@ from labtune.store.outputs import fetch
 
 def load_lab_notes(folder, qa_pairs=True, whole_note=True, undated="skip"):
     return _load_lab_notes(folder, SourceReport(str(folder), "lab_notes"), qa=qa_pairs, whole_note=whole_note,
-                           undated=undated)
+                           undated=undated, augment=AugmentConfig())
 
 NOTES = REPO / "examples" / "labnotes"
 
@@ -54,7 +54,7 @@ def test_note_conversation_follows_fastchat_example_and_adds_qa():
     seed = by_id["labnote_2023-04-14"]["conversations"]
     assert seed[0] == {"from": "human", "value": "Lab meeting on 4/14/2023"}
     assert seed[1]["value"].startswith("# Lab meeting 4/14/2023")
-    qa = [r for r in records if r["id"].startswith("labnote_2023-04-14_qa")]
+    qa = [r for r in records if r["id"].startswith("labnote_2023-04-14_")]
     assert any("Lena Fischer" in r["conversations"][1]["value"] for r in qa)
     assert len(load_lab_notes(NOTES, qa_pairs=False)) == len(list(NOTES.iterdir()))
 
@@ -63,7 +63,7 @@ def test_note_without_date_is_skipped_and_listed_or_fails_by_recipe(tmp_path):
     (tmp_path / "meeting.md").write_text("# Weekly sync\nPresenter: X\n")
     (tmp_path / "2023-05-12.md").write_text("# Lab meeting\nPresenter: Y\n")
     report = SourceReport(str(tmp_path), "lab_notes")
-    records = _load_lab_notes(tmp_path, report)
+    records = _load_lab_notes(tmp_path, report, augment=AugmentConfig())
     assert {r["id"] for r in records} >= {"labnote_2023-05-12"} and report.files == 1
     assert report.skipped_files == ["meeting.md: no date in the heading, the first 5 lines, a Date: field or the file name"]
     with pytest.raises(DataError, match="meeting.md: no date in the heading"):
@@ -162,9 +162,9 @@ def test_loss_mask_with_a_chatml_template(tiny_model):
 
 def test_note_conversations_can_be_left_out_for_qa_only_training():
     records = load_lab_notes(NOTES, qa_pairs=True, whole_note=False)
-    assert records and all("_qa" in r["id"] for r in records)
-    assert len(records) == sum(len(qa_pairs(read_note(p), QA_FIELDS)) for p in NOTES.iterdir())
-    assert len(records) >= 8 * len(list(NOTES.iterdir()))  # every sample note has presenter, recorder and topic
+    assert records and all(r.get("fact") for r in records)  # questions only, no whole note
+    # every sample note has presenter, recorder and topic, each asked in two wordings
+    assert len(records) >= 6 * len(list(NOTES.iterdir()))
 
 
 def test_notes_must_give_some_conversation():

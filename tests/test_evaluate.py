@@ -217,7 +217,7 @@ def evaluated(tmp_path_factory):
     tokens = build_tokenize(recipe, store, base, data).uri
     model = build_train(recipe, store, base, tokens, log=lambda line: None).uri
     result = build_evaluate(recipe, store, base, model, data_uri=data, tokens_uri=tokens)
-    return recipe, store, {"base": base, "data": data, "tokens": tokens, "model": model, "evaluate": result.uri}
+    return recipe, store, {"target": base, "data": data, "tokens": tokens, "tuned": model, "evaluation": result.uri}
 
 
 def test_held_out_note_questions_become_prompts_and_never_train(evaluated):
@@ -233,7 +233,7 @@ def test_held_out_note_questions_become_prompts_and_never_train(evaluated):
 
 def test_evaluate_scores_tags_loss_and_general_ability(evaluated):
     _, _, uris = evaluated
-    out = Path(uris["evaluate"])
+    out = Path(uris["evaluation"])
     summary = json.loads((out / "summary.json").read_text())
     rows = [json.loads(line) for line in (out / "answers.jsonl").read_text().splitlines()]
     assert {"recipe", "lab", "heldout_notes", "presenter"} <= set(summary["accuracy"]["tuned"]["by_tag"])
@@ -255,7 +255,7 @@ def test_evaluate_scores_tags_loss_and_general_ability(evaluated):
 
 def test_ask_and_chat_on_a_model_in_the_store_and_refuse_an_incomplete_one(evaluated, tmp_path):
     _, _, uris = evaluated
-    proc = run_cli("ask", uris["model"], "Who presented at the lab meeting on 4/14/2023?", "Topic?", "--json",
+    proc = run_cli("ask", uris["tuned"], "Who presented at the lab meeting on 4/14/2023?", "Topic?", "--json",
                    "--max-new-tokens", "6")
     assert proc.returncode == 0, proc.stderr[-2000:]
     answers = [json.loads(line) for line in proc.stdout.splitlines()]
@@ -266,36 +266,36 @@ def test_ask_and_chat_on_a_model_in_the_store_and_refuse_an_incomplete_one(evalu
     from labtune.stages.evaluate import training_longest_answer
 
     budget = auto_max_new_tokens(training_longest_answer(Path(uris["tokens"])))
-    proc = run_cli("ask", uris["model"], "Who presented at the lab meeting on 4/14/2023?")
+    proc = run_cli("ask", uris["tuned"], "Who presented at the lab meeting on 4/14/2023?")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert f"hit --max-new-tokens={budget}; raise it" in proc.stderr
-    proc = run_cli("ask", uris["model"], "Hello?", "--max-new-tokens", "0")
+    proc = run_cli("ask", uris["tuned"], "Hello?", "--max-new-tokens", "0")
     assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == \
         "labtune: error: --max-new-tokens: must be auto or a whole number of at least 1 (got '0')"
-    chat = run_cli("chat", uris["model"], "--max-new-tokens", "6", stdin="Hello\nWho presented?\n/exit\n")
+    chat = run_cli("chat", uris["tuned"], "--max-new-tokens", "6", stdin="Hello\nWho presented?\n/exit\n")
     assert chat.returncode == 0, chat.stderr[-2000:]
     assert len(chat.stdout.splitlines()) == 2  # one answer per turn
     # with --notes: each question's notes in the system turn, the note of the date it names first, said on stderr
     notes = REPO / "examples" / "labnotes"
-    chat = run_cli("chat", uris["model"], "--max-new-tokens", "4", "--notes", str(notes),
+    chat = run_cli("chat", uris["tuned"], "--max-new-tokens", "4", "--notes", str(notes),
                    stdin="Who presented on April 14th 2023?\nAnd on 2023-05-12?\n/exit\n")
     assert chat.returncode == 0, chat.stderr[-2000:]
     assert len(chat.stdout.splitlines()) == 2
     assert [line for line in chat.stderr.splitlines() if line.startswith("notes: ")] == \
         ["notes: 2023-04-14.md", "notes: 2023-05-12.md"]
-    proc = run_cli("ask", uris["model"], "Who presented on 4/14/2023?", "--notes", str(notes), "--top-k", "2", "--json",
+    proc = run_cli("ask", uris["tuned"], "Who presented on 4/14/2023?", "--notes", str(notes), "--top-k", "2", "--json",
                    "--max-new-tokens", "4")
     assert proc.returncode == 0 and json.loads(proc.stdout)["notes"][0] == "2023-04-14.md"
     empty = tmp_path / "no-notes"
     empty.mkdir()
-    for command in (["ask", uris["model"], "Who?"], ["chat", uris["model"]]):
+    for command in (["ask", uris["tuned"], "Who?"], ["chat", uris["tuned"]]):
         proc = run_cli(*command, "--notes", str(empty), stdin="/exit\n")
         assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith(f"labtune: error: {empty}: no ")
 
     import shutil
 
     broken = tmp_path / "store" / "train" / "abc"
-    shutil.copytree(uris["model"], broken)
+    shutil.copytree(uris["tuned"], broken)
     (broken / "manifest.json").unlink()
     proc = run_cli("ask", str(broken), "Hello?")
     assert proc.returncode == 2
@@ -321,7 +321,7 @@ def test_auto_answer_budget_is_the_longest_training_answer_plus_the_margin(evalu
     assert training_longest_answer(Path(uris["tokens"])) == longest
     # every short answer's own tokens fit in its labelled span (the span adds the end-of-turn token;
     # whole notes longer than model_max_length are cut by the tokenize stage, and so is their span)
-    tokenizer = AutoTokenizer.from_pretrained(uris["model"])
+    tokenizer = AutoTokenizer.from_pretrained(uris["tuned"])
     lengths = [len(tokenizer(t["value"], add_special_tokens=False)["input_ids"])
                for r in json.loads((Path(uris["data"]) / "train.json").read_text())
                for t in r["conversations"] if t["from"] == "gpt"]
@@ -335,15 +335,15 @@ def test_answers_cut_at_the_token_limit_are_counted_and_warned_about(evaluated):
 
     recipe, store, uris = evaluated
     # the tiny random model never says its end-of-turn token: at 8 tokens every answer is cut
-    summary = json.loads((Path(uris["evaluate"]) / "summary.json").read_text())
-    rows = [json.loads(line) for line in (Path(uris["evaluate"]) / "answers.jsonl").read_text().splitlines()]
+    summary = json.loads((Path(uris["evaluation"]) / "summary.json").read_text())
+    rows = [json.loads(line) for line in (Path(uris["evaluation"]) / "answers.jsonl").read_text().splitlines()]
     assert summary["max_new_tokens"] == 8 and summary["max_new_tokens_setting"] == 8
     assert summary["truncated"]["tuned"] == sum(r["tuned_truncated"] for r in rows) == len(rows)
     auto = recipe.model_copy(deep=True)
     auto.evaluation.max_new_tokens = "auto"
     auto.evaluation.general.questions = None
     lines: list[str] = []
-    result = build_evaluate(auto, store, uris["base"], uris["model"], log=lines.append, data_uri=uris["data"],
+    result = build_evaluate(auto, store, uris["target"], uris["tuned"], log=lines.append, data_uri=uris["data"],
                             tokens_uri=uris["tokens"])
     summary = json.loads((Path(result.uri) / "summary.json").read_text())
     from labtune.stages.evaluate import training_longest_answer
@@ -423,7 +423,7 @@ def test_a_recipe_with_a_malformed_prompt_file_fails_before_any_model_loads(eval
     from labtune.stages.evaluate import build_evaluate
 
     with pytest.raises(PromptError, match=f"{bad}: entry 1: question: Field required"):
-        build_evaluate(broken, store, uris["base"], uris["model"], data_uri=uris["data"], tokens_uri=uris["tokens"])
+        build_evaluate(broken, store, uris["target"], uris["tuned"], data_uri=uris["data"], tokens_uri=uris["tokens"])
 
 
 @pytest.mark.slow

@@ -98,8 +98,8 @@ def test_labtune_export_writes_the_gguf_a_modelfile_and_the_model_card(tmp_path)
     from labtune.models.card import card_header
     from labtune.stages.train import build_train
 
-    recipe, store, model_uri, tokens_uri = tiny_stage_inputs(tmp_path, ["train.num_train_epochs=1"])
-    trained = build_train(recipe, store, model_uri, tokens_uri, log=lambda line: None).uri
+    recipe, store, target_uri, tokens_uri = tiny_stage_inputs(tmp_path, ["train.num_train_epochs=1"])
+    trained = build_train(recipe, store, target_uri, tokens_uri, log=lambda line: None).uri
     card = (Path(trained) / "README.md").read_text()
     header = card_header(card)
     assert header["library_name"] == "transformers" and header["base_model"] == recipe.base_model.source

@@ -11,7 +11,7 @@ import shutil
 import pytest
 from conftest import REPO, TINY_RECIPE, run_cli
 
-from labtune.data import augment, heldout, wordings
+from labtune.data import augment, heldout, note_fields, wordings
 from labtune.data.notes import note_files, read_note, us_date
 from labtune.errors import RecipeError
 from labtune.evaluation.prompts import Prompt, score
@@ -141,8 +141,8 @@ def test_no_meeting_questions_cover_every_training_template_of_every_field():
     absent = [r for r in records if r["fact"]["kind"] == "absent"]
     asked = {(r["fact"]["field"], t) for r in absent for t in wordings.TRAIN_TEMPLATES[r["fact"]["field"]]
              if re.fullmatch(re.escape(t).replace(re.escape("{d}"), ".+"), r["conversations"][0]["value"])}
-    assert asked == {(f, t) for f in augment.FIELDS for t in wordings.TRAIN_TEMPLATES[f]}
-    by_field = {f: sum(1 for r in absent if r["fact"]["field"] == f) for f in augment.FIELDS}
+    assert asked == {(f, t) for f in note_fields.SHORT_FIELDS for t in wordings.TRAIN_TEMPLATES[f]}
+    by_field = {f: sum(1 for r in absent if r["fact"]["field"] == f) for f in note_fields.SHORT_FIELDS}
     assert max(by_field.values()) - min(by_field.values()) <= 1  # in proportion to the real questions
 
 
@@ -195,7 +195,7 @@ def test_each_no_meeting_date_is_asked_about_every_field_in_turn_within_two_week
             asked.setdefault(record["fact"]["date"], set()).add(record["fact"]["field"])
             assert "no lab meeting" in record["conversations"][1]["value"]
     assert set(asked) == {d.isoformat() for d in dates}
-    assert all(fields == set(augment.FIELDS) for fields in asked.values())
+    assert all(fields == set(note_fields.SHORT_FIELDS) for fields in asked.values())
     near = load_recipe(TINY_RECIPE, ["data.augment.absent_ratio=3", "data.augment.absent_within_days=4"]).data.augment
     near_dates = augment.training_absent_dates(notes, near, 42)
     assert len(near_dates) == 3 * len(meetings)
@@ -287,9 +287,10 @@ def test_two_meetings_on_one_date_are_both_kept_and_either_answer_counts(tmp_pat
 
 
 def test_retrieval_finds_the_note_of_the_asked_date_in_any_form():
-    from labtune.evaluation.retrieval import NotesIndex, note_documents
+    from labtune.data.notes import meeting_documents
+    from labtune.evaluation.retrieval import NotesIndex
 
-    index = NotesIndex(note_documents(NOTES))
+    index = NotesIndex(meeting_documents(NOTES))
     for question in ("Who is the presenter on 4/14/2023 lab meeting?", "Which lab member gave the talk at the meeting held "
                      "on Friday, April 14, 2023?", "Who took notes on the 14th of April 2023?"):
         assert index.search(question, 1)[0]["date"] == "2023-04-14", question
@@ -299,9 +300,10 @@ def test_retrieval_finds_the_note_of_the_asked_date_in_any_form():
 
 def test_recall_at_k_counts_the_questions_whose_meeting_note_reached_the_prompt():
     from labtune.evaluation.prompts import Prompt
-    from labtune.evaluation.retrieval import NotesIndex, note_documents, recall_line, retrieval_recall
+    from labtune.data.notes import meeting_documents
+    from labtune.evaluation.retrieval import NotesIndex, recall_line, retrieval_recall
 
-    index = NotesIndex(note_documents(NOTES))
+    index = NotesIndex(meeting_documents(NOTES))
     asked = [Prompt(question="Who took notes on the 14th of April 2023?", expected="Daniel Brooks", tags=["recorder"]),
              Prompt(question="Who presented on 2023-05-12?", expected="Daniel Brooks", tags=["presenter"]),
              Prompt(question="Who presented on 2023-04-21?", expected="no lab meeting", tags=["absent"]),  # no note: not counted
@@ -347,7 +349,7 @@ def test_an_answer_that_knows_nothing_scores_nothing():
     cfg = load_recipe(TINY_RECIPE, ["data.augment.enabled=true", "data.augment.eval_absent_dates=10"]).data.augment
     prompts = _all_prompts(notes, cfg)
     topics = [n.fields["topic"] for n in notes]
-    everything = ("On 4/21/2023 there is no lab meeting in the notes. " + ", ".join(augment.people(notes)) + ". "
+    everything = ("On 4/21/2023 there is no lab meeting in the notes. " + ", ".join(note_fields.people(notes)) + ". "
                   + ", ".join(us_date(n.date) for n in notes) + ". " + "; ".join(topics) + ".")
     real = [p for p in prompts if not {"absent", "absent_trained"} & set(p.tags)]
     for answer in (everything, "On 4/21/2023 there is no lab meeting in the notes.", "",

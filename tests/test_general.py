@@ -153,7 +153,7 @@ def test_replay_is_what_the_base_model_generated_and_joins_the_train_split(one_f
     from labtune.stages.replay import chosen_prompts, whole_sentences
 
     root, store, evaluated, _ = one_fact
-    trained = json.loads((Path(evaluated.uri) / "run.json").read_text())["model"]
+    trained = json.loads((Path(evaluated.uri) / "run.json").read_text())["tuned"]
     prompts = root / "replay.txt"
     prompts.write_text("# general prompts\nName a planet.\n\nWrite a haiku about rain.\nWhat is 2 + 2?\nSay hello.\n")
     recipe = one_fact_recipe(root, 1, 1e-3, f"base_model.source={trained}", "data.replay.enabled=true",
@@ -196,7 +196,7 @@ def test_sampled_answers_are_drawn_from_the_model_and_repeat_with_their_seed(one
     from labtune.evaluation.generation import Sampling, ask, load_model
 
     root, store, evaluated, _ = one_fact
-    base = json.loads((Path(evaluated.uri) / "run.json").read_text())["base"]
+    base = json.loads((Path(evaluated.uri) / "run.json").read_text())["target"]
     model, tokenizer = load_model(Path(base))  # the random tiny base: a broad distribution
     questions = ["Name a planet.", "Say hello.", "What is 2 + 2?"]
     draw = lambda seed, t=1.0: ask(model, tokenizer, questions, 12, 3, sampling=Sampling(t, seed)).answers  # noqa: E731

@@ -83,7 +83,7 @@ def test_store_ls_and_gc_fail_fast_on_an_unreachable_endpoint(tmp_path):
 
 def test_a_given_input_is_checked_before_anything_is_called_cached(tmp_path):
     store = f"store.uri={tmp_path / 'store'}"
-    one_line_error(run_cli("delta", str(TINY_RECIPE), store, "--base", "/nowhere"), USAGE, "/nowhere", "no such folder")
+    one_line_error(run_cli("delta", str(TINY_RECIPE), store, "--weights", "/nowhere"), USAGE, "/nowhere", "no such folder")
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     one_line_error(run_cli("tokenize", str(TINY_RECIPE), store, "--data", str(elsewhere)), USAGE, str(elsewhere),

@@ -14,7 +14,7 @@ from labtune.data import augment, heldout
 from labtune.data.note_sections import meeting_sections
 from labtune.data.notes import note_files, read_meetings, read_note
 from labtune.evaluation.prompts import Prompt, paired, score
-from labtune.evaluation.retrieval import note_documents
+from labtune.data.notes import meeting_documents
 from labtune.recipe import load_recipe
 
 LOGS = REPO / "tests" / "notes" / "logs"
@@ -157,7 +157,7 @@ def test_the_data_report_lists_each_meeting_of_a_log_with_its_lines(tmp_path):
     facts = json.loads((tmp_path / "out" / "facts.json").read_text())
     assert {"file": "running-log.md", "line": 34, "date": "2023-04-14", "field": "presenter", "value": "Oskar Lind",
             "how": "agenda", "examples": 0} in facts
-    documents = note_documents(LOGS)
+    documents = meeting_documents(LOGS)
     assert len(documents) == 16 and {"running-log.md:19-28", "oldest-first.org:12-17"} <= {d["file"] for d in documents}
     assert "contrastive pretraining" in next(d["text"] for d in documents if d["date"] == "2023-04-21")
     assert "depth estimation" not in next(d["text"] for d in documents if d["date"] == "2023-04-21")

@@ -122,9 +122,9 @@ def wider_inputs(tmp_path_factory):
 
 
 def test_the_estimate_is_within_a_quarter_of_the_measured_peak_and_auto_resolves_before_launch(wider_inputs):
-    recipe, store, model_uri, tokens_uri = wider_inputs
+    recipe, store, target_uri, tokens_uri = wider_inputs
     lines: list[str] = []
-    result = build_train(recipe, store, model_uri, tokens_uri, log=lines.append)
+    result = build_train(recipe, store, target_uri, tokens_uri, log=lines.append)
     memory = json.loads((fetch(store, result.uri) / "manifest.json").read_text())["memory"]
     measured = max(memory["measured_peak_gib"])  # peak resident memory of each rank, from the worker
     assert memory["estimate_gib"] == pytest.approx(measured, rel=0.25), memory
@@ -138,13 +138,13 @@ def test_the_estimate_is_within_a_quarter_of_the_measured_peak_and_auto_resolves
 
 
 def test_an_impossible_recipe_fails_in_pre_flight_with_the_numbers(wider_inputs):
-    recipe, store, model_uri, tokens_uri = wider_inputs
+    recipe, store, target_uri, tokens_uri = wider_inputs
     small = recipe.model_copy(deep=True)
     small.parallel.memory_per_rank_gib = 0.6  # less than the runtime and the states together
     small.train.seed = 7  # not the run above, which the store holds already (a stored stage is not re-checked)
     lines: list[str] = []
     with pytest.raises(TrainError) as failure:
-        build_train(small, store, model_uri, tokens_uri, log=lines.append)
+        build_train(small, store, target_uri, tokens_uri, log=lines.append)
     message = str(failure.value)
     assert message.startswith("train: the model does not fit: ") and "\n" not in message
     assert "GiB per rank at peak" in message and "parameters 0.1" in message and "Would fit" in message
@@ -154,12 +154,12 @@ def test_an_impossible_recipe_fails_in_pre_flight_with_the_numbers(wider_inputs)
 
 def test_cpu_offload_trains_to_the_same_losses(tmp_path):
     """fsdp `offload` (FSDP2's CPUOffloadPolicy) on two CPU ranks: the same losses as without."""
-    recipe, store, model_uri, tokens_uri = tiny_stage_inputs(tmp_path)
+    recipe, store, target_uri, tokens_uri = tiny_stage_inputs(tmp_path)
     losses = {}
     for fsdp in ("full_shard auto_wrap", "full_shard auto_wrap offload"):
         variant = recipe.model_copy(deep=True)
         variant.train.fsdp, variant.train.save_strategy = fsdp, "no"
-        out = fetch(store, build_train(variant, store, model_uri, tokens_uri, log=lambda line: None).uri)
+        out = fetch(store, build_train(variant, store, target_uri, tokens_uri, log=lambda line: None).uri)
         losses[fsdp] = [r["loss"] for r in json.loads((out / "train_metrics.json").read_text())["history"]]
     assert len(losses["full_shard auto_wrap"]) >= 3
     assert losses["full_shard auto_wrap offload"] == pytest.approx(losses["full_shard auto_wrap"], rel=1e-5)

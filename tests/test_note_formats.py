@@ -167,7 +167,7 @@ def test_a_schedule_row_joins_its_note_and_a_conflict_is_named(tmp_path):
     (tmp_path / "talks.tsv").write_text("Meeting date\tSpeaker\tTitle\n2023-12-22\tBo Chen\tdata loader profiling\n"
                                         "2024-01-05\tSven Lindqvist\ttest-time adaptation\nTBD\tAna Souza\tretreat\n")
     report = SourceReport(str(tmp_path), "lab_notes")
-    load_lab_notes(tmp_path, report)
+    load_lab_notes(tmp_path, report, augment=AugmentConfig())
     [note, row] = report.notes
     assert (note["file"], note["facts"]) == ("2023-12-22.txt", {"presenter": 1, "recorder": 1, "topic": 1})
     assert "presenter: talks.tsv line 2 says Bo Chen; the note says Lea Dubois (the note's kept)" in note["flags"]
@@ -190,7 +190,7 @@ def test_an_xlsx_schedule_and_a_sheet_that_is_no_schedule(tmp_path):
     assert (meeting.date, meeting.values("presenter"), meeting.facts[0].line) == (dt.date(2023, 9, 1), ["Lea Dubois"], 3)
     (tmp_path / "budget.csv").write_text("item,cost\nGPU,3000\n")
     report = SourceReport(str(tmp_path), "lab_notes")
-    load_lab_notes(tmp_path, report)
+    load_lab_notes(tmp_path, report, augment=AugmentConfig())
     assert report.skipped_files == ["budget.csv: not a schedule: no header row with a date column and a presenter, topic "
                                     "or other field's column (columns: item, cost)"]
 
@@ -207,7 +207,7 @@ def test_a_title_heading_after_the_speaker_lines_is_the_topic_and_html_and_pdf_a
     assert (page.date, page.values("presenter"), page.values("topic")) == (dt.date(2023, 9, 8), ["Bo Chen"], ["label smoothing"])
     (tmp_path / "scan 2023-09-15.pdf").write_bytes(b"\x89PNG not a pdf")
     report = SourceReport(str(tmp_path), "lab_notes")
-    load_lab_notes(tmp_path, report)
+    load_lab_notes(tmp_path, report, augment=AugmentConfig())
     assert report.skipped_files == ["scan 2023-09-15.pdf: not a readable .pdf file (damaged, or another format under that name)"]
 
 
@@ -255,7 +255,7 @@ def test_a_markdown_table_of_talks_is_a_schedule_and_a_note_with_one_stays_a_not
     [note] = read_meetings(tmp_path / "2023-09-08.md")
     assert (note.date, note.schedule, note.values("recorder")) == (dt.date(2023, 9, 8), False, ["Ana Souza"])
     report = SourceReport(str(tmp_path), "lab_notes")
-    load_lab_notes(tmp_path, report)
+    load_lab_notes(tmp_path, report, augment=AugmentConfig())
     assert [(n["file"], n["date"], n["facts"]) for n in report.notes] == [
         ("2023-09-08.md", "2023-09-08", {"recorder": 1, "presenter": 1, "topic": 1}),
         ("talks.md:5-5", "2023-09-01", {"presenter": 1, "topic": 1})]

@@ -15,7 +15,7 @@ from labtune.data.conversations import SourceReport, load_lab_notes
 from labtune.data.note_dates import find_dates
 from labtune.data.notes import NO_DATE, NoteError, read_note
 from labtune.errors import RecipeError
-from labtune.recipe import load_recipe
+from labtune.recipe import AugmentConfig, load_recipe
 
 MESSY = REPO / "tests" / "notes" / "messy"
 
@@ -104,7 +104,7 @@ def test_day_month_order_and_the_ambiguous_date(tmp_path):
     (tmp_path / "2023-02-10.md").write_text("# Lab meeting 2/10/2023\nPresenter: Ann Lee\n")
     assert read_note(tmp_path / "2023-02-10.md").other_date is None
     report = SourceReport(str(MESSY), "lab_notes")
-    load_lab_notes(MESSY, report)
+    load_lab_notes(MESSY, report, augment=AugmentConfig())
     flags = {n["file"]: n["flags"] for n in report.notes}
     assert flags["notes-b.md"] == ["date 2023-03-04 read as MDY; as DMY it would be 2023-04-03 (set data.date_order)"]
     assert flags["2023-05-12.md"] == ["no fields read: only its sentences, as statements"]

@@ -159,11 +159,11 @@ def test_a_broken_checkpoint_is_named_and_the_one_before_it_is_resumed(tiny_stag
     broken one, and trains to the end."""
     from labtune.stages.train import build_train
 
-    recipe, store, model_uri, tokens_uri = tiny_stages
+    recipe, store, target_uri, tokens_uri = tiny_stages
     variant = recipe.model_copy(deep=True)
     variant.train.num_train_epochs, variant.train.save_steps, variant.train.save_total_limit = 2, 4, 3
     variant.train.seed = {"missing": 1, "corrupt": 2}[damage]  # a training of its own per case
-    result = build_train(variant, store, model_uri, tokens_uri, log=lambda line: None)
+    result = build_train(variant, store, target_uri, tokens_uri, log=lambda line: None)
     manifest = store.root / store.key_for(result.uri) / "manifest.json"
     steps = sorted((store.root / "checkpoints" / manifest.parent.name).glob("step-*/manifest.json"))
     assert len(steps) >= 2, steps
@@ -178,7 +178,7 @@ def test_a_broken_checkpoint_is_named_and_the_one_before_it_is_resumed(tiny_stag
     manifest.unlink()  # the trained model is gone: the stage trains again, from a checkpoint
 
     lines: list[str] = []
-    out = fetch(store, build_train(variant, store, model_uri, tokens_uri, log=lines.append).uri)
+    out = fetch(store, build_train(variant, store, target_uri, tokens_uri, log=lines.append).uri)
     broken = [line for line in lines if line.startswith(f"checkpoint step {int(newest.name[5:])} is broken")]
     assert broken and "__1_0.distcp" in broken[0], [line for line in lines if "checkpoint" in line]
     assert ("no such object" if damage == "missing" else "sha256 does not match") in broken[0]
@@ -199,7 +199,7 @@ def test_a_crash_says_which_rank_failed_and_why(tiny_stages):
 
     from labtune.stages.train import TrainCrashed, build_train
 
-    recipe, store, model_uri, tokens_uri = tiny_stages
+    recipe, store, target_uri, tokens_uri = tiny_stages
     variant = recipe.model_copy(deep=True)
     variant.train.num_train_epochs, variant.train.save_strategy, variant.train.seed = 20, "no", 3
     failure: list[BaseException] = []
@@ -207,7 +207,7 @@ def test_a_crash_says_which_rank_failed_and_why(tiny_stages):
 
     def attempt() -> None:
         try:
-            build_train(variant, store, model_uri, tokens_uri, log=lambda line: progress.set() if line.startswith("progress ") else None)
+            build_train(variant, store, target_uri, tokens_uri, log=lambda line: progress.set() if line.startswith("progress ") else None)
         except BaseException as exc:  # noqa: BLE001 - the test inspects it
             failure.append(exc)
 
@@ -328,14 +328,14 @@ def test_a_full_disk_fails_the_stage_in_one_line_and_the_run_goes_on_once_space_
         monkeypatch.setenv("LABTUNE_HOME", str(small_disk / "home"))
     recipe = load_recipe(TINY_RECIPE, [f"store.uri={store_root}", "train.save_steps=2"])
     store = LocalStore(store_root)
-    model_uri = build_weights(recipe, store).uri
-    tokens_uri = build_tokenize(recipe, store, model_uri, build_data(recipe, store).uri).uri
+    target_uri = build_weights(recipe, store).uri
+    tokens_uri = build_tokenize(recipe, store, target_uri, build_data(recipe, store).uri).uri
     filler = _fill(small_disk, leave=64 * 1024)  # less than one checkpoint of the tiny model
 
     from labtune.store.backends import DiskFull
 
     with pytest.raises((TrainError, DiskFull)) as failure:  # from the worker, or from the stage's own writes
-        build_train(recipe, store, model_uri, tokens_uri, log=lambda line: None)
+        build_train(recipe, store, target_uri, tokens_uri, log=lambda line: None)
     message = str(failure.value)
     print(message)
     assert "\n" not in message and "no space left on device: needed " in message and str(small_disk) in message, message
@@ -343,7 +343,7 @@ def test_a_full_disk_fails_the_stage_in_one_line_and_the_run_goes_on_once_space_
     assert not list((store_root / "train").glob("*/manifest.json"))  # nothing half-written is marked complete
 
     filler.unlink()
-    result = build_train(recipe, store, model_uri, tokens_uri, log=lambda line: None)
+    result = build_train(recipe, store, target_uri, tokens_uri, log=lambda line: None)
     fetch(store, result.uri)
     assert not result.cached
 

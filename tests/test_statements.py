@@ -17,7 +17,8 @@ from labtune.data.raft import TAUGHT_KINDS, citing_the_note, notes_system, witho
 from labtune.data.statements import PLAN, RESULT, SAID, numbers, statement_facts, subjects
 from labtune.errors import RecipeError
 from labtune.evaluation.prompts import Prompt, score
-from labtune.evaluation.retrieval import NotesIndex, note_documents, retrieval_recall
+from labtune.data.notes import meeting_documents
+from labtune.evaluation.retrieval import NotesIndex, retrieval_recall
 from labtune.recipe import load_recipe
 
 NOTES = REPO / "examples" / "labnotes"
@@ -110,7 +111,7 @@ def test_action_items_are_statements_where_the_recipe_does_not_teach_them_as_fie
 def test_the_sentences_nearest_the_question_close_the_notes_a_question_is_asked_with():
     from labtune.data.raft import NEAREST_HEADER, nearest_sentences
 
-    index = NotesIndex(note_documents(NOTES))
+    index = NotesIndex(meeting_documents(NOTES))
     asked = {"How many cells did Maya cluster, per the 1/13/2023 lab meeting?": "clustering of 12,000 cells",
              "What threshold did Maya use with scrublet at the 1/13/2023 meeting?": "scrublet with a 0.25 threshold",
              "What did Daniel have to order after the 1/13/2023 lab meeting?": "order more tricaine"}
@@ -133,7 +134,7 @@ def test_raft_questions_carry_notes_as_retrieval_puts_them_and_golden_ones_read_
     assert 0.12 < len(with_notes) / len(facts) < 0.28
     golden = [r for r in with_notes if r["fact"]["notes"] == "golden"]
     assert 0.6 < len(golden) / len(with_notes) < 0.95
-    index = NotesIndex(note_documents(NOTES))
+    index = NotesIndex(meeting_documents(NOTES))
     for record in with_notes:
         system, question, answer = (t["value"] for t in record["conversations"])
         assert record["conversations"][0]["from"] == "system" and "\n\n---\n\n" in system  # two notes
@@ -196,7 +197,7 @@ def test_fresh_meetings_are_kept_out_of_training_and_asked_with_a_fresh_tag():
 
 
 def test_retrieval_puts_the_asked_dates_note_first_whatever_the_words():
-    index = NotesIndex(note_documents(NOTES))
+    index = NotesIndex(meeting_documents(NOTES))
     # the words belong to other meetings' notes (scrublet: 1/13; tricaine and light-sheet elsewhere); the date decides
     question = "What did the 6/23/2023 notes say about scrublet, tricaine and the light-sheet pipeline?"
     assert index.search(question, 1)[0]["date"] == "2023-06-23"

@@ -24,15 +24,16 @@ def test_training_and_evaluation_reach_tensorboard_and_mlflow(tmp_path, monkeypa
     monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking)
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "labtune-test")
     logging_dir = tmp_path / "tb"
-    recipe, store, model_uri, tokens_uri = tiny_stage_inputs(tmp_path, [
+    recipe, store, target_uri, tokens_uri = tiny_stage_inputs(tmp_path, [
         "train.num_train_epochs=1", "train.report_to=[tensorboard, mlflow]", f"train.logging_dir={logging_dir}",
         "evaluation.retrieval=false"])
     plain, *_ = tiny_stage_inputs(tmp_path / "plain", ["train.num_train_epochs=1", "evaluation.retrieval=false"])
-    trained = build_train(recipe, store, model_uri, tokens_uri, log=lambda line: None,
+    trained = build_train(recipe, store, target_uri, tokens_uri, log=lambda line: None,
                           run_tags={"prefect.flow_run_id": "flow-run-1"})
     from labtune.stages.train import train_key
 
-    assert train_key(recipe, model_uri, tokens_uri)[0] == train_key(plain, model_uri, tokens_uri)[0]  # trackers change no model
+    # trackers change no model
+    assert train_key(recipe, store, target_uri, tokens_uri).key == train_key(plain, store, target_uri, tokens_uri).key
     metrics = json.loads((Path(trained.uri) / "train_metrics.json").read_text())
     steps = [record["step"] for record in metrics["history"]]
     tracked = metrics["tracked"]
@@ -49,7 +50,7 @@ def test_training_and_evaluation_reach_tensorboard_and_mlflow(tmp_path, monkeypa
     assert run.data.tags["prefect.flow_run_id"] == "flow-run-1" and run.data.tags["recipe"] == recipe.name
     assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == steps
 
-    summary = json.loads((Path(build_evaluate(recipe, store, model_uri, trained.uri, log=lambda line: None,
+    summary = json.loads((Path(build_evaluate(recipe, store, target_uri, trained.uri, log=lambda line: None,
                                               tokens_uri=tokens_uri).uri) / "summary.json").read_text())
     expected = summary["accuracy"]["tuned"]["overall"]["accuracy"]
     assert client.get_run(run.info.run_id).data.metrics["eval/tuned/all"] == pytest.approx(expected)

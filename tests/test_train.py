@@ -38,9 +38,9 @@ def tiny_inputs(tmp_path_factory):
 
 
 def test_two_process_fsdp2_shards_parameters_and_saves_a_loadable_model(tiny_inputs):
-    recipe, store, model_uri, data_uri = tiny_inputs
+    recipe, store, target_uri, data_uri = tiny_inputs
     lines = []
-    result = build_train(recipe, store, model_uri, data_uri, log=lines.append)
+    result = build_train(recipe, store, target_uri, data_uri, log=lines.append)
     out = fetch(store, result.uri)
     metrics = json.loads((out / "train_metrics.json").read_text())
     sharding = metrics["sharding"]
@@ -59,7 +59,7 @@ def test_two_process_fsdp2_shards_parameters_and_saves_a_loadable_model(tiny_inp
 
     tokenizer = AutoTokenizer.from_pretrained(out)
     model = AutoModelForCausalLM.from_pretrained(out)
-    base = AutoModelForCausalLM.from_pretrained(fetch(store, model_uri))
+    base = AutoModelForCausalLM.from_pretrained(fetch(store, target_uri))
     changed = [n for n, p in model.state_dict().items() if not torch.equal(p, base.state_dict()[n])]
     assert changed, "training left every weight unchanged"
     # generation keeps its KV cache (training turns it off; a saved `use_cache: false` made answers ~5x slower)
@@ -70,8 +70,8 @@ def test_two_process_fsdp2_shards_parameters_and_saves_a_loadable_model(tiny_inp
 
 
 def test_tokens_per_second_are_the_tokens_over_the_measured_step_time(tiny_inputs):
-    recipe, store, model_uri, data_uri = tiny_inputs
-    out = fetch(store, build_train(recipe, store, model_uri, data_uri).uri)  # the run above, from the store
+    recipe, store, target_uri, data_uri = tiny_inputs
+    out = fetch(store, build_train(recipe, store, target_uri, data_uri).uri)  # the run above, from the store
     metrics = json.loads((out / "train_metrics.json").read_text())
     history = metrics["history"]
     previous = 0
@@ -98,15 +98,15 @@ def test_the_flop_count_in_the_metrics_is_the_formula_step_by_step(tiny_inputs):
 
     from labtune.training.throughput import FlopsModel
 
-    recipe, store, model_uri, data_uri = tiny_inputs
+    recipe, store, target_uri, data_uri = tiny_inputs
     frozen = recipe.model_copy(deep=True)
     frozen.train.freeze_layers = 1
     cached = frozen.model_copy(deep=True)  # one unsharded process: layer 0 computed once (frozen_prefix)
     cached.parallel.nproc_per_node = 1
     for variant in (recipe, frozen, cached):
-        out = fetch(store, build_train(variant, store, model_uri, data_uri, log=lambda line: None).uri)
+        out = fetch(store, build_train(variant, store, target_uri, data_uri, log=lambda line: None).uri)
         metrics = json.loads((out / "train_metrics.json").read_text())
-        model = AutoModelForCausalLM.from_pretrained(fetch(store, model_uri))
+        model = AutoModelForCausalLM.from_pretrained(fetch(store, target_uri))
         if variant.train.freeze_layers:
             model.get_input_embeddings().weight.requires_grad_(False)
             model.model.layers[0].requires_grad_(False)
@@ -134,11 +134,11 @@ def test_the_flop_count_in_the_metrics_is_the_formula_step_by_step(tiny_inputs):
 
 
 def test_worker_failure_raises_with_its_last_error_line(tiny_inputs):
-    recipe, store, model_uri, data_uri = tiny_inputs
+    recipe, store, target_uri, data_uri = tiny_inputs
     bad = recipe.model_copy(deep=True)
     bad.train.fsdp_transformer_layer_cls_to_wrap = "NoSuchDecoderLayer"
     with pytest.raises(TrainError, match="fsdp_transformer_layer_cls_to_wrap: no module of class"):
-        build_train(bad, store, model_uri, data_uri, log=lambda line: None)
+        build_train(bad, store, target_uri, data_uri, log=lambda line: None)
     assert not list((store.root / "train").glob("*/manifest.json")) or all(
         "NoSuchDecoderLayer" not in p.read_text() for p in (store.root / "train").glob("*/manifest.json"))
 
@@ -166,12 +166,12 @@ def test_accumulation_is_lowered_and_logged_when_the_recipe_allows_it(tiny_input
 def test_two_ranks_give_the_losses_of_one_process_with_the_whole_batch(tiny_inputs):
     """Each step's loss is the mean over all label tokens of the global batch, so splitting a batch
     of 8 over 2 ranks x 4 gives the same losses (and updates) as 1 process x 8."""
-    recipe, store, model_uri, tokens_uri = tiny_inputs
+    recipe, store, target_uri, tokens_uri = tiny_inputs
     histories = {}
     for nproc, batch in ((2, 4), (1, 8)):
         variant = recipe.model_copy(deep=True)
         variant.parallel.nproc_per_node, variant.train.per_device_train_batch_size = nproc, batch
-        out = fetch(store, build_train(variant, store, model_uri, tokens_uri, log=lambda line: None).uri)
+        out = fetch(store, build_train(variant, store, target_uri, tokens_uri, log=lambda line: None).uri)
         histories[nproc] = [r["loss"] for r in json.loads((out / "train_metrics.json").read_text())["history"]]
     assert len(histories[1]) == len(histories[2]) >= 5
     assert histories[1] == pytest.approx(histories[2], rel=1e-3)
@@ -201,7 +201,7 @@ def test_a_killed_run_resumes_from_its_last_checkpoint_and_ends_with_the_uninter
     import torch
     from safetensors.torch import load_file
 
-    recipe, store, model_uri, tokens_uri = tiny_inputs
+    recipe, store, target_uri, tokens_uri = tiny_inputs
     variant = recipe.model_copy(deep=True)
     variant.train.num_train_epochs, variant.train.save_steps, variant.train.save_total_limit = 4, 4, 2
 
@@ -210,14 +210,14 @@ def test_a_killed_run_resumes_from_its_last_checkpoint_and_ends_with_the_uninter
     for stage in ("weights", "tokenize"):
         shutil.copytree(store.root / stage, clean.root / stage)
     in_clean = lambda uri: clean.uri_for(store.key_for(uri))  # noqa: E731
-    reference = fetch(clean, build_train(variant, clean, in_clean(model_uri), in_clean(tokens_uri), log=lambda line: None).uri)
+    reference = fetch(clean, build_train(variant, clean, in_clean(target_uri), in_clean(tokens_uri), log=lambda line: None).uri)
     total_steps = json.loads((reference / "train_metrics.json").read_text())["optimizer_steps"]
 
     failure: list[BaseException] = []
 
     def first_attempt() -> None:
         try:
-            build_train(variant, store, model_uri, tokens_uri, log=lambda line: None)
+            build_train(variant, store, target_uri, tokens_uri, log=lambda line: None)
         except BaseException as exc:  # noqa: BLE001 - the test inspects it
             failure.append(exc)
 
@@ -240,7 +240,7 @@ def test_a_killed_run_resumes_from_its_last_checkpoint_and_ends_with_the_uninter
     assert not (store.root / "train" / run_checkpoints.name / "manifest.json").exists()  # checkpoints share the run's key
 
     lines: list[str] = []
-    out = fetch(store, build_train(variant, store, model_uri, tokens_uri, log=lines.append).uri)
+    out = fetch(store, build_train(variant, store, target_uri, tokens_uri, log=lines.append).uri)
     resumed = [line for line in lines if line.startswith("resumed from checkpoint step ")]
     assert resumed, "the second attempt did not resume"
     resumed_step = int(resumed[0].split()[4])
@@ -264,7 +264,7 @@ def test_two_nodes_with_one_process_each_train_together_through_a_c10d_rendezvou
 
     from conftest import free_port
 
-    recipe, store, model_uri, tokens_uri = tiny_inputs
+    recipe, store, target_uri, tokens_uri = tiny_inputs
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     endpoint = f"127.0.0.1:{free_port()}"
     results, errors, logs = {}, [], {0: [], 1: []}
@@ -273,7 +273,7 @@ def test_two_nodes_with_one_process_each_train_together_through_a_c10d_rendezvou
         try:
             variant = recipe.model_copy(deep=True)
             variant.parallel = ParallelConfig(nproc_per_node=1, nnodes=2, node_rank=rank, rdzv_endpoint=endpoint)
-            results[rank] = build_train(variant, store, model_uri, tokens_uri, log=logs[rank].append)
+            results[rank] = build_train(variant, store, target_uri, tokens_uri, log=logs[rank].append)
         except BaseException as exc:  # noqa: BLE001 - reported below
             errors.append((rank, exc, logs[rank][-5:]))
 
@@ -290,7 +290,7 @@ def test_two_nodes_with_one_process_each_train_together_through_a_c10d_rendezvou
     assert len(metrics["sharding"]["local_numel_per_rank"]) == 2
     # the same global batches as one node with 2 processes: the same losses
     single = recipe.model_copy(deep=True)
-    reference = json.loads((fetch(store, build_train(single, store, model_uri, tokens_uri, log=lambda line: None).uri)
+    reference = json.loads((fetch(store, build_train(single, store, target_uri, tokens_uri, log=lambda line: None).uri)
                             / "train_metrics.json").read_text())
     assert [r["loss"] for r in metrics["history"]] == pytest.approx([r["loss"] for r in reference["history"]], rel=1e-4)
 
@@ -300,25 +300,25 @@ def test_lora_run_resumes_and_exports_a_merged_model_that_plain_transformers_loa
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    recipe, store, model_uri, tokens_uri = tiny_inputs
+    recipe, store, target_uri, tokens_uri = tiny_inputs
     variant = recipe.model_copy(deep=True)
     variant.train.lora, variant.train.lora_r, variant.train.lora_alpha = True, 4, 8
     variant.train.lora_target_modules = ["q_proj", "v_proj", "down_proj"]
     variant.train.num_train_epochs, variant.train.save_steps = 2, 4
     lines: list[str] = []
-    result = build_train(variant, store, model_uri, tokens_uri, log=lines.append)
+    result = build_train(variant, store, target_uri, tokens_uri, log=lines.append)
     out = fetch(store, result.uri)
     assert any(line.startswith("lora: r=4 alpha=8") for line in lines)
     first_run = (out / "model.safetensors").read_bytes()
     # the model is lost but the checkpoints are in the store: a re-run resumes and gives the same model
     store.delete_prefix(store.key_for(result.uri))
     lines.clear()
-    assert build_train(variant, store, model_uri, tokens_uri, log=lines.append).uri == result.uri
+    assert build_train(variant, store, target_uri, tokens_uri, log=lines.append).uri == result.uri
     assert any(line.startswith("resumed from checkpoint step 12 ") for line in lines)  # of 16; 4 and 8 pruned
     assert (out / "model.safetensors").read_bytes() == first_run
-    key, _ = train_key(variant, model_uri, tokens_uri)
+    key = train_key(variant, store, target_uri, tokens_uri).key
     checkpoint = next((store.root / "checkpoints" / key).glob("step-*/manifest.json"))  # this run's
-    base_dir = fetch(store, model_uri)
+    base_dir = fetch(store, target_uri)
     # checkpoints keep the adapter and its optimizer state only: far smaller than the base weights
     assert sum(f["size"] for f in json.loads(checkpoint.read_text())["files"]) < (base_dir / "model.safetensors").stat().st_size
 
@@ -335,13 +335,13 @@ def test_lora_run_resumes_and_exports_a_merged_model_that_plain_transformers_loa
 def test_torch_compile_gives_the_losses_of_eager_mode(tiny_inputs):
     """train.torch_compile compiles each decoder layer (inductor; on CPU it builds C++ with the
     system compiler): same losses as eager mode."""
-    recipe, store, model_uri, tokens_uri = tiny_inputs
+    recipe, store, target_uri, tokens_uri = tiny_inputs
     histories = {}
     for compiled in (False, True):
         variant = recipe.model_copy(deep=True)
         variant.parallel.nproc_per_node, variant.train.per_device_train_batch_size = 1, 8
         variant.train.torch_compile = compiled
-        out = fetch(store, build_train(variant, store, model_uri, tokens_uri, log=lambda line: None).uri)
+        out = fetch(store, build_train(variant, store, target_uri, tokens_uri, log=lambda line: None).uri)
         histories[compiled] = [r["loss"] for r in json.loads((out / "train_metrics.json").read_text())["history"]]
     assert histories[True] == pytest.approx(histories[False], rel=1e-4)
 
@@ -351,14 +351,14 @@ def test_bf16_on_one_cpu_process_is_autocast_near_the_fp32_losses_or_fp32_where_
     computes bf16 natively (AVX512-BF16/AMX: 2x faster), else fp32 with a line that says so."""
     from labtune.precision import native_bf16
 
-    recipe, store, model_uri, tokens_uri = tiny_inputs
+    recipe, store, target_uri, tokens_uri = tiny_inputs
     histories, logs = {}, {}
     for bf16 in (False, True):
         variant = recipe.model_copy(deep=True)
         variant.parallel.nproc_per_node, variant.train.per_device_train_batch_size = 1, 8
         variant.train.bf16, variant.train.seed = bf16, 11  # a seed of its own: no other test's cached run
         lines: list[str] = []
-        out = fetch(store, build_train(variant, store, model_uri, tokens_uri, log=lines.append).uri)
+        out = fetch(store, build_train(variant, store, target_uri, tokens_uri, log=lines.append).uri)
         histories[bf16] = [r["loss"] for r in json.loads((out / "train_metrics.json").read_text())["history"]]
         logs[bf16] = "\n".join(lines)
     assert "one process in fp32: the model is not sharded" in logs[False]

@@ -50,11 +50,12 @@ def trained_system_prompt(folder: Path, given: Optional[str]) -> Optional[str]:
 
 def notes_index(folder: Path) -> Any:
     """--notes: the BM25 index of a folder's notes, one line naming the folder when it holds none."""
-    from labtune.evaluation.retrieval import NotesIndex, note_documents
+    from labtune.data.notes import meeting_documents
+    from labtune.evaluation.retrieval import NotesIndex
 
     if not folder.is_dir():
         raise LabtuneError(f"{folder}: lab-notes folder not found")
-    documents = note_documents(folder)
+    documents = meeting_documents(folder)
     if not documents:
         raise LabtuneError(f"{folder}: no readable dated lab notes (.md, .org, .txt, .docx, .eml ...) in this folder")
     return NotesIndex(documents)

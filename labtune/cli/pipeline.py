@@ -166,16 +166,16 @@ def weights(recipe: Path = Recipe, overrides: Optional[list[str]] = Overrides, a
 
 @app.command(epilog=stage_epilog("delta"))
 def delta(recipe: Path = Recipe, overrides: Optional[list[str]] = Overrides, as_json: bool = Json,
-          base: Optional[str] = typer.Option(None, "--base", help="URI of the weights stage's output to apply the delta to")) -> None:
+          weights_uri: Optional[str] = typer.Option(None, "--weights", help="URI of the weights stage's output to apply the delta to")) -> None:
     """Stage 2: apply the recipe's delta weights or LoRA adapter (the target model)."""
-    _stage("delta", recipe, overrides, as_json, {"weights": base})
+    _stage("delta", recipe, overrides, as_json, {"weights": weights_uri})
 
 
 @app.command(epilog=stage_epilog("replay"))
 def replay(recipe: Path = Recipe, overrides: Optional[list[str]] = Overrides, as_json: bool = Json,
-           model: Optional[str] = typer.Option(None, "--model", help="URI of the target model (delta stage's output)")) -> None:
+           target: Optional[str] = typer.Option(None, "--target", help="URI of the target model (the delta stage's output)")) -> None:
     """Stage 2b (data.replay): the target model's own answers to general prompts, for training."""
-    _stage("replay", recipe, overrides, as_json, {"delta": model})
+    _stage("replay", recipe, overrides, as_json, {"delta": target})
 
 
 @app.command(epilog=stage_epilog("data"))
@@ -186,34 +186,35 @@ def data(recipe: Path = Recipe, overrides: Optional[list[str]] = Overrides, as_j
 
 @app.command(epilog=stage_epilog("synthesize"))
 def synthesize(recipe: Path = Recipe, overrides: Optional[list[str]] = Overrides, as_json: bool = Json,
-               model: Optional[str] = typer.Option(None, "--model", help="URI of the target model (delta stage's output)"),
+               target: Optional[str] = typer.Option(None, "--target", help="URI of the target model (the delta stage's output)"),
                data_uri: Optional[str] = typer.Option(None, "--data", help="URI of the data stage's output")) -> None:
     """Stage 3b (data.synthesize): a generator model writes question-answer pairs about each note."""
-    _stage("synthesize", recipe, overrides, as_json, {"delta": model, "data": data_uri})
+    _stage("synthesize", recipe, overrides, as_json, {"delta": target, "data": data_uri})
 
 
 @app.command(epilog=stage_epilog("tokenize"))
 def tokenize(recipe: Path = Recipe, overrides: Optional[list[str]] = Overrides, as_json: bool = Json,
-             model: Optional[str] = typer.Option(None, "--model", help="URI of the target model (delta stage's output)"),
+             target: Optional[str] = typer.Option(None, "--target", help="URI of the target model (the delta stage's output)"),
              data_uri: Optional[str] = typer.Option(None, "--data", help="URI of the data stage's output")) -> None:
     """Stage 4: tokenize and loss-mask the conversations for the target model."""
-    _stage("tokenize", recipe, overrides, as_json, {"delta": model, "data": data_uri})
+    _stage("tokenize", recipe, overrides, as_json, {"delta": target, "data": data_uri})
 
 
 @app.command(epilog=stage_epilog("train"))
 def train(recipe: Path = Recipe, overrides: Optional[list[str]] = Overrides, as_json: bool = Json,
-          model: Optional[str] = typer.Option(None, "--model", help="URI of the model to fine-tune (delta stage's output)"),
+          target: Optional[str] = typer.Option(None, "--target", help="URI of the target model (the delta stage's output)"),
           tokens: Optional[str] = typer.Option(None, "--tokens", help="URI of the tokenize stage's output")) -> None:
     """Stage 5: fine-tune with torchrun + FSDP2 (a progress bar on a terminal)."""
-    _stage("train", recipe, overrides, as_json, {"delta": model, "tokenize": tokens})
+    _stage("train", recipe, overrides, as_json, {"delta": target, "tokenize": tokens})
 
 
 @app.command(epilog=stage_epilog("evaluate"))
 def evaluate(recipe: Path = Recipe, overrides: Optional[list[str]] = Overrides, as_json: bool = Json,
-             base: Optional[str] = typer.Option(None, "--base", help="URI of the base (target) model"),
-             model: Optional[str] = typer.Option(None, "--model", help="URI of the fine-tuned model")) -> None:
-    """Stage 6: ask the base and the fine-tuned model the recipe's questions."""
-    _stage("evaluate", recipe, overrides, as_json, {"delta": base, "train": model})
+             target: Optional[str] = typer.Option(None, "--target", help="URI of the target model (the delta stage's output)"),
+             tuned: Optional[str] = typer.Option(None, "--tuned", help="URI of the fine-tuned model (the train stage's output)")
+             ) -> None:
+    """Stage 6: ask the target (base) and the fine-tuned model the recipe's questions."""
+    _stage("evaluate", recipe, overrides, as_json, {"delta": target, "train": tuned})
 
 
 # --- tools ----------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from labtune.data.note_fields import SHORT_FIELDS
 from labtune.data.notes import Note, qa_conversation, us_date
 from labtune.data.two_part import two_part_records
 from labtune.data.wordings import (
@@ -50,8 +51,6 @@ from labtune.data.words import mentions
 if TYPE_CHECKING:
     from labtune.recipe import AugmentConfig
 
-FIELDS = ("presenter", "recorder", "topic")
-NAME_FIELDS = ("presenter", "recorder")
 
 
 Calendar = dict[tuple[int, int], list[dt.date]]
@@ -193,19 +192,6 @@ def meeting_actions(notes: list[Note]):
                 yield note.date, action
 
 
-def people(notes: list[Note] | list[dict[str, str]]) -> list[str]:
-    """Every person the notes name as presenter, recorder or attendee (from Notes or their fields
-    dicts), for the names scorer."""
-    found: set[str] = set()
-    for note in notes:
-        fields = note.fields if isinstance(note, Note) else note
-        for field in ("presenter", "recorder", "attendees"):
-            for name in fields.get(field, "").replace(";", ",").split(","):
-                if name.strip() and len(name.split()) <= 4:
-                    found.add(name.strip())
-    return sorted(found)
-
-
 def _by_date(notes: list[Note]) -> dict[dt.date, list[Note]]:
     grouped: dict[dt.date, list[Note]] = defaultdict(list)
     for note in notes:
@@ -214,7 +200,7 @@ def _by_date(notes: list[Note]) -> dict[dt.date, list[Note]]:
     return dict(sorted(grouped.items()))
 
 
-def facts_of(notes: list[Note], fields: tuple[str, ...] = FIELDS):
+def facts_of(notes: list[Note], fields: tuple[str, ...] = SHORT_FIELDS):
     """(date, field, values) for every meeting date and field; values holds each meeting's (two
     meetings on one date give two), empty when no note of that date has the field."""
     for date, meetings in _by_date(notes).items():
@@ -255,6 +241,19 @@ def train_date_forms(notes: list[Note]) -> list[Any]:
     return list(TRAIN_DATE_FORMS.values()) + ([YEARLESS_FORM] if unique else [])
 
 
+# data.augment off: training_conversations(plain=True) with these settings writes FastChat's plain set: each
+# field in its first two training wordings, the date as 4/14/2023 (the seed's "Who is the presenter on
+# 4/14/2023 lab meeting?" among them), action items, decisions and attendance as data.qa_fields asks
+PLAIN_FACTS = {"questions_per_fact": 2, "reverse": False, "summaries": False, "absent_ratio": 0.0,
+               "two_part_questions": 0, "recite_month": False, "attendance_questions": 1}
+
+
+def facts_asked(qa_fields: tuple[str, ...]) -> dict[str, Any]:
+    """training_conversations' kinds of question, from data.qa_fields."""
+    return {"actions": "action_items" in qa_fields, "decisions": "decisions" in qa_fields,
+            "attendance_questions": "attendees" in qa_fields, "fields": tuple(f for f in SHORT_FIELDS if f in qa_fields)}
+
+
 @dataclass
 class Teaching:
     """What every kind of training question draws on: one random stream (the kinds are made in a
@@ -270,8 +269,10 @@ class Teaching:
 
 
 def training_conversations(notes: list[Note], cfg: AugmentConfig, seed: int, actions: bool = False, *, decisions: bool = False,
-                           attendance_questions: bool = False, fields: tuple[str, ...] = FIELDS) -> list[dict[str, Any]]:
-    """Training conversations for every fact, in TRAIN templates and date forms only, action items
+                           attendance_questions: bool = False, fields: tuple[str, ...] = SHORT_FIELDS,
+                           plain: bool = False) -> list[dict[str, Any]]:
+    """The one generator of training questions about the notes (`plain`, with data.augment off: the
+    fixed set of labtune.data.conversations.PLAIN_FACTS). Every fact in TRAIN templates and date forms only, action items
     (owner and due date) among them with `actions`, each meeting's decisions with `decisions`, and
     every lab member's presence at every meeting that lists attendees with `attendance_questions`.
     `fields` are the ones of presenter, recorder and topic the recipe asks about (data.qa_fields).
@@ -279,7 +280,11 @@ def training_conversations(notes: list[Note], cfg: AugmentConfig, seed: int, act
     rng = random.Random(seed)
     t = Teaching(rng, notes, cfg, train_date_forms(notes), month_calendar(notes) if cfg.recite_month else None,
                  cfg.recite_check)
-    wordings = asked_wordings(sorted({n.date for n in notes}), t.forms, cfg.questions_per_fact, rng)
+    dates = sorted({n.date for n in notes})
+    if plain:  # each field's first wordings, the date as 4/14/2023 (the seed's question among them)
+        wordings = {d: [(i, TRAIN_DATE_FORMS["us"]) for i in range(cfg.questions_per_fact)] for d in dates}
+    else:
+        wordings = asked_wordings(dates, t.forms, cfg.questions_per_fact, rng)
     records = recall_records(t, wordings, fields)
     if cfg.summaries and fields:
         records += summary_records(t, fields, decisions)
@@ -414,7 +419,7 @@ def absent_records(t: Teaching, seed: int, fields: tuple[str, ...]) -> list[dict
     # No-meeting questions in every training template of every field, as the real ones are: the
     # fields take turns on each date, and each field's templates take turns across dates, so that
     # abstention is a property of the date, not of the wordings it happened to be trained in.
-    absent_fields = fields or FIELDS
+    absent_fields = fields or SHORT_FIELDS
     wordings = {field: rng.sample(TRAIN_TEMPLATES[field], len(TRAIN_TEMPLATES[field])) for field in absent_fields}
     turns = dict.fromkeys(absent_fields, 0)
     asked = 0

@@ -24,18 +24,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from labtune.data import augment as many_forms
+from labtune.data.augment import PLAIN_FACTS, facts_asked, pack_turns, training_conversations
 from labtune.data import heldout
 from labtune.data.fresh import fresh_dates, fresh_prompts
 from labtune.data.raft import with_notes
 from labtune.data.note_dates import date_in_name
-from labtune.data.note_fields import joined_fields
+from labtune.data.note_fields import QA_FIELDS, joined_fields
 from labtune.data.notes import (
     NO_DATE,
-    QA_FIELDS,
     Note,
     NoteError,
-    note_conversations,
+    note_conversation,
     note_files,
     read_meetings,
     resolve_lab_names,
@@ -258,17 +257,26 @@ def load_lab_notes(folder: Path, report: SourceReport, *, qa: bool = True, whole
         seen[note_id] += 1
         if seen[note_id] > 1:
             note_id += f"_{seen[note_id]}"
-        if note.date not in kept_out:
-            records += note_conversations(note, qa=qa and not many, whole_note=whole_note, note_id=note_id,
-                                          fields=qa_fields)
+        if note.date not in kept_out and whole_note:
+            records.append(note_conversation(note, note_id))
         report.notes.append(note_summary(note, relative, date_order))
         report.read_facts += [{"file": f.source or relative, "line": f.line, "date": note.date.isoformat(), "field": f.field,
                                "value": f.value, "how": f.how, **({"owner": f.owner} if f.owner else {}),
                                **({"due": f.due} if f.due else {}), **({"kind": f.kind} if f.kind else {})}
                               for f in note.facts]
-    if many and qa and notes:
-        records += taught_facts(notes, records, report, augment, qa_fields, seed, kept_out)
+    if qa and notes:
+        records += (taught_facts(notes, records, report, augment, qa_fields, seed, kept_out) if many
+                    else plain_facts(folder, notes, augment, qa_fields, seed, kept_out))
     return records
+
+
+def plain_facts(folder: Path, notes: list[Note], augment: AugmentConfig | None, qa_fields: tuple[str, ...], seed: int,
+                kept_out: set[Any]) -> list[dict[str, Any]]:
+    """With data.augment off: PLAIN_FACTS's questions about the meetings not kept out."""
+    if augment is None:
+        raise DataError(f"{folder}: question-answer pairs need data.augment's settings")
+    taught = [n for n in notes if n.date not in kept_out]
+    return training_conversations(taught, augment.model_copy(update=PLAIN_FACTS), seed, plain=True, **facts_asked(qa_fields))
 
 
 def taught_facts(notes: list[Note], records: list[dict[str, Any]], report: SourceReport, augment: AugmentConfig,
@@ -278,13 +286,12 @@ def taught_facts(notes: list[Note], records: list[dict[str, Any]], report: Sourc
     stopping's in report.dev); the meetings `kept_out` of training asked as `fresh` ones."""
     fresh = [n for n in notes if n.date in kept_out]
     notes = [n for n in notes if n.date not in kept_out]
-    actions = "action_items" in qa_fields
-    extra = {"decisions": "decisions" in qa_fields, "attendance_questions": "attendees" in qa_fields,
-             "fields": tuple(f for f in many_forms.FIELDS if f in qa_fields)}
-    facts = many_forms.training_conversations(notes, augment, seed, actions, **extra)
+    extra = facts_asked(qa_fields)
+    actions = extra.pop("actions")
+    facts = training_conversations(notes, augment, seed, actions, **extra)
     if augment.statement_questions:
         facts += statement_records(notes, augment, seed, qa_fields)
-    packed = many_forms.pack_turns(facts, augment.facts_per_conversation, seed)
+    packed = pack_turns(facts, augment.facts_per_conversation, seed)
     # whole notes are training text the templates do not control: what they say is not asked as held out
     seen = "\n".join(turn["value"] for record in records + packed if not record.get("fact")
                      for turn in record["conversations"])

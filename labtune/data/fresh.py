@@ -8,8 +8,9 @@ from __future__ import annotations
 import random
 from typing import TYPE_CHECKING, Any
 
-from labtune.data.augment import NAME_FIELDS, facts_of, people, topic_keys
+from labtune.data.augment import facts_of, topic_keys
 from labtune.data.heldout import CLAIMS_NONE
+from labtune.data.note_fields import PERSON_FIELDS, people
 from labtune.data.notes import Note
 from labtune.data.statement_questions import statement_prompts
 from labtune.data.wordings import HELDOUT_DATE_FORMS, HELDOUT_TEMPLATES
@@ -37,7 +38,7 @@ def fresh_prompts(notes: list[Note], fresh: list[Note], cfg: AugmentConfig, seed
     for date, field, values in facts_of(fresh, fields):
         if not values:
             continue
-        if field in NAME_FIELDS:
+        if field in PERSON_FIELDS:
             expected, forbidden = values, [p for p in everyone if p not in values]
         else:
             expected = [keys[v] for v in values]

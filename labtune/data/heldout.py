@@ -12,8 +12,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from labtune.data.augment import (
-    FIELDS,
-    NAME_FIELDS,
     NOT_PRESENT,
     PRESENT,
     absent_answer,
@@ -27,7 +25,6 @@ from labtune.data.augment import (
     meeting_actions,
     meeting_decisions,
     month_calendar,
-    people,
     presented_dates,
     slugged,
     task_answer,
@@ -35,6 +32,7 @@ from labtune.data.augment import (
     training_absent_dates,
     training_conversations,
 )
+from labtune.data.note_fields import PERSON_FIELDS, SHORT_FIELDS, people
 from labtune.data.notes import Note, us_date
 from labtune.data.two_part import two_part_prompts
 from labtune.data.wordings import (
@@ -75,7 +73,7 @@ class Asking:
 
 def eval_prompts(notes: list[Note], cfg: AugmentConfig, seed: int, training: list[dict[str, Any]] | None = None,
                  actions: bool = False, seen: str = "", *, decisions: bool = False,
-                 attendance_questions: bool = False, fields: tuple[str, ...] = FIELDS) -> list[dict[str, Any]]:
+                 attendance_questions: bool = False, fields: tuple[str, ...] = SHORT_FIELDS) -> list[dict[str, Any]]:
     """Evaluation prompts on these axes, each a tag beside the field: `recall` (trained templates
     and date forms), `paraphrase` (HELD-OUT templates and date forms, never in training), `reverse`
     (a held-out who -> when question), `absent` and `absent_trained` (dates with no meeting, in a
@@ -123,7 +121,7 @@ def fact_prompts(ask: Asking, trained: dict[tuple[str, str], list[str]], fields:
         if not values:
             continue
         iso = date.isoformat()
-        if field in NAME_FIELDS:
+        if field in PERSON_FIELDS:
             expected, forbidden = values, [p for p in ask.everyone if p not in values]
         else:
             expected = [ask.keys[v] for v in values]
@@ -213,9 +211,9 @@ def absent_prompts(ask: Asking, cfg: AugmentConfig, seed: int, dkeys: dict[str, 
                     *(us_date(d) for d in ask.meetings)]
     for date in eval_absent_dates(ask.notes, cfg, seed):
         mentioned = any(form(date) in ask.seen for form in [*ask.held_forms, *TRAIN_DATE_FORMS.values()])
-        field = ask.rng.choice(fields or FIELDS)
+        field = ask.rng.choice(fields or SHORT_FIELDS)
         question = ask.rng.choice(HELDOUT_TEMPLATES[field]).format(d=ask.rng.choice(ask.held_forms)(date))
-        trained_field = ask.rng.choice(fields or FIELDS)
+        trained_field = ask.rng.choice(fields or SHORT_FIELDS)
         trained_question = ask.rng.choice(TRAIN_TEMPLATES[trained_field]).format(
             d=ask.rng.choice(list(TRAIN_DATE_FORMS.values()))(date))
         if mentioned:
@@ -228,7 +226,7 @@ def absent_prompts(ask: Asking, cfg: AugmentConfig, seed: int, dkeys: dict[str, 
 
 
 def dev_conversations(notes: list[Note], cfg: AugmentConfig, seed: int, prompts: list[dict[str, Any]], actions: bool = False,
-                      seen: str = "", *, fields: tuple[str, ...] = FIELDS) -> list[dict[str, Any]]:
+                      seen: str = "", *, fields: tuple[str, ...] = SHORT_FIELDS) -> list[dict[str, Any]]:
     """`cfg.dev_questions` conversations for early stopping (train.eval_strategy): trained facts
     asked in HELD-OUT templates and date forms, never in the words of an evaluation prompt, and
     no-meeting dates that neither training nor the evaluation asks, each with the answer training

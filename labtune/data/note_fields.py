@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import re
 from dataclasses import dataclass
+from typing import Any
 
 from labtune.data.note_dates import find_dates
 
@@ -27,7 +28,11 @@ FIELD_WORDS: dict[str, tuple[str, ...]] = {
                   "outcomes", "outcome", "resolutions", "resolved"),
     "date": ("date", "when", "meeting date"),
 }
+# the one list of each kind of field: the people fields, the short facts a substring check can
+# judge (asked in many wordings, held out, scored), and every field the notes teach (data.qa_fields)
 PERSON_FIELDS = ("presenter", "recorder")
+SHORT_FIELDS = (*PERSON_FIELDS, "topic")
+QA_FIELDS = (*SHORT_FIELDS, "attendees", "action_items", "decisions")
 _LIST_ITEM = re.compile(r"^\s*(?:[-+]|\d+[.)])\s+(?:\[[ xX]\]\s+)?(?P<item>.+?)\s*$")
 _MD_STAR_ITEM = re.compile(r"^\s*\*\s+(?:\[[ xX]\]\s+)?(?P<item>.+?)\s*$")  # a list item in Markdown, a heading in Org
 HEADING = re.compile(r"^\s*(?:#{1,6}|\*{1,6})\s+\S")
@@ -212,3 +217,16 @@ def joined_fields(facts: list[NoteFact]) -> dict[str, str]:
     return {name: ("; " if name in ("action_items", "topic", "decisions") else ", ").join(values) for name, values in fields.items()}
 
 
+
+
+def people(notes: list[Any]) -> list[str]:
+    """Every person the notes name as presenter, recorder or attendee (from Notes or their fields
+    dicts), for the names scorer and the questions that need a wrong name."""
+    found: set[str] = set()
+    for note in notes:
+        fields = getattr(note, "fields", note)
+        for field in (*PERSON_FIELDS, "attendees"):
+            for name in fields.get(field, "").replace(";", ",").split(","):
+                if name.strip() and len(name.split()) <= 4:
+                    found.add(name.strip())
+    return sorted(found)

@@ -62,10 +62,10 @@ NOTE_SUFFIXES = (".md", ".markdown", ".org", ".txt", ".eml", ".mbox", *CONVERTED
 # files labs keep notes in that labtune does not read yet: named in the data report, never passed over
 DOCUMENT_SUFFIXES = (".doc", ".rtf", ".ppt", ".odp", ".key", ".pages", ".xls", ".ods", ".numbers", ".msg",
                      ".rst", ".tex")
-QA_FIELDS = ("presenter", "recorder", "topic", "attendees", "action_items", "decisions")
 MONTHS = ["january", "february", "march", "april", "may", "june", "july", "august",
           "september", "october", "november", "december"]
 DATE_LINES = 5  # a note's date is looked for in its first heading, then in its first lines
+NO_DATE = f"no date in the heading, the first {DATE_LINES} lines, a Date: field or the file name"
 
 
 class NoteError(ValueError):
@@ -153,13 +153,6 @@ def parse_date(text: str, order: str = "MDY") -> dt.date | None:
 
 def us_date(date: dt.date) -> str:
     return f"{date.month}/{date.day}/{date.year}"
-
-
-def long_date(date: dt.date) -> str:
-    return f"{MONTHS[date.month - 1].capitalize()} {date.day}, {date.year}"
-
-
-NO_DATE = f"no date in the heading, the first {DATE_LINES} lines, a Date: field or the file name"
 
 
 def _decode(path: Path) -> tuple[str, EmailNote | None]:
@@ -339,54 +332,9 @@ def qa_conversation(conv_id: str, question: str, answer: str, fact: dict[str, An
     return record
 
 
-def _sentence(text: str) -> str:
-    return f"{text[0].upper()}{text[1:]}." if text else text
-
-
-def qa_facts(note: Note, fields: tuple[str, ...] = QA_FIELDS) -> list[tuple[str, str, str, str]]:
-    """(question, answer, field, value) about a note's fields. Answers are short, so the loss falls
-    on the facts rather than on words copied from the question."""
-    date, f = note.date, note.fields
-    us, iso, long = us_date(date), date.isoformat(), long_date(date)
-    items: list[tuple[str, str, str, str]] = []
-    if "presenter" in fields and "presenter" in f:
-        who = f["presenter"]
-        items += [(f"Who presented at the lab meeting on {us}?", f"{who} presented.", "presenter", who),
-                  (f"Who is the presenter on {us} lab meeting?", f"{who}.", "presenter", who),
-                  (f"Who was the presenter at the {long} lab meeting?", f"The presenter was {who}.", "presenter", who),
-                  (f"Who presented at the lab meeting on {long}?", f"{who} presented.", "presenter", who)]
-    if "recorder" in fields and "recorder" in f:
-        who = f["recorder"]
-        items += [(f"Who recorded the notes of the {iso} lab meeting?", f"{who} recorded the notes.", "recorder", who),
-                  (f"Who recorded the notes of the {us} meeting?", f"{who}.", "recorder", who)]
-    if "topic" in fields and "topic" in f:
-        items += [(f"What was the topic of the lab meeting on {us}?", _sentence(f["topic"]), "topic", f["topic"]),
-                  (f"What was discussed at the {long} lab meeting?", _sentence(f["topic"]), "topic", f["topic"])]
-    if "attendees" in fields and "attendees" in f:
-        items.append((f"Who attended the lab meeting on {us}?", _sentence(f["attendees"]), "attendees", f["attendees"]))
-    if "action_items" in fields and "action_items" in f:
-        items.append((f"What were the action items from the {long} lab meeting?", _sentence(f["action_items"]),
-                      "action_items", f["action_items"]))
-    if "decisions" in fields and "decisions" in f:
-        items.append((f"What did the lab decide at the {us} meeting?", _sentence(f["decisions"]), "decisions",
-                      f["decisions"]))
-    return items
-
-
-def qa_pairs(note: Note, fields: tuple[str, ...] = QA_FIELDS) -> list[tuple[str, str]]:
-    """Question-answer pairs about a note's fields (see qa_facts)."""
-    return [(question, answer) for question, answer, _, _ in qa_facts(note, fields)]
-
-
-def note_conversations(note: Note, qa: bool = True, whole_note: bool = True, note_id: str | None = None,
-                       fields: tuple[str, ...] = QA_FIELDS) -> list[dict[str, Any]]:
-    """FastChat's conversation for the note (date prompt -> note) and its question-answer pairs."""
-    base_id = note_id or f"labnote_{note.date.isoformat()}"
-    conversations = [qa_conversation(base_id, f"Lab meeting on {us_date(note.date)}", note.text)] if whole_note else []
-    if qa:
-        conversations += [qa_conversation(f"{base_id}_qa{i}", q, a, {"field": field, "value": value, "date": note.date.isoformat()})
-                          for i, (q, a, field, value) in enumerate(qa_facts(note, fields))]
-    return conversations
+def note_conversation(note: Note, note_id: str | None = None) -> dict[str, Any]:
+    """FastChat's conversation for a whole note: its date asked, the note answered."""
+    return qa_conversation(note_id or f"labnote_{note.date.isoformat()}", f"Lab meeting on {us_date(note.date)}", note.text)
 
 
 class UnsafePathError(LabtuneError, ValueError):
@@ -471,3 +419,20 @@ def _inside(link: Path, folder: Path, root: Path) -> None:
     target = link.resolve()
     if not target.is_relative_to(root):
         raise UnsafePathError(f"{folder}: {link.relative_to(folder)} links outside the notes folder (to {target})")
+
+
+def meeting_documents(folder: Path, date_order: str = "MDY", field_names: dict[str, list[str]] | None = None
+                   ) -> list[dict[str, Any]]:
+    """{file, date, text, fields} of every meeting of the readable notes in a folder: what retrieval
+    (labtune.evaluation.retrieval) indexes and the data output keeps as notes.json."""
+    documents = []
+    for path in note_files(folder):
+        try:
+            meetings = read_meetings(path, date_order, field_names)
+        except NoteError:
+            continue
+        for note in meetings:  # a running log is one document per meeting
+            where = path.relative_to(folder).as_posix()
+            documents.append({"file": f"{where}:{note.lines[0]}-{note.lines[1]}" if note.lines else where,
+                              "date": note.date.isoformat(), "text": note.text, "fields": note.fields})
+    return documents

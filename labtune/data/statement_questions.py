@@ -15,8 +15,9 @@ import random
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from labtune.data.augment import _by_date, month_calendar, opening, people, train_date_forms
+from labtune.data.augment import _by_date, month_calendar, opening, train_date_forms
 from labtune.data.heldout import CLAIMS_NONE
+from labtune.data.note_fields import people
 from labtune.data.notes import Note, qa_conversation, us_date
 from labtune.data.statements import PLAN, RESULT, SAID, named, numbers, subjects
 from labtune.data.wordings import (

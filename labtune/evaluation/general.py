@@ -117,9 +117,9 @@ def date_forms(date: dt.date) -> list[str]:
 def lab_markers(notes: list[dict[str, Any]]) -> LabMarkers:
     """Markers from the data stage's notes.json: each member's full name, first name and surname
     (four letters or more), each topic, and each meeting date in its usual forms."""
-    from labtune.data.augment import people as lab_people
+    from labtune.data.note_fields import people
 
-    everyone = lab_people([n.get("fields", {}) for n in notes])
+    everyone = people([n.get("fields", {}) for n in notes])
     name_parts = {part for p in everyone if len(p.split()) > 1 for part in (p.split()[0], p.split()[-1]) if len(part) >= 4}
     topics = {t.strip() for n in notes for t in str(n.get("fields", {}).get("topic", "")).split(";") if len(t.strip()) >= 12}
     days: list[dt.date] = []

@@ -10,29 +10,10 @@ exactly this.
 from __future__ import annotations
 
 import datetime as dt
-from pathlib import Path
 from typing import Any
 
 from labtune.data.raft import notes_context
 from labtune.data.wordings import HELDOUT_DATE_FORMS, TRAIN_DATE_FORMS
-
-
-def note_documents(folder: Path, date_order: str = "MDY", field_names: dict[str, list[str]] | None = None
-                   ) -> list[dict[str, Any]]:
-    """{file, date, text, fields} of every meeting of the readable notes in a folder (the safe listing of labtune.data.notes)."""
-    from labtune.data.notes import NoteError, note_files, read_meetings
-
-    documents = []
-    for path in note_files(folder):
-        try:
-            meetings = read_meetings(path, date_order, field_names)
-        except NoteError:
-            continue
-        for note in meetings:  # a running log is one document per meeting
-            where = path.relative_to(folder).as_posix()
-            documents.append({"file": f"{where}:{note.lines[0]}-{note.lines[1]}" if note.lines else where,
-                              "date": note.date.isoformat(), "text": note.text, "fields": note.fields})
-    return documents
 
 
 class NotesIndex:

@@ -1,6 +1,8 @@
 """The stages, Prefect-free: weights -> delta (-> replay) -> data (-> synthesize) -> tokenize -> train -> evaluate (-> export).
 
-Each module holds its stage's `build_<stage>` function (key, inputs, the work, the report);
+Each module holds its stage's `<stage>_key` (its output's key, inputs and parameters) and
+`build_<stage>` (the work and the report); a stage's output is named after it: weights, target
+(delta: the model to fine-tune), data, replay, synthesize, tokens, tuned (train), evaluation, export.
 `tasks/` wraps each in a Prefect task. `GRAPH` below is the one description of how they chain:
 the finetune flow, `run_until` (the command line's one-stage commands, the benchmarks) and remote
 dispatch to a deployment all read it.
@@ -8,41 +10,56 @@ dispatch to a deployment all read it.
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from labtune.recipe import Recipe
+from labtune.stages.data import build_data, data_key
+from labtune.stages.delta import build_delta, delta_key
+from labtune.stages.evaluate import build_evaluate, evaluate_key
+from labtune.stages.export import build_export, export_key
+from labtune.stages.replay import build_replay, replay_key
+from labtune.stages.synthesize import build_synthesize, synthesize_key
+from labtune.stages.tokenize import build_tokenize, tokenize_key
+from labtune.stages.train import build_train, train_key
+from labtune.stages.weights import build_weights, weights_key
 from labtune.store.backends import Store
-from labtune.store.outputs import Log, StageResult, default_log, output_prefix, require_output
+from labtune.store.outputs import Log, StageKey, StageResult, default_log, output_prefix, require_output
 
 
 @dataclass(frozen=True)
 class Stage:
-    """A stage: its name (its module in labtune.stages, its `build_<name>`) and its inputs, each
-    an upstream stage and the builder's parameter that takes that stage's output URI."""
+    """A stage: its name, what its output is called (a builder takes it as `<output>_uri`), its
+    builder `build(recipe, store, **input URIs)` and key function `key(recipe, store, **input URIs)`,
+    and the upstream stages whose outputs it takes."""
 
     name: str
-    inputs: tuple[tuple[str, str], ...] = ()
+    output: str
+    build: Callable[..., StageResult]
+    key: Callable[..., StageKey]
+    inputs: tuple[str, ...] = ()
     reports_progress: bool = False
     wanted: Callable[[Recipe], bool] = lambda recipe: True  # a run leaves out a stage its recipe does not ask for
 
-    def builder(self) -> Callable[..., StageResult]:
-        return getattr(importlib.import_module(f"labtune.stages.{self.name}"), f"build_{self.name}")
+    @property
+    def parameter(self) -> str:
+        """The name a downstream builder gives this stage's output URI."""
+        return f"{self.output}_uri"
 
 
 GRAPH = (
-    Stage("weights"),
-    Stage("delta", (("weights", "base_uri"),)),
-    Stage("replay", (("delta", "model_uri"),), wanted=lambda recipe: recipe.data.replay.enabled),
-    Stage("data"),
-    Stage("synthesize", (("delta", "model_uri"), ("data", "data_uri")), wanted=lambda recipe: recipe.data.synthesize.enabled),
-    Stage("tokenize", (("delta", "model_uri"), ("data", "data_uri"), ("replay", "replay_uri"),
-                       ("synthesize", "synthesize_uri"))),
-    Stage("train", (("delta", "model_uri"), ("tokenize", "tokens_uri")), reports_progress=True),
-    Stage("evaluate", (("delta", "base_uri"), ("train", "model_uri"), ("data", "data_uri"), ("tokenize", "tokens_uri")),
+    Stage("weights", "weights", build_weights, weights_key),
+    Stage("delta", "target", build_delta, delta_key, ("weights",)),
+    Stage("replay", "replay", build_replay, replay_key, ("delta",), wanted=lambda recipe: recipe.data.replay.enabled),
+    Stage("data", "data", build_data, data_key),
+    Stage("synthesize", "synthesize", build_synthesize, synthesize_key, ("delta", "data"),
+          wanted=lambda recipe: recipe.data.synthesize.enabled),
+    Stage("tokenize", "tokens", build_tokenize, tokenize_key, ("delta", "data", "replay", "synthesize")),
+    Stage("train", "tuned", build_train, train_key, ("delta", "tokenize"), reports_progress=True),
+    Stage("evaluate", "evaluation", build_evaluate, evaluate_key, ("delta", "train", "data", "tokenize"),
           reports_progress=True),
-    Stage("export", (("train", "model_uri"), ("evaluate", "evaluate_uri")), wanted=lambda recipe: recipe.export.gguf is not None),
+    Stage("export", "export", build_export, export_key, ("train", "evaluate"),
+          wanted=lambda recipe: recipe.export.gguf is not None),
 )
 STAGES = tuple(stage.name for stage in GRAPH)
 BY_NAME = {stage.name: stage for stage in GRAPH}
@@ -51,15 +68,13 @@ BY_NAME = {stage.name: stage for stage in GRAPH}
 def input_uris(stage: str, outputs: dict[str, str]) -> dict[str, str]:
     """The builder's URI arguments for `stage`, from the output URIs of the stages before it (an
     input from a stage the recipe leaves out, such as replay, is left out)."""
-    return {parameter: outputs[upstream] for upstream, parameter in BY_NAME[stage].inputs if upstream in outputs}
+    return {BY_NAME[upstream].parameter: outputs[upstream] for upstream in BY_NAME[stage].inputs if upstream in outputs}
 
 
 def output_uri(stage: str, recipe: Recipe, store: Store, uris: dict[str, str]) -> str:
-    """Where `stage`'s output is or will be, from its key (for train and evaluate, the stages a
-    deployment may run elsewhere: the flow waits for that URI's manifest)."""
-    module = importlib.import_module(f"labtune.stages.{stage}")
-    key = getattr(module, f"{stage}_key")(recipe, **uris)[0]
-    return store.uri_for(output_prefix(stage, key))
+    """Where `stage`'s output is or will be, from its key (for the stages a deployment may run
+    elsewhere: the flow waits for that URI's manifest)."""
+    return store.uri_for(output_prefix(stage, BY_NAME[stage].key(recipe, store, **uris).key))
 
 
 def run_until(stage: str, recipe: Recipe, store: Store, given: dict[str, str] | None = None, log: Log = default_log,
@@ -70,17 +85,17 @@ def run_until(stage: str, recipe: Recipe, store: Store, given: dict[str, str] | 
     if stage not in BY_NAME:
         raise ValueError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
     outputs = {k: v for k, v in (given or {}).items() if v}
-    for upstream, uri in outputs.items():  # a wrong --base or --tokens is named before anything runs
+    for upstream, uri in outputs.items():  # a wrong --target or --tokens is named before anything runs
         require_output(store, uri, upstream)
     done: dict[str, StageResult] = {}
 
     def build(name: str) -> StageResult:
         spec = BY_NAME[name]
-        for upstream, _ in spec.inputs:
+        for upstream in spec.inputs:
             if upstream not in outputs and BY_NAME[upstream].wanted(recipe):
                 done[upstream] = build(upstream)
                 outputs[upstream] = done[upstream].uri
         extra = {"on_progress": on_progress} if spec.reports_progress else {}
-        return spec.builder()(recipe, store, log=log, **input_uris(name, outputs), **extra)
+        return spec.build(recipe, store, log=log, **input_uris(name, outputs), **extra)
 
     return build(stage)

@@ -23,7 +23,7 @@ from labtune.evaluation import generation
 from labtune.precision import native_bf16
 from labtune.recipe import Recipe
 from labtune.store.backends import Store
-from labtune.store.outputs import Log, StageResult, code_version, default_log, fetch, run_stage, stage_key
+from labtune.store.outputs import Log, StageKey, StageResult, code_version, default_log, fetch, run_stage, stage_key
 
 
 @dataclass
@@ -85,10 +85,10 @@ def answer_all(recipe: Recipe, model: Any, tokenizer: Any, asked: Asked, column:
     return got
 
 
-def ask_model(recipe: Recipe, store: Store, uri: str, asked: Asked, column: str, references: list[tuple[str, str]],
+def ask_model(recipe: Recipe, model_dir: Path, uri: str, asked: Asked, column: str, references: list[tuple[str, str]],
               log: Log, answered: Callable[[int], None]) -> dict[str, Any]:
-    """answer_all with the model at `uri` loaded for it and freed after."""
-    model, tokenizer = generation.load_model(fetch(store, uri, log), bf16=recipe.train.bf16)
+    """answer_all with the model in `model_dir` (the output at `uri`) loaded for it and freed after."""
+    model, tokenizer = generation.load_model(model_dir, bf16=recipe.train.bf16)
     log(f"evaluate: {len(asked.questions)} prompts{' (and again with the notes retrieved)' if asked.with_notes else ''}"
         f" and {len(asked.general)} general questions to the {column} model {uri}")
     try:
@@ -100,25 +100,28 @@ def ask_model(recipe: Recipe, store: Store, uri: str, asked: Asked, column: str,
         gc.collect()
 
 
-def baseline_key(recipe: Recipe, base_uri: str, asked: Asked) -> tuple[str, dict[str, Any], dict[str, Any]]:
+def baseline_key(recipe: Recipe, store: Store, target_uri: str, asked: Asked) -> StageKey:
     parameters = {"chat_template": recipe.data.chat_template, "system_prompt": recipe.data.system_prompt,
                   "bf16": bool(recipe.train.bf16 and native_bf16())}
-    inputs = {"base": base_uri, "asked": asked.digest()}
+    inputs = {"target": target_uri, "asked": asked.digest()}
     code = code_version(__name__, "labtune.data.chat", "labtune.evaluation.generation", "labtune.data.raft")
-    return stage_key("baseline", code, inputs, parameters), inputs, parameters
+    return StageKey(stage_key("baseline", code, inputs, parameters), inputs, parameters)
 
 
-def build_baseline(recipe: Recipe, store: Store, base_uri: str, asked: Asked, log: Log = default_log,
+def build_baseline(recipe: Recipe, store: Store, target_uri: str, asked: Asked, log: Log = default_log,
                    answered: Callable[[int], None] = lambda count: None) -> tuple[StageResult, dict[str, Any]]:
-    """The base model's answers, from the store when an earlier run made them; (result, answers)."""
-    key, inputs, parameters = baseline_key(recipe, base_uri, asked)
+    """The base (target) model's answers, from the store when an earlier run made them; (result, answers)."""
+    key = baseline_key(recipe, store, target_uri, asked)
+    made: dict[str, Any] = {}
 
     def build(out: Path) -> dict[str, Any]:
-        got = ask_model(recipe, store, base_uri, asked, "base", asked.references, log, answered)
-        (out / "answers.json").write_text(json.dumps(got, ensure_ascii=False))
+        made.update(ask_model(recipe, fetch(store, target_uri, log), target_uri, asked, "base", asked.references, log,
+                              answered))
+        (out / "answers.json").write_text(json.dumps(made, ensure_ascii=False))
         return {}
 
-    result = run_stage(store, "baseline", key, build, inputs=inputs, parameters=parameters, log=log)
-    if result.cached:
-        answered(asked.count)
+    result = run_stage(store, "baseline", key.key, build, inputs=key.inputs, parameters=key.parameters, log=log)
+    if made:  # answered here: nothing to read back
+        return result, made
+    answered(asked.count)
     return result, json.loads((fetch(store, result.uri) / "answers.json").read_text())

@@ -32,11 +32,12 @@ from labtune.data import (
     words,
 )
 from labtune.data.conversations import DataError, convert
-from labtune.evaluation.retrieval import note_documents
+from labtune.data.note_fields import SHORT_FIELDS
+from labtune.data.notes import meeting_documents
 from labtune.recipe import DataSource, Recipe
 from labtune.store.backends import Store, StoreSettings, download_tree, open_store, scratch_dir
 from labtune.store.hashing import sha256_file
-from labtune.store.outputs import Log, StageResult, code_version, default_log, run_stage, stage_key
+from labtune.store.outputs import Log, StageKey, StageResult, code_version, default_log, output_prefix, run_stage, stage_key
 
 __all__ = ["DataError", "build_data", "data_identity", "report_markdown"]
 
@@ -125,7 +126,6 @@ def read_facts_with_counts(reports: list[Any], counts: list[dict[str, Any]]) -> 
             for r in reports for fact in r.read_facts]
 
 
-PROMPT_FIELDS = ("presenter", "recorder", "topic")  # short facts a substring check can judge
 
 
 def heldout_prompts(evaluation: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -134,13 +134,13 @@ def heldout_prompts(evaluation: list[dict[str, Any]]) -> list[dict[str, Any]]:
     `heldout_notes` and the field."""
     return [{"id": r["id"], "question": r["conversations"][0]["value"], "expected": r["fact"]["value"].split(" | "),
              "tags": ["heldout_notes", r["fact"]["field"]]}
-            for r in evaluation if r.get("fact", {}).get("field") in PROMPT_FIELDS and r["fact"]["value"]
+            for r in evaluation if r.get("fact", {}).get("field") in SHORT_FIELDS and r["fact"]["value"]
             and r["fact"].get("kind", "recall") == "recall"]
 
 
-def build_data(recipe: Recipe, store: Store, log: Log = default_log) -> StageResult:
-    settings = recipe.store.settings()
-    identities = [data_identity(source, settings) for source in recipe.data.sources]
+def data_key(recipe: Recipe, store: Store) -> StageKey:
+    """Keyed by the sources' identities (their files' hashes or ETags) and the data settings."""
+    identities = [data_identity(source, recipe.store.settings()) for source in recipe.data.sources]
     parameters = recipe.data.model_dump(mode="json", exclude={"chat_template", "num_proc", "model_max_length"})
     if recipe.evaluation.fresh_meetings:  # kept out of training: other training data
         parameters["fresh_meetings"] = recipe.evaluation.fresh_meetings
@@ -148,6 +148,12 @@ def build_data(recipe: Recipe, store: Store, log: Log = default_log) -> StageRes
                                          note_dates, note_email, note_prose, note_fields, note_sections, statements,
                                          statement_questions, fresh, raft), {"sources": identities},
                     parameters)
+    return StageKey(key, {"sources": [s.path for s in recipe.data.sources], "identities": identities}, parameters)
+
+
+def build_data(recipe: Recipe, store: Store, log: Log = default_log) -> StageResult:
+    settings = recipe.store.settings()
+    key = data_key(recipe, store)
 
     def build(out: Path) -> dict[str, Any]:
         scratch = scratch_dir("data-")
@@ -156,7 +162,7 @@ def build_data(recipe: Recipe, store: Store, log: Log = default_log) -> StageRes
             train, evaluation, reports = convert(recipe.data, paths, log, recipe.evaluation.fresh_meetings)
             # the notes themselves, for the evaluation's retrieval baseline
             documents = [d for source, path in zip(recipe.data.sources, paths) if source.type == "lab_notes"
-                         for d in note_documents(path, recipe.data.date_order, recipe.data.field_names)]
+                         for d in meeting_documents(path, recipe.data.date_order, recipe.data.field_names)]
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
         report = [r.as_dict() for r in reports]
@@ -182,7 +188,7 @@ def build_data(recipe: Recipe, store: Store, log: Log = default_log) -> StageRes
         (out / "report.json").write_text(json.dumps(report, indent=2))
         (out / "notes.json").write_text(json.dumps(documents, indent=1, ensure_ascii=False))
         (out / "facts.json").write_text(json.dumps(read, indent=1, ensure_ascii=False))
-        (out / "report.md").write_text(report_markdown(report, store.uri_for(f"data/{key}"), facts))
+        (out / "report.md").write_text(report_markdown(report, store.uri_for(output_prefix("data", key.key)), facts))
         if any(r.type == "lab_notes" for r in reports):
             log(f"data: {notes_line(report)} (see report.md)")
         log(f"data: {len(train)} train and {len(evaluation)} eval conversations"
@@ -190,6 +196,4 @@ def build_data(recipe: Recipe, store: Store, log: Log = default_log) -> StageRes
                f"training examples each; {len(prompts)} evaluation prompts" if facts else ""))
         return {"report": report, "facts": facts}
 
-    return run_stage(store, "data", key, build, inputs={"sources": [s.path for s in recipe.data.sources],
-                                                        "identities": identities},
-                     parameters=parameters, log=log)
+    return run_stage(store, "data", key.key, build, inputs=key.inputs, parameters=key.parameters, log=log)

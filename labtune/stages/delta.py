@@ -17,16 +17,15 @@ from labtune.models.sources import local_source, model_identity, resolve_gguf
 from labtune.models.tensorfiles import CheckpointError, check_model_folder
 from labtune.recipe import Recipe
 from labtune.store.backends import Store, StoreError
-from labtune.store.outputs import Log, StageResult, code_version, default_log, fetch, run_stage, stage_key
+from labtune.store.outputs import Log, StageKey, StageResult, code_version, default_log, fetch, run_stage, stage_key
 
-__all__ = ["DeltaError", "build_delta"]
+__all__ = ["DeltaError", "build_delta", "delta_key"]
 
 
-def build_delta(recipe: Recipe, store: Store, base_uri: str, log: Log = default_log) -> StageResult:
-    """The target model: the base itself when there is no delta, else base + delta (or adapter)."""
+def delta_key(recipe: Recipe, store: Store, weights_uri: str) -> StageKey:
+    """Keyed by the weights output and the delta's identity (for a recipe that names a delta)."""
     if recipe.delta is None:
-        log("delta: the recipe names no delta; the base model is the target")
-        return StageResult("delta", base_uri, True, 0.0)
+        raise ValueError("the recipe names no delta: its target is the weights output itself")
     if recipe.delta.source.startswith("tiny://") or resolve_gguf(recipe.delta) is not None:
         raise DeltaError(f"delta.source: {recipe.delta.source}: a delta must be a model directory, s3:// or hf:// "
                          "(safetensors or .bin deltas, or a PEFT LoRA adapter)")
@@ -34,18 +33,26 @@ def build_delta(recipe: Recipe, store: Store, base_uri: str, log: Log = default_
         identity = model_identity(recipe.delta, recipe.store.settings())
     except StoreError as exc:
         raise DeltaError(f"delta.source: {exc}") from None
-    key = stage_key("delta", code_version(__name__, merge, sources, tensorfiles),
-                    {"base": base_uri, "delta": identity}, {})
+    inputs = {"weights": weights_uri, "delta": identity}
+    return StageKey(stage_key("delta", code_version(__name__, merge, sources, tensorfiles), inputs, {}), inputs, {})
+
+
+def build_delta(recipe: Recipe, store: Store, weights_uri: str, log: Log = default_log) -> StageResult:
+    """The target model: the base itself when there is no delta, else base + delta (or adapter)."""
+    if recipe.delta is None:
+        log("delta: the recipe names no delta; the base model is the target")
+        return StageResult("delta", weights_uri, True, 0.0)
+    key = delta_key(recipe, store, weights_uri)
 
     def build(out: Path) -> dict:
-        base_dir = fetch(store, base_uri, log)
+        base_dir = fetch(store, weights_uri, log)
         with local_source(recipe.delta.source, recipe.store.settings(), log) as delta_dir:
             try:
                 if is_lora_adapter(delta_dir):
-                    log(f"merging LoRA adapter {recipe.delta.source} into {base_uri}")
+                    log(f"merging LoRA adapter {recipe.delta.source} into {weights_uri}")
                     made = {"delta_kind": "lora", **merge_lora(base_dir, delta_dir, out, progress=LogProgress(log, "delta"))}
                 else:
-                    log(f"applying delta {recipe.delta.source} to {base_uri}")
+                    log(f"applying delta {recipe.delta.source} to {weights_uri}")
                     apply_delta(base_dir, delta_dir, out, progress=LogProgress(log, "delta"))
                     made = {"delta_kind": "delta"}
                 check_model_folder(out)  # whole before the manifest calls it complete
@@ -53,5 +60,4 @@ def build_delta(recipe: Recipe, store: Store, base_uri: str, log: Log = default_
             except CheckpointError as exc:
                 raise DeltaError(str(exc)) from None
 
-    return run_stage(store, "delta", key, build, inputs={"base": base_uri, "delta": identity},
-                     parameters={}, log=log)
+    return run_stage(store, "delta", key.key, build, inputs=key.inputs, parameters=key.parameters, log=log)

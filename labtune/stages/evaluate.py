@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from labtune.data.augment import people
+from labtune.data.note_fields import people
 from labtune.evaluation import general, generation
 from labtune.evaluation.prompts import Prompt, accuracy, load_prompts, paired, score
 from labtune.evaluation.retrieval import recall_line, retrieval_recall
@@ -31,6 +31,7 @@ from labtune.store.outputs import (
     MANIFEST,
     Log,
     ManifestError,
+    StageKey,
     StageResult,
     code_version,
     default_log,
@@ -41,18 +42,19 @@ from labtune.store.outputs import (
 from labtune.training.trackers import log_evaluation
 
 
-def collect_prompts(recipe: Recipe, store: Store, data_uri: str | None) -> list[Prompt]:
-    """The recipe's questions, its prompt files, then the held-out lab-note questions."""
+def collect_prompts(recipe: Recipe, data_dir: Path | None) -> list[Prompt]:
+    """The recipe's questions, its prompt files, then the held-out lab-note questions of the data
+    output in `data_dir`."""
     prompts = [p.model_copy(update={"tags": p.tags or ["recipe"]}) for p in recipe.evaluation.questions]
     for path in recipe.evaluation.prompt_files:
         prompts += load_prompts(path, default_tag=Path(path).stem)
-    if recipe.evaluation.heldout_notes and data_uri:
-        held_out = fetch(store, data_uri) / "eval_prompts.json"
+    if recipe.evaluation.heldout_notes and data_dir is not None:
+        held_out = data_dir / "eval_prompts.json"
         if held_out.is_file():
             prompts += [Prompt(**entry) for entry in json.loads(held_out.read_text())]
-    notes = fetch(store, data_uri) / "notes.json" if data_uri else None
-    if notes is not None and notes.is_file():
-        everyone = people([d.get("fields", {}) for d in json.loads(notes.read_text())])
+    notes = lab_notes(data_dir)
+    if notes:
+        everyone = people([d.get("fields", {}) for d in notes])
         prompts = [names_scored(p, everyone) for p in prompts]
     return prompts
 
@@ -68,10 +70,9 @@ def names_scored(prompt: Prompt, everyone: list[str]) -> Prompt:
     return prompt.model_copy(update={"forbidden": [n for n in everyone if n.lower() not in wanted]})
 
 
-def _eval_examples(store: Store, tokens_uri: str | None) -> list[dict[str, list[int]]]:
-    if not tokens_uri:
+def _eval_examples(tokens_dir: Path | None) -> list[dict[str, list[int]]]:
+    if tokens_dir is None:
         return []
-    tokens_dir = fetch(store, tokens_uri)
     folder = tokens_dir / "eval"
     report = json.loads((tokens_dir / "report.json").read_text())
     if not folder.is_dir() or not report.get("eval", {}).get("examples"):
@@ -96,12 +97,12 @@ def training_longest_answer(tokens_dir: Path, replay: bool = False) -> int | Non
     return generation.longest_answer_tokens(load_from_disk(str(folder))["labels"]) or None
 
 
-def answer_budget(setting: int | str, store: Store, tokens_uri: str | None, log: Log = default_log) -> int:
+def answer_budget(setting: int | str, tokens_dir: Path | None, log: Log = default_log) -> int:
     """`evaluation.max_new_tokens` as a number: a number as it is; auto from the training data's
     longest answer (generation.auto_max_new_tokens)."""
     if setting != "auto":
         return int(setting)
-    longest = training_longest_answer(fetch(store, tokens_uri)) if tokens_uri else None
+    longest = training_longest_answer(tokens_dir) if tokens_dir is not None else None
     budget = generation.auto_max_new_tokens(longest)
     log(f"evaluate: max_new_tokens auto -> {budget}" + (f" (the longest training answer is {longest} tokens, plus "
         f"{budget - longest})" if longest else " (no training data known)"))
@@ -119,8 +120,8 @@ def truncation_warning(truncated: dict[str, list[bool]], budget: int) -> str | N
             "auto")
 
 
-def evaluate_key(recipe: Recipe, base_uri: str, model_uri: str, data_uri: str | None,
-                 tokens_uri: str | None) -> tuple[str, dict[str, Any], dict[str, Any]]:
+def evaluate_key(recipe: Recipe, store: Store, target_uri: str, tuned_uri: str, data_uri: str | None = None,
+                 tokens_uri: str | None = None) -> StageKey:
     """The evaluate stage's key, inputs and parameters (prompt files by their sha256)."""
     cfg = recipe.evaluation
     parameters = {**cfg.model_dump(mode="json"), "chat_template": recipe.data.chat_template,
@@ -130,8 +131,8 @@ def evaluate_key(recipe: Recipe, base_uri: str, model_uri: str, data_uri: str | 
     code = code_version(__name__, "labtune.data.chat", "labtune.evaluation.prompts", "labtune.evaluation.generation",
                         "labtune.evaluation.retrieval", "labtune.evaluation.general", "labtune.stages.baseline",
                         "labtune.data.raft")
-    inputs = {"base": base_uri, "model": model_uri, "data": data_uri, "tokens": tokens_uri, "prompt_files": files}
-    return stage_key("evaluate", code, inputs, parameters), inputs, parameters
+    inputs = {"target": target_uri, "tuned": tuned_uri, "data": data_uri, "tokens": tokens_uri, "prompt_files": files}
+    return StageKey(stage_key("evaluate", code, inputs, parameters), inputs, parameters)
 
 
 COLUMNS = (("base", "base"), ("base_notes", "base + notes"), ("tuned", "fine-tuned"), ("tuned_notes", "fine-tuned + notes"))
@@ -141,15 +142,6 @@ def columns_of(summary: dict[str, Any]) -> list[tuple[str, str]]:
     """The (column, label) pairs an evaluation summary holds, in table order (a summary written
     before the retrieval columns holds base and fine-tuned only)."""
     return [(c, label) for c, label in COLUMNS if c in summary.get("columns", ["base", "tuned"])]
-
-
-def notes_index(store: Store, data_uri: str | None) -> Any:
-    """The BM25 index of the data stage's notes.json (None when there are no notes)."""
-    from labtune.evaluation.retrieval import NotesIndex
-
-    path = fetch(store, data_uri) / "notes.json" if data_uri else None
-    documents = json.loads(path.read_text()) if path is not None and path.is_file() else []
-    return NotesIndex(documents) if documents else None
 
 
 def scored_rows(prompts: list[Prompt], answered: dict[str, dict[str, list]]) -> tuple[list[str], list[dict[str, Any]]]:
@@ -187,36 +179,42 @@ def summarize(cfg: EvalConfig, columns: list[str], rows: list[dict[str, Any]], a
     }
 
 
-def asked_of(recipe: Recipe, store: Store, prompts: list[Prompt], general_prompts: list[Prompt], data_uri: str | None,
-             tokens_uri: str | None, log: Log) -> Asked:
-    """What both models are asked: the prompts, with the notes retrieved, the general questions,
-    the reference answers, the eval split, and the answer budgets."""
+def asked_of(recipe: Recipe, prompts: list[Prompt], general_prompts: list[Prompt], index: Any,
+             tokens_dir: Path | None, log: Log) -> Asked:
+    """What both models are asked: the prompts, with the notes retrieved (`index`, a NotesIndex, or
+    None), the general questions, the reference answers, the eval split, and the answer budgets."""
     cfg = recipe.evaluation
-    index = notes_index(store, data_uri) if cfg.retrieval else None
     questions = [p.question for p in prompts]
     references = (general.reference_answers(cfg.general.references, cfg.general.reference_limit)
                   if cfg.general.references and general_prompts else [])
     return Asked(questions, [index.context(q, cfg.retrieval_k) for q in questions] if index is not None else [],
                  [p.question for p in general_prompts], references,
-                 _eval_examples(store, tokens_uri) if cfg.eval_loss else [],
-                 answer_budget(cfg.max_new_tokens, store, tokens_uri, log), cfg.general.max_new_tokens)
+                 _eval_examples(tokens_dir) if cfg.eval_loss else [],
+                 answer_budget(cfg.max_new_tokens, tokens_dir, log), cfg.general.max_new_tokens)
 
 
-def lab_notes(store: Store, data_uri: str | None) -> list[dict[str, Any]]:
-    path = fetch(store, data_uri) / "notes.json" if data_uri else None
+def lab_notes(data_dir: Path | None) -> list[dict[str, Any]]:
+    """The data output's notes.json ([] without one)."""
+    path = data_dir / "notes.json" if data_dir is not None else None
     return json.loads(path.read_text()) if path is not None and path.is_file() else []
 
 
-def build_evaluate(recipe: Recipe, store: Store, base_uri: str, model_uri: str, log: Log = default_log,
+def build_evaluate(recipe: Recipe, store: Store, target_uri: str, tuned_uri: str, log: Log = default_log,
                    data_uri: str | None = None, tokens_uri: str | None = None,
                    on_progress: Callable[[dict], None] | None = None) -> StageResult:
     cfg = recipe.evaluation
-    key, inputs, parameters = evaluate_key(recipe, base_uri, model_uri, data_uri, tokens_uri)
-    prompts = collect_prompts(recipe, store, data_uri)  # a malformed prompt file fails here, before any model loads
+    key = evaluate_key(recipe, store, target_uri, tuned_uri, data_uri, tokens_uri)
+    data_dir = fetch(store, data_uri, log) if data_uri else None  # fetched once: prompts, notes, retrieval
+    prompts = collect_prompts(recipe, data_dir)  # a malformed prompt file fails here, before any model loads
     general_prompts = general.general_questions(cfg.general.questions, cfg.general.limit)
 
     def build(out: Path) -> dict[str, Any]:
-        asked = asked_of(recipe, store, prompts, general_prompts, data_uri, tokens_uri, log)
+        from labtune.evaluation.retrieval import NotesIndex
+
+        tokens_dir = fetch(store, tokens_uri, log) if tokens_uri else None
+        notes = lab_notes(data_dir)
+        index = NotesIndex(notes) if cfg.retrieval and notes else None
+        asked = asked_of(recipe, prompts, general_prompts, index, tokens_dir, log)
         total, done = 2 * asked.count, [0]  # every answer both models give, for the progress bar
 
         def answered(count: int) -> None:
@@ -224,21 +222,22 @@ def build_evaluate(recipe: Recipe, store: Store, base_uri: str, model_uri: str, 
             if on_progress:
                 on_progress({"stage": "evaluate", "step": done[0], "total_steps": total})
 
-        baseline, base = build_baseline(recipe, store, base_uri, asked, log, answered)
-        inputs["baseline"] = baseline.uri  # in the manifest (not the key): `labtune store gc` keeps it with this output
+        baseline, base = build_baseline(recipe, store, target_uri, asked, log, answered)
+        key.inputs["baseline"] = baseline.uri  # in the manifest (not the key): `labtune store gc` keeps it with this output
         references = asked.references or list(zip(asked.general, base.get("general", {}).get("answers", [])))
-        tuned = ask_model(recipe, store, model_uri, asked, "tuned", references, log, answered)
+        tuned_dir = fetch(store, tuned_uri, log)
+        tuned = ask_model(recipe, tuned_dir, tuned_uri, asked, "tuned", references, log, answered)
         answered_columns = {**base["columns"], **tuned["columns"]}
         columns, rows = scored_rows(prompts, answered_columns)
         losses = {name: got["eval_loss"] for name, got in (("base", base), ("tuned", tuned)) if got.get("eval_loss")}
         summary = summarize(cfg, columns, rows, answered_columns, losses, asked.budget)
-        if cfg.retrieval and (index := notes_index(store, data_uri)) is not None:
+        if index is not None:
             summary["retrieval"] = retrieval_recall(index, prompts, cfg.retrieval_k, recipe.data.date_order)
         general_rows: list[dict[str, Any]] = []
         if general_prompts:
             general_rows, summary["general"] = general.general_summary(
-                general_prompts, base, tuned, general.lab_markers(lab_notes(store, data_uri)), cfg.general)
-        trained = fetch(store, model_uri) / "train_metrics.json"
+                general_prompts, base, tuned, general.lab_markers(notes), cfg.general)
+        trained = tuned_dir / "train_metrics.json"
         if trained.is_file():  # into the training run's TensorBoard folder and MLflow run (train.report_to)
             log_evaluation(recipe.train.report_to, json.loads(trained.read_text()).get("tracked") or {}, summary)
         for warning in [truncation_warning({c: answered_columns[c]["truncated"] for c in columns}, asked.budget),
@@ -248,8 +247,8 @@ def build_evaluate(recipe: Recipe, store: Store, base_uri: str, model_uri: str, 
         (out / "answers.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
         (out / "general.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in general_rows))
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
-        (out / "run.json").write_text(json.dumps({"recipe": recipe.model_dump(mode="json"), "base": base_uri,
-                                                  "model": model_uri}, indent=2))
+        (out / "run.json").write_text(json.dumps({"recipe": recipe.model_dump(mode="json"), "target": target_uri,
+                                                  "tuned": tuned_uri}, indent=2))
         log("evaluate: " + ", ".join(f"{label} {summary[f'{c}_correct']}/{summary['total']}"
                                      for c, label in COLUMNS if c in columns) + " correct"
             + (f"; eval loss base {losses['base']['loss']} -> fine-tuned {losses['tuned']['loss']}" if len(losses) == 2 else "")
@@ -257,22 +256,16 @@ def build_evaluate(recipe: Recipe, store: Store, base_uri: str, model_uri: str, 
             + (f"; {recall_line(summary['retrieval'])}" if summary.get("retrieval") else ""))
         return {"summary": summary}
 
-    return run_stage(store, "evaluate", key, build, inputs=inputs, parameters=parameters, log=log)
+    return run_stage(store, "evaluate", key.key, build, inputs=key.inputs, parameters=key.parameters, log=log)
 
 
 def read_evaluation(store: Store, uri: str) -> dict[str, Any]:
-    """An evaluate output: {uri, recipe, rows, summary}."""
+    """An evaluate output, fetched once: {uri, recipe, rows, general, summary}."""
     return run_from_folder(fetch(store, uri), uri)
 
 
-def read_general(store: Store, uri: str) -> list[dict[str, Any]]:
-    """general.jsonl's rows of an evaluate output ([] when it asked no general question)."""
-    path = fetch(store, uri) / "general.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
-
-
 def run_from_folder(directory: Path, uri: str) -> dict[str, Any]:
-    """{uri, recipe, rows, summary} of a fetched (verified, local) evaluate output; any other
+    """{uri, recipe, rows, general, summary} of a fetched (verified, local) evaluate output; any other
     stage's output is refused, naming what it holds."""
     if not all((directory / name).is_file() for name in ("answers.jsonl", "run.json", "summary.json")):
         try:
@@ -281,9 +274,12 @@ def run_from_folder(directory: Path, uri: str) -> dict[str, Any]:
             stage = "?"
         raise ManifestError(f"{uri}: not an evaluate output (it holds a {stage} output); give the URIs that the "
                             "evaluate stage prints")
-    rows = [json.loads(line) for line in (directory / "answers.jsonl").read_text().splitlines() if line.strip()]
-    return {"uri": uri, "recipe": json.loads((directory / "run.json").read_text())["recipe"], "rows": rows,
-            "summary": json.loads((directory / "summary.json").read_text())}
+    def lines(name: str) -> list[dict[str, Any]]:  # general.jsonl: [] when it asked no general question
+        path = directory / name
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+    return {"uri": uri, "recipe": json.loads((directory / "run.json").read_text())["recipe"], "rows": lines("answers.jsonl"),
+            "general": lines("general.jsonl"), "summary": json.loads((directory / "summary.json").read_text())}
 
 
 def summary_markdown(summary: dict[str, Any], uri: str) -> str:

@@ -26,7 +26,7 @@ from labtune.evaluation import general, generation
 from labtune.precision import native_bf16
 from labtune.recipe import Recipe
 from labtune.store.backends import Store
-from labtune.store.outputs import Log, StageResult, code_version, default_log, fetch, run_stage, stage_key
+from labtune.store.outputs import Log, StageKey, StageResult, code_version, default_log, fetch, run_stage, stage_key
 
 SENTENCE_END = re.compile(r"(?<!\d)[.!?](?=\s|$)|\n")  # not "2." of a numbered list
 
@@ -44,14 +44,15 @@ def whole_sentences(answer: str) -> str:
     return answer[: ends[-1]].rstrip() if ends else ""
 
 
-def replay_key(recipe: Recipe, model_uri: str) -> tuple[str, dict[str, Any], dict[str, Any]]:
+def replay_key(recipe: Recipe, store: Store, target_uri: str) -> StageKey:
     cfg = recipe.data.replay
     prompts = chosen_prompts(recipe)
     parameters = {"max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature, "seed": recipe.data.seed,
                   "chat_template": recipe.data.chat_template,
                   "system_prompt": recipe.data.system_prompt, "bf16": bool(recipe.train.bf16 and native_bf16())}
-    inputs = {"model": model_uri, "prompts": hashlib.sha256(json.dumps(prompts).encode()).hexdigest()}
-    return stage_key("replay", code_version(__name__, "labtune.evaluation.generation"), inputs, parameters), inputs, parameters
+    inputs = {"target": target_uri, "prompts": hashlib.sha256(json.dumps(prompts).encode()).hexdigest()}
+    return StageKey(stage_key("replay", code_version(__name__, "labtune.evaluation.generation"), inputs, parameters),
+                    inputs, parameters)
 
 
 def replay_records(prompts: list[str], answers: list[str], truncated: list[bool], system: str | None
@@ -71,14 +72,14 @@ def replay_records(prompts: list[str], answers: list[str], truncated: list[bool]
     return records, counts
 
 
-def build_replay(recipe: Recipe, store: Store, model_uri: str, log: Log = default_log) -> StageResult:
+def build_replay(recipe: Recipe, store: Store, target_uri: str, log: Log = default_log) -> StageResult:
     cfg = recipe.data.replay
-    key, inputs, parameters = replay_key(recipe, model_uri)
+    key = replay_key(recipe, store, target_uri)
 
     def build(out: Path) -> dict[str, Any]:
         prompts = chosen_prompts(recipe)
-        model, tokenizer = generation.load_model(fetch(store, model_uri, log), bf16=recipe.train.bf16)
-        log(f"replay: the model {model_uri} answers {len(prompts)} general prompts (at most {cfg.max_new_tokens} "
+        model, tokenizer = generation.load_model(fetch(store, target_uri, log), bf16=recipe.train.bf16)
+        log(f"replay: the model {target_uri} answers {len(prompts)} general prompts (at most {cfg.max_new_tokens} "
             "tokens each)")
         sampling = generation.Sampling(cfg.temperature, recipe.data.seed) if cfg.temperature > 0 else None
         generated = generation.ask(model, tokenizer, prompts, cfg.max_new_tokens, cfg.batch_size, recipe.data.chat_template,
@@ -92,7 +93,7 @@ def build_replay(recipe: Recipe, store: Store, model_uri: str, log: Log = defaul
             f"at the token limit end at their last sentence, {counts['left_out_no_sentence']} left out)")
         return {"report": report}
 
-    return run_stage(store, "replay", key, build, inputs=inputs, parameters=parameters, log=log)
+    return run_stage(store, "replay", key.key, build, inputs=key.inputs, parameters=key.parameters, log=log)
 
 
 def replay_conversations(store: Store, replay_uri: str | None) -> list[dict[str, Any]]:

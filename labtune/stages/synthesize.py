@@ -20,26 +20,26 @@ from labtune.errors import LabtuneError
 from labtune.evaluation import generation
 from labtune.recipe import Recipe
 from labtune.store.backends import Store
-from labtune.store.outputs import Log, StageResult, code_version, default_log, fetch, fetch_output, run_stage, stage_key
+from labtune.store.outputs import Log, StageKey, StageResult, code_version, default_log, fetch, fetch_output, run_stage, stage_key
 
 
 class SynthesizeError(LabtuneError):
     """The generator the recipe names cannot be used; the message names it."""
 
 
-def synthesize_key(recipe: Recipe, model_uri: str, data_uri: str) -> tuple[str, dict[str, Any], dict[str, Any]]:
+def synthesize_key(recipe: Recipe, store: Store, target_uri: str, data_uri: str) -> StageKey:
     cfg = recipe.data.synthesize
-    inputs = {"generator": cfg.generator or model_uri, "data": data_uri}
+    inputs = {"generator": cfg.generator or target_uri, "data": data_uri}
     parameters = {**cfg.model_dump(mode="json", exclude={"generator", "enabled", "batch_size"}), "seed": recipe.data.seed,
                   "chat_template": recipe.data.chat_template}
-    return stage_key("synthesize", code_version(__name__, synthesis), inputs, parameters), inputs, parameters
+    return StageKey(stage_key("synthesize", code_version(__name__, synthesis), inputs, parameters), inputs, parameters)
 
 
-def generator_folder(recipe: Recipe, store: Store, model_uri: str, log: Log) -> Path:
+def generator_folder(recipe: Recipe, store: Store, target_uri: str, log: Log) -> Path:
     """The generator's local folder: the target model, a stage output (one with a manifest), or a model folder."""
     named = recipe.data.synthesize.generator
     if named is None:
-        return fetch(store, model_uri, log)
+        return fetch(store, target_uri, log)
     if "://" in named or (Path(named) / "manifest.json").is_file():
         return fetch_output(named, recipe.store.settings(), log)
     if not (Path(named) / "config.json").is_file():
@@ -47,13 +47,13 @@ def generator_folder(recipe: Recipe, store: Store, model_uri: str, log: Log) -> 
     return Path(named)
 
 
-def build_synthesize(recipe: Recipe, store: Store, model_uri: str, data_uri: str, log: Log = default_log) -> StageResult:
+def build_synthesize(recipe: Recipe, store: Store, target_uri: str, data_uri: str, log: Log = default_log) -> StageResult:
     cfg = recipe.data.synthesize
-    key, inputs, parameters = synthesize_key(recipe, model_uri, data_uri)
+    key = synthesize_key(recipe, store, target_uri, data_uri)
 
     def build(out: Path) -> dict[str, Any]:
         notes = json.loads((fetch(store, data_uri, log) / "notes.json").read_text())
-        model, tokenizer = generation.load_model(generator_folder(recipe, store, model_uri, log), bf16=True, gpu=True)
+        model, tokenizer = generation.load_model(generator_folder(recipe, store, target_uri, log), bf16=True, gpu=True)
         log(f"synthesize: the generator writes {cfg.questions_per_note} question-answer pairs and {cfg.rewrites} "
             f"retelling(s) for each of {len(notes)} notes (at most {cfg.max_new_tokens} tokens each)")
         asks = [ask for note in notes for ask in synthesis.asks(note, cfg.questions_per_note, cfg.rewrites)]
@@ -73,7 +73,7 @@ def build_synthesize(recipe: Recipe, store: Store, model_uri: str, data_uri: str
             f"and join training" + (f" (left out, by what was not in the note: {left_out})" if left_out else ""))
         return {"report": report}
 
-    return run_stage(store, "synthesize", key, build, inputs=inputs, parameters=parameters, log=log)
+    return run_stage(store, "synthesize", key.key, build, inputs=key.inputs, parameters=key.parameters, log=log)
 
 
 def synthesized_conversations(store: Store, synthesize_uri: str | None) -> list[dict[str, Any]]:

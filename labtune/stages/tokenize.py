@@ -21,6 +21,7 @@ from labtune.store.backends import Store
 from labtune.store.outputs import (
     Log,
     ManifestError,
+    StageKey,
     StageResult,
     code_version,
     default_log,
@@ -35,13 +36,13 @@ class TokenizeError(LabtuneError):
     """The conversations cannot be tokenized as asked; the message says why."""
 
 
-def tokenizer_identity(store: Store, model_uri: str) -> dict[str, str]:
-    manifest = read_manifest(store, store.key_for(model_uri))
+def tokenizer_identity(store: Store, target_uri: str) -> dict[str, str]:
+    manifest = read_manifest(store, store.key_for(target_uri))
     if manifest is None:
-        raise ManifestError(f"{model_uri}: no complete output here (manifest.json missing)")
+        raise ManifestError(f"{target_uri}: no complete output here (manifest.json missing)")
     files = {e["path"]: e["sha256"] for e in manifest["files"] if e["path"] in TOKENIZER_FILES}
     if not files:
-        raise TokenizeError(f"{model_uri}: the model has no tokenizer files")
+        raise TokenizeError(f"{target_uri}: the model has no tokenizer files")
     return files
 
 
@@ -94,31 +95,37 @@ def data_longest_answer(folder: Path) -> int:
                                  if not record_id.startswith((REPLAY_PREFIX, SYNTHESIZED_PREFIX)))
 
 
-def build_tokenize(recipe: Recipe, store: Store, model_uri: str, data_uri: str, log: Log = default_log,
-                   replay_uri: str | None = None, synthesize_uri: str | None = None) -> StageResult:
-    inputs = {"model": model_uri, "tokenizer": tokenizer_identity(store, model_uri), "data": data_uri,
+def tokenize_key(recipe: Recipe, store: Store, target_uri: str, data_uri: str, replay_uri: str | None = None,
+                 synthesize_uri: str | None = None) -> StageKey:
+    inputs = {"target": target_uri, "tokenizer": tokenizer_identity(store, target_uri), "data": data_uri,
               **({"replay": replay_uri} if replay_uri else {}), **({"synthesize": synthesize_uri} if synthesize_uri else {})}
     parameters = {"model_max_length": recipe.data.model_max_length, "chat_template": recipe.data.chat_template}
+    # the tokenizer identity, not the target's URI, decides: re-tokenizing for a new model with the same tokenizer is waste
+    key = stage_key("tokenize", code_version(__name__, chat, encode),
+                    {k: v for k, v in inputs.items() if k != "target"}, parameters)
+    return StageKey(key, inputs, parameters)
+
+
+def build_tokenize(recipe: Recipe, store: Store, target_uri: str, data_uri: str, log: Log = default_log,
+                   replay_uri: str | None = None, synthesize_uri: str | None = None) -> StageResult:
+    key = tokenize_key(recipe, store, target_uri, data_uri, replay_uri, synthesize_uri)
 
     def build(out: Path) -> dict[str, Any]:
         from labtune.stages.replay import replay_conversations
         from labtune.stages.synthesize import synthesized_conversations
 
-        model_dir, data_dir = fetch(store, model_uri, log), fetch(store, data_uri, log)
+        target_dir, data_dir = fetch(store, target_uri, log), fetch(store, data_uri, log)
         replay = replay_conversations(store, replay_uri)
         if replay:
             log(f"tokenize: {len(replay)} replay conversations (the base model's own answers) join the train split")
         synthesized = synthesized_conversations(store, synthesize_uri)
         if synthesized:
             log(f"tokenize: {len(synthesized)} model-written question-answer pairs (the synthesize stage's) join the train split")
-        report = tokenize_files(data_dir, model_dir, out, recipe.data.chat_template, recipe.data.model_max_length,
+        report = tokenize_files(data_dir, target_dir, out, recipe.data.chat_template, recipe.data.model_max_length,
                                 recipe.data.num_proc, log, replay, synthesized)
         return {"report": {split: {k: v for k, v in r.items() if k != "histogram"} for split, r in report.items()}}
 
-    # the tokenizer identity, not the model URI, decides: re-tokenizing for a new model with the same tokenizer is waste
-    key = stage_key("tokenize", code_version(__name__, chat, encode),
-                    {k: v for k, v in inputs.items() if k != "model"}, parameters)
-    return run_stage(store, "tokenize", key, build, inputs=inputs, parameters=parameters, log=log)
+    return run_stage(store, "tokenize", key.key, build, inputs=key.inputs, parameters=key.parameters, log=log)
 
 
 def report_markdown(report: dict[str, Any], uri: str) -> str:

@@ -22,6 +22,7 @@ from labtune.store.backends import Store, StoreError, labtune_home
 from labtune.store.outputs import (
     CommittedElsewhere,
     Log,
+    StageKey,
     StageResult,
     checkpoint_prefix,
     code_version,
@@ -64,8 +65,8 @@ def fitting_accumulation(recipe: Recipe, examples: int, log: Log) -> int:
     return fitting
 
 
-def fit_memory(recipe: Recipe, train: TrainConfig, model_dir: Path, tokens_dir: Path, log: Log) -> tuple[TrainConfig, dict]:
-    """The pre-flight memory check (labtune/training/memory.py): `train` with gradient_checkpointing
+def fit_memory(recipe: Recipe, train_config: TrainConfig, model_dir: Path, tokens_dir: Path, log: Log) -> tuple[TrainConfig, dict]:
+    """The pre-flight memory check (labtune/training/memory.py): `train_config` with gradient_checkpointing
     resolved, and the estimate; TrainError with the numbers and what would fit when nothing does."""
     import torch
 
@@ -74,18 +75,18 @@ def fit_memory(recipe: Recipe, train: TrainConfig, model_dir: Path, tokens_dir: 
     use_cuda = recipe.parallel.backend != "gloo" and torch.cuda.is_available()
     parallel = recipe.parallel
     dev = memory.devices(use_cuda, parallel.processes, parallel.memory_per_rank_gib)
-    shape = memory.Shape.of_model_dir(model_dir, train)
+    shape = memory.Shape.of_model_dir(model_dir, train_config)
     length, labels = memory.data_limits(tokens_dir)
-    if train.packing:  # a packed row is as long as packing_length and may be all answers
-        length = labels = max(length, int(train.packing_length or length))
+    if train_config.packing:  # a packed row is as long as packing_length and may be all answers
+        length = labels = max(length, int(train_config.packing_length or length))
     try:
-        resolved, est = memory.plan(train, parallel.world_size, parallel.processes, shape,
+        resolved, est = memory.plan(train_config, parallel.world_size, parallel.processes, shape,
                                     lambda rows: memory.Batch(rows, length, rows * labels), dev)
     except memory.DoesNotFit as exc:
         raise TrainError(str(exc)) from None
     available = f"{dev.per_rank / memory.GIB:.1f} GiB per rank ({dev.name.rstrip(',')})"
     chosen = f"; gradient_checkpointing auto -> {resolved.gradient_checkpointing!r}" \
-        if train.gradient_checkpointing == "auto" else ""
+        if train_config.gradient_checkpointing == "auto" else ""
     peak = memory.peak_cpu_rank(est) if dev.kind == "cpu" else est.device
     log(f"memory: ~{peak / memory.GIB:.1f} GiB per rank estimated, training {est.describe()}, of {available}{chosen}")
     return resolved, {"estimate_gib": round(peak / memory.GIB, 2), "parts_gib": est.gib(),
@@ -93,9 +94,8 @@ def fit_memory(recipe: Recipe, train: TrainConfig, model_dir: Path, tokens_dir: 
                       "gradient_checkpointing": resolved.gradient_checkpointing}
 
 
-def train_key(recipe: Recipe, model_uri: str, tokens_uri: str) -> tuple[str, dict[str, Any]]:
-    """The train stage's key (its output is `train/<key>`, its checkpoints `checkpoints/<key>`)
-    and the parameters it hashes."""
+def train_key(recipe: Recipe, store: Store, target_uri: str, tokens_uri: str) -> StageKey:
+    """Its output is `train/<key>`, its checkpoints `checkpoints/<key>`."""
     # Where this node sits and how it finds the others is not part of the run's identity: every
     # node must compute the same key (its rendezvous id, its checkpoints) and a re-run with another
     # endpoint still resumes.
@@ -103,32 +103,34 @@ def train_key(recipe: Recipe, model_uri: str, tokens_uri: str) -> tuple[str, dic
     parameters = {"train": recipe.train.model_dump(mode="json", exclude={"report_to", "logging_dir"}),
                   "parallel": recipe.parallel.model_dump(mode="json", exclude=placement)}
     code = code_version(__name__, "labtune.models.card", *WORKER_MODULES)
-    return stage_key("train", code, {"model": model_uri, "tokens": tokens_uri}, parameters), parameters
+    inputs = {"target": target_uri, "tokens": tokens_uri}
+    return StageKey(stage_key("train", code, inputs, parameters), inputs, parameters)
 
 
-def build_train(recipe: Recipe, store: Store, model_uri: str, tokens_uri: str, log: Log = default_log,
+def build_train(recipe: Recipe, store: Store, target_uri: str, tokens_uri: str, log: Log = default_log,
                 on_progress: Callable[[dict], None] | None = None,
                 on_checkpoint: Callable[[dict], None] | None = None, run_tags: dict[str, str] | None = None) -> StageResult:
-    """Fine-tune the model at model_uri on the tokenize stage's output at tokens_uri; run_tags go to
+    """Fine-tune the target model on the tokenize stage's output; run_tags go to
     the experiment trackers (the Prefect flow-run id, when Prefect runs it)."""
-    key, parameters = train_key(recipe, model_uri, tokens_uri)
+    stage = train_key(recipe, store, target_uri, tokens_uri)
+    key = stage.key
 
     def build(out: Path) -> dict[str, Any]:
         tokens_dir = fetch(store, tokens_uri, log)
         examples = json.loads((tokens_dir / "report.json").read_text())["train"]["examples"]
         accumulation = fitting_accumulation(recipe, examples, log)
-        model_dir = fetch(store, model_uri, log)
+        target_dir = fetch(store, target_uri, log)
         resolved = {"gradient_accumulation_steps": accumulation,
                     "packing_length": recipe.train.packing_length or recipe.data.model_max_length}
-        train, memory_plan = fit_memory(recipe, recipe.train.model_copy(update=resolved), model_dir, tokens_dir, log)
+        train_config, memory_plan = fit_memory(recipe, recipe.train.model_copy(update=resolved), target_dir, tokens_dir, log)
         config_path = out.parent / "train_config.json"
         dev_dir = tokens_dir / "dev"
-        WorkerConfig(model_dir=str(model_dir), train_dir=str(tokens_dir / "train"), output_dir=str(out),
+        WorkerConfig(model_dir=str(target_dir), train_dir=str(tokens_dir / "train"), output_dir=str(out),
                      dev_dir=str(dev_dir) if dev_dir.is_dir() else None,
                      checkpoint_dir=str(out.parent / "checkpoints"), checkpoint_prefix=checkpoint_prefix(key),
                      # the store this stage writes to (a test may pass its own), reached as the recipe says
                      store=recipe.store.settings().at(store.uri), backend=recipe.parallel.backend,
-                     train=train, logging_dir=recipe.train.logging_dir or str(labtune_home() / "tensorboard" / recipe.name / key),
+                     train=train_config, logging_dir=recipe.train.logging_dir or str(labtune_home() / "tensorboard" / recipe.name / key),
                      run_name=f"{recipe.name}-{key[:8]}",
                      run_tags={"recipe": recipe.name, "train_key": key, **(run_tags or {})}).write(config_path)
         nproc = recipe.parallel.processes
@@ -140,7 +142,7 @@ def build_train(recipe: Recipe, store: Store, model_uri: str, tokens_uri: str, l
         metrics = json.loads((out / "train_metrics.json").read_text())
         plot_loss(metrics["history"], out / "loss.png", title=f"{recipe.name}: training loss",
                   dev=(metrics.get("early_stopping") or {}).get("evaluations"))
-        write_model_card(out, recipe, store, model_dir, tokens_uri, parameters, metrics)
+        write_model_card(out, recipe, store, target_dir, tokens_uri, stage.parameters, metrics)
         return {"metrics": {k: metrics.get(k) for k in ("optimizer_steps", "examples", "train_seconds", "world_size",
                                                         "resumed_from_step", "checkpoints", "train_flops",
                                                         "train_label_tokens", "dev_flops")},
@@ -149,8 +151,7 @@ def build_train(recipe: Recipe, store: Store, model_uri: str, tokens_uri: str, l
                 "final_loss": metrics["history"][-1]["loss"] if metrics["history"] else None}
 
     nodes = recipe.parallel.nnodes
-    return run_stage(store, "train", key, build, inputs={"model": model_uri, "tokens": tokens_uri},
-                     parameters=parameters, log=log,
+    return run_stage(store, "train", key, build, inputs=stage.inputs, parameters=stage.parameters, log=log,
                      work_name=f"train-{key}-node{recipe.parallel.node_rank}" if nodes > 1 else None)
 
 

@@ -24,13 +24,13 @@ from labtune.models.sources import WeightsError, local_source, materialize, mode
 from labtune.models.tensorfiles import CheckpointError
 from labtune.recipe import Recipe
 from labtune.store.backends import Store, StoreError
-from labtune.store.outputs import Log, StageResult, code_version, default_log, run_stage, stage_key
+from labtune.store.outputs import Log, StageKey, StageResult, code_version, default_log, run_stage, stage_key
 
-__all__ = ["WeightsError", "build_weights", "local_source", "materialize", "resolve_gguf", "model_identity"]
+__all__ = ["WeightsError", "build_weights", "weights_key", "local_source", "materialize", "resolve_gguf", "model_identity"]
 
 
-def build_weights(recipe: Recipe, store: Store, log: Log = default_log) -> StageResult:
-    """The base model in HF format in the store (cached by the source's identity)."""
+def weights_key(recipe: Recipe, store: Store) -> StageKey:
+    """Keyed by the source's identity (its files' hashes, ETags or hub commit), not its path."""
     source = recipe.base_model
     try:
         identity = model_identity(source, recipe.store.settings())
@@ -38,6 +38,13 @@ def build_weights(recipe: Recipe, store: Store, log: Log = default_log) -> Stage
         raise WeightsError(f"base_model.source: {exc}") from None
     parameters = {"dtype": source.dtype}
     key = stage_key("weights", code_version(__name__, sources, meta_llama, tensorfiles), {"source": identity}, parameters)
+    return StageKey(key, {"source": source.source, "identity": identity}, parameters)
+
+
+def build_weights(recipe: Recipe, store: Store, log: Log = default_log) -> StageResult:
+    """The base model in HF format in the store (cached by the source's identity)."""
+    source = recipe.base_model
+    key = weights_key(recipe, store)
 
     def build(out: Path) -> None:
         try:
@@ -45,5 +52,4 @@ def build_weights(recipe: Recipe, store: Store, log: Log = default_log) -> Stage
         except (MetaCheckpointError, CheckpointError) as exc:
             raise WeightsError(str(exc)) from None
 
-    return run_stage(store, "weights", key, build, inputs={"source": source.source, "identity": identity},
-                     parameters=parameters, log=log)
+    return run_stage(store, "weights", key.key, build, inputs=key.inputs, parameters=key.parameters, log=log)

@@ -16,10 +16,10 @@ import os
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, NamedTuple
 
 from labtune import __version__
 from labtune.errors import LabtuneError
@@ -62,9 +62,12 @@ class StageResult:
     uri: str
     cached: bool
     seconds: float
+    # the output's manifest as run_stage read or wrote it (its report or summary included): what a
+    # caller needs of it is here, not read back from the store
+    manifest: dict[str, Any] | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {"stage": self.stage, "uri": self.uri, "cached": self.cached, "seconds": self.seconds}
 
 
 def code_version(*modules: ModuleType | str) -> str:
@@ -81,6 +84,15 @@ def code_version(*modules: ModuleType | str) -> str:
 def stage_key(stage: str, code: str, inputs: dict[str, Any], parameters: dict[str, Any]) -> str:
     blob = json.dumps({"stage": stage, "code": code, "inputs": inputs, "parameters": parameters}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+class StageKey(NamedTuple):
+    """What every stage's `<stage>_key(recipe, store, **input URIs)` returns: the key of its output
+    (`<stage>/<key>` in the store) and the inputs and parameters its manifest records."""
+
+    key: str
+    inputs: dict[str, Any]
+    parameters: dict[str, Any]
 
 
 def output_prefix(stage: str, key: str) -> str:
@@ -233,7 +245,7 @@ ACCEPTED_STAGES = {"delta": ("delta", "weights", "merge-delta", "merge-lora")}
 
 
 def require_output(store: Store, uri: str, stage: str) -> None:
-    """A URI given for `stage`'s output (`--base`, `--model`, `--data`, `--tokens`) names a complete
+    """A URI given for `stage`'s output (`--weights`, `--target`, `--data`, `--tokens`, `--tuned`) names a complete
     output of that stage in this store: checked before anything runs or is called cached."""
     if "://" not in uri and not Path(uri).expanduser().exists():
         raise ManifestError(f"{uri}: no such folder")
@@ -302,7 +314,7 @@ def run_stage(
     changed = cached_changes(store, prefix, manifest) if manifest is not None else None
     if manifest is not None and changed is None:
         log(f"{stage}: cached at {store.uri_for(prefix)}")
-        return StageResult(stage, store.uri_for(prefix), True, round(time.time() - started, 3))
+        return StageResult(stage, store.uri_for(prefix), True, round(time.time() - started, 3), manifest)
     if changed is not None:  # the manifest no longer tells the truth: withdrawn, and the output built again
         log(f"{stage}: {store.uri_for(prefix)}/{changed}; building it again")
         store.delete(_join(prefix, MANIFEST))
@@ -311,7 +323,8 @@ def run_stage(
         lease = _writer_lease(store, stage, key, log)
         if lease is None:
             log(f"{stage}: cached at {store.uri_for(prefix)} (built by another run)")
-            return StageResult(stage, store.uri_for(prefix), True, round(time.time() - started, 3))
+            return StageResult(stage, store.uri_for(prefix), True, round(time.time() - started, 3),
+                               read_manifest(store, prefix))
     # a folder of this process's own: two runs of one stage on this machine never share scratch
     work = labtune_home() / "work" / f"{work_name or f'{stage}-{key}'}-{os.getpid()}"
     shutil.rmtree(work, ignore_errors=True)
@@ -324,12 +337,12 @@ def run_stage(
             log(f"{stage}: {reason}; waiting for {store.uri_for(prefix)}/{MANIFEST}")
             _wait_for_manifest(store, prefix, wait_seconds)
             seconds = round(time.time() - started, 3)
-            return StageResult(stage, store.uri_for(prefix), False, seconds)
+            return StageResult(stage, store.uri_for(prefix), False, seconds, read_manifest(store, prefix))
         except Exception as exc:
             if is_disk_full(exc) and not isinstance(exc, StoreError):  # the scratch folder filled: one line, no manifest
                 raise disk_full(getattr(exc, "filename", None) or out, None) from None
             raise
-        commit(store, prefix, out, stage=stage, inputs=inputs, parameters=parameters,
+        manifest = commit(store, prefix, out, stage=stage, inputs=inputs, parameters=parameters,
                started=started, extra=extra, log=log, before_manifest=lease.check if lease else None)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -337,7 +350,7 @@ def run_stage(
             lease.release()
     seconds = round(time.time() - started, 3)
     log(f"{stage}: done in {seconds:.1f}s -> {store.uri_for(prefix)}")
-    return StageResult(stage, store.uri_for(prefix), False, seconds)
+    return StageResult(stage, store.uri_for(prefix), False, seconds, manifest)
 
 
 def _writer_lease(store: Store, stage: str, key: str, log: Log) -> Any:

@@ -46,15 +46,16 @@ from labtune.training.trackers import Trackers, step_metrics
 from labtune.training.worker_config import WORKER_ERROR, WorkerConfig, WorkerError
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, train: TrainConfig, total_updates: int) -> Any:
+def make_scheduler(optimizer: torch.optim.Optimizer, train_config: TrainConfig, total_updates: int) -> Any:
     """transformers' schedule by its name; warmup_stable_decay decays over the last
     WSD_DECAY_FRACTION of the steps unless lr_scheduler_kwargs names num_decay_steps."""
     from transformers import get_scheduler
 
-    kwargs = dict(train.lr_scheduler_kwargs)
-    if train.lr_scheduler_type == "warmup_stable_decay":
+    kwargs = dict(train_config.lr_scheduler_kwargs)
+    if train_config.lr_scheduler_type == "warmup_stable_decay":
         kwargs.setdefault("num_decay_steps", max(1, math.ceil(WSD_DECAY_FRACTION * total_updates)))
-    return get_scheduler(train.lr_scheduler_type, optimizer, num_warmup_steps=math.ceil(train.warmup_ratio * total_updates),
+    return get_scheduler(train_config.lr_scheduler_type, optimizer,
+                         num_warmup_steps=math.ceil(train_config.warmup_ratio * total_updates),
                          num_training_steps=total_updates, scheduler_specific_kwargs=kwargs)
 
 
@@ -136,31 +137,31 @@ def setup(cfg: WorkerConfig) -> Run:
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
-    train = cfg.train
-    place = init_distributed(cfg.backend, train)
-    torch.manual_seed(train.seed)
+    train_config = cfg.train
+    place = init_distributed(cfg.backend, train_config)
+    torch.manual_seed(train_config.seed)
     tokenizer = AutoTokenizer.from_pretrained(Path(cfg.model_dir))
     examples, lengths = load_examples(cfg.train_dir)
     if not lengths:
         raise WorkerError(f"{cfg.train_dir}: no training examples")
     log(f"world_size={place.world} backend={place.backend} device={place.device.type} examples={len(lengths)}")
-    built = build_model(Path(cfg.model_dir), train, place)
-    train = built.train  # fp32 where the CPU has no native bf16
+    built = build_model(Path(cfg.model_dir), train_config, place)
+    train_config = built.train  # fp32 where the CPU has no native bf16
 
-    bs, gas = train.per_device_train_batch_size, train.gradient_accumulation_steps
-    updates_per_epoch = math.ceil(micro_batches_per_epoch(train, lengths, place.world) / gas)
-    total_updates = max(1, math.ceil(train.num_train_epochs * updates_per_epoch))
-    optimizer = torch.optim.AdamW(param_groups(built.model, train.weight_decay), lr=train.learning_rate,
+    bs, gas = train_config.per_device_train_batch_size, train_config.gradient_accumulation_steps
+    updates_per_epoch = math.ceil(micro_batches_per_epoch(train_config, lengths, place.world) / gas)
+    total_updates = max(1, math.ceil(train_config.num_train_epochs * updates_per_epoch))
+    optimizer = torch.optim.AdamW(param_groups(built.model, train_config.weight_decay), lr=train_config.learning_rate,
                                   betas=(0.9, 0.999), eps=1e-8, fused=True)  # one kernel for all updates: 4x faster on CPU too
     schedule = None
-    if train.eval_strategy != "no" and train.lr_scheduler_type == "warmup_stable_decay":
-        scheduler, schedule = early_stopping.stoppable_scheduler(optimizer, train, total_updates)
+    if train_config.eval_strategy != "no" and train_config.lr_scheduler_type == "warmup_stable_decay":
+        scheduler, schedule = early_stopping.stoppable_scheduler(optimizer, train_config, total_updates)
     else:
-        scheduler = make_scheduler(optimizer, train, total_updates)
-    rows = f"packed rows of up to {train.packing_length} tokens" if train.packing else "examples"
+        scheduler = make_scheduler(optimizer, train_config, total_updates)
+    rows = f"packed rows of up to {train_config.packing_length} tokens" if train_config.packing else "examples"
     log(f"training: {total_updates} optimizer steps ({updates_per_epoch} per epoch), micro-batch {bs} {rows} x "
         f"accumulation {gas} x world {place.world}, {built.attention} attention, logits on label tokens only"
-        + ("; fewer if early stopping ends it (dev questions: train.eval_strategy)" if train.eval_strategy != "no" else ""))
+        + ("; fewer if early stopping ends it (dev questions: train.eval_strategy)" if train_config.eval_strategy != "no" else ""))
     flops = built.flops_model
     log(f"throughput: synchronized wall time at each logged step; FLOPs per token 6 x {flops.trained:,} trained "
         f"+ 4 x {flops.frozen:,} frozen + 2 x {flops.inert:,} frozen below them matmul parameters "
@@ -172,15 +173,15 @@ def setup(cfg: WorkerConfig) -> Run:
               lora_config=built.lora_config, sharding=built.sharding, optimizer=optimizer, scheduler=scheduler,
               updates_per_epoch=updates_per_epoch, total_updates=total_updates, autocast=built.autocast,
               loss=AnswerLoss(built.model), flops_model=flops, peak=built.peak, schedule=schedule)
-    if train.eval_strategy != "no":
+    if train_config.eval_strategy != "no":
         if not cfg.dev_dir or not Path(cfg.dev_dir).is_dir():
             raise WorkerError("train.eval_strategy: the tokenize stage has no dev questions (data.augment.dev_questions)")
         run.dev = load_examples(cfg.dev_dir)[0]
-        run.stopping = early_stopping.Stopping(train.early_stopping_patience, train.early_stopping_threshold)
-    if train.cache_frozen_layers and (train.freeze_layers or train.freeze_embeddings):
+        run.stopping = early_stopping.Stopping(train_config.early_stopping_patience, train_config.early_stopping_threshold)
+    if train_config.cache_frozen_layers and (train_config.freeze_layers or train_config.freeze_embeddings):
         cache_frozen_prefix(run, built.sharded)
-    if train.replay_distill_top_k:
-        distill_replay(run, train.replay_distill_top_k)
+    if train_config.replay_distill_top_k:
+        distill_replay(run, train_config.replay_distill_top_k)
     return run
 
 
@@ -240,12 +241,13 @@ def cache_frozen_prefix(run: Run, sharded: bool) -> None:
 
 def epoch_batches(run: Run, epoch: int) -> list[Any]:
     """This rank's micro-batches of one epoch (index lists; rows of index lists when packed)."""
-    train = run.cfg.train
-    if train.packing:
-        return packing.rank_rows(run.lengths, epoch, train.seed, run.rank, run.world, train.per_device_train_batch_size,
-                                 int(train.packing_length), steps=math.ceil(run.updates_per_epoch
-                                                                            * train.gradient_accumulation_steps))
-    return rank_batches(run.lengths, epoch, train.seed, run.rank, run.world, train.per_device_train_batch_size)
+    train_config = run.cfg.train
+    if train_config.packing:
+        steps = math.ceil(run.updates_per_epoch * train_config.gradient_accumulation_steps)
+        return packing.rank_rows(run.lengths, epoch, train_config.seed, run.rank, run.world,
+                                 train_config.per_device_train_batch_size, int(train_config.packing_length), steps=steps)
+    return rank_batches(run.lengths, epoch, train_config.seed, run.rank, run.world,
+                        train_config.per_device_train_batch_size)
 
 
 def make_batch(run: Run, micro: list[Any]) -> dict[str, torch.Tensor]:
@@ -390,9 +392,9 @@ def export(run: Run, train_seconds: float, epochs_run: int, resumed_from: int | 
         log(f"saved final model to {out_dir} after {run.step} steps in {train_seconds:.1f}s")
 
 
-def train(cfg: WorkerConfig) -> None:
+def run_training(cfg: WorkerConfig) -> None:
     run = setup(cfg)
-    train_cfg = cfg.train
+    train_config = cfg.train
     checkpointing = CheckpointRunner(cfg, run.rank, run.world, run.local_rank)
     resumed = checkpointing.resume(run.model, run.optimizer, run.scheduler)
     if resumed is not None:
@@ -407,7 +409,7 @@ def train(cfg: WorkerConfig) -> None:
     run.dev_flops += run.dev_prefix_flops
 
     run.model.train()
-    gas = train_cfg.gradient_accumulation_steps
+    gas = train_config.gradient_accumulation_steps
     started = time.time()
     window = Tally()
     window_loss = torch.zeros((), device=run.device)
@@ -425,13 +427,13 @@ def train(cfg: WorkerConfig) -> None:
             run.total.add(tally)
             window.add(tally)
             window_loss = loss_sum
-            if run.step % train_cfg.logging_steps == 0 or run.step == run.total_updates:
+            if run.step % train_config.logging_steps == 0 or run.step == run.total_updates:
                 synchronize(run.device)  # only at logged steps: nothing per micro-batch
                 log_step(run, epoch + (start + len(micro_batches)) / len(batches), window_loss, grad_norm, window,
                          time.time() - window_start)
                 window = Tally()
                 window_start = time.time()
-            if early_stopping.eval_due(train_cfg, run.step, run.updates_per_epoch, run.total_updates):
+            if early_stopping.eval_due(train_config, run.step, run.updates_per_epoch, run.total_updates):
                 early_stopping.evaluate_dev(run)
             if checkpointing.due(run.step, run.total_updates):
                 checkpointing.save(run.step, epoch, run.model, run.optimizer, run.scheduler, run.history,
@@ -467,7 +469,7 @@ def main() -> None:
     args = parser.parse_args()
     rank = os.environ.get("RANK", "0")
     try:
-        train(WorkerConfig.read(Path(args.config)))
+        run_training(WorkerConfig.read(Path(args.config)))
     except WorkerError as exc:
         print(f"{WORKER_ERROR} (rank {rank}): {exc}", flush=True)
         leave(1)
