@@ -214,6 +214,14 @@ def test_a_training_failure_is_one_line_naming_the_file_that_keeps_torchruns_out
     assert "Traceback" in kept.read_text() and "NoSuchDecoderLayer" in kept.read_text()
 
 
+def at_server(url: str):
+    """This process's Prefect client at the test server: Prefect reads PREFECT_API_URL once, when it
+    is first imported, and an earlier test may have imported it before the server fixture set it."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    return temporary_settings({PREFECT_API_URL: url})
+
+
 def _started_run(tmp_path: Path):
     """`labtune run` of the tiny recipe in its own process group, read until its data stage runs."""
     import subprocess
@@ -240,11 +248,30 @@ def test_ctrl_c_says_interrupted_and_cancels_the_flow_run(prefect_api, tmp_path)
     proc, _ = _started_run(tmp_path)
     os.killpg(proc.pid, signal.SIGINT)  # what a terminal sends its foreground group
     rest = proc.stderr.read()
-    assert proc.wait(timeout=120) == 130
+    assert proc.wait(timeout=120) == 130, rest
     assert rest.strip().splitlines()[-1] == "labtune: interrupted", rest
     assert "Crash detected" not in rest, rest  # Prefect's word for it; the runs are Cancelled instead
-    runs = server._flow_runs(["CANCELLED", "CRASHED", "RUNNING"], server.process_tag(proc.pid))
+    with at_server(prefect_api):
+        runs = server._flow_runs(["CANCELLED", "CRASHED", "RUNNING"], server.process_tag(proc.pid))
     assert runs and {run.state_type.value for run in runs} == {"CANCELLED"}, [(r.name, r.state_type) for r in runs]
+
+
+def test_a_ctrl_c_swallowed_on_its_way_up_still_ends_the_command_as_interrupted(prefect_api):
+    import os
+    import signal
+    import time
+
+    from labtune.ops import server
+
+    with at_server(prefect_api), pytest.raises(KeyboardInterrupt):
+        with server.tracked_runs():
+            try:
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(5)
+            except KeyboardInterrupt:
+                pass  # as a library's `except BaseException` around an API call may
+            assert server.interrupted()  # what the finetune flow checks before its next stage
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the command's own handler is gone
 
 
 def test_a_killed_runs_flow_run_is_marked_crashed_by_the_next_command(prefect_api, tmp_path):
@@ -256,9 +283,10 @@ def test_a_killed_runs_flow_run_is_marked_crashed_by_the_next_command(prefect_ap
     proc, _ = _started_run(tmp_path)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=60)
-    assert server._flow_runs(["RUNNING"], server.process_tag(proc.pid))  # Prefect alone leaves it running
-    server.ensure_api(say=lambda line: None)  # what the next `labtune run` does first
-    runs = server._flow_runs(["CRASHED", "RUNNING"], server.process_tag(proc.pid))
+    with at_server(prefect_api):
+        assert server._flow_runs(["RUNNING"], server.process_tag(proc.pid))  # Prefect alone leaves it running
+        server.ensure_api(say=lambda line: None)  # what the next `labtune run` does first
+        runs = server._flow_runs(["CRASHED", "RUNNING"], server.process_tag(proc.pid))
     assert runs and {run.state_type.value for run in runs} == {"CRASHED"}
 
 
