@@ -18,7 +18,6 @@ from prefect.states import Failed
 from flows.train import train as train_flow
 from flows.watch import changes_markdown
 from labtune.errors import RunFailure, one_line
-from labtune.ops.server import interrupted
 from labtune.recipe import Recipe, load_recipe
 from labtune.stages import GRAPH, input_uris, output_uri
 from labtune.stages.preflight import preflight
@@ -140,8 +139,6 @@ def run_stages(recipe: Recipe, recipe_path: str, overrides: list[str], store, do
         else:
             outputs[stage.name] = local[stage.name](recipe, store, **uris)
         done(outputs[stage.name])
-        if interrupted():  # Ctrl-C in `labtune run` that Prefect's machinery caught: no next stage
-            raise KeyboardInterrupt
     return {name: result.to_dict() for name, result in outputs.items()}
 
 

@@ -16,7 +16,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.parse
 import urllib.request
@@ -283,20 +282,6 @@ def _force_state(runs: list, state) -> None:
             client.set_flow_run_state(run.id, state.model_copy(), force=True)
 
 
-_INTERRUPTED: list[bool] = []
-
-
-def interrupted() -> bool:
-    """Whether Ctrl-C reached this process inside tracked_runs: the finetune flow stops at the next
-    stage even where a KeyboardInterrupt landed in Prefect's own machinery and was lost there."""
-    return bool(_INTERRUPTED)
-
-
-def _on_sigint(signum: int, frame: object) -> None:
-    _INTERRUPTED.append(True)
-    raise KeyboardInterrupt
-
-
 @contextlib.contextmanager
 def tracked_runs() -> Iterator[None]:
     """Flow runs started in the block carry this process's tag. Ctrl-C marks them Cancelled (Prefect
@@ -306,22 +291,14 @@ def tracked_runs() -> Iterator[None]:
     from prefect.states import Cancelled
 
     tag = process_tag()
-    _INTERRUPTED.clear()
-    main = threading.current_thread() is threading.main_thread()  # only the main thread may set a handler
-    previous = signal.signal(signal.SIGINT, _on_sigint) if main else None
     try:
         with tags(tag):
             yield
-        if interrupted():  # the interrupt was swallowed on its way up: the command still ends as one
-            raise KeyboardInterrupt
     except KeyboardInterrupt:
         with contextlib.suppress(Exception):  # the server may be going down with us: the line still prints
             _force_state(_flow_runs(["RUNNING", "PENDING", "CRASHED", "SCHEDULED"], tag),
                          Cancelled(message="interrupted (Ctrl-C) in the labtune command that started it"))
         raise
-    finally:
-        if main:
-            signal.signal(signal.SIGINT, previous)
 
 
 def mark_orphans_crashed() -> list[str]:
